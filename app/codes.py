@@ -1,0 +1,99 @@
+"""Every code system and code the service reads or writes, in one place (fhir-profile.md)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+DEFAULT_CODE_SYSTEM_BASE: Final = "https://itp-trial.example/fhir"
+
+LOINC: Final = "http://loinc.org"
+UCUM: Final = "http://unitsofmeasure.org"
+SNOMED: Final = "http://snomed.info/sct"
+
+PLATELET_CODES: Final = frozenset({"777-3", "26515-7"})
+BLEEDING_EVENT_CODES: Final = frozenset({"131148009"})
+
+SITE_IDENTIFIER_SYSTEM_PATH: Final = "/sid/site"
+TRIAL_CODES_PATH: Final = "/CodeSystem/trial-codes"
+MEDICATION_ROLE_PATH: Final = "/CodeSystem/medication-role"
+ITP_RESPONSE_PATH: Final = "/CodeSystem/itp-response"
+
+WHO_BLEEDING_GRADE: Final = "who-bleeding-grade"
+ITP_RESPONSE_STATUS: Final = "itp-response-status"
+MEDICATION_ROLES: Final = ("study-drug", "rescue", "concomitant")
+
+AE_GRADE_EXTENSION: Final = (
+    "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/ae-grade"
+)
+
+# Platelet count units and their factor to 10^9/L. UCUM codes first (valueQuantity.code
+# with system UCUM), then the free-text `unit` strings labs send without a UCUM code.
+# Only units listed here are accepted: a silent guess at a unit would corrupt a response.
+UCUM_PLATELET_FACTORS: Final[dict[str, float]] = {
+    "10*9/L": 1.0,
+    "10*3/uL": 1.0,
+    "10*3/mm3": 1.0,
+    "/uL": 0.001,
+    "/mm3": 0.001,
+    "10*6/L": 0.001,
+}
+TEXT_PLATELET_FACTORS: Final[dict[str, float]] = {
+    "10*9/l": 1.0,
+    "10^9/l": 1.0,
+    "x10^9/l": 1.0,
+    "x 10^9/l": 1.0,
+    "x10e9/l": 1.0,
+    "10e9/l": 1.0,
+    "k/ul": 1.0,
+    "k/mm3": 1.0,
+    "10*3/ul": 1.0,
+    "10^3/ul": 1.0,
+    "x10^3/ul": 1.0,
+    "x10e3/ul": 1.0,
+    "x 10^3/ul": 1.0,
+    "thou/ul": 1.0,
+    "10^3/mm3": 1.0,
+    "/ul": 0.001,
+    "/mm3": 0.001,
+    "cells/ul": 0.001,
+    "10*6/l": 0.001,
+    "10^6/l": 0.001,
+}
+
+
+def platelet_factor(system: str | None, code: str | None, unit: str | None) -> float | None:
+    """Factor that turns a platelet Quantity into 10^9/L, or None for an unknown unit.
+
+    A UCUM `code` wins over the display `unit`; a code in another system is not trusted.
+    """
+    if code is not None and (system is None or system == UCUM):
+        factor = UCUM_PLATELET_FACTORS.get(code)
+        if factor is not None:
+            return factor
+        if system == UCUM:
+            return None
+    if unit is not None:
+        return TEXT_PLATELET_FACTORS.get(unit.strip().lower())
+    return None
+
+
+class CodeSystems:
+    """The project's code-system URLs under a (possibly overridden) base."""
+
+    def __init__(self, base: str = DEFAULT_CODE_SYSTEM_BASE) -> None:
+        base = base.rstrip("/")
+        self.base = base
+        self.site = base + SITE_IDENTIFIER_SYSTEM_PATH
+        self.trial_codes = base + TRIAL_CODES_PATH
+        self.medication_role = base + MEDICATION_ROLE_PATH
+        self.itp_response = base + ITP_RESPONSE_PATH
+
+    def is_trial_codes(self, system: str | None) -> bool:
+        # Clients that use the default base must always work, even under an override.
+        return system in (self.trial_codes, DEFAULT_CODE_SYSTEM_BASE + TRIAL_CODES_PATH)
+
+    def is_medication_role(self, system: str | None) -> bool:
+        return system in (self.medication_role, DEFAULT_CODE_SYSTEM_BASE + MEDICATION_ROLE_PATH)
+
+    def is_site(self, system: str | None) -> bool:
+        return system in (self.site, DEFAULT_CODE_SYSTEM_BASE + SITE_IDENTIFIER_SYSTEM_PATH)

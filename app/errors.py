@@ -1,0 +1,88 @@
+"""Domain errors. Each carries its HTTP status and FHIR issue code; one exception handler in
+`app.fhir.outcome` turns every one of them into an OperationOutcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Issue:
+    code: str  # FHIR issue-type code: invalid, not-found, conflict, ...
+    diagnostics: str
+    expression: list[str] = field(default_factory=list)
+    severity: str = "error"
+
+
+class FhirError(Exception):
+    status_code = 400
+    issue_code = "invalid"
+
+    def __init__(
+        self,
+        diagnostics: str,
+        *,
+        expression: list[str] | None = None,
+        issues: list[Issue] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(diagnostics)
+        self.diagnostics = diagnostics
+        self.issues = issues or [Issue(self.issue_code, diagnostics, expression or [])]
+        self.headers = headers or {}
+
+
+class BadRequest(FhirError):
+    status_code = 400
+    issue_code = "invalid"
+
+
+class Unprocessable(FhirError):
+    """Well-formed JSON that is not an acceptable resource of this profile."""
+
+    status_code = 422
+    issue_code = "invalid"
+
+
+class NotFound(FhirError):
+    status_code = 404
+    issue_code = "not-found"
+
+
+class Gone(FhirError):
+    status_code = 410
+    issue_code = "deleted"
+
+
+class Conflict(FhirError):
+    status_code = 409
+    issue_code = "conflict"
+
+
+class PreconditionFailed(FhirError):
+    status_code = 412
+    issue_code = "conflict"
+
+
+class Forbidden(FhirError):
+    status_code = 403
+    issue_code = "forbidden"
+
+
+class NotAcceptable(FhirError):
+    status_code = 406
+    issue_code = "not-supported"
+
+
+class UnsupportedMediaType(FhirError):
+    status_code = 415
+    issue_code = "not-supported"
+
+
+class MethodNotAllowed(FhirError):
+    status_code = 405
+    issue_code = "not-supported"
+
+
+class ConfigurationError(RuntimeError):
+    """A setting the server cannot start with; raised at start-up, never to a client."""

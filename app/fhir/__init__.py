@@ -1,0 +1,1 @@
+"""The FHIR wire: routes, content negotiation, search parameters, Bundles, OperationOutcome."""

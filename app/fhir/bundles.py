@@ -1,0 +1,94 @@
+"""searchset and history Bundles, assembled as text around the stored JSON of each entry
+(the entries are never parsed or serialised again)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import urlencode
+
+import orjson
+
+from app.errors import Issue
+from app.fhir.outcome import operation_outcome
+from app.services.dates import format_instant
+from app.services.resources import Stored, utc_now
+from app.store.repository import Version
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _bundle(kind: str, links: list[dict[str, str]], entries: Sequence[str]) -> str:
+    head = _dumps({
+        "resourceType": "Bundle",
+        "type": kind,
+        "timestamp": format_instant(utc_now()),
+        "link": links,
+    })
+    return head[:-1] + ',"entry":[' + ",".join(entries) + "]}"
+
+
+def page_url(base: str, params: Sequence[tuple[str, str]]) -> str:
+    return f"{base}?{urlencode(params)}" if params else base
+
+
+def searchset(
+    base_url: str,
+    resource_type: str,
+    page: Sequence[Stored],
+    *,
+    self_params: Sequence[tuple[str, str]],
+    next_params: Sequence[tuple[str, str]] | None,
+    warnings: Sequence[Issue] = (),
+) -> str:
+    search_url = f"{base_url}/{resource_type}"
+    links = [{"relation": "self", "url": page_url(search_url, self_params)}]
+    if next_params is not None:
+        links.append({"relation": "next", "url": page_url(search_url, next_params)})
+    entries = [
+        f'{{"fullUrl":{_dumps(f"{search_url}/{s.id}")},"resource":{s.content},'
+        '"search":{"mode":"match"}}'
+        for s in page
+    ]
+    if warnings:
+        outcome = _dumps(operation_outcome(warnings))
+        entries.append(f'{{"resource":{outcome},"search":{{"mode":"outcome"}}}}')
+    return _bundle("searchset", links, entries)
+
+
+def history(
+    base_url: str,
+    resource_type: str,
+    versions: Sequence[Version],
+    *,
+    self_url: str,
+    next_url: str | None,
+) -> str:
+    links = [{"relation": "self", "url": self_url}]
+    if next_url is not None:
+        links.append({"relation": "next", "url": next_url})
+    return _bundle("history", links, [_history_entry(base_url, v) for v in versions])
+
+
+def _history_entry(base_url: str, version: Version) -> str:
+    full_url = f"{base_url}/{version.resource_type}/{version.id}"
+    method = {"create": "POST", "update": "PUT", "delete": "DELETE"}[version.method]
+    request_url = (version.resource_type if method == "POST"
+                   else f"{version.resource_type}/{version.id}")
+    status = {"POST": "201 Created", "PUT": "200 OK", "DELETE": "204 No Content"}[method]
+    if version.method == "update" and version.version_id == 1:
+        status = "201 Created"  # an update-as-create
+    meta = {
+        "fullUrl": full_url,
+        "request": {"method": method, "url": request_url},
+        "response": {
+            "status": status,
+            "etag": f'W/"{version.version_id}"',
+            "lastModified": format_instant(version.last_updated),
+        },
+    }
+    text = _dumps(meta)
+    if version.content is None:
+        return text
+    return text[:-1] + ',"resource":' + version.content + "}"

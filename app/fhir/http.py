@@ -1,0 +1,98 @@
+"""HTTP details of FHIR: media types, ETags, Prefer, Last-Modified, the JSON response class."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from app.errors import NotAcceptable, UnsupportedMediaType
+
+FHIR_JSON = "application/fhir+json"
+JSON_TYPES = frozenset({FHIR_JSON, "application/json", "application/json+fhir"})
+_ACCEPTABLE = JSON_TYPES | {"*/*", "application/*"}
+_FORMAT_ALIASES = frozenset({"json", "application/json", FHIR_JSON, "application/json+fhir"})
+
+
+class FhirResponse(JSONResponse):
+    """`application/fhir+json` from bytes or str that are already JSON, or from a dict.
+
+    It subclasses JSONResponse so FastAPI documents the route's response schema as JSON.
+    """
+
+    media_type = FHIR_JSON
+
+    def render(self, content: Any) -> bytes:
+        if isinstance(content, bytes):
+            return content
+        if isinstance(content, str):
+            return content.encode()
+        return orjson.dumps(content)
+
+
+def media_type(header: str | None) -> str:
+    return (header or "").split(";", 1)[0].strip().lower()
+
+
+def require_json_body(request: Request) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is not None and media_type(content_type) not in JSON_TYPES:
+        raise UnsupportedMediaType(
+            f"Content-Type {content_type!r} is not supported; send {FHIR_JSON} "
+            "or application/json"
+        )
+
+
+def negotiate(request: Request) -> None:
+    """406 unless the client accepts JSON (`_format` overrides Accept, as FHIR says)."""
+    requested = request.query_params.get("_format")
+    if requested is not None:
+        if requested.strip().lower() not in _FORMAT_ALIASES:
+            raise NotAcceptable(f"_format={requested!r} is not supported; this server speaks "
+                                "JSON only (_format=json)")
+        return
+    accept = request.headers.get("accept")
+    if not accept:
+        return
+    for part in accept.split(","):
+        kind = media_type(part)
+        if kind in _ACCEPTABLE or kind.endswith("+json") or not kind:
+            return
+    raise NotAcceptable(f"Accept {accept!r} asks for a format this server does not produce; "
+                        f"it answers {FHIR_JSON}")
+
+
+def prefer_return(request: Request) -> str:
+    for part in request.headers.get("prefer", "").split(";"):
+        for item in part.split(","):
+            key, _, value = item.strip().partition("=")
+            if key.strip().lower() == "return":
+                choice = value.strip().strip('"')
+                if choice in ("minimal", "representation", "OperationOutcome"):
+                    return choice
+    return "representation"
+
+
+def prefer_strict(request: Request) -> bool:
+    return "handling=strict" in request.headers.get("prefer", "").replace(" ", "")
+
+
+def http_date(moment: datetime) -> str:
+    return format_datetime(moment.replace(tzinfo=UTC), usegmt=True)
+
+
+def version_headers(version_id: int, last_updated: datetime) -> dict[str, str]:
+    return {"ETag": f'W/"{version_id}"', "Last-Modified": http_date(last_updated)}
+
+
+def pretty(request: Request, content: bytes | str, headers: Mapping[str, str] | None = None,
+           status_code: int = 200) -> FhirResponse:
+    """A response that honours `_pretty=true` (indentation costs a parse, so only on demand)."""
+    if request.query_params.get("_pretty") == "true":
+        content = orjson.dumps(orjson.loads(content), option=orjson.OPT_INDENT_2)
+    return FhirResponse(content, status_code=status_code, headers=dict(headers or {}))

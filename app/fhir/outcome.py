@@ -1,0 +1,95 @@
+"""OperationOutcome: every error (and some informational answers) leaves the server as one.
+
+The handlers here are the only place an exception becomes an HTTP response. An unexpected
+error answers 500 with a correlation id; its traceback goes to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import FhirError, Issue
+from app.fhir.http import FhirResponse
+
+log = logging.getLogger("app.errors")
+
+_STATUS_ISSUE_CODES = {
+    400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+    406: "not-supported", 409: "conflict", 410: "deleted", 412: "conflict", 413: "too-costly",
+    415: "not-supported", 422: "invalid", 429: "throttled",
+}
+
+
+def operation_outcome(issues: Sequence[Issue]) -> dict[str, Any]:
+    rendered = []
+    for issue in issues:
+        entry: dict[str, Any] = {
+            "severity": issue.severity,
+            "code": issue.code,
+            "diagnostics": issue.diagnostics,
+        }
+        if issue.expression:
+            entry["expression"] = list(issue.expression)
+        rendered.append(entry)
+    return {"resourceType": "OperationOutcome", "issue": rendered}
+
+
+def outcome_response(status_code: int, issues: Sequence[Issue],
+                     headers: dict[str, str] | None = None) -> FhirResponse:
+    return FhirResponse(operation_outcome(issues), status_code=status_code, headers=headers)
+
+
+def information(message: str) -> dict[str, Any]:
+    return operation_outcome([Issue("informational", message, severity="information")])
+
+
+async def _fhir_error(_request: Request, exc: Exception) -> FhirResponse:
+    assert isinstance(exc, FhirError)
+    return outcome_response(exc.status_code, exc.issues, exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> FhirResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _STATUS_ISSUE_CODES.get(exc.status_code, "processing")
+    if exc.status_code == 404:
+        message = f"No such resource type or route: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not supported on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return outcome_response(exc.status_code, [Issue(code, message)], dict(exc.headers or {}))
+
+
+async def _validation_error(_request: Request, exc: Exception) -> FhirResponse:
+    assert isinstance(exc, RequestValidationError)
+    issues = []
+    for error in exc.errors():
+        location = [str(part) for part in error.get("loc", ()) if part != "body"]
+        issues.append(Issue("invalid", str(error.get("msg", "invalid value")),
+                            [".".join(location)] if location else []))
+    return outcome_response(400, issues or [Issue("invalid", "Invalid request")])
+
+
+async def _unexpected(request: Request, exc: Exception) -> FhirResponse:
+    correlation_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+    log.exception("unexpected error %s on %s %s", correlation_id, request.method,
+                  request.url.path, exc_info=exc)
+    return outcome_response(
+        500,
+        [Issue("exception", f"Internal server error; correlation id {correlation_id}")],
+        {"X-Correlation-Id": correlation_id},
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(FhirError, _fhir_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)

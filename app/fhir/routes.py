@@ -1,0 +1,396 @@
+"""The FHIR REST routes of the four trial resources, registered one set per type so each
+operation has a stable operation id, a tag and typed documentation in the OpenAPI file.
+
+Handlers stay thin: negotiate, call one service function, shape the HTTP answer. Bodies are
+read raw and validated once by the service (a pydantic body parameter would validate twice
+and cost ~2x on the hot path); the schemas in `app.fhir.schemas` only document them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+from urllib.parse import parse_qsl
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+
+from app.errors import BadRequest
+from app.fhir import bundles, schemas
+from app.fhir.http import (
+    FHIR_JSON,
+    FhirResponse,
+    negotiate,
+    prefer_return,
+    prefer_strict,
+    pretty,
+    require_json_body,
+    version_headers,
+)
+from app.fhir.outcome import information
+from app.fhir.search_params import (
+    SEARCH_PARAMETERS,
+    criteria_key,
+    decode_cursor,
+    encode_cursor,
+    parse_search,
+)
+from app.services import resources as service
+from app.services.dates import fhir_range
+from app.services.resources import Stored
+from app.settings import Settings
+from app.store.db import Database
+
+RESOURCE_TYPES = ("Patient", "Observation", "MedicationAdministration", "AdverseEvent")
+ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
+
+
+def get_db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+DbDep = Annotated[Database, Depends(get_db)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="Logical id")]
+IfMatch = Annotated[
+    str | None,
+    Header(alias="If-Match", description='Version the change applies to, e.g. W/"3"'),
+]
+Prefer = Annotated[
+    str | None,
+    Header(alias="Prefer",
+           description="return=minimal | return=representation | return=OperationOutcome"),
+]
+
+router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
+
+
+def fhir_base(request: Request) -> str:
+    return str(request.base_url).rstrip("/") + "/fhir"
+
+
+def _outcome_doc(description: str) -> dict[str, Any]:
+    return {"model": schemas.OperationOutcome, "description": description,
+            "content": {FHIR_JSON: {}}}
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _outcome_doc("Malformed request (bad JSON, type or id mismatch, bad parameter)"),
+    404: _outcome_doc("No such resource"),
+    406: _outcome_doc("Only JSON can be produced"),
+    500: _outcome_doc("Unexpected error; the outcome carries a correlation id"),
+}
+_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    409: _outcome_doc("Conflict with the current state"),
+    412: _outcome_doc("If-Match is stale, or a conditional create matched several"),
+    415: _outcome_doc("Body is not application/fhir+json or application/json"),
+    422: _outcome_doc("Not an acceptable resource of this profile; `expression` names the "
+                      "element"),
+}
+_VERSION_HEADERS = {
+    "ETag": {"description": 'Version, e.g. W/"1"', "schema": {"type": "string"}},
+    "Last-Modified": {"description": "HTTP date of the version", "schema": {"type": "string"}},
+}
+_LOCATION_HEADER = {
+    "Location": {"description": "/fhir/Type/id/_history/version", "schema": {"type": "string"}},
+}
+
+
+def _resource_response(request: Request, stored: Stored, status_code: int = 200,
+                       extra_headers: dict[str, str] | None = None) -> Response:
+    headers = version_headers(stored.version_id, stored.last_updated)
+    headers.update(extra_headers or {})
+    choice = prefer_return(request)
+    if choice == "minimal" and request.method in ("POST", "PUT"):
+        return Response(status_code=status_code, headers=headers)
+    if choice == "OperationOutcome" and request.method in ("POST", "PUT"):
+        verb = "Created" if status_code == 201 else "Stored"
+        message = f"{verb} {stored.resource_type}/{stored.id} version {stored.version_id}"
+        return FhirResponse(information(message), status_code=status_code, headers=headers)
+    assert stored.content is not None
+    return pretty(request, stored.content, headers, status_code)
+
+
+def _location(stored: Stored) -> dict[str, str]:
+    return {"Location": f"/fhir/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"}
+
+
+def _body_doc(resource_type: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {FHIR_JSON: {"schema": {"$ref": f"#/components/schemas/{resource_type}"}}},
+        }
+    }
+
+
+def _search_doc(resource_type: str) -> dict[str, Any]:
+    parameters = [
+        {"name": p.name, "in": "query", "required": False, "description": p.documentation,
+         "schema": {"type": "string"}}
+        for p in SEARCH_PARAMETERS[resource_type]
+    ]
+    parameters += [
+        {"name": "_count", "in": "query", "required": False,
+         "description": "Page size", "schema": {"type": "integer", "minimum": 0}},
+        {"name": "_cursor", "in": "query", "required": False,
+         "description": "Opaque paging cursor from a next link", "schema": {"type": "string"}},
+    ]
+    if resource_type in ("Observation", "MedicationAdministration", "AdverseEvent"):
+        parameters.append(
+            {"name": "_sort", "in": "query", "required": False,
+             "description": "date or -date (clinical time)",
+             "schema": {"type": "string", "enum": ["date", "-date"]}}
+        )
+    return {"parameters": parameters}
+
+
+def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per interaction
+    model = schemas.RESOURCE_MODELS[resource_type]
+    tags: list[str | Any] = [resource_type]
+    ok_resource = {"model": model, "content": {FHIR_JSON: {}}, "headers": _VERSION_HEADERS}
+
+    @router.post(
+        f"/{resource_type}",
+        operation_id=f"create{resource_type}",
+        summary=f"Create a {resource_type}",
+        tags=tags,
+        status_code=201,
+        response_class=FhirResponse,
+        openapi_extra=_body_doc(resource_type),
+        responses={
+            201: {**ok_resource, "description": "Created",
+                  "headers": {**_VERSION_HEADERS, **_LOCATION_HEADER}},
+            200: {**ok_resource, "description": "If-None-Exist matched an existing resource"},
+            **_WRITE_ERRORS,
+        },
+    )
+    async def create(
+        request: Request,
+        db: DbDep,
+        if_none_exist: Annotated[
+            str | None,
+            Header(alias="If-None-Exist",
+                   description="Conditional create: search criteria, e.g. identifier=sys|val"),
+        ] = None,
+        prefer: Prefer = None,
+    ) -> Response:
+        require_json_body(request)
+        body = await request.body()
+        criteria = key = None
+        if if_none_exist is not None:
+            criteria, key = _conditional_criteria(resource_type, if_none_exist)
+        result = await service.create(db, resource_type, body, if_none_exist=criteria,
+                                      if_none_exist_key=key)
+        if not result.created:
+            return _resource_response(request, result.stored, 200)
+        return _resource_response(request, result.stored, 201, _location(result.stored))
+
+    @router.get(
+        f"/{resource_type}/_history",
+        operation_id=f"history{resource_type}Type",
+        summary=f"All versions of every {resource_type}, newest first",
+        tags=tags,
+        response_class=FhirResponse,
+        responses={200: {"model": schemas.Bundle, "content": {FHIR_JSON: {}},
+                         "description": "history Bundle"}, **_ERRORS},
+    )
+    async def type_history(
+        request: Request, db: DbDep, settings: SettingsDep,
+        count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
+        since: Annotated[str | None, Query(alias="_since")] = None,
+        cursor: Annotated[str | None, Query(alias="_cursor")] = None,
+    ) -> Response:
+        return await _history(request, db, settings, resource_type, None, count, since, cursor)
+
+    @router.get(
+        f"/{resource_type}/{{resource_id}}",
+        operation_id=f"read{resource_type}",
+        summary=f"Read the current version of a {resource_type}",
+        tags=tags,
+        response_class=FhirResponse,
+        responses={200: {**ok_resource, "description": "The current version"},
+                   410: _outcome_doc("Deleted; the history stays readable"), **_ERRORS},
+    )
+    async def read(request: Request, db: DbDep, resource_id: IdPath) -> Response:
+        return _resource_response(request, await service.read(db, resource_type, resource_id))
+
+    @router.get(
+        f"/{resource_type}/{{resource_id}}/_history/{{version_id}}",
+        operation_id=f"vread{resource_type}",
+        summary=f"Read one version of a {resource_type}",
+        tags=tags,
+        response_class=FhirResponse,
+        responses={200: {**ok_resource, "description": "That version"},
+                   410: _outcome_doc("That version is a deletion"), **_ERRORS},
+    )
+    async def vread(
+        request: Request,
+        db: DbDep,
+        resource_id: IdPath,
+        version_id: Annotated[int, Path(ge=1, le=2_147_483_647)],
+    ) -> Response:
+        stored = await service.vread(db, resource_type, resource_id, version_id)
+        return _resource_response(request, stored)
+
+    @router.put(
+        f"/{resource_type}/{{resource_id}}",
+        operation_id=f"update{resource_type}",
+        summary=f"Update a {resource_type} (creates it when the id is new)",
+        tags=tags,
+        response_class=FhirResponse,
+        openapi_extra=_body_doc(resource_type),
+        responses={
+            200: {**ok_resource, "description": "Updated"},
+            201: {**ok_resource, "description": "Created (update as create)",
+                  "headers": {**_VERSION_HEADERS, **_LOCATION_HEADER}},
+            **_WRITE_ERRORS,
+        },
+    )
+    async def update(
+        request: Request, db: DbDep, resource_id: IdPath, if_match: IfMatch = None,
+        prefer: Prefer = None,
+    ) -> Response:
+        require_json_body(request)
+        result = await service.update(db, resource_type, resource_id, await request.body(),
+                                      if_match=if_match)
+        if result.created:
+            return _resource_response(request, result.stored, 201, _location(result.stored))
+        return _resource_response(request, result.stored)
+
+    @router.delete(
+        f"/{resource_type}/{{resource_id}}",
+        operation_id=f"delete{resource_type}",
+        summary=f"Delete a {resource_type} (its history stays readable)",
+        tags=tags,
+        status_code=204,
+        response_class=Response,
+        responses={
+            204: {"description": "Deleted (or already deleted)", "headers": {
+                "ETag": {"description": "Version of the deletion", "schema": {"type": "string"}},
+            }},
+            200: {"model": schemas.OperationOutcome, "content": {FHIR_JSON: {}},
+                  "description": "Deleted, with Prefer: return=OperationOutcome"},
+            **_WRITE_ERRORS,
+        },
+    )
+    async def delete(
+        request: Request, db: DbDep, resource_id: IdPath, if_match: IfMatch = None,
+        prefer: Prefer = None,
+    ) -> Response:
+        deletion = await service.delete(db, resource_type, resource_id, if_match=if_match)
+        headers = {"ETag": deletion.etag} if deletion else {}
+        if prefer_return(request) == "OperationOutcome":
+            message = (f"Deleted {resource_type}/{resource_id}" if deletion
+                       else f"{resource_type}/{resource_id} was already deleted")
+            return FhirResponse(information(message), headers=headers)
+        return Response(status_code=204, headers=headers)
+
+    @router.get(
+        f"/{resource_type}",
+        operation_id=f"search{resource_type}",
+        summary=f"Search {resource_type} resources (keyset-paged searchset Bundle)",
+        tags=tags,
+        response_class=FhirResponse,
+        openapi_extra=_search_doc(resource_type),
+        responses={200: {"model": schemas.Bundle, "content": {FHIR_JSON: {}},
+                         "description": "searchset Bundle"}, **_ERRORS},
+    )
+    async def search(request: Request, db: DbDep, settings: SettingsDep) -> Response:
+        parsed = parse_search(
+            resource_type,
+            request.query_params.multi_items(),
+            default_count=settings.default_page_size,
+            max_count=settings.max_page_size,
+            strict=prefer_strict(request),
+        )
+        hits = await service.search(db, parsed.criteria, sort=parsed.sort, after=parsed.after,
+                                    limit=parsed.count + 1)
+        page = hits[: parsed.count]
+        next_params = None
+        if len(hits) > parsed.count and page:
+            last = page[-1]
+            cursor = encode_cursor(last.sort_value if parsed.sort else None, last.pk)
+            next_params = [*parsed.applied, ("_cursor", cursor)]
+            if "_count" not in dict(parsed.applied):
+                next_params.insert(-1, ("_count", str(parsed.count)))
+        text = bundles.searchset(
+            fhir_base(request), resource_type, [hit.stored for hit in page],
+            self_params=request.query_params.multi_items(), next_params=next_params,
+            warnings=parsed.warnings,
+        )
+        return pretty(request, text)
+
+    @router.get(
+        f"/{resource_type}/{{resource_id}}/_history",
+        operation_id=f"history{resource_type}Instance",
+        summary=f"All versions of one {resource_type}, newest first",
+        tags=tags,
+        response_class=FhirResponse,
+        responses={200: {"model": schemas.Bundle, "content": {FHIR_JSON: {}},
+                         "description": "history Bundle"}, **_ERRORS},
+    )
+    async def instance_history(
+        request: Request, db: DbDep, settings: SettingsDep, resource_id: IdPath,
+        count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
+        since: Annotated[str | None, Query(alias="_since")] = None,
+        cursor: Annotated[str | None, Query(alias="_cursor")] = None,
+    ) -> Response:
+        return await _history(request, db, settings, resource_type, resource_id, count,
+                              since, cursor)
+
+
+
+async def _history(
+    request: Request,
+    db: Database,
+    settings: Settings,
+    resource_type: str,
+    resource_id: str | None,
+    count: int | None,
+    since: str | None,
+    cursor: str | None,
+) -> Response:
+    limit = min(count or settings.default_page_size, settings.max_page_size)
+    since_at = None
+    if since is not None:
+        bounds = fhir_range(since)
+        if bounds is None:
+            raise BadRequest(f"_since={since!r} is not a FHIR instant")
+        since_at = bounds[0]
+    after = decode_cursor(cursor, (datetime, str, int)) if cursor else None
+    versions = await service.history(db, resource_type, resource_id, since=since_at,
+                                     after=after, limit=limit + 1)  # type: ignore[arg-type]
+    page = versions[:limit]
+    base = fhir_base(request)
+    path = f"{base}/{resource_type}" + (f"/{resource_id}" if resource_id else "") + "/_history"
+    params = [("_count", str(limit))] + ([("_since", since)] if since else [])
+    next_url = None
+    if len(versions) > limit:
+        last = page[-1]
+        next_url = bundles.page_url(
+            path, [*params, ("_cursor", encode_cursor(last.last_updated, last.id,
+                                                      last.version_id))]
+        )
+    self_url = bundles.page_url(path, request.query_params.multi_items())
+    return pretty(request, bundles.history(base, resource_type, page, self_url=self_url,
+                                           next_url=next_url))
+
+
+for _resource_type in RESOURCE_TYPES:
+    _register(_resource_type)
+
+
+def _conditional_criteria(resource_type: str, header: str) -> tuple[Any, str]:
+    """If-None-Exist holds a query string; it must name at least one criterion we apply."""
+    pairs = parse_qsl(header.lstrip("?"), keep_blank_values=True)
+    parsed = parse_search(resource_type, pairs, default_count=1, max_count=1, strict=True)
+    if not parsed.applied or all(name.startswith("_count") for name, _ in parsed.applied):
+        raise BadRequest(f"If-None-Exist {header!r} has no search criteria")
+    return parsed.criteria, criteria_key(parsed.criteria)

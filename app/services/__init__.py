@@ -1,0 +1,1 @@
+"""Use cases: validate -> normalise -> store (-> recompute), one transaction per request."""

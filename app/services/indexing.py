@@ -1,0 +1,148 @@
+"""Index values derived from a resource on every write: what search and the response engine
+query without parsing stored JSON.
+
+`value_norm` is the platelet count in 10^9/L. The stored resource keeps what the lab sent;
+an unknown unit is refused here (422 naming it) because a silent guess would corrupt the
+patient's response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from app import codes
+from app.errors import Unprocessable
+from app.services.dates import fhir_range
+
+SUBJECT_ELEMENT = {
+    "Observation": "subject",
+    "MedicationAdministration": "subject",
+    "AdverseEvent": "subject",
+}
+EFFECTIVE_ELEMENTS = {
+    "Observation": ("effectiveDateTime", "effectiveInstant", "effectivePeriod"),
+    "MedicationAdministration": ("effectiveDateTime", "effectivePeriod"),
+    "AdverseEvent": ("date",),
+}
+# Token search parameters and the elements (CodeableConcept or Identifier lists) behind them.
+TOKEN_ELEMENTS: dict[str, dict[str, str]] = {
+    "Patient": {"identifier": "identifier"},
+    "Observation": {"identifier": "identifier", "code": "code"},
+    "MedicationAdministration": {"identifier": "identifier"},
+    "AdverseEvent": {"identifier": "identifier"},
+}
+
+
+@dataclass
+class IndexValues:
+    patient_id: str | None = None
+    effective_start: datetime | None = None
+    effective_end: datetime | None = None
+    value_norm: float | None = None
+    tokens: list[tuple[str, str, str]] = field(default_factory=list)  # (param, system, value)
+
+
+def patient_id_from_reference(reference: str) -> str | None:
+    """`Patient/123`, `https://host/fhir/Patient/123` or `Patient/123/_history/2` -> `123`."""
+    parts = reference.split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1]:
+        return parts[-1]
+    return None
+
+
+def subject_patient_id(resource_type: str, raw: dict[str, Any]) -> str | None:
+    """The Patient the resource belongs to; refuses a subject that is not a Patient."""
+    element = SUBJECT_ELEMENT.get(resource_type)
+    if element is None:
+        return None
+    expression = [f"{resource_type}.{element}"]
+    subject = raw.get(element)
+    if not isinstance(subject, dict):
+        raise Unprocessable(
+            f"{resource_type}.{element} is required: every trial record belongs to a Patient",
+            expression=expression,
+        )
+    reference = subject.get("reference")
+    patient_id = patient_id_from_reference(reference) if isinstance(reference, str) else None
+    if patient_id is None:
+        raise Unprocessable(
+            f"{resource_type}.{element}.reference must reference a Patient (Patient/<id>)",
+            expression=[f"{resource_type}.{element}.reference"],
+        )
+    return patient_id
+
+
+def index_values(resource_type: str, resource_id: str, raw: dict[str, Any]) -> IndexValues:
+    values = IndexValues()
+    values.patient_id = resource_id if resource_type == "Patient" else subject_patient_id(
+        resource_type, raw
+    )
+    for element in EFFECTIVE_ELEMENTS.get(resource_type, ()):
+        value = raw.get(element)
+        if value is None:
+            continue
+        if isinstance(value, dict):  # a Period: from its start to its end (open ends unbounded)
+            start = fhir_range(value["start"]) if "start" in value else None
+            end = fhir_range(value["end"]) if "end" in value else None
+            values.effective_start = (start or end or (None, None))[0]
+            values.effective_end = (end or start or (None, None))[1]
+        else:
+            bounds = fhir_range(value)
+            if bounds:
+                values.effective_start, values.effective_end = bounds
+        break
+    if resource_type == "Observation" and is_platelet_count(raw):
+        values.value_norm = normalised_platelet_value(raw)
+    for param, element in TOKEN_ELEMENTS.get(resource_type, {}).items():
+        values.tokens.extend(_tokens(param, raw.get(element)))
+    return values
+
+
+def is_platelet_count(raw: dict[str, Any]) -> bool:
+    code = raw.get("code") or {}
+    return any(
+        coding.get("system") == codes.LOINC and coding.get("code") in codes.PLATELET_CODES
+        for coding in code.get("coding", ())
+    )
+
+
+def normalised_platelet_value(raw: dict[str, Any]) -> float | None:
+    quantity = raw.get("valueQuantity")
+    if quantity is None:
+        return None  # no value (e.g. dataAbsentReason): nothing to normalise
+    if "value" not in quantity:
+        return None
+    factor = codes.platelet_factor(
+        quantity.get("system"), quantity.get("code"), quantity.get("unit")
+    )
+    if factor is None:
+        shown = quantity.get("code") or quantity.get("unit") or "(none)"
+        accepted = ", ".join(codes.UCUM_PLATELET_FACTORS)
+        raise Unprocessable(
+            f"Unknown platelet count unit {shown!r}; accepted UCUM codes: {accepted} "
+            "(and the common lab spellings such as K/uL, x10^9/L)",
+            expression=["Observation.valueQuantity.code" if quantity.get("code")
+                        else "Observation.valueQuantity.unit"],
+        )
+    return round(float(quantity["value"]) * factor, 6)
+
+
+def _tokens(param: str, element: Any) -> list[tuple[str, str, str]]:
+    tokens: list[tuple[str, str, str]] = []
+    if element is None:
+        return tokens
+    items = element if isinstance(element, list) else [element]
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        if "coding" in item:  # CodeableConcept
+            for coding in item["coding"]:
+                if "code" in coding:
+                    tokens.append((param, coding.get("system", ""), coding["code"]))
+        elif "value" in item:  # Identifier
+            tokens.append((param, item.get("system", ""), item["value"]))
+    return tokens

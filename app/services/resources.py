@@ -1,0 +1,271 @@
+"""The FHIR interactions as use cases. Each public function is one transaction.
+
+Create and update: parse -> validate (R4B + the stricter FHIR checks) -> derive index values
+(platelet normalisation, subject) -> lock -> store. Locks, PostgreSQL only (SQLite write
+transactions are serial anyway):
+- the subject Patient's row, `FOR UPDATE`: writes for one patient are serialised, writes for
+  different patients never wait on each other, and a Patient cannot be deleted while a record
+  for it is being written;
+- the resource's own row, `FOR UPDATE`, on update and delete: `If-Match` checks and version
+  numbers cannot race;
+- an advisory lock on the conditional-create criteria: 50 identical `If-None-Exist` creates
+  at once leave exactly one resource.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.errors import (
+    BadRequest,
+    Conflict,
+    Gone,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+)
+from app.services.dates import format_instant
+from app.services.indexing import index_values
+from app.services.validation import parse_json, validate
+from app.store import repository as repo
+from app.store.criteria import Criteria
+from app.store.db import Database
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One version of a resource as served: `content` is the exact JSON text."""
+
+    resource_type: str
+    id: str
+    version_id: int
+    last_updated: datetime
+    content: str | None
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version_id}"'
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    stored: Stored
+    created: bool  # True: 201 Created; False: 200 (update, or conditional create matched)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _render(raw: dict[str, Any], resource_type: str, resource_id: str, version_id: int,
+            now: datetime) -> str:
+    """The stored JSON: server-owned id and meta first, everything else as the client sent it."""
+    meta = {k: v for k, v in (raw.get("meta") or {}).items()
+            if k not in ("versionId", "lastUpdated")}
+    meta = {"versionId": str(version_id), "lastUpdated": format_instant(now), **meta}
+    body = {k: v for k, v in raw.items() if k not in ("resourceType", "id", "meta")}
+    document = {"resourceType": resource_type, "id": resource_id, "meta": meta, **body}
+    return orjson.dumps(document).decode()
+
+
+def _stored(current: repo.Current) -> Stored:
+    return Stored(current.resource_type, current.id, current.version_id, current.last_updated,
+                  current.content)
+
+
+def parse_if_match(header: str | None) -> int | None:
+    if header is None:
+        return None
+    value = header.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    value = value.strip('"')
+    if not value.isdigit():
+        raise BadRequest(f"If-Match {header!r} is not a version ETag such as W/\"3\"")
+    return int(value)
+
+
+async def _accept(conn: AsyncConnection, resource_type: str, resource_id: str,
+                  raw: dict[str, Any]) -> repo.IndexRow:
+    """Validate, derive index values and lock (and check) the subject Patient."""
+    validate(raw, resource_type)
+    values = index_values(resource_type, resource_id, raw)
+    if resource_type != "Patient" and values.patient_id is not None:
+        patient = await repo.get_current(conn, "Patient", values.patient_id, for_update=True)
+        if patient is None or patient.deleted:
+            raise Unprocessable(
+                f"{resource_type}.subject references Patient/{values.patient_id}, "
+                "which does not exist",
+                expression=[f"{resource_type}.subject"],
+            )
+    return repo.IndexRow(values.patient_id, values.effective_start, values.effective_end,
+                         values.value_norm, values.tokens)
+
+
+async def create(
+    db: Database,
+    resource_type: str,
+    body: bytes,
+    *,
+    if_none_exist: Criteria | None = None,
+    if_none_exist_key: str | None = None,
+) -> WriteResult:
+    raw = parse_json(body)
+    # FHIR create ignores a client id; the server assigns its own.
+    resource_id = new_id()
+    async with db.write() as conn:
+        if if_none_exist is not None:
+            await repo.lock(conn, f"if-none-exist:{resource_type}:{if_none_exist_key}")
+            matches = await repo.first_matches(conn, if_none_exist, limit=2)
+            if len(matches) > 1:
+                raise PreconditionFailed(
+                    "If-None-Exist matches more than one resource; the create was not done"
+                )
+            if matches:
+                # Still validate: a client must not learn that a bad body "worked".
+                validate(raw, resource_type)
+                return WriteResult(_stored(matches[0]), created=False)
+        index = await _accept(conn, resource_type, resource_id, raw)
+        now = utc_now()
+        content = _render(raw, resource_type, resource_id, 1, now)
+        await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+    return WriteResult(Stored(resource_type, resource_id, 1, now, content), created=True)
+
+
+async def update(
+    db: Database, resource_type: str, resource_id: str, body: bytes, *, if_match: str | None
+) -> WriteResult:
+    raw = parse_json(body)
+    body_id = raw.get("id")
+    if body_id is None:
+        raise BadRequest("An update must carry the resource id in the body",
+                         expression=[f"{resource_type}.id"])
+    if body_id != resource_id:
+        raise BadRequest(f"The body's id {body_id!r} does not match the URL's {resource_id!r}",
+                         expression=[f"{resource_type}.id"])
+    expected = parse_if_match(if_match)
+    async with db.write() as conn:
+        current = await _lock_current(conn, resource_type, resource_id)
+        if expected is not None and (current is None or current.version_id != expected):
+            raise _stale(expected, current)
+        index = await _accept(conn, resource_type, resource_id, raw)
+        now = utc_now()
+        if current is None:
+            content = _render(raw, resource_type, resource_id, 1, now)
+            await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+            return WriteResult(Stored(resource_type, resource_id, 1, now, content), created=True)
+        version = current.version_id + 1
+        content = _render(raw, resource_type, resource_id, version, now)
+        await repo.update_resource(conn, current, version, content, index, now, "update")
+    return WriteResult(Stored(resource_type, resource_id, version, now, content),
+                       created=current.deleted)
+
+
+async def delete(
+    db: Database, resource_type: str, resource_id: str, *, if_match: str | None
+) -> Stored | None:
+    """Delete; returns the deletion version, or None when it was already deleted."""
+    expected = parse_if_match(if_match)
+    async with db.write() as conn:
+        current = await _lock_current(conn, resource_type, resource_id)
+        if current is None:
+            raise NotFound(f"{resource_type}/{resource_id} does not exist")
+        if expected is not None and current.version_id != expected:
+            raise _stale(expected, current)
+        if current.deleted:
+            return None
+        if resource_type == "Patient" and await repo.has_live_references(conn, resource_id):
+            raise Conflict(
+                f"Patient/{resource_id} still has records; delete or move them first",
+            )
+        now = utc_now()
+        version = current.version_id + 1
+        await repo.update_resource(conn, current, version, None, None, now, "delete")
+    return Stored(resource_type, resource_id, version, now, None)
+
+
+async def _lock_current(conn: AsyncConnection, resource_type: str,
+                        resource_id: str) -> repo.Current | None:
+    current = await repo.get_current(conn, resource_type, resource_id)
+    if current is not None and current.patient_id and resource_type != "Patient":
+        # Patient first, then the record: the same lock order as a create, so no deadlock.
+        await repo.get_current(conn, "Patient", current.patient_id, for_update=True)
+    return await repo.get_current(conn, resource_type, resource_id, for_update=True)
+
+
+def _stale(expected: int, current: repo.Current | None) -> PreconditionFailed:
+    actual = "none" if current is None else str(current.version_id)
+    return PreconditionFailed(
+        f"If-Match expected version {expected}, but the current version is {actual}"
+    )
+
+
+async def read(db: Database, resource_type: str, resource_id: str) -> Stored:
+    async with db.read() as conn:
+        current = await repo.get_current(conn, resource_type, resource_id)
+    if current is None:
+        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+    if current.deleted:
+        raise Gone(f"{resource_type}/{resource_id} was deleted (version {current.version_id}); "
+                   "its history stays readable",
+                   headers={"ETag": f'W/"{current.version_id}"'})
+    return _stored(current)
+
+
+async def vread(db: Database, resource_type: str, resource_id: str, version_id: int) -> Stored:
+    async with db.read() as conn:
+        version = await repo.get_version(conn, resource_type, resource_id, version_id)
+    if version is None:
+        raise NotFound(f"{resource_type}/{resource_id}/_history/{version_id} does not exist")
+    if version.content is None:
+        raise Gone(f"{resource_type}/{resource_id}/_history/{version_id} is a deletion")
+    return Stored(resource_type, resource_id, version.version_id, version.last_updated,
+                  version.content)
+
+
+async def history(
+    db: Database,
+    resource_type: str,
+    resource_id: str | None,
+    *,
+    since: datetime | None,
+    after: tuple[datetime, str, int] | None,
+    limit: int,
+) -> list[repo.Version]:
+    async with db.read() as conn:
+        if resource_id is not None:
+            current = await repo.get_current(conn, resource_type, resource_id)
+            if current is None:
+                raise NotFound(f"{resource_type}/{resource_id} does not exist")
+        return await repo.history(conn, resource_type, resource_id, since=since, after=after,
+                                  limit=limit)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    stored: Stored
+    sort_value: datetime
+    pk: int  # insertion order: the last key of every page cursor
+
+
+async def search(
+    db: Database,
+    criteria: Criteria,
+    *,
+    sort: str | None,
+    after: tuple[Any, int] | None,
+    limit: int,
+) -> list[SearchHit]:
+    async with db.read() as conn:
+        rows = await repo.search(conn, criteria, sort=sort, after=after, limit=limit)
+    return [SearchHit(_stored(current), sort_value, current.pk) for current, sort_value in rows]

@@ -1,0 +1,359 @@
+"""Parse once, validate once: from request bytes to an accepted R4B resource.
+
+fhir.resources (R4B) checks structure and types, but it is more lenient than FHIR
+(shared/notes/openapi-and-fhir-resources.md): it lets through codes outside required value
+sets, a missing `resourceType`, explicit nulls, empty values, numbers where dates belong,
+calendar-impossible dates, strings for booleans. `_check` walks the raw JSON beside the R4B
+model classes and refuses each of those, so what we store is FHIR, not merely parseable.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import types
+import typing
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import orjson
+from fhir.resources.R4B.adverseevent import AdverseEvent
+from fhir.resources.R4B.medicationadministration import MedicationAdministration
+from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.patient import Patient
+from fhir_core import types as fhir_types
+from fhir_core.fhirabstractmodel import FHIRAbstractModel
+from pydantic import ValidationError
+
+from app.errors import BadRequest, Issue, Unprocessable
+
+RESOURCE_CLASSES: dict[str, type[FHIRAbstractModel]] = {
+    "Patient": Patient,
+    "Observation": Observation,
+    "MedicationAdministration": MedicationAdministration,
+    "AdverseEvent": AdverseEvent,
+}
+
+_QUANTITY_COMPARATORS = frozenset({"<", "<=", ">=", ">"})
+# Required bindings whose full code list fhir.resources does not carry (it truncates with
+# '+', or omits it); taken from the R4B value sets.
+_REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
+    ("Observation", "status"): frozenset(
+        {"registered", "preliminary", "final", "amended", "corrected", "cancelled",
+         "entered-in-error", "unknown"}
+    ),
+    **{
+        (quantity, "comparator"): _QUANTITY_COMPARATORS
+        for quantity in ("Quantity", "Age", "Count", "Distance", "Duration", "SimpleQuantity",
+                         "MoneyQuantity")
+    },
+}
+
+_ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_DATE_RE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+_DATETIME_RE = re.compile(
+    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T([01]\d|2[0-3]):([0-5]\d):([0-5]\d|60)(\.\d+)?"
+    r"(Z|[+-](?:(?:0\d|1[0-3]):[0-5]\d|14:00)))?)?)?"
+)
+_INSTANT_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})T([01]\d|2[0-3]):([0-5]\d):([0-5]\d|60)(\.\d+)?"
+    r"(Z|[+-](?:(?:0\d|1[0-3]):[0-5]\d|14:00))"
+)
+_CODE_RE = re.compile(r"[^\s]+( [^\s]+)*")
+
+
+@dataclass(frozen=True)
+class _FieldSpec:
+    name: str  # python attribute name, for pydantic error paths
+    is_list: bool
+    model: type[FHIRAbstractModel] | None  # complex datatype / backbone element
+    primitive: str | None  # FHIR primitive type name
+    codes: frozenset[str] | None  # required value set, when known completely
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A resource that passed every check: the raw dict (what we store) and the model."""
+
+    raw: dict[str, Any]
+    model: FHIRAbstractModel
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise BadRequest("The request body is empty; a FHIR resource in JSON was expected")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object (a FHIR resource)")
+    return data
+
+
+def check_resource_type(raw: dict[str, Any], expected: str) -> None:
+    actual = raw.get("resourceType")
+    if actual is None:
+        raise BadRequest(
+            f"The resource has no resourceType; expected {expected!r}",
+            expression=[f"{expected}.resourceType"],
+        )
+    if actual != expected:
+        raise BadRequest(
+            f"resourceType {actual!r} does not match the endpoint's type {expected!r}",
+            expression=[f"{expected}.resourceType"],
+        )
+
+
+def validate(raw: dict[str, Any], resource_type: str) -> Accepted:
+    """Validate a parsed body as an R4B resource of `resource_type` or raise 400/422."""
+    check_resource_type(raw, resource_type)
+    model_class = RESOURCE_CLASSES[resource_type]
+    issues: list[Issue] = []
+    _check(raw, model_class, resource_type, issues, top=True)
+    try:
+        model = model_class.model_validate(raw)
+    except ValidationError as exc:
+        issues.extend(_pydantic_issues(exc, resource_type))
+        model = None
+    if issues or model is None:
+        raise Unprocessable(_summary(issues), issues=_dedupe(issues))
+    return Accepted(raw=raw, model=model)
+
+
+def _summary(issues: list[Issue]) -> str:
+    first = issues[0]
+    where = f" at {first.expression[0]}" if first.expression else ""
+    more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
+    return f"Invalid resource: {first.diagnostics}{where}{more}"
+
+
+def _dedupe(issues: list[Issue]) -> list[Issue]:
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    unique = []
+    for issue in issues:
+        key = (issue.diagnostics, tuple(issue.expression))
+        if key not in seen:
+            seen.add(key)
+            unique.append(issue)
+    return unique
+
+
+def _pydantic_issues(exc: ValidationError, resource_type: str) -> list[Issue]:
+    issues = []
+    for error in exc.errors(include_url=False):
+        path = resource_type
+        for part in error["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part != "__root__":
+                name = str(part)
+                if name.endswith("__ext"):
+                    name = "_" + name[: -len("__ext")]
+                path += f".{name}"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "Unknown element (not part of this R4B resource)"
+        issues.append(Issue("structure" if error["type"] == "extra_forbidden" else "value",
+                            message, [path]))
+    return issues
+
+
+# --- the walk over raw JSON -------------------------------------------------------------
+
+
+def _check(
+    node: dict[str, Any],
+    model: type[FHIRAbstractModel],
+    path: str,
+    issues: list[Issue],
+    *,
+    top: bool = False,
+) -> None:
+    specs = _field_specs(model)
+    if not node and not top:
+        issues.append(Issue("required", "An element must have a value or children", [path]))
+    for key, value in node.items():
+        if top and key == "resourceType":
+            continue
+        here = f"{path}.{key}"
+        if value is None:
+            issues.append(Issue("required", "null is not allowed in FHIR JSON", [here]))
+            continue
+        spec = specs.get(key)
+        if spec is None:
+            continue  # fhir.resources reports unknown elements
+        if key.startswith("_"):
+            _check_primitive_extension(value, here, issues)
+            continue
+        if isinstance(value, list):
+            if not spec.is_list:
+                continue  # fhir.resources reports the cardinality error
+            if not value:
+                issues.append(Issue("required", "An array must not be empty", [here]))
+            for index, item in enumerate(value):
+                item_path = f"{here}[{index}]"
+                if item is None:
+                    issues.append(Issue("required", "null is not allowed in FHIR JSON", [item_path]))
+                else:
+                    _check_value(item, spec, model, item_path, issues)
+        else:
+            _check_value(value, spec, model, here, issues)
+
+
+def _check_primitive_extension(value: Any, path: str, issues: list[Issue]) -> None:
+    # `_given: [null, {...}]` is the one place FHIR JSON allows null (aligned arrays).
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, dict) and not item:
+            issues.append(Issue("required", "An element must have a value or children", [path]))
+
+
+def _check_value(
+    value: Any, spec: _FieldSpec, owner: type[FHIRAbstractModel], path: str, issues: list[Issue]
+) -> None:
+    if spec.model is not None:
+        if isinstance(value, dict):
+            _check(value, spec.model, path, issues)
+        return
+    problem = _primitive_problem(value, spec)
+    if problem is not None:
+        issues.append(Issue("value", problem, [path]))
+        return
+    codes = _REQUIRED_CODES.get((owner.__name__, spec.name), spec.codes)
+    if codes is not None and isinstance(value, str) and value not in codes:
+        allowed = ", ".join(sorted(codes))
+        issues.append(
+            Issue("code-invalid", f"{value!r} is not in the required value set ({allowed})", [path])
+        )
+
+
+def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:  # noqa: PLR0911
+    kind = spec.primitive
+    if kind is None:
+        return None
+    if kind == "boolean":
+        return None if isinstance(value, bool) else "A boolean must be JSON true or false"
+    if kind in ("integer", "positiveInt", "unsignedInt", "integer64"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"A FHIR {kind} must be a JSON integer"
+        if kind == "positiveInt" and value < 1:
+            return "A positiveInt must be 1 or more"
+        if kind == "unsignedInt" and value < 0:
+            return "An unsignedInt must be 0 or more"
+        return None
+    if kind == "decimal":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "A decimal must be a JSON number"
+        return None
+    if not isinstance(value, str):
+        return f"A FHIR {kind} must be a JSON string"
+    if value == "":
+        return "An empty string is not a FHIR value"
+    if kind == "date":
+        return _date_problem(value, _DATE_RE, "date")
+    if kind == "dateTime":
+        return _date_problem(value, _DATETIME_RE, "dateTime")
+    if kind == "instant":
+        return _date_problem(value, _INSTANT_RE, "instant")
+    if kind in ("uri", "url", "canonical", "oid", "uuid") and any(c.isspace() for c in value):
+        return f"A FHIR {kind} must not contain white space"
+    if kind == "code" and not _CODE_RE.fullmatch(value):
+        return "A code must not have leading, trailing or repeated white space"
+    if kind == "id" and not _ID_RE.fullmatch(value):
+        return "An id is 1-64 of A-Z, a-z, 0-9, '-' and '.'"
+    return None
+
+
+def _date_problem(value: str, pattern: re.Pattern[str], kind: str) -> str | None:
+    match = pattern.fullmatch(value)
+    if match is None:
+        return f"{value!r} is not a valid FHIR {kind}"
+    year, month, day = match.group(1), match.group(2), match.group(3)
+    if int(year) == 0:
+        return f"{value!r}: year 0000 does not exist"
+    if month is not None and not 1 <= int(month) <= 12:
+        return f"{value!r}: month {month} does not exist"
+    if day is not None and not 1 <= int(day) <= calendar.monthrange(int(year), int(month))[1]:
+        return f"{value!r}: day {day} does not exist in that month"
+    if kind != "date" and match.lastindex and match.lastindex >= 4 and match.group(8) is None:
+        return f"{value!r}: a time of day needs a time zone"
+    return None
+
+
+# --- field specifications derived from the fhir.resources classes -----------------------
+
+_PRIMITIVE_MARKERS: tuple[tuple[type, str], ...] = (
+    (fhir_types.Instant, "instant"),
+    (fhir_types.DateTime, "dateTime"),
+    (fhir_types.Date, "date"),
+    (fhir_types.Time, "time"),
+    (fhir_types.Code, "code"),
+    (fhir_types.Id, "id"),
+    (fhir_types.Canonical, "canonical"),
+    (fhir_types.Url, "url"),
+    (fhir_types.Oid, "oid"),
+    (fhir_types.Uuid, "uuid"),
+    (fhir_types.Uri, "uri"),
+    (fhir_types.Markdown, "markdown"),
+    (fhir_types.Base64Binary, "base64Binary"),
+    (fhir_types.PositiveInt, "positiveInt"),
+    (fhir_types.UnsignedInt, "unsignedInt"),
+    (fhir_types.Integer64, "integer64"),
+    (fhir_types.Integer, "integer"),
+    (fhir_types.Decimal, "decimal"),
+    (fhir_types.String, "string"),
+)
+
+
+@cache
+def _field_specs(model: type[FHIRAbstractModel]) -> dict[str, _FieldSpec]:
+    specs: dict[str, _FieldSpec] = {}
+    for name, info in model.model_fields.items():
+        if name == "fhir_comments" or info.alias is None:
+            continue
+        annotation, is_list = _unwrap(info.annotation)
+        element_model = None
+        primitive = None
+        if hasattr(annotation, "get_model_klass"):
+            klass = annotation.get_model_klass()
+            # `contained` holds any resource; its own resourceType decides what it is.
+            if klass.__name__ != "Resource":
+                element_model = klass
+        elif typing.get_origin(annotation) is typing.Annotated:
+            base, *metadata = typing.get_args(annotation)
+            primitive = _primitive_name(metadata, base)
+        elif annotation is bool:
+            primitive = "boolean"
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        enum = extra.get("enum_values")
+        codes = None
+        if isinstance(enum, list) and "+" not in enum and "etc." not in enum:
+            codes = frozenset(str(code) for code in enum)
+        specs[info.alias] = _FieldSpec(name, is_list, element_model, primitive, codes)
+    return specs
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    is_list = False
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = args[0]
+        elif origin in (list, typing.List):  # noqa: UP006
+            is_list = True
+            annotation = typing.get_args(annotation)[0]
+        else:
+            return annotation, is_list
+
+
+def _primitive_name(metadata: list[Any], base: Any) -> str | None:
+    for marker in metadata:
+        for marker_type, name in _PRIMITIVE_MARKERS:
+            if isinstance(marker, marker_type):
+                return name
+    if base is bool:
+        return "boolean"
+    return None

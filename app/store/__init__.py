@@ -1,0 +1,1 @@
+"""Storage: SQLModel tables, engines and the Core queries of the hot paths."""

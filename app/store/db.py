@@ -1,0 +1,117 @@
+"""Engines and transactions.
+
+The app talks to the database through SQLAlchemy Core on async drivers it picks itself from
+`DATABASE_URL`: `sqlite:///PATH` runs on aiosqlite, `postgresql://USER@HOST:PORT/DB` on asyncpg.
+
+Transactions have one owner: `write()` / `read()` below, opened by the service layer once
+per request. A write transaction on SQLite starts with `BEGIN IMMEDIATE`, which takes the
+database's write lock up front: check-then-insert sequences (conditional create) cannot
+interleave, and two writers never deadlock upgrading a shared lock. On PostgreSQL the
+equivalent guarantees come from explicit locks (`store.locks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from app.errors import ConfigurationError
+
+SQLITE_BUSY_TIMEOUT_S = 30
+
+
+def async_url(database_url: str) -> URL:
+    """Map the public `DATABASE_URL` forms onto the async drivers the app ships with."""
+    try:
+        url = make_url(database_url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError with the raw text
+        raise ConfigurationError(f"DATABASE_URL is not a database URL: {exc}") from None
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        return url.set(drivername="sqlite+aiosqlite")
+    if backend in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+asyncpg")
+    raise ConfigurationError(
+        f"DATABASE_URL scheme {url.drivername!r} is not supported: "
+        "use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
+    )
+
+
+def _sqlite_on_connect(immediate: bool) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's `begin` event, not the driver, decide how a transaction starts.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    return on_connect
+
+
+def _make_engine(url: URL, *, immediate: bool, pool_size: int, max_overflow: int) -> AsyncEngine:
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, pool_pre_ping=False
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect(immediate))
+        begin_sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+        event.listen(
+            engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(begin_sql)
+        )
+        return engine
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+    )
+
+
+@dataclass
+class Database:
+    """The app's engines: on SQLite a writer and a reader, on PostgreSQL one for both."""
+
+    writer: AsyncEngine
+    reader: AsyncEngine
+
+    @property
+    def dialect(self) -> str:
+        return self.writer.dialect.name
+
+    @classmethod
+    def from_url(cls, database_url: str, pool_size: int = 10, max_overflow: int = 10) -> Database:
+        url = async_url(database_url)
+        writer = _make_engine(url, immediate=True, pool_size=pool_size, max_overflow=max_overflow)
+        if url.get_backend_name() == "sqlite":
+            reader = _make_engine(
+                url, immediate=False, pool_size=pool_size, max_overflow=max_overflow
+            )
+        else:
+            reader = writer
+        return cls(writer=writer, reader=reader)
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """One write transaction: committed when the block ends, rolled back on any error."""
+        async with self.writer.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.reader.begin() as conn:
+            yield conn
+
+    async def dispose(self) -> None:
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()

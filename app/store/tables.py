@@ -1,0 +1,119 @@
+"""The tables. Alembic migrations create them; `SQLModel.metadata` is what `alembic check`
+compares the migrations against.
+
+Three tables serve all resource types:
+- `resource`: the current version of every resource (also of deleted ones, as a tombstone),
+  with the index columns search and the response engine need;
+- `resource_version`: every version ever written, never changed: `_history` and the audit
+  requirement that a change never obscures what was recorded before;
+- `search_token`: token search values (identifier, code) of current versions.
+
+`content` is the exact JSON served to clients, stored as text: a read returns it without
+parsing or serialising again, the hot path the benchmark issue measures.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlmodel import Field, SQLModel
+
+# A naming convention before the first revision keeps constraint names identical on SQLite
+# and PostgreSQL, so later migrations can refer to them.
+SQLModel.metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigIntPk = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class ResourceRow(SQLModel, table=True):
+    """Current version of a resource. `pk` only grows: keyset paging orders on it."""
+
+    __tablename__ = "resource"
+    __table_args__ = (
+        UniqueConstraint("resource_type", "id", name="uq_resource_type_id"),
+        Index("ix_resource_patient", "resource_type", "patient_id", "effective_start", "pk"),
+        Index("ix_resource_type_pk", "resource_type", "pk"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
+    resource_type: str = Field(sa_column=Column(String(40), nullable=False))
+    id: str = Field(sa_column=Column(String(64), nullable=False))
+    version_id: int = Field(sa_column=Column(Integer, nullable=False))
+    last_updated: datetime = Field(sa_column=Column(DateTime(), nullable=False))
+    deleted: bool = Field(sa_column=Column(Boolean, nullable=False))
+    content: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Index columns, derived from `content` on every write (naive UTC datetimes).
+    patient_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    effective_start: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(), nullable=True)
+    )
+    effective_end: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(), nullable=True)
+    )
+    value_norm: float | None = Field(default=None, sa_column=Column(Float, nullable=True))
+
+
+class ResourceVersion(SQLModel, table=True):
+    """One immutable version; `content` is None for a deletion."""
+
+    __tablename__ = "resource_version"
+    __table_args__ = (Index("ix_resource_version_updated", "resource_type", "last_updated"),)
+
+    resource_type: str = Field(sa_column=Column(String(40), primary_key=True))
+    id: str = Field(sa_column=Column(String(64), primary_key=True))
+    version_id: int = Field(sa_column=Column(Integer, primary_key=True))
+    last_updated: datetime = Field(sa_column=Column(DateTime(), nullable=False))
+    method: str = Field(sa_column=Column(String(10), nullable=False))
+    content: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class SearchToken(SQLModel, table=True):
+    """A token value of a current version; replaced whenever the resource changes."""
+
+    __tablename__ = "search_token"
+    __table_args__ = (
+        Index("ix_search_token_lookup", "resource_type", "param", "value", "system"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
+    resource_pk: int = Field(
+        sa_column=Column(
+            BigIntPk,
+            ForeignKey("resource.pk", ondelete="CASCADE"),
+            nullable=False,
+            index=True,
+        )
+    )
+    resource_type: str = Field(sa_column=Column(String(40), nullable=False))
+    param: str = Field(sa_column=Column(String(40), nullable=False))
+    # '' rather than NULL for "no system", so `system|code` lookups are one equality.
+    system: str = Field(sa_column=Column(String(255), nullable=False))
+    value: str = Field(sa_column=Column(String(255), nullable=False))
+
+
+resource_table = ResourceRow.__table__  # type: ignore[attr-defined]
+version_table = ResourceVersion.__table__  # type: ignore[attr-defined]
+token_table = SearchToken.__table__  # type: ignore[attr-defined]
