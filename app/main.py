@@ -14,13 +14,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.codes import CodeSystems
+from app.engine import Criteria
 from app.errors import Issue
 from app.fhir import outcome, routes, schemas
 from app.fhir.capability import capability_statement
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
+from app.services.context import ServiceContext
 from app.services.dates import format_instant
 from app.services.resources import utc_now
-from app.settings import Settings, get_settings
+from app.settings import Settings, get_criteria_settings, get_settings
 from app.store.db import Database
 from app.store.migrations import current_revision, head_revision
 
@@ -62,18 +65,21 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, criteria: Criteria | None = None) -> FastAPI:
     settings = settings or get_settings()
+    # Read at build time, so a bad ITP_* setting stops the server before it serves anything.
+    criteria = criteria or get_criteria_settings().to_criteria()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.db = Database.from_url(settings.database_url, settings.db_pool_size,
-                                         settings.db_max_overflow)
+        db = Database.from_url(settings.database_url, settings.db_pool_size,
+                               settings.db_max_overflow)
+        app.state.services = ServiceContext(db, criteria, CodeSystems(settings.code_system_base))
         app.state.head_revision = head_revision()
         try:
             yield
         finally:
-            await app.state.db.dispose()
+            await db.dispose()
 
     app = FastAPI(
         title="ITP trial data API",
@@ -121,7 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={503: {"description": "Not ready", "model": schemas.OperationOutcome}},
     )
     async def readyz(request: Request) -> Any:
-        db: Database = request.app.state.db
+        db: Database = request.app.state.services.db
         head = request.app.state.head_revision
         try:
             current = await current_revision(db)

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.engine import Criteria
+
 DEFAULT_DATABASE_URL = "sqlite:///data/itp-trial.db"
 
 
@@ -43,3 +45,30 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+class CriteriaSettings(BaseSettings):
+    """The response criteria the spec leaves to the protocol (response-criteria.md), read
+    from `ITP_*`. Every assessment stores the values it used, so it can be reproduced."""
+
+    model_config = SettingsConfigDict(env_prefix="ITP_", extra="ignore")
+
+    r_threshold: float = Field(default=30.0, gt=0)
+    cr_threshold: float = Field(default=100.0, gt=0)
+    doubling_factor: float = Field(default=2.0, gt=0)
+    confirm_days: int = Field(default=7, ge=0)
+    loss_confirm_days: int = Field(default=1, ge=0)
+    bleeding_min_grade: int = Field(default=1, ge=0, le=4)
+    rescue_window_days: int = Field(default=56, ge=0)
+    baseline_rule: Literal["last-before-start", "mean-before-start"] = "last-before-start"
+    baseline_lookback_days: int = Field(default=14, ge=0)
+    response_date_anchor: Literal["first", "confirming"] = "first"
+    trial_timezone: str = "UTC"
+
+    def to_criteria(self) -> Criteria:
+        return Criteria(**self.model_dump())
+
+
+@lru_cache
+def get_criteria_settings() -> CriteriaSettings:
+    return CriteriaSettings()

@@ -35,18 +35,18 @@ from app.fhir.search_params import (
     parse_search,
 )
 from app.services import resources as service
+from app.services.context import ServiceContext
 from app.services.dates import fhir_range
 from app.services.resources import Stored
 from app.settings import Settings
-from app.store.db import Database
 
 RESOURCE_TYPES = ("Patient", "Observation", "MedicationAdministration", "AdverseEvent")
 ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
 
 
-def get_db(request: Request) -> Database:
-    db: Database = request.app.state.db
-    return db
+def get_services(request: Request) -> ServiceContext:
+    services: ServiceContext = request.app.state.services
+    return services
 
 
 def get_settings(request: Request) -> Settings:
@@ -54,7 +54,7 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-DbDep = Annotated[Database, Depends(get_db)]
+ServicesDep = Annotated[ServiceContext, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="Logical id")]
 IfMatch = Annotated[
@@ -173,7 +173,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
     )
     async def create(
         request: Request,
-        db: DbDep,
+        ctx: ServicesDep,
         if_none_exist: Annotated[
             str | None,
             Header(alias="If-None-Exist",
@@ -186,7 +186,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         criteria = key = None
         if if_none_exist is not None:
             criteria, key = _conditional_criteria(resource_type, if_none_exist)
-        result = await service.create(db, resource_type, body, if_none_exist=criteria,
+        result = await service.create(ctx, resource_type, body, if_none_exist=criteria,
                                       if_none_exist_key=key)
         if not result.created:
             return _resource_response(request, result.stored, 200)
@@ -202,12 +202,12 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
                          "description": "history Bundle"}, **_ERRORS},
     )
     async def type_history(
-        request: Request, db: DbDep, settings: SettingsDep,
+        request: Request, ctx: ServicesDep, settings: SettingsDep,
         count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
         since: Annotated[str | None, Query(alias="_since")] = None,
         cursor: Annotated[str | None, Query(alias="_cursor")] = None,
     ) -> Response:
-        return await _history(request, db, settings, resource_type, None, count, since, cursor)
+        return await _history(request, ctx, settings, resource_type, None, count, since, cursor)
 
     @router.get(
         f"/{resource_type}/{{resource_id}}",
@@ -218,8 +218,8 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         responses={200: {**ok_resource, "description": "The current version"},
                    410: _outcome_doc("Deleted; the history stays readable"), **_ERRORS},
     )
-    async def read(request: Request, db: DbDep, resource_id: IdPath) -> Response:
-        return _resource_response(request, await service.read(db, resource_type, resource_id))
+    async def read(request: Request, ctx: ServicesDep, resource_id: IdPath) -> Response:
+        return _resource_response(request, await service.read(ctx, resource_type, resource_id))
 
     @router.get(
         f"/{resource_type}/{{resource_id}}/_history/{{version_id}}",
@@ -232,11 +232,11 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
     )
     async def vread(
         request: Request,
-        db: DbDep,
+        ctx: ServicesDep,
         resource_id: IdPath,
         version_id: Annotated[int, Path(ge=1, le=2_147_483_647)],
     ) -> Response:
-        stored = await service.vread(db, resource_type, resource_id, version_id)
+        stored = await service.vread(ctx, resource_type, resource_id, version_id)
         return _resource_response(request, stored)
 
     @router.put(
@@ -254,11 +254,11 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         },
     )
     async def update(
-        request: Request, db: DbDep, resource_id: IdPath, if_match: IfMatch = None,
+        request: Request, ctx: ServicesDep, resource_id: IdPath, if_match: IfMatch = None,
         prefer: Prefer = None,
     ) -> Response:
         require_json_body(request)
-        result = await service.update(db, resource_type, resource_id, await request.body(),
+        result = await service.update(ctx, resource_type, resource_id, await request.body(),
                                       if_match=if_match)
         if result.created:
             return _resource_response(request, result.stored, 201, _location(result.stored))
@@ -281,10 +281,10 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         },
     )
     async def delete(
-        request: Request, db: DbDep, resource_id: IdPath, if_match: IfMatch = None,
+        request: Request, ctx: ServicesDep, resource_id: IdPath, if_match: IfMatch = None,
         prefer: Prefer = None,
     ) -> Response:
-        deletion = await service.delete(db, resource_type, resource_id, if_match=if_match)
+        deletion = await service.delete(ctx, resource_type, resource_id, if_match=if_match)
         headers = {"ETag": deletion.etag} if deletion else {}
         if prefer_return(request) == "OperationOutcome":
             message = (f"Deleted {resource_type}/{resource_id}" if deletion
@@ -302,7 +302,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         responses={200: {"model": schemas.Bundle, "content": {FHIR_JSON: {}},
                          "description": "searchset Bundle"}, **_ERRORS},
     )
-    async def search(request: Request, db: DbDep, settings: SettingsDep) -> Response:
+    async def search(request: Request, ctx: ServicesDep, settings: SettingsDep) -> Response:
         parsed = parse_search(
             resource_type,
             request.query_params.multi_items(),
@@ -310,7 +310,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
             max_count=settings.max_page_size,
             strict=prefer_strict(request),
         )
-        hits = await service.search(db, parsed.criteria, sort=parsed.sort, after=parsed.after,
+        hits = await service.search(ctx, parsed.criteria, sort=parsed.sort, after=parsed.after,
                                     limit=parsed.count + 1)
         page = hits[: parsed.count]
         next_params = None
@@ -337,19 +337,19 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
                          "description": "history Bundle"}, **_ERRORS},
     )
     async def instance_history(
-        request: Request, db: DbDep, settings: SettingsDep, resource_id: IdPath,
+        request: Request, ctx: ServicesDep, settings: SettingsDep, resource_id: IdPath,
         count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
         since: Annotated[str | None, Query(alias="_since")] = None,
         cursor: Annotated[str | None, Query(alias="_cursor")] = None,
     ) -> Response:
-        return await _history(request, db, settings, resource_type, resource_id, count,
+        return await _history(request, ctx, settings, resource_type, resource_id, count,
                               since, cursor)
 
 
 
 async def _history(
     request: Request,
-    db: Database,
+    ctx: ServiceContext,
     settings: Settings,
     resource_type: str,
     resource_id: str | None,
@@ -365,7 +365,7 @@ async def _history(
             raise BadRequest(f"_since={since!r} is not a FHIR instant")
         since_at = bounds[0]
     after = decode_cursor(cursor, (datetime, str, int)) if cursor else None
-    versions = await service.history(db, resource_type, resource_id, since=since_at,
+    versions = await service.history(ctx, resource_type, resource_id, since=since_at,
                                      after=after, limit=limit + 1)  # type: ignore[arg-type]
     page = versions[:limit]
     base = fhir_base(request)

@@ -16,6 +16,11 @@ from app import codes
 from app.errors import Unprocessable
 from app.services.dates import fhir_range
 
+KIND_PLATELET = "platelet-count"
+KIND_BLEEDING_GRADE = "bleeding-grade"
+KIND_BLEEDING_EVENT = "bleeding-event"
+KIND_RESPONSE_STATUS = "response-status"
+
 SUBJECT_ELEMENT = {
     "Observation": "subject",
     "MedicationAdministration": "subject",
@@ -41,6 +46,8 @@ class IndexValues:
     effective_start: datetime | None = None
     effective_end: datetime | None = None
     value_norm: float | None = None
+    kind: str | None = None
+    status: str | None = None
     tokens: list[tuple[str, str, str]] = field(default_factory=list)  # (param, system, value)
 
 
@@ -76,8 +83,12 @@ def subject_patient_id(resource_type: str, raw: dict[str, Any]) -> str | None:
     return patient_id
 
 
-def index_values(resource_type: str, resource_id: str, raw: dict[str, Any]) -> IndexValues:
+def index_values(
+    resource_type: str, resource_id: str, raw: dict[str, Any], code_systems: codes.CodeSystems
+) -> IndexValues:
     values = IndexValues()
+    values.kind = record_kind(resource_type, raw, code_systems)
+    values.status = raw.get("actuality" if resource_type == "AdverseEvent" else "status")
     values.patient_id = resource_id if resource_type == "Patient" else subject_patient_id(
         resource_type, raw
     )
@@ -95,19 +106,62 @@ def index_values(resource_type: str, resource_id: str, raw: dict[str, Any]) -> I
             if bounds:
                 values.effective_start, values.effective_end = bounds
         break
-    if resource_type == "Observation" and is_platelet_count(raw):
+    if values.kind == KIND_PLATELET:
         values.value_norm = normalised_platelet_value(raw)
+    elif values.kind == KIND_BLEEDING_GRADE:
+        values.value_norm = _bleeding_grade(raw)
     for param, element in TOKEN_ELEMENTS.get(resource_type, {}).items():
         values.tokens.extend(_tokens(param, raw.get(element)))
     return values
 
 
-def is_platelet_count(raw: dict[str, Any]) -> bool:
-    code = raw.get("code") or {}
-    return any(
-        coding.get("system") == codes.LOINC and coding.get("code") in codes.PLATELET_CODES
-        for coding in code.get("coding", ())
-    )
+def _codings(concept: Any) -> list[dict[str, Any]]:
+    return list(concept.get("coding", ())) if isinstance(concept, dict) else []
+
+
+def record_kind(
+    resource_type: str, raw: dict[str, Any], code_systems: codes.CodeSystems
+) -> str | None:
+    """The record's role in the trial, as the response engine reads it (fhir-profile.md)."""
+    if resource_type == "Observation":
+        for coding in _codings(raw.get("code")):
+            system, code = coding.get("system"), coding.get("code")
+            if system == codes.LOINC and code in codes.PLATELET_CODES:
+                return KIND_PLATELET
+            if code_systems.is_trial_codes(system):
+                if code == codes.WHO_BLEEDING_GRADE:
+                    return KIND_BLEEDING_GRADE
+                if code == codes.ITP_RESPONSE_STATUS:
+                    return KIND_RESPONSE_STATUS
+        return None
+    if resource_type == "MedicationAdministration":
+        category = raw.get("category")
+        for coding in _codings(category):
+            if code_systems.is_medication_role(coding.get("system")) and (
+                coding.get("code") in codes.MEDICATION_ROLES
+            ):
+                return str(coding["code"])
+        return "concomitant"  # the profile: an administration with no role is concomitant
+    if resource_type == "AdverseEvent":
+        for coding in _codings(raw.get("event")):
+            if coding.get("system") == codes.SNOMED and (
+                coding.get("code") in codes.BLEEDING_EVENT_CODES
+            ):
+                return KIND_BLEEDING_EVENT
+        return None
+    return None
+
+
+def _bleeding_grade(raw: dict[str, Any]) -> float | None:
+    grade = raw.get("valueInteger")
+    if grade is None:
+        return None
+    if not 0 <= grade <= 4:
+        raise Unprocessable(
+            f"A WHO bleeding grade is 0 to 4, not {grade}",
+            expression=["Observation.valueInteger"],
+        )
+    return float(grade)
 
 
 def normalised_platelet_value(raw: dict[str, Any]) -> float | None:

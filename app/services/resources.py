@@ -30,12 +30,12 @@ from app.errors import (
     PreconditionFailed,
     Unprocessable,
 )
+from app.services.context import ServiceContext
 from app.services.dates import format_instant
 from app.services.indexing import index_values
 from app.services.validation import parse_json, validate
 from app.store import repository as repo
 from app.store.criteria import Criteria
-from app.store.db import Database
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,11 @@ def parse_if_match(header: str | None) -> int | None:
     return int(value)
 
 
-async def _accept(conn: AsyncConnection, resource_type: str, resource_id: str,
-                  raw: dict[str, Any]) -> repo.IndexRow:
+async def _accept(ctx: ServiceContext, conn: AsyncConnection, resource_type: str,
+                  resource_id: str, raw: dict[str, Any]) -> repo.IndexRow:
     """Validate, derive index values and lock (and check) the subject Patient."""
     validate(raw, resource_type)
-    values = index_values(resource_type, resource_id, raw)
+    values = index_values(resource_type, resource_id, raw, ctx.codes)
     if resource_type != "Patient" and values.patient_id is not None:
         patient = await repo.get_current(conn, "Patient", values.patient_id, for_update=True)
         if patient is None or patient.deleted:
@@ -109,11 +109,11 @@ async def _accept(conn: AsyncConnection, resource_type: str, resource_id: str,
                 expression=[f"{resource_type}.subject"],
             )
     return repo.IndexRow(values.patient_id, values.effective_start, values.effective_end,
-                         values.value_norm, values.tokens)
+                         values.value_norm, values.kind, values.status, values.tokens)
 
 
 async def create(
-    db: Database,
+    ctx: ServiceContext,
     resource_type: str,
     body: bytes,
     *,
@@ -123,7 +123,7 @@ async def create(
     raw = parse_json(body)
     # FHIR create ignores a client id; the server assigns its own.
     resource_id = new_id()
-    async with db.write() as conn:
+    async with ctx.db.write() as conn:
         if if_none_exist is not None:
             await repo.lock(conn, f"if-none-exist:{resource_type}:{if_none_exist_key}")
             matches = await repo.first_matches(conn, if_none_exist, limit=2)
@@ -135,7 +135,7 @@ async def create(
                 # Still validate: a client must not learn that a bad body "worked".
                 validate(raw, resource_type)
                 return WriteResult(_stored(matches[0]), created=False)
-        index = await _accept(conn, resource_type, resource_id, raw)
+        index = await _accept(ctx, conn, resource_type, resource_id, raw)
         now = utc_now()
         content = _render(raw, resource_type, resource_id, 1, now)
         await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
@@ -143,7 +143,7 @@ async def create(
 
 
 async def update(
-    db: Database, resource_type: str, resource_id: str, body: bytes, *, if_match: str | None
+    ctx: ServiceContext, resource_type: str, resource_id: str, body: bytes, *, if_match: str | None
 ) -> WriteResult:
     raw = parse_json(body)
     body_id = raw.get("id")
@@ -154,11 +154,11 @@ async def update(
         raise BadRequest(f"The body's id {body_id!r} does not match the URL's {resource_id!r}",
                          expression=[f"{resource_type}.id"])
     expected = parse_if_match(if_match)
-    async with db.write() as conn:
+    async with ctx.db.write() as conn:
         current = await _lock_current(conn, resource_type, resource_id)
         if expected is not None and (current is None or current.version_id != expected):
             raise _stale(expected, current)
-        index = await _accept(conn, resource_type, resource_id, raw)
+        index = await _accept(ctx, conn, resource_type, resource_id, raw)
         now = utc_now()
         if current is None:
             content = _render(raw, resource_type, resource_id, 1, now)
@@ -172,11 +172,11 @@ async def update(
 
 
 async def delete(
-    db: Database, resource_type: str, resource_id: str, *, if_match: str | None
+    ctx: ServiceContext, resource_type: str, resource_id: str, *, if_match: str | None
 ) -> Stored | None:
     """Delete; returns the deletion version, or None when it was already deleted."""
     expected = parse_if_match(if_match)
-    async with db.write() as conn:
+    async with ctx.db.write() as conn:
         current = await _lock_current(conn, resource_type, resource_id)
         if current is None:
             raise NotFound(f"{resource_type}/{resource_id} does not exist")
@@ -210,8 +210,8 @@ def _stale(expected: int, current: repo.Current | None) -> PreconditionFailed:
     )
 
 
-async def read(db: Database, resource_type: str, resource_id: str) -> Stored:
-    async with db.read() as conn:
+async def read(ctx: ServiceContext, resource_type: str, resource_id: str) -> Stored:
+    async with ctx.db.read() as conn:
         current = await repo.get_current(conn, resource_type, resource_id)
     if current is None:
         raise NotFound(f"{resource_type}/{resource_id} does not exist")
@@ -222,8 +222,8 @@ async def read(db: Database, resource_type: str, resource_id: str) -> Stored:
     return _stored(current)
 
 
-async def vread(db: Database, resource_type: str, resource_id: str, version_id: int) -> Stored:
-    async with db.read() as conn:
+async def vread(ctx: ServiceContext, resource_type: str, resource_id: str, version_id: int) -> Stored:
+    async with ctx.db.read() as conn:
         version = await repo.get_version(conn, resource_type, resource_id, version_id)
     if version is None:
         raise NotFound(f"{resource_type}/{resource_id}/_history/{version_id} does not exist")
@@ -234,7 +234,7 @@ async def vread(db: Database, resource_type: str, resource_id: str, version_id: 
 
 
 async def history(
-    db: Database,
+    ctx: ServiceContext,
     resource_type: str,
     resource_id: str | None,
     *,
@@ -242,7 +242,7 @@ async def history(
     after: tuple[datetime, str, int] | None,
     limit: int,
 ) -> list[repo.Version]:
-    async with db.read() as conn:
+    async with ctx.db.read() as conn:
         if resource_id is not None:
             current = await repo.get_current(conn, resource_type, resource_id)
             if current is None:
@@ -259,13 +259,13 @@ class SearchHit:
 
 
 async def search(
-    db: Database,
+    ctx: ServiceContext,
     criteria: Criteria,
     *,
     sort: str | None,
     after: tuple[Any, int] | None,
     limit: int,
 ) -> list[SearchHit]:
-    async with db.read() as conn:
+    async with ctx.db.read() as conn:
         rows = await repo.search(conn, criteria, sort=sort, after=after, limit=limit)
     return [SearchHit(_stored(current), sort_value, current.pk) for current, sort_value in rows]

@@ -64,7 +64,19 @@ class IndexRow:
     effective_start: datetime | None
     effective_end: datetime | None
     value_norm: float | None
+    kind: str | None
+    status: str | None
     tokens: Sequence[tuple[str, str, str]]
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "patient_id": self.patient_id,
+            "effective_start": self.effective_start,
+            "effective_end": self.effective_end,
+            "value_norm": self.value_norm,
+            "kind": self.kind,
+            "status": self.status,
+        }
 
 
 _CURRENT_COLUMNS = (
@@ -119,10 +131,7 @@ async def insert_resource(
             last_updated=now,
             deleted=False,
             content=content,
-            patient_id=index.patient_id,
-            effective_start=index.effective_start,
-            effective_end=index.effective_end,
-            value_norm=index.value_norm,
+            **index.columns(),
         ).returning(R.c.pk)
     )
     pk = result.scalar_one()
@@ -147,12 +156,7 @@ async def update_resource(
         "content": content,
     }
     if index is not None:
-        values.update(
-            patient_id=index.patient_id,
-            effective_start=index.effective_start,
-            effective_end=index.effective_end,
-            value_norm=index.value_norm,
-        )
+        values.update(index.columns())
     await conn.execute(update(R).where(R.c.pk == current.pk).values(**values))
     await conn.execute(delete(T).where(T.c.resource_pk == current.pk))
     if index is not None:

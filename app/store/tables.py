@@ -74,6 +74,31 @@ class ResourceRow(SQLModel, table=True):
         default=None, sa_column=Column(DateTime(), nullable=True)
     )
     value_norm: float | None = Field(default=None, sa_column=Column(Float, nullable=True))
+    # What the response engine reads, so a recompute never parses stored JSON:
+    # `kind` is the trial role (platelet-count, bleeding-grade, bleeding-event, study-drug,
+    # rescue, concomitant, response-status), `status` the FHIR status (AdverseEvent:
+    # actuality).
+    kind: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    status: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+
+
+class ResponseAssessmentRow(SQLModel, table=True):
+    """The latest assessment of each patient, as `$response-status` serves it.
+
+    `fingerprint` hashes the assessment without its computation time: a recompute writes a
+    new response-status Observation version only when it differs.
+    """
+
+    __tablename__ = "response_assessment"
+    __table_args__ = (Index("ix_response_assessment_status", "status", "best_response"),)
+
+    patient_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    status: str = Field(sa_column=Column(String(3), nullable=False))
+    best_response: str | None = Field(default=None, sa_column=Column(String(3), nullable=True))
+    fingerprint: str = Field(sa_column=Column(String(64), nullable=False))
+    computed_at: datetime = Field(sa_column=Column(DateTime(), nullable=False))
+    observation_id: str = Field(sa_column=Column(String(64), nullable=False))
+    content: str = Field(sa_column=Column(Text, nullable=False))
 
 
 class ResourceVersion(SQLModel, table=True):
@@ -117,3 +142,4 @@ class SearchToken(SQLModel, table=True):
 resource_table = ResourceRow.__table__  # type: ignore[attr-defined]
 version_table = ResourceVersion.__table__  # type: ignore[attr-defined]
 token_table = SearchToken.__table__  # type: ignore[attr-defined]
+assessment_table = ResponseAssessmentRow.__table__  # type: ignore[attr-defined]

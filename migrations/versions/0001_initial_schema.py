@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 00:16:44.658335
+Create Date: 2026-11-26
 """
 
 from collections.abc import Sequence
@@ -32,6 +32,8 @@ def upgrade() -> None:
         sa.Column("effective_start", sa.DateTime(), nullable=True),
         sa.Column("effective_end", sa.DateTime(), nullable=True),
         sa.Column("value_norm", sa.Float(), nullable=True),
+        sa.Column("kind", sa.String(length=32), nullable=True),
+        sa.Column("status", sa.String(length=32), nullable=True),
         sa.PrimaryKeyConstraint("pk", name=op.f("pk_resource")),
         sa.UniqueConstraint("resource_type", "id", name="uq_resource_type_id"),
     )
@@ -58,6 +60,22 @@ def upgrade() -> None:
     with op.batch_alter_table("resource_version", schema=None) as batch_op:
         batch_op.create_index(
             "ix_resource_version_updated", ["resource_type", "last_updated"], unique=False
+        )
+
+    op.create_table(
+        "response_assessment",
+        sa.Column("patient_id", sa.String(length=64), nullable=False),
+        sa.Column("status", sa.String(length=3), nullable=False),
+        sa.Column("best_response", sa.String(length=3), nullable=True),
+        sa.Column("fingerprint", sa.String(length=64), nullable=False),
+        sa.Column("computed_at", sa.DateTime(), nullable=False),
+        sa.Column("observation_id", sa.String(length=64), nullable=False),
+        sa.Column("content", sa.Text(), nullable=False),
+        sa.PrimaryKeyConstraint("patient_id", name=op.f("pk_response_assessment")),
+    )
+    with op.batch_alter_table("response_assessment", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_response_assessment_status", ["status", "best_response"], unique=False
         )
 
     op.create_table(
@@ -96,6 +114,10 @@ def downgrade() -> None:
         batch_op.drop_index("ix_search_token_lookup")
 
     op.drop_table("search_token")
+    with op.batch_alter_table("response_assessment", schema=None) as batch_op:
+        batch_op.drop_index("ix_response_assessment_status")
+
+    op.drop_table("response_assessment")
     with op.batch_alter_table("resource_version", schema=None) as batch_op:
         batch_op.drop_index("ix_resource_version_updated")
 

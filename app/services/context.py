@@ -1,0 +1,16 @@
+"""What every use case needs, built once at start-up and passed explicitly (no globals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.codes import CodeSystems
+from app.engine import Criteria
+from app.store.db import Database
+
+
+@dataclass(frozen=True)
+class ServiceContext:
+    db: Database
+    criteria: Criteria
+    codes: CodeSystems

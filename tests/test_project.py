@@ -1,0 +1,72 @@
+"""Checks a fresh clone relies on: the OpenAPI file, the migrations, the container files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from app.cli import OPENAPI_PATH, render_openapi
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_openapi_file_is_current():
+    assert OPENAPI_PATH.read_text() == render_openapi(), (
+        "openapi/openapi.json is stale: run `python -m app openapi`"
+    )
+
+
+def test_openapi_operation_ids_are_stable_and_unique():
+    spec = json.loads(render_openapi())
+    ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids))
+    for expected in ("createObservation", "readPatient", "vreadAdverseEvent",
+                     "updateMedicationAdministration", "deletePatient", "searchObservation",
+                     "historyPatientInstance", "historyPatientType", "capabilities"):
+        assert expected in ids
+    create = spec["paths"]["/fhir/Observation"]["post"]
+    body_schema = create["requestBody"]["content"]["application/fhir+json"]["schema"]
+    assert body_schema == {"$ref": "#/components/schemas/Observation"}
+    assert "Observation" in spec["components"]["schemas"]
+
+
+def test_migrations_match_the_models(database_url):
+    """`alembic check`: a model change without its migration fails here, on both databases."""
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "check"],
+        cwd=ROOT, env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No new upgrade operations detected" in result.stdout + result.stderr
+
+
+def test_compose_file_parses_and_uses_the_settings_names():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    api, db = compose["services"]["api"], compose["services"]["db"]
+    assert db["image"].startswith("postgres:15")
+    assert "healthcheck" in db
+    assert api["depends_on"]["db"]["condition"] == "service_healthy"
+    assert "pgdata" in compose["volumes"]
+    known = {"DATABASE_URL"} | {
+        f"APP_{name.upper()}" for name in Settings.model_fields if name != "database_url"
+    }
+    server_names = {"WEB_CONCURRENCY"}  # read by uvicorn in the image's command
+    for name in api["environment"]:
+        assert name in known | server_names, f"{name} is not a setting the app reads"
+    settings = Settings(**{"_env_file": None}, database_url=api["environment"]["DATABASE_URL"])
+    assert settings.database_url.startswith("postgresql://")
+
+
+def test_dockerfile_runs_as_non_root_migrates_then_serves():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in dockerfile
+    assert "\nUSER app" in dockerfile
+    assert "HEALTHCHECK" in dockerfile
+    assert "alembic upgrade head && exec uvicorn app.main:app" in dockerfile

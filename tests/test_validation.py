@@ -1,0 +1,186 @@
+"""What the server refuses, and that a refused request writes nothing (both databases)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from app.store.tables import resource_table
+from tests import builders
+from tests.test_crud import create, new_patient
+
+
+async def _count(client, kind: str) -> int:
+    bundle = (await client.get(f"/fhir/{kind}?_count=1000")).json()
+    return len([e for e in bundle["entry"] if e["search"]["mode"] == "match"])
+
+
+def _expressions(response) -> list[str]:
+    return [e for issue in response.json()["issue"] for e in issue.get("expression", [])]
+
+
+async def test_malformed_json_is_400(client):
+    for body in (b"{not json", b"", b"[1, 2]", b'"a string"'):
+        response = await client.post("/fhir/Patient", content=body,
+                                     headers={"Content-Type": "application/fhir+json"})
+        assert response.status_code == 400, body
+        assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_resource_type_mismatch_or_missing_is_400(client):
+    response = await client.post("/fhir/Observation", json=builders.patient())
+    assert response.status_code == 400
+    assert _expressions(response) == ["Observation.resourceType"]
+    body = builders.patient()
+    del body["resourceType"]
+    response = await client.post("/fhir/Patient", json=body)
+    assert response.status_code == 400
+    assert _expressions(response) == ["Patient.resourceType"]
+
+
+INVALID_PATIENTS = [
+    ({"gender": "__not_in_enum__"}, "Patient.gender"),
+    ({"birthDate": 0}, "Patient.birthDate"),
+    ({"birthDate": "5000-11-31"}, "Patient.birthDate"),
+    ({"birthDate": "1970-02-29"}, "Patient.birthDate"),
+    ({"birthDate": None}, "Patient.birthDate"),
+    ({"active": "true"}, "Patient.active"),
+    ({"active": None}, "Patient.active"),
+    ({"unknownElement": 1}, "Patient.unknownElement"),
+    ({"identifier": [{"system": "has space", "value": "1"}]}, "Patient.identifier[0].system"),
+    ({"identifier": [{"system": "", "value": "1"}]}, "Patient.identifier[0].system"),
+    ({"identifier": []}, "Patient.identifier"),
+    ({"identifier": [None]}, "Patient.identifier[0]"),
+    ({"name": [{}]}, "Patient.name[0]"),
+    ({"deceasedDateTime": "2025-03-10T09:00:00"}, "Patient.deceasedDateTime"),
+    ({"managingOrganization": {"reference": 5}}, "Patient.managingOrganization.reference"),
+]
+
+
+@pytest.mark.parametrize(("change", "expression"), INVALID_PATIENTS)
+async def test_invalid_patients_are_422_naming_the_element(client, change, expression):
+    response = await client.post("/fhir/Patient", json={**builders.patient(), **change})
+    assert response.status_code == 422, response.text
+    assert expression in _expressions(response)
+    assert await _count(client, "Patient") == 0
+
+
+async def test_invalid_observation_fields(client):
+    patient_id = await new_patient(client)
+    good = builders.platelet_count(patient_id, "2025-03-10T09:00:00Z", 40)
+    cases = [
+        ({"status": "done"}, "Observation.status"),
+        ({"effectiveDateTime": 20250310}, "Observation.effectiveDateTime"),
+        ({"valueQuantity": {**good["valueQuantity"], "value": "40"}},
+         "Observation.valueQuantity.value"),
+        ({"valueQuantity": {**good["valueQuantity"], "comparator": "~"}},
+         "Observation.valueQuantity.comparator"),
+    ]
+    for change, expression in cases:
+        response = await client.post("/fhir/Observation", json={**good, **change})
+        assert response.status_code == 422, (change, response.text)
+        assert expression in _expressions(response), (change, response.text)
+    assert await _count(client, "Observation") == 0
+
+
+async def test_subject_must_be_an_existing_patient(client):
+    missing = builders.platelet_count("does-not-exist", "2025-03-10", 40)
+    response = await client.post("/fhir/Observation", json=missing)
+    assert response.status_code == 422
+    assert _expressions(response) == ["Observation.subject"]
+    no_subject = builders.platelet_count("x", "2025-03-10", 40)
+    del no_subject["subject"]
+    assert (await client.post("/fhir/Observation", json=no_subject)).status_code == 422
+    group = {**missing, "subject": {"reference": "Group/1"}}
+    response = await client.post("/fhir/Observation", json=group)
+    assert response.status_code == 422
+    assert await _count(client, "Observation") == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [(15000, "/uL", 15.0), (95000, "/mm3", 95.0), (102, "10*3/uL", 102.0),
+     (110, "10*9/L", 110.0), (250000, "10*6/L", 250.0)],
+)
+async def test_platelet_units_are_normalised_beside_what_was_sent(
+    app, client, value, unit, expected
+):
+    patient_id = await new_patient(client)
+    created = (await create(client, builders.platelet_count(
+        patient_id, "2025-03-10T09:00:00Z", value, unit=unit))).json()
+    # What the lab sent is kept as sent.
+    assert created["valueQuantity"]["value"] == value
+    assert created["valueQuantity"]["code"] == unit
+    # The normalised value sits beside it, in the index column search and the engine read.
+    async with app.state.services.db.read() as conn:
+        stored = (await conn.execute(select(resource_table.c.value_norm).where(
+            resource_table.c.id == created["id"]))).scalar_one()
+    assert stored == pytest.approx(expected)
+
+
+async def test_lab_unit_strings_without_ucum_code_are_mapped(client):
+    patient_id = await new_patient(client)
+    body = builders.platelet_count(patient_id, "2025-03-10T09:00:00Z", 42)
+    body["valueQuantity"] = {"value": 42, "unit": "K/uL"}
+    assert (await client.post("/fhir/Observation", json=body)).status_code == 201
+
+
+async def test_unknown_platelet_unit_is_422_naming_it(client):
+    patient_id = await new_patient(client)
+    body = builders.platelet_count(patient_id, "2025-03-10T09:00:00Z", 42, unit="mg/dL")
+    response = await client.post("/fhir/Observation", json=body)
+    assert response.status_code == 422
+    assert "mg/dL" in response.json()["issue"][0]["diagnostics"]
+    assert _expressions(response) == ["Observation.valueQuantity.code"]
+    assert await _count(client, "Observation") == 0
+
+
+async def test_refused_update_leaves_the_resource_as_it_was(client):
+    patient_id = await new_patient(client)
+    created = (await create(client, builders.platelet_count(patient_id, "2025-03-10", 40))).json()
+    bad = {**created, "valueQuantity": {**created["valueQuantity"], "code": "furlongs"}}
+    response = await client.put(f"/fhir/Observation/{created['id']}", json=bad)
+    assert response.status_code == 422
+    current = await client.get(f"/fhir/Observation/{created['id']}")
+    assert current.json() == created
+    history = (await client.get(f"/fhir/Observation/{created['id']}/_history")).json()
+    assert len(history["entry"]) == 1
+
+
+async def test_unsupported_formats(client):
+    xml = await client.get("/fhir/metadata", headers={"Accept": "application/fhir+xml"})
+    assert xml.status_code == 406
+    assert xml.json()["resourceType"] == "OperationOutcome"
+    assert (await client.get("/fhir/metadata?_format=xml")).status_code == 406
+    assert (await client.get("/fhir/metadata?_format=json")).status_code == 200
+    wrong_type = await client.post("/fhir/Patient", content=b"<Patient/>",
+                                   headers={"Content-Type": "application/fhir+xml"})
+    assert wrong_type.status_code == 415
+
+
+async def test_unknown_routes_and_methods_are_outcomes(client):
+    unknown = await client.get("/fhir/Encounter/1")
+    assert unknown.status_code == 404
+    assert unknown.json()["resourceType"] == "OperationOutcome"
+    method = await client.patch("/fhir/metadata", json={})
+    assert method.status_code == 405
+    assert method.json()["resourceType"] == "OperationOutcome"
+    bad_id = await client.get("/fhir/Patient/" + "x" * 65)
+    assert bad_id.status_code == 400
+    assert bad_id.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_unexpected_error_is_500_outcome_without_traceback(client, monkeypatch, caplog):
+    from app.services import resources
+
+    async def explode(*_args, **_kwargs):
+        raise RuntimeError("secret internals: password=hunter2")
+
+    monkeypatch.setattr(resources, "read", explode)
+    response = await client.get("/fhir/Patient/abc", headers={"X-Request-Id": "req-123"})
+    assert response.status_code == 500
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert "req-123" in body["issue"][0]["diagnostics"]
+    assert "hunter2" not in response.text and "Traceback" not in response.text
+    assert "hunter2" in caplog.text  # the cause is in the log, for the operator
