@@ -1,0 +1,263 @@
+"""Inputs, settings and outputs of the response engine.
+
+Plain frozen dataclasses, standard library only, so the engine stays a pure function that a
+monitor can re-run years later on a stored timeline and the stored criteria.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Literal, get_args
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+BaselineRule = Literal["last-before-start", "mean-before-start"]
+ResponseDateAnchor = Literal["first", "confirming"]
+AdministrationRole = Literal["study-drug", "rescue", "concomitant"]
+ResponseLevel = Literal["R", "CR"]
+Status = Literal["NE", "NR", "R", "CR", "LOR"]
+BestResponse = Literal["CR", "R", "NR"]
+
+_NON_NEGATIVE = (
+    "r_threshold",
+    "cr_threshold",
+    "doubling_factor",
+    "confirm_days",
+    "loss_confirm_days",
+    "bleeding_min_grade",
+    "rescue_window_days",
+    "baseline_lookback_days",
+)
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """The settings of response-criteria.md, defaults as the spec states them."""
+
+    r_threshold: float = 30.0
+    cr_threshold: float = 100.0
+    doubling_factor: float = 2.0
+    confirm_days: int = 7
+    loss_confirm_days: int = 1
+    bleeding_min_grade: int = 1
+    rescue_window_days: int = 56
+    baseline_rule: BaselineRule = "last-before-start"
+    baseline_lookback_days: int = 14
+    response_date_anchor: ResponseDateAnchor = "first"
+    trial_timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would otherwise be silently misread (a typo in a rule name)."""
+        if self.baseline_rule not in get_args(BaselineRule):
+            raise ValueError(f"baseline_rule must be one of {get_args(BaselineRule)}")
+        if self.response_date_anchor not in get_args(ResponseDateAnchor):
+            raise ValueError(f"response_date_anchor must be one of {get_args(ResponseDateAnchor)}")
+        negative = [name for name in _NON_NEGATIVE if getattr(self, name) < 0]
+        if negative:
+            raise ValueError(f"criteria must not be negative: {', '.join(negative)}")
+        try:
+            ZoneInfo(self.trial_timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown trial_timezone {self.trial_timezone!r}") from exc
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The trial time zone, in which calendar days are counted."""
+        return ZoneInfo(self.trial_timezone)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready setting values, stored beside each result so it can be reproduced."""
+        return dataclasses.asdict(self)
+
+
+def _require_aware(kind: str, ident: str, time: datetime) -> None:
+    """Naive times would be read in the host's local zone: results would depend on the machine."""
+    if time.utcoffset() is None:
+        raise ValueError(f"{kind} {ident!r}: time must be timezone-aware")
+
+
+@dataclass(frozen=True)
+class PlateletCount:
+    """A platelet-count Observation; `value` already normalised to 10^9/L."""
+
+    id: str
+    time: datetime
+    value: float
+    status: str = "final"
+
+    def __post_init__(self) -> None:
+        _require_aware("PlateletCount", self.id, self.time)
+
+
+@dataclass(frozen=True)
+class BleedingAssessment:
+    """A WHO bleeding-grade Observation (grade 0-4)."""
+
+    id: str
+    time: datetime
+    grade: int
+    status: str = "final"
+
+    def __post_init__(self) -> None:
+        _require_aware("BleedingAssessment", self.id, self.time)
+
+
+@dataclass(frozen=True)
+class BleedingEvent:
+    """An AdverseEvent coded as bleeding; `status` is AdverseEvent.actuality."""
+
+    id: str
+    time: datetime
+    status: str = "actual"
+
+    def __post_init__(self) -> None:
+        _require_aware("BleedingEvent", self.id, self.time)
+
+
+@dataclass(frozen=True)
+class Administration:
+    """A MedicationAdministration with its trial role."""
+
+    id: str
+    time: datetime
+    role: AdministrationRole
+    status: str = "completed"
+
+    def __post_init__(self) -> None:
+        _require_aware("Administration", self.id, self.time)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Everything of one patient the engine reads, in any order."""
+
+    patient: str
+    counts: tuple[PlateletCount, ...] = ()
+    bleeding_assessments: tuple[BleedingAssessment, ...] = ()
+    bleeding_events: tuple[BleedingEvent, ...] = ()
+    administrations: tuple[Administration, ...] = ()
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The baseline: `observations` are all counts used (several under the mean rule).
+
+    `date` is the trial-zone date of the last count used.
+    """
+
+    value: float
+    observations: tuple[str, ...]
+    date: dt.date  # `dt.` because the field name shadows the type inside the class body
+
+    @property
+    def observation(self) -> str | None:
+        """The last count used, the single source under the default rule."""
+        return self.observations[-1] if self.observations else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "observation": self.observation,
+            "observations": list(self.observations),
+            "date": self.date.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class CrPeriod:
+    """A stretch of complete response inside an episode; `end` is the CR loss date."""
+
+    start: date
+    end: date | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"start": self.start.isoformat(), "end": _iso(self.end)}
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One response episode, from its response date to its loss of response (LOR).
+
+    `level` is the best level reached in the episode, as the spec asks. A CR lost while the
+    R rule still holds does not end the episode: it closes a `cr_periods` entry, and CR can be
+    regained later in the same episode, so every CR stretch is kept.
+    `duration_of_response_days` runs to `end`, or for an ongoing episode to the latest
+    evaluable count.
+    """
+
+    start: date
+    level: ResponseLevel
+    end: date | None
+    duration_of_response_days: int | None
+    cr_periods: tuple[CrPeriod, ...] = ()
+
+    @property
+    def cr_start(self) -> date | None:
+        """First day of complete response in this episode."""
+        return self.cr_periods[0].start if self.cr_periods else None
+
+    @property
+    def cr_end(self) -> date | None:
+        """Date the latest CR stretch was lost; None while CR holds or if never reached."""
+        return self.cr_periods[-1].end if self.cr_periods else None
+
+    @property
+    def in_complete_response(self) -> bool:
+        """Whether the episode's latest CR stretch is still open."""
+        return bool(self.cr_periods) and self.cr_periods[-1].end is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "start": self.start.isoformat(),
+            "level": self.level,
+            "end": _iso(self.end),
+            "duration_of_response_days": self.duration_of_response_days,
+            "cr_start": _iso(self.cr_start),
+            "cr_end": _iso(self.cr_end),
+            "cr_periods": [period.as_dict() for period in self.cr_periods],
+        }
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """The engine's result for one patient (see "Output per patient" in the spec)."""
+
+    patient: str
+    status: Status
+    status_reason: str | None
+    best_response: BestResponse | None
+    pending_confirmation: bool
+    baseline: Baseline | None
+    treatment_start: datetime | None
+    response_date: date | None
+    complete_response_date: date | None
+    time_to_response_days: int | None
+    time_to_complete_response_days: int | None
+    episodes: tuple[Episode, ...]
+    evidence: dict[str, list[str]] = field(default_factory=dict)
+    criteria: Criteria = field(default_factory=Criteria)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: dates and instants as ISO 8601 strings."""
+        return {
+            "patient": self.patient,
+            "status": self.status,
+            "status_reason": self.status_reason,
+            "best_response": self.best_response,
+            "pending_confirmation": self.pending_confirmation,
+            "baseline": self.baseline.as_dict() if self.baseline else None,
+            "treatment_start": _iso(self.treatment_start),
+            "response_date": _iso(self.response_date),
+            "complete_response_date": _iso(self.complete_response_date),
+            "time_to_response_days": self.time_to_response_days,
+            "time_to_complete_response_days": self.time_to_complete_response_days,
+            "episodes": [episode.as_dict() for episode in self.episodes],
+            "evidence": {name: list(ids) for name, ids in self.evidence.items()},
+            "criteria": self.criteria.as_dict(),
+        }
+
+
+def _iso(value: date | datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
