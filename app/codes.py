@@ -97,3 +97,16 @@ class CodeSystems:
 
     def is_site(self, system: str | None) -> bool:
         return system in (self.site, DEFAULT_CODE_SYSTEM_BASE + SITE_IDENTIFIER_SYSTEM_PATH)
+
+
+# Components of the server's response-status Observation (codes in trial-codes).
+BASELINE_COMPONENT: Final = "baseline-platelet-count"
+TIME_TO_RESPONSE_COMPONENT: Final = "time-to-response"
+BEST_RESPONSE_COMPONENT: Final = "best-response"
+RESPONSE_DISPLAY: Final[dict[str, str]] = {
+    "CR": "Complete response",
+    "R": "Response",
+    "NR": "No response",
+    "NE": "Not evaluable",
+    "LOR": "Loss of response",
+}

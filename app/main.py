@@ -17,12 +17,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.codes import CodeSystems
 from app.engine import Criteria
 from app.errors import Issue
-from app.fhir import outcome, routes, schemas
+from app.fhir import operations, outcome, routes, schemas
 from app.fhir.capability import capability_statement
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
 from app.services.context import ServiceContext
-from app.services.dates import format_instant
-from app.services.resources import utc_now
+from app.services.dates import format_instant, utc_now
 from app.settings import Settings, get_criteria_settings, get_settings
 from app.store.db import Database
 from app.store.migrations import current_revision, head_revision
@@ -97,6 +96,7 @@ def create_app(settings: Settings | None = None, criteria: Criteria | None = Non
     outcome.install(app)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(routes.router)
+    app.include_router(operations.router)
 
     @app.get(
         "/fhir/metadata",

@@ -70,7 +70,8 @@ async def test_observation_by_patient_code_and_date_prefixes(client):
     assert await search(date="ge2025-03-10T09:00:00Z") == sorted([ids[10], ids[17]])
     subject = (await client.get("/fhir/Observation",
                                 params={"subject": f"Patient/{patient_id}"})).json()
-    assert len(_ids(subject)) == 4  # three counts and the bleeding grade
+    # Three counts, the bleeding grade and the server's response-status Observation.
+    assert len(_ids(subject)) == 5
     loinc = (await client.get("/fhir/Observation", params={
         "patient": patient_id, "code": "http://loinc.org|777-3"})).json()
     assert len(_ids(loinc)) == 3
@@ -80,18 +81,19 @@ async def test_repeated_date_parameters_are_and_ed(client):
     patient_id = await new_patient(client)
     ids = await _counts(client, patient_id, [3, 10, 17])
     response = await client.get(
-        f"/fhir/Observation?patient={patient_id}&date=gt2025-03-04&date=lt2025-03-16")
+        f"/fhir/Observation?patient={patient_id}&code=777-3&date=gt2025-03-04&date=lt2025-03-16")
     assert _ids(response.json()) == [ids[10]]
 
 
 async def test_sort_by_date_both_ways(client):
     patient_id = await new_patient(client)
     ids = await _counts(client, patient_id, [17, 3, 10])
+    counts = {"patient": patient_id, "code": "777-3"}
     ascending = (await client.get("/fhir/Observation",
-                                  params={"patient": patient_id, "_sort": "date"})).json()
+                                  params={**counts, "_sort": "date"})).json()
     assert _ids(ascending) == [ids[3], ids[10], ids[17]]
     descending = (await client.get("/fhir/Observation",
-                                   params={"patient": patient_id, "_sort": "-date"})).json()
+                                   params={**counts, "_sort": "-date"})).json()
     assert _ids(descending) == [ids[17], ids[10], ids[3]]
 
 
@@ -99,7 +101,8 @@ async def test_sort_by_date_both_ways(client):
 async def test_paging_neither_skips_nor_repeats_while_data_arrives(client, sort):
     patient_id = await new_patient(client)
     before = await _counts(client, patient_id, list(range(1, 11)))
-    params = {"patient": patient_id, "_count": "3", **({"_sort": sort} if sort else {})}
+    params = {"patient": patient_id, "code": "777-3", "_count": "3",
+              **({"_sort": sort} if sort else {})}
     page = (await client.get("/fhir/Observation", params=params)).json()
     seen = _ids(page)
     added = []
@@ -120,9 +123,10 @@ async def test_paging_neither_skips_nor_repeats_while_data_arrives(client, sort)
 async def test_self_and_next_links_and_count(client):
     patient_id = await new_patient(client)
     await _counts(client, patient_id, [1, 2, 3])
-    bundle = (await client.get(f"/fhir/Observation?patient={patient_id}&_count=2")).json()
+    query = f"patient={patient_id}&code=777-3&_count=2"
+    bundle = (await client.get(f"/fhir/Observation?{query}")).json()
     relations = {link["relation"]: link["url"] for link in bundle["link"]}
-    assert relations["self"].endswith(f"/fhir/Observation?patient={patient_id}&_count=2")
+    assert relations["self"].endswith(f"/fhir/Observation?{query}")
     assert "_cursor=" in relations["next"]
     assert len(_ids(bundle)) == 2
     last = (await client.get(_next(bundle))).json()
@@ -149,7 +153,8 @@ async def test_deleted_resources_are_not_found_by_search(client):
     patient_id = await new_patient(client)
     ids = await _counts(client, patient_id, [1, 2])
     await client.delete(f"/fhir/Observation/{ids[1]}")
-    bundle = (await client.get("/fhir/Observation", params={"patient": patient_id})).json()
+    bundle = (await client.get("/fhir/Observation",
+                               params={"patient": patient_id, "code": "777-3"})).json()
     assert _ids(bundle) == [ids[2]]
 
 

@@ -10,8 +10,8 @@ import orjson
 
 from app.errors import Issue
 from app.fhir.outcome import operation_outcome
-from app.services.dates import format_instant
-from app.services.resources import Stored, utc_now
+from app.services.dates import format_instant, utc_now
+from app.services.resources import Stored
 from app.store.repository import Version
 
 

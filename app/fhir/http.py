@@ -91,8 +91,9 @@ def version_headers(version_id: int, last_updated: datetime) -> dict[str, str]:
 
 
 def pretty(request: Request, content: bytes | str, headers: Mapping[str, str] | None = None,
-           status_code: int = 200) -> FhirResponse:
+           status_code: int = 200, media_type: str = FHIR_JSON) -> FhirResponse:
     """A response that honours `_pretty=true` (indentation costs a parse, so only on demand)."""
     if request.query_params.get("_pretty") == "true":
         content = orjson.dumps(orjson.loads(content), option=orjson.OPT_INDENT_2)
-    return FhirResponse(content, status_code=status_code, headers=dict(headers or {}))
+    return FhirResponse(content, status_code=status_code, headers=dict(headers or {}),
+                        media_type=media_type)

@@ -61,6 +61,11 @@ def parse_instant(value: str) -> datetime | None:
     return bounds[0].replace(tzinfo=UTC) if bounds else None
 
 
+def utc_now() -> datetime:
+    """Now, as the database columns store it (naive UTC)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
 def to_naive_utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         return moment

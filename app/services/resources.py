@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -25,14 +25,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     Gone,
     NotFound,
     PreconditionFailed,
     Unprocessable,
 )
+from app.services import response
 from app.services.context import ServiceContext
-from app.services.dates import format_instant
-from app.services.indexing import index_values
+from app.services.dates import format_instant, utc_now
+from app.services.indexing import KIND_RESPONSE_STATUS, index_values
 from app.services.validation import parse_json, validate
 from app.store import repository as repo
 from app.store.criteria import Criteria
@@ -57,10 +59,6 @@ class Stored:
 class WriteResult:
     stored: Stored
     created: bool  # True: 201 Created; False: 200 (update, or conditional create matched)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def new_id() -> str:
@@ -108,6 +106,8 @@ async def _accept(ctx: ServiceContext, conn: AsyncConnection, resource_type: str
                 "which does not exist",
                 expression=[f"{resource_type}.subject"],
             )
+    if values.kind == KIND_RESPONSE_STATUS:
+        raise _server_owned()
     return repo.IndexRow(values.patient_id, values.effective_start, values.effective_end,
                          values.value_norm, values.kind, values.status, values.tokens)
 
@@ -139,6 +139,7 @@ async def create(
         now = utc_now()
         content = _render(raw, resource_type, resource_id, 1, now)
         await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+        await _recompute(ctx, conn, {index.patient_id}, now)
     return WriteResult(Stored(resource_type, resource_id, 1, now, content), created=True)
 
 
@@ -158,15 +159,20 @@ async def update(
         current = await _lock_current(conn, resource_type, resource_id)
         if expected is not None and (current is None or current.version_id != expected):
             raise _stale(expected, current)
+        if current is not None and current.kind == KIND_RESPONSE_STATUS:
+            raise _server_owned()
         index = await _accept(ctx, conn, resource_type, resource_id, raw)
         now = utc_now()
         if current is None:
             content = _render(raw, resource_type, resource_id, 1, now)
             await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+            await _recompute(ctx, conn, {index.patient_id}, now)
             return WriteResult(Stored(resource_type, resource_id, 1, now, content), created=True)
         version = current.version_id + 1
         content = _render(raw, resource_type, resource_id, version, now)
         await repo.update_resource(conn, current, version, content, index, now, "update")
+        # A record moved to another patient changes both patients' responses.
+        await _recompute(ctx, conn, {index.patient_id, current.patient_id}, now)
     return WriteResult(Stored(resource_type, resource_id, version, now, content),
                        created=current.deleted)
 
@@ -182,6 +188,8 @@ async def delete(
             raise NotFound(f"{resource_type}/{resource_id} does not exist")
         if expected is not None and current.version_id != expected:
             raise _stale(expected, current)
+        if current.kind == KIND_RESPONSE_STATUS:
+            raise _server_owned()
         if current.deleted:
             return None
         if resource_type == "Patient" and await repo.has_live_references(conn, resource_id):
@@ -191,6 +199,10 @@ async def delete(
         now = utc_now()
         version = current.version_id + 1
         await repo.update_resource(conn, current, version, None, None, now, "delete")
+        if resource_type == "Patient":
+            await response.forget(conn, resource_id, now)
+        else:
+            await _recompute(ctx, conn, {current.patient_id}, now)
     return Stored(resource_type, resource_id, version, now, None)
 
 
@@ -201,6 +213,23 @@ async def _lock_current(conn: AsyncConnection, resource_type: str,
         # Patient first, then the record: the same lock order as a create, so no deadlock.
         await repo.get_current(conn, "Patient", current.patient_id, for_update=True)
     return await repo.get_current(conn, resource_type, resource_id, for_update=True)
+
+
+async def _recompute(ctx: ServiceContext, conn: AsyncConnection,
+                     patient_ids: set[str | None], now: datetime) -> None:
+    """Recompute in the write's own transaction: data and status commit together.
+
+    The Patient rows are already locked by `_accept` / `_lock_current`.
+    """
+    for patient_id in sorted(p for p in patient_ids if p is not None):
+        await response.recompute(ctx, conn, patient_id, now)
+
+
+def _server_owned() -> Forbidden:
+    return Forbidden(
+        "The ITP response-status Observation is written by the server only; it is "
+        "recomputed from the patient's data after every change"
+    )
 
 
 def _stale(expected: int, current: repo.Current | None) -> PreconditionFailed:

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.criteria import Criteria, DateMatch, TokenMatch
+from app.store.tables import assessment_table as A
 from app.store.tables import resource_table as R
 from app.store.tables import token_table as T
 from app.store.tables import version_table as V
@@ -46,6 +47,7 @@ class Current:
     deleted: bool
     content: str | None
     patient_id: str | None
+    kind: str | None
 
 
 @dataclass
@@ -81,7 +83,7 @@ class IndexRow:
 
 _CURRENT_COLUMNS = (
     R.c.pk, R.c.resource_type, R.c.id, R.c.version_id, R.c.last_updated, R.c.deleted,
-    R.c.content, R.c.patient_id,
+    R.c.content, R.c.patient_id, R.c.kind,
 )
 
 
@@ -245,14 +247,90 @@ async def history(
 
 
 async def has_live_references(conn: AsyncConnection, patient_id: str) -> bool:
+    """Whether records other than the server's own response status point at the patient."""
     query = select(
         exists().where(
-            R.c.patient_id == patient_id,
             R.c.resource_type != "Patient",
+            R.c.patient_id == patient_id,
             not_(R.c.deleted),
+            or_(R.c.kind.is_(None), R.c.kind != "response-status"),
         )
     )
     return bool((await conn.execute(query)).scalar())
+
+
+@dataclass
+class Fact:
+    """One record as the response engine reads it, from index columns only."""
+
+    resource_type: str
+    id: str
+    kind: str
+    status: str | None
+    time: datetime | None
+    value: float | None
+
+
+async def patient_facts(conn: AsyncConnection, patient_id: str, kinds: Sequence[str]) -> list[Fact]:
+    """The patient's live records the engine reads: one indexed query, the patient's
+    history only, whatever the size of the trial."""
+    rows = await conn.execute(
+        select(R.c.resource_type, R.c.id, R.c.kind, R.c.status, R.c.effective_start,
+               R.c.value_norm).where(
+            R.c.resource_type.in_(("Observation", "MedicationAdministration", "AdverseEvent")),
+            R.c.patient_id == patient_id,
+            R.c.kind.in_(kinds),
+            not_(R.c.deleted),
+        )
+    )
+    return [Fact(*row) for row in rows]
+
+
+@dataclass
+class AssessmentRow:
+    patient_id: str
+    status: str
+    best_response: str | None
+    fingerprint: str
+    computed_at: datetime
+    observation_id: str
+    content: str
+
+
+async def get_assessment(conn: AsyncConnection, patient_id: str) -> AssessmentRow | None:
+    row = (await conn.execute(select(A).where(A.c.patient_id == patient_id))).first()
+    return AssessmentRow(**row._mapping) if row else None
+
+
+async def save_assessment(conn: AsyncConnection, row: AssessmentRow, *, exists_: bool) -> None:
+    values = row.__dict__
+    if exists_:
+        await conn.execute(update(A).where(A.c.patient_id == row.patient_id).values(**values))
+    else:
+        await conn.execute(insert(A).values(**values))
+
+
+async def delete_assessment(conn: AsyncConnection, patient_id: str) -> None:
+    await conn.execute(delete(A).where(A.c.patient_id == patient_id))
+
+
+async def assessment_counts(conn: AsyncConnection) -> list[tuple[str, str | None, int]]:
+    """(status, best response, patients) over the live patients."""
+    live = exists().where(R.c.resource_type == "Patient", R.c.id == A.c.patient_id,
+                          not_(R.c.deleted))
+    rows = await conn.execute(
+        select(A.c.status, A.c.best_response, func.count())
+        .where(live)
+        .group_by(A.c.status, A.c.best_response)
+    )
+    return [(status, best, int(n)) for status, best, n in rows]
+
+
+async def all_patient_ids(conn: AsyncConnection) -> list[str]:
+    rows = await conn.execute(
+        select(R.c.id).where(R.c.resource_type == "Patient", not_(R.c.deleted)).order_by(R.c.pk)
+    )
+    return [row[0] for row in rows]
 
 
 # --- search -----------------------------------------------------------------------------

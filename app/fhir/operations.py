@@ -1,0 +1,44 @@
+"""The trial's own operations: a patient's response status and the trial's summary."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from app.fhir import schemas
+from app.fhir.http import FHIR_JSON, negotiate, pretty
+from app.fhir.response_schemas import ResponseAssessment, ResponseSummary
+from app.fhir.routes import IdPath, ServicesDep
+from app.services import response
+
+router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["Response"])
+
+_OUTCOME = {"model": schemas.OperationOutcome, "content": {FHIR_JSON: {}}}
+
+
+@router.get(
+    "/Patient/{resource_id}/$response-status",
+    operation_id="getResponseStatus",
+    summary="The patient's current ITP response assessment, with its evidence and criteria",
+    response_class=JSONResponse,
+    responses={
+        200: {"model": ResponseAssessment, "description": "The stored assessment"},
+        404: {**_OUTCOME, "description": "No such patient"},
+        410: {**_OUTCOME, "description": "The patient was deleted"},
+    },
+)
+async def response_status(request: Request, ctx: ServicesDep, resource_id: IdPath) -> Response:
+    text = await response.response_status(ctx, resource_id)
+    return pretty(request, text, media_type="application/json")
+
+
+@router.get(
+    "/$response-summary",
+    operation_id="getResponseSummary",
+    summary="Patients by current status and best response; overall response rate",
+    response_class=JSONResponse,
+    responses={200: {"model": ResponseSummary, "description": "The trial's summary"}},
+)
+async def response_summary(request: Request, ctx: ServicesDep) -> Response:
+    summary = await response.response_summary(ctx)
+    return JSONResponse(summary)

@@ -1,0 +1,94 @@
+"""Typed documentation of the response operations' JSON (not FHIR resources: plain JSON, so
+nulls are meaningful here: "no response date yet")."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ResponseCode = Literal["NE", "NR", "R", "CR", "LOR"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ResponseBaseline(_Model):
+    value: float = Field(description="Baseline platelet count, 10^9/L")
+    observation: str | None = Field(description="Id of the (last) count used")
+    observations: list[str] = Field(description="Ids of every count used (mean rule: several)")
+    date: str = Field(description="Calendar date of the baseline, trial time zone")
+
+
+class CrPeriod(_Model):
+    start: str
+    end: str | None
+
+
+class ResponseEpisode(_Model):
+    start: str = Field(description="Response date of the episode")
+    level: Literal["R", "CR"] = Field(description="Best level reached in the episode")
+    end: str | None = Field(description="Loss-of-response date; null while ongoing")
+    duration_of_response_days: int | None
+    cr_start: str | None
+    cr_end: str | None
+    cr_periods: list[CrPeriod]
+
+
+class ResponseCriteria(_Model):
+    r_threshold: float
+    cr_threshold: float
+    doubling_factor: float
+    confirm_days: int
+    loss_confirm_days: int
+    bleeding_min_grade: int
+    rescue_window_days: int
+    baseline_rule: Literal["last-before-start", "mean-before-start"]
+    baseline_lookback_days: int
+    response_date_anchor: Literal["first", "confirming"]
+    trial_timezone: str
+
+
+class ResponseAssessment(_Model):
+    patient: str
+    status: ResponseCode
+    status_reason: str | None = Field(description="Why the patient is not evaluable (NE)")
+    best_response: Literal["CR", "R", "NR"] | None
+    pending_confirmation: bool
+    baseline: ResponseBaseline | None
+    treatment_start: str | None
+    response_date: str | None
+    complete_response_date: str | None
+    time_to_response_days: int | None
+    time_to_complete_response_days: int | None
+    episodes: list[ResponseEpisode]
+    evidence: dict[str, list[str]] = Field(description="Observation ids each decision rests on")
+    criteria: ResponseCriteria
+    computed_at: str
+    observation: str = Field(description="The response-status Observation (its _history is "
+                                         "the patient's response history)")
+
+
+class StatusCounts(_Model):
+    CR: int
+    R: int
+    NR: int
+    LOR: int
+    NE: int
+
+
+class BestResponseCounts(_Model):
+    CR: int
+    R: int
+    NR: int
+
+
+class ResponseSummary(_Model):
+    patients: int
+    evaluable: int = Field(description="Patients whose status is not NE")
+    by_status: StatusCounts
+    by_best_response: BestResponseCounts
+    responders: int = Field(description="Evaluable patients whose best response is CR or R")
+    overall_response_rate: float | None = Field(description="responders / evaluable")
+    criteria: ResponseCriteria

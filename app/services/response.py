@@ -1,0 +1,230 @@
+"""Recompute a patient's ITP response inside the transaction that changed the patient's data.
+
+The engine (`app.engine`) is pure; this module feeds it the patient's timeline from index
+columns (one indexed query, never JSON parsing, never other patients) and stores what it
+says twice: the assessment row `$response-status` serves, and the server-owned
+response-status Observation, which gets a new version only when the assessment changes, so
+its `_history` is the patient's response history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app import codes
+from app.engine import (
+    Administration,
+    Assessment,
+    BleedingAssessment,
+    BleedingEvent,
+    PlateletCount,
+    Timeline,
+    assess,
+)
+from app.errors import Gone, NotFound
+from app.services.context import ServiceContext
+from app.services.dates import format_instant, utc_now
+from app.services.indexing import (
+    KIND_BLEEDING_EVENT,
+    KIND_BLEEDING_GRADE,
+    KIND_PLATELET,
+    KIND_RESPONSE_STATUS,
+)
+from app.store import repository as repo
+
+ENGINE_KINDS = (KIND_PLATELET, KIND_BLEEDING_GRADE, KIND_BLEEDING_EVENT, *codes.MEDICATION_ROLES)
+# Response-status Observation ids derive from the patient id: one per patient, found without
+# a search, and never clashing with a client's id space (UUIDs in a namespace of our own).
+_RESPONSE_NAMESPACE = uuid.UUID("2f1d7c4e-6a53-4d59-9a0e-5b0c1f7e3a11")
+
+
+def response_observation_id(patient_id: str) -> str:
+    return str(uuid.uuid5(_RESPONSE_NAMESPACE, patient_id))
+
+
+def timeline(patient_id: str, facts: list[repo.Fact]) -> Timeline:
+    counts, grades, events, administrations = [], [], [], []
+    for fact in facts:
+        if fact.time is None:
+            continue  # a record without a clinical time cannot be placed on the timeline
+        time = fact.time.replace(tzinfo=UTC)
+        status = fact.status or "unknown"
+        if fact.kind == KIND_PLATELET:
+            if fact.value is not None:
+                counts.append(PlateletCount(fact.id, time, fact.value, status))
+        elif fact.kind == KIND_BLEEDING_GRADE:
+            if fact.value is not None:
+                grades.append(BleedingAssessment(fact.id, time, int(fact.value), status))
+        elif fact.kind == KIND_BLEEDING_EVENT:
+            events.append(BleedingEvent(fact.id, time, status))
+        else:
+            administrations.append(Administration(fact.id, time, fact.kind, status))  # type: ignore[arg-type]
+    return Timeline(patient_id, tuple(counts), tuple(grades), tuple(events),
+                    tuple(administrations))
+
+
+def _fingerprint(document: dict[str, Any]) -> str:
+    return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+async def recompute(ctx: ServiceContext, conn: AsyncConnection, patient_id: str,
+                    now: datetime) -> bool:
+    """Assess the patient and store the result if it changed; True when it did.
+
+    Call it inside the write transaction that changed the patient's data, after locking the
+    Patient row: the result commits with the data or not at all.
+    """
+    facts = await repo.patient_facts(conn, patient_id, ENGINE_KINDS)
+    assessment = assess(timeline(patient_id, facts), ctx.criteria)
+    document = assessment.as_dict()
+    fingerprint = _fingerprint(document)
+    existing = await repo.get_assessment(conn, patient_id)
+    if existing is not None and existing.fingerprint == fingerprint:
+        return False
+    observation_id = response_observation_id(patient_id)
+    await _write_observation(ctx, conn, observation_id, assessment, now)
+    document = {**document, "computed_at": format_instant(now),
+                "observation": f"Observation/{observation_id}"}
+    await repo.save_assessment(
+        conn,
+        repo.AssessmentRow(patient_id, assessment.status, assessment.best_response,
+                           fingerprint, now, observation_id, orjson.dumps(document).decode()),
+        exists_=existing is not None,
+    )
+    return True
+
+
+async def forget(conn: AsyncConnection, patient_id: str, now: datetime) -> None:
+    """A deleted Patient takes its response status with it (the history stays readable)."""
+    current = await repo.get_current(conn, "Observation", response_observation_id(patient_id))
+    if current is not None and not current.deleted:
+        await repo.update_resource(conn, current, current.version_id + 1, None, None, now,
+                                   "delete")
+    await repo.delete_assessment(conn, patient_id)
+
+
+async def _write_observation(ctx: ServiceContext, conn: AsyncConnection, observation_id: str,
+                             assessment: Assessment, now: datetime) -> None:
+    current = await repo.get_current(conn, "Observation", observation_id)
+    version = 1 if current is None else current.version_id + 1
+    content = orjson.dumps(_observation(ctx, observation_id, version, assessment, now)).decode()
+    index = repo.IndexRow(
+        patient_id=assessment.patient, effective_start=now, effective_end=now, value_norm=None,
+        kind=KIND_RESPONSE_STATUS, status="final" if version == 1 else "amended",
+        tokens=[("code", ctx.codes.trial_codes, codes.ITP_RESPONSE_STATUS)],
+    )
+    if current is None:
+        await repo.insert_resource(conn, "Observation", observation_id, content, index, now)
+    else:
+        await repo.update_resource(conn, current, version, content, index, now, "update")
+
+
+def _concept(system: str, code: str, display: str | None = None) -> dict[str, Any]:
+    coding = {"system": system, "code": code}
+    if display:
+        coding["display"] = display
+    return {"coding": [coding]}
+
+
+def _observation(ctx: ServiceContext, observation_id: str, version: int,
+                 assessment: Assessment, now: datetime) -> dict[str, Any]:
+    trial, response = ctx.codes.trial_codes, ctx.codes.itp_response
+    components: list[dict[str, Any]] = []
+    if assessment.baseline is not None:
+        components.append({
+            "code": _concept(trial, codes.BASELINE_COMPONENT, "Baseline platelet count"),
+            "valueQuantity": {"value": assessment.baseline.value, "unit": "10*9/L",
+                              "system": codes.UCUM, "code": "10*9/L"},
+        })
+    if assessment.time_to_response_days is not None:
+        components.append({
+            "code": _concept(trial, codes.TIME_TO_RESPONSE_COMPONENT, "Time to response"),
+            "valueQuantity": {"value": assessment.time_to_response_days, "unit": "d",
+                              "system": codes.UCUM, "code": "d"},
+        })
+    if assessment.best_response is not None:
+        components.append({
+            "code": _concept(trial, codes.BEST_RESPONSE_COMPONENT, "Best response"),
+            "valueCodeableConcept": _concept(response, assessment.best_response,
+                                             codes.RESPONSE_DISPLAY[assessment.best_response]),
+        })
+    evidence = sorted({i for ids in assessment.evidence.values() for i in ids})
+    document: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": observation_id,
+        "meta": {"versionId": str(version), "lastUpdated": format_instant(now)},
+        "status": "final" if version == 1 else "amended",
+        "code": _concept(trial, codes.ITP_RESPONSE_STATUS, "ITP treatment response status"),
+        "subject": {"reference": f"Patient/{assessment.patient}"},
+        "effectiveDateTime": format_instant(now),
+        "issued": format_instant(now),
+        "valueCodeableConcept": _concept(response, assessment.status,
+                                         codes.RESPONSE_DISPLAY[assessment.status]),
+    }
+    if assessment.status_reason:
+        document["note"] = [{"text": assessment.status_reason}]
+    if evidence:
+        document["derivedFrom"] = [{"reference": f"Observation/{i}"} for i in evidence]
+    if components:
+        document["component"] = components
+    return document
+
+
+async def response_status(ctx: ServiceContext, patient_id: str) -> str:
+    """The stored assessment of a patient, as JSON text."""
+    async with ctx.db.read() as conn:
+        patient = await repo.get_current(conn, "Patient", patient_id)
+        if patient is None:
+            raise NotFound(f"Patient/{patient_id} does not exist")
+        if patient.deleted:
+            raise Gone(f"Patient/{patient_id} was deleted")
+        row = await repo.get_assessment(conn, patient_id)
+    if row is None:  # written with the Patient; only a database edited by hand lacks it
+        raise NotFound(f"Patient/{patient_id} has no assessment; run `python -m app recompute`")
+    return row.content
+
+
+async def response_summary(ctx: ServiceContext) -> dict[str, Any]:
+    async with ctx.db.read() as conn:
+        rows = await repo.assessment_counts(conn)
+    by_status = {code: 0 for code in ("CR", "R", "NR", "LOR", "NE")}
+    by_best = {code: 0 for code in ("CR", "R", "NR")}
+    for status, best, count in rows:
+        by_status[status] += count
+        if best is not None:
+            by_best[best] += count
+    patients = sum(by_status.values())
+    evaluable = patients - by_status["NE"]
+    responders = by_best["CR"] + by_best["R"]
+    return {
+        "patients": patients,
+        "evaluable": evaluable,
+        "by_status": by_status,
+        "by_best_response": by_best,
+        "responders": responders,
+        "overall_response_rate": round(responders / evaluable, 4) if evaluable else None,
+        "criteria": ctx.criteria.as_dict(),
+    }
+
+
+async def recompute_all(ctx: ServiceContext, progress: Any = None) -> tuple[int, int]:
+    """Re-evaluate every patient under the current criteria, one transaction each.
+
+    Returns (patients, changed). Unchanged assessments write nothing."""
+    async with ctx.db.read() as conn:
+        patient_ids = await repo.all_patient_ids(conn)
+    changed = 0
+    for done, patient_id in enumerate(patient_ids, start=1):
+        async with ctx.db.write() as conn:
+            patient = await repo.get_current(conn, "Patient", patient_id, for_update=True)
+            if patient is not None and not patient.deleted:
+                changed += await recompute(ctx, conn, patient_id, utc_now())
+        if progress is not None:
+            progress(done, len(patient_ids), changed)
+    return len(patient_ids), changed
