@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -37,13 +38,71 @@ def _openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _with_services(work: Any) -> Any:
+    from app.codes import CodeSystems
+    from app.services.context import ServiceContext
+    from app.settings import get_criteria_settings, get_settings
+    from app.store.db import Database
+
+    settings = get_settings()
+    db = Database.from_url(settings.database_url)
+    try:
+        ctx = ServiceContext(
+            db, get_criteria_settings().to_criteria(), CodeSystems(settings.code_system_base)
+        )
+        return await work(ctx)
+    finally:
+        await db.dispose()
+
+
+def _recompute(_args: argparse.Namespace) -> int:
+    from app.services.response import recompute_all
+
+    def progress(done: int, total: int, changed: int) -> None:
+        print(f"\r{done}/{total} patients, {changed} changed", end="", file=sys.stderr)
+
+    total, changed = asyncio.run(_with_services(lambda ctx: recompute_all(ctx, progress)))
+    print(
+        f"\nre-evaluated {total} patients under the current criteria; {changed} changed "
+        "(new response-status versions written only for those)"
+    )
+    return 0
+
+
+def _demo(_args: argparse.Namespace) -> int:
+    from app.services import demo
+    from app.services.response import response_summary
+
+    async def load(ctx: Any) -> dict[str, Any]:
+        await demo.load(ctx, progress=lambda line: print(line, file=sys.stderr))
+        summary: dict[str, Any] = await response_summary(ctx)
+        return summary
+
+    try:
+        summary = asyncio.run(_with_services(load))
+    except demo.DemoAlreadyLoaded as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if k != "criteria"}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     openapi = commands.add_parser("openapi", help="write openapi/openapi.json from the app")
-    openapi.add_argument("--check", action="store_true",
-                         help="exit 1 if the file differs from what the app generates")
+    openapi.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if the file differs from what the app generates",
+    )
     openapi.set_defaults(handler=_openapi)
+    commands.add_parser(
+        "recompute", help="re-evaluate every patient under the current ITP_* criteria"
+    ).set_defaults(handler=_recompute)
+    commands.add_parser(
+        "demo", help="load a synthetic 20-patient trial (needs migrated DATABASE_URL)"
+    ).set_defaults(handler=_demo)
     args = parser.parse_args(argv)
     result: int = args.handler(args)
     return result

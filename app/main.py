@@ -71,8 +71,9 @@ def create_app(settings: Settings | None = None, criteria: Criteria | None = Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database.from_url(settings.database_url, settings.db_pool_size,
-                               settings.db_max_overflow)
+        db = Database.from_url(
+            settings.database_url, settings.db_pool_size, settings.db_max_overflow
+        )
         app.state.services = ServiceContext(db, criteria, CodeSystems(settings.code_system_base))
         app.state.head_revision = head_revision()
         try:
@@ -104,17 +105,28 @@ def create_app(settings: Settings | None = None, criteria: Criteria | None = Non
         summary="The CapabilityStatement: exactly what this server implements",
         tags=["Server"],
         response_class=FhirResponse,
-        responses={200: {"model": schemas.CapabilityStatement, "content": {FHIR_JSON: {}},
-                         "description": "CapabilityStatement"}},
+        responses={
+            200: {
+                "model": schemas.CapabilityStatement,
+                "content": {FHIR_JSON: {}},
+                "description": "CapabilityStatement",
+            }
+        },
     )
     async def metadata(request: Request) -> FhirResponse:
         negotiate(request)
-        statement = capability_statement(routes.fhir_base(request), SOFTWARE_VERSION,
-                                         format_instant(utc_now()))
+        statement = capability_statement(
+            routes.fhir_base(request), SOFTWARE_VERSION, format_instant(utc_now())
+        )
         return pretty(request, orjson.dumps(statement))
 
-    @app.get("/healthz", operation_id="healthz", summary="The process is up", tags=["Health"],
-             response_class=JSONResponse)
+    @app.get(
+        "/healthz",
+        operation_id="healthz",
+        summary="The process is up",
+        tags=["Health"],
+        response_class=JSONResponse,
+    )
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -133,12 +145,21 @@ def create_app(settings: Settings | None = None, criteria: Criteria | None = Non
             current = await current_revision(db)
         except Exception:  # any failure means "not ready"; the cause goes to the log only
             log.exception("readiness check failed")
-            return outcome.outcome_response(503, [Issue(
-                "transient", "The database is unreachable or has no migrations applied")])
+            return outcome.outcome_response(
+                503,
+                [Issue("transient", "The database is unreachable or has no migrations applied")],
+            )
         if current != head:
-            return outcome.outcome_response(503, [Issue(
-                "transient", f"The database schema is at {current}, the code expects {head}; "
-                "run `alembic upgrade head`")])
+            return outcome.outcome_response(
+                503,
+                [
+                    Issue(
+                        "transient",
+                        f"The database schema is at {current}, the code expects {head}; "
+                        "run `alembic upgrade head`",
+                    )
+                ],
+            )
         return {"status": "ready", "database": db.dialect, "revision": current}
 
     return app

@@ -37,8 +37,9 @@ def _configure(connection: Connection | None = None, **kwargs: object) -> None:
 
 
 def run_offline() -> None:
-    _configure(url=async_url(_database_url()).render_as_string(hide_password=False),
-               literal_binds=True)
+    _configure(
+        url=async_url(_database_url()).render_as_string(hide_password=False), literal_binds=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 

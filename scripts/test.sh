@@ -3,4 +3,5 @@
 # Extra arguments go to pytest.
 EXTRAS="test" . "$(dirname "$0")/_venv.sh"
 ruff check app tests migrations
+ruff format --check --quiet app tests migrations
 exec python -m pytest "$@"

@@ -35,11 +35,25 @@ def platelet_count(
     return {
         "resourceType": "Observation",
         "status": status,
-        "category": [{"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-            "code": "laboratory"}]}],
-        "code": {"coding": [{"system": "http://loinc.org", "code": code,
-                             "display": "Platelets [#/volume] in Blood by Automated count"}]},
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "laboratory",
+                    }
+                ]
+            }
+        ],
+        "code": {
+            "coding": [
+                {
+                    "system": "http://loinc.org",
+                    "code": code,
+                    "display": "Platelets [#/volume] in Blood by Automated count",
+                }
+            ]
+        },
         "subject": {"reference": f"Patient/{patient_id}"},
         "effectiveDateTime": when,
         "valueQuantity": {"value": value, "unit": unit, "system": UCUM, "code": unit},
@@ -59,7 +73,10 @@ def bleeding_grade(patient_id: str, when: str, grade: int) -> dict[str, Any]:
 
 
 def administration(
-    patient_id: str, when: str, role: str = "study-drug", drug: str = "NAD+ (Coenzyme I) IV",
+    patient_id: str,
+    when: str,
+    role: str = "study-drug",
+    drug: str = "NAD+ (Coenzyme I) IV",
     status: str = "completed",
 ) -> dict[str, Any]:
     return {
@@ -72,22 +89,36 @@ def administration(
     }
 
 
-def adverse_event(patient_id: str, when: str, *, bleeding: bool = False,
-                  grade: int = 2) -> dict[str, Any]:
-    event = ({"coding": [{"system": "http://snomed.info/sct", "code": "131148009",
-                          "display": "Bleeding"}]} if bleeding
-             else {"text": "Headache"})
+def adverse_event(
+    patient_id: str, when: str, *, bleeding: bool = False, grade: int = 2
+) -> dict[str, Any]:
+    event = (
+        {
+            "coding": [
+                {"system": "http://snomed.info/sct", "code": "131148009", "display": "Bleeding"}
+            ]
+        }
+        if bleeding
+        else {"text": "Headache"}
+    )
     return {
         "resourceType": "AdverseEvent",
         "actuality": "actual",
         "event": event,
         "subject": {"reference": f"Patient/{patient_id}"},
         "date": when,
-        "seriousness": {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/adverse-event-seriousness",
-            "code": "non-serious"}]},
-        "extension": [{
-            "url": "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/ae-grade",
-            "valueInteger": grade,
-        }],
+        "seriousness": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/adverse-event-seriousness",
+                    "code": "non-serious",
+                }
+            ]
+        },
+        "extension": [
+            {
+                "url": "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/ae-grade",
+                "valueInteger": grade,
+            }
+        ],
     }

@@ -90,7 +90,10 @@ def postgres_url() -> Iterator[str]:
 async def _admin(statement: str) -> None:
     url = make_url(POSTGRES_ADMIN_URL)
     conn = await asyncpg.connect(
-        host=url.host, port=url.port or 5432, user=url.username, password=url.password,
+        host=url.host,
+        port=url.port or 5432,
+        user=url.username,
+        password=url.password,
         database=url.database,
     )
     try:
@@ -101,8 +104,9 @@ async def _admin(statement: str) -> None:
 
 async def _truncate(url: str) -> None:
     parsed = make_url(url)
-    conn = await asyncpg.connect(host=parsed.host, port=parsed.port or 5432,
-                                 user=parsed.username, database=parsed.database)
+    conn = await asyncpg.connect(
+        host=parsed.host, port=parsed.port or 5432, user=parsed.username, database=parsed.database
+    )
     try:
         tables = await conn.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
@@ -159,8 +163,18 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
     log_path = tmp_path / "uvicorn.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-             "--port", str(port), "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
             cwd=PROJECT_ROOT,
             env={**os.environ, "DATABASE_URL": database_url, "APP_ENVIRONMENT": "test"},
             stdout=log,

@@ -13,11 +13,13 @@ CRITERION = f"identifier={builders.SUBJECT_SYSTEM}|S01-042"
 
 
 async def test_conditional_create_returns_the_existing_match(client):
-    first = await client.post("/fhir/Patient", json=builders.patient("S01-042"),
-                              headers={"If-None-Exist": CRITERION})
+    first = await client.post(
+        "/fhir/Patient", json=builders.patient("S01-042"), headers={"If-None-Exist": CRITERION}
+    )
     assert first.status_code == 201
-    second = await client.post("/fhir/Patient", json=builders.patient("S01-042"),
-                               headers={"If-None-Exist": CRITERION})
+    second = await client.post(
+        "/fhir/Patient", json=builders.patient("S01-042"), headers={"If-None-Exist": CRITERION}
+    )
     assert second.status_code == 200
     assert second.json()["id"] == first.json()["id"]
     assert second.headers["etag"] == 'W/"1"'
@@ -26,34 +28,43 @@ async def test_conditional_create_returns_the_existing_match(client):
 async def test_criterion_matching_two_resources_is_412(client):
     await create(client, builders.patient("S01-042"))
     await create(client, builders.patient("S01-042"))
-    response = await client.post("/fhir/Patient", json=builders.patient("S01-042"),
-                                 headers={"If-None-Exist": CRITERION})
+    response = await client.post(
+        "/fhir/Patient", json=builders.patient("S01-042"), headers={"If-None-Exist": CRITERION}
+    )
     assert response.status_code == 412
     assert response.json()["resourceType"] == "OperationOutcome"
 
 
 async def test_invalid_body_is_refused_even_when_a_match_exists(client):
-    await client.post("/fhir/Patient", json=builders.patient("S01-042"),
-                      headers={"If-None-Exist": CRITERION})
-    response = await client.post("/fhir/Patient",
-                                 json={**builders.patient("S01-042"), "gender": "bogus"},
-                                 headers={"If-None-Exist": CRITERION})
+    await client.post(
+        "/fhir/Patient", json=builders.patient("S01-042"), headers={"If-None-Exist": CRITERION}
+    )
+    response = await client.post(
+        "/fhir/Patient",
+        json={**builders.patient("S01-042"), "gender": "bogus"},
+        headers={"If-None-Exist": CRITERION},
+    )
     assert response.status_code == 422
 
 
 async def test_criteria_must_be_a_supported_search(client):
     for header in ("", "nickname=x", "identifier"):
-        response = await client.post("/fhir/Patient", json=builders.patient(),
-                                     headers={"If-None-Exist": header})
+        response = await client.post(
+            "/fhir/Patient", json=builders.patient(), headers={"If-None-Exist": header}
+        )
         assert response.status_code == 400, header
 
 
 async def test_fifty_simultaneous_conditional_creates_leave_one(live_server):
     limits = httpx.Limits(max_connections=50)
     async with httpx.AsyncClient(base_url=live_server, limits=limits, timeout=60) as http:
+
         async def attempt() -> httpx.Response:
-            return await http.post("/fhir/Patient", json=builders.patient("S01-042"),
-                                   headers={"If-None-Exist": CRITERION})
+            return await http.post(
+                "/fhir/Patient",
+                json=builders.patient("S01-042"),
+                headers={"If-None-Exist": CRITERION},
+            )
 
         responses = await asyncio.gather(*(attempt() for _ in range(50)))
         statuses = sorted(r.status_code for r in responses)

@@ -13,8 +13,11 @@ FHIR = "application/fhir+json"
 
 
 async def create(client: httpx.AsyncClient, resource: dict, **headers: str) -> httpx.Response:
-    response = await client.post(f"/fhir/{resource['resourceType']}", json=resource,
-                                 headers={"Content-Type": FHIR, **headers})
+    response = await client.post(
+        f"/fhir/{resource['resourceType']}",
+        json=resource,
+        headers={"Content-Type": FHIR, **headers},
+    )
     assert response.status_code == 201, response.text
     return response
 
@@ -59,8 +62,9 @@ async def test_each_clinical_resource_round_trips(client, kind):
 async def test_update_versions_and_vread_returns_each_version(client):
     created = (await create(client, builders.patient())).json()
     changed = {**created, "gender": "male"}
-    response = await client.put(f"/fhir/Patient/{created['id']}", json=changed,
-                                headers={"If-Match": 'W/"1"'})
+    response = await client.put(
+        f"/fhir/Patient/{created['id']}", json=changed, headers={"If-Match": 'W/"1"'}
+    )
     assert response.status_code == 200, response.text
     assert response.headers["etag"] == 'W/"2"'
     assert response.json()["meta"]["versionId"] == "2"
@@ -74,14 +78,18 @@ async def test_update_versions_and_vread_returns_each_version(client):
 async def test_stale_if_match_gives_412_and_changes_nothing(client):
     created = (await create(client, builders.patient())).json()
     await client.put(f"/fhir/Patient/{created['id']}", json={**created, "gender": "male"})
-    stale = await client.put(f"/fhir/Patient/{created['id']}",
-                             json={**created, "gender": "other"}, headers={"If-Match": 'W/"1"'})
+    stale = await client.put(
+        f"/fhir/Patient/{created['id']}",
+        json={**created, "gender": "other"},
+        headers={"If-Match": 'W/"1"'},
+    )
     assert stale.status_code == 412
     assert stale.json()["resourceType"] == "OperationOutcome"
     current = await client.get(f"/fhir/Patient/{created['id']}")
     assert current.json()["gender"] == "male"
-    stale_delete = await client.delete(f"/fhir/Patient/{created['id']}",
-                                       headers={"If-Match": 'W/"1"'})
+    stale_delete = await client.delete(
+        f"/fhir/Patient/{created['id']}", headers={"If-Match": 'W/"1"'}
+    )
     assert stale_delete.status_code == 412
     assert (await client.get(f"/fhir/Patient/{created['id']}")).status_code == 200
 
@@ -140,8 +148,11 @@ async def test_patient_with_records_cannot_be_deleted(client):
 
 
 async def test_missing_resources_are_404_outcomes(client):
-    for path in ("/fhir/Patient/nope", "/fhir/Patient/nope/_history/1",
-                 "/fhir/Patient/nope/_history"):
+    for path in (
+        "/fhir/Patient/nope",
+        "/fhir/Patient/nope/_history/1",
+        "/fhir/Patient/nope/_history",
+    ):
         response = await client.get(path)
         assert response.status_code == 404, path
         assert response.json()["issue"][0]["code"] == "not-found"
@@ -161,12 +172,16 @@ async def test_type_history_pages_newest_first(client):
 
 @pytest.mark.parametrize(
     ("prefer", "expect"),
-    [("return=minimal", None), ("return=representation", "Patient"),
-     ("return=OperationOutcome", "OperationOutcome")],
+    [
+        ("return=minimal", None),
+        ("return=representation", "Patient"),
+        ("return=OperationOutcome", "OperationOutcome"),
+    ],
 )
 async def test_prefer_return_is_honoured(client, prefer, expect):
-    response = await client.post("/fhir/Patient", json=builders.patient(),
-                                 headers={"Prefer": prefer})
+    response = await client.post(
+        "/fhir/Patient", json=builders.patient(), headers={"Prefer": prefer}
+    )
     assert response.status_code == 201
     assert response.headers["etag"] == 'W/"1"'
     if expect is None:
@@ -180,8 +195,7 @@ async def test_metadata_lists_exactly_what_is_implemented(client):
     assert statement["resourceType"] == "CapabilityStatement"
     assert statement["fhirVersion"] == "4.3.0"
     resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
-    assert set(resources) == {"Patient", "Observation", "MedicationAdministration",
-                              "AdverseEvent"}
+    assert set(resources) == {"Patient", "Observation", "MedicationAdministration", "AdverseEvent"}
     for resource in resources.values():
         assert resource["updateCreate"] is True
         assert resource["conditionalCreate"] is True
@@ -191,8 +205,11 @@ async def test_metadata_lists_exactly_what_is_implemented(client):
     for kind, resource in resources.items():
         for param in resource["searchParam"]:
             value = {"date": "ge2025-01-01", "reference": "Patient/x"}.get(param["type"], "x")
-            response = await client.get(f"/fhir/{kind}", params={param["name"]: value},
-                                        headers={"Prefer": "handling=strict"})
+            response = await client.get(
+                f"/fhir/{kind}",
+                params={param["name"]: value},
+                headers={"Prefer": "handling=strict"},
+            )
             assert response.status_code == 200, (kind, param["name"], response.text)
 
 

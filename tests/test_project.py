@@ -26,9 +26,17 @@ def test_openapi_operation_ids_are_stable_and_unique():
     spec = json.loads(render_openapi())
     ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
     assert len(ids) == len(set(ids))
-    for expected in ("createObservation", "readPatient", "vreadAdverseEvent",
-                     "updateMedicationAdministration", "deletePatient", "searchObservation",
-                     "historyPatientInstance", "historyPatientType", "capabilities"):
+    for expected in (
+        "createObservation",
+        "readPatient",
+        "vreadAdverseEvent",
+        "updateMedicationAdministration",
+        "deletePatient",
+        "searchObservation",
+        "historyPatientInstance",
+        "historyPatientType",
+        "capabilities",
+    ):
         assert expected in ids
     create = spec["paths"]["/fhir/Observation"]["post"]
     body_schema = create["requestBody"]["content"]["application/fhir+json"]["schema"]
@@ -40,8 +48,10 @@ def test_migrations_match_the_models(database_url):
     """`alembic check`: a model change without its migration fails here, on both databases."""
     result = subprocess.run(
         [sys.executable, "-m", "alembic", "check"],
-        cwd=ROOT, env={**os.environ, "DATABASE_URL": database_url},
-        capture_output=True, text=True,
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No new upgrade operations detected" in result.stdout + result.stderr

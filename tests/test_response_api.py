@@ -22,40 +22,80 @@ def at(day: str) -> str:
 
 # (baseline value, unit), [(date, value, unit)], bleeding-grade dates, expected
 EXAMPLES = {
-    1: ((15, "10*9/L"), [("03-10", 60), ("03-17", 110), ("03-24", 125)], [],
-        {"status": "CR", "best_response": "CR", "response_date": "2025-03-10",
-         "time_to_response_days": 7, "complete_response_date": "2025-03-17",
-         "time_to_complete_response_days": 14}),
-    2: ((12, "10*9/L"), [("03-10", 35), ("03-17", 48)], [],
-        {"status": "R", "best_response": "R", "time_to_response_days": 7}),
-    3: ((10, "10*9/L"), [("03-10", 120), ("03-14", 105)], [],
-        {"status": "NR", "pending_confirmation": True, "time_to_response_days": None}),
-    4: ((8, "10*9/L"), [("03-10", 12), ("03-11", 14)], [],
-        {"status": "NR", "best_response": "NR", "pending_confirmation": False}),
-    5: ((20, "10*9/L"), [("03-10", 35), ("03-17", 38)], [],
-        {"status": "NR", "best_response": "NR"}),
-    6: ((10, "10*9/L"), [("03-10", 40), ("03-17", 45), ("04-07", 25), ("04-08", 22)], [],
-        {"status": "LOR", "best_response": "R", "time_to_response_days": 7}),
-    7: ((10, "10*9/L"), [("03-10", 110), ("03-17", 130), ("04-07", 70), ("04-08", 65)], [],
-        {"status": "R", "best_response": "CR"}),
-    8: ((10, "10*9/L"), [("03-10", 60), ("03-17", 65), ("03-24", 70)], ["03-10"],
-        {"status": "R", "response_date": "2025-03-17", "time_to_response_days": 14}),
-    10: ((15000, "/uL"), [("03-10", 95000, "/uL"), ("03-17", 102, "10*3/uL"),
-                          ("03-24", 110, "10*9/L")], [],
-         {"status": "CR", "time_to_response_days": 7, "time_to_complete_response_days": 14}),
+    1: (
+        (15, "10*9/L"),
+        [("03-10", 60), ("03-17", 110), ("03-24", 125)],
+        [],
+        {
+            "status": "CR",
+            "best_response": "CR",
+            "response_date": "2025-03-10",
+            "time_to_response_days": 7,
+            "complete_response_date": "2025-03-17",
+            "time_to_complete_response_days": 14,
+        },
+    ),
+    2: (
+        (12, "10*9/L"),
+        [("03-10", 35), ("03-17", 48)],
+        [],
+        {"status": "R", "best_response": "R", "time_to_response_days": 7},
+    ),
+    3: (
+        (10, "10*9/L"),
+        [("03-10", 120), ("03-14", 105)],
+        [],
+        {"status": "NR", "pending_confirmation": True, "time_to_response_days": None},
+    ),
+    4: (
+        (8, "10*9/L"),
+        [("03-10", 12), ("03-11", 14)],
+        [],
+        {"status": "NR", "best_response": "NR", "pending_confirmation": False},
+    ),
+    5: (
+        (20, "10*9/L"),
+        [("03-10", 35), ("03-17", 38)],
+        [],
+        {"status": "NR", "best_response": "NR"},
+    ),
+    6: (
+        (10, "10*9/L"),
+        [("03-10", 40), ("03-17", 45), ("04-07", 25), ("04-08", 22)],
+        [],
+        {"status": "LOR", "best_response": "R", "time_to_response_days": 7},
+    ),
+    7: (
+        (10, "10*9/L"),
+        [("03-10", 110), ("03-17", 130), ("04-07", 70), ("04-08", 65)],
+        [],
+        {"status": "R", "best_response": "CR"},
+    ),
+    8: (
+        (10, "10*9/L"),
+        [("03-10", 60), ("03-17", 65), ("03-24", 70)],
+        ["03-10"],
+        {"status": "R", "response_date": "2025-03-17", "time_to_response_days": 14},
+    ),
+    10: (
+        (15000, "/uL"),
+        [("03-10", 95000, "/uL"), ("03-17", 102, "10*3/uL"), ("03-24", 110, "10*9/L")],
+        [],
+        {"status": "CR", "time_to_response_days": 7, "time_to_complete_response_days": 14},
+    ),
 }
 
 
 async def enrol_and_treat(client: httpx.AsyncClient, baseline: tuple[float, str]) -> str:
     patient_id = await new_patient(client)
-    await create(client, builders.platelet_count(patient_id, BASELINE_TIME, baseline[0],
-                                                 unit=baseline[1]))
+    await create(
+        client, builders.platelet_count(patient_id, BASELINE_TIME, baseline[0], unit=baseline[1])
+    )
     await create(client, builders.administration(patient_id, START))
     return patient_id
 
 
-async def post_count(client, patient_id: str, day: str, value: float,
-                     unit: str = "10*9/L") -> str:
+async def post_count(client, patient_id: str, day: str, value: float, unit: str = "10*9/L") -> str:
     body = builders.platelet_count(patient_id, at(day), value, unit=unit)
     return (await create(client, body)).json()["id"]
 
@@ -77,8 +117,9 @@ async def test_worked_example(client, number):
     assessment = await status_of(client, patient_id)
     for key, value in expected.items():
         assert assessment[key] == value, (number, key, assessment)
-    assert assessment["baseline"]["value"] == pytest.approx(baseline[0] / (
-        1000 if baseline[1] == "/uL" else 1))
+    assert assessment["baseline"]["value"] == pytest.approx(
+        baseline[0] / (1000 if baseline[1] == "/uL" else 1)
+    )
     assert assessment["treatment_start"].startswith("2025-03-03T08:00")
     assert assessment["criteria"]["r_threshold"] == 30.0
 
@@ -90,7 +131,8 @@ async def test_example_6_episode_duration(client):
         await post_count(client, patient_id, *count)
     episodes = (await status_of(client, patient_id))["episodes"]
     assert [(e["start"], e["end"], e["duration_of_response_days"]) for e in episodes] == [
-        ("2025-03-10", "2025-04-07", 28)]
+        ("2025-03-10", "2025-04-07", 28)
+    ]
 
 
 async def test_example_9_arrival_order_does_not_matter(client):
@@ -101,9 +143,13 @@ async def test_example_9_arrival_order_does_not_matter(client):
         for count in order:
             await post_count(client, patient_id, *count)
         assessment = await status_of(client, patient_id)
-        results.append({k: v for k, v in assessment.items()
-                        if k not in ("patient", "computed_at", "observation", "evidence",
-                                     "baseline")})
+        results.append(
+            {
+                k: v
+                for k, v in assessment.items()
+                if k not in ("patient", "computed_at", "observation", "evidence", "baseline")
+            }
+        )
     assert results[0] == results[1]
     assert results[0]["status"] == "R"
 
@@ -117,8 +163,11 @@ async def test_every_change_recomputes_and_entered_in_error_is_ignored(client):
     assert (await status_of(client, patient_id))["status"] == "R"
     # A correction (with a mistyped value) takes the response away ...
     current = (await client.get(f"/fhir/Observation/{second}")).json()
-    corrected = {**current, "status": "corrected",
-                 "valueQuantity": {**current["valueQuantity"], "value": 4.8}}
+    corrected = {
+        **current,
+        "status": "corrected",
+        "valueQuantity": {**current["valueQuantity"], "value": 4.8},
+    }
     assert (await client.put(f"/fhir/Observation/{second}", json=corrected)).status_code == 200
     assert (await status_of(client, patient_id))["status"] == "NR"
     # ... marking the bad count entered-in-error ignores it ...
@@ -133,8 +182,7 @@ async def test_every_change_recomputes_and_entered_in_error_is_ignored(client):
 
 async def test_rescue_and_bleeding_event_are_read(client):
     patient_id = await enrol_and_treat(client, (12, "10*9/L"))
-    rescue = builders.administration(patient_id, "2025-03-09T08:00:00Z", role="rescue",
-                                     drug="IVIg")
+    rescue = builders.administration(patient_id, "2025-03-09T08:00:00Z", role="rescue", drug="IVIg")
     await create(client, rescue)
     await post_count(client, patient_id, "03-10", 60)
     await post_count(client, patient_id, "03-17", 65)
@@ -160,8 +208,7 @@ async def test_response_status_observation_is_versioned_and_server_owned(client)
     assert {"reference": f"Patient/{patient_id}"} == resource["subject"]
     assert resource["derivedFrom"]
     history = (await client.get(f"/fhir/{observation}/_history")).json()
-    codes = [e["resource"]["valueCodeableConcept"]["coding"][0]["code"]
-             for e in history["entry"]]
+    codes = [e["resource"]["valueCodeableConcept"]["coding"][0]["code"] for e in history["entry"]]
     # Newest first: enrolled (NE, not treated), treated (NE, no count since), pending (NR),
     # confirmed (R). The baseline count and the adverse event changed nothing: no version.
     assert codes == ["R", "NR", "NE", "NE"]
@@ -187,9 +234,11 @@ async def test_response_status_of_missing_or_deleted_patient(client):
 
 
 async def test_summary_counts_and_response_rate(client):
-    for baseline, counts in [((12, "10*9/L"), [("03-10", 35), ("03-17", 48)]),     # R
-                             ((8, "10*9/L"), [("03-10", 12), ("03-11", 14)]),      # NR
-                             ((15, "10*9/L"), [("03-10", 110), ("03-17", 120)])]:  # CR
+    for baseline, counts in [
+        ((12, "10*9/L"), [("03-10", 35), ("03-17", 48)]),  # R
+        ((8, "10*9/L"), [("03-10", 12), ("03-11", 14)]),  # NR
+        ((15, "10*9/L"), [("03-10", 110), ("03-17", 120)]),
+    ]:  # CR
         patient_id = await enrol_and_treat(client, baseline)
         for count in counts:
             await post_count(client, patient_id, *count)
@@ -217,6 +266,13 @@ async def test_concurrent_results_for_one_patient_end_in_the_sequential_status(l
         await asyncio.gather(*(post_count(http, concurrent, d, v) for d, v in pairs))
         expected = await status_of(http, sequential)
         actual = await status_of(http, concurrent)
-    for key in ("status", "best_response", "response_date", "complete_response_date",
-                "time_to_response_days", "episodes", "pending_confirmation"):
+    for key in (
+        "status",
+        "best_response",
+        "response_date",
+        "complete_response_date",
+        "time_to_response_days",
+        "episodes",
+        "pending_confirmation",
+    ):
         assert actual[key] == expected[key], key

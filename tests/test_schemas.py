@@ -46,11 +46,19 @@ R4B_COUNTERPARTS: dict[type[BaseModel], type[BaseModel]] = {
 # R4B elements typed SimpleQuantity (a Quantity without comparator, sqty-1), which
 # fhir.resources models as Quantity.
 SIMPLE_QUANTITY_ELEMENTS = {
-    "Range.low", "Range.high", "RatioRange.lowNumerator", "RatioRange.highNumerator",
-    "RatioRange.denominator", "SampledData.origin", "ObservationReferenceRange.low",
-    "ObservationReferenceRange.high", "MedicationAdministrationDosage.dose",
-    "MedicationAdministrationDosage.rateQuantity", "Dosage.maxDosePerAdministration",
-    "Dosage.maxDosePerLifetime", "DosageDoseAndRate.doseQuantity",
+    "Range.low",
+    "Range.high",
+    "RatioRange.lowNumerator",
+    "RatioRange.highNumerator",
+    "RatioRange.denominator",
+    "SampledData.origin",
+    "ObservationReferenceRange.low",
+    "ObservationReferenceRange.high",
+    "MedicationAdministrationDosage.dose",
+    "MedicationAdministrationDosage.rateQuantity",
+    "Dosage.maxDosePerAdministration",
+    "Dosage.maxDosePerLifetime",
+    "DosageDoseAndRate.doseQuantity",
     "DosageDoseAndRate.rateQuantity",
 }
 PROFILE_RESTRICTIONS = {("SimpleQuantity", "comparator")}
@@ -112,8 +120,15 @@ def _json_kinds(annotation: Any) -> set[str]:
             kinds.add("integer")
         elif leaf in (float, decimal.Decimal):
             kinds.add("number")
-        elif leaf in (str, bytes, datetime.date, datetime.datetime, datetime.time, uuid.UUID,
-                      AnyUrl) or (isinstance(leaf, type) and issubclass(leaf, str)):
+        elif leaf in (
+            str,
+            bytes,
+            datetime.date,
+            datetime.datetime,
+            datetime.time,
+            uuid.UUID,
+            AnyUrl,
+        ) or (isinstance(leaf, type) and issubclass(leaf, str)):
             kinds.add("string")
         else:
             kinds.add(repr(leaf))
@@ -126,8 +141,11 @@ def _doc_enum(annotation: Any) -> type[Enum] | None:
 
 
 def _walk(
-    r4b_class: type[BaseModel], doc_class: type[BaseModel], path: str,
-    pairs: list[ElementPair], visited: set[tuple[type, type]],
+    r4b_class: type[BaseModel],
+    doc_class: type[BaseModel],
+    path: str,
+    pairs: list[ElementPair],
+    visited: set[tuple[type, type]],
 ) -> None:
     if (r4b_class, doc_class) in visited:
         return
@@ -249,17 +267,16 @@ def test_code_sets_match_r4b() -> None:
 # Required code sets fhir.resources does not list in full, as the R4B spec gives them
 # (hl7.org/fhir/R4B/valueset-<name>.html).
 R4B_CODE_SETS: dict[type[Enum], str] = {
-    schemas.ObservationStatus:
-        "registered preliminary final amended corrected cancelled entered-in-error unknown",
+    schemas.ObservationStatus: "registered preliminary final amended corrected cancelled "
+    "entered-in-error unknown",
     schemas.QuantityComparator: "< <= >= >",
-    schemas.EventTiming:
-        "MORN MORN.early MORN.late NOON AFT AFT.early AFT.late EVE EVE.early EVE.late NIGHT "
-        "PHS HS WAKE C CM CD CV AC ACM ACD ACV PC PCM PCD PCV",
-    schemas.IssueType:
-        "invalid structure required value invariant security login unknown expired forbidden "
-        "suppressed processing not-supported duplicate multiple-matches not-found deleted "
-        "too-long code-invalid extension too-costly business-rule conflict transient "
-        "lock-error no-store exception timeout incomplete throttled informational",
+    schemas.EventTiming: "MORN MORN.early MORN.late NOON AFT AFT.early AFT.late EVE EVE.early "
+    "EVE.late NIGHT PHS HS WAKE C CM CD CV AC ACM ACD ACV PC PCM PCD PCV",
+    schemas.IssueType: "invalid structure required value invariant security login unknown "
+    "expired forbidden suppressed processing not-supported duplicate multiple-matches "
+    "not-found deleted "
+    "too-long code-invalid extension too-costly business-rule conflict transient "
+    "lock-error no-store exception timeout incomplete throttled informational",
 }
 
 
@@ -272,9 +289,18 @@ def test_every_resource_model_is_walked() -> None:
     # Guards the walk itself: a resolution bug that stops at the root would pass the rest.
     _, visited = _element_pairs()
     walked = {doc_class.__name__ for _, doc_class in visited}
-    assert {"Extension", "Quantity", "SimpleQuantity", "Timing", "Dosage", "TriggerDefinition",
-            "ObservationComponent", "AdverseEventSuspectEntityCausality", "BundleEntryResponse",
-            "Signature"} <= walked
+    assert {
+        "Extension",
+        "Quantity",
+        "SimpleQuantity",
+        "Timing",
+        "Dosage",
+        "TriggerDefinition",
+        "ObservationComponent",
+        "AdverseEventSuspectEntityCausality",
+        "BundleEntryResponse",
+        "Signature",
+    } <= walked
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,8 +314,13 @@ PATIENT = {
     "resourceType": "Patient",
     "id": "p1",
     "meta": {"versionId": "3", "lastUpdated": "2025-01-15T09:30:00.123+01:00"},
-    "identifier": [{"use": "official", "system": "https://itp-trial.example/fhir/sid/subject",
-                    "value": "S01-001"}],
+    "identifier": [
+        {
+            "use": "official",
+            "system": "https://itp-trial.example/fhir/sid/subject",
+            "value": "S01-001",
+        }
+    ],
     "active": True,
     "gender": "female",
     "birthDate": "1968-04-12",
@@ -301,26 +332,48 @@ PATIENT = {
 PLATELET_COUNT = {
     "resourceType": "Observation",
     "status": "final",
-    "category": [{"coding": [{
-        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-        "code": "laboratory"}]}],
-    "code": {"coding": [{"system": "http://loinc.org", "code": "777-3",
-                         "display": "Platelets [#/volume] in Blood by Automated count"}]},
+    "category": [
+        {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                    "code": "laboratory",
+                }
+            ]
+        }
+    ],
+    "code": {
+        "coding": [
+            {
+                "system": "http://loinc.org",
+                "code": "777-3",
+                "display": "Platelets [#/volume] in Blood by Automated count",
+            }
+        ]
+    },
     "subject": SUBJECT,
     "effectiveDateTime": "2025-01-14T08:05:00+01:00",
     "issued": "2025-01-14T10:00:00Z",
     "valueQuantity": {"value": 23.5, "unit": "10*9/L", "system": UCUM, "code": "10*9/L"},
-    "referenceRange": [{"low": {"value": 150, "unit": "10*9/L", "system": UCUM,
-                                "code": "10*9/L"},
-                        "high": {"value": 400, "unit": "10*9/L", "system": UCUM,
-                                 "code": "10*9/L"}}],
+    "referenceRange": [
+        {
+            "low": {"value": 150, "unit": "10*9/L", "system": UCUM, "code": "10*9/L"},
+            "high": {"value": 400, "unit": "10*9/L", "system": UCUM, "code": "10*9/L"},
+        }
+    ],
 }
 
 BLEEDING_GRADE = {
     "resourceType": "Observation",
     "status": "final",
-    "code": {"coding": [{"system": "https://itp-trial.example/fhir/CodeSystem/trial-codes",
-                         "code": "who-bleeding-grade"}]},
+    "code": {
+        "coding": [
+            {
+                "system": "https://itp-trial.example/fhir/CodeSystem/trial-codes",
+                "code": "who-bleeding-grade",
+            }
+        ]
+    },
     "subject": SUBJECT,
     "effectiveDateTime": "2025-01-14",
     "valueInteger": 2,
@@ -330,30 +383,55 @@ BLEEDING_GRADE = {
 RESPONSE_STATUS = {
     "resourceType": "Observation",
     "status": "amended",
-    "code": {"coding": [{"system": "https://itp-trial.example/fhir/CodeSystem/trial-codes",
-                         "code": "itp-response-status"}]},
+    "code": {
+        "coding": [
+            {
+                "system": "https://itp-trial.example/fhir/CodeSystem/trial-codes",
+                "code": "itp-response-status",
+            }
+        ]
+    },
     "subject": SUBJECT,
     "effectivePeriod": {"start": "2024-11-02", "end": "2025-01-14"},
-    "valueCodeableConcept": {"coding": [{
-        "system": "https://itp-trial.example/fhir/CodeSystem/itp-response", "code": "R"}]},
+    "valueCodeableConcept": {
+        "coding": [
+            {"system": "https://itp-trial.example/fhir/CodeSystem/itp-response", "code": "R"}
+        ]
+    },
     "derivedFrom": [{"reference": "Observation/o1"}, {"reference": "Observation/o7"}],
-    "component": [{"code": {"text": "time to response"},
-                   "valueQuantity": {"value": 21, "unit": "d", "system": UCUM, "code": "d"}}],
+    "component": [
+        {
+            "code": {"text": "time to response"},
+            "valueQuantity": {"value": 21, "unit": "d", "system": UCUM, "code": "d"},
+        }
+    ],
 }
 
 STUDY_DRUG = {
     "resourceType": "MedicationAdministration",
     "status": "completed",
-    "category": {"coding": [{
-        "system": "https://itp-trial.example/fhir/CodeSystem/medication-role",
-        "code": "study-drug"}]},
+    "category": {
+        "coding": [
+            {
+                "system": "https://itp-trial.example/fhir/CodeSystem/medication-role",
+                "code": "study-drug",
+            }
+        ]
+    },
     "medicationCodeableConcept": {"text": "NAD+ (Coenzyme I) IV"},
     "subject": SUBJECT,
     "effectiveDateTime": "2025-01-14T09:00:00+01:00",
     "performer": [{"actor": {"display": "Study nurse S01"}}],
     "dosage": {
-        "route": {"coding": [{"system": "http://snomed.info/sct", "code": "47625008",
-                              "display": "Intravenous route"}]},
+        "route": {
+            "coding": [
+                {
+                    "system": "http://snomed.info/sct",
+                    "code": "47625008",
+                    "display": "Intravenous route",
+                }
+            ]
+        },
         "dose": {"value": 500, "unit": "mg", "system": UCUM, "code": "mg"},
         "rateQuantity": {"value": 2, "unit": "mg/min", "system": UCUM, "code": "mg/min"},
     },
@@ -361,38 +439,65 @@ STUDY_DRUG = {
 
 ADVERSE_EVENT = {
     "resourceType": "AdverseEvent",
-    "extension": [{
-        "url": "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/ae-grade",
-        "valueInteger": 3,
-    }],
+    "extension": [
+        {
+            "url": "http://hl7.org/fhir/uv/ae-research-backport-ig/StructureDefinition/ae-grade",
+            "valueInteger": 3,
+        }
+    ],
     "identifier": {"system": "https://itp-trial.example/fhir/sid/ae", "value": "S01-001-AE2"},
     "actuality": "actual",
-    "event": {"coding": [{"system": "http://snomed.info/sct", "code": "131148009",
-                          "display": "Bleeding"}]},
+    "event": {
+        "coding": [{"system": "http://snomed.info/sct", "code": "131148009", "display": "Bleeding"}]
+    },
     "subject": SUBJECT,
     "date": "2025-01-10",
-    "seriousness": {"coding": [{
-        "system": "http://terminology.hl7.org/CodeSystem/adverse-event-seriousness",
-        "code": "serious"}]},
-    "outcome": {"coding": [{
-        "system": "http://terminology.hl7.org/CodeSystem/adverse-event-outcome",
-        "code": "recovering"}]},
-    "suspectEntity": [{
-        "instance": {"reference": "MedicationAdministration/ma1"},
-        "causality": [{
-            "assessment": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/adverse-event-causality-assess",
-                "code": "possible"}]},
-            "productRelatedness": "possibly related",
-        }],
-    }],
+    "seriousness": {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/adverse-event-seriousness",
+                "code": "serious",
+            }
+        ]
+    },
+    "outcome": {
+        "coding": [
+            {
+                "system": "http://terminology.hl7.org/CodeSystem/adverse-event-outcome",
+                "code": "recovering",
+            }
+        ]
+    },
+    "suspectEntity": [
+        {
+            "instance": {"reference": "MedicationAdministration/ma1"},
+            "causality": [
+                {
+                    "assessment": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/adverse-event-causality-assess",
+                                "code": "possible",
+                            }
+                        ]
+                    },
+                    "productRelatedness": "possibly related",
+                }
+            ],
+        }
+    ],
 }
 
 OUTCOME = {
     "resourceType": "OperationOutcome",
-    "issue": [{"severity": "error", "code": "invalid",
-               "diagnostics": "Unknown unit 'K/mm2'",
-               "expression": ["Observation.valueQuantity.unit"]}],
+    "issue": [
+        {
+            "severity": "error",
+            "code": "invalid",
+            "diagnostics": "Unknown unit 'K/mm2'",
+            "expression": ["Observation.valueQuantity.unit"],
+        }
+    ],
 }
 
 SEARCHSET = {
@@ -400,13 +505,21 @@ SEARCHSET = {
     "type": "searchset",
     "timestamp": "2025-01-15T09:30:00Z",
     "total": 2,
-    "link": [{"relation": "self", "url": "https://api.example/fhir/Observation?subject=p1"},
-             {"relation": "next", "url": "https://api.example/fhir/Observation?_cursor=a1"}],
+    "link": [
+        {"relation": "self", "url": "https://api.example/fhir/Observation?subject=p1"},
+        {"relation": "next", "url": "https://api.example/fhir/Observation?_cursor=a1"},
+    ],
     "entry": [
-        {"fullUrl": "https://api.example/fhir/Observation/o1",
-         "resource": PLATELET_COUNT, "search": {"mode": "match"}},
-        {"fullUrl": "https://api.example/fhir/Patient/p1",
-         "resource": PATIENT, "search": {"mode": "include"}},
+        {
+            "fullUrl": "https://api.example/fhir/Observation/o1",
+            "resource": PLATELET_COUNT,
+            "search": {"mode": "match"},
+        },
+        {
+            "fullUrl": "https://api.example/fhir/Patient/p1",
+            "resource": PATIENT,
+            "search": {"mode": "include"},
+        },
         {"resource": OUTCOME, "search": {"mode": "outcome"}},
     ],
 }
@@ -414,9 +527,17 @@ SEARCHSET = {
 TRANSACTION_RESPONSE = {
     "resourceType": "Bundle",
     "type": "transaction-response",
-    "entry": [{"response": {"status": "201 Created",
-                            "location": "Observation/o9/_history/1", "etag": 'W/"1"',
-                            "lastModified": "2025-01-15T09:30:00Z", "outcome": OUTCOME}}],
+    "entry": [
+        {
+            "response": {
+                "status": "201 Created",
+                "location": "Observation/o9/_history/1",
+                "etag": 'W/"1"',
+                "lastModified": "2025-01-15T09:30:00Z",
+                "outcome": OUTCOME,
+            }
+        }
+    ],
 }
 
 EXAMPLES = {
@@ -463,11 +584,15 @@ def test_bundle_entries_are_typed_by_resource_type() -> None:
 def test_models_are_built_from_snake_case_names_too() -> None:
     quantity = schemas.Quantity(value=12, unit="10*9/L", system=UCUM, code="10*9/L")
     observation = schemas.Observation(
-        resource_type="Observation", status=schemas.ObservationStatus.final,
-        code=schemas.CodeableConcept(text="platelets"), value_quantity=quantity,
+        resource_type="Observation",
+        status=schemas.ObservationStatus.final,
+        code=schemas.CodeableConcept(text="platelets"),
+        value_quantity=quantity,
     )
     assert observation.model_dump(exclude_none=True, mode="json") == {
-        "resourceType": "Observation", "status": "final", "code": {"text": "platelets"},
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"text": "platelets"},
         "valueQuantity": {"value": 12.0, "unit": "10*9/L", "system": UCUM, "code": "10*9/L"},
     }
 
@@ -550,10 +675,14 @@ def test_optional_elements_are_documented_as_their_type_alone() -> None:
     properties = _schema(schemas.Observation)["properties"]
     assert properties["valueQuantity"] == {"$ref": "#/$defs/Quantity"}
     assert properties["note"] == {
-        "items": {"$ref": "#/$defs/Annotation"}, "minItems": 1, "type": "array"
+        "items": {"$ref": "#/$defs/Annotation"},
+        "minItems": 1,
+        "type": "array",
     }
     assert properties["valueInteger"] == {
-        "type": "integer", "minimum": -2147483648, "maximum": 2147483647
+        "type": "integer",
+        "minimum": -2147483648,
+        "maximum": 2147483647,
     }
 
 
@@ -562,7 +691,11 @@ def test_bundle_entry_resource_is_a_discriminated_union() -> None:
     resource = schema["$defs"]["BundleEntry"]["properties"]["resource"]
     assert resource["discriminator"]["propertyName"] == "resourceType"
     assert set(resource["discriminator"]["mapping"]) == {
-        "Patient", "Observation", "MedicationAdministration", "AdverseEvent", "OperationOutcome"
+        "Patient",
+        "Observation",
+        "MedicationAdministration",
+        "AdverseEvent",
+        "OperationOutcome",
     }
     assert len(resource["oneOf"]) == 5
 
@@ -578,9 +711,7 @@ def test_fastapi_publishes_the_models_under_their_own_names() -> None:
     def read() -> None: ...
 
     components = app.openapi()["components"]["schemas"]
-    assert {"Bundle", "Observation", "Patient", "Extension", "ObservationStatus"} <= set(
-        components
-    )
+    assert {"Bundle", "Observation", "Patient", "Extension", "ObservationStatus"} <= set(components)
     assert not [name for name in components if name.endswith(("-Input", "-Output"))]
     assert components["Observation"]["properties"]["resourceType"]["const"] == "Observation"
 
@@ -666,7 +797,10 @@ def test_invalid_json_is_refused(example: dict[str, Any], path: str, value: Any)
 # What the JSON schema does not say, left to the models and the server: calendar validity,
 # and "at most one type" of an optional choice (a schema for it would list every pair).
 NOT_IN_JSON_SCHEMA = {
-    "30 February", "29 February of a common year", "31 April", "two value[x] types"
+    "30 February",
+    "29 February of a common year",
+    "31 April",
+    "two value[x] types",
 }
 
 

@@ -39,8 +39,9 @@ async def test_patient_by_identifier(client):
         assert bundle["resourceType"] == "Bundle"
         assert bundle["type"] == "searchset"
         assert _ids(bundle) == [wanted]
-    other_system = (await client.get("/fhir/Patient",
-                                     params={"identifier": "urn:other|S01-001"})).json()
+    other_system = (
+        await client.get("/fhir/Patient", params={"identifier": "urn:other|S01-001"})
+    ).json()
     assert _ids(other_system) == []
     both = (await client.get("/fhir/Patient", params={"identifier": "S01-001,S01-002"})).json()
     assert len(_ids(both)) == 2
@@ -54,8 +55,11 @@ async def test_observation_by_patient_code_and_date_prefixes(client):
     await create(client, builders.bleeding_grade(patient_id, "2025-03-10T09:00:00Z", 1))
 
     async def search(**params: str) -> list[str]:
-        bundle = (await client.get("/fhir/Observation",
-                                   params={"patient": patient_id, "code": "777-3", **params})).json()
+        bundle = (
+            await client.get(
+                "/fhir/Observation", params={"patient": patient_id, "code": "777-3", **params}
+            )
+        ).json()
         return sorted(_ids(bundle))
 
     assert await search() == sorted(ids.values())
@@ -68,12 +72,16 @@ async def test_observation_by_patient_code_and_date_prefixes(client):
     assert await search(date="ge2025-03-10") == sorted([ids[10], ids[17]])
     assert await search(date="2025-03") == sorted(ids.values())
     assert await search(date="ge2025-03-10T09:00:00Z") == sorted([ids[10], ids[17]])
-    subject = (await client.get("/fhir/Observation",
-                                params={"subject": f"Patient/{patient_id}"})).json()
+    subject = (
+        await client.get("/fhir/Observation", params={"subject": f"Patient/{patient_id}"})
+    ).json()
     # Three counts, the bleeding grade and the server's response-status Observation.
     assert len(_ids(subject)) == 5
-    loinc = (await client.get("/fhir/Observation", params={
-        "patient": patient_id, "code": "http://loinc.org|777-3"})).json()
+    loinc = (
+        await client.get(
+            "/fhir/Observation", params={"patient": patient_id, "code": "http://loinc.org|777-3"}
+        )
+    ).json()
     assert len(_ids(loinc)) == 3
 
 
@@ -81,7 +89,8 @@ async def test_repeated_date_parameters_are_and_ed(client):
     patient_id = await new_patient(client)
     ids = await _counts(client, patient_id, [3, 10, 17])
     response = await client.get(
-        f"/fhir/Observation?patient={patient_id}&code=777-3&date=gt2025-03-04&date=lt2025-03-16")
+        f"/fhir/Observation?patient={patient_id}&code=777-3&date=gt2025-03-04&date=lt2025-03-16"
+    )
     assert _ids(response.json()) == [ids[10]]
 
 
@@ -89,11 +98,9 @@ async def test_sort_by_date_both_ways(client):
     patient_id = await new_patient(client)
     ids = await _counts(client, patient_id, [17, 3, 10])
     counts = {"patient": patient_id, "code": "777-3"}
-    ascending = (await client.get("/fhir/Observation",
-                                  params={**counts, "_sort": "date"})).json()
+    ascending = (await client.get("/fhir/Observation", params={**counts, "_sort": "date"})).json()
     assert _ids(ascending) == [ids[3], ids[10], ids[17]]
-    descending = (await client.get("/fhir/Observation",
-                                   params={**counts, "_sort": "-date"})).json()
+    descending = (await client.get("/fhir/Observation", params={**counts, "_sort": "-date"})).json()
     assert _ids(descending) == [ids[17], ids[10], ids[3]]
 
 
@@ -101,8 +108,12 @@ async def test_sort_by_date_both_ways(client):
 async def test_paging_neither_skips_nor_repeats_while_data_arrives(client, sort):
     patient_id = await new_patient(client)
     before = await _counts(client, patient_id, list(range(1, 11)))
-    params = {"patient": patient_id, "code": "777-3", "_count": "3",
-              **({"_sort": sort} if sort else {})}
+    params = {
+        "patient": patient_id,
+        "code": "777-3",
+        "_count": "3",
+        **({"_sort": sort} if sort else {}),
+    }
     page = (await client.get("/fhir/Observation", params=params)).json()
     seen = _ids(page)
     added = []
@@ -137,15 +148,17 @@ async def test_self_and_next_links_and_count(client):
 async def test_administrations_and_adverse_events_by_patient(client):
     patient_id = await new_patient(client)
     other = await new_patient(client, "S01-002")
-    dose = (await create(client, builders.administration(patient_id, "2025-03-03T08:00:00Z")))
+    dose = await create(client, builders.administration(patient_id, "2025-03-03T08:00:00Z"))
     await create(client, builders.administration(other, "2025-03-03T08:00:00Z"))
     event = await create(client, builders.adverse_event(patient_id, "2025-03-05"))
     await create(client, builders.adverse_event(other, "2025-03-05"))
-    doses = (await client.get("/fhir/MedicationAdministration",
-                              params={"patient": patient_id})).json()
+    doses = (
+        await client.get("/fhir/MedicationAdministration", params={"patient": patient_id})
+    ).json()
     assert _ids(doses) == [dose.json()["id"]]
-    events = (await client.get("/fhir/AdverseEvent",
-                               params={"subject": f"Patient/{patient_id}"})).json()
+    events = (
+        await client.get("/fhir/AdverseEvent", params={"subject": f"Patient/{patient_id}"})
+    ).json()
     assert _ids(events) == [event.json()["id"]]
 
 
@@ -153,8 +166,9 @@ async def test_deleted_resources_are_not_found_by_search(client):
     patient_id = await new_patient(client)
     ids = await _counts(client, patient_id, [1, 2])
     await client.delete(f"/fhir/Observation/{ids[1]}")
-    bundle = (await client.get("/fhir/Observation",
-                               params={"patient": patient_id, "code": "777-3"})).json()
+    bundle = (
+        await client.get("/fhir/Observation", params={"patient": patient_id, "code": "777-3"})
+    ).json()
     assert _ids(bundle) == [ids[2]]
 
 
@@ -163,13 +177,23 @@ async def test_unknown_parameters_warn_or_fail_in_strict_mode(client):
     assert lenient.status_code == 200
     outcomes = [e for e in lenient.json()["entry"] if e["search"]["mode"] == "outcome"]
     assert outcomes[0]["resource"]["issue"][0]["severity"] == "warning"
-    strict = await client.get("/fhir/Patient", params={"nickname": "x"},
-                              headers={"Prefer": "handling=strict"})
+    strict = await client.get(
+        "/fhir/Patient", params={"nickname": "x"}, headers={"Prefer": "handling=strict"}
+    )
     assert strict.status_code == 400
 
 
-@pytest.mark.parametrize("query", ["date=2025-13-01", "date=xx2025", "_count=many",
-                                   "_sort=value", "_cursor=garbage", "patient=Group/1"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "date=2025-13-01",
+        "date=xx2025",
+        "_count=many",
+        "_sort=value",
+        "_cursor=garbage",
+        "patient=Group/1",
+    ],
+)
 async def test_bad_search_values_are_400(client, query):
     response = await client.get(f"/fhir/Observation?{query}")
     assert response.status_code == 400, query

@@ -13,11 +13,14 @@ from tests.test_crud import create, new_patient
 async def _count(client, kind: str) -> int:
     """Resources of `kind` stored by clients (the server's response status excluded)."""
     bundle = (await client.get(f"/fhir/{kind}?_count=1000")).json()
-    return len([
-        e for e in bundle["entry"]
-        if e["search"]["mode"] == "match"
-        and "itp-response-status" not in str(e["resource"].get("code"))
-    ])
+    return len(
+        [
+            e
+            for e in bundle["entry"]
+            if e["search"]["mode"] == "match"
+            and "itp-response-status" not in str(e["resource"].get("code"))
+        ]
+    )
 
 
 def _expressions(response) -> list[str]:
@@ -26,8 +29,9 @@ def _expressions(response) -> list[str]:
 
 async def test_malformed_json_is_400(client):
     for body in (b"{not json", b"", b"[1, 2]", b'"a string"'):
-        response = await client.post("/fhir/Patient", content=body,
-                                     headers={"Content-Type": "application/fhir+json"})
+        response = await client.post(
+            "/fhir/Patient", content=body, headers={"Content-Type": "application/fhir+json"}
+        )
         assert response.status_code == 400, body
         assert response.json()["resourceType"] == "OperationOutcome"
 
@@ -76,10 +80,14 @@ async def test_invalid_observation_fields(client):
     cases = [
         ({"status": "done"}, "Observation.status"),
         ({"effectiveDateTime": 20250310}, "Observation.effectiveDateTime"),
-        ({"valueQuantity": {**good["valueQuantity"], "value": "40"}},
-         "Observation.valueQuantity.value"),
-        ({"valueQuantity": {**good["valueQuantity"], "comparator": "~"}},
-         "Observation.valueQuantity.comparator"),
+        (
+            {"valueQuantity": {**good["valueQuantity"], "value": "40"}},
+            "Observation.valueQuantity.value",
+        ),
+        (
+            {"valueQuantity": {**good["valueQuantity"], "comparator": "~"}},
+            "Observation.valueQuantity.comparator",
+        ),
     ]
     for change, expression in cases:
         response = await client.post("/fhir/Observation", json={**good, **change})
@@ -104,22 +112,33 @@ async def test_subject_must_be_an_existing_patient(client):
 
 @pytest.mark.parametrize(
     ("value", "unit", "expected"),
-    [(15000, "/uL", 15.0), (95000, "/mm3", 95.0), (102, "10*3/uL", 102.0),
-     (110, "10*9/L", 110.0), (250000, "10*6/L", 250.0)],
+    [
+        (15000, "/uL", 15.0),
+        (95000, "/mm3", 95.0),
+        (102, "10*3/uL", 102.0),
+        (110, "10*9/L", 110.0),
+        (250000, "10*6/L", 250.0),
+    ],
 )
 async def test_platelet_units_are_normalised_beside_what_was_sent(
     app, client, value, unit, expected
 ):
     patient_id = await new_patient(client)
-    created = (await create(client, builders.platelet_count(
-        patient_id, "2025-03-10T09:00:00Z", value, unit=unit))).json()
+    created = (
+        await create(
+            client, builders.platelet_count(patient_id, "2025-03-10T09:00:00Z", value, unit=unit)
+        )
+    ).json()
     # What the lab sent is kept as sent.
     assert created["valueQuantity"]["value"] == value
     assert created["valueQuantity"]["code"] == unit
     # The normalised value sits beside it, in the index column search and the engine read.
     async with app.state.services.db.read() as conn:
-        stored = (await conn.execute(select(resource_table.c.value_norm).where(
-            resource_table.c.id == created["id"]))).scalar_one()
+        stored = (
+            await conn.execute(
+                select(resource_table.c.value_norm).where(resource_table.c.id == created["id"])
+            )
+        ).scalar_one()
     assert stored == pytest.approx(expected)
 
 
@@ -158,8 +177,9 @@ async def test_unsupported_formats(client):
     assert xml.json()["resourceType"] == "OperationOutcome"
     assert (await client.get("/fhir/metadata?_format=xml")).status_code == 406
     assert (await client.get("/fhir/metadata?_format=json")).status_code == 200
-    wrong_type = await client.post("/fhir/Patient", content=b"<Patient/>",
-                                   headers={"Content-Type": "application/fhir+xml"})
+    wrong_type = await client.post(
+        "/fhir/Patient", content=b"<Patient/>", headers={"Content-Type": "application/fhir+xml"}
+    )
     assert wrong_type.status_code == 415
 
 

@@ -20,12 +20,14 @@ def _dumps(value: object) -> str:
 
 
 def _bundle(kind: str, links: list[dict[str, str]], entries: Sequence[str]) -> str:
-    head = _dumps({
-        "resourceType": "Bundle",
-        "type": kind,
-        "timestamp": format_instant(utc_now()),
-        "link": links,
-    })
+    head = _dumps(
+        {
+            "resourceType": "Bundle",
+            "type": kind,
+            "timestamp": format_instant(utc_now()),
+            "link": links,
+        }
+    )
     return head[:-1] + ',"entry":[' + ",".join(entries) + "]}"
 
 
@@ -74,8 +76,9 @@ def history(
 def _history_entry(base_url: str, version: Version) -> str:
     full_url = f"{base_url}/{version.resource_type}/{version.id}"
     method = {"create": "POST", "update": "PUT", "delete": "DELETE"}[version.method]
-    request_url = (version.resource_type if method == "POST"
-                   else f"{version.resource_type}/{version.id}")
+    request_url = (
+        version.resource_type if method == "POST" else f"{version.resource_type}/{version.id}"
+    )
     status = {"POST": "201 Created", "PUT": "200 OK", "DELETE": "204 No Content"}[method]
     if version.method == "update" and version.version_id == 1:
         status = "201 Created"  # an update-as-create

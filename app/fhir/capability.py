@@ -8,11 +8,19 @@ from typing import Any
 from app import __doc__ as app_doc
 from app.fhir.search_params import SEARCH_PARAMETERS, SORTABLE
 
-_INTERACTIONS = ("read", "vread", "update", "delete", "history-instance", "history-type",
-                 "create", "search-type")
+_INTERACTIONS = (
+    "read",
+    "vread",
+    "update",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+)
 _PROFILE_NOTES = {
     "Observation": "Platelet counts (LOINC 777-3, 26515-7) are normalised to 10^9/L; an "
-                   "unknown unit is refused (422). The subject must be an existing Patient.",
+    "unknown unit is refused (422). The subject must be an existing Patient.",
     "MedicationAdministration": "The subject must be an existing Patient.",
     "AdverseEvent": "The subject must be an existing Patient.",
     "Patient": "A Patient with records cannot be deleted (409).",
@@ -22,23 +30,25 @@ _PROFILE_NOTES = {
 def capability_statement(base_url: str, software_version: str, date: str) -> dict[str, Any]:
     resources = []
     for resource_type, parameters in SEARCH_PARAMETERS.items():
-        resources.append({
-            "type": resource_type,
-            "documentation": _PROFILE_NOTES[resource_type],
-            "interaction": [{"code": code} for code in _INTERACTIONS],
-            "versioning": "versioned-update",
-            "readHistory": True,
-            "updateCreate": True,
-            "conditionalCreate": True,
-            "conditionalRead": "not-supported",
-            "conditionalUpdate": False,
-            "conditionalDelete": "not-supported",
-            "referencePolicy": ["literal", "local", "enforced"],
-            "searchParam": [
-                {"name": p.name, "type": p.type, "documentation": p.documentation}
-                for p in parameters
-            ],
-        })
+        resources.append(
+            {
+                "type": resource_type,
+                "documentation": _PROFILE_NOTES[resource_type],
+                "interaction": [{"code": code} for code in _INTERACTIONS],
+                "versioning": "versioned-update",
+                "readHistory": True,
+                "updateCreate": True,
+                "conditionalCreate": True,
+                "conditionalRead": "not-supported",
+                "conditionalUpdate": False,
+                "conditionalDelete": "not-supported",
+                "referencePolicy": ["literal", "local", "enforced"],
+                "searchParam": [
+                    {"name": p.name, "type": p.type, "documentation": p.documentation}
+                    for p in parameters
+                ],
+            }
+        )
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -49,13 +59,15 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
         "implementation": {"description": (app_doc or "").strip(), "url": base_url},
         "fhirVersion": "4.3.0",
         "format": ["application/fhir+json", "application/json"],
-        "rest": [{
-            "mode": "server",
-            "documentation": (
-                "Keyset-paged searches: follow the next link; _sort=date|-date on clinical "
-                "time for " + ", ".join(sorted(SORTABLE)) + ". Prefer: return=minimal|"
-                "representation|OperationOutcome is honoured on create and update."
-            ),
-            "resource": resources,
-        }],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": (
+                    "Keyset-paged searches: follow the next link; _sort=date|-date on clinical "
+                    "time for " + ", ".join(sorted(SORTABLE)) + ". Prefer: return=minimal|"
+                    "representation|OperationOutcome is honoured on create and update."
+                ),
+                "resource": resources,
+            }
+        ],
     }

@@ -43,8 +43,7 @@ def require_json_body(request: Request) -> None:
     content_type = request.headers.get("content-type")
     if content_type is not None and media_type(content_type) not in JSON_TYPES:
         raise UnsupportedMediaType(
-            f"Content-Type {content_type!r} is not supported; send {FHIR_JSON} "
-            "or application/json"
+            f"Content-Type {content_type!r} is not supported; send {FHIR_JSON} or application/json"
         )
 
 
@@ -53,8 +52,10 @@ def negotiate(request: Request) -> None:
     requested = request.query_params.get("_format")
     if requested is not None:
         if requested.strip().lower() not in _FORMAT_ALIASES:
-            raise NotAcceptable(f"_format={requested!r} is not supported; this server speaks "
-                                "JSON only (_format=json)")
+            raise NotAcceptable(
+                f"_format={requested!r} is not supported; this server speaks "
+                "JSON only (_format=json)"
+            )
         return
     accept = request.headers.get("accept")
     if not accept:
@@ -63,8 +64,9 @@ def negotiate(request: Request) -> None:
         kind = media_type(part)
         if kind in _ACCEPTABLE or kind.endswith("+json") or not kind:
             return
-    raise NotAcceptable(f"Accept {accept!r} asks for a format this server does not produce; "
-                        f"it answers {FHIR_JSON}")
+    raise NotAcceptable(
+        f"Accept {accept!r} asks for a format this server does not produce; it answers {FHIR_JSON}"
+    )
 
 
 def prefer_return(request: Request) -> str:
@@ -90,10 +92,16 @@ def version_headers(version_id: int, last_updated: datetime) -> dict[str, str]:
     return {"ETag": f'W/"{version_id}"', "Last-Modified": http_date(last_updated)}
 
 
-def pretty(request: Request, content: bytes | str, headers: Mapping[str, str] | None = None,
-           status_code: int = 200, media_type: str = FHIR_JSON) -> FhirResponse:
+def pretty(
+    request: Request,
+    content: bytes | str,
+    headers: Mapping[str, str] | None = None,
+    status_code: int = 200,
+    media_type: str = FHIR_JSON,
+) -> FhirResponse:
     """A response that honours `_pretty=true` (indentation costs a parse, so only on demand)."""
     if request.query_params.get("_pretty") == "true":
         content = orjson.dumps(orjson.loads(content), option=orjson.OPT_INDENT_2)
-    return FhirResponse(content, status_code=status_code, headers=dict(headers or {}),
-                        media_type=media_type)
+    return FhirResponse(
+        content, status_code=status_code, headers=dict(headers or {}), media_type=media_type
+    )

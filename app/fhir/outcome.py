@@ -21,9 +21,19 @@ from app.fhir.http import FhirResponse
 log = logging.getLogger("app.errors")
 
 _STATUS_ISSUE_CODES = {
-    400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
-    406: "not-supported", 409: "conflict", 410: "deleted", 412: "conflict", 413: "too-costly",
-    415: "not-supported", 422: "invalid", 429: "throttled",
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    410: "deleted",
+    412: "conflict",
+    413: "too-costly",
+    415: "not-supported",
+    422: "invalid",
+    429: "throttled",
 }
 
 
@@ -41,8 +51,9 @@ def operation_outcome(issues: Sequence[Issue]) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome", "issue": rendered}
 
 
-def outcome_response(status_code: int, issues: Sequence[Issue],
-                     headers: dict[str, str] | None = None) -> FhirResponse:
+def outcome_response(
+    status_code: int, issues: Sequence[Issue], headers: dict[str, str] | None = None
+) -> FhirResponse:
     return FhirResponse(operation_outcome(issues), status_code=status_code, headers=headers)
 
 
@@ -72,15 +83,25 @@ async def _validation_error(_request: Request, exc: Exception) -> FhirResponse:
     issues = []
     for error in exc.errors():
         location = [str(part) for part in error.get("loc", ()) if part != "body"]
-        issues.append(Issue("invalid", str(error.get("msg", "invalid value")),
-                            [".".join(location)] if location else []))
+        issues.append(
+            Issue(
+                "invalid",
+                str(error.get("msg", "invalid value")),
+                [".".join(location)] if location else [],
+            )
+        )
     return outcome_response(400, issues or [Issue("invalid", "Invalid request")])
 
 
 async def _unexpected(request: Request, exc: Exception) -> FhirResponse:
     correlation_id = request.headers.get("x-request-id") or str(uuid.uuid4())
-    log.exception("unexpected error %s on %s %s", correlation_id, request.method,
-                  request.url.path, exc_info=exc)
+    log.exception(
+        "unexpected error %s on %s %s",
+        correlation_id,
+        request.method,
+        request.url.path,
+        exc_info=exc,
+    )
     return outcome_response(
         500,
         [Issue("exception", f"Internal server error; correlation id {correlation_id}")],

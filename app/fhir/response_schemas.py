@@ -66,8 +66,10 @@ class ResponseAssessment(_Model):
     evidence: dict[str, list[str]] = Field(description="Observation ids each decision rests on")
     criteria: ResponseCriteria
     computed_at: str
-    observation: str = Field(description="The response-status Observation (its _history is "
-                                         "the patient's response history)")
+    observation: str = Field(
+        description="The response-status Observation (its _history is "
+        "the patient's response history)"
+    )
 
 
 class StatusCounts(_Model):

@@ -63,8 +63,10 @@ IfMatch = Annotated[
 ]
 Prefer = Annotated[
     str | None,
-    Header(alias="Prefer",
-           description="return=minimal | return=representation | return=OperationOutcome"),
+    Header(
+        alias="Prefer",
+        description="return=minimal | return=representation | return=OperationOutcome",
+    ),
 ]
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
@@ -75,8 +77,11 @@ def fhir_base(request: Request) -> str:
 
 
 def _outcome_doc(description: str) -> dict[str, Any]:
-    return {"model": schemas.OperationOutcome, "description": description,
-            "content": {FHIR_JSON: {}}}
+    return {
+        "model": schemas.OperationOutcome,
+        "description": description,
+        "content": {FHIR_JSON: {}},
+    }
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -90,8 +95,7 @@ _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     409: _outcome_doc("Conflict with the current state"),
     412: _outcome_doc("If-Match is stale, or a conditional create matched several"),
     415: _outcome_doc("Body is not application/fhir+json or application/json"),
-    422: _outcome_doc("Not an acceptable resource of this profile; `expression` names the "
-                      "element"),
+    422: _outcome_doc("Not an acceptable resource of this profile; `expression` names the element"),
 }
 _VERSION_HEADERS = {
     "ETag": {"description": 'Version, e.g. W/"1"', "schema": {"type": "string"}},
@@ -102,8 +106,12 @@ _LOCATION_HEADER = {
 }
 
 
-def _resource_response(request: Request, stored: Stored, status_code: int = 200,
-                       extra_headers: dict[str, str] | None = None) -> Response:
+def _resource_response(
+    request: Request,
+    stored: Stored,
+    status_code: int = 200,
+    extra_headers: dict[str, str] | None = None,
+) -> Response:
     headers = version_headers(stored.version_id, stored.last_updated)
     headers.update(extra_headers or {})
     choice = prefer_return(request)
@@ -132,21 +140,40 @@ def _body_doc(resource_type: str) -> dict[str, Any]:
 
 def _search_doc(resource_type: str) -> dict[str, Any]:
     parameters = [
-        {"name": p.name, "in": "query", "required": False, "description": p.documentation,
-         "schema": {"type": "string"}}
+        {
+            "name": p.name,
+            "in": "query",
+            "required": False,
+            "description": p.documentation,
+            "schema": {"type": "string"},
+        }
         for p in SEARCH_PARAMETERS[resource_type]
     ]
     parameters += [
-        {"name": "_count", "in": "query", "required": False,
-         "description": "Page size", "schema": {"type": "integer", "minimum": 0}},
-        {"name": "_cursor", "in": "query", "required": False,
-         "description": "Opaque paging cursor from a next link", "schema": {"type": "string"}},
+        {
+            "name": "_count",
+            "in": "query",
+            "required": False,
+            "description": "Page size",
+            "schema": {"type": "integer", "minimum": 0},
+        },
+        {
+            "name": "_cursor",
+            "in": "query",
+            "required": False,
+            "description": "Opaque paging cursor from a next link",
+            "schema": {"type": "string"},
+        },
     ]
     if resource_type in ("Observation", "MedicationAdministration", "AdverseEvent"):
         parameters.append(
-            {"name": "_sort", "in": "query", "required": False,
-             "description": "date or -date (clinical time)",
-             "schema": {"type": "string", "enum": ["date", "-date"]}}
+            {
+                "name": "_sort",
+                "in": "query",
+                "required": False,
+                "description": "date or -date (clinical time)",
+                "schema": {"type": "string", "enum": ["date", "-date"]},
+            }
         )
     return {"parameters": parameters}
 
@@ -165,8 +192,11 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         response_class=FhirResponse,
         openapi_extra=_body_doc(resource_type),
         responses={
-            201: {**ok_resource, "description": "Created",
-                  "headers": {**_VERSION_HEADERS, **_LOCATION_HEADER}},
+            201: {
+                **ok_resource,
+                "description": "Created",
+                "headers": {**_VERSION_HEADERS, **_LOCATION_HEADER},
+            },
             200: {**ok_resource, "description": "If-None-Exist matched an existing resource"},
             **_WRITE_ERRORS,
         },
@@ -176,8 +206,10 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         ctx: ServicesDep,
         if_none_exist: Annotated[
             str | None,
-            Header(alias="If-None-Exist",
-                   description="Conditional create: search criteria, e.g. identifier=sys|val"),
+            Header(
+                alias="If-None-Exist",
+                description="Conditional create: search criteria, e.g. identifier=sys|val",
+            ),
         ] = None,
         prefer: Prefer = None,
     ) -> Response:
@@ -186,8 +218,9 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         criteria = key = None
         if if_none_exist is not None:
             criteria, key = _conditional_criteria(resource_type, if_none_exist)
-        result = await service.create(ctx, resource_type, body, if_none_exist=criteria,
-                                      if_none_exist_key=key)
+        result = await service.create(
+            ctx, resource_type, body, if_none_exist=criteria, if_none_exist_key=key
+        )
         if not result.created:
             return _resource_response(request, result.stored, 200)
         return _resource_response(request, result.stored, 201, _location(result.stored))
@@ -198,11 +231,19 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         summary=f"All versions of every {resource_type}, newest first",
         tags=tags,
         response_class=FhirResponse,
-        responses={200: {"model": schemas.Bundle, "content": {FHIR_JSON: {}},
-                         "description": "history Bundle"}, **_ERRORS},
+        responses={
+            200: {
+                "model": schemas.Bundle,
+                "content": {FHIR_JSON: {}},
+                "description": "history Bundle",
+            },
+            **_ERRORS,
+        },
     )
     async def type_history(
-        request: Request, ctx: ServicesDep, settings: SettingsDep,
+        request: Request,
+        ctx: ServicesDep,
+        settings: SettingsDep,
         count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
         since: Annotated[str | None, Query(alias="_since")] = None,
         cursor: Annotated[str | None, Query(alias="_cursor")] = None,
@@ -215,8 +256,11 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         summary=f"Read the current version of a {resource_type}",
         tags=tags,
         response_class=FhirResponse,
-        responses={200: {**ok_resource, "description": "The current version"},
-                   410: _outcome_doc("Deleted; the history stays readable"), **_ERRORS},
+        responses={
+            200: {**ok_resource, "description": "The current version"},
+            410: _outcome_doc("Deleted; the history stays readable"),
+            **_ERRORS,
+        },
     )
     async def read(request: Request, ctx: ServicesDep, resource_id: IdPath) -> Response:
         return _resource_response(request, await service.read(ctx, resource_type, resource_id))
@@ -227,8 +271,11 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         summary=f"Read one version of a {resource_type}",
         tags=tags,
         response_class=FhirResponse,
-        responses={200: {**ok_resource, "description": "That version"},
-                   410: _outcome_doc("That version is a deletion"), **_ERRORS},
+        responses={
+            200: {**ok_resource, "description": "That version"},
+            410: _outcome_doc("That version is a deletion"),
+            **_ERRORS,
+        },
     )
     async def vread(
         request: Request,
@@ -248,18 +295,25 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         openapi_extra=_body_doc(resource_type),
         responses={
             200: {**ok_resource, "description": "Updated"},
-            201: {**ok_resource, "description": "Created (update as create)",
-                  "headers": {**_VERSION_HEADERS, **_LOCATION_HEADER}},
+            201: {
+                **ok_resource,
+                "description": "Created (update as create)",
+                "headers": {**_VERSION_HEADERS, **_LOCATION_HEADER},
+            },
             **_WRITE_ERRORS,
         },
     )
     async def update(
-        request: Request, ctx: ServicesDep, resource_id: IdPath, if_match: IfMatch = None,
+        request: Request,
+        ctx: ServicesDep,
+        resource_id: IdPath,
+        if_match: IfMatch = None,
         prefer: Prefer = None,
     ) -> Response:
         require_json_body(request)
-        result = await service.update(ctx, resource_type, resource_id, await request.body(),
-                                      if_match=if_match)
+        result = await service.update(
+            ctx, resource_type, resource_id, await request.body(), if_match=if_match
+        )
         if result.created:
             return _resource_response(request, result.stored, 201, _location(result.stored))
         return _resource_response(request, result.stored)
@@ -272,23 +326,38 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         status_code=204,
         response_class=Response,
         responses={
-            204: {"description": "Deleted (or already deleted)", "headers": {
-                "ETag": {"description": "Version of the deletion", "schema": {"type": "string"}},
-            }},
-            200: {"model": schemas.OperationOutcome, "content": {FHIR_JSON: {}},
-                  "description": "Deleted, with Prefer: return=OperationOutcome"},
+            204: {
+                "description": "Deleted (or already deleted)",
+                "headers": {
+                    "ETag": {
+                        "description": "Version of the deletion",
+                        "schema": {"type": "string"},
+                    },
+                },
+            },
+            200: {
+                "model": schemas.OperationOutcome,
+                "content": {FHIR_JSON: {}},
+                "description": "Deleted, with Prefer: return=OperationOutcome",
+            },
             **_WRITE_ERRORS,
         },
     )
     async def delete(
-        request: Request, ctx: ServicesDep, resource_id: IdPath, if_match: IfMatch = None,
+        request: Request,
+        ctx: ServicesDep,
+        resource_id: IdPath,
+        if_match: IfMatch = None,
         prefer: Prefer = None,
     ) -> Response:
         deletion = await service.delete(ctx, resource_type, resource_id, if_match=if_match)
         headers = {"ETag": deletion.etag} if deletion else {}
         if prefer_return(request) == "OperationOutcome":
-            message = (f"Deleted {resource_type}/{resource_id}" if deletion
-                       else f"{resource_type}/{resource_id} was already deleted")
+            message = (
+                f"Deleted {resource_type}/{resource_id}"
+                if deletion
+                else f"{resource_type}/{resource_id} was already deleted"
+            )
             return FhirResponse(information(message), headers=headers)
         return Response(status_code=204, headers=headers)
 
@@ -299,8 +368,14 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         tags=tags,
         response_class=FhirResponse,
         openapi_extra=_search_doc(resource_type),
-        responses={200: {"model": schemas.Bundle, "content": {FHIR_JSON: {}},
-                         "description": "searchset Bundle"}, **_ERRORS},
+        responses={
+            200: {
+                "model": schemas.Bundle,
+                "content": {FHIR_JSON: {}},
+                "description": "searchset Bundle",
+            },
+            **_ERRORS,
+        },
     )
     async def search(request: Request, ctx: ServicesDep, settings: SettingsDep) -> Response:
         parsed = parse_search(
@@ -310,8 +385,9 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
             max_count=settings.max_page_size,
             strict=prefer_strict(request),
         )
-        hits = await service.search(ctx, parsed.criteria, sort=parsed.sort, after=parsed.after,
-                                    limit=parsed.count + 1)
+        hits = await service.search(
+            ctx, parsed.criteria, sort=parsed.sort, after=parsed.after, limit=parsed.count + 1
+        )
         page = hits[: parsed.count]
         next_params = None
         if len(hits) > parsed.count and page:
@@ -321,8 +397,11 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
             if "_count" not in dict(parsed.applied):
                 next_params.insert(-1, ("_count", str(parsed.count)))
         text = bundles.searchset(
-            fhir_base(request), resource_type, [hit.stored for hit in page],
-            self_params=request.query_params.multi_items(), next_params=next_params,
+            fhir_base(request),
+            resource_type,
+            [hit.stored for hit in page],
+            self_params=request.query_params.multi_items(),
+            next_params=next_params,
             warnings=parsed.warnings,
         )
         return pretty(request, text)
@@ -333,18 +412,27 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         summary=f"All versions of one {resource_type}, newest first",
         tags=tags,
         response_class=FhirResponse,
-        responses={200: {"model": schemas.Bundle, "content": {FHIR_JSON: {}},
-                         "description": "history Bundle"}, **_ERRORS},
+        responses={
+            200: {
+                "model": schemas.Bundle,
+                "content": {FHIR_JSON: {}},
+                "description": "history Bundle",
+            },
+            **_ERRORS,
+        },
     )
     async def instance_history(
-        request: Request, ctx: ServicesDep, settings: SettingsDep, resource_id: IdPath,
+        request: Request,
+        ctx: ServicesDep,
+        settings: SettingsDep,
+        resource_id: IdPath,
         count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
         since: Annotated[str | None, Query(alias="_since")] = None,
         cursor: Annotated[str | None, Query(alias="_cursor")] = None,
     ) -> Response:
-        return await _history(request, ctx, settings, resource_type, resource_id, count,
-                              since, cursor)
-
+        return await _history(
+            request, ctx, settings, resource_type, resource_id, count, since, cursor
+        )
 
 
 async def _history(
@@ -365,8 +453,9 @@ async def _history(
             raise BadRequest(f"_since={since!r} is not a FHIR instant")
         since_at = bounds[0]
     after = decode_cursor(cursor, (datetime, str, int)) if cursor else None
-    versions = await service.history(ctx, resource_type, resource_id, since=since_at,
-                                     after=after, limit=limit + 1)  # type: ignore[arg-type]
+    versions = await service.history(
+        ctx, resource_type, resource_id, since=since_at, after=after, limit=limit + 1
+    )  # type: ignore[arg-type]
     page = versions[:limit]
     base = fhir_base(request)
     path = f"{base}/{resource_type}" + (f"/{resource_id}" if resource_id else "") + "/_history"
@@ -375,12 +464,12 @@ async def _history(
     if len(versions) > limit:
         last = page[-1]
         next_url = bundles.page_url(
-            path, [*params, ("_cursor", encode_cursor(last.last_updated, last.id,
-                                                      last.version_id))]
+            path, [*params, ("_cursor", encode_cursor(last.last_updated, last.id, last.version_id))]
         )
     self_url = bundles.page_url(path, request.query_params.multi_items())
-    return pretty(request, bundles.history(base, resource_type, page, self_url=self_url,
-                                           next_url=next_url))
+    return pretty(
+        request, bundles.history(base, resource_type, page, self_url=self_url, next_url=next_url)
+    )
 
 
 for _resource_type in RESOURCE_TYPES:

@@ -38,8 +38,9 @@ SEARCH_PARAMETERS: dict[str, tuple[SearchParameter, ...]] = {
         SearchParameter("patient", "reference", "The subject Patient (Patient/id or id)"),
         SearchParameter("subject", "reference", "The subject Patient (Patient/id or id)"),
         SearchParameter("code", "token", "The observation code (system|code)"),
-        SearchParameter("date", "date",
-                        "Clinical time (effective[x]); prefixes eq ne lt le gt ge sa eb"),
+        SearchParameter(
+            "date", "date", "Clinical time (effective[x]); prefixes eq ne lt le gt ge sa eb"
+        ),
         SearchParameter("identifier", "token", "An observation identifier (system|value)"),
     ),
     "MedicationAdministration": (
@@ -87,8 +88,10 @@ def parse_search(
         base, _, modifier = name.partition(":")
         parameter = known.get(base)
         if parameter is None or modifier:
-            message = (f"Unknown or unsupported search parameter {name!r} for {resource_type}; "
-                       "it was ignored")
+            message = (
+                f"Unknown or unsupported search parameter {name!r} for {resource_type}; "
+                "it was ignored"
+            )
             if strict:
                 raise BadRequest(message)
             parsed.warnings.append(Issue("not-supported", message, severity="warning"))
@@ -100,8 +103,9 @@ def parse_search(
     return parsed
 
 
-def _control(parsed: ParsedSearch, resource_type: str, name: str, value: str,
-             max_count: int) -> None:
+def _control(
+    parsed: ParsedSearch, resource_type: str, name: str, value: str, max_count: int
+) -> None:
     if name == "_count":
         if not value.isdigit():
             raise BadRequest(f"_count={value!r} is not a whole number")
@@ -109,8 +113,10 @@ def _control(parsed: ParsedSearch, resource_type: str, name: str, value: str,
         parsed.applied.append((name, str(parsed.count)))
     elif name == "_sort":
         if value not in ("date", "-date") or resource_type not in SORTABLE:
-            raise BadRequest(f"_sort={value!r} is not supported for {resource_type}; "
-                             "supported: date, -date (clinical time)")
+            raise BadRequest(
+                f"_sort={value!r} is not supported for {resource_type}; "
+                "supported: date, -date (clinical time)"
+            )
         parsed.sort = value
         parsed.applied.append((name, value))
     elif name == "_cursor":
@@ -125,8 +131,7 @@ def _apply(criteria: Criteria, parameter: SearchParameter, value: str) -> None:
         patients = [_reference_id(parameter.name, v) for v in values]
         criteria.patients = _intersect(criteria.patients, patients)
     elif parameter.type == "token":
-        criteria.tokens = [*(criteria.tokens or []),
-                           [_token(parameter.name, v) for v in values]]
+        criteria.tokens = [*(criteria.tokens or []), [_token(parameter.name, v) for v in values]]
     elif parameter.type == "date":
         criteria.dates = [*(criteria.dates or []), [_date(parameter.name, v) for v in values]]
 
@@ -158,9 +163,11 @@ def _date(name: str, value: str) -> DateMatch:
         prefix, value = value[:2], value[2:]
     bounds = fhir_range(value)
     if bounds is None:
-        raise BadRequest(f"{name}={prefix}{value!r} is not a FHIR date or dateTime "
-                         "(e.g. 2025-03-10 or 2025-03-10T09:00:00Z, optionally with a prefix "
-                         "eq, ne, lt, le, gt, ge, sa, eb)")
+        raise BadRequest(
+            f"{name}={prefix}{value!r} is not a FHIR date or dateTime "
+            "(e.g. 2025-03-10 or 2025-03-10T09:00:00Z, optionally with a prefix "
+            "eq, ne, lt, le, gt, ge, sa, eb)"
+        )
     return DateMatch(prefix, *bounds)
 
 

@@ -89,8 +89,8 @@ def index_values(
     values = IndexValues()
     values.kind = record_kind(resource_type, raw, code_systems)
     values.status = raw.get("actuality" if resource_type == "AdverseEvent" else "status")
-    values.patient_id = resource_id if resource_type == "Patient" else subject_patient_id(
-        resource_type, raw
+    values.patient_id = (
+        resource_id if resource_type == "Patient" else subject_patient_id(resource_type, raw)
     )
     for element in EFFECTIVE_ELEMENTS.get(resource_type, ()):
         value = raw.get(element)
@@ -179,8 +179,11 @@ def normalised_platelet_value(raw: dict[str, Any]) -> float | None:
         raise Unprocessable(
             f"Unknown platelet count unit {shown!r}; accepted UCUM codes: {accepted} "
             "(and the common lab spellings such as K/uL, x10^9/L)",
-            expression=["Observation.valueQuantity.code" if quantity.get("code")
-                        else "Observation.valueQuantity.unit"],
+            expression=[
+                "Observation.valueQuantity.code"
+                if quantity.get("code")
+                else "Observation.valueQuantity.unit"
+            ],
         )
     return round(float(quantity["value"]) * factor, 6)
 

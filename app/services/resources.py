@@ -65,11 +65,13 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def _render(raw: dict[str, Any], resource_type: str, resource_id: str, version_id: int,
-            now: datetime) -> str:
+def _render(
+    raw: dict[str, Any], resource_type: str, resource_id: str, version_id: int, now: datetime
+) -> str:
     """The stored JSON: server-owned id and meta first, everything else as the client sent it."""
-    meta = {k: v for k, v in (raw.get("meta") or {}).items()
-            if k not in ("versionId", "lastUpdated")}
+    meta = {
+        k: v for k, v in (raw.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")
+    }
     meta = {"versionId": str(version_id), "lastUpdated": format_instant(now), **meta}
     body = {k: v for k, v in raw.items() if k not in ("resourceType", "id", "meta")}
     document = {"resourceType": resource_type, "id": resource_id, "meta": meta, **body}
@@ -77,8 +79,9 @@ def _render(raw: dict[str, Any], resource_type: str, resource_id: str, version_i
 
 
 def _stored(current: repo.Current) -> Stored:
-    return Stored(current.resource_type, current.id, current.version_id, current.last_updated,
-                  current.content)
+    return Stored(
+        current.resource_type, current.id, current.version_id, current.last_updated, current.content
+    )
 
 
 def parse_if_match(header: str | None) -> int | None:
@@ -89,12 +92,17 @@ def parse_if_match(header: str | None) -> int | None:
         value = value[2:]
     value = value.strip('"')
     if not value.isdigit():
-        raise BadRequest(f"If-Match {header!r} is not a version ETag such as W/\"3\"")
+        raise BadRequest(f'If-Match {header!r} is not a version ETag such as W/"3"')
     return int(value)
 
 
-async def _accept(ctx: ServiceContext, conn: AsyncConnection, resource_type: str,
-                  resource_id: str, raw: dict[str, Any]) -> repo.IndexRow:
+async def _accept(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    resource_type: str,
+    resource_id: str,
+    raw: dict[str, Any],
+) -> repo.IndexRow:
     """Validate, derive index values and lock (and check) the subject Patient."""
     validate(raw, resource_type)
     values = index_values(resource_type, resource_id, raw, ctx.codes)
@@ -108,8 +116,15 @@ async def _accept(ctx: ServiceContext, conn: AsyncConnection, resource_type: str
             )
     if values.kind == KIND_RESPONSE_STATUS:
         raise _server_owned()
-    return repo.IndexRow(values.patient_id, values.effective_start, values.effective_end,
-                         values.value_norm, values.kind, values.status, values.tokens)
+    return repo.IndexRow(
+        values.patient_id,
+        values.effective_start,
+        values.effective_end,
+        values.value_norm,
+        values.kind,
+        values.status,
+        values.tokens,
+    )
 
 
 async def create(
@@ -149,11 +164,14 @@ async def update(
     raw = parse_json(body)
     body_id = raw.get("id")
     if body_id is None:
-        raise BadRequest("An update must carry the resource id in the body",
-                         expression=[f"{resource_type}.id"])
+        raise BadRequest(
+            "An update must carry the resource id in the body", expression=[f"{resource_type}.id"]
+        )
     if body_id != resource_id:
-        raise BadRequest(f"The body's id {body_id!r} does not match the URL's {resource_id!r}",
-                         expression=[f"{resource_type}.id"])
+        raise BadRequest(
+            f"The body's id {body_id!r} does not match the URL's {resource_id!r}",
+            expression=[f"{resource_type}.id"],
+        )
     expected = parse_if_match(if_match)
     async with ctx.db.write() as conn:
         current = await _lock_current(conn, resource_type, resource_id)
@@ -173,8 +191,9 @@ async def update(
         await repo.update_resource(conn, current, version, content, index, now, "update")
         # A record moved to another patient changes both patients' responses.
         await _recompute(ctx, conn, {index.patient_id, current.patient_id}, now)
-    return WriteResult(Stored(resource_type, resource_id, version, now, content),
-                       created=current.deleted)
+    return WriteResult(
+        Stored(resource_type, resource_id, version, now, content), created=current.deleted
+    )
 
 
 async def delete(
@@ -206,8 +225,9 @@ async def delete(
     return Stored(resource_type, resource_id, version, now, None)
 
 
-async def _lock_current(conn: AsyncConnection, resource_type: str,
-                        resource_id: str) -> repo.Current | None:
+async def _lock_current(
+    conn: AsyncConnection, resource_type: str, resource_id: str
+) -> repo.Current | None:
     current = await repo.get_current(conn, resource_type, resource_id)
     if current is not None and current.patient_id and resource_type != "Patient":
         # Patient first, then the record: the same lock order as a create, so no deadlock.
@@ -215,8 +235,9 @@ async def _lock_current(conn: AsyncConnection, resource_type: str,
     return await repo.get_current(conn, resource_type, resource_id, for_update=True)
 
 
-async def _recompute(ctx: ServiceContext, conn: AsyncConnection,
-                     patient_ids: set[str | None], now: datetime) -> None:
+async def _recompute(
+    ctx: ServiceContext, conn: AsyncConnection, patient_ids: set[str | None], now: datetime
+) -> None:
     """Recompute in the write's own transaction: data and status commit together.
 
     The Patient rows are already locked by `_accept` / `_lock_current`.
@@ -245,21 +266,26 @@ async def read(ctx: ServiceContext, resource_type: str, resource_id: str) -> Sto
     if current is None:
         raise NotFound(f"{resource_type}/{resource_id} does not exist")
     if current.deleted:
-        raise Gone(f"{resource_type}/{resource_id} was deleted (version {current.version_id}); "
-                   "its history stays readable",
-                   headers={"ETag": f'W/"{current.version_id}"'})
+        raise Gone(
+            f"{resource_type}/{resource_id} was deleted (version {current.version_id}); "
+            "its history stays readable",
+            headers={"ETag": f'W/"{current.version_id}"'},
+        )
     return _stored(current)
 
 
-async def vread(ctx: ServiceContext, resource_type: str, resource_id: str, version_id: int) -> Stored:
+async def vread(
+    ctx: ServiceContext, resource_type: str, resource_id: str, version_id: int
+) -> Stored:
     async with ctx.db.read() as conn:
         version = await repo.get_version(conn, resource_type, resource_id, version_id)
     if version is None:
         raise NotFound(f"{resource_type}/{resource_id}/_history/{version_id} does not exist")
     if version.content is None:
         raise Gone(f"{resource_type}/{resource_id}/_history/{version_id} is a deletion")
-    return Stored(resource_type, resource_id, version.version_id, version.last_updated,
-                  version.content)
+    return Stored(
+        resource_type, resource_id, version.version_id, version.last_updated, version.content
+    )
 
 
 async def history(
@@ -276,8 +302,9 @@ async def history(
             current = await repo.get_current(conn, resource_type, resource_id)
             if current is None:
                 raise NotFound(f"{resource_type}/{resource_id} does not exist")
-        return await repo.history(conn, resource_type, resource_id, since=since, after=after,
-                                  limit=limit)
+        return await repo.history(
+            conn, resource_type, resource_id, since=since, after=after, limit=limit
+        )
 
 
 @dataclass(frozen=True)

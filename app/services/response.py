@@ -65,16 +65,16 @@ def timeline(patient_id: str, facts: list[repo.Fact]) -> Timeline:
             events.append(BleedingEvent(fact.id, time, status))
         else:
             administrations.append(Administration(fact.id, time, fact.kind, status))  # type: ignore[arg-type]
-    return Timeline(patient_id, tuple(counts), tuple(grades), tuple(events),
-                    tuple(administrations))
+    return Timeline(patient_id, tuple(counts), tuple(grades), tuple(events), tuple(administrations))
 
 
 def _fingerprint(document: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-async def recompute(ctx: ServiceContext, conn: AsyncConnection, patient_id: str,
-                    now: datetime) -> bool:
+async def recompute(
+    ctx: ServiceContext, conn: AsyncConnection, patient_id: str, now: datetime
+) -> bool:
     """Assess the patient and store the result if it changed; True when it did.
 
     Call it inside the write transaction that changed the patient's data, after locking the
@@ -89,12 +89,22 @@ async def recompute(ctx: ServiceContext, conn: AsyncConnection, patient_id: str,
         return False
     observation_id = response_observation_id(patient_id)
     await _write_observation(ctx, conn, observation_id, assessment, now)
-    document = {**document, "computed_at": format_instant(now),
-                "observation": f"Observation/{observation_id}"}
+    document = {
+        **document,
+        "computed_at": format_instant(now),
+        "observation": f"Observation/{observation_id}",
+    }
     await repo.save_assessment(
         conn,
-        repo.AssessmentRow(patient_id, assessment.status, assessment.best_response,
-                           fingerprint, now, observation_id, orjson.dumps(document).decode()),
+        repo.AssessmentRow(
+            patient_id,
+            assessment.status,
+            assessment.best_response,
+            fingerprint,
+            now,
+            observation_id,
+            orjson.dumps(document).decode(),
+        ),
         exists_=existing is not None,
     )
     return True
@@ -104,19 +114,27 @@ async def forget(conn: AsyncConnection, patient_id: str, now: datetime) -> None:
     """A deleted Patient takes its response status with it (the history stays readable)."""
     current = await repo.get_current(conn, "Observation", response_observation_id(patient_id))
     if current is not None and not current.deleted:
-        await repo.update_resource(conn, current, current.version_id + 1, None, None, now,
-                                   "delete")
+        await repo.update_resource(conn, current, current.version_id + 1, None, None, now, "delete")
     await repo.delete_assessment(conn, patient_id)
 
 
-async def _write_observation(ctx: ServiceContext, conn: AsyncConnection, observation_id: str,
-                             assessment: Assessment, now: datetime) -> None:
+async def _write_observation(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    observation_id: str,
+    assessment: Assessment,
+    now: datetime,
+) -> None:
     current = await repo.get_current(conn, "Observation", observation_id)
     version = 1 if current is None else current.version_id + 1
     content = orjson.dumps(_observation(ctx, observation_id, version, assessment, now)).decode()
     index = repo.IndexRow(
-        patient_id=assessment.patient, effective_start=now, effective_end=now, value_norm=None,
-        kind=KIND_RESPONSE_STATUS, status="final" if version == 1 else "amended",
+        patient_id=assessment.patient,
+        effective_start=now,
+        effective_end=now,
+        value_norm=None,
+        kind=KIND_RESPONSE_STATUS,
+        status="final" if version == 1 else "amended",
         tokens=[("code", ctx.codes.trial_codes, codes.ITP_RESPONSE_STATUS)],
     )
     if current is None:
@@ -132,28 +150,46 @@ def _concept(system: str, code: str, display: str | None = None) -> dict[str, An
     return {"coding": [coding]}
 
 
-def _observation(ctx: ServiceContext, observation_id: str, version: int,
-                 assessment: Assessment, now: datetime) -> dict[str, Any]:
+def _observation(
+    ctx: ServiceContext, observation_id: str, version: int, assessment: Assessment, now: datetime
+) -> dict[str, Any]:
     trial, response = ctx.codes.trial_codes, ctx.codes.itp_response
     components: list[dict[str, Any]] = []
     if assessment.baseline is not None:
-        components.append({
-            "code": _concept(trial, codes.BASELINE_COMPONENT, "Baseline platelet count"),
-            "valueQuantity": {"value": assessment.baseline.value, "unit": "10*9/L",
-                              "system": codes.UCUM, "code": "10*9/L"},
-        })
+        components.append(
+            {
+                "code": _concept(trial, codes.BASELINE_COMPONENT, "Baseline platelet count"),
+                "valueQuantity": {
+                    "value": assessment.baseline.value,
+                    "unit": "10*9/L",
+                    "system": codes.UCUM,
+                    "code": "10*9/L",
+                },
+            }
+        )
     if assessment.time_to_response_days is not None:
-        components.append({
-            "code": _concept(trial, codes.TIME_TO_RESPONSE_COMPONENT, "Time to response"),
-            "valueQuantity": {"value": assessment.time_to_response_days, "unit": "d",
-                              "system": codes.UCUM, "code": "d"},
-        })
+        components.append(
+            {
+                "code": _concept(trial, codes.TIME_TO_RESPONSE_COMPONENT, "Time to response"),
+                "valueQuantity": {
+                    "value": assessment.time_to_response_days,
+                    "unit": "d",
+                    "system": codes.UCUM,
+                    "code": "d",
+                },
+            }
+        )
     if assessment.best_response is not None:
-        components.append({
-            "code": _concept(trial, codes.BEST_RESPONSE_COMPONENT, "Best response"),
-            "valueCodeableConcept": _concept(response, assessment.best_response,
-                                             codes.RESPONSE_DISPLAY[assessment.best_response]),
-        })
+        components.append(
+            {
+                "code": _concept(trial, codes.BEST_RESPONSE_COMPONENT, "Best response"),
+                "valueCodeableConcept": _concept(
+                    response,
+                    assessment.best_response,
+                    codes.RESPONSE_DISPLAY[assessment.best_response],
+                ),
+            }
+        )
     evidence = sorted({i for ids in assessment.evidence.values() for i in ids})
     document: dict[str, Any] = {
         "resourceType": "Observation",
@@ -164,8 +200,9 @@ def _observation(ctx: ServiceContext, observation_id: str, version: int,
         "subject": {"reference": f"Patient/{assessment.patient}"},
         "effectiveDateTime": format_instant(now),
         "issued": format_instant(now),
-        "valueCodeableConcept": _concept(response, assessment.status,
-                                         codes.RESPONSE_DISPLAY[assessment.status]),
+        "valueCodeableConcept": _concept(
+            response, assessment.status, codes.RESPONSE_DISPLAY[assessment.status]
+        ),
     }
     if assessment.status_reason:
         document["note"] = [{"text": assessment.status_reason}]

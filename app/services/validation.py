@@ -40,13 +40,28 @@ _QUANTITY_COMPARATORS = frozenset({"<", "<=", ">=", ">"})
 # '+', or omits it); taken from the R4B value sets.
 _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
     ("Observation", "status"): frozenset(
-        {"registered", "preliminary", "final", "amended", "corrected", "cancelled",
-         "entered-in-error", "unknown"}
+        {
+            "registered",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        }
     ),
     **{
         (quantity, "comparator"): _QUANTITY_COMPARATORS
-        for quantity in ("Quantity", "Age", "Count", "Distance", "Duration", "SimpleQuantity",
-                         "MoneyQuantity")
+        for quantity in (
+            "Quantity",
+            "Age",
+            "Count",
+            "Distance",
+            "Duration",
+            "SimpleQuantity",
+            "MoneyQuantity",
+        )
     },
 }
 
@@ -155,8 +170,9 @@ def _pydantic_issues(exc: ValidationError, resource_type: str) -> list[Issue]:
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "Unknown element (not part of this R4B resource)"
-        issues.append(Issue("structure" if error["type"] == "extra_forbidden" else "value",
-                            message, [path]))
+        issues.append(
+            Issue("structure" if error["type"] == "extra_forbidden" else "value", message, [path])
+        )
     return issues
 
 
@@ -195,7 +211,9 @@ def _check(
             for index, item in enumerate(value):
                 item_path = f"{here}[{index}]"
                 if item is None:
-                    issues.append(Issue("required", "null is not allowed in FHIR JSON", [item_path]))
+                    issues.append(
+                        Issue("required", "null is not allowed in FHIR JSON", [item_path])
+                    )
                 else:
                     _check_value(item, spec, model, item_path, issues)
         else:

@@ -68,9 +68,7 @@ def _make_engine(url: URL, *, immediate: bool, pool_size: int, max_overflow: int
         )
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect(immediate))
         begin_sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
-        event.listen(
-            engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(begin_sql)
-        )
+        event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(begin_sql))
         return engine
     return create_async_engine(
         url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True

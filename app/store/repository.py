@@ -82,8 +82,15 @@ class IndexRow:
 
 
 _CURRENT_COLUMNS = (
-    R.c.pk, R.c.resource_type, R.c.id, R.c.version_id, R.c.last_updated, R.c.deleted,
-    R.c.content, R.c.patient_id, R.c.kind,
+    R.c.pk,
+    R.c.resource_type,
+    R.c.id,
+    R.c.version_id,
+    R.c.last_updated,
+    R.c.deleted,
+    R.c.content,
+    R.c.patient_id,
+    R.c.kind,
 )
 
 
@@ -126,7 +133,8 @@ async def insert_resource(
     now: datetime,
 ) -> None:
     result = await conn.execute(
-        insert(R).values(
+        insert(R)
+        .values(
             resource_type=resource_type,
             id=resource_id,
             version_id=1,
@@ -134,7 +142,8 @@ async def insert_resource(
             deleted=False,
             content=content,
             **index.columns(),
-        ).returning(R.c.pk)
+        )
+        .returning(R.c.pk)
     )
     pk = result.scalar_one()
     await _insert_version(conn, resource_type, resource_id, 1, now, "create", content)
@@ -163,9 +172,7 @@ async def update_resource(
     await conn.execute(delete(T).where(T.c.resource_pk == current.pk))
     if index is not None:
         await _insert_tokens(conn, current.pk, current.resource_type, index.tokens)
-    await _insert_version(
-        conn, current.resource_type, current.id, version_id, now, method, content
-    )
+    await _insert_version(conn, current.resource_type, current.id, version_id, now, method, content)
 
 
 async def _insert_version(
@@ -197,8 +204,7 @@ async def _insert_tokens(
     await conn.execute(
         insert(T),
         [
-            {"resource_pk": pk, "resource_type": resource_type, "param": p, "system": s,
-             "value": v}
+            {"resource_pk": pk, "resource_type": resource_type, "param": p, "system": s, "value": v}
             for p, s, v in tokens
         ],
     )
@@ -209,8 +215,9 @@ async def get_version(
 ) -> Version | None:
     row = (
         await conn.execute(
-            select(V.c.resource_type, V.c.id, V.c.version_id, V.c.last_updated, V.c.method,
-                   V.c.content).where(
+            select(
+                V.c.resource_type, V.c.id, V.c.version_id, V.c.last_updated, V.c.method, V.c.content
+            ).where(
                 V.c.resource_type == resource_type,
                 V.c.id == resource_id,
                 V.c.version_id == version_id,
@@ -275,8 +282,9 @@ async def patient_facts(conn: AsyncConnection, patient_id: str, kinds: Sequence[
     """The patient's live records the engine reads: one indexed query, the patient's
     history only, whatever the size of the trial."""
     rows = await conn.execute(
-        select(R.c.resource_type, R.c.id, R.c.kind, R.c.status, R.c.effective_start,
-               R.c.value_norm).where(
+        select(
+            R.c.resource_type, R.c.id, R.c.kind, R.c.status, R.c.effective_start, R.c.value_norm
+        ).where(
             R.c.resource_type.in_(("Observation", "MedicationAdministration", "AdverseEvent")),
             R.c.patient_id == patient_id,
             R.c.kind.in_(kinds),
@@ -316,8 +324,9 @@ async def delete_assessment(conn: AsyncConnection, patient_id: str) -> None:
 
 async def assessment_counts(conn: AsyncConnection) -> list[tuple[str, str | None, int]]:
     """(status, best response, patients) over the live patients."""
-    live = exists().where(R.c.resource_type == "Patient", R.c.id == A.c.patient_id,
-                          not_(R.c.deleted))
+    live = exists().where(
+        R.c.resource_type == "Patient", R.c.id == A.c.patient_id, not_(R.c.deleted)
+    )
     rows = await conn.execute(
         select(A.c.status, A.c.best_response, func.count())
         .where(live)
@@ -384,8 +393,7 @@ def _where(criteria: Criteria) -> list[ColumnElement[bool]]:
         where.append(_token_clause(criteria.resource_type, matches))
     for date_matches in criteria.dates or ():
         where.append(
-            and_(R.c.effective_start.is_not(None),
-                 or_(*(_date_clause(m) for m in date_matches)))
+            and_(R.c.effective_start.is_not(None), or_(*(_date_clause(m) for m in date_matches)))
         )
     return where
 

@@ -119,9 +119,7 @@ class SearchToken(SQLModel, table=True):
     """A token value of a current version; replaced whenever the resource changes."""
 
     __tablename__ = "search_token"
-    __table_args__ = (
-        Index("ix_search_token_lookup", "resource_type", "param", "value", "system"),
-    )
+    __table_args__ = (Index("ix_search_token_lookup", "resource_type", "param", "value", "system"),)
 
     pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
     resource_pk: int = Field(

@@ -1,0 +1,44 @@
+"""The operator's commands: demo and recompute."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app.engine import Criteria
+from app.services import demo, response
+from app.services.context import ServiceContext
+
+
+@pytest.fixture
+def services(app) -> ServiceContext:
+    return app.state.services
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_demo_trial_shows_every_status_and_loads_once(services):
+    await demo.load(services, progress=lambda _line: None)
+    summary = await response.response_summary(services)
+    assert summary["patients"] == 20
+    assert all(summary["by_status"][code] >= 1 for code in ("CR", "R", "NR", "LOR", "NE"))
+    assert summary["by_status"] == {"CR": 5, "R": 5, "NR": 4, "LOR": 3, "NE": 3}
+    with pytest.raises(demo.DemoAlreadyLoaded):
+        await demo.load(services, progress=lambda _line: None)
+
+
+async def test_recompute_writes_only_what_changed(client, services):
+    from tests.test_response_api import enrol_and_treat, post_count, status_of
+
+    patient_id = await enrol_and_treat(client, (12, "10*9/L"))
+    await post_count(client, patient_id, "03-10", 35)
+    await post_count(client, patient_id, "03-17", 48)
+    assert (await status_of(client, patient_id))["status"] == "R"
+    assert await response.recompute_all(services) == (1, 0)  # same criteria: nothing written
+    stricter = dataclasses.replace(services, criteria=Criteria(r_threshold=50))
+    assert await response.recompute_all(stricter) == (1, 1)
+    assessment = await status_of(client, patient_id)
+    assert assessment["status"] == "NR"
+    assert assessment["criteria"]["r_threshold"] == 50
+    history = (await client.get(f"/fhir/{assessment['observation']}/_history")).json()
+    assert history["entry"][0]["resource"]["valueCodeableConcept"]["coding"][0]["code"] == "NR"
