@@ -276,3 +276,26 @@ async def test_concurrent_results_for_one_patient_end_in_the_sequential_status(l
         "pending_confirmation",
     ):
         assert actual[key] == expected[key], key
+
+
+async def test_deleting_a_count_and_posting_it_again_gives_the_same_result(client):
+    patient_id = await enrol_and_treat(client, (15, "10*9/L"))
+    ids = [
+        await post_count(client, patient_id, day, value)
+        for day, value in [("03-10", 60), ("03-17", 110), ("03-24", 125)]
+    ]
+    before = await status_of(client, patient_id)
+    await client.delete(f"/fhir/Observation/{ids[1]}")
+    assert (await status_of(client, patient_id))["status"] != before["status"]
+    await post_count(client, patient_id, "03-17", 110)
+    after = await status_of(client, patient_id)
+    for key in (
+        "status",
+        "best_response",
+        "response_date",
+        "complete_response_date",
+        "time_to_response_days",
+        "time_to_complete_response_days",
+        "episodes",
+    ):
+        assert after[key] == before[key], key

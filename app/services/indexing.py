@@ -48,6 +48,7 @@ class IndexValues:
     value_norm: float | None = None
     kind: str | None = None
     status: str | None = None
+    site: str | None = None  # a Patient's own; other records inherit their subject's
     tokens: list[tuple[str, str, str]] = field(default_factory=list)  # (param, system, value)
 
 
@@ -89,9 +90,11 @@ def index_values(
     values = IndexValues()
     values.kind = record_kind(resource_type, raw, code_systems)
     values.status = raw.get("actuality" if resource_type == "AdverseEvent" else "status")
-    values.patient_id = (
-        resource_id if resource_type == "Patient" else subject_patient_id(resource_type, raw)
-    )
+    if resource_type == "Patient":
+        values.patient_id = resource_id
+        values.site = patient_site(raw, code_systems)
+    else:
+        values.patient_id = subject_patient_id(resource_type, raw)
     for element in EFFECTIVE_ELEMENTS.get(resource_type, ()):
         value = raw.get(element)
         if value is None:
@@ -150,6 +153,23 @@ def record_kind(
                 return KIND_BLEEDING_EVENT
         return None
     return None
+
+
+def patient_site(raw: dict[str, Any], code_systems: codes.CodeSystems) -> str:
+    """The trial site (fhir-profile.md): managingOrganization.identifier in the site system."""
+    organization = raw.get("managingOrganization")
+    identifier = organization.get("identifier") if isinstance(organization, dict) else None
+    if (
+        not isinstance(identifier, dict)
+        or not code_systems.is_site(identifier.get("system"))
+        or not identifier.get("value")
+    ):
+        raise Unprocessable(
+            "Every trial Patient belongs to one site: Patient.managingOrganization.identifier "
+            f"with system {code_systems.site} and the site code as value",
+            expression=["Patient.managingOrganization.identifier"],
+        )
+    return str(identifier["value"])
 
 
 def _bleeding_grade(raw: dict[str, Any]) -> float | None:

@@ -114,6 +114,7 @@ async def _accept(
                 "which does not exist",
                 expression=[f"{resource_type}.subject"],
             )
+        values.site = patient.site
     if values.kind == KIND_RESPONSE_STATUS:
         raise _server_owned()
     return repo.IndexRow(
@@ -123,6 +124,7 @@ async def _accept(
         values.value_norm,
         values.kind,
         values.status,
+        values.site,
         values.tokens,
     )
 
@@ -189,6 +191,8 @@ async def update(
         version = current.version_id + 1
         content = _render(raw, resource_type, resource_id, version, now)
         await repo.update_resource(conn, current, version, content, index, now, "update")
+        if resource_type == "Patient" and current.site != index.site:
+            await repo.move_records(conn, resource_id, index.site)
         # A record moved to another patient changes both patients' responses.
         await _recompute(ctx, conn, {index.patient_id, current.patient_id}, now)
     return WriteResult(

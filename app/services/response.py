@@ -88,7 +88,9 @@ async def recompute(
     if existing is not None and existing.fingerprint == fingerprint:
         return False
     observation_id = response_observation_id(patient_id)
-    await _write_observation(ctx, conn, observation_id, assessment, now)
+    patient = await repo.get_current(conn, "Patient", patient_id)
+    site = patient.site if patient is not None else None
+    await _write_observation(ctx, conn, observation_id, assessment, site, now)
     document = {
         **document,
         "computed_at": format_instant(now),
@@ -123,6 +125,7 @@ async def _write_observation(
     conn: AsyncConnection,
     observation_id: str,
     assessment: Assessment,
+    site: str | None,
     now: datetime,
 ) -> None:
     current = await repo.get_current(conn, "Observation", observation_id)
@@ -135,6 +138,7 @@ async def _write_observation(
         value_norm=None,
         kind=KIND_RESPONSE_STATUS,
         status="final" if version == 1 else "amended",
+        site=site,
         tokens=[("code", ctx.codes.trial_codes, codes.ITP_RESPONSE_STATUS)],
     )
     if current is None:

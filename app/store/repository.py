@@ -48,6 +48,7 @@ class Current:
     content: str | None
     patient_id: str | None
     kind: str | None
+    site: str | None
 
 
 @dataclass
@@ -68,6 +69,7 @@ class IndexRow:
     value_norm: float | None
     kind: str | None
     status: str | None
+    site: str | None
     tokens: Sequence[tuple[str, str, str]]
 
     def columns(self) -> dict[str, Any]:
@@ -78,6 +80,7 @@ class IndexRow:
             "value_norm": self.value_norm,
             "kind": self.kind,
             "status": self.status,
+            "site": self.site,
         }
 
 
@@ -91,6 +94,7 @@ _CURRENT_COLUMNS = (
     R.c.content,
     R.c.patient_id,
     R.c.kind,
+    R.c.site,
 )
 
 
@@ -264,6 +268,15 @@ async def has_live_references(conn: AsyncConnection, patient_id: str) -> bool:
         )
     )
     return bool((await conn.execute(query)).scalar())
+
+
+async def move_records(conn: AsyncConnection, patient_id: str, site: str | None) -> None:
+    """A patient moved to another site takes its records along (they inherit its site)."""
+    await conn.execute(
+        update(R)
+        .where(R.c.resource_type != "Patient", R.c.patient_id == patient_id)
+        .values(site=site)
+    )
 
 
 @dataclass

@@ -80,6 +80,9 @@ class ResourceRow(SQLModel, table=True):
     # actuality).
     kind: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
     status: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    # The trial site: a Patient's own, every other record's inherited from its subject.
+    # Site isolation filters on it.
+    site: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
 
 
 class ResponseAssessmentRow(SQLModel, table=True):

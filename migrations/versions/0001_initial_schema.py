@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("value_norm", sa.Float(), nullable=True),
         sa.Column("kind", sa.String(length=32), nullable=True),
         sa.Column("status", sa.String(length=32), nullable=True),
+        sa.Column("site", sa.String(length=32), nullable=True),
         sa.PrimaryKeyConstraint("pk", name=op.f("pk_resource")),
         sa.UniqueConstraint("resource_type", "id", name="uq_resource_type_id"),
     )
