@@ -13,11 +13,13 @@ OPENAPI_PATH = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
 
 
 def openapi_document() -> dict[str, Any]:
+    from app.auth.tokens import SecretKeySource
     from app.main import create_app
     from app.settings import Settings
 
-    # The document must not depend on the machine's environment.
-    return create_app(Settings(database_url="sqlite:///:memory:")).openapi()
+    # The document must not depend on the machine's environment (nor create a key file).
+    key = SecretKeySource("x" * 32, issuer="openapi", audience="openapi")
+    return create_app(Settings(database_url="sqlite:///:memory:"), key_source=key).openapi()
 
 
 def render_openapi() -> str:
@@ -75,7 +77,7 @@ def _demo(_args: argparse.Namespace) -> int:
 
     async def load(ctx: Any) -> dict[str, Any]:
         await demo.load(ctx, progress=lambda line: print(line, file=sys.stderr))
-        summary: dict[str, Any] = await response_summary(ctx)
+        summary: dict[str, Any] = await response_summary(ctx, demo.LOADER)
         return summary
 
     try:
@@ -84,6 +86,33 @@ def _demo(_args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     print(json.dumps({k: v for k, v in summary.items() if k != "criteria"}, indent=2))
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    import logging
+
+    from app.auth.settings import AuthSettings, load_key_source
+    from app.auth.tokens import issue_token
+    from app.errors import ConfigurationError
+    from app.settings import get_settings
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    settings = AuthSettings(environment=get_settings().environment)
+    try:
+        key_source = load_key_source(settings)
+        token = issue_token(
+            key_source,
+            role=args.role,
+            sites=[site for site in args.sites.split(",") if site],
+            sub=args.sub,
+            scope=args.scope,
+            minutes=args.minutes if args.minutes is not None else settings.token_minutes,
+        )
+    except (ConfigurationError, ValueError) as exc:
+        print(f"cannot issue a token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
     return 0
 
 
@@ -97,6 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         help="exit 1 if the file differs from what the app generates",
     )
     openapi.set_defaults(handler=_openapi)
+    token = commands.add_parser(
+        "token", help="print a bearer token signed with the configured secret (APP_AUTH_*)"
+    )
+    token.add_argument("--role", required=True, choices=["lab", "investigator", "monitor", "admin"])
+    token.add_argument("--sites", default="", help="comma-separated site codes, e.g. S01,S02")
+    token.add_argument("--sub", default="cli-user", help="who the token is for")
+    token.add_argument("--scope", default=None, help="SMART v2 scopes (default: the role's)")
+    token.add_argument("--minutes", type=int, default=None, help="lifetime (default 60)")
+    token.set_defaults(handler=_token)
     commands.add_parser(
         "recompute", help="re-evaluate every patient under the current ITP_* criteria"
     ).set_defaults(handler=_recompute)

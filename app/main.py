@@ -14,6 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth.settings import AuthSettings, load_key_source
+from app.auth.tokens import KeySource
 from app.codes import CodeSystems
 from app.engine import Criteria
 from app.errors import Issue
@@ -64,10 +66,18 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(settings: Settings | None = None, criteria: Criteria | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    criteria: Criteria | None = None,
+    key_source: KeySource | None = None,
+) -> FastAPI:
     settings = settings or get_settings()
-    # Read at build time, so a bad ITP_* setting stops the server before it serves anything.
+    # Read at build time, so a bad ITP_* setting or a missing token key stops the server
+    # before it serves anything.
     criteria = criteria or get_criteria_settings().to_criteria()
+    key_source = key_source or load_key_source(
+        AuthSettings(environment=settings.environment), log=log
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -94,6 +104,7 @@ def create_app(settings: Settings | None = None, criteria: Criteria | None = Non
         default_response_class=FhirResponse,
     )
     app.state.settings = settings
+    app.state.key_source = key_source
     outcome.install(app)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(routes.router)
@@ -165,4 +176,11 @@ def create_app(settings: Settings | None = None, criteria: Criteria | None = Non
     return app
 
 
-app = create_app()
+def __getattr__(name: str) -> FastAPI:
+    """`uvicorn app.main:app` builds the app on first access, not on import: importing this
+    module (tests, tools) must not read the environment or create a development key."""
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)

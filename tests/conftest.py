@@ -26,6 +26,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
+from app.auth.tokens import SecretKeySource, issue_token
 from app.main import create_app
 from app.settings import Settings
 
@@ -34,6 +35,21 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
+TEST_SECRET = "test-only-shared-secret-for-hs256-" + "k" * 16
+KEY = SecretKeySource(TEST_SECRET, issuer="itp-trial-api", audience="itp-trial-api")
+
+
+def token(
+    role: str = "admin",
+    sites: tuple[str, ...] = ("S01",),
+    sub: str = "tester",
+    scope: str | None = None,
+) -> str:
+    return issue_token(KEY, role=role, sites=list(sites), sub=sub, scope=scope, minutes=60)
+
+
+def bearer(role: str = "admin", sites: tuple[str, ...] = ("S01",), **kwargs: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(role, sites, **kwargs)}"}
 
 
 def _migrate(database_url: str) -> None:
@@ -138,13 +154,23 @@ def settings(database_url: str) -> Settings:
 
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[object]:
-    application = create_app(settings)
+    application = create_app(settings, key_source=KEY)
     async with application.router.lifespan_context(application):
         yield application
 
 
 @pytest.fixture
 async def client(app: object) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", headers=bearer("admin")
+    ) as http:
+        yield http
+
+
+@pytest.fixture
+async def anonymous(app: object) -> AsyncIterator[httpx.AsyncClient]:
+    """A client that sends no token."""
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
         yield http
@@ -176,7 +202,12 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
                 "warning",
             ],
             cwd=PROJECT_ROOT,
-            env={**os.environ, "DATABASE_URL": database_url, "APP_ENVIRONMENT": "test"},
+            env={
+                **os.environ,
+                "DATABASE_URL": database_url,
+                "APP_ENVIRONMENT": "test",
+                "APP_AUTH_JWT_SECRET": TEST_SECRET,
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
         )

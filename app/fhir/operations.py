@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from app.auth.deps import Require
+from app.auth.permissions import Action
+from app.auth.principal import Principal
 from app.fhir import schemas
 from app.fhir.http import FHIR_JSON, negotiate, pretty
 from app.fhir.response_schemas import ResponseAssessment, ResponseSummary
@@ -27,8 +32,13 @@ _OUTCOME = {"model": schemas.OperationOutcome, "content": {FHIR_JSON: {}}}
         410: {**_OUTCOME, "description": "The patient was deleted"},
     },
 )
-async def response_status(request: Request, ctx: ServicesDep, resource_id: IdPath) -> Response:
-    text = await response.response_status(ctx, resource_id)
+async def response_status(
+    request: Request,
+    ctx: ServicesDep,
+    principal: Annotated[Principal, Depends(Require("Patient", Action.READ))],
+    resource_id: IdPath,
+) -> Response:
+    text = await response.response_status(ctx, resource_id, principal)
     return pretty(request, text, media_type="application/json")
 
 
@@ -39,6 +49,10 @@ async def response_status(request: Request, ctx: ServicesDep, resource_id: IdPat
     response_class=JSONResponse,
     responses={200: {"model": ResponseSummary, "description": "The trial's summary"}},
 )
-async def response_summary(request: Request, ctx: ServicesDep) -> Response:
-    summary = await response.response_summary(ctx)
+async def response_summary(
+    request: Request,
+    ctx: ServicesDep,
+    principal: Annotated[Principal, Depends(Require("Patient", Action.SEARCH))],
+) -> Response:
+    summary = await response.response_summary(ctx, principal)
     return JSONResponse(summary)

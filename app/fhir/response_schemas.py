@@ -93,4 +93,5 @@ class ResponseSummary(_Model):
     by_best_response: BestResponseCounts
     responders: int = Field(description="Evaluable patients whose best response is CR or R")
     overall_response_rate: float | None = Field(description="responders / evaluable")
+    sites: list[str] | None = Field(description="The sites counted (the caller's); null: all")
     criteria: ResponseCriteria

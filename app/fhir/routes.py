@@ -14,6 +14,9 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 
+from app.auth.deps import Require
+from app.auth.permissions import Action, authorize
+from app.auth.principal import Principal
 from app.errors import BadRequest
 from app.fhir import bundles, schemas
 from app.fhir.http import (
@@ -86,6 +89,8 @@ def _outcome_doc(description: str) -> dict[str, Any]:
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: _outcome_doc("Malformed request (bad JSON, type or id mismatch, bad parameter)"),
+    401: _outcome_doc("No valid bearer token (see WWW-Authenticate)"),
+    403: _outcome_doc("The caller's role, scopes or sites do not allow this"),
     404: _outcome_doc("No such resource"),
     406: _outcome_doc("Only JSON can be produced"),
     500: _outcome_doc("Unexpected error; the outcome carries a correlation id"),
@@ -180,6 +185,7 @@ def _search_doc(resource_type: str) -> dict[str, Any]:
 
 def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per interaction
     model = schemas.RESOURCE_MODELS[resource_type]
+
     tags: list[str | Any] = [resource_type]
     ok_resource = {"model": model, "content": {FHIR_JSON: {}}, "headers": _VERSION_HEADERS}
 
@@ -202,8 +208,10 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         },
     )
     async def create(
+        *,
         request: Request,
         ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.CREATE)),
         if_none_exist: Annotated[
             str | None,
             Header(
@@ -217,9 +225,10 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         body = await request.body()
         criteria = key = None
         if if_none_exist is not None:
+            authorize(principal, resource_type, Action.CONDITIONAL_CREATE)
             criteria, key = _conditional_criteria(resource_type, if_none_exist)
         result = await service.create(
-            ctx, resource_type, body, if_none_exist=criteria, if_none_exist_key=key
+            ctx, resource_type, body, principal, if_none_exist=criteria, if_none_exist_key=key
         )
         if not result.created:
             return _resource_response(request, result.stored, 200)
@@ -241,14 +250,18 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         },
     )
     async def type_history(
+        *,
         request: Request,
         ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.HISTORY)),
         settings: SettingsDep,
         count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
         since: Annotated[str | None, Query(alias="_since")] = None,
         cursor: Annotated[str | None, Query(alias="_cursor")] = None,
     ) -> Response:
-        return await _history(request, ctx, settings, resource_type, None, count, since, cursor)
+        return await _history(
+            request, ctx, principal, settings, resource_type, None, count, since, cursor
+        )
 
     @router.get(
         f"/{resource_type}/{{resource_id}}",
@@ -262,8 +275,15 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
             **_ERRORS,
         },
     )
-    async def read(request: Request, ctx: ServicesDep, resource_id: IdPath) -> Response:
-        return _resource_response(request, await service.read(ctx, resource_type, resource_id))
+    async def read(
+        *,
+        request: Request,
+        ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.READ)),
+        resource_id: IdPath,
+    ) -> Response:
+        stored = await service.read(ctx, resource_type, resource_id, principal)
+        return _resource_response(request, stored)
 
     @router.get(
         f"/{resource_type}/{{resource_id}}/_history/{{version_id}}",
@@ -278,12 +298,14 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         },
     )
     async def vread(
+        *,
         request: Request,
         ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.HISTORY)),
         resource_id: IdPath,
         version_id: Annotated[int, Path(ge=1, le=2_147_483_647)],
     ) -> Response:
-        stored = await service.vread(ctx, resource_type, resource_id, version_id)
+        stored = await service.vread(ctx, resource_type, resource_id, version_id, principal)
         return _resource_response(request, stored)
 
     @router.put(
@@ -304,15 +326,17 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         },
     )
     async def update(
+        *,
         request: Request,
         ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.UPDATE)),
         resource_id: IdPath,
         if_match: IfMatch = None,
         prefer: Prefer = None,
     ) -> Response:
         require_json_body(request)
         result = await service.update(
-            ctx, resource_type, resource_id, await request.body(), if_match=if_match
+            ctx, resource_type, resource_id, await request.body(), principal, if_match=if_match
         )
         if result.created:
             return _resource_response(request, result.stored, 201, _location(result.stored))
@@ -344,13 +368,17 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         },
     )
     async def delete(
+        *,
         request: Request,
         ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.DELETE)),
         resource_id: IdPath,
         if_match: IfMatch = None,
         prefer: Prefer = None,
     ) -> Response:
-        deletion = await service.delete(ctx, resource_type, resource_id, if_match=if_match)
+        deletion = await service.delete(
+            ctx, resource_type, resource_id, principal, if_match=if_match
+        )
         headers = {"ETag": deletion.etag} if deletion else {}
         if prefer_return(request) == "OperationOutcome":
             message = (
@@ -377,7 +405,13 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
             **_ERRORS,
         },
     )
-    async def search(request: Request, ctx: ServicesDep, settings: SettingsDep) -> Response:
+    async def search(
+        *,
+        request: Request,
+        ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.SEARCH)),
+        settings: SettingsDep,
+    ) -> Response:
         parsed = parse_search(
             resource_type,
             request.query_params.multi_items(),
@@ -386,7 +420,12 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
             strict=prefer_strict(request),
         )
         hits = await service.search(
-            ctx, parsed.criteria, sort=parsed.sort, after=parsed.after, limit=parsed.count + 1
+            ctx,
+            parsed.criteria,
+            principal,
+            sort=parsed.sort,
+            after=parsed.after,
+            limit=parsed.count + 1,
         )
         page = hits[: parsed.count]
         next_params = None
@@ -422,8 +461,10 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         },
     )
     async def instance_history(
+        *,
         request: Request,
         ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.HISTORY)),
         settings: SettingsDep,
         resource_id: IdPath,
         count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
@@ -431,13 +472,14 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         cursor: Annotated[str | None, Query(alias="_cursor")] = None,
     ) -> Response:
         return await _history(
-            request, ctx, settings, resource_type, resource_id, count, since, cursor
+            request, ctx, principal, settings, resource_type, resource_id, count, since, cursor
         )
 
 
 async def _history(
     request: Request,
     ctx: ServiceContext,
+    principal: Principal,
     settings: Settings,
     resource_type: str,
     resource_id: str | None,
@@ -454,7 +496,7 @@ async def _history(
         since_at = bounds[0]
     after = decode_cursor(cursor, (datetime, str, int)) if cursor else None
     versions = await service.history(
-        ctx, resource_type, resource_id, since=since_at, after=after, limit=limit + 1
+        ctx, resource_type, resource_id, principal, since=since_at, after=after, limit=limit + 1
     )  # type: ignore[arg-type]
     page = versions[:limit]
     base = fhir_base(request)

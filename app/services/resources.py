@@ -15,13 +15,20 @@ transactions are serial anyway):
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.auth.permissions import (
+    Action,
+    authorize,
+    authorize_observation_write,
+    may_access_site,
+)
+from app.auth.principal import Principal
 from app.errors import (
     BadRequest,
     Conflict,
@@ -102,13 +109,20 @@ async def _accept(
     resource_type: str,
     resource_id: str,
     raw: dict[str, Any],
+    principal: Principal,
 ) -> repo.IndexRow:
-    """Validate, derive index values and lock (and check) the subject Patient."""
+    """Validate, derive index values, lock (and check) the subject Patient, and check that the
+    caller may write this record at this site."""
     validate(raw, resource_type)
     values = index_values(resource_type, resource_id, raw, ctx.codes)
+    if resource_type == "Observation":
+        authorize_observation_write(principal, values.kind)
+    if resource_type == "Patient" and not may_access_site(principal, values.site):
+        raise Forbidden(f"Site {values.site} is not one of the caller's sites")
     if resource_type != "Patient" and values.patient_id is not None:
         patient = await repo.get_current(conn, "Patient", values.patient_id, for_update=True)
-        if patient is None or patient.deleted:
+        # A patient at another site is answered exactly like a missing one: no existence leak.
+        if patient is None or patient.deleted or not may_access_site(principal, patient.site):
             raise Unprocessable(
                 f"{resource_type}.subject references Patient/{values.patient_id}, "
                 "which does not exist",
@@ -133,6 +147,7 @@ async def create(
     ctx: ServiceContext,
     resource_type: str,
     body: bytes,
+    principal: Principal,
     *,
     if_none_exist: Criteria | None = None,
     if_none_exist_key: str | None = None,
@@ -143,7 +158,8 @@ async def create(
     async with ctx.db.write() as conn:
         if if_none_exist is not None:
             await repo.lock(conn, f"if-none-exist:{resource_type}:{if_none_exist_key}")
-            matches = await repo.first_matches(conn, if_none_exist, limit=2)
+            visible = replace(if_none_exist, sites=visible_sites(principal))
+            matches = await repo.first_matches(conn, visible, limit=2)
             if len(matches) > 1:
                 raise PreconditionFailed(
                     "If-None-Exist matches more than one resource; the create was not done"
@@ -152,7 +168,7 @@ async def create(
                 # Still validate: a client must not learn that a bad body "worked".
                 validate(raw, resource_type)
                 return WriteResult(_stored(matches[0]), created=False)
-        index = await _accept(ctx, conn, resource_type, resource_id, raw)
+        index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
         now = utc_now()
         content = _render(raw, resource_type, resource_id, 1, now)
         await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
@@ -161,7 +177,13 @@ async def create(
 
 
 async def update(
-    ctx: ServiceContext, resource_type: str, resource_id: str, body: bytes, *, if_match: str | None
+    ctx: ServiceContext,
+    resource_type: str,
+    resource_id: str,
+    body: bytes,
+    principal: Principal,
+    *,
+    if_match: str | None,
 ) -> WriteResult:
     raw = parse_json(body)
     body_id = raw.get("id")
@@ -177,11 +199,15 @@ async def update(
     expected = parse_if_match(if_match)
     async with ctx.db.write() as conn:
         current = await _lock_current(conn, resource_type, resource_id)
+        if current is not None and not may_access_site(principal, current.site):
+            raise NotFound(f"{resource_type}/{resource_id} does not exist")
         if expected is not None and (current is None or current.version_id != expected):
             raise _stale(expected, current)
         if current is not None and current.kind == KIND_RESPONSE_STATUS:
             raise _server_owned()
-        index = await _accept(ctx, conn, resource_type, resource_id, raw)
+        if current is not None and resource_type == "Observation":
+            authorize_observation_write(principal, current.kind)
+        index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
         now = utc_now()
         if current is None:
             content = _render(raw, resource_type, resource_id, 1, now)
@@ -192,6 +218,7 @@ async def update(
         content = _render(raw, resource_type, resource_id, version, now)
         await repo.update_resource(conn, current, version, content, index, now, "update")
         if resource_type == "Patient" and current.site != index.site:
+            authorize(principal, "Patient", Action.MOVE_SITE)
             await repo.move_records(conn, resource_id, index.site)
         # A record moved to another patient changes both patients' responses.
         await _recompute(ctx, conn, {index.patient_id, current.patient_id}, now)
@@ -201,13 +228,18 @@ async def update(
 
 
 async def delete(
-    ctx: ServiceContext, resource_type: str, resource_id: str, *, if_match: str | None
+    ctx: ServiceContext,
+    resource_type: str,
+    resource_id: str,
+    principal: Principal,
+    *,
+    if_match: str | None,
 ) -> Stored | None:
     """Delete; returns the deletion version, or None when it was already deleted."""
     expected = parse_if_match(if_match)
     async with ctx.db.write() as conn:
         current = await _lock_current(conn, resource_type, resource_id)
-        if current is None:
+        if current is None or not may_access_site(principal, current.site):
             raise NotFound(f"{resource_type}/{resource_id} does not exist")
         if expected is not None and current.version_id != expected:
             raise _stale(expected, current)
@@ -264,9 +296,26 @@ def _stale(expected: int, current: repo.Current | None) -> PreconditionFailed:
     )
 
 
-async def read(ctx: ServiceContext, resource_type: str, resource_id: str) -> Stored:
+def visible_sites(principal: Principal) -> frozenset[str] | None:
+    """The sites a caller may see, as a query filter (None: every site)."""
+    return None if principal.is_admin else principal.sites
+
+
+async def _visible_current(
+    conn: AsyncConnection, resource_type: str, resource_id: str, principal: Principal
+) -> repo.Current:
+    """The current row, or 404 when it is missing or at another site (indistinguishable)."""
+    current = await repo.get_current(conn, resource_type, resource_id)
+    if current is None or not may_access_site(principal, current.site):
+        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+    return current
+
+
+async def read(
+    ctx: ServiceContext, resource_type: str, resource_id: str, principal: Principal
+) -> Stored:
     async with ctx.db.read() as conn:
-        current = await repo.get_current(conn, resource_type, resource_id)
+        current = await _visible_current(conn, resource_type, resource_id, principal)
     if current is None:
         raise NotFound(f"{resource_type}/{resource_id} does not exist")
     if current.deleted:
@@ -279,9 +328,14 @@ async def read(ctx: ServiceContext, resource_type: str, resource_id: str) -> Sto
 
 
 async def vread(
-    ctx: ServiceContext, resource_type: str, resource_id: str, version_id: int
+    ctx: ServiceContext,
+    resource_type: str,
+    resource_id: str,
+    version_id: int,
+    principal: Principal,
 ) -> Stored:
     async with ctx.db.read() as conn:
+        await _visible_current(conn, resource_type, resource_id, principal)
         version = await repo.get_version(conn, resource_type, resource_id, version_id)
     if version is None:
         raise NotFound(f"{resource_type}/{resource_id}/_history/{version_id} does not exist")
@@ -296,6 +350,7 @@ async def history(
     ctx: ServiceContext,
     resource_type: str,
     resource_id: str | None,
+    principal: Principal,
     *,
     since: datetime | None,
     after: tuple[datetime, str, int] | None,
@@ -303,11 +358,15 @@ async def history(
 ) -> list[repo.Version]:
     async with ctx.db.read() as conn:
         if resource_id is not None:
-            current = await repo.get_current(conn, resource_type, resource_id)
-            if current is None:
-                raise NotFound(f"{resource_type}/{resource_id} does not exist")
+            await _visible_current(conn, resource_type, resource_id, principal)
         return await repo.history(
-            conn, resource_type, resource_id, since=since, after=after, limit=limit
+            conn,
+            resource_type,
+            resource_id,
+            since=since,
+            after=after,
+            limit=limit,
+            sites=visible_sites(principal),
         )
 
 
@@ -321,11 +380,13 @@ class SearchHit:
 async def search(
     ctx: ServiceContext,
     criteria: Criteria,
+    principal: Principal,
     *,
     sort: str | None,
     after: tuple[Any, int] | None,
     limit: int,
 ) -> list[SearchHit]:
+    criteria = replace(criteria, sites=visible_sites(principal))
     async with ctx.db.read() as conn:
         rows = await repo.search(conn, criteria, sort=sort, after=after, limit=limit)
     return [SearchHit(_stored(current), sort_value, current.pk) for current, sort_value in rows]

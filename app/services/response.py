@@ -18,6 +18,8 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import codes
+from app.auth.permissions import may_access_site
+from app.auth.principal import Principal
 from app.engine import (
     Administration,
     Assessment,
@@ -217,11 +219,11 @@ def _observation(
     return document
 
 
-async def response_status(ctx: ServiceContext, patient_id: str) -> str:
+async def response_status(ctx: ServiceContext, patient_id: str, principal: Principal) -> str:
     """The stored assessment of a patient, as JSON text."""
     async with ctx.db.read() as conn:
         patient = await repo.get_current(conn, "Patient", patient_id)
-        if patient is None:
+        if patient is None or not may_access_site(principal, patient.site):
             raise NotFound(f"Patient/{patient_id} does not exist")
         if patient.deleted:
             raise Gone(f"Patient/{patient_id} was deleted")
@@ -231,9 +233,11 @@ async def response_status(ctx: ServiceContext, patient_id: str) -> str:
     return row.content
 
 
-async def response_summary(ctx: ServiceContext) -> dict[str, Any]:
+async def response_summary(ctx: ServiceContext, principal: Principal) -> dict[str, Any]:
+    """Counts over the patients at the caller's sites only."""
+    sites = None if principal.is_admin else principal.sites
     async with ctx.db.read() as conn:
-        rows = await repo.assessment_counts(conn)
+        rows = await repo.assessment_counts(conn, sites)
     by_status = {code: 0 for code in ("CR", "R", "NR", "LOR", "NE")}
     by_best = {code: 0 for code in ("CR", "R", "NR")}
     for status, best, count in rows:
@@ -250,6 +254,7 @@ async def response_summary(ctx: ServiceContext) -> dict[str, Any]:
         "by_best_response": by_best,
         "responders": responders,
         "overall_response_rate": round(responders / evaluable, 4) if evaluable else None,
+        "sites": sorted(sites) if sites is not None else None,
         "criteria": ctx.criteria.as_dict(),
     }
 

@@ -27,3 +27,4 @@ class Criteria:
     patients: list[str] | None = None
     tokens: list[list[TokenMatch]] | None = None  # AND of ORs
     dates: list[list[DateMatch]] | None = None  # AND of ORs
+    sites: frozenset[str] | None = None  # the caller's sites; None: every site

@@ -239,6 +239,7 @@ async def history(
     since: datetime | None,
     after: tuple[datetime, str, int] | None,
     limit: int,
+    sites: frozenset[str] | None = None,
 ) -> list[Version]:
     """Versions newest first; `after` is the (last_updated, id, version) keyset cursor."""
     query = select(
@@ -246,6 +247,13 @@ async def history(
     ).where(V.c.resource_type == resource_type)
     if resource_id is not None:
         query = query.where(V.c.id == resource_id)
+    if sites is not None:
+        # Versions follow their resource's current site (a moved patient's history moves).
+        query = query.where(
+            exists().where(
+                R.c.resource_type == V.c.resource_type, R.c.id == V.c.id, R.c.site.in_(sites)
+            )
+        )
     if since is not None:
         query = query.where(V.c.last_updated >= since)
     if after is not None:
@@ -335,11 +343,14 @@ async def delete_assessment(conn: AsyncConnection, patient_id: str) -> None:
     await conn.execute(delete(A).where(A.c.patient_id == patient_id))
 
 
-async def assessment_counts(conn: AsyncConnection) -> list[tuple[str, str | None, int]]:
-    """(status, best response, patients) over the live patients."""
-    live = exists().where(
-        R.c.resource_type == "Patient", R.c.id == A.c.patient_id, not_(R.c.deleted)
-    )
+async def assessment_counts(
+    conn: AsyncConnection, sites: frozenset[str] | None
+) -> list[tuple[str, str | None, int]]:
+    """(status, best response, patients) over the live patients at `sites` (None: all)."""
+    conditions = [R.c.resource_type == "Patient", R.c.id == A.c.patient_id, not_(R.c.deleted)]
+    if sites is not None:
+        conditions.append(R.c.site.in_(sites))
+    live = exists().where(*conditions)
     rows = await conn.execute(
         select(A.c.status, A.c.best_response, func.count())
         .where(live)
@@ -398,6 +409,8 @@ def _where(criteria: Criteria) -> list[ColumnElement[bool]]:
         R.c.resource_type == criteria.resource_type,
         not_(R.c.deleted),
     ]
+    if criteria.sites is not None:
+        where.append(R.c.site.in_(criteria.sites))
     if criteria.ids is not None:
         where.append(R.c.id.in_(criteria.ids))
     if criteria.patients is not None:
