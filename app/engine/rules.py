@@ -1,16 +1,18 @@
 """The ITP response rules of response-criteria.md as one pure function, `assess`.
 
 Everything is evaluated in clinical-time order, ties broken by observation id (then value and
-status), so the order in which data arrived can never change a result. Calendar days are
-dates in the trial time zone; `confirm_days` and `loss_confirm_days` compare instants.
+status), so the order in which data arrived can never change a result. Times are taken to
+UTC first, so instants compare and subtract as instants; calendar days are dates in the trial
+time zone; `confirm_days` and `loss_confirm_days` compare instants.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from statistics import fmean
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 from .model import (
@@ -108,6 +110,7 @@ class _EpisodeTrace:
 
 def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessment:
     """Classify one patient's response from the whole timeline (recomputed, never patched)."""
+    timeline = _in_utc(timeline)
     counts = sorted(
         (count for count in timeline.counts if count.status in VALID_OBSERVATION_STATUSES),
         key=lambda count: (count.time, count.id, count.value, count.status),
@@ -158,6 +161,28 @@ def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessm
     )
 
 
+def _in_utc(timeline: Timeline) -> Timeline:
+    """The same instants, all in UTC.
+
+    Python subtracts, adds and compares two datetimes sharing a tzinfo on the wall clock, so
+    across a daylight-saving change a ZoneInfo time would be an hour off; UTC has no such change.
+    """
+    return Timeline(
+        patient=timeline.patient,
+        counts=tuple(_utc(item) for item in timeline.counts),
+        bleeding_assessments=tuple(_utc(item) for item in timeline.bleeding_assessments),
+        bleeding_events=tuple(_utc(item) for item in timeline.bleeding_events),
+        administrations=tuple(_utc(item) for item in timeline.administrations),
+    )
+
+
+_Timed = TypeVar("_Timed", PlateletCount, BleedingAssessment, BleedingEvent, Administration)
+
+
+def _utc(item: _Timed) -> _Timed:
+    return replace(item, time=item.time.astimezone(UTC))
+
+
 def _not_evaluable(
     patient: str,
     criteria: Criteria,
@@ -204,9 +229,9 @@ def _active(administrations: Iterable[Administration], role: str) -> list[dateti
 
 
 def _treatment_start(administrations: Iterable[Administration]) -> datetime | None:
-    """Earliest active study-drug dose, in UTC so equal instants give equal results."""
+    """Earliest active study-drug dose."""
     times = _active(administrations, "study-drug")
-    return min(times).astimezone(UTC) if times else None
+    return min(times) if times else None
 
 
 def _rescue_times(administrations: Iterable[Administration]) -> list[datetime]:
@@ -247,6 +272,7 @@ def _bleeding_by_day(
     found += [
         (event.time, "bleeding_events", event.id)
         for event in events
+        if event.status == ACTUAL_EVENT
     ]
     by_day: _Bleeding = {}
     for time, key, ident in sorted(found):

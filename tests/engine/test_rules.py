@@ -168,6 +168,29 @@ def test_counts_one_second_short_do_not_confirm() -> None:
     assert (result.status, result.pending_confirmation) == ("NR", True)
 
 
+NEW_YORK = ZoneInfo("America/New_York")  # clocks go forward on 2025-03-09
+
+
+@pytest.mark.parametrize(("hour", "status"), [(9, "NR"), (10, "R")])
+def test_confirm_days_count_instants_across_daylight_saving(hour: int, status: str) -> None:
+    # 09:00 EST to 09:00 EDT a week later is 6 days 23 hours.
+    first = PlateletCount("a", datetime(2025, 3, 5, 9, tzinfo=NEW_YORK), 40)
+    second = PlateletCount("b", datetime(2025, 3, 12, hour, tzinfo=NEW_YORK), 45)
+    assert assess(story(10, first, second)).status == status
+
+
+@pytest.mark.parametrize(
+    ("after_end", "status"), [(timedelta(0), "NR"), (timedelta(seconds=1), "R")]
+)
+def test_rescue_window_counts_instants_across_daylight_saving(
+    after_end: timedelta, status: str
+) -> None:
+    given = datetime(2025, 1, 20, 3, tzinfo=NEW_YORK)  # 08:00 UTC; + 56 x 24 h = 03-17 08:00 UTC
+    edge = PlateletCount("edge", (at(3, 17, 8) + after_end).astimezone(NEW_YORK), 45)
+    timeline = story(10, edge, count("03-24", 48), administrations=(dose(), rescue(given)))
+    assert assess(timeline).status == status
+
+
 def test_failing_count_between_breaks_confirmation() -> None:
     timeline = story(10, count("03-10", 40), count("03-13", 15), count("03-17", 45))
     result = assess(timeline)
