@@ -41,6 +41,7 @@ def _openapi(args: argparse.Namespace) -> int:
 
 
 async def _with_services(work: Any) -> Any:
+    from app.audit.trail import AuditQueue
     from app.codes import CodeSystems
     from app.services.context import ServiceContext
     from app.settings import get_criteria_settings, get_settings
@@ -48,13 +49,42 @@ async def _with_services(work: Any) -> Any:
 
     settings = get_settings()
     db = Database.from_url(settings.database_url)
+    audit = AuditQueue(db)
     try:
         ctx = ServiceContext(
-            db, get_criteria_settings().to_criteria(), CodeSystems(settings.code_system_base)
+            db,
+            get_criteria_settings().to_criteria(),
+            CodeSystems(settings.code_system_base),
+            audit,
         )
         return await work(ctx)
     finally:
+        await audit.flush()
         await db.dispose()
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from app.audit.trail import verify
+    from app.settings import get_settings
+    from app.store.db import Database
+
+    async def run() -> Any:
+        db = Database.from_url(get_settings().database_url)
+        try:
+            return await verify(db)
+        finally:
+            await db.dispose()
+
+    result = asyncio.run(run())
+    if result.broken_seq is None:
+        print(f"audit trail intact: {result.checked} records, hash chain verified")
+        return 0
+    print(
+        f"audit trail BROKEN at record seq={result.broken_seq} id={result.broken_id}: "
+        f"{result.problem} ({result.checked} records before it verified)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _recompute(_args: argparse.Namespace) -> int:
@@ -126,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         help="exit 1 if the file differs from what the app generates",
     )
     openapi.set_defaults(handler=_openapi)
+    audit = commands.add_parser("audit", help="audit trail tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_commands.add_parser(
+        "verify", help="check the hash chain; names the first broken record (exit 1)"
+    ).set_defaults(handler=_audit)
     token = commands.add_parser(
         "token", help="print a bearer token signed with the configured secret (APP_AUTH_*)"
     )

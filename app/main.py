@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -11,17 +10,19 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.audit.trail import AuditQueue
 from app.auth.settings import AuthSettings, load_key_source
 from app.auth.tokens import KeySource
 from app.codes import CodeSystems
 from app.engine import Criteria
 from app.errors import Issue
-from app.fhir import operations, outcome, routes, schemas
+from app.fhir import audit_routes, operations, outcome, routes, schemas
 from app.fhir.capability import capability_statement
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
+from app.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.settings import Settings, get_criteria_settings, get_settings
@@ -34,36 +35,6 @@ try:
     SOFTWARE_VERSION = version("itp-trial-api")
 except PackageNotFoundError:  # running from a checkout that was not pip-installed
     SOFTWARE_VERSION = "0+unknown"
-
-
-class RequestIdMiddleware:
-    """Gives every request an id (the client's X-Request-Id if it sent a sane one) and
-    returns it, so a client's report and the server log can be matched."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if 0 < len(candidate) <= 64 and candidate.replace("-", "").isalnum():
-                    request_id = candidate
-                break
-        request_id = request_id or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        header = (b"x-request-id", request_id.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 def create_app(
@@ -84,11 +55,16 @@ def create_app(
         db = Database.from_url(
             settings.database_url, settings.db_pool_size, settings.db_max_overflow
         )
-        app.state.services = ServiceContext(db, criteria, CodeSystems(settings.code_system_base))
+        audit = AuditQueue(db)
+        app.state.services = ServiceContext(
+            db, criteria, CodeSystems(settings.code_system_base), audit
+        )
         app.state.head_revision = head_revision()
+        audit.start()
         try:
             yield
         finally:
+            await audit.stop()  # the last reads' records are written before the pool closes
             await db.dispose()
 
     app = FastAPI(
@@ -106,9 +82,28 @@ def create_app(
     app.state.settings = settings
     app.state.key_source = key_source
     outcome.install(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "If-Match",
+                "If-None-Exist",
+                "Prefer",
+                "X-Provenance",
+                "X-Request-Id",
+            ],
+            expose_headers=["ETag", "Location", "Last-Modified", "X-Request-Id"],
+        )
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(routes.router)
     app.include_router(operations.router)
+    app.include_router(audit_routes.router)
 
     @app.get(
         "/fhir/metadata",

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     default_page_size: int = Field(default=50, ge=1)
     max_page_size: int = Field(default=1000, ge=1)
     log_level: str = "INFO"
+    # Request bodies above this are refused with 413 before they are read (1 MiB).
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # Browser origins allowed to call the API (the study team's frontends); none by default.
+    cors_origins: list[str] = Field(default_factory=list)
 
     @property
     def data_dir(self) -> Path:

@@ -35,6 +35,8 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# Every update and delete needs a reason; the default client gives this one.
+REASON = '{"resourceType":"Provenance","reason":[{"text":"test correction"}]}'
 TEST_SECRET = "test-only-shared-secret-for-hs256-" + "k" * 16
 KEY = SecretKeySource(TEST_SECRET, issuer="itp-trial-api", audience="itp-trial-api")
 
@@ -163,7 +165,9 @@ async def app(settings: Settings) -> AsyncIterator[object]:
 async def client(app: object) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # type: ignore[arg-type]
     async with httpx.AsyncClient(
-        transport=transport, base_url="http://testserver", headers=bearer("admin")
+        transport=transport,
+        base_url="http://testserver",
+        headers={**bearer("admin"), "X-Provenance": REASON},
     ) as http:
         yield http
 

@@ -21,7 +21,7 @@ async def test_demo_trial_shows_every_status_and_loads_once(services):
     await demo.load(services, progress=lambda _line: None)
     summary = await response.response_summary(services, demo.LOADER)
     assert summary["patients"] == 20
-    assert all(summary["by_status"][code] >= 1 for code in ("CR", "R", "NR", "LOR", "NE"))
+    assert all(summary["by_status"][code] >= 1 for code in ("CR", "R", "NR", "LOR", "NE")), summary
     assert summary["by_status"] == {"CR": 5, "R": 5, "NR": 4, "LOR": 3, "NE": 3}
     with pytest.raises(demo.DemoAlreadyLoaded):
         await demo.load(services, progress=lambda _line: None)

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 
 from tests import builders
-from tests.conftest import bearer
+from tests.conftest import REASON, bearer
 from tests.test_crud import create
 
 CRITERION = f"identifier={builders.SUBJECT_SYSTEM}|S01-042"
@@ -59,7 +59,10 @@ async def test_criteria_must_be_a_supported_search(client):
 async def test_fifty_simultaneous_conditional_creates_leave_one(live_server):
     limits = httpx.Limits(max_connections=50)
     async with httpx.AsyncClient(
-        base_url=live_server, limits=limits, timeout=60, headers=bearer("admin")
+        base_url=live_server,
+        limits=limits,
+        timeout=60,
+        headers={**bearer("admin"), "X-Provenance": REASON},
     ) as http:
 
         async def attempt() -> httpx.Response:

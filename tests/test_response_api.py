@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests import builders
-from tests.conftest import bearer
+from tests.conftest import REASON, bearer
 from tests.test_crud import create, new_patient
 
 START = "2025-03-03T08:00:00Z"
@@ -257,7 +257,9 @@ async def test_concurrent_results_for_one_patient_end_in_the_sequential_status(l
     posting them one by one (no stale status from interleaved recomputes)."""
     values = [35, 48, 60, 110, 120, 125, 130, 20, 18, 90, 140, 150]
     days = [f"03-{d:02d}" for d in range(10, 10 + len(values))]
-    async with httpx.AsyncClient(base_url=live_server, timeout=60, headers=bearer()) as http:
+    async with httpx.AsyncClient(
+        base_url=live_server, timeout=60, headers={**bearer(), "X-Provenance": REASON}
+    ) as http:
         sequential = await enrol_and_treat(http, (12, "10*9/L"))
         for day, value in zip(days, values, strict=True):
             await post_count(http, sequential, day, value)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests import builders
-from tests.conftest import KEY, bearer
+from tests.conftest import KEY, REASON, bearer
 from tests.test_crud import create
 
 TYPES = ("Patient", "Observation", "MedicationAdministration", "AdverseEvent")
@@ -49,7 +49,7 @@ async def test_role_by_resource_by_action_by_site(client, anonymous, role):
         site: (await create(admin, builders.patient(f"{site}-001", site=site))).json()["id"]
         for site in ("S01", "S02")
     }
-    caller = {"Authorization": bearer(role, ("S01",))["Authorization"]}
+    caller = {**bearer(role, ("S01",)), "X-Provenance": REASON}
     for kind in TYPES:
         for site, patient_id in patients.items():
             own = site == "S01"
@@ -183,7 +183,7 @@ async def test_only_an_admin_moves_a_patient_between_sites(client, anonymous):
         **patient,
         "managingOrganization": {"identifier": {"system": builders.SITE_SYSTEM, "value": "S02"}},
     }
-    both_sites = bearer("investigator", ("S01", "S02"))
+    both_sites = {**bearer("investigator", ("S01", "S02")), "X-Provenance": REASON}
     refused = await anonymous.put(f"/fhir/Patient/{patient['id']}", json=moved, headers=both_sites)
     assert refused.status_code == 403
     assert (await client.put(f"/fhir/Patient/{patient['id']}", json=moved)).status_code == 200

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.audit.trail import AuditRecord
 from app.errors import FhirError, Issue
 from app.fhir.http import FhirResponse
 
@@ -61,8 +62,41 @@ def information(message: str) -> dict[str, Any]:
     return operation_outcome([Issue("informational", message, severity="information")])
 
 
-async def _fhir_error(_request: Request, exc: Exception) -> FhirResponse:
+_METHOD_INTERACTION = {
+    "GET": "read",
+    "POST": "create",
+    "PUT": "update",
+    "DELETE": "delete",
+    "PATCH": "patch",
+}
+
+
+def _audit_refusal(request: Request, status_code: int, diagnostics: str) -> None:
+    """Every refused attempt (and every login failure) leaves an AuditEvent."""
+    services = getattr(request.app.state, "services", None)
+    if services is None:
+        return
+    principal = getattr(request.state, "principal", None)
+    parts = [p for p in request.url.path.split("/") if p]
+    entity_type = parts[1] if len(parts) > 1 and parts[0] == "fhir" else None
+    entity_id = parts[2] if len(parts) > 2 and not parts[2].startswith(("_", "$")) else None
+    services.audit.add(
+        AuditRecord(
+            "login" if status_code == 401 else _METHOD_INTERACTION.get(request.method, "operation"),
+            outcome="4" if status_code < 500 else "8",
+            description=f"{status_code}: {diagnostics}"[:1000],
+            agent=principal.sub if principal else None,
+            role=principal.role if principal else None,
+            entity_type=entity_type,
+            entity_id=entity_id,
+            query=request.url.query or None,
+        )
+    )
+
+
+async def _fhir_error(request: Request, exc: Exception) -> FhirResponse:
     assert isinstance(exc, FhirError)
+    _audit_refusal(request, exc.status_code, exc.diagnostics)
     return outcome_response(exc.status_code, exc.issues, exc.headers)
 
 
@@ -94,7 +128,8 @@ async def _validation_error(_request: Request, exc: Exception) -> FhirResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> FhirResponse:
-    correlation_id = request.headers.get("x-request-id") or str(uuid.uuid4())
+    correlation_id = getattr(request.state, "request_id", None) or str(uuid.uuid4())
+    _audit_refusal(request, 500, f"unexpected error, correlation id {correlation_id}")
     log.exception(
         "unexpected error %s on %s %s",
         correlation_id,

@@ -64,6 +64,14 @@ IfMatch = Annotated[
     str | None,
     Header(alias="If-Match", description='Version the change applies to, e.g. W/"3"'),
 ]
+XProvenance = Annotated[
+    str | None,
+    Header(
+        alias="X-Provenance",
+        description="Reason for change (required on update and delete): a Provenance "
+        'resource in JSON, e.g. {"resourceType":"Provenance","reason":[{"text":"typo"}]}',
+    ),
+]
 Prefer = Annotated[
     str | None,
     Header(
@@ -333,10 +341,17 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         resource_id: IdPath,
         if_match: IfMatch = None,
         prefer: Prefer = None,
+        provenance: XProvenance = None,
     ) -> Response:
         require_json_body(request)
         result = await service.update(
-            ctx, resource_type, resource_id, await request.body(), principal, if_match=if_match
+            ctx,
+            resource_type,
+            resource_id,
+            await request.body(),
+            principal,
+            if_match=if_match,
+            provenance=provenance,
         )
         if result.created:
             return _resource_response(request, result.stored, 201, _location(result.stored))
@@ -375,9 +390,10 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         resource_id: IdPath,
         if_match: IfMatch = None,
         prefer: Prefer = None,
+        provenance: XProvenance = None,
     ) -> Response:
         deletion = await service.delete(
-            ctx, resource_type, resource_id, principal, if_match=if_match
+            ctx, resource_type, resource_id, principal, if_match=if_match, provenance=provenance
         )
         headers = {"ETag": deletion.etag} if deletion else {}
         if prefer_return(request) == "OperationOutcome":
@@ -426,6 +442,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
             sort=parsed.sort,
             after=parsed.after,
             limit=parsed.count + 1,
+            query=request.url.query or None,
         )
         page = hits[: parsed.count]
         next_params = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from app.audit.trail import AuditQueue
 from app.codes import CodeSystems
 from app.engine import Criteria
 from app.store.db import Database
@@ -14,3 +15,4 @@ class ServiceContext:
     db: Database
     criteria: Criteria
     codes: CodeSystems
+    audit: AuditQueue

@@ -22,6 +22,8 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.audit.trail import AuditRecord
+from app.audit.trail import append as append_audit
 from app.auth.permissions import (
     Action,
     authorize,
@@ -42,6 +44,7 @@ from app.services import response
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.services.indexing import KIND_RESPONSE_STATUS, index_values
+from app.services.provenance import require_reason, store_provenance
 from app.services.validation import parse_json, validate
 from app.store import repository as repo
 from app.store.criteria import Criteria
@@ -167,12 +170,37 @@ async def create(
             if matches:
                 # Still validate: a client must not learn that a bad body "worked".
                 validate(raw, resource_type)
-                return WriteResult(_stored(matches[0]), created=False)
+                match = matches[0]
+                ctx.audit.add(
+                    _audit(
+                        "create",
+                        principal,
+                        match,
+                        description="If-None-Exist "
+                        "matched an existing resource; nothing was written",
+                    )
+                )
+                return WriteResult(_stored(match), created=False)
         index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
         now = utc_now()
         content = _render(raw, resource_type, resource_id, 1, now)
         await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
         await _recompute(ctx, conn, {index.patient_id}, now)
+        await append_audit(
+            conn,
+            [
+                AuditRecord(
+                    "create",
+                    agent=principal.sub,
+                    role=principal.role,
+                    site=index.site,
+                    entity_type=resource_type,
+                    entity_id=resource_id,
+                    version_after=1,
+                    recorded=now,
+                )
+            ],
+        )
     return WriteResult(Stored(resource_type, resource_id, 1, now, content), created=True)
 
 
@@ -184,6 +212,7 @@ async def update(
     principal: Principal,
     *,
     if_match: str | None,
+    provenance: str | None = None,
 ) -> WriteResult:
     raw = parse_json(body)
     body_id = raw.get("id")
@@ -207,12 +236,24 @@ async def update(
             raise _server_owned()
         if current is not None and resource_type == "Observation":
             authorize_observation_write(principal, current.kind)
+        reason = None if current is None else require_reason(provenance)
         index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
         now = utc_now()
+        record = AuditRecord(
+            "update",
+            agent=principal.sub,
+            role=principal.role,
+            site=index.site,
+            entity_type=resource_type,
+            entity_id=resource_id,
+            recorded=now,
+        )
         if current is None:
             content = _render(raw, resource_type, resource_id, 1, now)
             await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
             await _recompute(ctx, conn, {index.patient_id}, now)
+            record.version_after = 1
+            await append_audit(conn, [record])
             return WriteResult(Stored(resource_type, resource_id, 1, now, content), created=True)
         version = current.version_id + 1
         content = _render(raw, resource_type, resource_id, version, now)
@@ -222,6 +263,16 @@ async def update(
             await repo.move_records(conn, resource_id, index.site)
         # A record moved to another patient changes both patients' responses.
         await _recompute(ctx, conn, {index.patient_id, current.patient_id}, now)
+        assert reason is not None and provenance is not None
+        await store_provenance(
+            conn, provenance, principal, resource_type, resource_id, version, now
+        )
+        record.version_before, record.version_after, record.reason = (
+            current.version_id,
+            version,
+            reason,
+        )
+        await append_audit(conn, [record])
     return WriteResult(
         Stored(resource_type, resource_id, version, now, content), created=current.deleted
     )
@@ -234,6 +285,7 @@ async def delete(
     principal: Principal,
     *,
     if_match: str | None,
+    provenance: str | None = None,
 ) -> Stored | None:
     """Delete; returns the deletion version, or None when it was already deleted."""
     expected = parse_if_match(if_match)
@@ -247,6 +299,7 @@ async def delete(
             raise _server_owned()
         if current.deleted:
             return None
+        reason = require_reason(provenance)
         if resource_type == "Patient" and await repo.has_live_references(conn, resource_id):
             raise Conflict(
                 f"Patient/{resource_id} still has records; delete or move them first",
@@ -258,6 +311,27 @@ async def delete(
             await response.forget(conn, resource_id, now)
         else:
             await _recompute(ctx, conn, {current.patient_id}, now)
+        assert provenance is not None
+        await store_provenance(
+            conn, provenance, principal, resource_type, resource_id, version, now
+        )
+        await append_audit(
+            conn,
+            [
+                AuditRecord(
+                    "delete",
+                    agent=principal.sub,
+                    role=principal.role,
+                    site=current.site,
+                    entity_type=resource_type,
+                    entity_id=resource_id,
+                    version_before=current.version_id,
+                    version_after=version,
+                    reason=reason,
+                    recorded=now,
+                )
+            ],
+        )
     return Stored(resource_type, resource_id, version, now, None)
 
 
@@ -280,6 +354,27 @@ async def _recompute(
     """
     for patient_id in sorted(p for p in patient_ids if p is not None):
         await response.recompute(ctx, conn, patient_id, now)
+
+
+def _audit(
+    interaction: str,
+    principal: Principal,
+    current: repo.Current,
+    *,
+    version: int | None = None,
+    description: str | None = None,
+) -> AuditRecord:
+    """An audit record of an access to one existing resource."""
+    return AuditRecord(
+        interaction,
+        agent=principal.sub,
+        role=principal.role,
+        site=current.site,
+        entity_type=current.resource_type,
+        entity_id=current.id,
+        version_after=version if version is not None else current.version_id,
+        description=description,
+    )
 
 
 def _server_owned() -> Forbidden:
@@ -316,8 +411,7 @@ async def read(
 ) -> Stored:
     async with ctx.db.read() as conn:
         current = await _visible_current(conn, resource_type, resource_id, principal)
-    if current is None:
-        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+    ctx.audit.add(_audit("read", principal, current))
     if current.deleted:
         raise Gone(
             f"{resource_type}/{resource_id} was deleted (version {current.version_id}); "
@@ -335,8 +429,9 @@ async def vread(
     principal: Principal,
 ) -> Stored:
     async with ctx.db.read() as conn:
-        await _visible_current(conn, resource_type, resource_id, principal)
+        current = await _visible_current(conn, resource_type, resource_id, principal)
         version = await repo.get_version(conn, resource_type, resource_id, version_id)
+    ctx.audit.add(_audit("vread", principal, current, version=version_id))
     if version is None:
         raise NotFound(f"{resource_type}/{resource_id}/_history/{version_id} does not exist")
     if version.content is None:
@@ -358,7 +453,17 @@ async def history(
 ) -> list[repo.Version]:
     async with ctx.db.read() as conn:
         if resource_id is not None:
-            await _visible_current(conn, resource_type, resource_id, principal)
+            current = await _visible_current(conn, resource_type, resource_id, principal)
+            ctx.audit.add(_audit("history-instance", principal, current))
+        else:
+            ctx.audit.add(
+                AuditRecord(
+                    "history-type",
+                    agent=principal.sub,
+                    role=principal.role,
+                    entity_type=resource_type,
+                )
+            )
         return await repo.history(
             conn,
             resource_type,
@@ -385,8 +490,18 @@ async def search(
     sort: str | None,
     after: tuple[Any, int] | None,
     limit: int,
+    query: str | None = None,
 ) -> list[SearchHit]:
     criteria = replace(criteria, sites=visible_sites(principal))
+    ctx.audit.add(
+        AuditRecord(
+            "search-type",
+            agent=principal.sub,
+            role=principal.role,
+            entity_type=criteria.resource_type,
+            query=query,
+        )
+    )
     async with ctx.db.read() as conn:
         rows = await repo.search(conn, criteria, sort=sort, after=after, limit=limit)
     return [SearchHit(_stored(current), sort_value, current.pk) for current, sort_value in rows]

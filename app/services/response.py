@@ -18,9 +18,11 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import codes
+from app.audit.trail import AuditRecord
 from app.auth.permissions import may_access_site
 from app.auth.principal import Principal
 from app.engine import (
+    EVIDENCE_RESOURCE_TYPES,
     Administration,
     Assessment,
     BleedingAssessment,
@@ -196,7 +198,13 @@ def _observation(
                 ),
             }
         )
-    evidence = sorted({i for ids in assessment.evidence.values() for i in ids})
+    evidence = sorted(
+        {
+            f"{EVIDENCE_RESOURCE_TYPES[key]}/{i}"
+            for key, ids in assessment.evidence.items()
+            for i in ids
+        }
+    )
     document: dict[str, Any] = {
         "resourceType": "Observation",
         "id": observation_id,
@@ -213,7 +221,7 @@ def _observation(
     if assessment.status_reason:
         document["note"] = [{"text": assessment.status_reason}]
     if evidence:
-        document["derivedFrom"] = [{"reference": f"Observation/{i}"} for i in evidence]
+        document["derivedFrom"] = [{"reference": reference} for reference in evidence]
     if components:
         document["component"] = components
     return document
@@ -228,6 +236,17 @@ async def response_status(ctx: ServiceContext, patient_id: str, principal: Princ
         if patient.deleted:
             raise Gone(f"Patient/{patient_id} was deleted")
         row = await repo.get_assessment(conn, patient_id)
+    ctx.audit.add(
+        AuditRecord(
+            "operation",
+            agent=principal.sub,
+            role=principal.role,
+            site=patient.site,
+            entity_type="Patient",
+            entity_id=patient_id,
+            description="$response-status",
+        )
+    )
     if row is None:  # written with the Patient; only a database edited by hand lacks it
         raise NotFound(f"Patient/{patient_id} has no assessment; run `python -m app recompute`")
     return row.content
@@ -236,6 +255,11 @@ async def response_status(ctx: ServiceContext, patient_id: str, principal: Princ
 async def response_summary(ctx: ServiceContext, principal: Principal) -> dict[str, Any]:
     """Counts over the patients at the caller's sites only."""
     sites = None if principal.is_admin else principal.sites
+    ctx.audit.add(
+        AuditRecord(
+            "operation", agent=principal.sub, role=principal.role, description="$response-summary"
+        )
+    )
     async with ctx.db.read() as conn:
         rows = await repo.assessment_counts(conn, sites)
     by_status = {code: 0 for code in ("CR", "R", "NR", "LOR", "NE")}

@@ -22,6 +22,7 @@ from fhir.resources.R4B.adverseevent import AdverseEvent
 from fhir.resources.R4B.medicationadministration import MedicationAdministration
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.patient import Patient
+from fhir.resources.R4B.provenance import Provenance
 from fhir_core import types as fhir_types
 from fhir_core.fhirabstractmodel import FHIRAbstractModel
 from pydantic import ValidationError
@@ -33,6 +34,7 @@ RESOURCE_CLASSES: dict[str, type[FHIRAbstractModel]] = {
     "Observation": Observation,
     "MedicationAdministration": MedicationAdministration,
     "AdverseEvent": AdverseEvent,
+    "Provenance": Provenance,  # checked when it arrives in X-Provenance, not served as such
 }
 
 _QUANTITY_COMPARATORS = frozenset({"<", "<=", ">=", ">"})

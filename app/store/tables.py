@@ -140,7 +140,53 @@ class SearchToken(SQLModel, table=True):
     value: str = Field(sa_column=Column(String(255), nullable=False))
 
 
+class AuditEventRow(SQLModel, table=True):
+    """The append-only audit trail: one FHIR AuditEvent per row, hash-chained in `seq` order.
+
+    `hash` = sha256(prev_hash, seq, content): editing or removing a row breaks the chain at
+    that row (`python -m app audit verify`). On PostgreSQL a trigger refuses UPDATE and
+    DELETE; no API route changes a row.
+    """
+
+    __tablename__ = "audit_event"
+    __table_args__ = (
+        Index("ix_audit_event_entity", "entity_type", "entity_id"),
+        Index("ix_audit_event_agent", "agent", "recorded"),
+        Index("ix_audit_event_recorded", "recorded"),
+    )
+
+    seq: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
+    id: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    recorded: datetime = Field(sa_column=Column(DateTime(), nullable=False))
+    action: str = Field(sa_column=Column(String(1), nullable=False))  # C R U D E
+    outcome: str = Field(sa_column=Column(String(2), nullable=False))  # 0 4 8 12
+    agent: str | None = Field(default=None, sa_column=Column(String(255), nullable=True))
+    site: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    entity_type: str | None = Field(default=None, sa_column=Column(String(40), nullable=True))
+    entity_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    content: str = Field(sa_column=Column(Text, nullable=False))
+    prev_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    hash: str = Field(sa_column=Column(String(64), nullable=False))
+
+
+class ProvenanceRow(SQLModel, table=True):
+    """Why a version was written: the client's Provenance (X-Provenance), completed by the
+    server with the target version, the time and the signer from the token."""
+
+    __tablename__ = "provenance"
+    __table_args__ = (Index("ix_provenance_target", "target_type", "target_id"),)
+
+    id: str = Field(sa_column=Column(String(64), primary_key=True))
+    target_type: str = Field(sa_column=Column(String(40), nullable=False))
+    target_id: str = Field(sa_column=Column(String(64), nullable=False))
+    target_version: int = Field(sa_column=Column(Integer, nullable=False))
+    recorded: datetime = Field(sa_column=Column(DateTime(), nullable=False))
+    content: str = Field(sa_column=Column(Text, nullable=False))
+
+
 resource_table = ResourceRow.__table__  # type: ignore[attr-defined]
 version_table = ResourceVersion.__table__  # type: ignore[attr-defined]
 token_table = SearchToken.__table__  # type: ignore[attr-defined]
 assessment_table = ResponseAssessmentRow.__table__  # type: ignore[attr-defined]
+audit_table = AuditEventRow.__table__  # type: ignore[attr-defined]
+provenance_table = ProvenanceRow.__table__  # type: ignore[attr-defined]

@@ -1,0 +1,258 @@
+"""Append AuditEvents to the hash-chained `audit_event` table, and verify the chain.
+
+Writes are audited inside the write's own transaction (no write without its record).
+Reads, searches and refusals go through `AuditQueue`: batched off the request path and
+flushed at least once a second and at shutdown, so reading stays fast.
+
+The chain: each row stores `prev_hash` (the previous row's `hash`, or 64 zeros for the
+first) and `hash = sha256(prev_hash | id | content)`. Appends take one lock for the chain
+(PostgreSQL advisory lock; SQLite write transactions are serial anyway), so `seq` order is
+chain order. The lock is taken last in a write transaction and held only until its commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.audit.context import current_request
+from app.services.dates import format_instant, utc_now
+from app.store import repository as repo
+from app.store.db import Database
+from app.store.tables import audit_table as AE
+
+log = logging.getLogger("app.audit")
+
+GENESIS = "0" * 64
+_CHAIN_LOCK = "audit-chain"
+_INTERACTION_ACTION = {
+    "create": "C",
+    "update": "U",
+    "delete": "D",
+    "read": "R",
+    "vread": "R",
+    "history-instance": "R",
+    "history-type": "R",
+    "search-type": "E",
+    "operation": "E",
+    "login": "E",
+}
+
+
+@dataclass
+class AuditRecord:
+    interaction: str  # FHIR restful-interaction code, or "login" / "operation"
+    outcome: str = "0"  # 0 success, 4 minor failure (refused), 8 serious failure
+    description: str | None = None
+    agent: str | None = None
+    role: str | None = None
+    site: str | None = None
+    entity_type: str | None = None
+    entity_id: str | None = None
+    version_before: int | None = None
+    version_after: int | None = None
+    query: str | None = None
+    reason: str | None = None
+    recorded: datetime = field(default_factory=utc_now)
+    request_id: str | None = None
+    client_address: str | None = None
+
+    def __post_init__(self) -> None:
+        context = current_request.get()
+        if context is not None:
+            self.request_id = self.request_id or context.request_id
+            self.client_address = self.client_address or context.client_address
+
+    @property
+    def action(self) -> str:
+        return _INTERACTION_ACTION.get(self.interaction, "E")
+
+
+def _detail(kind: str, value: object) -> dict[str, Any]:
+    return {"type": kind, "valueString": str(value)}
+
+
+def to_fhir(record: AuditRecord, audit_id: str) -> dict[str, Any]:
+    """The record as a FHIR R4B AuditEvent."""
+    agent: dict[str, Any] = {"requestor": True}
+    if record.agent:
+        agent["who"] = {"identifier": {"value": record.agent}}
+    if record.role:
+        agent["role"] = [{"text": record.role}]
+    if record.client_address:
+        agent["network"] = {"address": record.client_address, "type": "2"}
+    entity: dict[str, Any] = {}
+    if record.entity_type:
+        reference = record.entity_type
+        if record.entity_id:
+            reference += f"/{record.entity_id}"
+            if record.version_after is not None:
+                reference += f"/_history/{record.version_after}"
+        entity["what"] = {"reference": reference}
+    details = [
+        _detail(kind, value)
+        for kind, value in (
+            ("version-before", record.version_before),
+            ("version-after", record.version_after),
+            ("site", record.site),
+            ("request-id", record.request_id),
+            ("reason", record.reason),
+        )
+        if value is not None
+    ]
+    if record.query:
+        entity["query"] = record.query
+    if details:
+        entity["detail"] = details
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": audit_id,
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation",
+        },
+        "subtype": [
+            {"system": "http://hl7.org/fhir/restful-interaction", "code": record.interaction}
+        ],
+        "action": record.action,
+        "recorded": format_instant(record.recorded),
+        "outcome": record.outcome,
+        "agent": [agent],
+        "source": {"observer": {"display": "itp-trial-api"}},
+    }
+    if record.description:
+        event["outcomeDesc"] = record.description
+    if entity:
+        event["entity"] = [entity]
+    return event
+
+
+def chain_hash(prev_hash: str, audit_id: str, content: str) -> str:
+    return hashlib.sha256(f"{prev_hash}|{audit_id}|{content}".encode()).hexdigest()
+
+
+async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
+    """Append records in the caller's transaction (commits or rolls back with it)."""
+    if not records:
+        return
+    await repo.lock(conn, _CHAIN_LOCK)
+    previous = (
+        await conn.execute(select(AE.c.hash).order_by(AE.c.seq.desc()).limit(1))
+    ).scalar_one_or_none() or GENESIS
+    rows = []
+    for record in records:
+        audit_id = str(uuid.uuid4())
+        content = orjson.dumps(to_fhir(record, audit_id)).decode()
+        digest = chain_hash(previous, audit_id, content)
+        rows.append(
+            {
+                "id": audit_id,
+                "recorded": record.recorded,
+                "action": record.action,
+                "outcome": record.outcome,
+                "agent": record.agent,
+                "site": record.site,
+                "entity_type": record.entity_type,
+                "entity_id": record.entity_id,
+                "content": content,
+                "prev_hash": previous,
+                "hash": digest,
+            }
+        )
+        previous = digest
+    for row in rows:  # one statement per row keeps `seq` in chain order on every driver
+        await conn.execute(insert(AE).values(**row))
+
+
+class AuditQueue:
+    """Reads, searches and refusals, written in batches off the request path."""
+
+    def __init__(self, db: Database, interval_seconds: float = 1.0) -> None:
+        self.db = db
+        self.interval = interval_seconds
+        self._pending: list[AuditRecord] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, record: AuditRecord) -> None:
+        self._pending.append(record)
+
+    async def flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            async with self.db.write() as conn:
+                await append(conn, batch)
+        except Exception:
+            # Put them back: an audit record is never dropped for a passing database error.
+            self._pending[:0] = batch
+            raise
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("audit flush failed; retrying in %ss", self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-flush")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+
+@dataclass
+class VerifyResult:
+    checked: int
+    broken_seq: int | None = None
+    broken_id: str | None = None
+    problem: str | None = None
+
+
+async def verify(db: Database, batch: int = 1000) -> VerifyResult:
+    """Walk the chain in `seq` order; name the first record whose links do not hold."""
+    previous, checked, after = GENESIS, 0, 0
+    async with db.read() as conn:
+        while True:
+            rows = (
+                await conn.execute(
+                    select(AE.c.seq, AE.c.id, AE.c.content, AE.c.prev_hash, AE.c.hash)
+                    .where(AE.c.seq > after)
+                    .order_by(AE.c.seq)
+                    .limit(batch)
+                )
+            ).all()
+            if not rows:
+                return VerifyResult(checked)
+            for seq, audit_id, content, prev_hash, digest in rows:
+                if prev_hash != previous:
+                    return VerifyResult(
+                        checked,
+                        seq,
+                        audit_id,
+                        "its prev_hash is not the previous record's hash "
+                        "(a record before it was removed or changed)",
+                    )
+                if chain_hash(prev_hash, audit_id, content) != digest:
+                    return VerifyResult(
+                        checked, seq, audit_id, "its content does not match its hash (changed)"
+                    )
+                previous, checked, after = digest, checked + 1, seq

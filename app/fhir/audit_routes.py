@@ -1,0 +1,112 @@
+"""`/fhir/AuditEvent`: read-only, for monitors and admins. No route changes or deletes one."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+
+from app.audit import queries
+from app.auth.deps import Require
+from app.auth.permissions import Action
+from app.auth.principal import Principal
+from app.fhir import bundles, schemas
+from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
+from app.fhir.routes import ID_PATTERN, ServicesDep, SettingsDep, fhir_base
+from app.fhir.search_params import decode_cursor, encode_cursor
+from app.services.resources import Stored
+
+router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["AuditEvent"])
+_OUTCOME = {"model": schemas.OperationOutcome, "content": {FHIR_JSON: {}}}
+_SEARCH_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": description,
+        }
+        for name, description in (
+            ("entity", "The resource the event is about: Type/id"),
+            ("agent", "Who acted: the token's sub"),
+            ("date", "When it was recorded; prefixes eq lt le gt ge"),
+            ("action", "C, R, U, D or E"),
+            ("_count", "Page size"),
+            ("_cursor", "Opaque paging cursor from a next link"),
+        )
+    ]
+}
+
+
+def _stored(hit: queries.AuditHit) -> Stored:
+    return Stored("AuditEvent", hit.id, 1, None, hit.content)  # type: ignore[arg-type]
+
+
+@router.get(
+    "/AuditEvent",
+    operation_id="searchAuditEvent",
+    summary="Search the audit trail (oldest first, in chain order)",
+    response_class=FhirResponse,
+    openapi_extra=_SEARCH_DOC,
+    responses={
+        200: {
+            "model": schemas.Bundle,
+            "content": {FHIR_JSON: {}},
+            "description": "searchset Bundle of AuditEvents",
+        },
+        400: _OUTCOME,
+        401: _OUTCOME,
+        403: _OUTCOME,
+    },
+)
+async def search_audit(
+    request: Request,
+    ctx: ServicesDep,
+    settings: SettingsDep,
+    principal: Annotated[Principal, Depends(Require("AuditEvent", Action.AUDIT_READ))],
+) -> Response:
+    params = [(k, v) for k, v in request.query_params.multi_items()]
+    count = settings.default_page_size
+    cursor = None
+    for name, value in params:
+        if name == "_count" and value.isdigit():
+            count = min(int(value), settings.max_page_size)
+        elif name == "_cursor":
+            cursor = decode_cursor(value, (int,))[0]
+    hits = await queries.search(ctx, principal, params, after=cursor, limit=count + 1)
+    page = hits[:count]
+    criteria = [(k, v) for k, v in params if k not in ("_cursor", "_count")]
+    next_params = None
+    if len(hits) > count and page:
+        next_params = [*criteria, ("_count", str(count)), ("_cursor", encode_cursor(page[-1].seq))]
+    text = bundles.searchset(
+        fhir_base(request),
+        "AuditEvent",
+        [_stored(h) for h in page],
+        self_params=params,
+        next_params=next_params,
+    )
+    return pretty(request, text)
+
+
+@router.get(
+    "/AuditEvent/{audit_id}",
+    operation_id="readAuditEvent",
+    summary="Read one AuditEvent",
+    response_class=FhirResponse,
+    responses={
+        200: {"description": "The AuditEvent", "content": {FHIR_JSON: {}}},
+        404: _OUTCOME,
+        401: _OUTCOME,
+        403: _OUTCOME,
+    },
+)
+async def read_audit(
+    request: Request,
+    ctx: ServicesDep,
+    principal: Annotated[Principal, Depends(Require("AuditEvent", Action.AUDIT_READ))],
+    audit_id: Annotated[str, Path(pattern=ID_PATTERN)],
+) -> Response:
+    hit = await queries.read(ctx, principal, audit_id)
+    return pretty(request, hit.content)

@@ -1,0 +1,249 @@
+"""Reason for change, and the append-only, hash-chained audit trail (both databases)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy import text
+
+from tests import builders
+from tests.conftest import PROJECT_ROOT, bearer
+from tests.test_crud import create
+
+
+async def _events(client, app, **params: str) -> list[dict]:
+    await app.state.services.audit.flush()  # reads are audited in batches
+    bundle = (await client.get("/fhir/AuditEvent", params={"_count": "1000", **params})).json()
+    return [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "match"]
+
+
+def _details(event: dict) -> dict[str, str]:
+    return {d["type"]: d["valueString"] for d in event["entity"][0].get("detail", [])}
+
+
+async def test_update_and_delete_need_a_reason(client, anonymous):
+    patient = (await create(client, builders.patient())).json()
+    admin = bearer("admin")
+    changed = {**patient, "gender": "male"}
+    for headers in (
+        {},
+        {"X-Provenance": '{"resourceType":"Provenance"}'},
+        {"X-Provenance": '{"resourceType":"Provenance","reason":[{}]}'},
+    ):
+        response = await anonymous.put(
+            f"/fhir/Patient/{patient['id']}", json=changed, headers={**admin, **headers}
+        )
+        assert response.status_code == 400, headers
+        assert response.json()["issue"][0]["code"] == "required"
+        deleted = await anonymous.delete(
+            f"/fhir/Patient/{patient['id']}", headers={**admin, **headers}
+        )
+        assert deleted.status_code == 400
+    assert (await client.get(f"/fhir/Patient/{patient['id']}")).json() == patient
+    assert (
+        await anonymous.put(
+            f"/fhir/Patient/{patient['id']}",
+            json=changed,
+            headers={**admin, "X-Provenance": "not json"},
+        )
+    ).status_code == 400
+
+
+async def test_a_change_stores_its_provenance_and_audit_record(app, client, anonymous):
+    patient = (await create(client, builders.patient())).json()
+    reason = '{"resourceType":"Provenance","reason":[{"text":"birth date mistyped"}]}'
+    response = await anonymous.put(
+        f"/fhir/Patient/{patient['id']}",
+        json={**patient, "birthDate": "1968-04-21"},
+        headers={**bearer("investigator", ("S01",), sub="dr-who"), "X-Provenance": reason},
+    )
+    assert response.status_code == 200
+    async with app.state.services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                text("SELECT target_version, content FROM provenance WHERE target_id = :id"),
+                {"id": patient["id"]},
+            )
+        ).all()
+    assert [row[0] for row in rows] == [2]
+    assert f"Patient/{patient['id']}/_history/2" in rows[0][1]
+    assert "dr-who" in rows[0][1] and "birth date mistyped" in rows[0][1]
+    updates = await _events(client, app, entity=f"Patient/{patient['id']}", action="U")
+    assert len(updates) == 1
+    details = _details(updates[0])
+    assert details["version-before"] == "1" and details["version-after"] == "2"
+    assert details["reason"] == "birth date mistyped" and details["site"] == "S01"
+    assert updates[0]["agent"][0]["who"]["identifier"]["value"] == "dr-who"
+    assert updates[0]["agent"][0]["role"][0]["text"] == "investigator"
+    assert updates[0]["outcome"] == "0"
+
+
+async def test_every_write_read_search_and_refusal_is_audited(app, client, anonymous):
+    patient_id = (await create(client, builders.patient())).json()["id"]
+    count = (
+        await create(client, builders.platelet_count(patient_id, "2025-03-10T09:00:00Z", 40))
+    ).json()
+    await client.get(f"/fhir/Observation/{count['id']}")
+    await client.get("/fhir/Observation", params={"patient": patient_id})
+    await client.delete(f"/fhir/Observation/{count['id']}")
+    refused = await anonymous.post(
+        "/fhir/Observation",
+        headers=bearer("monitor", ("S01",)),
+        json=builders.platelet_count(patient_id, "2025-03-11", 40),
+    )
+    assert refused.status_code == 403
+    await anonymous.get("/fhir/Patient", headers={"Authorization": "Bearer forged"})
+    events = await _events(client, app)
+    summary = [
+        (
+            e["subtype"][0]["code"],
+            e["outcome"],
+            e.get("entity", [{}])[0].get("what", {}).get("reference", ""),
+        )
+        for e in events
+    ]
+    assert ("create", "0", f"Patient/{patient_id}/_history/1") in summary
+    assert ("create", "0", f"Observation/{count['id']}/_history/1") in summary
+    assert ("read", "0", f"Observation/{count['id']}/_history/1") in summary
+    assert ("delete", "0", f"Observation/{count['id']}/_history/2") in summary
+    assert any(code == "search-type" for code, _, _ in summary)
+    assert any(code == "create" and outcome == "4" for code, outcome, _ in summary)
+    assert any(code == "login" and outcome == "4" for code, outcome, _ in summary)
+    request_ids = {_details(e).get("request-id") for e in events if e.get("entity")}
+    assert None not in request_ids
+
+
+async def test_audit_trail_is_for_monitors_and_admins_only_and_cannot_be_changed(
+    app, client, anonymous
+):
+    (await create(client, builders.patient())).json()
+    for role, status in (("monitor", 200), ("admin", 200), ("investigator", 403), ("lab", 403)):
+        response = await anonymous.get("/fhir/AuditEvent", headers=bearer(role, ("S01",)))
+        assert response.status_code == status, role
+    event = (await _events(client, app))[0]
+    for method in ("PUT", "DELETE", "PATCH"):
+        response = await client.request(method, f"/fhir/AuditEvent/{event['id']}", json=event)
+        assert response.status_code == 405, method
+    assert (await client.post("/fhir/AuditEvent", json=event)).status_code == 405
+    read = await client.get(f"/fhir/AuditEvent/{event['id']}")
+    assert read.json() == event
+
+
+async def test_monitor_sees_only_its_sites_events(app, client, anonymous):
+    await create(client, builders.patient("S01-1", site="S01"))
+    await create(client, builders.patient("S02-1", site="S02"))
+    await app.state.services.audit.flush()
+    bundle = (
+        await anonymous.get(
+            "/fhir/AuditEvent", params={"action": "C"}, headers=bearer("monitor", ("S02",))
+        )
+    ).json()
+    sites = {_details(e["resource"]).get("site") for e in bundle["entry"]}
+    assert sites == {"S02"}
+
+
+def _verify(database_url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", "audit", "verify"],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+    )
+
+
+async def test_audit_verify_detects_tampering(app, client, database_url):
+    for number in range(3):
+        await create(client, builders.patient(f"S01-00{number}"))
+    await app.state.services.audit.flush()
+    intact = _verify(database_url)
+    assert intact.returncode == 0, intact.stderr
+    assert "intact" in intact.stdout
+    async with app.state.services.db.write() as conn:
+        if conn.dialect.name == "postgresql":
+            # An attacker with the table owner's rights: the trigger is no obstacle to them.
+            await conn.execute(text("ALTER TABLE audit_event DISABLE TRIGGER USER"))
+        seq = (
+            await conn.execute(text("SELECT seq FROM audit_event ORDER BY seq LIMIT 1 OFFSET 1"))
+        ).scalar_one()
+        await conn.execute(
+            text(
+                "UPDATE audit_event SET content = replace(content, "
+                '\'"outcome":"0"\', \'"outcome":"4"\') WHERE seq = :s'
+            ),
+            {"s": seq},
+        )
+        if conn.dialect.name == "postgresql":  # the database is shared by later tests
+            await conn.execute(text("ALTER TABLE audit_event ENABLE TRIGGER USER"))
+    broken = _verify(database_url)
+    assert broken.returncode == 1
+    assert f"seq={seq}" in broken.stderr
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_postgres_trigger_refuses_update_and_delete(app, client):
+    await create(client, builders.patient())
+    for statement in ("UPDATE audit_event SET outcome = '4'", "DELETE FROM audit_event"):
+        with pytest.raises(Exception, match="append-only"):
+            async with app.state.services.db.write() as conn:
+                await conn.execute(text(statement))
+    async with app.state.services.db.read() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM audit_event"))).scalar() >= 1
+
+
+async def test_hardening_body_limit_and_security_headers(client):
+    too_big = b'{"resourceType":"Patient","text":"' + b"x" * 1_100_000 + b'"}'
+    response = await client.post(
+        "/fhir/Patient", content=too_big, headers={"Content-Type": "application/fhir+json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["issue"][0]["code"] == "too-costly"
+
+    async def chunks():
+        for _ in range(20):
+            yield b"x" * 100_000
+
+    chunked = await client.post(
+        "/fhir/Patient", content=chunks(), headers={"Content-Type": "application/fhir+json"}
+    )
+    assert chunked.status_code == 413
+    read = await client.get("/fhir/metadata")
+    assert read.headers["x-content-type-options"] == "nosniff"
+    assert read.headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in read.headers["content-security-policy"]
+    assert (
+        "access-control-allow-origin"
+        not in (
+            await client.get("/fhir/metadata", headers={"Origin": "https://evil.example"})
+        ).headers
+    )
+
+
+async def test_cors_only_for_configured_origins(database_url):
+    import httpx
+
+    from app.main import create_app
+    from app.settings import Settings
+    from tests.conftest import KEY
+
+    app = create_app(
+        Settings(
+            database_url=database_url, environment="test", cors_origins=["https://frontend.example"]
+        ),
+        key_source=KEY,
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        allowed = await http.options(
+            "/fhir/Patient",
+            headers={"Origin": "https://frontend.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert allowed.headers["access-control-allow-origin"] == "https://frontend.example"
+        other = await http.options(
+            "/fhir/Patient",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert "access-control-allow-origin" not in other.headers
