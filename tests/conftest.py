@@ -23,11 +23,14 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from app.auth.tokens import SecretKeySource, issue_token
 from app.main import create_app
+from app.services.response import response_observation_id
 from app.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +162,8 @@ async def app(settings: Settings) -> AsyncIterator[object]:
     application = create_app(settings, key_source=KEY)
     async with application.router.lifespan_context(application):
         yield application
+        # After every API test, on both databases: no write without its audit record.
+        await assert_every_write_is_audited(application)
 
 
 @pytest.fixture
@@ -236,3 +241,39 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+async def assert_every_write_is_audited(application: Any) -> None:
+    """Each version a client wrote has its AuditEvent (the server's own response-status
+    versions ride on the audited write that caused them)."""
+    services = application.state.services
+    await services.audit.flush()
+    async with services.db.read() as conn:
+        patients = (
+            (await conn.execute(text("SELECT id FROM resource WHERE resource_type = 'Patient'")))
+            .scalars()
+            .all()
+        )
+        server_owned = {response_observation_id(p) for p in patients}
+        versions = {
+            f"{kind}/{ident}/_history/{version}"
+            for kind, ident, version in (
+                await conn.execute(
+                    text("SELECT resource_type, id, version_id FROM resource_version")
+                )
+            ).all()
+            if ident not in server_owned
+        }
+        audited = set()
+        for (content,) in (
+            await conn.execute(
+                text(
+                    "SELECT content FROM audit_event WHERE action IN ('C', 'U', 'D') "
+                    "AND outcome = '0'"
+                )
+            )
+        ).all():
+            event = orjson.loads(content)
+            audited.add(event["entity"][0]["what"]["reference"])
+    missing = versions - audited
+    assert not missing, f"writes without an AuditEvent: {sorted(missing)[:5]}"

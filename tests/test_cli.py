@@ -42,3 +42,46 @@ async def test_recompute_writes_only_what_changed(client, services):
     assert assessment["criteria"]["r_threshold"] == 50
     history = (await client.get(f"/fhir/{assessment['observation']}/_history")).json()
     assert history["entry"][0]["resource"]["valueCodeableConcept"]["coding"][0]["code"] == "NR"
+
+
+def test_token_command_prints_a_token_the_server_accepts(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import KEY, PROJECT_ROOT, TEST_SECRET
+
+    env = {**os.environ, "APP_AUTH_JWT_SECRET": TEST_SECRET, "APP_ENVIRONMENT": "test"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "token",
+            "--role",
+            "investigator",
+            "--sites",
+            "S01,S02",
+            "--sub",
+            "dr-a",
+            "--minutes",
+            "5",
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    claims = KEY.decode(result.stdout.strip())
+    assert claims["role"] == "investigator" and claims["sites"] == ["S01", "S02"]
+    assert claims["sub"] == "dr-a" and claims["exp"] - claims["iat"] == 300
+    assert "user/Observation.cruds" in claims["scope"]
+    refused = subprocess.run(
+        [sys.executable, "-m", "app", "token", "--role", "lab"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "site" in refused.stderr
