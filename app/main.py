@@ -11,7 +11,9 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from app.audit.trail import AuditQueue
 from app.auth.settings import AuthSettings, load_key_source
@@ -67,7 +69,10 @@ def create_app(
             await audit.stop()  # the last reads' records are written before the pool closes
             await db.dispose()
 
-    app = FastAPI(
+    # FastAPIOffline serves Swagger UI and ReDoc from files in the package: /docs and /redoc
+    # work on a network without a CDN.
+    app = FastAPIOffline(
+        static_url="/static/docs",
         title="ITP trial data API",
         version=SOFTWARE_VERSION,
         description=(
@@ -81,6 +86,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.key_source = key_source
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     outcome.install(app)
     if settings.cors_origins:
         app.add_middleware(
@@ -98,9 +104,10 @@ def create_app(
             ],
             expose_headers=["ETag", "Location", "Last-Modified", "X-Request-Id"],
         )
-    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    # Added last, so outermost: every answer gets the headers, a 413 from the limit too.
+    app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(routes.router)
     app.include_router(operations.router)
     app.include_router(audit_routes.router)
@@ -169,6 +176,28 @@ def create_app(
         return {"status": "ready", "database": db.dialect, "revision": current}
 
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, minus what this app never answers: request-validation errors
+    here are 400 OperationOutcomes (documented per route), never FastAPI's 422 body."""
+    if app.openapi_schema is None:
+        document = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        for path in document["paths"].values():
+            for operation in path.values():
+                response = operation.get("responses", {}).get("422", {})
+                schema = response.get("content", {}).get("application/json", {}).get("schema")
+                if schema == {"$ref": "#/components/schemas/HTTPValidationError"}:
+                    del operation["responses"]["422"]
+        for unused in ("HTTPValidationError", "ValidationError"):
+            document.get("components", {}).get("schemas", {}).pop(unused, None)
+        app.openapi_schema = document
+    return app.openapi_schema
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -132,6 +132,10 @@ _DOCS_CSP = (
 )
 
 
+def api_security_headers() -> list[tuple[bytes, bytes]]:
+    return [*_SECURITY_HEADERS, _API_CSP]
+
+
 class SecurityHeadersMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

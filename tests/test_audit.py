@@ -186,7 +186,11 @@ async def test_audit_verify_detects_tampering(app, client, database_url):
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_postgres_trigger_refuses_update_and_delete(app, client):
     await create(client, builders.patient())
-    for statement in ("UPDATE audit_event SET outcome = '4'", "DELETE FROM audit_event"):
+    for statement in (
+        "UPDATE audit_event SET outcome = '4'",
+        "DELETE FROM audit_event",
+        "TRUNCATE audit_event",
+    ):
         with pytest.raises(Exception, match="append-only"):
             async with app.state.services.db.write() as conn:
                 await conn.execute(text(statement))

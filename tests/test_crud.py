@@ -195,7 +195,19 @@ async def test_metadata_lists_exactly_what_is_implemented(client):
     assert statement["resourceType"] == "CapabilityStatement"
     assert statement["fhirVersion"] == "4.3.0"
     resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
-    assert set(resources) == {"Patient", "Observation", "MedicationAdministration", "AdverseEvent"}
+    assert set(resources) == {
+        "Patient",
+        "Observation",
+        "MedicationAdministration",
+        "AdverseEvent",
+        "AuditEvent",
+    }
+    assert {op["name"] for op in statement["rest"][0]["operation"]} == {
+        "response-status",
+        "response-summary",
+    }
+    audit = resources.pop("AuditEvent")
+    assert {i["code"] for i in audit["interaction"]} == {"read", "search-type"}
     for resource in resources.values():
         assert resource["updateCreate"] is True
         assert resource["conditionalCreate"] is True

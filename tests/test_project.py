@@ -80,3 +80,14 @@ def test_dockerfile_runs_as_non_root_migrates_then_serves():
     assert "\nUSER app" in dockerfile
     assert "HEALTHCHECK" in dockerfile
     assert "alembic upgrade head && exec uvicorn app.main:app" in dockerfile
+
+
+async def test_docs_work_offline(client):
+    for page in ("/docs", "/redoc"):
+        html = (await client.get(page)).text
+        assert "cdn" not in html.lower() and "unpkg" not in html.lower(), page
+        assets = [part.split('"')[0] for part in html.split('src="')[1:]]
+        assert assets, page
+        for asset in assets:
+            assert asset.startswith("/static/docs/"), asset
+            assert (await client.get(asset)).status_code == 200, asset

@@ -165,13 +165,22 @@ async def test_lab_writes_platelet_counts_only(client, anonymous):
     assert (await anonymous.post("/fhir/Observation", json=count, headers=lab)).status_code == 201
     grade = builders.bleeding_grade(patient_id, "2025-03-10T09:00:00Z", 1)
     assert (await anonymous.post("/fhir/Observation", json=grade, headers=lab)).status_code == 403
-    criterion = {"If-None-Exist": f"identifier={builders.SUBJECT_SYSTEM}|S01-001"}
+    criterion = {"If-None-Exist": f"patient={patient_id}&code=777-3"}
     lookup = await anonymous.get("/fhir/Patient", headers=lab, params={"identifier": "S01-001"})
     assert [e["resource"]["id"] for e in lookup.json()["entry"]] == [patient_id]
     conditional = await anonymous.post(
         "/fhir/Observation", json=count, headers={**lab, **criterion}
     )
-    assert conditional.status_code in (200, 201)
+    assert conditional.status_code == 200  # the count posted above matches
+    grade_again = await anonymous.post(
+        "/fhir/Observation", json=grade, headers={**lab, **criterion}
+    )
+    assert grade_again.status_code == 403  # a match never excuses a body it may not write
+    create_only = bearer("lab", ("S01",), scope="user/Observation.c")
+    blind = await anonymous.post(
+        "/fhir/Observation", json=count, headers={**create_only, **criterion}
+    )
+    assert blind.status_code == 403  # criteria are a search: no search, no answer
 
 
 async def test_only_an_admin_moves_a_patient_between_sites(client, anonymous):

@@ -69,6 +69,8 @@ class AuditRecord:
     client_address: str | None = None
 
     def __post_init__(self) -> None:
+        # Columns are bounded; a token's `sub` of any length must not make a record unstorable.
+        self.agent = self.agent[:255] if self.agent else self.agent
         context = current_request.get()
         if context is not None:
             self.request_id = self.request_id or context.request_id
@@ -196,9 +198,23 @@ class AuditQueue:
             async with self.db.write() as conn:
                 await append(conn, batch)
         except Exception:
-            # Put them back: an audit record is never dropped for a passing database error.
-            self._pending[:0] = batch
-            raise
+            await self._flush_one_by_one(batch)
+
+    async def _flush_one_by_one(self, batch: list[AuditRecord]) -> None:
+        """After a failed batch: a record the database refuses must not block the others
+        for ever. It goes to the error log in full; a passing error keeps it queued."""
+        for index, record in enumerate(batch):
+            try:
+                async with self.db.write() as conn:
+                    await append(conn, [record])
+            except (OSError, ConnectionError):
+                self._pending[:0] = batch[index:]  # the database is away: retry later
+                raise
+            except Exception:
+                log.exception(
+                    "audit record refused by the database, logged instead: %s",
+                    orjson.dumps(to_fhir(record, "unstored")).decode(),
+                )
 
     async def _run(self) -> None:
         while True:

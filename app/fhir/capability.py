@@ -49,6 +49,24 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
                 ],
             }
         )
+    resources.append(
+        {
+            "type": "AuditEvent",
+            "documentation": "The append-only audit trail: read and search only, for monitors "
+            "(their sites) and admins.",
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": [
+                {"name": name, "type": kind, "documentation": text}
+                for name, kind, text in (
+                    ("_id", "token", "Logical id"),
+                    ("entity", "reference", "The resource the event is about: Type/id"),
+                    ("agent", "token", "Who acted: the token's sub"),
+                    ("date", "date", "When it was recorded; prefixes eq lt le gt ge"),
+                    ("action", "token", "C, R, U, D or E"),
+                )
+            ],
+        }
+    )
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -68,6 +86,37 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
                     "representation|OperationOutcome is honoured on create and update."
                 ),
                 "resource": resources,
+                "security": {
+                    "cors": True,
+                    "service": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                    "code": "SMART-on-FHIR",
+                                }
+                            ]
+                        }
+                    ],
+                    "description": "Bearer JWT (role, sites, SMART v2 scopes) on every request but "
+                    "metadata and health; updates and deletes need an X-Provenance with a reason.",
+                },
+                "operation": [
+                    {
+                        "name": "response-status",
+                        "definition": "https://itp-trial.example/fhir/OperationDefinition/"
+                        "Patient-response-status",
+                        "documentation": "GET /fhir/Patient/{id}/$response-status: "
+                        "the patient's ITP response assessment",
+                    },
+                    {
+                        "name": "response-summary",
+                        "definition": "https://itp-trial.example/fhir/OperationDefinition/"
+                        "response-summary",
+                        "documentation": "GET /fhir/$response-summary: counts by status and best "
+                        "response, overall response rate",
+                    },
+                ],
             }
         ],
     }

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.audit.trail import AuditRecord
 from app.errors import FhirError, Issue
 from app.fhir.http import FhirResponse
+from app.middleware import api_security_headers
 
 log = logging.getLogger("app.errors")
 
@@ -109,10 +110,11 @@ async def _http_error(request: Request, exc: Exception) -> FhirResponse:
         message = f"{request.method} is not supported on {request.url.path}"
     else:
         message = str(exc.detail)
+    _audit_refusal(request, exc.status_code, message)
     return outcome_response(exc.status_code, [Issue(code, message)], dict(exc.headers or {}))
 
 
-async def _validation_error(_request: Request, exc: Exception) -> FhirResponse:
+async def _validation_error(request: Request, exc: Exception) -> FhirResponse:
     assert isinstance(exc, RequestValidationError)
     issues = []
     for error in exc.errors():
@@ -124,6 +126,7 @@ async def _validation_error(_request: Request, exc: Exception) -> FhirResponse:
                 [".".join(location)] if location else [],
             )
         )
+    _audit_refusal(request, 400, "; ".join(i.diagnostics for i in issues) or "invalid request")
     return outcome_response(400, issues or [Issue("invalid", "Invalid request")])
 
 
@@ -137,10 +140,14 @@ async def _unexpected(request: Request, exc: Exception) -> FhirResponse:
         request.url.path,
         exc_info=exc,
     )
+    # This answer leaves through Starlette's outermost error middleware, past ours: it
+    # carries the request id and the security headers itself.
+    headers = {name.decode(): value.decode() for name, value in api_security_headers()}
+    headers |= {"X-Correlation-Id": correlation_id, "X-Request-Id": correlation_id}
     return outcome_response(
         500,
         [Issue("exception", f"Internal server error; correlation id {correlation_id}")],
-        {"X-Correlation-Id": correlation_id},
+        headers,
     )
 
 

@@ -234,6 +234,8 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         criteria = key = None
         if if_none_exist is not None:
             authorize(principal, resource_type, Action.CONDITIONAL_CREATE)
+            # A match is answered with the resource: the criteria are a search.
+            authorize(principal, resource_type, Action.SEARCH)
             criteria, key = _conditional_criteria(resource_type, if_none_exist)
         result = await service.create(
             ctx, resource_type, body, principal, if_none_exist=criteria, if_none_exist_key=key

@@ -43,15 +43,18 @@ def fhir_range(value: str) -> tuple[datetime, datetime] | None:
     except ValueError:
         return None
     tz = match["tz"]
-    if tz is not None and tz != "Z":
-        sign = 1 if tz[0] == "+" else -1
-        start -= sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
-    if match["f"] is not None:
-        end = start
-    elif match["S"] is not None:
-        end = start + timedelta(seconds=1) - _ONE_US
-    else:
-        end = start + timedelta(minutes=1) - _ONE_US
+    try:
+        if tz is not None and tz != "Z":
+            sign = 1 if tz[0] == "+" else -1
+            start -= sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
+        if match["f"] is not None:
+            end = start
+        elif match["S"] is not None:
+            end = start + timedelta(seconds=1) - _ONE_US
+        else:
+            end = start + timedelta(minutes=1) - _ONE_US
+    except OverflowError:  # 0001-01-01T00:30+01:00 is before the first representable instant
+        return None
     return start, end
 
 

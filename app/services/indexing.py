@@ -8,6 +8,7 @@ patient's response.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -127,16 +128,26 @@ def record_kind(
 ) -> str | None:
     """The record's role in the trial, as the response engine reads it (fhir-profile.md)."""
     if resource_type == "Observation":
+        kinds = set()
         for coding in _codings(raw.get("code")):
             system, code = coding.get("system"), coding.get("code")
             if system == codes.LOINC and code in codes.PLATELET_CODES:
-                return KIND_PLATELET
-            if code_systems.is_trial_codes(system):
-                if code == codes.WHO_BLEEDING_GRADE:
-                    return KIND_BLEEDING_GRADE
-                if code == codes.ITP_RESPONSE_STATUS:
-                    return KIND_RESPONSE_STATUS
-        return None
+                kinds.add(KIND_PLATELET)
+            elif code_systems.is_trial_codes(system) and code == codes.WHO_BLEEDING_GRADE:
+                kinds.add(KIND_BLEEDING_GRADE)
+            elif code_systems.is_trial_codes(system) and code == codes.ITP_RESPONSE_STATUS:
+                kinds.add(KIND_RESPONSE_STATUS)
+        # Any response-status coding makes it server-owned, whatever else it carries: a
+        # platelet coding beside it must not smuggle a forged status in.
+        if KIND_RESPONSE_STATUS in kinds:
+            return KIND_RESPONSE_STATUS
+        if len(kinds) > 1:
+            raise Unprocessable(
+                "Observation.code mixes a platelet count and a bleeding grade; send each as "
+                "its own Observation",
+                expression=["Observation.code"],
+            )
+        return kinds.pop() if kinds else None
     if resource_type == "MedicationAdministration":
         category = raw.get("category")
         for coding in _codings(category):
@@ -155,6 +166,9 @@ def record_kind(
     return None
 
 
+_SITE_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
+
 def patient_site(raw: dict[str, Any], code_systems: codes.CodeSystems) -> str:
     """The trial site (fhir-profile.md): managingOrganization.identifier in the site system."""
     organization = raw.get("managingOrganization")
@@ -162,7 +176,8 @@ def patient_site(raw: dict[str, Any], code_systems: codes.CodeSystems) -> str:
     if (
         not isinstance(identifier, dict)
         or not code_systems.is_site(identifier.get("system"))
-        or not identifier.get("value")
+        or not isinstance(identifier.get("value"), str)
+        or not _SITE_CODE.fullmatch(identifier["value"])
     ):
         raise Unprocessable(
             "Every trial Patient belongs to one site: Patient.managingOrganization.identifier "

@@ -43,8 +43,9 @@ from app.errors import (
 from app.services import response
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
-from app.services.indexing import KIND_RESPONSE_STATUS, index_values
+from app.services.indexing import KIND_RESPONSE_STATUS, index_values, subject_patient_id
 from app.services.provenance import require_reason, store_provenance
+from app.services.response import RESERVED_ID_PREFIX
 from app.services.validation import parse_json, validate
 from app.store import repository as repo
 from app.store.criteria import Criteria
@@ -161,6 +162,10 @@ async def create(
     async with ctx.db.write() as conn:
         if if_none_exist is not None:
             await repo.lock(conn, f"if-none-exist:{resource_type}:{if_none_exist_key}")
+        # Every check a create makes, also when a match will be returned: a client must not
+        # learn that a body it may not write "worked".
+        index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
+        if if_none_exist is not None:
             visible = replace(if_none_exist, sites=visible_sites(principal))
             matches = await repo.first_matches(conn, visible, limit=2)
             if len(matches) > 1:
@@ -168,20 +173,16 @@ async def create(
                     "If-None-Exist matches more than one resource; the create was not done"
                 )
             if matches:
-                # Still validate: a client must not learn that a bad body "worked".
-                validate(raw, resource_type)
                 match = matches[0]
                 ctx.audit.add(
                     _audit(
-                        "create",
+                        "read",
                         principal,
                         match,
-                        description="If-None-Exist "
-                        "matched an existing resource; nothing was written",
+                        description="If-None-Exist matched this resource; nothing was written",
                     )
                 )
                 return WriteResult(_stored(match), created=False)
-        index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
         now = utc_now()
         content = _render(raw, resource_type, resource_id, 1, now)
         await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
@@ -226,8 +227,11 @@ async def update(
             expression=[f"{resource_type}.id"],
         )
     expected = parse_if_match(if_match)
+    if resource_id.startswith(RESERVED_ID_PREFIX):
+        raise _server_owned()
+    new_patient = None if resource_type == "Patient" else subject_patient_id(resource_type, raw)
     async with ctx.db.write() as conn:
-        current = await _lock_current(conn, resource_type, resource_id)
+        current = await _lock_current(conn, resource_type, resource_id, new_patient)
         if current is not None and not may_access_site(principal, current.site):
             raise NotFound(f"{resource_type}/{resource_id} does not exist")
         if expected is not None and (current is None or current.version_id != expected):
@@ -336,12 +340,19 @@ async def delete(
 
 
 async def _lock_current(
-    conn: AsyncConnection, resource_type: str, resource_id: str
+    conn: AsyncConnection, resource_type: str, resource_id: str, new_patient: str | None = None
 ) -> repo.Current | None:
+    """Lock what an update or delete touches, always in one order: the id (an advisory lock,
+    which also serialises two update-as-creates of a new id), the patients involved sorted by
+    id (so two writes moving records between the same patients cannot deadlock), then the
+    record's row. Returns the locked current row, or None for a new id."""
+    await repo.lock(conn, f"id:{resource_type}:{resource_id}")
     current = await repo.get_current(conn, resource_type, resource_id)
-    if current is not None and current.patient_id and resource_type != "Patient":
-        # Patient first, then the record: the same lock order as a create, so no deadlock.
-        await repo.get_current(conn, "Patient", current.patient_id, for_update=True)
+    if resource_type != "Patient":
+        # The record's patient cannot change meanwhile: changing it needs the id lock we hold.
+        patients = {new_patient, current.patient_id if current else None}
+        for patient_id in sorted(p for p in patients if p is not None):
+            await repo.get_current(conn, "Patient", patient_id, for_update=True)
     return await repo.get_current(conn, resource_type, resource_id, for_update=True)
 
 

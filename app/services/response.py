@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import codes
 from app.audit.trail import AuditRecord
+from app.audit.trail import append as append_audit
 from app.auth.permissions import may_access_site
 from app.auth.principal import Principal
 from app.engine import (
@@ -44,20 +46,34 @@ from app.store import repository as repo
 
 ENGINE_KINDS = (KIND_PLATELET, KIND_BLEEDING_GRADE, KIND_BLEEDING_EVENT, *codes.MEDICATION_ROLES)
 # Response-status Observation ids derive from the patient id: one per patient, found without
-# a search, and never clashing with a client's id space (UUIDs in a namespace of our own).
+# a search. The `rs-` prefix is reserved: clients cannot write an id that starts with it, so
+# no client record can ever sit where a patient's status will be written.
 _RESPONSE_NAMESPACE = uuid.UUID("2f1d7c4e-6a53-4d59-9a0e-5b0c1f7e3a11")
+RESERVED_ID_PREFIX = "rs-"
 
 
 def response_observation_id(patient_id: str) -> str:
-    return str(uuid.uuid5(_RESPONSE_NAMESPACE, patient_id))
+    return RESERVED_ID_PREFIX + uuid.uuid5(_RESPONSE_NAMESPACE, patient_id).hex
 
 
-def timeline(patient_id: str, facts: list[repo.Fact]) -> Timeline:
+def _clinical_time(fact: repo.Fact, zone: ZoneInfo) -> datetime:
+    """Stored times are UTC; a value that was a bare date (2025-03-10) means that calendar
+    day where the trial is, so it starts at midnight in the trial's time zone, not UTC's."""
+    assert fact.time is not None
+    if fact.time_end is not None and fact.time_end - fact.time == _WHOLE_DAY:
+        return datetime.combine(fact.time.date(), datetime.min.time(), tzinfo=zone)
+    return fact.time.replace(tzinfo=UTC)
+
+
+_WHOLE_DAY = timedelta(days=1) - timedelta(microseconds=1)
+
+
+def timeline(patient_id: str, facts: list[repo.Fact], zone: ZoneInfo) -> Timeline:
     counts, grades, events, administrations = [], [], [], []
     for fact in facts:
         if fact.time is None:
             continue  # a record without a clinical time cannot be placed on the timeline
-        time = fact.time.replace(tzinfo=UTC)
+        time = _clinical_time(fact, zone)
         status = fact.status or "unknown"
         if fact.kind == KIND_PLATELET:
             if fact.value is not None:
@@ -85,7 +101,7 @@ async def recompute(
     Patient row: the result commits with the data or not at all.
     """
     facts = await repo.patient_facts(conn, patient_id, ENGINE_KINDS)
-    assessment = assess(timeline(patient_id, facts), ctx.criteria)
+    assessment = assess(timeline(patient_id, facts, ctx.criteria.zone), ctx.criteria)
     document = assessment.as_dict()
     fingerprint = _fingerprint(document)
     existing = await repo.get_assessment(conn, patient_id)
@@ -133,6 +149,9 @@ async def _write_observation(
     now: datetime,
 ) -> None:
     current = await repo.get_current(conn, "Observation", observation_id)
+    if current is not None and current.kind != KIND_RESPONSE_STATUS:
+        # Unreachable while clients cannot write `rs-` ids; never overwrite clinical data.
+        raise RuntimeError(f"Observation/{observation_id} is not a response status")
     version = 1 if current is None else current.version_id + 1
     content = orjson.dumps(_observation(ctx, observation_id, version, assessment, now)).decode()
     index = repo.IndexRow(
@@ -283,6 +302,37 @@ async def response_summary(ctx: ServiceContext, principal: Principal) -> dict[st
     }
 
 
+async def _recompute_one(ctx: ServiceContext, conn: AsyncConnection, patient_id: str) -> bool:
+    patient = await repo.get_current(conn, "Patient", patient_id, for_update=True)
+    if patient is None or patient.deleted:
+        return False
+    now = utc_now()
+    if not await recompute(ctx, conn, patient_id, now):
+        return False
+    status = await repo.get_current(conn, "Observation", response_observation_id(patient_id))
+    assert status is not None
+    criteria = ", ".join(f"{k}={v}" for k, v in ctx.criteria.as_dict().items())
+    # The server changed a record: attributable like any other change.
+    await append_audit(
+        conn,
+        [
+            AuditRecord(
+                "update",
+                agent="system/recompute",
+                role="system",
+                site=patient.site,
+                entity_type="Observation",
+                entity_id=status.id,
+                version_before=status.version_id - 1 or None,
+                version_after=status.version_id,
+                recorded=now,
+                reason=f"python -m app recompute under criteria {criteria}",
+            )
+        ],
+    )
+    return True
+
+
 async def recompute_all(ctx: ServiceContext, progress: Any = None) -> tuple[int, int]:
     """Re-evaluate every patient under the current criteria, one transaction each.
 
@@ -292,9 +342,7 @@ async def recompute_all(ctx: ServiceContext, progress: Any = None) -> tuple[int,
     changed = 0
     for done, patient_id in enumerate(patient_ids, start=1):
         async with ctx.db.write() as conn:
-            patient = await repo.get_current(conn, "Patient", patient_id, for_update=True)
-            if patient is not None and not patient.deleted:
-                changed += await recompute(ctx, conn, patient_id, utc_now())
+            changed += await _recompute_one(ctx, conn, patient_id)
         if progress is not None:
             progress(done, len(patient_ids), changed)
     return len(patient_ids), changed

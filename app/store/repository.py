@@ -297,6 +297,7 @@ class Fact:
     status: str | None
     time: datetime | None
     value: float | None
+    time_end: datetime | None = None  # with `time`, tells a date-only value (a whole day)
 
 
 async def patient_facts(conn: AsyncConnection, patient_id: str, kinds: Sequence[str]) -> list[Fact]:
@@ -304,7 +305,13 @@ async def patient_facts(conn: AsyncConnection, patient_id: str, kinds: Sequence[
     history only, whatever the size of the trial."""
     rows = await conn.execute(
         select(
-            R.c.resource_type, R.c.id, R.c.kind, R.c.status, R.c.effective_start, R.c.value_norm
+            R.c.resource_type,
+            R.c.id,
+            R.c.kind,
+            R.c.status,
+            R.c.effective_start,
+            R.c.value_norm,
+            R.c.effective_end,
         ).where(
             R.c.resource_type.in_(("Observation", "MedicationAdministration", "AdverseEvent")),
             R.c.patient_id == patient_id,

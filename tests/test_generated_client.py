@@ -1,0 +1,203 @@
+"""The OpenAPI file is a product: a client generated from it (openapi-python-client, pinned)
+drives one site's trial against a real uvicorn, as a frontend and a lab would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from tests import builders
+from tests.conftest import PROJECT_ROOT, REASON, token
+
+
+@pytest.fixture(scope="session")
+def itp_client(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """Generated in the test run from openapi/openapi.json, so it can never be stale."""
+    out = tmp_path_factory.mktemp("generated")
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run(
+        [
+            str(bin_dir / "openapi-python-client"),
+            "generate",
+            "--meta",
+            "none",
+            "--path",
+            str(PROJECT_ROOT / "openapi" / "openapi.json"),
+            "--output-path",
+            str(out / "itp_client"),
+        ],
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+        capture_output=True,
+        text=True,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    # A warning means an operation or a model was dropped or degraded: the contract failed.
+    assert "warning" not in output.lower(), output
+    sys.path.insert(0, str(out))
+    import itp_client as package
+
+    return package
+
+
+def _cursor(bundle) -> str | None:
+    for link in bundle.link:
+        if link.relation == "next":
+            return parse_qs(urlsplit(link.url).query)["_cursor"][0]
+    return None
+
+
+def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
+    from itp_client import AuthenticatedClient
+    from itp_client.api.adverse_event import create_adverse_event
+    from itp_client.api.medication_administration import create_medication_administration
+    from itp_client.api.observation import (
+        create_observation,
+        delete_observation,
+        read_observation,
+        search_observation,
+        update_observation,
+    )
+    from itp_client.api.patient import create_patient, read_patient, search_patient
+    from itp_client.api.response import get_response_status, get_response_summary
+    from itp_client.models import (
+        AdverseEvent,
+        MedicationAdministration,
+        Observation,
+        OperationOutcome,
+        Patient,
+        ResponseAssessment,
+    )
+
+    frontend = AuthenticatedClient(
+        base_url=live_server, token=token("investigator", ("S01",), sub="dr-a")
+    )
+    lab = AuthenticatedClient(base_url=live_server, token=token("lab", ("S01",), sub="lab-1"))
+
+    # Enrol three patients, record baseline counts and the first doses.
+    plans = {
+        "S01-001": [40, 60, 75, 80],
+        "S01-002": [110, 120, 130, 125],
+        "S01-003": [12, 14, 11, 13],
+    }
+    patients = {}
+    for subject in plans:
+        created = create_patient.sync_detailed(
+            client=frontend, body=Patient.from_dict(builders.patient(subject))
+        )
+        assert created.status_code == 201
+        assert isinstance(created.parsed, Patient)
+        patients[subject] = created.parsed.id
+        baseline = builders.platelet_count(patients[subject], "2025-03-03T07:00:00Z", 12)
+        assert (
+            create_observation.sync_detailed(
+                client=lab, body=Observation.from_dict(baseline)
+            ).status_code
+            == 201
+        )
+        dose = builders.administration(patients[subject], "2025-03-03T08:00:00Z")
+        assert (
+            create_medication_administration.sync_detailed(
+                client=frontend, body=MedicationAdministration.from_dict(dose)
+            ).status_code
+            == 201
+        )
+
+    # The lab finds each patient by subject number and pushes weekly counts.
+    found = search_patient.sync(client=lab, identifier=f"{builders.SUBJECT_SYSTEM}|S01-002")
+    assert [entry.resource.id for entry in found.entry] == [patients["S01-002"]]
+    counts = {}
+    for subject, values in plans.items():
+        for week, value in enumerate(values, start=1):
+            body = builders.platelet_count(
+                patients[subject], f"2025-03-{3 + 7 * week:02d}T09:00:00Z", value
+            )
+            response = create_observation.sync_detailed(
+                client=lab, body=Observation.from_dict(body)
+            )
+            assert response.status_code == 201
+            counts[(subject, week)] = response.parsed.id
+
+    # A bleeding grade and an adverse event.
+    grade = builders.bleeding_grade(patients["S01-003"], "2025-03-10T09:00:00Z", 2)
+    assert (
+        create_observation.sync_detailed(
+            client=frontend, body=Observation.from_dict(grade)
+        ).status_code
+        == 201
+    )
+    event = builders.adverse_event(patients["S01-001"], "2025-03-05")
+    assert (
+        create_adverse_event.sync_detailed(
+            client=frontend, body=AdverseEvent.from_dict(event)
+        ).status_code
+        == 201
+    )
+
+    # Correct a mistyped count (with a reason), then delete an entered-in-error one.
+    mistyped = read_observation.sync(counts[("S01-001", 2)], client=lab)
+    fixed = mistyped.to_dict()
+    fixed["status"] = "corrected"
+    fixed["valueQuantity"]["value"] = 65
+    corrected = update_observation.sync_detailed(
+        mistyped.id,
+        client=lab,
+        body=Observation.from_dict(fixed),
+        if_match='W/"1"',
+        x_provenance=REASON,
+    )
+    assert corrected.status_code == 200
+    assert corrected.parsed.value_quantity.value == 65
+    removed = delete_observation.sync_detailed(
+        counts[("S01-003", 4)], client=frontend, x_provenance=REASON
+    )
+    assert removed.status_code == 204
+
+    # Each patient's response, and the site's summary.
+    statuses = {}
+    for subject, patient_id in patients.items():
+        assessment = get_response_status.sync(patient_id, client=frontend)
+        assert isinstance(assessment, ResponseAssessment)
+        statuses[subject] = assessment.status
+    assert statuses == {"S01-001": "R", "S01-002": "CR", "S01-003": "NR"}
+    summary = get_response_summary.sync(client=frontend)
+    assert summary.patients == 3 and summary.by_status.cr == 1
+    assert summary.overall_response_rate == pytest.approx(2 / 3, abs=1e-4)
+
+    # Page through one patient's counts, two at a time.
+    seen, cursor = [], None
+    while True:
+        page = search_observation.sync(
+            client=frontend,
+            patient=patients["S01-002"],
+            code="777-3",
+            field_count=2,
+            **({"field_cursor": cursor} if cursor else {}),
+        )
+        seen += [entry.resource.id for entry in page.entry]
+        cursor = _cursor(page)
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 5  # the baseline and four weekly counts
+
+    # Typed errors.
+    stale = update_observation.sync_detailed(
+        mistyped.id,
+        client=lab,
+        body=Observation.from_dict(fixed),
+        if_match='W/"1"',
+        x_provenance=REASON,
+    )
+    assert stale.status_code == 412 and isinstance(stale.parsed, OperationOutcome)
+    invalid = builders.platelet_count(patients["S01-001"], "2025-04-01T09:00:00Z", 50, unit="mg/dL")
+    refused = create_observation.sync_detailed(client=lab, body=Observation.from_dict(invalid))
+    assert refused.status_code == 422 and isinstance(refused.parsed, OperationOutcome)
+    assert "mg/dL" in refused.parsed.issue[0].diagnostics
+    missing = read_patient.sync_detailed("no-such-patient", client=frontend)
+    assert missing.status_code == 404 and isinstance(missing.parsed, OperationOutcome)
