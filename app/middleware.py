@@ -9,6 +9,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.audit.context import RequestContext, current_request
+from app.audit.trail import AuditRecord
 
 
 class RequestIdMiddleware:
@@ -47,6 +48,11 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def _resource_type(path: str) -> str | None:
+    parts = [part for part in path.split("/") if part]
+    return parts[1] if len(parts) > 1 and parts[0] == "fhir" else None
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -74,7 +80,7 @@ class BodyLimitMiddleware:
             return
         for name, value in scope["headers"]:
             if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
-                await self._refuse(send)
+                await self._refuse(scope, send)
                 return
         received = 0
 
@@ -98,10 +104,21 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(scope, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = _outcome("too-costly", f"The request body is larger than {self.max_bytes} bytes")
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        message = f"The request body is larger than {self.max_bytes} bytes"
+        services = getattr(getattr(scope.get("app"), "state", None), "services", None)
+        if services is not None:  # a refused attempt like any other (who: not yet known)
+            services.audit.add(
+                AuditRecord(
+                    "create" if scope["method"] == "POST" else "update",
+                    outcome="4",
+                    description=f"413: {message}",
+                    entity_type=_resource_type(scope["path"]),
+                )
+            )
+        body = _outcome("too-costly", message)
         await send(
             {
                 "type": "http.response.start",

@@ -198,7 +198,7 @@ async def test_postgres_trigger_refuses_update_and_delete(app, client):
         assert (await conn.execute(text("SELECT count(*) FROM audit_event"))).scalar() >= 1
 
 
-async def test_hardening_body_limit_and_security_headers(client):
+async def test_hardening_body_limit_and_security_headers(app, client):
     too_big = b'{"resourceType":"Patient","text":"' + b"x" * 1_100_000 + b'"}'
     response = await client.post(
         "/fhir/Patient", content=too_big, headers={"Content-Type": "application/fhir+json"}
@@ -214,6 +214,8 @@ async def test_hardening_body_limit_and_security_headers(client):
         "/fhir/Patient", content=chunks(), headers={"Content-Type": "application/fhir+json"}
     )
     assert chunked.status_code == 413
+    refusals = await _events(client, app, action="C")
+    assert sum("413" in e.get("outcomeDesc", "") for e in refusals) == 2
     read = await client.get("/fhir/metadata")
     assert read.headers["x-content-type-options"] == "nosniff"
     assert read.headers["cache-control"] == "no-store"

@@ -18,7 +18,8 @@ TYPES = ("Patient", "Observation", "MedicationAdministration", "AdverseEvent")
 
 # role -> resource type -> the interactions it may perform at its own site
 ALLOWED: dict[str, dict[str, set[str]]] = {
-    "lab": {"Patient": {"read", "search"}, "Observation": {"read", "search", "create", "update"}},
+    # A lab searches Patients by identifier only (tested below), never browses them.
+    "lab": {"Patient": {"read"}, "Observation": {"read", "search", "create", "update"}},
     "investigator": {t: {"read", "search", "create", "update", "delete"} for t in TYPES},
     "monitor": {t: {"read", "search"} for t in TYPES},
 }
@@ -166,6 +167,8 @@ async def test_lab_writes_platelet_counts_only(client, anonymous):
     grade = builders.bleeding_grade(patient_id, "2025-03-10T09:00:00Z", 1)
     assert (await anonymous.post("/fhir/Observation", json=grade, headers=lab)).status_code == 403
     criterion = {"If-None-Exist": f"patient={patient_id}&code=777-3"}
+    browse = await anonymous.get("/fhir/Patient", headers=lab)
+    assert browse.status_code == 403
     lookup = await anonymous.get("/fhir/Patient", headers=lab, params={"identifier": "S01-001"})
     assert [e["resource"]["id"] for e in lookup.json()["entry"]] == [patient_id]
     conditional = await anonymous.post(

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from app.auth.deps import Require
 from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal
-from app.errors import BadRequest
+from app.errors import BadRequest, Forbidden
 from app.fhir import bundles, schemas
 from app.fhir.http import (
     FHIR_JSON,
@@ -430,6 +430,13 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         principal: Principal = Depends(Require(resource_type, Action.SEARCH)),
         settings: SettingsDep,
     ) -> Response:
+        if (
+            resource_type == "Patient"
+            and principal.role == "lab"
+            and ("identifier" not in request.query_params)
+        ):
+            # A lab looks a patient up by identifier; it does not browse the trial's patients.
+            raise Forbidden("role lab may search Patient by identifier only")
         parsed = parse_search(
             resource_type,
             request.query_params.multi_items(),
