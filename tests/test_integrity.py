@@ -49,7 +49,7 @@ async def test_concurrent_update_as_create_of_one_new_id(live_server):
         )
         assert sorted(r.status_code for r in responses) == [200] * 7 + [201]
         history = (await http.get("/fhir/Patient/new-subject-1/_history")).json()
-        assert len(history["entry"]) == 8
+        assert len(history.get("entry", [])) == 8
 
 
 async def test_records_swapped_between_two_patients_at_once_never_deadlock(live_server):
@@ -121,5 +121,5 @@ async def test_attempts_to_change_the_audit_trail_are_audited(app, client):
     await client.delete("/fhir/AuditEvent/some-id")
     await app.state.services.audit.flush()
     bundle = (await client.get("/fhir/AuditEvent", params={"action": "D"})).json()
-    refused = [e["resource"] for e in bundle["entry"] if e["resource"]["outcome"] == "4"]
+    refused = [e["resource"] for e in bundle.get("entry", []) if e["resource"]["outcome"] == "4"]
     assert refused and "405" in refused[0]["outcomeDesc"]

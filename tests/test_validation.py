@@ -16,7 +16,7 @@ async def _count(client, kind: str) -> int:
     return len(
         [
             e
-            for e in bundle["entry"]
+            for e in bundle.get("entry", [])
             if e["search"]["mode"] == "match"
             and "itp-response-status" not in str(e["resource"].get("code"))
         ]
@@ -168,7 +168,7 @@ async def test_refused_update_leaves_the_resource_as_it_was(client):
     current = await client.get(f"/fhir/Observation/{created['id']}")
     assert current.json() == created
     history = (await client.get(f"/fhir/Observation/{created['id']}/_history")).json()
-    assert len(history["entry"]) == 1
+    assert len(history.get("entry", [])) == 1
 
 
 async def test_unsupported_formats(client):
@@ -209,3 +209,15 @@ async def test_unexpected_error_is_500_outcome_without_traceback(client, monkeyp
     assert "req-123" in body["issue"][0]["diagnostics"]
     assert "hunter2" not in response.text and "Traceback" not in response.text
     assert "hunter2" in caplog.text  # the cause is in the log, for the operator
+
+
+async def test_405_names_every_method_the_path_allows(client):
+    response = await client.request("OPTIONS", "/fhir/Patient/abc")
+    assert response.status_code == 405
+    assert set(response.headers["allow"].split(", ")) == {"GET", "PUT", "DELETE"}
+
+
+async def test_an_empty_searchset_has_no_empty_entry_array(client):
+    bundle = (await client.get("/fhir/Patient", params={"identifier": "nobody"})).json()
+    assert bundle["type"] == "searchset"
+    assert "entry" not in bundle

@@ -12,12 +12,11 @@ from app.auth.permissions import Action
 from app.auth.principal import Principal
 from app.fhir import bundles, schemas
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
-from app.fhir.routes import ID_PATTERN, ServicesDep, SettingsDep, fhir_base
+from app.fhir.routes import ERRORS, ID_PATTERN, ServicesDep, SettingsDep, fhir_base
 from app.fhir.search_params import decode_cursor, encode_cursor
 from app.services.resources import Stored
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["AuditEvent"])
-_OUTCOME = {"model": schemas.OperationOutcome, "content": {FHIR_JSON: {}}}
 _SEARCH_DOC: dict[str, Any] = {
     "parameters": [
         {
@@ -55,9 +54,7 @@ def _stored(hit: queries.AuditHit) -> Stored:
             "content": {FHIR_JSON: {}},
             "description": "searchset Bundle of AuditEvents",
         },
-        400: _OUTCOME,
-        401: _OUTCOME,
-        403: _OUTCOME,
+        **{code: doc for code, doc in ERRORS.items() if code != 404},
     },
 )
 async def search_audit(
@@ -96,10 +93,12 @@ async def search_audit(
     summary="Read one AuditEvent",
     response_class=FhirResponse,
     responses={
-        200: {"description": "The AuditEvent", "content": {FHIR_JSON: {}}},
-        404: _OUTCOME,
-        401: _OUTCOME,
-        403: _OUTCOME,
+        200: {
+            "model": schemas.AuditEvent,
+            "description": "The AuditEvent",
+            "content": {FHIR_JSON: {}},
+        },
+        **ERRORS,
     },
 )
 async def read_audit(

@@ -28,6 +28,8 @@ def _bundle(kind: str, links: list[dict[str, str]], entries: Sequence[str]) -> s
             "link": links,
         }
     )
+    if not entries:
+        return head  # FHIR has no empty arrays: no match, no `entry`
     return head[:-1] + ',"entry":[' + ",".join(entries) + "]}"
 
 

@@ -13,7 +13,7 @@ from app.auth.principal import Principal
 from app.fhir import schemas
 from app.fhir.http import FHIR_JSON, negotiate, pretty
 from app.fhir.response_schemas import ResponseAssessment, ResponseSummary
-from app.fhir.routes import IdPath, ServicesDep
+from app.fhir.routes import ERRORS, IdPath, ServicesDep
 from app.services import response
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["Response"])
@@ -28,7 +28,8 @@ _OUTCOME = {"model": schemas.OperationOutcome, "content": {FHIR_JSON: {}}}
     response_class=JSONResponse,
     responses={
         200: {"model": ResponseAssessment, "description": "The stored assessment"},
-        404: {**_OUTCOME, "description": "No such patient"},
+        **ERRORS,
+        404: {**_OUTCOME, "description": "No such patient (or one at another site)"},
         410: {**_OUTCOME, "description": "The patient was deleted"},
     },
 )
@@ -47,7 +48,10 @@ async def response_status(
     operation_id="getResponseSummary",
     summary="Patients by current status and best response; overall response rate",
     response_class=JSONResponse,
-    responses={200: {"model": ResponseSummary, "description": "The trial's summary"}},
+    responses={
+        200: {"model": ResponseSummary, "description": "The trial's summary"},
+        **{code: doc for code, doc in ERRORS.items() if code != 404},
+    },
 )
 async def response_summary(
     request: Request,

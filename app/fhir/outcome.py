@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.audit.trail import AuditRecord
 from app.errors import FhirError, Issue
@@ -101,6 +103,14 @@ async def _fhir_error(request: Request, exc: Exception) -> FhirResponse:
     return outcome_response(exc.status_code, exc.issues, exc.headers)
 
 
+def _api_routes(routes: Sequence[Any]) -> Iterator[APIRoute]:
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        elif hasattr(route, "original_router"):  # an included router
+            yield from _api_routes(route.original_router.routes)
+
+
 async def _http_error(request: Request, exc: Exception) -> FhirResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = _STATUS_ISSUE_CODES.get(exc.status_code, "processing")
@@ -108,6 +118,18 @@ async def _http_error(request: Request, exc: Exception) -> FhirResponse:
         message = f"No such resource type or route: {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"{request.method} is not supported on {request.url.path}"
+        # Starlette names the methods of the first route matching the path only; a path
+        # served by several routes (read, update, delete) allows all of theirs.
+        allowed = sorted(
+            {
+                method
+                for route in _api_routes(request.app.routes)
+                if route.matches(request.scope)[0] != Match.NONE
+                for method in route.methods
+            }
+        )
+        if allowed:
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
     else:
         message = str(exc.detail)
     _audit_refusal(request, exc.status_code, message)

@@ -95,7 +95,7 @@ def _outcome_doc(description: str) -> dict[str, Any]:
     }
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     400: _outcome_doc("Malformed request (bad JSON, type or id mismatch, bad parameter)"),
     401: _outcome_doc("No valid bearer token (see WWW-Authenticate)"),
     403: _outcome_doc("The caller's role, scopes or sites do not allow this"),
@@ -104,7 +104,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     500: _outcome_doc("Unexpected error; the outcome carries a correlation id"),
 }
 _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
-    **_ERRORS,
+    **ERRORS,
     409: _outcome_doc("Conflict with the current state"),
     412: _outcome_doc("If-Match is stale, or a conditional create matched several"),
     415: _outcome_doc("Body is not application/fhir+json or application/json"),
@@ -256,7 +256,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
                 "content": {FHIR_JSON: {}},
                 "description": "history Bundle",
             },
-            **_ERRORS,
+            **ERRORS,
         },
     )
     async def type_history(
@@ -282,7 +282,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         responses={
             200: {**ok_resource, "description": "The current version"},
             410: _outcome_doc("Deleted; the history stays readable"),
-            **_ERRORS,
+            **ERRORS,
         },
     )
     async def read(
@@ -304,7 +304,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         responses={
             200: {**ok_resource, "description": "That version"},
             410: _outcome_doc("That version is a deletion"),
-            **_ERRORS,
+            **ERRORS,
         },
     )
     async def vread(
@@ -420,7 +420,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
                 "content": {FHIR_JSON: {}},
                 "description": "searchset Bundle",
             },
-            **_ERRORS,
+            **ERRORS,
         },
     )
     async def search(
@@ -483,7 +483,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
                 "content": {FHIR_JSON: {}},
                 "description": "history Bundle",
             },
-            **_ERRORS,
+            **ERRORS,
         },
     )
     async def instance_history(

@@ -1356,8 +1356,27 @@ class OperationOutcome(DomainResource):
 
 
 # The resources a Bundle of this server carries, told apart by resourceType.
+class AuditEvent(DomainResource):
+    """A record of the audit trail (GET /fhir/AuditEvent). Written by the server only and
+    never sent by clients, so it documents what the server emits and lets R4B's other
+    AuditEvent elements through (extra="allow") rather than listing all of them."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    resource_type: Literal["AuditEvent"]
+    type: Coding
+    subtype: Repeated[Coding] | None = None
+    action: Literal["C", "R", "U", "D", "E"] | None = None
+    recorded: Instant
+    outcome: Literal["0", "4", "8", "12"] | None = None
+    outcome_desc: String | None = None
+    agent: Repeated[dict[str, Any]]
+    source: dict[str, Any]
+    entity: Repeated[dict[str, Any]] | None = None
+
+
 BundleResource = Annotated[
-    Patient | Observation | MedicationAdministration | AdverseEvent | OperationOutcome,
+    Patient | Observation | MedicationAdministration | AdverseEvent | OperationOutcome | AuditEvent,
     Field(discriminator="resource_type"),
 ]
 
