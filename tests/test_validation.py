@@ -221,3 +221,17 @@ async def test_an_empty_searchset_has_no_empty_entry_array(client):
     bundle = (await client.get("/fhir/Patient", params={"identifier": "nobody"})).json()
     assert bundle["type"] == "searchset"
     assert "entry" not in bundle
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers"),
+    [
+        ("GET", "/fhir/Patient?_count=%C2%B9", {}),
+        ("GET", "/fhir/AuditEvent?_count=%C2%B9", {}),
+        ("DELETE", "/fhir/Patient/x", {"If-Match": 'W/"\u00b9"'.encode()}),
+    ],
+)
+async def test_unicode_digits_are_not_numbers(client, method, path, headers):
+    """'¹'.isdigit() is True in Python, int('¹') fails: such input is a 400, not a 500."""
+    response = await client.request(method, path, headers=headers)
+    assert response.status_code in (400, 404), response.text

@@ -10,6 +10,7 @@ from app.audit import queries
 from app.auth.deps import Require
 from app.auth.permissions import Action
 from app.auth.principal import Principal
+from app.errors import BadRequest
 from app.fhir import bundles, schemas
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
 from app.fhir.routes import ERRORS, ID_PATTERN, ServicesDep, SettingsDep, fhir_base
@@ -67,7 +68,9 @@ async def search_audit(
     count = settings.default_page_size
     cursor = None
     for name, value in params:
-        if name == "_count" and value.isdigit():
+        if name == "_count":
+            if not (value.isascii() and value.isdigit()):
+                raise BadRequest(f"_count={value!r} is not a whole number")
             count = min(int(value), settings.max_page_size)
         elif name == "_cursor":
             cursor = decode_cursor(value, (int,))[0]

@@ -107,7 +107,7 @@ def _control(
     parsed: ParsedSearch, resource_type: str, name: str, value: str, max_count: int
 ) -> None:
     if name == "_count":
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise BadRequest(f"_count={value!r} is not a whole number")
         parsed.count = min(int(value), max_count)
         parsed.applied.append((name, str(parsed.count)))

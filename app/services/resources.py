@@ -102,7 +102,7 @@ def parse_if_match(header: str | None) -> int | None:
     if value.startswith("W/"):
         value = value[2:]
     value = value.strip('"')
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest(f'If-Match {header!r} is not a version ETag such as W/"3"')
     return int(value)
 
