@@ -27,6 +27,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.context import current_request
+from app.auth.principal import Principal
 from app.services.dates import format_instant, utc_now
 from app.store import repository as repo
 from app.store.db import Database
@@ -75,6 +76,11 @@ class AuditRecord:
         if context is not None:
             self.request_id = self.request_id or context.request_id
             self.client_address = self.client_address or context.client_address
+
+    @classmethod
+    def of(cls, principal: Principal, interaction: str, **fields: Any) -> AuditRecord:
+        """A record of what `principal` did: who and in which role, from the token."""
+        return cls(interaction, agent=principal.sub, role=principal.role, **fields)
 
     @property
     def action(self) -> str:

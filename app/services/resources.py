@@ -190,10 +190,9 @@ async def create(
         await append_audit(
             conn,
             [
-                AuditRecord(
+                AuditRecord.of(
+                    principal,
                     "create",
-                    agent=principal.sub,
-                    role=principal.role,
                     site=index.site,
                     entity_type=resource_type,
                     entity_id=resource_id,
@@ -243,10 +242,9 @@ async def update(
         reason = None if current is None else require_reason(provenance)
         index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
         now = utc_now()
-        record = AuditRecord(
+        record = AuditRecord.of(
+            principal,
             "update",
-            agent=principal.sub,
-            role=principal.role,
             site=index.site,
             entity_type=resource_type,
             entity_id=resource_id,
@@ -322,10 +320,9 @@ async def delete(
         await append_audit(
             conn,
             [
-                AuditRecord(
+                AuditRecord.of(
+                    principal,
                     "delete",
-                    agent=principal.sub,
-                    role=principal.role,
                     site=current.site,
                     entity_type=resource_type,
                     entity_id=resource_id,
@@ -376,10 +373,9 @@ def _audit(
     description: str | None = None,
 ) -> AuditRecord:
     """An audit record of an access to one existing resource."""
-    return AuditRecord(
+    return AuditRecord.of(
+        principal,
         interaction,
-        agent=principal.sub,
-        role=principal.role,
         site=current.site,
         entity_type=current.resource_type,
         entity_id=current.id,
@@ -468,10 +464,9 @@ async def history(
             ctx.audit.add(_audit("history-instance", principal, current))
         else:
             ctx.audit.add(
-                AuditRecord(
+                AuditRecord.of(
+                    principal,
                     "history-type",
-                    agent=principal.sub,
-                    role=principal.role,
                     entity_type=resource_type,
                 )
             )
@@ -505,10 +500,9 @@ async def search(
 ) -> list[SearchHit]:
     criteria = replace(criteria, sites=visible_sites(principal))
     ctx.audit.add(
-        AuditRecord(
+        AuditRecord.of(
+            principal,
             "search-type",
-            agent=principal.sub,
-            role=principal.role,
             entity_type=criteria.resource_type,
             query=query,
         )

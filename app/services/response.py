@@ -256,10 +256,9 @@ async def response_status(ctx: ServiceContext, patient_id: str, principal: Princ
             raise Gone(f"Patient/{patient_id} was deleted")
         row = await repo.get_assessment(conn, patient_id)
     ctx.audit.add(
-        AuditRecord(
+        AuditRecord.of(
+            principal,
             "operation",
-            agent=principal.sub,
-            role=principal.role,
             site=patient.site,
             entity_type="Patient",
             entity_id=patient_id,
@@ -274,11 +273,7 @@ async def response_status(ctx: ServiceContext, patient_id: str, principal: Princ
 async def response_summary(ctx: ServiceContext, principal: Principal) -> dict[str, Any]:
     """Counts over the patients at the caller's sites only."""
     sites = None if principal.is_admin else principal.sites
-    ctx.audit.add(
-        AuditRecord(
-            "operation", agent=principal.sub, role=principal.role, description="$response-summary"
-        )
-    )
+    ctx.audit.add(AuditRecord.of(principal, "operation", description="$response-summary"))
     async with ctx.db.read() as conn:
         rows = await repo.assessment_counts(conn, sites)
     by_status = {code: 0 for code in ("CR", "R", "NR", "LOR", "NE")}
