@@ -42,7 +42,6 @@ def _openapi(args: argparse.Namespace) -> int:
 
 async def _with_services(work: Any) -> Any:
     from app.audit.trail import AuditQueue
-    from app.codes import CodeSystems
     from app.services.context import ServiceContext
     from app.settings import get_criteria_settings, get_settings
     from app.store.db import Database
@@ -54,7 +53,7 @@ async def _with_services(work: Any) -> Any:
         ctx = ServiceContext(
             db,
             get_criteria_settings().to_criteria(),
-            CodeSystems(settings.code_system_base),
+            settings.code_systems(),
             audit,
         )
         return await work(ctx)

@@ -11,7 +11,9 @@ UCUM: Final = "http://unitsofmeasure.org"
 SNOMED: Final = "http://snomed.info/sct"
 
 PLATELET_CODES: Final = frozenset({"777-3", "26515-7"})
-BLEEDING_EVENT_CODES: Final = frozenset({"131148009"})
+# AdverseEvent.event codings that make an event a bleeding, as (system, code); a deployment
+# may list more (APP_BLEEDING_EVENT_CODES).
+DEFAULT_BLEEDING_EVENT_CODES: Final = frozenset({("http://snomed.info/sct", "131148009")})
 
 SITE_IDENTIFIER_SYSTEM_PATH: Final = "/sid/site"
 TRIAL_CODES_PATH: Final = "/CodeSystem/trial-codes"
@@ -80,7 +82,12 @@ def platelet_factor(system: str | None, code: str | None, unit: str | None) -> f
 class CodeSystems:
     """The project's code-system URLs under a (possibly overridden) base."""
 
-    def __init__(self, base: str = DEFAULT_CODE_SYSTEM_BASE) -> None:
+    def __init__(
+        self,
+        base: str = DEFAULT_CODE_SYSTEM_BASE,
+        bleeding_event_codes: frozenset[tuple[str, str]] = DEFAULT_BLEEDING_EVENT_CODES,
+    ) -> None:
+        self.bleeding_event_codes = bleeding_event_codes
         base = base.rstrip("/")
         self.base = base
         self.site = base + SITE_IDENTIFIER_SYSTEM_PATH

@@ -18,10 +18,9 @@ from fastapi_offline import FastAPIOffline
 from app.audit.trail import AuditQueue
 from app.auth.settings import AuthSettings, load_key_source
 from app.auth.tokens import KeySource
-from app.codes import CodeSystems
 from app.engine import Criteria
 from app.errors import Issue
-from app.fhir import audit_routes, operations, outcome, routes, schemas
+from app.fhir import audit_routes, codesystems, operations, outcome, routes, schemas
 from app.fhir.capability import capability_statement
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
 from app.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
@@ -48,6 +47,7 @@ def create_app(
     # Read at build time, so a bad ITP_* setting or a missing token key stops the server
     # before it serves anything.
     criteria = criteria or get_criteria_settings().to_criteria()
+    code_systems = settings.code_systems()
     key_source = key_source or load_key_source(
         AuthSettings(environment=settings.environment), log=log
     )
@@ -58,9 +58,7 @@ def create_app(
             settings.database_url, settings.db_pool_size, settings.db_max_overflow
         )
         audit = AuditQueue(db)
-        app.state.services = ServiceContext(
-            db, criteria, CodeSystems(settings.code_system_base), audit
-        )
+        app.state.services = ServiceContext(db, criteria, code_systems, audit)
         app.state.head_revision = head_revision()
         audit.start()
         try:
@@ -111,6 +109,7 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(operations.router)
     app.include_router(audit_routes.router)
+    app.include_router(codesystems.router)
 
     @app.get(
         "/fhir/metadata",

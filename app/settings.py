@@ -14,7 +14,9 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.codes import DEFAULT_BLEEDING_EVENT_CODES, CodeSystems
 from app.engine import Criteria
+from app.errors import ConfigurationError
 
 DEFAULT_DATABASE_URL = "sqlite:///data/itp-trial.db"
 
@@ -38,12 +40,25 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Request bodies above this are refused with 413 before they are read (1 MiB).
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # AdverseEvent codings (system|code) that count as bleeding, besides SNOMED CT 131148009.
+    bleeding_event_codes: list[str] = Field(default_factory=list)
     # Browser origins allowed to call the API (the study team's frontends); none by default.
     cors_origins: list[str] = Field(default_factory=list)
 
     @property
     def data_dir(self) -> Path:
         return Path("data")
+
+    def code_systems(self) -> CodeSystems:
+        extra = set()
+        for token in self.bleeding_event_codes:
+            system, bar, code = token.partition("|")
+            if not bar or not system or not code:
+                raise ConfigurationError(
+                    f"APP_BLEEDING_EVENT_CODES entry {token!r} is not system|code"
+                )
+            extra.add((system, code))
+        return CodeSystems(self.code_system_base, DEFAULT_BLEEDING_EVENT_CODES | extra)
 
 
 @lru_cache

@@ -201,12 +201,14 @@ async def test_metadata_lists_exactly_what_is_implemented(client):
         "MedicationAdministration",
         "AdverseEvent",
         "AuditEvent",
+        "CodeSystem",
     }
     assert {op["name"] for op in statement["rest"][0]["operation"]} == {
         "response-status",
         "response-summary",
     }
     audit = resources.pop("AuditEvent")
+    resources.pop("CodeSystem")
     assert {i["code"] for i in audit["interaction"]} == {"read", "search-type"}
     for resource in resources.values():
         assert resource["updateCreate"] is True
@@ -229,3 +231,16 @@ async def test_health_endpoints(client):
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     ready = (await client.get("/readyz")).json()
     assert ready["status"] == "ready"
+
+
+async def test_the_projects_code_systems_are_served(client, anonymous):
+    bundle = (await client.get("/fhir/CodeSystem")).json()
+    ids = {e["resource"]["id"] for e in bundle["entry"]}
+    assert ids == {"trial-codes", "medication-role", "itp-response"}
+    response = (await client.get("/fhir/CodeSystem/itp-response")).json()
+    assert response["url"] == "https://itp-trial.example/fhir/CodeSystem/itp-response"
+    assert {c["code"] for c in response["concept"]} == {"CR", "R", "NR", "NE", "LOR"}
+    by_url = (await client.get("/fhir/CodeSystem", params={"url": response["url"]})).json()
+    assert [e["resource"]["id"] for e in by_url["entry"]] == ["itp-response"]
+    assert (await client.get("/fhir/CodeSystem/nope")).status_code == 404
+    assert (await anonymous.get("/fhir/CodeSystem")).status_code == 401

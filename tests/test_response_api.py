@@ -309,3 +309,26 @@ async def test_deleting_a_count_and_posting_it_again_gives_the_same_result(clien
         "episodes",
     ):
         assert after[key] == before[key], key
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_configured_code_makes_an_adverse_event_a_bleeding(settings):
+    from app.main import create_app
+    from tests.conftest import KEY, bearer
+
+    local = "https://hospital.example/ae|BLEED"
+    app = create_app(settings.model_copy(update={"bleeding_event_codes": [local]}), key_source=KEY)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t", headers=bearer()) as http,
+    ):
+        patient_id = await enrol_and_treat(http, (10, "10*9/L"))
+        event = builders.adverse_event(patient_id, "2025-03-10")
+        event["event"] = {"coding": [{"system": "https://hospital.example/ae", "code": "BLEED"}]}
+        await create(http, event)
+        for day, value in (("03-10", 60), ("03-17", 65), ("03-24", 70)):
+            await post_count(http, patient_id, day, value)
+        assessment = await status_of(http, patient_id)
+    assert assessment["response_date"] == "2025-03-17"  # 03-10 was a bleeding day
+    assert assessment["evidence"]["bleeding_events"]

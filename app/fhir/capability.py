@@ -67,6 +67,15 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
             ],
         }
     )
+    resources.append(
+        {
+            "type": "CodeSystem",
+            "documentation": "The project's own code systems (trial-codes, medication-role, "
+            "itp-response); read-only.",
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": [{"name": "url", "type": "uri", "documentation": "Canonical URL"}],
+        }
+    )
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",

@@ -158,9 +158,7 @@ def record_kind(
         return "concomitant"  # the profile: an administration with no role is concomitant
     if resource_type == "AdverseEvent":
         for coding in _codings(raw.get("event")):
-            if coding.get("system") == codes.SNOMED and (
-                coding.get("code") in codes.BLEEDING_EVENT_CODES
-            ):
+            if (coding.get("system"), coding.get("code")) in code_systems.bleeding_event_codes:
                 return KIND_BLEEDING_EVENT
         return None
     return None
