@@ -62,7 +62,31 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="Logical id")]
 IfMatch = Annotated[
     str | None,
-    Header(alias="If-Match", description='Version the change applies to, e.g. W/"3"'),
+    Header(
+        alias="If-Match",
+        description='Version the change applies to, e.g. W/"3"',
+        pattern=r'^(W/)?"?[0-9]{1,9}"?$',
+    ),
+]
+# What the server accepts, documented so a generated client and a fuzzer know it.
+Since = Annotated[
+    str | None,
+    Query(
+        alias="_since",
+        description="Only versions written at or after this FHIR instant or date",
+        # The year as FHIR writes it (0001-9999: there is no year 0000).
+        pattern=r"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)"
+        r"(-(0[1-9]|1[0-2])(-(0[1-9]|[12][0-9]|3[01])(T([01][0-9]|2[0-3]):[0-5][0-9]"
+        r"(:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?$",
+    ),
+]
+Cursor = Annotated[
+    str | None,
+    Query(
+        alias="_cursor",
+        description="Opaque paging cursor from a next link",
+        pattern=r"^[A-Za-z0-9_-]+$",
+    ),
 ]
 XProvenance = Annotated[
     str | None,
@@ -175,7 +199,7 @@ def _search_doc(resource_type: str) -> dict[str, Any]:
             "in": "query",
             "required": False,
             "description": "Opaque paging cursor from a next link",
-            "schema": {"type": "string"},
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
         },
     ]
     if resource_type in ("Observation", "MedicationAdministration", "AdverseEvent"):
@@ -266,8 +290,8 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         principal: Principal = Depends(Require(resource_type, Action.HISTORY)),
         settings: SettingsDep,
         count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
-        since: Annotated[str | None, Query(alias="_since")] = None,
-        cursor: Annotated[str | None, Query(alias="_cursor")] = None,
+        since: Since = None,
+        cursor: Cursor = None,
     ) -> Response:
         return await _history(
             request, ctx, principal, settings, resource_type, None, count, since, cursor
@@ -494,8 +518,8 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         settings: SettingsDep,
         resource_id: IdPath,
         count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
-        since: Annotated[str | None, Query(alias="_since")] = None,
-        cursor: Annotated[str | None, Query(alias="_cursor")] = None,
+        since: Since = None,
+        cursor: Cursor = None,
     ) -> Response:
         return await _history(
             request, ctx, principal, settings, resource_type, resource_id, count, since, cursor
