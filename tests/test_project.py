@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from app.auth.settings import AuthSettings
 from app.cli import OPENAPI_PATH, render_openapi
 from app.settings import Settings
 
@@ -64,9 +65,11 @@ def test_compose_file_parses_and_uses_the_settings_names():
     assert "healthcheck" in db
     assert api["depends_on"]["db"]["condition"] == "service_healthy"
     assert "pgdata" in compose["volumes"]
-    known = {"DATABASE_URL"} | {
-        f"APP_{name.upper()}" for name in Settings.model_fields if name != "database_url"
-    }
+    known = (
+        {"DATABASE_URL"}
+        | {f"APP_{name.upper()}" for name in Settings.model_fields if name != "database_url"}
+        | {f"APP_AUTH_{name.upper()}" for name in AuthSettings.model_fields}
+    )
     server_names = {"WEB_CONCURRENCY"}  # read by uvicorn in the image's command
     for name in api["environment"]:
         assert name in known | server_names, f"{name} is not a setting the app reads"
