@@ -8,7 +8,6 @@ criteria carry `ITP_` (see `CriteriaSettings`).
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field
@@ -37,17 +36,12 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=10, ge=0)
     default_page_size: int = Field(default=50, ge=1)
     max_page_size: int = Field(default=1000, ge=1)
-    log_level: str = "INFO"
     # Request bodies above this are refused with 413 before they are read (1 MiB).
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     # AdverseEvent codings (system|code) that count as bleeding, besides SNOMED CT 131148009.
     bleeding_event_codes: list[str] = Field(default_factory=list)
     # Browser origins allowed to call the API (the study team's frontends); none by default.
     cors_origins: list[str] = Field(default_factory=list)
-
-    @property
-    def data_dir(self) -> Path:
-        return Path("data")
 
     def code_systems(self) -> CodeSystems:
         extra = set()

@@ -111,6 +111,10 @@ def fhir_base(request: Request) -> str:
     return str(request.base_url).rstrip("/") + "/fhir"
 
 
+def _bundle_doc(description: str) -> dict[str, Any]:
+    return {"model": schemas.Bundle, "content": {FHIR_JSON: {}}, "description": description}
+
+
 def _outcome_doc(description: str) -> dict[str, Any]:
     return {
         "model": schemas.OperationOutcome,
@@ -275,11 +279,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         tags=tags,
         response_class=FhirResponse,
         responses={
-            200: {
-                "model": schemas.Bundle,
-                "content": {FHIR_JSON: {}},
-                "description": "history Bundle",
-            },
+            200: _bundle_doc("history Bundle"),
             **ERRORS,
         },
     )
@@ -439,11 +439,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         response_class=FhirResponse,
         openapi_extra=_search_doc(resource_type),
         responses={
-            200: {
-                "model": schemas.Bundle,
-                "content": {FHIR_JSON: {}},
-                "description": "searchset Bundle",
-            },
+            200: _bundle_doc("searchset Bundle"),
             **ERRORS,
         },
     )
@@ -502,11 +498,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         tags=tags,
         response_class=FhirResponse,
         responses={
-            200: {
-                "model": schemas.Bundle,
-                "content": {FHIR_JSON: {}},
-                "description": "history Bundle",
-            },
+            200: _bundle_doc("history Bundle"),
             **ERRORS,
         },
     )

@@ -44,7 +44,7 @@ def async_url(database_url: str) -> URL:
     )
 
 
-def _sqlite_on_connect(immediate: bool) -> Any:
+def _sqlite_on_connect() -> Any:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's `begin` event, not the driver, decide how a transaction starts.
         dbapi_connection.isolation_level = None
@@ -66,7 +66,7 @@ def _make_engine(url: URL, *, immediate: bool, pool_size: int, max_overflow: int
         engine = create_async_engine(
             url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, pool_pre_ping=False
         )
-        event.listen(engine.sync_engine, "connect", _sqlite_on_connect(immediate))
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect())
         begin_sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
         event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(begin_sql))
         return engine
