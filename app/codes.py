@@ -16,6 +16,21 @@ PLATELET_CODES: Final = frozenset({"777-3", "26515-7"})
 DEFAULT_BLEEDING_EVENT_CODES: Final = frozenset({("http://snomed.info/sct", "131148009")})
 
 SITE_IDENTIFIER_SYSTEM_PATH: Final = "/sid/site"
+# The grammars the service accepts, shared by its checks and its OpenAPI document.
+SITE_CODE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$"
+# White space as Python's str.isspace() knows it, spelled out so that the same pattern means
+# the same in Python's re and in the ECMA regexes of JSON Schema (their \\s differ).
+_OTHER_WHITE_SPACE: Final = (
+    r"\u000b\f\u001c-\u001f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_WHITE_SPACE: Final = r"\t\n\r " + _OTHER_WHITE_SPACE
+# FHIR's code: no leading, trailing or repeated white space, and single spaces only.
+CODE_PATTERN: Final = rf"[^{_WHITE_SPACE}]+( [^{_WHITE_SPACE}]+)*"
+# FHIR's string: [ \r\n\t\S]+, i.e. no white space but space, CR, LF and tab.
+STRING_PATTERN: Final = rf"[^{_OTHER_WHITE_SPACE}]+"
+URI_PATTERN: Final = rf"[^{_WHITE_SPACE}]*"
+# A literal reference to a Patient of this server, optionally to one of its versions.
+PATIENT_REFERENCE_PATTERN: Final = r"^Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[0-9]{1,9})?$"
 TRIAL_CODES_PATH: Final = "/CodeSystem/trial-codes"
 MEDICATION_ROLE_PATH: Final = "/CodeSystem/medication-role"
 ITP_RESPONSE_PATH: Final = "/CodeSystem/itp-response"

@@ -39,6 +39,8 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from app import codes
+
 # ---------------------------------------------------------------------------------------
 # Code sets (R4B value sets of the required bindings)
 # ---------------------------------------------------------------------------------------
@@ -396,12 +398,12 @@ def _pattern(regex: str) -> StringConstraints:
     return StringConstraints(min_length=1, pattern=f"^{regex}$")
 
 
-String = Annotated[str, _pattern(r"[ \r\n\t\S]+")]
+String = Annotated[str, _pattern(codes.STRING_PATTERN)]
 Markdown = String
 Xhtml = Annotated[str, StringConstraints(min_length=1)]
-Code = Annotated[str, _pattern(r"[^\s]+(\s[^\s]+)*")]
+Code = Annotated[str, _pattern(codes.CODE_PATTERN)]
 Id = Annotated[str, _pattern(r"[A-Za-z0-9\-\.]{1,64}")]
-Uri = Annotated[str, _pattern(r"\S*")]
+Uri = Annotated[str, _pattern(codes.URI_PATTERN)]
 Url = Uri
 Canonical = Uri
 Oid = Annotated[str, _pattern(r"urn:oid:[0-2](\.(0|[1-9][0-9]*))+")]
@@ -517,21 +519,31 @@ class FhirModel(BaseModel):
                     prop.update(options[0])
                 else:
                     prop["anyOf"] = options
-        required_choices = [
-            {"oneOf": [{"required": [alias]} for _, alias in variants]}
-            for choice, variants in cls._choice_variants.items()
-            if cls.choice_elements[choice]
-        ]
-        if required_choices:
-            # "Exactly one of these properties". Written as not-not because a top-level
-            # oneOf/allOf makes openapi-python-client turn the whole model into a union,
-            # while it ignores "not"; JSON Schema validators (schemathesis) apply it.
-            schema["not"] = {"not": {"allOf": required_choices}}
+        rules: list[dict[str, Any]] = []
+        for choice, variants in cls._choice_variants.items():
+            aliases = [alias for _, alias in variants]
+            if cls.choice_elements[choice]:
+                # Exactly one of the variants.
+                rules.append({"oneOf": [{"required": [alias]} for alias in aliases]})
+            elif len(aliases) > 1:
+                # At most one: no two variants together.
+                pairs = [[a, b] for i, a in enumerate(aliases) for b in aliases[i + 1 :]]
+                rules.append({"not": {"anyOf": [{"required": pair} for pair in pairs]}})
+        if rules:
+            # Written as not-not because a top-level oneOf/allOf makes openapi-python-client
+            # turn the whole model into a union, while it ignores "not"; JSON Schema
+            # validators (schemathesis) apply it.
+            schema["not"] = {"not": {"allOf": rules}}
         return json_schema
 
 
 class Element(FhirModel):
-    """Base of every datatype: an id and extensions."""
+    """Base of every datatype: an id and extensions.
+
+    FHIR's ele-1 (every element has a value or children) is minProperties: 1, so a client
+    generator and a fuzzer know that `{}` is not an element."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
 
     id: String | None = None
     extension: Repeated[Extension] | None = None
@@ -656,6 +668,25 @@ class Reference(Element):
     type: Uri | None = None
     identifier: Identifier | None = None
     display: String | None = None
+
+
+class PatientReference(Reference):
+    """The trial Patient a record belongs to: a literal `Patient/<id>` reference."""
+
+    reference: Annotated[str, StringConstraints(pattern=codes.PATIENT_REFERENCE_PATTERN)]
+
+
+class SiteIdentifier(Identifier):
+    """A trial site code in the site identifier system."""
+
+    system: Literal["https://itp-trial.example/fhir/sid/site"]
+    value: Annotated[str, StringConstraints(pattern=codes.SITE_CODE_PATTERN)]
+
+
+class SiteReference(Reference):
+    """The trial site, by its identifier."""
+
+    identifier: SiteIdentifier
 
 
 class SimpleQuantity(Element):
@@ -1220,8 +1251,7 @@ class Patient(DomainResource):
     contact: Repeated[PatientContact] | None = None
     communication: Repeated[PatientCommunication] | None = None
     general_practitioner: Repeated[Reference] | None = None
-    managing_organization: Reference | None = Field(
-        default=None,
+    managing_organization: SiteReference = Field(
         description="The trial site, as identifier "
         "{system: https://itp-trial.example/fhir/sid/site, value: site code}",
     )
@@ -1240,7 +1270,7 @@ class Observation(DomainResource):
     status: ObservationStatus
     category: Repeated[CodeableConcept] | None = None
     code: CodeableConcept
-    subject: Reference | None = None
+    subject: PatientReference
     focus: Repeated[Reference] | None = None
     encounter: Reference | None = None
     effective_date_time: DateTime | None = None
@@ -1292,7 +1322,7 @@ class MedicationAdministration(DomainResource):
     )
     medication_codeable_concept: CodeableConcept | None = None
     medication_reference: Reference | None = None
-    subject: Reference
+    subject: PatientReference
     context: Reference | None = None
     supporting_information: Repeated[Reference] | None = None
     effective_date_time: DateTime | None = None
@@ -1316,7 +1346,7 @@ class AdverseEvent(DomainResource):
     actuality: AdverseEventActuality
     category: Repeated[CodeableConcept] | None = None
     event: CodeableConcept | None = None
-    subject: Reference
+    subject: PatientReference
     encounter: Reference | None = None
     date: DateTime | None = None
     detected: DateTime | None = None

@@ -63,6 +63,9 @@ def patient_id_from_reference(reference: str) -> str | None:
     return None
 
 
+_PATIENT_REFERENCE = re.compile(codes.PATIENT_REFERENCE_PATTERN)
+
+
 def subject_patient_id(resource_type: str, raw: dict[str, Any]) -> str | None:
     """The Patient the resource belongs to; refuses a subject that is not a Patient."""
     element = SUBJECT_ELEMENT.get(resource_type)
@@ -76,13 +79,13 @@ def subject_patient_id(resource_type: str, raw: dict[str, Any]) -> str | None:
             expression=expression,
         )
     reference = subject.get("reference")
-    patient_id = patient_id_from_reference(reference) if isinstance(reference, str) else None
-    if patient_id is None:
+    match = _PATIENT_REFERENCE.fullmatch(reference) if isinstance(reference, str) else None
+    if match is None:
         raise Unprocessable(
             f"{resource_type}.{element}.reference must reference a Patient (Patient/<id>)",
             expression=[f"{resource_type}.{element}.reference"],
         )
-    return patient_id
+    return match.group(1)
 
 
 def index_values(
@@ -164,7 +167,7 @@ def record_kind(
     return None
 
 
-_SITE_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+_SITE_CODE = re.compile(codes.SITE_CODE_PATTERN)
 
 
 def patient_site(raw: dict[str, Any], code_systems: codes.CodeSystems) -> str:

@@ -27,6 +27,7 @@ from fhir_core import types as fhir_types
 from fhir_core.fhirabstractmodel import FHIRAbstractModel
 from pydantic import ValidationError
 
+from app import codes
 from app.errors import BadRequest, Issue, Unprocessable
 
 RESOURCE_CLASSES: dict[str, type[FHIRAbstractModel]] = {
@@ -77,7 +78,8 @@ _INSTANT_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})T([01]\d|2[0-3]):([0-5]\d):([0-5]\d|60)(\.\d+)?"
     r"(Z|[+-](?:(?:0\d|1[0-3]):[0-5]\d|14:00))"
 )
-_CODE_RE = re.compile(r"[^\s]+( [^\s]+)*")
+_CODE_RE = re.compile(codes.CODE_PATTERN)
+_STRING_RE = re.compile(codes.STRING_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,8 @@ def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:  # noqa: PLR
         return _date_problem(value, _INSTANT_RE, "instant")
     if kind in ("uri", "url", "canonical", "oid", "uuid") and any(c.isspace() for c in value):
         return f"A FHIR {kind} must not contain white space"
+    if kind in ("string", "markdown") and not _STRING_RE.fullmatch(value):
+        return f"A FHIR {kind} has no white space but space, CR, LF and tab"
     if kind == "code" and not _CODE_RE.fullmatch(value):
         return "A code must not have leading, trailing or repeated white space"
     if kind == "id" and not _ID_RE.fullmatch(value):
