@@ -177,6 +177,16 @@ def create_app(
     return app
 
 
+def _drop_null(parameter: dict[str, Any]) -> None:
+    """An optional parameter is absent, never null: HTTP has no null header or query value,
+    so `anyOf: [X, null]` (FastAPI's rendering of `X | None`) only invites a literal "null"."""
+    schema = parameter.get("schema", {})
+    variants = [v for v in schema.get("anyOf", ()) if v.get("type") != "null"]
+    if "anyOf" in schema and len(variants) == 1:
+        del schema["anyOf"]
+        schema.update(variants[0])
+
+
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document, minus what this app never answers: request-validation errors
     here are 400 OperationOutcomes (documented per route), never FastAPI's 422 body."""
@@ -189,6 +199,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         )
         for path in document["paths"].values():
             for operation in path.values():
+                for parameter in operation.get("parameters", []):
+                    _drop_null(parameter)
                 response = operation.get("responses", {}).get("422", {})
                 schema = response.get("content", {}).get("application/json", {}).get("schema")
                 if schema == {"$ref": "#/components/schemas/HTTPValidationError"}:

@@ -33,6 +33,8 @@ def _sites(principal: Principal) -> list[ColumnElement[bool]]:
 def _conditions(params: list[tuple[str, str]]) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = []
     for name, value in params:
+        if value == "":
+            continue  # FHIR: a parameter without a value is ignored
         values = [v for v in value.split(",") if v]
         if name == "_id":
             where.append(AE.c.id.in_(values))

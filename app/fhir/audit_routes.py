@@ -13,27 +13,37 @@ from app.auth.principal import Principal
 from app.errors import BadRequest
 from app.fhir import bundles, schemas
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
-from app.fhir.routes import ERRORS, ID_PATTERN, ServicesDep, SettingsDep, fhir_base
-from app.fhir.search_params import decode_cursor, encode_cursor
+from app.fhir.routes import (
+    DATE_TIME_PATTERN,
+    ERRORS,
+    ID_PATTERN,
+    ServicesDep,
+    SettingsDep,
+    fhir_base,
+)
 from app.services.resources import Stored
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["AuditEvent"])
 _SEARCH_DOC: dict[str, Any] = {
     "parameters": [
-        {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "schema": {"type": "string"},
-            "description": description,
-        }
-        for name, description in (
-            ("entity", "The resource the event is about: Type/id"),
-            ("agent", "Who acted: the token's sub"),
-            ("date", "When it was recorded; prefixes eq lt le gt ge"),
-            ("action", "C, R, U, D or E"),
-            ("_count", "Page size"),
-            ("_cursor", "Opaque paging cursor from a next link"),
+        {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+        for name, schema, text in (
+            ("entity", {"type": "string"}, "The resource the event is about: Type/id"),
+            ("agent", {"type": "string"}, "Who acted: the token's sub"),
+            (
+                "date",
+                {"type": "string", "pattern": f"^((eq|lt|le|gt|ge)?{DATE_TIME_PATTERN})?$"},
+                "When it was recorded; prefixes eq lt le gt ge",
+            ),
+            ("action", {"type": "string", "pattern": "^([CRUDE](,[CRUDE])*)?$"}, "C, R, U, D or E"),
+            ("_count", {"type": "integer", "minimum": 0}, "Page size"),
+            # The trail's order is its public chain sequence, so any sequence number is a
+            # position: the next page starts after it.
+            (
+                "_cursor",
+                {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                "Chain sequence to page after",
+            ),
         )
     ]
 }
@@ -73,13 +83,15 @@ async def search_audit(
                 raise BadRequest(f"_count={value!r} is not a whole number")
             count = min(int(value), settings.max_page_size)
         elif name == "_cursor":
-            cursor = decode_cursor(value, (int,))[0]
+            if not (value.isascii() and value.isdigit() and len(value) <= 18):
+                raise BadRequest(f"_cursor={value!r} is not a chain sequence number")
+            cursor = int(value)
     hits = await queries.search(ctx, principal, params, after=cursor, limit=count + 1)
     page = hits[:count]
     criteria = [(k, v) for k, v in params if k not in ("_cursor", "_count")]
     next_params = None
     if len(hits) > count and page:
-        next_params = [*criteria, ("_count", str(count)), ("_cursor", encode_cursor(page[-1].seq))]
+        next_params = [*criteria, ("_count", str(count)), ("_cursor", str(page[-1].seq))]
     text = bundles.searchset(
         fhir_base(request),
         "AuditEvent",

@@ -8,11 +8,13 @@ and cost ~2x on the hot path); the schemas in `app.fhir.schemas` only document t
 
 from __future__ import annotations
 
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from app.auth.deps import Require
 from app.auth.permissions import Action, authorize
@@ -33,13 +35,12 @@ from app.fhir.outcome import information
 from app.fhir.search_params import (
     SEARCH_PARAMETERS,
     criteria_key,
-    decode_cursor,
     encode_cursor,
     parse_search,
 )
 from app.services import resources as service
 from app.services.context import ServiceContext
-from app.services.dates import fhir_range
+from app.services.dates import DATE_TIME_PATTERN, fhir_range
 from app.services.resources import Stored
 from app.settings import Settings
 
@@ -69,23 +70,25 @@ IfMatch = Annotated[
     ),
 ]
 # What the server accepts, documented so a generated client and a fuzzer know it.
+# A FHIR date or dateTime; the year as FHIR writes it (0001-9999: there is no year 0000).
 Since = Annotated[
     str | None,
     Query(
         alias="_since",
         description="Only versions written at or after this FHIR instant or date",
-        # The year as FHIR writes it (0001-9999: there is no year 0000).
-        pattern=r"^([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)"
-        r"(-(0[1-9]|1[0-2])(-(0[1-9]|[12][0-9]|3[01])(T([01][0-9]|2[0-3]):[0-5][0-9]"
-        r"(:[0-5][0-9](\.[0-9]+)?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?$",
+        pattern=f"^{DATE_TIME_PATTERN}$",
     ),
 ]
-Cursor = Annotated[
+# A history cursor is the position of the last version shown: its lastUpdated (microseconds
+# since 1970, UTC), id and version, which every page is ordered by. Every string that matches
+# the pattern is a position, so none is refused: the next page starts after it.
+HISTORY_CURSOR_PATTERN = r"^[0-9]{1,17}~[A-Za-z0-9\-.]{1,64}~[0-9]{1,9}$"
+HistoryCursor = Annotated[
     str | None,
     Query(
         alias="_cursor",
-        description="Opaque paging cursor from a next link",
-        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Paging position from a next link: lastUpdated (µs since 1970)~id~version",
+        pattern=HISTORY_CURSOR_PATTERN,
     ),
 ]
 XProvenance = Annotated[
@@ -93,17 +96,35 @@ XProvenance = Annotated[
     Header(
         alias="X-Provenance",
         description="Reason for change (required on update and delete): a Provenance "
-        'resource in JSON, e.g. {"resourceType":"Provenance","reason":[{"text":"typo"}]}',
+        'resource in JSON, e.g. {"resourceType":"Provenance","reason":[{"text":"typo"}]}; '
+        "characters outside ASCII as JSON \\u escapes",
     ),
 ]
 Prefer = Annotated[
     str | None,
     Header(
         alias="Prefer",
-        description="return=minimal | return=representation | return=OperationOutcome",
+        description="return=minimal | return=representation | return=OperationOutcome; "
+        "other preferences are ignored (RFC 7240)",
+        pattern=r"^[\t -~]*$",
     ),
 ]
 
+
+class _FhirIdConvertor(Convertor[str]):
+    """Only a FHIR id matches a resource's path, so `/Patient/_history` or `/Patient/_search`
+    never reach read/update/delete as an id: an unsupported method there is a 405."""
+
+    regex = ID_PATTERN.strip("^$")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("fhirid", _FhirIdConvertor())
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
 
 
@@ -170,13 +191,12 @@ def _location(stored: Stored) -> dict[str, str]:
     return {"Location": f"/fhir/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"}
 
 
-def _body_doc(resource_type: str) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {FHIR_JSON: {"schema": {"$ref": f"#/components/schemas/{resource_type}"}}},
-        }
-    }
+def _body_doc(resource_type: str, *, update: bool = False) -> dict[str, Any]:
+    schema: dict[str, Any] = {"$ref": f"#/components/schemas/{resource_type}"}
+    if update:
+        # An update names its resource twice, in the URL and in the body (FHIR http.html#update).
+        schema = {**schema, "required": ["id"]}
+    return {"requestBody": {"required": True, "content": {FHIR_JSON: {"schema": schema}}}}
 
 
 def _search_doc(resource_type: str) -> dict[str, Any]:
@@ -219,6 +239,20 @@ def _search_doc(resource_type: str) -> dict[str, Any]:
     return {"parameters": parameters}
 
 
+def _conditional_parameters(resource_type: str) -> list[str]:
+    """Conditional create matches on tokens (identifiers, ids, codes): exact values whose
+    match a client can predict, never a date range or a partial string."""
+    return [p.name for p in SEARCH_PARAMETERS[resource_type] if p.type == "token"]
+
+
+def _conditional_pattern(resource_type: str) -> str:
+    # One or more name=value pairs; values are printable ASCII (percent-encode the rest).
+    pair = f"({'|'.join(re.escape(n) for n in _conditional_parameters(resource_type))})" + (
+        "=[!-%'-~]+"
+    )
+    return f"^{pair}(&{pair})*$"
+
+
 def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per interaction
     model = schemas.RESOURCE_MODELS[resource_type]
 
@@ -248,13 +282,19 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         request: Request,
         ctx: ServicesDep,
         principal: Principal = Depends(Require(resource_type, Action.CREATE)),
-        if_none_exist: Annotated[
-            str | None,
-            Header(
-                alias="If-None-Exist",
-                description="Conditional create: search criteria, e.g. identifier=sys|val",
-            ),
-        ] = None,
+        # Header() as the default, not in Annotated: the text depends on resource_type,
+        # which a postponed annotation cannot see. The grammar is in words, not a pattern:
+        # schemathesis can only generate letters and digits for a header (so a pattern
+        # needing "=" is unsatisfiable to it); _conditional_criteria checks it.
+        if_none_exist: str | None = Header(  # noqa: B008 - FastAPI's parameter declaration
+            None,
+            alias="If-None-Exist",
+            min_length=1,
+            description="Conditional create: token search criteria joined by &, e.g. "
+            "identifier=sys|val; parameters: "
+            + ", ".join(_conditional_parameters(resource_type))
+            + "; values in printable ASCII without space or & (percent-encode the rest)",
+        ),
         prefer: Prefer = None,
     ) -> Response:
         require_json_body(request)
@@ -291,14 +331,14 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         settings: SettingsDep,
         count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
         since: Since = None,
-        cursor: Cursor = None,
+        cursor: HistoryCursor = None,
     ) -> Response:
         return await _history(
             request, ctx, principal, settings, resource_type, None, count, since, cursor
         )
 
     @router.get(
-        f"/{resource_type}/{{resource_id}}",
+        f"/{resource_type}/{{resource_id:fhirid}}",
         operation_id=f"read{resource_type}",
         summary=f"Read the current version of a {resource_type}",
         tags=tags,
@@ -320,7 +360,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         return _resource_response(request, stored)
 
     @router.get(
-        f"/{resource_type}/{{resource_id}}/_history/{{version_id}}",
+        f"/{resource_type}/{{resource_id:fhirid}}/_history/{{version_id}}",
         operation_id=f"vread{resource_type}",
         summary=f"Read one version of a {resource_type}",
         tags=tags,
@@ -343,12 +383,12 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         return _resource_response(request, stored)
 
     @router.put(
-        f"/{resource_type}/{{resource_id}}",
+        f"/{resource_type}/{{resource_id:fhirid}}",
         operation_id=f"update{resource_type}",
         summary=f"Update a {resource_type} (creates it when the id is new)",
         tags=tags,
         response_class=FhirResponse,
-        openapi_extra=_body_doc(resource_type),
+        openapi_extra=_body_doc(resource_type, update=True),
         responses={
             200: {**ok_resource, "description": "Updated"},
             201: {
@@ -384,7 +424,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         return _resource_response(request, result.stored)
 
     @router.delete(
-        f"/{resource_type}/{{resource_id}}",
+        f"/{resource_type}/{{resource_id:fhirid}}",
         operation_id=f"delete{resource_type}",
         summary=f"Delete a {resource_type} (its history stays readable)",
         tags=tags,
@@ -492,7 +532,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         return pretty(request, text)
 
     @router.get(
-        f"/{resource_type}/{{resource_id}}/_history",
+        f"/{resource_type}/{{resource_id:fhirid}}/_history",
         operation_id=f"history{resource_type}Instance",
         summary=f"All versions of one {resource_type}, newest first",
         tags=tags,
@@ -511,7 +551,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         resource_id: IdPath,
         count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
         since: Since = None,
-        cursor: Cursor = None,
+        cursor: HistoryCursor = None,
     ) -> Response:
         return await _history(
             request, ctx, principal, settings, resource_type, resource_id, count, since, cursor
@@ -536,7 +576,7 @@ async def _history(
         if bounds is None:
             raise BadRequest(f"_since={since!r} is not a FHIR instant")
         since_at = bounds[0]
-    after = decode_cursor(cursor, (datetime, str, int)) if cursor else None
+    after = _decode_history_cursor(cursor) if cursor else None
     versions = await service.history(
         ctx, resource_type, resource_id, principal, since=since_at, after=after, limit=limit + 1
     )  # type: ignore[arg-type]
@@ -548,7 +588,8 @@ async def _history(
     if len(versions) > limit:
         last = page[-1]
         next_url = bundles.page_url(
-            path, [*params, ("_cursor", encode_cursor(last.last_updated, last.id, last.version_id))]
+            path,
+            [*params, ("_cursor", _history_cursor(last.last_updated, last.id, last.version_id))],
         )
     self_url = bundles.page_url(path, request.query_params.multi_items())
     return pretty(
@@ -556,14 +597,33 @@ async def _history(
     )
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _history_cursor(last_updated: datetime, resource_id: str, version_id: int) -> str:
+    micros = (last_updated.replace(tzinfo=None) - _EPOCH) // timedelta(microseconds=1)
+    return f"{micros}~{resource_id}~{version_id}"
+
+
+def _decode_history_cursor(cursor: str) -> tuple[datetime, str, int]:
+    micros, resource_id, version_id = cursor.split("~")
+    return _EPOCH + timedelta(microseconds=int(micros)), resource_id, int(version_id)
+
+
 for _resource_type in RESOURCE_TYPES:
     _register(_resource_type)
 
 
 def _conditional_criteria(resource_type: str, header: str) -> tuple[Any, str]:
-    """If-None-Exist holds a query string; it must name at least one criterion we apply."""
-    pairs = parse_qsl(header.lstrip("?"), keep_blank_values=True)
+    """If-None-Exist holds token criteria: name=value pairs joined by &."""
+    if not re.fullmatch(_conditional_pattern(resource_type), header):
+        raise BadRequest(
+            f"If-None-Exist {header!r} is not token criteria: name=value pairs joined by &, "
+            f"names among {', '.join(_conditional_parameters(resource_type))}",
+            expression=["header.If-None-Exist"],
+        )
+    pairs = parse_qsl(header, keep_blank_values=True)
     parsed = parse_search(resource_type, pairs, default_count=1, max_count=1, strict=True)
-    if not parsed.applied or all(name.startswith("_count") for name, _ in parsed.applied):
+    if not parsed.applied:
         raise BadRequest(f"If-None-Exist {header!r} has no search criteria")
     return parsed.criteria, criteria_key(parsed.criteria)

@@ -12,6 +12,19 @@ import calendar
 import re
 from datetime import UTC, datetime, timedelta
 
+_YEAR = r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)"
+_LEAP_YEAR = r"([0-9]{2}(0[48]|[2468][048]|[13579][26])|(0[48]|[2468][048]|[13579][26])00)"
+_DAY = (
+    rf"({_YEAR}-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+    rf"|02-(0[1-9]|1[0-9]|2[0-8]))|{_LEAP_YEAR}-02-29)"
+)
+# A FHIR date or dateTime, only those on the calendar (no 31 November, 29 February in leap
+# years only); the year as FHIR writes it (0001-9999: there is no year 0000).
+DATE_TIME_PATTERN = (
+    rf"({_YEAR}(-(0[1-9]|1[0-2]))?|{_DAY}(T([01][0-9]|2[0-3]):[0-5][0-9]"
+    r"(:[0-5][0-9](\.[0-9]+)?)?(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))?)?)"
+)
+_DATE_TIME_RE = re.compile(DATE_TIME_PATTERN)
 _PARTIAL_RE = re.compile(
     r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T(?P<H>\d{2}):(?P<M>\d{2})"
     r"(?::(?P<S>\d{2})(?P<f>\.\d+)?)?(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?"
@@ -21,7 +34,9 @@ _ONE_US = timedelta(microseconds=1)
 
 def fhir_range(value: str) -> tuple[datetime, datetime] | None:
     """Inclusive [start, end] in naive UTC covered by a FHIR date/dateTime/instant, or None."""
-    match = _PARTIAL_RE.fullmatch(value.strip())
+    if not _DATE_TIME_RE.fullmatch(value):
+        return None
+    match = _PARTIAL_RE.fullmatch(value)
     if match is None:
         return None
     year = int(match["y"])
