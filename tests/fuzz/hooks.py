@@ -1,0 +1,92 @@
+"""Schemathesis hooks: three runtime rules that a JSON Schema cannot state, or that
+schemathesis cannot generate, taught to the generator so that its schema-valid requests are
+also valid for the server.
+
+1. An update names its resource twice, in the URL and in the body's `id`, and the two must
+   be equal (FHIR http.html#update). JSON Schema cannot relate a body to a path parameter.
+2. If-None-Exist holds `name=value` criteria; schemathesis writes header values from
+   letters and digits only, so a generated value becomes the value of `_id=`.
+3. A trial record's `subject` is a Patient that exists (and is at a site the token may
+   write). A schema can give the reference's form (`Patient/<id>`), not which Patients are
+   stored.
+
+Only schema-valid (positive) cases are adapted, and only where the generated value already
+has the valid form, so every schema violation still reaches the server as generated and the
+negative-data checks see it. Each adapted case is one the server must accept, and the
+rejections these rules cause are tested directly in tests/test_crud.py and test_validation.py.
+
+Environment: FUZZ_BASE_URL (the server) and FUZZ_TOKEN (a bearer token that may write).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cache
+from typing import Any
+
+import httpx
+import schemathesis
+
+FUZZ_PATIENT = "fuzz-subject"
+_PATIENT_REFERENCE = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}(/_history/[0-9]{1,9})?")
+_SUBJECT_TYPES = ("Observation", "MedicationAdministration", "AdverseEvent")
+
+
+@cache
+def _fuzz_patient() -> str:
+    """Store the Patient every generated record will belong to, once per run."""
+    base = os.environ["FUZZ_BASE_URL"]
+    headers = {
+        "Authorization": f"Bearer {os.environ['FUZZ_TOKEN']}",
+        "Content-Type": "application/fhir+json",
+        "X-Provenance": '{"resourceType":"Provenance","reason":[{"text":"fuzz fixture"}]}',
+    }
+    patient = {
+        "resourceType": "Patient",
+        "id": FUZZ_PATIENT,
+        "managingOrganization": {
+            "identifier": {"system": "https://itp-trial.example/fhir/sid/site", "value": "S01"}
+        },
+    }
+    response = httpx.put(
+        f"{base}/fhir/Patient/{FUZZ_PATIENT}", json=patient, headers=headers, timeout=30
+    )
+    response.raise_for_status()
+    return f"Patient/{FUZZ_PATIENT}"
+
+
+def _resource_type(case: Any) -> str:
+    return str(case.operation.path).split("/")[2]
+
+
+@schemathesis.hook
+def map_case(context: Any, case: Any) -> Any:
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive or not isinstance(case.body, dict):
+        return case
+    headers = case.headers or {}
+    criteria = headers.get("If-None-Exist")
+    if isinstance(criteria, str) and criteria.isalnum():
+        # Schemathesis generates header values from letters and digits only, so it cannot
+        # write the header's name=value grammar itself (see app/fhir/routes.py).
+        headers["If-None-Exist"] = f"_id={criteria}"
+    method = case.method.upper()
+    path_id = (case.path_parameters or {}).get("resource_id")
+    if method == "PUT" and path_id is not None and isinstance(case.body.get("id"), str):
+        case.body["id"] = path_id
+    if method in ("POST", "PUT") and _resource_type(case) in _SUBJECT_TYPES:
+        subject = case.body.get("subject")
+        reference = subject.get("reference") if isinstance(subject, dict) else None
+        if isinstance(reference, str) and _PATIENT_REFERENCE.fullmatch(reference):
+            subject["reference"] = _fuzz_patient()
+    return case
+
+
+@schemathesis.hook
+def after_call(context: Any, case: Any, response: Any) -> None:
+    # The fuzzer may delete or rewrite the fixture Patient (it learns ids from responses):
+    # store it again so that later subjects keep pointing at a Patient that exists.
+    path_id = (case.path_parameters or {}).get("resource_id")
+    if path_id == FUZZ_PATIENT and case.method.upper() in ("DELETE", "PUT"):
+        _fuzz_patient.cache_clear()
