@@ -188,7 +188,8 @@ def read(body: bytes, charset: str | None = None) -> Any:
         if charset:
             raise Unreadable(f"The body is not valid {charset}") from None
         text = body.decode("latin-1")  # HL7's other common character set (8859/1)
-    text = text.replace("\r\n", "\r").replace("\n", "\r").strip()
+    # A byte order mark (Windows tools write one) is not part of the message either.
+    text = text.replace("\r\n", "\r").replace("\n", "\r").strip().lstrip("\ufeff")
     if not text.startswith("MSH"):
         raise Unreadable("An HL7 v2 message starts with its MSH segment")
     try:
@@ -422,24 +423,40 @@ def ack(
     message: Any, code: AckCode, problems: list[Problem] | None = None, now: datetime | None = None
 ) -> str:
     """The ACK of `message` in ER7: MSH with sender and receiver swapped, MSA (code and the
-    message's MSH-10), and one ERR per problem in the form of the message's version."""
+    message's MSH-10), and one ERR per problem in the form of the message's version.
+
+    python-hl7's `create_ack` would do the first two, but it fails on a message whose MSH-9
+    has no components, and such a message deserves an AR, not an error."""
     msh = message[0]
-    reply = message.create_ack(
-        code,
-        message_id=hl7.generate_message_control_id(),
-        application=field_text(msh, 5) or RECEIVER_NAME,
-        facility=field_text(msh, 6) or None,
-    )
-    header_segment = reply[0]
+    version = _text(msh, 12)
     moment = (now or datetime.now(UTC)).astimezone(UTC)
-    header_segment.assign_field(moment.strftime("%Y%m%d%H%M%S") + "+0000", 7)
-    if _text(msh, 12) == "2.3":
-        del header_segment(9)(1)[2:]  # MSH-9 has no message structure component before 2.3.1
+    header_segment = message.create_segment([message.create_field(["MSH"])])
+    for number, value in (
+        (1, str(msh(1))),
+        (2, str(msh(2))),
+        (3, field_text(msh, 5) or RECEIVER_NAME),
+        (4, field_text(msh, 6)),
+        (5, field_text(msh, 3)),
+        (6, field_text(msh, 4)),
+        (7, moment.strftime("%Y%m%d%H%M%S") + "+0000"),
+        (10, hl7.generate_message_control_id()),
+        (11, field_text(msh, 11)),
+        (12, field_text(msh, 12)),
+    ):
+        header_segment.assign_field(value, number)  # a field as sent keeps its components
+    header_segment.assign_field("ACK", 9, 1, 1)
+    header_segment.assign_field(_text(msh, 9, 1, 2), 9, 1, 2)
+    if version != "2.3":  # the message structure component exists from 2.3.1
+        header_segment.assign_field("ACK", 9, 1, 3)
+    acknowledgment = message.create_segment([message.create_field(["MSA"])])
+    acknowledgment.assign_field(code, 1)
+    acknowledgment.assign_field(field_text(msh, 10), 2)
     problems = problems or []
     if problems:
         # MSA-3 is deprecated from 2.4 but still what most interface engines display.
-        reply[1].assign_field(reply.escape(problems[0].text[:80]), 3)
-    modern = _text(msh, 12) not in ("2.3", "2.3.1", "2.4")
+        acknowledgment.assign_field(message.escape(problems[0].text[:80]), 3)
+    reply = message.create_message([header_segment, acknowledgment])
+    modern = version not in ("2.3", "2.3.1", "2.4")
     for problem in problems:
         reply.append(_err(reply, problem, modern))
     return str(reply)
