@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select
+from sqlalchemy import ColumnElement, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.tables import hl7_message_table as M
@@ -31,7 +31,7 @@ class ReceivedMessage:
     ack: str
 
 
-def _where(key: MessageKey) -> tuple[object, ...]:
+def _where(key: MessageKey) -> tuple[ColumnElement[bool], ...]:
     return (
         M.c.agent == key.agent,
         M.c.sending_application == key.sending_application,
