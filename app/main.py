@@ -23,6 +23,7 @@ from app.errors import Issue
 from app.fhir import audit_routes, codesystems, operations, outcome, routes, schemas
 from app.fhir.capability import capability_statement
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
+from app.ingest import routes as hl7_routes
 from app.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
@@ -110,6 +111,7 @@ def create_app(
     app.include_router(operations.router)
     app.include_router(audit_routes.router)
     app.include_router(codesystems.router)
+    app.include_router(hl7_routes.router)
 
     @app.get(
         "/fhir/metadata",

@@ -10,10 +10,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.codes import DEFAULT_BLEEDING_EVENT_CODES, CodeSystems
+from app.codes import DEFAULT_BLEEDING_EVENT_CODES, PLATELET_CODES, CodeSystems
 from app.engine import Criteria
 from app.errors import ConfigurationError
 
@@ -42,6 +42,22 @@ class Settings(BaseSettings):
     bleeding_event_codes: list[str] = Field(default_factory=list)
     # Browser origins allowed to call the API (the study team's frontends); none by default.
     cors_origins: list[str] = Field(default_factory=list)
+    # HL7 v2 lab feeds: a lab's own OBX-3 codes for a platelet count, mapped onto its LOINC
+    # code: {"CODING-SYSTEM|CODE": "777-3"} (OBX-3.3|OBX-3.1; "|CODE" when none is sent).
+    hl7_local_codes: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("hl7_local_codes")
+    @classmethod
+    def _platelet_codes_only(cls, mapping: dict[str, str]) -> dict[str, str]:
+        for key, loinc in mapping.items():
+            if not key.partition("|")[2]:
+                raise ValueError(f"APP_HL7_LOCAL_CODES key {key!r} is not CODING-SYSTEM|CODE")
+            if loinc not in PLATELET_CODES:
+                raise ValueError(
+                    f"APP_HL7_LOCAL_CODES maps {key!r} to {loinc!r}: only the platelet count "
+                    f"LOINC codes {', '.join(sorted(PLATELET_CODES))} can be mapped onto"
+                )
+        return mapping
 
     def code_systems(self) -> CodeSystems:
         extra = set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from io import BytesIO
 from pathlib import Path
 from types import ModuleType
 from urllib.parse import parse_qs, urlsplit
@@ -29,6 +30,8 @@ def itp_client(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
             "none",
             "--path",
             str(PROJECT_ROOT / "openapi" / "openapi.json"),
+            "--config",
+            str(PROJECT_ROOT / "openapi" / "openapi-python-client.yaml"),
             "--output-path",
             str(out / "itp_client"),
         ],
@@ -56,6 +59,7 @@ def _cursor(bundle) -> str | None:
 def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
     from itp_client import AuthenticatedClient
     from itp_client.api.adverse_event import create_adverse_event
+    from itp_client.api.hl7 import receive_lab_results
     from itp_client.api.medication_administration import create_medication_administration
     from itp_client.api.observation import (
         create_observation,
@@ -74,6 +78,7 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
         Patient,
         ResponseAssessment,
     )
+    from itp_client.types import File
 
     frontend = AuthenticatedClient(
         base_url=live_server, token=token("investigator", ("S01",), sub="dr-a")
@@ -123,6 +128,20 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
             )
             assert response.status_code == 201
             counts[(subject, week)] = response.parsed.id
+
+    # The lab's interface engine sends one more count over HL7 v2 (ORU^R01, ER7).
+    oru = (
+        "MSH|^~\\&|LIS|CENTRAL LAB|ITP-TRIAL-API|TRIAL|20250407093000+0000||ORU^R01^ORU_R01|"
+        "GEN-0001|P|2.5.1\r"
+        "PID|1||S01-003^^^ITP-TRIAL^RI\r"
+        "OBR|1||FIL-90001^CENTRAL LAB|777-3^Platelets^LN|||20250407090000\r"
+        "OBX|1|NM|777-3^Platelets^LN||12|10*9/L^^UCUM|150-400|L|||F|||20250407090000\r"
+    )
+    sent = receive_lab_results.sync_detailed(
+        client=lab, body=File(payload=BytesIO(oru.encode()), mime_type="x-application/hl7-v2+er7")
+    )
+    assert sent.status_code == 200 and isinstance(sent.parsed, File)
+    assert "\rMSA|AA|GEN-0001" in sent.parsed.payload.read().decode()
 
     # A bleeding grade and an adverse event.
     grade = builders.bleeding_grade(patients["S01-003"], "2025-03-10T09:00:00Z", 2)

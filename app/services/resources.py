@@ -15,6 +15,7 @@ transactions are serial anyway):
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -510,3 +511,98 @@ async def search(
     async with ctx.db.read() as conn:
         rows = await repo.search(conn, criteria, sort=sort, after=after, limit=limit)
     return [SearchHit(_stored(current), sort_value, current.pk) for current, sort_value in rows]
+
+
+# --- Several writes in one transaction (an HL7 v2 message) --------------------------------
+# The caller owns the transaction. It takes every lock with `lock_for_writes` before its
+# first write, recomputes each patient once after its last one, and appends the returned
+# audit records at the very end: the audit chain's lock is the last a write may take.
+
+
+async def lock_for_writes(
+    conn: AsyncConnection, resource_type: str, ids: Iterable[str], patient_ids: Iterable[str]
+) -> dict[str, repo.Current]:
+    """Lock in the order `update` does (the ids, the patients, the rows; each sorted), so a
+    writer of several records cannot deadlock with one of a single record. Returns the
+    current rows of the ids that exist."""
+    wanted = sorted(set(ids))
+    for resource_id in wanted:
+        await repo.lock(conn, f"id:{resource_type}:{resource_id}")
+    for patient_id in sorted(set(patient_ids)):
+        await repo.get_current(conn, "Patient", patient_id, for_update=True)
+    rows = {}
+    for resource_id in wanted:
+        current = await repo.get_current(conn, resource_type, resource_id, for_update=True)
+        if current is not None:
+            rows[resource_id] = current
+    return rows
+
+
+async def create_in_transaction(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    resource_type: str,
+    raw: dict[str, Any],
+    principal: Principal,
+    now: datetime,
+    *,
+    description: str | None = None,
+) -> tuple[Stored, AuditRecord]:
+    """`create`'s checks and storage in the caller's transaction, without the recompute."""
+    resource_id = new_id()
+    index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
+    content = _render(raw, resource_type, resource_id, 1, now)
+    await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+    record = AuditRecord.of(
+        principal,
+        "create",
+        site=index.site,
+        entity_type=resource_type,
+        entity_id=resource_id,
+        version_after=1,
+        recorded=now,
+        description=description,
+    )
+    return Stored(resource_type, resource_id, 1, now, content), record
+
+
+async def update_in_transaction(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    current: repo.Current,
+    raw: dict[str, Any],
+    principal: Principal,
+    now: datetime,
+    *,
+    provenance: str,
+    description: str | None = None,
+) -> tuple[Stored, AuditRecord]:
+    """`update`'s checks (site, server-owned, lab kinds, reason) and storage, with its
+    Provenance, on a row locked by `lock_for_writes`; without the recompute."""
+    resource_type, resource_id = current.resource_type, current.id
+    if current.deleted or not may_access_site(principal, current.site):
+        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+    if current.kind == KIND_RESPONSE_STATUS:
+        raise _server_owned()
+    if resource_type == "Observation":
+        authorize_observation_write(principal, current.kind)
+    reason = require_reason(provenance)
+    raw = {**raw, "id": resource_id}
+    index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
+    version = current.version_id + 1
+    content = _render(raw, resource_type, resource_id, version, now)
+    await repo.update_resource(conn, current, version, content, index, now, "update")
+    await store_provenance(conn, provenance, principal, resource_type, resource_id, version, now)
+    record = AuditRecord.of(
+        principal,
+        "update",
+        site=index.site,
+        entity_type=resource_type,
+        entity_id=resource_id,
+        version_before=current.version_id,
+        version_after=version,
+        reason=reason,
+        recorded=now,
+        description=description,
+    )
+    return Stored(resource_type, resource_id, version, now, content), record

@@ -184,9 +184,40 @@ class ProvenanceRow(SQLModel, table=True):
     content: str = Field(sa_column=Column(Text, nullable=False))
 
 
+class Hl7MessageRow(SQLModel, table=True):
+    """An HL7 v2 message whose results were stored, and the ACK it was answered with.
+
+    The unique key is the sender's own name for the message (MSH-10 within MSH-3/MSH-4) and
+    the caller: a redelivery, even a concurrent one, finds its row and gets the same ACK;
+    one caller never receives another's. Only the hash of the message is kept: the message
+    itself may carry names the trial must not hold.
+    """
+
+    __tablename__ = "hl7_message"
+    __table_args__ = (
+        UniqueConstraint(
+            "agent",
+            "sending_application",
+            "sending_facility",
+            "control_id",
+            name="uq_hl7_message_sender_control_id",
+        ),
+    )
+
+    pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
+    agent: str = Field(sa_column=Column(String(255), nullable=False))
+    sending_application: str = Field(sa_column=Column(String(255), nullable=False))
+    sending_facility: str = Field(sa_column=Column(String(255), nullable=False))
+    control_id: str = Field(sa_column=Column(String(255), nullable=False))
+    received: datetime = Field(sa_column=Column(DateTime(), nullable=False))
+    content_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    ack: str = Field(sa_column=Column(Text, nullable=False))
+
+
 resource_table = ResourceRow.__table__  # type: ignore[attr-defined]
 version_table = ResourceVersion.__table__  # type: ignore[attr-defined]
 token_table = SearchToken.__table__  # type: ignore[attr-defined]
 assessment_table = ResponseAssessmentRow.__table__  # type: ignore[attr-defined]
 audit_table = AuditEventRow.__table__  # type: ignore[attr-defined]
 provenance_table = ProvenanceRow.__table__  # type: ignore[attr-defined]
+hl7_message_table = Hl7MessageRow.__table__  # type: ignore[attr-defined]

@@ -1,0 +1,494 @@
+"""Receive one HL7 v2 ORU^R01 of lab results: one transaction, one ACK.
+
+Per message: read (python-hl7) -> check the header and structure (AR) -> in one write
+transaction: find an earlier delivery of the same MSH-10 (its ACK is the answer) -> find
+each PID's Patient -> turn each platelet OBX into an Observation (AE on anything wrong, with
+every problem found) -> lock -> create, or update with a Provenance -> recompute each
+patient once -> remember the message and its ACK -> audit. Any AE or AR rolls the whole
+transaction back: a bad OBX 3 leaves nothing of OBX 1 and 2.
+
+What a result does to the Observation that already has its identifiers (filler order
+number and OBX set id), by OBX-11:
+
+| stored \\ received | P                   | F                     | C                      |
+|-------------------|---------------------|-----------------------|------------------------|
+| nothing           | create, preliminary | create, final         | AE: nothing to correct |
+| preliminary       | update if changed   | update, final         | update, corrected      |
+| final, corrected  | ignored (late)      | none if same, else AE | update, corrected (*)  |
+
+(*) none when it is already corrected and the same.
+
+"Same" means the same count, unit and clinical time; a correction's reason is the NTE after
+its OBX (else after its OBR, else "corrected result from lab").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app import codes
+from app.audit.trail import AuditRecord
+from app.audit.trail import append as append_audit
+from app.auth.permissions import Action, authorize
+from app.auth.principal import Principal
+from app.errors import BadRequest, FhirError, Forbidden, NotFound
+from app.ingest import hl7v2
+from app.ingest import observations as mapping
+from app.ingest.hl7v2 import AckCode, Location, Problem, Rejected, Result
+from app.services import resources
+from app.services.context import ServiceContext
+from app.services.dates import utc_now
+from app.services.response import recompute
+from app.store import hl7_messages
+from app.store import repository as repo
+from app.store.criteria import Criteria, TokenMatch
+from app.store.hl7_messages import MessageKey
+
+SUBJECT_IDENTIFIER_PATH = "/sid/subject"
+DEFAULT_CORRECTION_REASON = "corrected result from lab"
+
+
+@dataclass(frozen=True)
+class Reply:
+    ack: str
+    code: AckCode
+    replayed: bool = False  # the ACK of an earlier delivery of the same message
+
+
+@dataclass
+class _Planned:
+    result: Result
+    patient_id: str
+    document: dict[str, Any]
+    key: tuple[str, str]  # the result identifier's (system, value)
+
+
+@dataclass
+class _Tally:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    skipped: int = 0  # OBX that are not platelet counts, or carry no result
+    records: list[AuditRecord] = field(default_factory=list)
+    patients: set[str] = field(default_factory=set)
+
+
+async def receive(
+    ctx: ServiceContext,
+    body: bytes,
+    principal: Principal,
+    *,
+    charset: str | None = None,
+    local_codes: Mapping[str, str] | None = None,
+) -> Reply:
+    """The ACK of one message. A body that is not HL7 at all has no MSH to answer: 400."""
+    try:
+        message = hl7v2.read(body, charset)
+    except hl7v2.Unreadable as exc:
+        raise BadRequest(str(exc)) from None
+    try:
+        oru = hl7v2.parse_oru(message)
+        key = MessageKey(
+            principal.sub,
+            oru.header.sending_application,
+            oru.header.sending_facility,
+            oru.header.control_id,
+        )
+        try:
+            reply = await _store(ctx, message, oru, key, principal, local_codes or {})
+        except IntegrityError:
+            # The unique key refused a second row for this message: a concurrent delivery
+            # committed first. Its ACK is the answer; this transaction left nothing.
+            earlier = await _earlier_reply(ctx, key, oru.content_hash)
+            if earlier is None:
+                raise
+            reply = earlier
+    except Rejected as rejected:
+        ctx.audit.add(_record(principal, message, rejected.ack_code, rejected.problems))
+        return Reply(hl7v2.ack(message, rejected.ack_code, rejected.problems), rejected.ack_code)
+    if reply.replayed:
+        ctx.audit.add(_record(principal, message, reply.code, [], replayed=True))
+    return reply
+
+
+async def serialise_deliveries(conn: AsyncConnection, key: MessageKey) -> None:
+    """Deliveries of one message wait for each other (PostgreSQL; SQLite writers are serial).
+    The table's unique key would catch a race anyway; this keeps it from costing a retry."""
+    await repo.lock(conn, key.lock_key())
+
+
+async def _store(
+    ctx: ServiceContext,
+    message: Any,
+    oru: hl7v2.OruMessage,
+    key: MessageKey,
+    principal: Principal,
+    local_codes: Mapping[str, str],
+) -> Reply:
+    async with ctx.db.write() as conn:
+        await serialise_deliveries(conn, key)
+        earlier = await hl7_messages.find(conn, key)
+        if earlier is not None:
+            return _replay(earlier, oru)
+        patients = await _patients(ctx, conn, oru, principal)
+        tally = _Tally()
+        planned = _plan(ctx, oru, patients, local_codes, tally)
+        # Two messages about one result (a preliminary and its final, sent at once) are
+        # serialised on the result, so the second finds what the first stored.
+        for system, value in sorted({item.key for item in planned}):
+            await repo.lock(conn, f"hl7-result:{system}|{value}")
+        found = {item.key: await _stored_result(conn, item, principal) for item in planned}
+        locked = await resources.lock_for_writes(
+            conn,
+            "Observation",
+            [current.id for current in found.values() if current is not None],
+            patients.values(),
+        )
+        now = utc_now()
+        for item in planned:
+            current = found[item.key]
+            await _apply(
+                ctx,
+                conn,
+                item,
+                locked.get(current.id) if current is not None else None,
+                oru,
+                principal,
+                now,
+                tally,
+            )
+        for patient_id in sorted(tally.patients):
+            await recompute(ctx, conn, patient_id, now)
+        reply = Reply(hl7v2.ack(message, "AA"), "AA")
+        await hl7_messages.remember(conn, key, now, oru.content_hash, reply.ack)
+        summary = (
+            f"{tally.created} created, {tally.updated} updated, {tally.unchanged} unchanged, "
+            f"{tally.skipped} OBX not stored (not a platelet count, or no result)"
+        )
+        tally.records.append(_record(principal, message, "AA", [], summary=summary, now=now))
+        await append_audit(conn, tally.records)  # last: the audit chain's lock ends the write
+    return reply
+
+
+def _replay(earlier: hl7_messages.ReceivedMessage, oru: hl7v2.OruMessage) -> Reply:
+    if earlier.content_hash != oru.content_hash:
+        raise Rejected.one(
+            "AR",
+            "205",
+            f"MSH-10 {oru.header.control_id!r} was already used on "
+            f"{earlier.received:%Y-%m-%d %H:%M} UTC for a different message; "
+            "a new message needs a new control id",
+            Location("MSH", 1, 10),
+        )
+    return Reply(earlier.ack, "AA", replayed=True)
+
+
+async def _earlier_reply(ctx: ServiceContext, key: MessageKey, content_hash: str) -> Reply | None:
+    async with ctx.db.read() as conn:
+        earlier = await hl7_messages.find(conn, key)
+    if earlier is None or earlier.content_hash != content_hash:
+        return None
+    return Reply(earlier.ack, "AA", replayed=True)
+
+
+def _subject_systems(code_systems: codes.CodeSystems) -> list[str]:
+    # Clients that use the default base must keep working under an override (codes.py).
+    return sorted(
+        {
+            code_systems.base + SUBJECT_IDENTIFIER_PATH,
+            codes.DEFAULT_CODE_SYSTEM_BASE + SUBJECT_IDENTIFIER_PATH,
+        }
+    )
+
+
+async def _patients(
+    ctx: ServiceContext, conn: AsyncConnection, oru: hl7v2.OruMessage, principal: Principal
+) -> dict[int, str]:
+    """Each PID's Patient id (by the PID's position). PID-3 holds the trial subject number
+    (`.../sid/subject`), or an identifier whose assigning authority is an ISO OID
+    (`urn:oid:...`). Patients at sites the caller does not hold are unknown to it."""
+    found: dict[int, str] = {}
+    problems = []
+    for group in oru.patients:
+        where = group.location.at(3)
+        if not group.identifiers:
+            problems.append(Problem("101", f"{where} (patient identifier) is required", where))
+            continue
+        for identifier in group.identifiers:
+            systems = (
+                [f"urn:oid:{identifier.authority_oid}"]
+                if identifier.authority_oid
+                else _subject_systems(ctx.codes)
+            )
+            criteria = Criteria(
+                "Patient",
+                tokens=[[TokenMatch("identifier", system, identifier.value) for system in systems]],
+                sites=resources.visible_sites(principal),
+            )
+            matches = await repo.first_matches(conn, criteria, limit=2)
+            if len(matches) > 1:
+                problems.append(
+                    Problem("205", f"{where} {identifier.value!r} names several patients", where)
+                )
+                break
+            if matches:
+                found[group.location.sequence] = matches[0].id
+                break
+        else:
+            shown = ", ".join(repr(i.value) for i in group.identifiers)
+            problems.append(
+                Problem(
+                    "204",
+                    f"Unknown patient: no trial subject {shown} ({where}) at your sites; "
+                    "nothing was stored",
+                    where,
+                )
+            )
+    if problems:
+        raise Rejected("AE", problems)
+    return found
+
+
+def _plan(
+    ctx: ServiceContext,
+    oru: hl7v2.OruMessage,
+    patients: dict[int, str],
+    local_codes: Mapping[str, str],
+    tally: _Tally,
+) -> list[_Planned]:
+    """The Observation each platelet OBX becomes; every problem of every OBX at once."""
+    planned: list[_Planned] = []
+    problems: list[Problem] = []
+    seen: dict[tuple[str, str], Result] = {}
+    for result in oru.results:
+        loinc = mapping.platelet_loinc(result, local_codes)
+        if loinc is None or result.status in mapping.NO_RESULT_STATUSES:
+            tally.skipped += 1
+            continue
+        try:
+            status = mapping.RESULT_STATUS.get(result.status)
+            if not result.status:
+                raise Rejected.one(
+                    "AE", "101", "OBX-11 (result status) is required", result.location.at(11)
+                )
+            if status is None:
+                raise Rejected.one(
+                    "AE",
+                    "103",
+                    f"OBX-11 {result.status!r}: results are received as F (final), "
+                    "C (correction) or P (preliminary)",
+                    result.location.at(11),
+                )
+            mapping.check_keys(result)
+            document = mapping.observation(
+                result,
+                patient_id=patients[result.patient.location.sequence],
+                loinc=loinc,
+                status=status,
+                header=oru.header,
+                trial_zone=ctx.criteria.zone,
+                code_systems=ctx.codes,
+            )
+        except Rejected as rejected:
+            problems.extend(rejected.problems)
+            continue
+        key = mapping.result_key(result, ctx.codes)
+        if key in seen:
+            problems.append(
+                Problem(
+                    "205",
+                    f"{result.location} repeats order {result.order.filler_number!r} OBX-1 "
+                    f"{result.set_id!r} of {seen[key].location}: one result, one OBX",
+                    result.location.at(1),
+                )
+            )
+            continue
+        seen[key] = result
+        patient_id = patients[result.patient.location.sequence]
+        planned.append(_Planned(result, patient_id, document, key))
+    if problems:
+        raise Rejected("AE", problems)
+    return planned
+
+
+async def _stored_result(
+    conn: AsyncConnection, item: _Planned, principal: Principal
+) -> repo.Current | None:
+    system, value = item.key
+    criteria = Criteria(
+        "Observation",
+        tokens=[[TokenMatch("identifier", system, value)]],
+        sites=resources.visible_sites(principal),
+    )
+    matches = await repo.first_matches(conn, criteria, limit=2)
+    if len(matches) > 1:
+        raise Rejected.one(
+            "AE",
+            "205",
+            f"{item.result.location}: several stored Observations carry identifier "
+            f"{system}|{value}; ask the trial's data manager to resolve the duplicate",
+            item.result.location,
+        )
+    return matches[0] if matches else None
+
+
+# What makes two deliveries the same result: the count, its unit and its clinical time (a
+# comment or a reference range that changed does not make a final result a new one).
+_RESULT_ELEMENTS = ("subject", "code", "effectiveDateTime", "valueQuantity")
+
+
+def _comparable(document: dict[str, Any]) -> dict[str, Any]:
+    loaded: dict[str, Any] = orjson.loads(orjson.dumps(document))
+    return {key: loaded.get(key) for key in _RESULT_ELEMENTS}
+
+
+async def _apply(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    item: _Planned,
+    current: repo.Current | None,
+    oru: hl7v2.OruMessage,
+    principal: Principal,
+    now: datetime,
+    tally: _Tally,
+) -> None:
+    """Create, update or leave the result's Observation (the table in the module doc)."""
+    result, document = item.result, item.document
+    received = document["status"]
+    order = f"order {result.order.filler_number!r} OBX-1 {result.set_id!r}"
+    source = f"HL7 v2 ORU^R01 {oru.header.control_id} from {oru.header.sending_application}"
+    if current is None:
+        if received == "corrected":
+            raise Rejected.one(
+                "AE",
+                "204",
+                f"A correction of {order}, which was never received: send the original "
+                "result first (OBX-11 F), or this one as F",
+                result.location.at(11),
+            )
+        await _write(ctx, conn, item, None, principal, now, tally, f"{source}, {order}", None)
+        return
+    if current.patient_id != item.patient_id:
+        raise Rejected.one(
+            "AE",
+            "205",
+            f"The result of {order} is stored for another patient; "
+            "a result cannot move between patients over HL7",
+            result.location,
+        )
+    if current.deleted or current.content is None:
+        raise Rejected.one(
+            "AE",
+            "205",
+            f"The result of {order} was deleted at the trial site while this message was "
+            "being stored; ask the site before sending it again",
+            result.location,
+        )
+    stored = orjson.loads(current.content)
+    same = _comparable(stored) == _comparable(document)
+    status = stored.get("status")
+    reason: str | None = None
+    if received == "preliminary":
+        if status == "preliminary" and not same:
+            reason = "updated preliminary result from lab"
+    elif received == "final":
+        if status == "preliminary":
+            reason = "final result from lab replaces the preliminary one"
+        elif not same:
+            raise Rejected.one(
+                "AE",
+                "205",
+                f"The result of {order} is already final with another count, unit or time; "
+                "a change to a final result is sent as a correction (OBX-11 C) with an NTE "
+                "saying why",
+                result.location.at(11),
+            )
+    elif not (same and status == "corrected"):
+        reason = "; ".join(result.notes or result.order.notes) or DEFAULT_CORRECTION_REASON
+    if reason is None:
+        tally.unchanged += 1
+        return
+    await _write(ctx, conn, item, current, principal, now, tally, f"{source}, {order}", reason)
+
+
+async def _write(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    item: _Planned,
+    current: repo.Current | None,
+    principal: Principal,
+    now: datetime,
+    tally: _Tally,
+    description: str,
+    reason: str | None,
+) -> None:
+    try:
+        if current is None:
+            _, record = await resources.create_in_transaction(
+                ctx, conn, "Observation", item.document, principal, now, description=description
+            )
+            tally.created += 1
+        else:
+            # A correction is an update: the token must allow updates, not only HL7 ingestion.
+            authorize(principal, "Observation", Action.UPDATE)
+            provenance = {
+                "resourceType": "Provenance",
+                "reason": [{"text": reason}],
+                "entity": [{"role": "source", "what": {"display": description}}],
+            }
+            _, record = await resources.update_in_transaction(
+                ctx,
+                conn,
+                current,
+                item.document,
+                principal,
+                now,
+                provenance=orjson.dumps(provenance).decode(),
+                description=description,
+            )
+            tally.updated += 1
+    except FhirError as exc:
+        code = "207" if isinstance(exc, Forbidden | NotFound) else "102"
+        raise Rejected.one(
+            "AE", code, f"{item.result.location}: {exc.diagnostics}", item.result.location
+        ) from None
+    tally.records.append(record)
+    tally.patients.add(item.patient_id)
+
+
+def _record(
+    principal: Principal,
+    message: Any,
+    code: AckCode,
+    problems: list[Problem],
+    *,
+    summary: str | None = None,
+    replayed: bool = False,
+    now: datetime | None = None,
+) -> AuditRecord:
+    """The audit record of the message itself (each write has its own as well)."""
+    msh = message[0]
+    control_id = hl7v2.field_text(msh, 10)
+    sender = hl7v2.field_text(msh, 3)
+    text = f"HL7 v2 {hl7v2.field_text(msh, 9)} {control_id!r} from {sender!r}: {code}"
+    if replayed:
+        text += ", a redelivery: the first ACK was returned and nothing stored"
+    if summary:
+        text += f", {summary}"
+    if problems:
+        text += ": " + "; ".join(problem.text for problem in problems)
+    extra = {"recorded": now} if now is not None else {}
+    return AuditRecord.of(
+        principal,
+        "operation",
+        outcome="0" if code == "AA" else "4",
+        description=text[:1000],
+        **extra,
+    )
