@@ -144,6 +144,8 @@ async def _accept(
         values.status,
         values.site,
         values.tokens,
+        values.strings,
+        values.quantities,
     )
 
 

@@ -29,7 +29,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.criteria import Criteria, DateMatch, TokenMatch
 from app.store.tables import assessment_table as A
+from app.store.tables import quantity_table as Q
 from app.store.tables import resource_table as R
+from app.store.tables import string_table as S
 from app.store.tables import token_table as T
 from app.store.tables import version_table as V
 
@@ -71,6 +73,8 @@ class IndexRow:
     status: str | None
     site: str | None
     tokens: Sequence[tuple[str, str, str]]
+    strings: Sequence[tuple[str, str, str]] = ()  # (param, value, normalised)
+    quantities: Sequence[tuple[str, float, str, str, float | None]] = ()
 
     def columns(self) -> dict[str, Any]:
         return {
@@ -151,7 +155,7 @@ async def insert_resource(
     )
     pk = result.scalar_one()
     await _insert_version(conn, resource_type, resource_id, 1, now, "create", content)
-    await _insert_tokens(conn, pk, resource_type, index.tokens)
+    await insert_search_values(conn, pk, resource_type, index)
 
 
 async def update_resource(
@@ -173,9 +177,9 @@ async def update_resource(
     if index is not None:
         values.update(index.columns())
     await conn.execute(update(R).where(R.c.pk == current.pk).values(**values))
-    await conn.execute(delete(T).where(T.c.resource_pk == current.pk))
+    await delete_search_values(conn, current.pk)
     if index is not None:
-        await _insert_tokens(conn, current.pk, current.resource_type, index.tokens)
+        await insert_search_values(conn, current.pk, current.resource_type, index)
     await _insert_version(conn, current.resource_type, current.id, version_id, now, method, content)
 
 
@@ -200,18 +204,32 @@ async def _insert_version(
     )
 
 
-async def _insert_tokens(
-    conn: AsyncConnection, pk: int, resource_type: str, tokens: Sequence[tuple[str, str, str]]
+async def insert_search_values(
+    conn: AsyncConnection, pk: int, resource_type: str, index: IndexRow
 ) -> None:
-    if not tokens:
-        return
-    await conn.execute(
-        insert(T),
-        [
-            {"resource_pk": pk, "resource_type": resource_type, "param": p, "system": s, "value": v}
-            for p, s, v in tokens
-        ],
-    )
+    row = {"resource_pk": pk, "resource_type": resource_type}
+    if index.tokens:
+        await conn.execute(
+            insert(T), [{**row, "param": p, "system": s, "value": v} for p, s, v in index.tokens]
+        )
+    if index.strings:
+        await conn.execute(
+            insert(S),
+            [{**row, "param": p, "value": v, "normalised": n} for p, v, n in index.strings],
+        )
+    if index.quantities:
+        await conn.execute(
+            insert(Q),
+            [
+                {**row, "param": p, "value": v, "system": s, "code": c, "value_norm": n}
+                for p, v, s, c, n in index.quantities
+            ],
+        )
+
+
+async def delete_search_values(conn: AsyncConnection, pk: int) -> None:
+    for table in (T, S, Q):
+        await conn.execute(delete(table).where(table.c.resource_pk == pk))
 
 
 async def get_version(
