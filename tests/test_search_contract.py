@@ -1,5 +1,5 @@
 """The search contract: what the CapabilityStatement declares and what the OpenAPI file
-documents is accepted (both databases)."""
+documents is accepted, by GET and by POST (both databases)."""
 
 from __future__ import annotations
 
@@ -107,3 +107,5 @@ def test_every_documented_value_is_accepted(http, data):
     response = http.get(f"/fhir/{resource_type}", params=params)
     assert response.status_code == 200, (params, response.text)
     assert response.json()["type"] == "searchset"
+    posted = http.post(f"/fhir/{resource_type}/_search", data=params)
+    assert posted.status_code == 200, (params, posted.text)

@@ -1,9 +1,9 @@
 """What a search returns: sorting, paging, totals, summaries, elements, included resources,
-warnings (both databases)."""
+warnings, and the same search as a POST (both databases)."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -344,6 +344,66 @@ async def test_bad_result_parameters_are_400(client, query):
     response = await client.get(f"/fhir/Observation?{query}")
     assert response.status_code == 400, query
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_post_search_with_a_form_body(app, client, counts):
+    patient, ids = counts
+    form = {"patient": patient, "date": "ge2025-03-10", "_sort": "-date,_id", "_count": "2"}
+    response = await client.post("/fhir/Observation/_search?code=777-3", data=form)
+    assert response.status_code == 200, response.text
+    bundle = response.json()
+    expected = (await client.get(f"/fhir/Observation?code=777-3&{_form(form)}&_count=10")).json()
+    assert _matches(bundle) == _matches(expected)[:2]
+    assert len(_matches(expected)) == 3
+    self_link = next(link["url"] for link in bundle["link"] if link["relation"] == "self")
+    assert dict(parse_qsl(urlsplit(self_link).query)) == {"code": "777-3", **form}
+    # The next page is a GET; it continues where the POST stopped.
+    rest, _ = await _all_pages(client, _next(bundle))
+    assert _matches(bundle) + rest == _matches(expected)
+    # Criteria in the URL and in the body apply together.
+    narrowed = await client.post(
+        f"/fhir/Observation/_search?_id={ids['d']}", data={"patient": patient}
+    )
+    assert _matches(narrowed.json()) == [ids["d"]]
+    # Repeated fields and controls work as in a URL.
+    repeated = await client.post(
+        "/fhir/Observation/_search",
+        content=f"patient={patient}&date=gt2025-03-04&date=lt2025-03-16&_total=accurate",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert sorted(_matches(repeated.json())) == sorted([ids["a"], ids["c"]])
+    assert repeated.json()["total"] == 2
+    await app.state.services.audit.flush()
+    async with app.state.services.db.read() as conn:
+        audited = (
+            await conn.execute(
+                text("SELECT content FROM audit_event WHERE content LIKE :q"),
+                {"q": f"%patient={patient}&date=gt2025-03-04%"},
+            )
+        ).all()
+    assert len(audited) == 1  # the POSTed criteria are in the search's audit record
+
+
+async def test_post_search_refuses_other_bodies(client):
+    response = await client.post("/fhir/Patient/_search", json={"identifier": "S01-001"})
+    assert response.status_code == 415
+    assert response.json()["resourceType"] == "OperationOutcome"
+    bad = await client.post(
+        "/fhir/Patient/_search",
+        content=b"name=%FF%FE",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert bad.status_code == 400
+    empty = await client.post("/fhir/Patient/_search")
+    assert empty.status_code == 200
+    lab = await client.post(
+        "/fhir/Patient/_search", data={"name": "a"}, headers=bearer("lab", ("S01",))
+    )
+    assert lab.status_code == 403
+
+
+def _form(form: dict[str, str]) -> str:
+    return "&".join(f"{k}={v}" for k, v in form.items() if k != "_count")
 
 
 async def test_included_resources_are_capped_with_a_warning(database_url):

@@ -95,7 +95,7 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
             {
                 "mode": "server",
                 "documentation": (
-                    "Searches: GET /fhir/Type?... "
+                    "Searches: GET /fhir/Type?... or POST /fhir/Type/_search (form-encoded). "
                     "Modifiers: token :not :missing (system|code, |code, system|); string "
                     ":exact :contains :missing; date, number, quantity and reference "
                     ":missing; chains subject:Patient.<Patient parameter> (and patient.); "

@@ -1,5 +1,6 @@
-"""The search interaction of the four trial resources: `GET /fhir/Type?...`, answered with
-a keyset-paged searchset Bundle.
+"""The search interactions of the four trial resources: `GET /fhir/Type?...` and
+`POST /fhir/Type/_search` (form-encoded, for clients that keep criteria out of URLs), both
+answered with a keyset-paged searchset Bundle.
 
 The parameters are documented in the OpenAPI file from `SEARCH_PARAMETERS`, each with a
 schema no wider than what the parser accepts (the date pattern leaves out 29 February and
@@ -13,23 +14,24 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import APIRouter, Depends, Request, Response
 
 from app.auth.deps import Require
 from app.auth.permissions import Action
 from app.auth.principal import Principal
-from app.errors import Issue
+from app.errors import BadRequest, Issue, UnsupportedMediaType
 from app.fhir import bundles
 from app.fhir.elements import subset
-from app.fhir.http import FhirResponse, negotiate, prefer_strict, pretty
+from app.fhir.http import FhirResponse, media_type, negotiate, prefer_strict, pretty
 from app.fhir.routes import (
     ERRORS,
     RESOURCE_TYPES,
     ServicesDep,
     SettingsDep,
     _bundle_doc,
+    _outcome_doc,
     fhir_base,
 )
 from app.fhir.search_params import (
@@ -45,6 +47,10 @@ from app.fhir.search_params import (
 from app.services import search as service
 from app.services.context import ServiceContext
 from app.settings import Settings
+
+FORM = "application/x-www-form-urlencoded"
+# A form can carry at most this many fields: more is no search anyone means.
+MAX_FORM_FIELDS = 1000
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
 
@@ -116,6 +122,26 @@ async def _run_search(
         included=result.included,
     )
     return pretty(request, text)
+
+
+async def _form_parameters(request: Request) -> list[tuple[str, str]]:
+    body = await request.body()
+    content_type = request.headers.get("content-type")
+    if content_type is None and not body:
+        return []
+    if media_type(content_type) != FORM:
+        raise UnsupportedMediaType(
+            f"Content-Type {content_type!r} is not supported for _search; send {FORM}"
+        )
+    try:
+        return parse_qsl(
+            body.decode(),
+            keep_blank_values=True,
+            errors="strict",
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except ValueError as exc:  # not UTF-8 (raw or percent-encoded), or too many fields
+        raise BadRequest(f"The form body is not a valid {FORM} search: {exc}") from None
 
 
 # --- OpenAPI documentation ------------------------------------------------------------
@@ -233,6 +259,30 @@ def query_parameters(resource_type: str) -> list[dict[str, Any]]:
     return parameters
 
 
+def form_body(resource_type: str) -> dict[str, Any]:
+    properties = {
+        p.name: {**_value_schema(resource_type, p.name), "description": p.documentation}
+        for p in SEARCH_PARAMETERS[resource_type]
+    }
+    for name, (description, schema) in _controls(resource_type).items():
+        properties[name] = {**schema, "description": description}
+    encoding = {
+        name: {"style": "form", "explode": True}
+        for name, schema in properties.items()
+        if schema["type"] == "array"
+    }
+    schema = {
+        "type": "object",
+        "properties": properties,
+        # Modifiers and chains (code:not, subject:Patient.identifier, ...) as more fields.
+        "additionalProperties": _NO_NUL,
+    }
+    content: dict[str, Any] = {"schema": schema}
+    if encoding:
+        content["encoding"] = encoding
+    return {"requestBody": {"required": False, "content": {FORM: content}}}
+
+
 # --- routes -------------------------------------------------------------------------------
 
 
@@ -262,6 +312,27 @@ def _register(resource_type: str) -> None:
         settings: SettingsDep,
     ) -> Response:
         params = request.query_params.multi_items()
+        return await _run_search(request, ctx, principal, settings, resource_type, params)
+
+    @router.post(
+        f"/{resource_type}/_search",
+        operation_id=f"search{resource_type}Post",
+        summary=summary + ", criteria in a form body",
+        description="The parameters of the GET search, form-encoded (they may also be in "
+        "the URL; both apply). Next links are GET URLs." + _MODIFIERS_DOC,
+        tags=tags,
+        response_class=FhirResponse,
+        openapi_extra=form_body(resource_type),
+        responses={**responses, 415: _outcome_doc(f"The body is not {FORM}")},
+    )
+    async def search_post(
+        *,
+        request: Request,
+        ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.SEARCH)),
+        settings: SettingsDep,
+    ) -> Response:
+        params = [*request.query_params.multi_items(), *await _form_parameters(request)]
         return await _run_search(request, ctx, principal, settings, resource_type, params)
 
 
