@@ -495,7 +495,7 @@ def _present(resource_type: str, t: Any, missing: Missing) -> ColumnElement[bool
             table.c.resource_type == resource_type,
             table.c.param == missing.param,
         )
-    columns = {
+    columns: dict[str, ColumnElement[Any]] = {
         "effective": t.c.effective_start,
         "last-updated": t.c.last_updated,
         "patient": t.c.patient_id,
@@ -544,14 +544,13 @@ def _where(criteria: Criteria, t: Any = R) -> list[ColumnElement[bool]]:
 
 
 def _sort_column(key: SortKey) -> ColumnElement[Any]:
-    if key.column == "id":
-        return R.c.id
-    if key.column == "last-updated":
-        return R.c.last_updated
-    if key.column == "effective":
+    columns: dict[str, ColumnElement[Any]] = {
+        "id": R.c.id,
+        "last-updated": R.c.last_updated,
         # Rows without a date sort as if dated at the end of time: a total order, for keysets.
-        return func.coalesce(R.c.effective_start, literal(FAR_FUTURE))
-    raise ValueError(f"unknown sort column {key.column}")
+        "effective": func.coalesce(R.c.effective_start, literal(FAR_FUTURE)),
+    }
+    return columns[key.column]
 
 
 def _after(order: list[tuple[ColumnElement[Any], bool]], key: Sequence[Any]) -> ColumnElement[bool]:
