@@ -20,7 +20,15 @@ from app.auth.settings import AuthSettings, load_key_source
 from app.auth.tokens import KeySource
 from app.engine import Criteria
 from app.errors import Issue
-from app.fhir import audit_routes, codesystems, operations, outcome, routes, schemas
+from app.fhir import (
+    audit_routes,
+    codesystems,
+    operations,
+    outcome,
+    routes,
+    schemas,
+    search_routes,
+)
 from app.fhir.capability import capability_statement
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
 from app.ingest import routes as hl7_routes
@@ -108,6 +116,7 @@ def create_app(
     # Added last, so outermost: every answer gets the headers, a 413 from the limit too.
     app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(routes.router)
+    app.include_router(search_routes.router)
     app.include_router(operations.router)
     app.include_router(audit_routes.router)
     app.include_router(codesystems.router)

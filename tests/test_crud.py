@@ -218,7 +218,12 @@ async def test_metadata_lists_exactly_what_is_implemented(client):
     # Every declared search parameter is accepted in strict mode.
     for kind, resource in resources.items():
         for param in resource["searchParam"]:
-            value = {"date": "ge2025-01-01", "reference": "Patient/x"}.get(param["type"], "x")
+            value = {
+                "date": "ge2025-01-01",
+                "reference": "x",
+                "quantity": "lt30|http://unitsofmeasure.org|10*9/L",
+                "number": "ge3",
+            }.get(param["type"], "x")
             response = await client.get(
                 f"/fhir/{kind}",
                 params={param["name"]: value},

@@ -66,6 +66,7 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
         delete_observation,
         read_observation,
         search_observation,
+        search_observation_post,
         update_observation,
     )
     from itp_client.api.patient import create_patient, read_patient, search_patient
@@ -77,6 +78,9 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
         OperationOutcome,
         Patient,
         ResponseAssessment,
+        SearchObservationPostBody,
+        SearchObservationPostBodyIncludeItem,
+        SearchObservationPostBodyTotal,
     )
     from itp_client.types import File
 
@@ -204,6 +208,19 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
         if cursor is None:
             break
     assert len(seen) == len(set(seen)) == 5  # the baseline and four weekly counts
+
+    # A form-encoded search: counts below 30 x 10^9/L of the patient with subject number
+    # S01-003 (a chain, sent as an extra field), with the patient included.
+    criteria = SearchObservationPostBody(
+        value_quantity="lt30000|http://unitsofmeasure.org|/uL",
+        field_total=SearchObservationPostBodyTotal.ACCURATE,
+        field_include=[SearchObservationPostBodyIncludeItem.OBSERVATIONSUBJECT],
+    )
+    criteria["subject:Patient.identifier"] = f"{builders.SUBJECT_SYSTEM}|S01-003"
+    low = search_observation_post.sync(client=frontend, body=criteria)
+    assert low.total == 4  # the baseline and weeks 1-3 (week 4 was deleted)
+    modes = [entry.search.mode for entry in low.entry]
+    assert modes.count("match") == 4 and modes.count("include") == 1
 
     # Typed errors.
     stale = update_observation.sync_detailed(

@@ -190,7 +190,6 @@ async def test_unknown_parameters_warn_or_fail_in_strict_mode(client):
         "date=xx2025",
         "_count=many",
         "_sort=value",
-        "_cursor=garbage",
         "patient=Group/1",
     ],
 )
@@ -198,3 +197,22 @@ async def test_bad_search_values_are_400(client, query):
     response = await client.get(f"/fhir/Observation?{query}")
     assert response.status_code == 400, query
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_an_unusable_cursor_is_ignored_with_a_warning_unless_strict(client):
+    for number in range(3):
+        await new_patient(client, f"S01-{number:03d}")
+    first = (await client.get("/fhir/Patient?_count=2")).json()
+    lenient = await client.get("/fhir/Patient?_count=2&_cursor=garbage")
+    assert lenient.status_code == 200
+    bundle = lenient.json()
+    matches = [e for e in bundle["entry"] if e["search"]["mode"] == "match"]
+    assert [e["resource"]["id"] for e in matches] == [
+        e["resource"]["id"] for e in first["entry"] if e["search"]["mode"] == "match"
+    ]
+    outcomes = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "outcome"]
+    assert "_cursor" in outcomes[0]["issue"][0]["diagnostics"]
+    strict = await client.get(
+        "/fhir/Patient?_count=2&_cursor=garbage", headers={"Prefer": "handling=strict"}
+    )
+    assert strict.status_code == 400

@@ -19,15 +19,17 @@ def _dumps(value: object) -> str:
     return orjson.dumps(value).decode()
 
 
-def _bundle(kind: str, links: list[dict[str, str]], entries: Sequence[str]) -> str:
-    head = _dumps(
-        {
-            "resourceType": "Bundle",
-            "type": kind,
-            "timestamp": format_instant(utc_now()),
-            "link": links,
-        }
-    )
+def _bundle(
+    kind: str, links: list[dict[str, str]], entries: Sequence[str], total: int | None = None
+) -> str:
+    bundle: dict[str, object] = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "timestamp": format_instant(utc_now()),
+    }
+    if total is not None:
+        bundle["total"] = total
+    head = _dumps({**bundle, "link": links})
     if not entries:
         return head  # FHIR has no empty arrays: no match, no `entry`
     return head[:-1] + ',"entry":[' + ",".join(entries) + "]}"
@@ -45,20 +47,25 @@ def searchset(
     self_params: Sequence[tuple[str, str]],
     next_params: Sequence[tuple[str, str]] | None,
     warnings: Sequence[Issue] = (),
+    total: int | None = None,
+    included: Sequence[Stored] = (),
 ) -> str:
+    """`page` are the matches; `included` what `_include`/`_revinclude` added to them."""
     search_url = f"{base_url}/{resource_type}"
     links = [{"relation": "self", "url": page_url(search_url, self_params)}]
     if next_params is not None:
         links.append({"relation": "next", "url": page_url(search_url, next_params)})
-    entries = [
-        f'{{"fullUrl":{_dumps(f"{search_url}/{s.id}")},"resource":{s.content},'
-        '"search":{"mode":"match"}}'
-        for s in page
-    ]
+    entries = [_search_entry(base_url, s, "match") for s in page]
+    entries += [_search_entry(base_url, s, "include") for s in included]
     if warnings:
         outcome = _dumps(operation_outcome(warnings))
         entries.append(f'{{"resource":{outcome},"search":{{"mode":"outcome"}}}}')
-    return _bundle("searchset", links, entries)
+    return _bundle("searchset", links, entries, total)
+
+
+def _search_entry(base_url: str, stored: Stored, mode: str) -> str:
+    full_url = _dumps(f"{base_url}/{stored.resource_type}/{stored.id}")
+    return f'{{"fullUrl":{full_url},"resource":{stored.content},"search":{{"mode":"{mode}"}}}}'
 
 
 def history(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from app import __doc__ as app_doc
-from app.fhir.search_params import SEARCH_PARAMETERS, SORTABLE
+from app.fhir.search_params import INCLUDES, REVINCLUDES, SEARCH_PARAMETERS, SORT_KEYS
 
 _INTERACTIONS = (
     "read",
@@ -43,12 +43,17 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
                 "conditionalUpdate": False,
                 "conditionalDelete": "not-supported",
                 "referencePolicy": ["literal", "local", "enforced"],
+                "searchInclude": list(INCLUDES[resource_type]),
+                "searchRevInclude": list(REVINCLUDES.get(resource_type, ())),
                 "searchParam": [
                     {"name": p.name, "type": p.type, "documentation": p.documentation}
                     for p in parameters
                 ],
             }
         )
+        # FHIR has no empty arrays.
+        for empty in [key for key, value in resources[-1].items() if value == []]:
+            del resources[-1][empty]
     resources.append(
         {
             "type": "AuditEvent",
@@ -90,9 +95,22 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
             {
                 "mode": "server",
                 "documentation": (
-                    "Keyset-paged searches: follow the next link; _sort=date|-date on clinical "
-                    "time for " + ", ".join(sorted(SORTABLE)) + ". Prefer: return=minimal|"
-                    "representation|OperationOutcome is honoured on create and update."
+                    "Searches: GET /fhir/Type?... or POST /fhir/Type/_search (form-encoded). "
+                    "Modifiers: token :not :missing (system|code, |code, system|); string "
+                    ":exact :contains :missing; date, number, quantity and reference "
+                    ":missing; chains subject:Patient.<Patient parameter> (and patient.); "
+                    "date prefixes eq ne lt le gt ge sa eb with partial dates; number and "
+                    "quantity prefixes also ap (10%). Comma-separated values are OR-ed, "
+                    "repeated parameters AND-ed. Results: _count, _sort (comma-separated, "
+                    "- descending; "
+                    + "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in SORT_KEYS.items())
+                    + "), _total=none|accurate, _summary=count|true|text|data|false, "
+                    "_elements, _include, _revinclude (search.mode=include). Paging is "
+                    "keyset-based: follow the next link; rows written while paging never make "
+                    "a page skip or repeat a row. Unknown parameters are ignored with a "
+                    "warning (an OperationOutcome entry), or refused (400) with Prefer: "
+                    "handling=strict. Prefer: return=minimal|representation|OperationOutcome "
+                    "is honoured on create and update."
                 ),
                 "resource": resources,
                 "security": {

@@ -19,14 +19,13 @@ from starlette.convertors import Convertor, register_url_convertor
 from app.auth.deps import Require
 from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal
-from app.errors import BadRequest, Forbidden
+from app.errors import BadRequest
 from app.fhir import bundles, schemas
 from app.fhir.http import (
     FHIR_JSON,
     FhirResponse,
     negotiate,
     prefer_return,
-    prefer_strict,
     pretty,
     require_json_body,
     version_headers,
@@ -35,7 +34,6 @@ from app.fhir.outcome import information
 from app.fhir.search_params import (
     SEARCH_PARAMETERS,
     criteria_key,
-    encode_cursor,
     parse_search,
 )
 from app.services import resources as service
@@ -197,46 +195,6 @@ def _body_doc(resource_type: str, *, update: bool = False) -> dict[str, Any]:
         # An update names its resource twice, in the URL and in the body (FHIR http.html#update).
         schema = {**schema, "required": ["id"]}
     return {"requestBody": {"required": True, "content": {FHIR_JSON: {"schema": schema}}}}
-
-
-def _search_doc(resource_type: str) -> dict[str, Any]:
-    parameters = [
-        {
-            "name": p.name,
-            "in": "query",
-            "required": False,
-            "description": p.documentation,
-            "schema": {"type": "string"},
-        }
-        for p in SEARCH_PARAMETERS[resource_type]
-    ]
-    parameters += [
-        {
-            "name": "_count",
-            "in": "query",
-            "required": False,
-            "description": "Page size",
-            "schema": {"type": "integer", "minimum": 0},
-        },
-        {
-            "name": "_cursor",
-            "in": "query",
-            "required": False,
-            "description": "Opaque paging cursor from a next link",
-            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
-        },
-    ]
-    if resource_type in ("Observation", "MedicationAdministration", "AdverseEvent"):
-        parameters.append(
-            {
-                "name": "_sort",
-                "in": "query",
-                "required": False,
-                "description": "date or -date (clinical time)",
-                "schema": {"type": "string", "enum": ["date", "-date"]},
-            }
-        )
-    return {"parameters": parameters}
 
 
 def _conditional_parameters(resource_type: str) -> list[str]:
@@ -472,66 +430,6 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         return Response(status_code=204, headers=headers)
 
     @router.get(
-        f"/{resource_type}",
-        operation_id=f"search{resource_type}",
-        summary=f"Search {resource_type} resources (keyset-paged searchset Bundle)",
-        tags=tags,
-        response_class=FhirResponse,
-        openapi_extra=_search_doc(resource_type),
-        responses={
-            200: _bundle_doc("searchset Bundle"),
-            **ERRORS,
-        },
-    )
-    async def search(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.SEARCH)),
-        settings: SettingsDep,
-    ) -> Response:
-        if (
-            resource_type == "Patient"
-            and principal.role == "lab"
-            and ("identifier" not in request.query_params)
-        ):
-            # A lab looks a patient up by identifier; it does not browse the trial's patients.
-            raise Forbidden("role lab may search Patient by identifier only")
-        parsed = parse_search(
-            resource_type,
-            request.query_params.multi_items(),
-            default_count=settings.default_page_size,
-            max_count=settings.max_page_size,
-            strict=prefer_strict(request),
-        )
-        hits = await service.search(
-            ctx,
-            parsed.criteria,
-            principal,
-            sort=parsed.sort,
-            after=parsed.after,
-            limit=parsed.count + 1,
-            query=request.url.query or None,
-        )
-        page = hits[: parsed.count]
-        next_params = None
-        if len(hits) > parsed.count and page:
-            last = page[-1]
-            cursor = encode_cursor(last.sort_value if parsed.sort else None, last.pk)
-            next_params = [*parsed.applied, ("_cursor", cursor)]
-            if "_count" not in dict(parsed.applied):
-                next_params.insert(-1, ("_count", str(parsed.count)))
-        text = bundles.searchset(
-            fhir_base(request),
-            resource_type,
-            [hit.stored for hit in page],
-            self_params=request.query_params.multi_items(),
-            next_params=next_params,
-            warnings=parsed.warnings,
-        )
-        return pretty(request, text)
-
-    @router.get(
         f"/{resource_type}/{{resource_id:fhirid}}/_history",
         operation_id=f"history{resource_type}Instance",
         summary=f"All versions of one {resource_type}, newest first",
@@ -624,6 +522,6 @@ def _conditional_criteria(resource_type: str, header: str) -> tuple[Any, str]:
         )
     pairs = parse_qsl(header, keep_blank_values=True)
     parsed = parse_search(resource_type, pairs, default_count=1, max_count=1, strict=True)
-    if not parsed.applied:
+    if not parsed.has_criteria:
         raise BadRequest(f"If-None-Exist {header!r} has no search criteria")
     return parsed.criteria, criteria_key(parsed.criteria)

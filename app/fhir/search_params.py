@@ -1,73 +1,243 @@
 """Search parameters: from a query string to `Criteria`, per resource type.
 
-What each type supports is declared once in `SEARCH_PARAMETERS`; the CapabilityStatement is
-built from the same table, so it can never list a parameter that is not implemented.
+What each type supports is declared once in `SEARCH_PARAMETERS`; the CapabilityStatement and
+the OpenAPI documentation are built from the same table, so neither can list a parameter
+that is not implemented. The result controls (`_sort`, `_count`, `_total`, `_summary`,
+`_elements`, `_include`, `_revinclude`) are parsed here too; what they do to the answer is
+the searchset's business (`app.fhir.search_routes`).
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
 
+from app import codes
 from app.errors import BadRequest, Issue
 from app.services.dates import fhir_range
-from app.services.indexing import patient_id_from_reference
-from app.store.criteria import Criteria, DateMatch, TokenMatch
+from app.services.indexing import normalise_text, patient_id_from_reference
+from app.store.criteria import (
+    Criteria,
+    DateMatch,
+    Include,
+    Missing,
+    NumberMatch,
+    SortKey,
+    StringMatch,
+    TokenMatch,
+)
 
 
 @dataclass(frozen=True)
 class SearchParameter:
     name: str
-    type: str  # FHIR search parameter type
+    type: str  # FHIR search parameter type: token, string, date, reference, quantity, number
     documentation: str
+    # Where the values are indexed: id, token, string, number (number and quantity),
+    # effective (the date range), last-updated, patient (the subject), site.
+    index: str
+
+    @property
+    def modifiers(self) -> tuple[str, ...]:
+        """The modifiers accepted (`name:modifier=value`)."""
+        if self.index == "id":
+            return ()
+        if self.index == "patient":
+            return ("missing", "Patient")
+        if self.index == "site":
+            return ("missing", "identifier", "Organization")
+        return {
+            "token": ("not", "missing"),
+            "string": ("exact", "contains", "missing"),
+        }.get(self.type, ("missing",))
 
 
-_ID = SearchParameter("_id", "token", "Logical id of the resource")
+_SUBJECT_DOC = (
+    "The subject Patient: Patient/id or id. Chained: {name}:Patient.identifier=system|value "
+    "(or {name}.identifier=..., any Patient parameter)"
+)
+
+
+def _subject(name: str) -> SearchParameter:
+    return SearchParameter(name, "reference", _SUBJECT_DOC.format(name=name), "patient")
+
+
+def _date(name: str, what: str) -> SearchParameter:
+    return SearchParameter(
+        name,
+        "date",
+        f"{what}; prefixes eq ne lt le gt ge sa eb, partial dates (2025, 2025-03)",
+        "effective",
+    )
+
+
+_ID = SearchParameter("_id", "token", "Logical id of the resource", "id")
+_LAST_UPDATED = SearchParameter(
+    "_lastUpdated",
+    "date",
+    "When the current version was written (meta.lastUpdated); prefixes as for dates",
+    "last-updated",
+)
 SEARCH_PARAMETERS: dict[str, tuple[SearchParameter, ...]] = {
     "Patient": (
         _ID,
-        SearchParameter("identifier", "token", "A patient identifier (system|value)"),
+        _LAST_UPDATED,
+        SearchParameter(
+            "identifier",
+            "token",
+            "A patient identifier (system|value), e.g. the subject number",
+            "token",
+        ),
+        SearchParameter(
+            "name", "string", "Any part of a name (family, given, prefix, suffix, text)", "string"
+        ),
+        SearchParameter("family", "string", "Family name", "string"),
+        SearchParameter("given", "string", "Given name", "string"),
+        _date("birthdate", "Date of birth"),
+        SearchParameter("gender", "token", "male | female | other | unknown", "token"),
+        SearchParameter(
+            "organization",
+            "reference",
+            "The trial site: its code (S01 or Organization/S01), or "
+            "organization:identifier=https://itp-trial.example/fhir/sid/site|S01",
+            "site",
+        ),
     ),
     "Observation": (
         _ID,
-        SearchParameter("patient", "reference", "The subject Patient (Patient/id or id)"),
-        SearchParameter("subject", "reference", "The subject Patient (Patient/id or id)"),
-        SearchParameter("code", "token", "The observation code (system|code)"),
+        _LAST_UPDATED,
+        _subject("patient"),
+        _subject("subject"),
+        SearchParameter("code", "token", "The observation code (system|code)", "token"),
+        SearchParameter("category", "token", "The observation category (system|code)", "token"),
         SearchParameter(
-            "date", "date", "Clinical time (effective[x]); prefixes eq ne lt le gt ge sa eb"
+            "status", "token", "registered | preliminary | final | amended | ...", "token"
         ),
-        SearchParameter("identifier", "token", "An observation identifier (system|value)"),
+        _date("date", "Clinical time (effective[x])"),
+        SearchParameter(
+            "value-quantity",
+            "quantity",
+            "valueQuantity: [prefix]number|system|code. A count per volume is compared in "
+            "10^9/L whatever its unit: lt30|http://unitsofmeasure.org|10*9/L finds 25000 /uL",
+            "number",
+        ),
+        SearchParameter("identifier", "token", "An observation identifier (system|value)", "token"),
     ),
     "MedicationAdministration": (
         _ID,
-        SearchParameter("patient", "reference", "The subject Patient (Patient/id or id)"),
-        SearchParameter("subject", "reference", "The subject Patient (Patient/id or id)"),
-        SearchParameter("identifier", "token", "An administration identifier (system|value)"),
+        _LAST_UPDATED,
+        _subject("patient"),
+        _subject("subject"),
+        _date("effective-time", "When the dose was given (effective[x])"),
+        SearchParameter("status", "token", "in-progress | completed | stopped | ...", "token"),
+        SearchParameter(
+            "code", "token", "The medication (medicationCodeableConcept, system|code)", "token"
+        ),
+        SearchParameter(
+            "identifier", "token", "An administration identifier (system|value)", "token"
+        ),
+        SearchParameter("category", "token", "The category as coded (system|code)", "token"),
+        SearchParameter(
+            "medication-role",
+            "token",
+            "The trial role: study-drug | rescue | concomitant (CodeSystem medication-role); "
+            "an administration without a role is concomitant",
+            "token",
+        ),
     ),
     "AdverseEvent": (
         _ID,
-        SearchParameter("subject", "reference", "The subject Patient (Patient/id or id)"),
+        _LAST_UPDATED,
+        _subject("subject"),
+        _date("date", "When the event occurred"),
+        SearchParameter("seriousness", "token", "serious | non-serious (system|code)", "token"),
+        SearchParameter(
+            "event", "token", "The event (system|code), e.g. SNOMED CT 131148009", "token"
+        ),
+        SearchParameter(
+            "grade",
+            "number",
+            "CTCAE grade 1-5 (the ae-grade extension); prefixes eq ne lt le gt ge sa eb ap, "
+            "e.g. ge3",
+            "number",
+        ),
+        SearchParameter(
+            "identifier", "token", "An adverse event identifier (system|value)", "token"
+        ),
     ),
 }
-SORTABLE = {"Observation", "MedicationAdministration", "AdverseEvent"}
-CONTROL_PARAMETERS = frozenset({"_count", "_sort", "_cursor", "_format", "_pretty"})
+_BY_NAME = {kind: {p.name: p for p in params} for kind, params in SEARCH_PARAMETERS.items()}
+
+# `_sort` keys: the id, the last update, and the type's date (clinical time, birth date).
+SORT_KEYS: dict[str, dict[str, str]] = {
+    kind: {
+        "_id": "id",
+        "_lastUpdated": "last-updated",
+        **{p.name: "effective" for p in params if p.index == "effective"},
+    }
+    for kind, params in SEARCH_PARAMETERS.items()
+}
+# `_include` along each type's subject; `_revinclude` of those records on a Patient search.
+INCLUDES: dict[str, tuple[str, ...]] = {
+    kind: tuple(f"{kind}:{p.name}" for p in params if p.index == "patient")
+    for kind, params in SEARCH_PARAMETERS.items()
+}
+REVINCLUDES: dict[str, tuple[str, ...]] = {
+    "Patient": tuple(value for values in INCLUDES.values() for value in values)
+}
+SUMMARY_MODES = ("true", "text", "data", "count", "false")
+TOTAL_MODES = ("none", "estimate", "accurate")
+CONTROL_PARAMETERS = frozenset(
+    {
+        "_count",
+        "_sort",
+        "_cursor",
+        "_format",
+        "_pretty",
+        "_total",
+        "_summary",
+        "_elements",
+        "_include",
+        "_revinclude",
+    }
+)
 _DATE_PREFIXES = ("eq", "ne", "lt", "le", "gt", "ge", "sa", "eb")
+_NUMBER_PREFIXES = (*_DATE_PREFIXES, "ap")
+_ELEMENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+_ESCAPED = re.compile(r"\\([\\,|$])")
 
 
 @dataclass
 class ParsedSearch:
     criteria: Criteria
-    sort: str | None = None
+    sort: list[SortKey] = field(default_factory=list)
     count: int = 50
-    after: tuple[Any, int] | None = None
+    after: tuple[Any, ...] | None = None
+    total: bool = False  # _total=accurate (or estimate, answered accurately)
+    summary: str | None = None  # _summary: count, true, text or data (false: None)
+    elements: tuple[str, ...] | None = None  # _elements
+    includes: list[Include] = field(default_factory=list)
+    revincludes: list[Include] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
-    # The parameters that were applied, for the Bundle's self link.
+    # The parameters that were applied, for the Bundle's next link.
     applied: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def has_criteria(self) -> bool:
+        """Whether a parameter narrows the matches (not only `_count`, `_sort`, ...)."""
+        return any(name not in CONTROL_PARAMETERS for name, _ in self.applied)
+
+
+class _Unsupported(Exception):
+    """A parameter, modifier or value this server does not implement: ignored with a
+    warning, or a 400 with `Prefer: handling=strict`."""
 
 
 def parse_search(
@@ -78,29 +248,91 @@ def parse_search(
     max_count: int,
     strict: bool,
 ) -> ParsedSearch:
-    known = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}
-    criteria = Criteria(resource_type)
-    parsed = ParsedSearch(criteria, count=default_count)
+    parsed = ParsedSearch(Criteria(resource_type), count=default_count)
+    cursor = None
     for name, value in params:
-        if name in CONTROL_PARAMETERS:
-            _control(parsed, resource_type, name, value, max_count)
-            continue
-        base, _, modifier = name.partition(":")
-        parameter = known.get(base)
-        if parameter is None or modifier:
-            message = (
-                f"Unknown or unsupported search parameter {name!r} for {resource_type}; "
-                "it was ignored"
-            )
+        if "\x00" in name or "\x00" in value:
+            raise BadRequest("Search parameters cannot contain NUL characters")
+        try:
+            if name in CONTROL_PARAMETERS:
+                if name == "_cursor":
+                    cursor = value
+                elif value != "":
+                    _control(parsed, resource_type, name, value, max_count)
+                continue
+            if name.partition(":")[0] in ("_include", "_revinclude"):
+                raise _Unsupported(f"{name} (iterate and recurse are not supported)")
+            parameter, modifier, chain = _resolve(resource_type, name)
+            if value == "":
+                continue  # FHIR: an empty parameter value is ignored
+            if chain is None:
+                _apply(parsed.criteria, parameter, modifier, value)
+            else:
+                patient = Criteria("Patient")
+                _apply(patient, *chain, value)
+                parsed.criteria.chains = [*(parsed.criteria.chains or []), patient]
+            parsed.applied.append((name, value))
+        except _Unsupported as unsupported:
+            message = f"Search parameter {unsupported} is not supported for {resource_type}"
             if strict:
-                raise BadRequest(message)
-            parsed.warnings.append(Issue("not-supported", message, severity="warning"))
-            continue
-        if value == "":
-            continue  # FHIR: an empty parameter value is ignored
-        _apply(criteria, parameter, value)
-        parsed.applied.append((name, value))
+                raise BadRequest(message) from None
+            parsed.warnings.append(
+                Issue("not-supported", message + "; it was ignored", severity="warning")
+            )
+    if cursor is not None:
+        shape = tuple(str if key.column == "id" else datetime for key in parsed.sort)
+        try:
+            parsed.after = decode_cursor(cursor, (*shape, int))
+        except BadRequest as unusable:
+            # Handled like an unknown parameter: a client that mangled a next link (or
+            # changed _sort under it) gets the first page and a warning, or with
+            # Prefer: handling=strict the 400.
+            if strict:
+                raise
+            parsed.warnings.append(
+                Issue(
+                    "not-supported",
+                    f"{unusable.diagnostics}; it was ignored and this is the first page",
+                    severity="warning",
+                )
+            )
+    if parsed.elements is not None and parsed.summary in ("true", "text", "data"):
+        parsed.warnings.append(
+            Issue(
+                "not-supported",
+                f"_summary={parsed.summary} was ignored: _elements says which elements to return",
+                severity="warning",
+            )
+        )
+        parsed.summary = None
     return parsed
+
+
+def _resolve(
+    resource_type: str, name: str
+) -> tuple[SearchParameter, str, tuple[SearchParameter, str] | None]:
+    """The parameter, its modifier, and for a chain (`subject:Patient.identifier`) the
+    Patient parameter and modifier at its end."""
+    head, dot, tail = name.partition(".")
+    base, _, modifier = head.partition(":")
+    parameter = _BY_NAME[resource_type].get(base)
+    if parameter is None:
+        raise _Unsupported(repr(name))
+    if not dot:
+        if modifier and modifier not in parameter.modifiers:
+            raise _Unsupported(f"{name!r} (modifier :{modifier})")
+        return parameter, modifier, None
+    chained_name, _, chained_modifier = tail.partition(":")
+    chained = _BY_NAME["Patient"].get(chained_name)
+    if (
+        parameter.index != "patient"
+        or modifier not in ("", "Patient")
+        or chained is None
+        or "." in tail
+        or (chained_modifier and chained_modifier not in chained.modifiers)
+    ):
+        raise _Unsupported(f"{name!r} (chains go from a subject to one Patient parameter)")
+    return parameter, modifier, (chained, chained_modifier)
 
 
 def _control(
@@ -110,30 +342,129 @@ def _control(
         if not (value.isascii() and value.isdigit()):
             raise BadRequest(f"_count={value!r} is not a whole number")
         parsed.count = min(int(value), max_count)
+        parsed.applied = [(n, v) for n, v in parsed.applied if n != "_count"]
         parsed.applied.append((name, str(parsed.count)))
-    elif name == "_sort":
-        if value not in ("date", "-date") or resource_type not in SORTABLE:
+        return
+    if name == "_sort":
+        _sort(parsed, resource_type, value)
+    elif name == "_total":
+        if value not in TOTAL_MODES:
+            raise BadRequest(f"_total={value!r}: use none, estimate or accurate")
+        parsed.total = value != "none"
+    elif name == "_summary":
+        if value not in SUMMARY_MODES:
+            raise BadRequest(f"_summary={value!r}: use true, text, data, count or false")
+        parsed.summary = None if value == "false" else value
+    elif name == "_elements":
+        names = [part.strip() for part in value.split(",")]
+        if not all(_ELEMENT_NAME.fullmatch(n) for n in names):
+            raise BadRequest(f"_elements={value!r} is not a comma-separated list of elements")
+        parsed.elements = tuple(dict.fromkeys((*(parsed.elements or ()), *names)))
+    elif name in ("_include", "_revinclude"):
+        _include(parsed, resource_type, name, value)
+    else:
+        return  # _format and _pretty shape the response, not the search
+    parsed.applied.append((name, value))
+
+
+def _sort(parsed: ParsedSearch, resource_type: str, value: str) -> None:
+    keys = SORT_KEYS[resource_type]
+    for item in value.split(","):
+        name = item.strip().removeprefix("-")
+        if name not in keys:
+            supported = ", ".join(keys)
             raise BadRequest(
-                f"_sort={value!r} is not supported for {resource_type}; "
-                "supported: date, -date (clinical time)"
+                f"_sort={value!r}: {name!r} is not a sort key of {resource_type} "
+                f"(supported: {supported}; a leading - sorts descending)"
             )
-        parsed.sort = value
-        parsed.applied.append((name, value))
-    elif name == "_cursor":
-        parsed.after = decode_cursor(value, (datetime, int))  # type: ignore[assignment]
+        column = keys[name]
+        # A key already sorted on decides nothing more; dropping it keeps the cursor short.
+        if all(key.column != column for key in parsed.sort):
+            parsed.sort.append(SortKey(column, descending=item.strip().startswith("-")))
 
 
-def _apply(criteria: Criteria, parameter: SearchParameter, value: str) -> None:
-    values = value.split(",")
-    if parameter.name == "_id":
-        criteria.ids = _intersect(criteria.ids, values)
-    elif parameter.type == "reference":
-        patients = [_reference_id(parameter.name, v) for v in values]
-        criteria.patients = _intersect(criteria.patients, patients)
-    elif parameter.type == "token":
-        criteria.tokens = [*(criteria.tokens or []), [_token(parameter.name, v) for v in values]]
-    elif parameter.type == "date":
-        criteria.dates = [*(criteria.dates or []), [_date(parameter.name, v) for v in values]]
+def _include(parsed: ParsedSearch, resource_type: str, name: str, value: str) -> None:
+    source, _, rest = value.partition(":")
+    param, _, target = rest.partition(":")
+    supported = (INCLUDES if name == "_include" else REVINCLUDES).get(resource_type, ())
+    if f"{source}:{param}" not in supported or target not in ("", "Patient"):
+        raise _Unsupported(f"{name}={value!r} (supported: {', '.join(supported) or 'none'})")
+    include = Include(source, param)
+    chosen = parsed.includes if name == "_include" else parsed.revincludes
+    if include not in chosen:
+        chosen.append(include)
+
+
+def _values(value: str) -> list[str]:
+    """Comma-separated values (OR-ed), `\\,` being a comma inside a value."""
+    return _split(value, ",")
+
+
+def _split(value: str, separator: str, maxsplit: int = -1) -> list[str]:
+    """Split on separators that are not escaped with a backslash; escapes are kept."""
+    parts: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(value):
+        char = value[i]
+        if char == "\\" and i + 1 < len(value):
+            current.append(value[i : i + 2])
+            i += 2
+            continue
+        if char == separator and (maxsplit < 0 or len(parts) < maxsplit):
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def _unescape(value: str) -> str:
+    return _ESCAPED.sub(r"\1", value)
+
+
+def _apply(criteria: Criteria, parameter: SearchParameter, modifier: str, value: str) -> None:
+    if modifier == "missing":
+        if value not in ("true", "false"):
+            raise BadRequest(f"{parameter.name}:missing={value!r} must be true or false")
+        missing = Missing(parameter.index, parameter.name, value == "true")
+        criteria.missing = [*(criteria.missing or []), missing]
+        return
+    values = _values(value)
+    match parameter.index:
+        case "id":
+            criteria.ids = _intersect(criteria.ids, [_unescape(v) for v in values])
+        case "patient":
+            patients = [_reference_id(parameter.name, _unescape(v)) for v in values]
+            criteria.patients = _intersect(criteria.patients, patients)
+        case "site" if modifier == "identifier":
+            matches = [_token("organization", v) for v in values]
+            criteria.tokens = [*(criteria.tokens or []), matches]
+        case "site":
+            sites = [_site(parameter.name, _unescape(v)) for v in values]
+            criteria.organizations = _intersect(criteria.organizations, sites)
+        case "token":
+            matches = [_token(parameter.name, v) for v in values]
+            if modifier == "not":
+                criteria.tokens_not = [*(criteria.tokens_not or []), matches]
+            else:
+                criteria.tokens = [*(criteria.tokens or []), matches]
+        case "string":
+            strings = [_string(parameter.name, modifier, _unescape(v)) for v in values]
+            criteria.strings = [*(criteria.strings or []), strings]
+        case "number":
+            numbers = [_number(parameter, v) for v in values]
+            criteria.numbers = [*(criteria.numbers or []), numbers]
+        case "effective":
+            dates = [_date_match(parameter.name, v) for v in values]
+            criteria.dates = [*(criteria.dates or []), dates]
+        case "last-updated":
+            dates = [_date_match(parameter.name, v) for v in values]
+            criteria.last_updated = [*(criteria.last_updated or []), dates]
+        case _:
+            raise ValueError(f"no index {parameter.index} for {parameter.name}")
 
 
 def _intersect(existing: list[str] | None, new: list[str]) -> list[str]:
@@ -150,14 +481,31 @@ def _reference_id(name: str, value: str) -> str:
     return patient_id
 
 
+def _site(name: str, value: str) -> str:
+    """`S01`, `Organization/S01` or a URL ending in it: the site's code."""
+    if "/" not in value:
+        return value
+    parts = value.split("/")
+    if len(parts) < 2 or parts[-2] != "Organization" or not parts[-1]:
+        raise BadRequest(f"{name}={value!r} must be a site code or Organization/<site code>")
+    return parts[-1]
+
+
 def _token(name: str, value: str) -> TokenMatch:
-    if "|" not in value:
-        return TokenMatch(name, None, value)
-    system, _, code = value.partition("|")
+    parts = [_unescape(part) for part in _split(value, "|", maxsplit=1)]
+    if len(parts) == 1:
+        return TokenMatch(name, None, parts[0])
+    system, code = parts
     return TokenMatch(name, system, code or None)
 
 
-def _date(name: str, value: str) -> DateMatch:
+def _string(name: str, modifier: str, value: str) -> StringMatch:
+    if modifier == "exact":
+        return StringMatch(name, "exact", value)
+    return StringMatch(name, modifier or "start", normalise_text(value))
+
+
+def _date_match(name: str, value: str) -> DateMatch:
     prefix = "eq"
     if value[:2] in _DATE_PREFIXES:
         prefix, value = value[:2], value[2:]
@@ -169,6 +517,51 @@ def _date(name: str, value: str) -> DateMatch:
             "eq, ne, lt, le, gt, ge, sa, eb)"
         )
     return DateMatch(prefix, *bounds)
+
+
+def _number(parameter: SearchParameter, value: str) -> NumberMatch:
+    text = value
+    prefix = "eq"
+    if value[:2] in _NUMBER_PREFIXES:
+        prefix, value = value[:2], value[2:]
+    parts = [_unescape(part) for part in _split(value, "|")]
+    shape = "[prefix]number" + ("|system|code" if parameter.type == "quantity" else "")
+    if len(parts) not in ((1, 3) if parameter.type == "quantity" else (1,)):
+        raise BadRequest(f"{parameter.name}={text!r} is not {shape}")
+    try:
+        number = Decimal(parts[0])
+    except InvalidOperation:
+        number = Decimal("NaN")
+    if not number.is_finite():
+        raise BadRequest(f"{parameter.name}={text!r} is not {shape}: {parts[0]!r} is no number")
+    system, code = (parts[1] or None, parts[2] or None) if len(parts) == 3 else (None, None)
+    if prefix == "ap":  # FHIR leaves "approximately" to the server: within 10%
+        margin = abs(number) / 10
+    else:  # eq/ne: the precision given, e.g. 25 is [24.5, 25.5) and 25.0 is [24.95, 25.05)
+        exponent = number.as_tuple().exponent
+        margin = Decimal(5).scaleb(int(exponent) - 1)
+    factor = _count_factor(system, code) if code is not None else None
+    scale = factor if factor is not None else 1.0
+    return NumberMatch(
+        parameter.name,
+        prefix,
+        float(number) * scale,
+        float(number - margin) * scale,
+        float(number + margin) * scale,
+        system,
+        code,
+        normalised=factor is not None,
+    )
+
+
+def _count_factor(system: str | None, code: str) -> float | None:
+    """The factor to 10^9/L of a query's unit, when it is a count per volume the server
+    knows: a UCUM code, or without a system a UCUM code or a lab's spelling (K/uL)."""
+    if system is None:
+        return codes.platelet_factor(None, code, code)
+    if system == codes.UCUM:
+        return codes.platelet_factor(system, code, None)
+    return None
 
 
 # Cursors are opaque to clients: the last row's keyset values, base64url JSON.

@@ -17,7 +17,7 @@ import orjson
 
 from app import codes
 from app.auth.principal import Principal, Role, parse_scopes
-from app.services import resources
+from app.services import resources, search
 from app.services.context import ServiceContext
 from app.store.criteria import Criteria, TokenMatch
 
@@ -74,15 +74,13 @@ LOADER = Principal("system:demo-loader", Role.ADMIN, frozenset(), parse_scopes("
 
 
 async def load(ctx: ServiceContext, progress: Callable[[str], None] = print) -> None:
-    existing = await resources.search(
+    existing = await search.search(
         ctx,
         Criteria("Patient", tokens=[[TokenMatch("identifier", SUBJECT_SYSTEM, "DEMO-01")]]),
         LOADER,
-        sort=None,
-        after=None,
-        limit=1,
+        count=1,
     )
-    if existing:
+    if existing.hits:
         raise DemoAlreadyLoaded("The demo trial is already loaded (subject DEMO-01 exists)")
     rng = random.Random(6776510)
     for number, (outcome, site, events) in enumerate(PLAN, start=1):

@@ -4,11 +4,16 @@ query without parsing stored JSON.
 `value_norm` is the platelet count in 10^9/L. The stored resource keeps what the lab sent;
 an unknown unit is refused here (422 naming it) because a silent guess would corrupt the
 patient's response.
+
+Search values (tokens, strings, numbers and quantities) come from `search_values`, which
+never refuses anything: it also rebuilds the index of resources stored before a parameter
+existed (migration 0003).
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,17 +32,33 @@ SUBJECT_ELEMENT = {
     "MedicationAdministration": "subject",
     "AdverseEvent": "subject",
 }
+# The elements behind the `effective_start`/`effective_end` range, the first present wins.
 EFFECTIVE_ELEMENTS = {
+    "Patient": ("birthDate",),
     "Observation": ("effectiveDateTime", "effectiveInstant", "effectivePeriod"),
     "MedicationAdministration": ("effectiveDateTime", "effectivePeriod"),
     "AdverseEvent": ("date",),
 }
-# Token search parameters and the elements (CodeableConcept or Identifier lists) behind them.
+# Token search parameters and the elements (CodeableConcept, Identifier or a Reference's
+# identifier, or lists of them) behind them.
 TOKEN_ELEMENTS: dict[str, dict[str, str]] = {
     "Patient": {"identifier": "identifier"},
-    "Observation": {"identifier": "identifier", "code": "code"},
-    "MedicationAdministration": {"identifier": "identifier"},
-    "AdverseEvent": {"identifier": "identifier"},
+    "Observation": {"identifier": "identifier", "code": "code", "category": "category"},
+    "MedicationAdministration": {
+        "identifier": "identifier",
+        "code": "medicationCodeableConcept",
+        "category": "category",
+    },
+    "AdverseEvent": {"identifier": "identifier", "seriousness": "seriousness", "event": "event"},
+}
+# Token search parameters on `code` elements: the system is the one of the element's
+# required value set, as FHIR defines it for `system|code` searches.
+CODE_ELEMENTS: dict[str, dict[str, tuple[str, str]]] = {
+    "Patient": {"gender": ("gender", "http://hl7.org/fhir/administrative-gender")},
+    "Observation": {"status": ("status", "http://hl7.org/fhir/observation-status")},
+    "MedicationAdministration": {
+        "status": ("status", "http://terminology.hl7.org/CodeSystem/medication-admin-status")
+    },
 }
 
 
@@ -51,6 +72,19 @@ class IndexValues:
     status: str | None = None
     site: str | None = None  # a Patient's own; other records inherit their subject's
     tokens: list[tuple[str, str, str]] = field(default_factory=list)  # (param, system, value)
+    strings: list[tuple[str, str, str]] = field(default_factory=list)  # (param, value, normalised)
+    quantities: list[Quantity] = field(default_factory=list)
+
+
+# (param, value, system, code, value in 10^9/L or None): a `search_quantity` row.
+Quantity = tuple[str, float, str, str, float | None]
+
+
+@dataclass
+class SearchValues:
+    tokens: list[tuple[str, str, str]]
+    strings: list[tuple[str, str, str]]
+    quantities: list[Quantity]
 
 
 def patient_id_from_reference(reference: str) -> str | None:
@@ -117,9 +151,98 @@ def index_values(
         values.value_norm = normalised_platelet_value(raw)
     elif values.kind == KIND_BLEEDING_GRADE:
         values.value_norm = _bleeding_grade(raw)
-    for param, element in TOKEN_ELEMENTS.get(resource_type, {}).items():
-        values.tokens.extend(_tokens(param, raw.get(element)))
+    search = search_values(resource_type, raw, code_systems, values.kind)
+    values.tokens, values.strings, values.quantities = (
+        search.tokens,
+        search.strings,
+        search.quantities,
+    )
     return values
+
+
+def search_values(
+    resource_type: str, raw: dict[str, Any], code_systems: codes.CodeSystems, kind: str | None
+) -> SearchValues:
+    """The token, string and quantity search values of a resource; `kind` as `record_kind`
+    gave it. Never refuses: whatever is not there or not well-formed is not indexed."""
+    tokens: list[tuple[str, str, str]] = []
+    for param, element in TOKEN_ELEMENTS.get(resource_type, {}).items():
+        tokens.extend(_tokens(param, raw.get(element)))
+    for param, (element, system) in CODE_ELEMENTS.get(resource_type, {}).items():
+        if isinstance(raw.get(element), str):
+            tokens.append((param, system, raw[element]))
+    strings: list[tuple[str, str, str]] = []
+    quantities: list[Quantity] = []
+    if resource_type == "Patient":
+        organization = raw.get("managingOrganization")
+        if isinstance(organization, dict):
+            tokens.extend(_tokens("organization", organization.get("identifier")))
+        strings = _name_strings(raw.get("name"))
+    elif resource_type == "Observation":
+        quantity = _quantity("value-quantity", raw.get("valueQuantity"))
+        quantities = [quantity] if quantity else []
+    elif resource_type == "MedicationAdministration" and kind is not None:
+        # The role as the response engine reads it, the profile's default included (no role
+        # coded: concomitant), under the deployment's system and the default one.
+        default = codes.DEFAULT_CODE_SYSTEM_BASE + codes.MEDICATION_ROLE_PATH
+        for system in dict.fromkeys((code_systems.medication_role, default)):
+            tokens.append(("medication-role", system, kind))
+    elif resource_type == "AdverseEvent":
+        quantities = _grades(raw.get("extension"))
+    return SearchValues(list(dict.fromkeys(tokens)), strings, quantities)
+
+
+def normalise_text(text: str) -> str:
+    """FHIR string search ignores case and accents: `Müller` is found by `muller`."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def _name_strings(names: Any) -> list[tuple[str, str, str]]:
+    """`family`, `given`, and `name` (every part: text, family, given, prefix, suffix)."""
+    rows: list[tuple[str, str, str]] = []
+    for name in names if isinstance(names, list) else ():
+        if not isinstance(name, dict):
+            continue
+        parts: list[tuple[str, Any]] = [("family", name.get("family"))]
+        parts += [("given", given) for given in name.get("given") or ()]
+        parts.append(("name", name.get("text")))
+        parts += [("name", part) for key in ("prefix", "suffix") for part in name.get(key) or ()]
+        for param, part in parts:
+            if not isinstance(part, str) or not part:
+                continue
+            if param != "name":
+                rows.append((param, part, normalise_text(part)))
+            rows.append(("name", part, normalise_text(part)))
+    return list(dict.fromkeys(rows))
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _quantity(param: str, quantity: Any) -> Quantity | None:
+    if not isinstance(quantity, dict):
+        return None
+    value = _number(quantity.get("value"))
+    if value is None:
+        return None
+    system, code, unit = quantity.get("system"), quantity.get("code"), quantity.get("unit")
+    factor = codes.platelet_factor(system, code, unit)
+    norm = round(value * factor, 6) if factor is not None else None
+    return (param, value, system or "", code or unit or "", norm)
+
+
+def _grades(extensions: Any) -> list[Quantity]:
+    grades: list[Quantity] = []
+    for extension in extensions if isinstance(extensions, list) else ():
+        if isinstance(extension, dict) and extension.get("url") == codes.AE_GRADE_EXTENSION:
+            grade = _number(extension.get("valueInteger"))
+            if grade is not None:
+                grades.append(("grade", grade, "", "", None))
+    return grades
 
 
 def _codings(concept: Any) -> list[dict[str, Any]]:

@@ -145,6 +145,8 @@ async def _accept(
         values.status,
         values.site,
         values.tokens,
+        values.strings,
+        values.quantities,
     )
 
 
@@ -480,37 +482,6 @@ async def history(
             limit=limit,
             sites=visible_sites(principal),
         )
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    stored: Stored
-    sort_value: datetime
-    pk: int  # insertion order: the last key of every page cursor
-
-
-async def search(
-    ctx: ServiceContext,
-    criteria: Criteria,
-    principal: Principal,
-    *,
-    sort: str | None,
-    after: tuple[Any, int] | None,
-    limit: int,
-    query: str | None = None,
-) -> list[SearchHit]:
-    criteria = replace(criteria, sites=visible_sites(principal))
-    ctx.audit.add(
-        AuditRecord.of(
-            principal,
-            "search-type",
-            entity_type=criteria.resource_type,
-            query=query,
-        )
-    )
-    async with ctx.db.read() as conn:
-        rows = await repo.search(conn, criteria, sort=sort, after=after, limit=limit)
-    return [SearchHit(_stored(current), sort_value, current.pk) for current, sort_value in rows]
 
 
 # --- Several writes in one transaction (an HL7 v2 message) --------------------------------

@@ -41,6 +41,7 @@ from app.services.indexing import (
     KIND_BLEEDING_GRADE,
     KIND_PLATELET,
     KIND_RESPONSE_STATUS,
+    search_values,
 )
 from app.store import repository as repo
 
@@ -153,7 +154,9 @@ async def _write_observation(
         # Unreachable while clients cannot write `rs-` ids; never overwrite clinical data.
         raise RuntimeError(f"Observation/{observation_id} is not a response status")
     version = 1 if current is None else current.version_id + 1
-    content = orjson.dumps(_observation(ctx, observation_id, version, assessment, now)).decode()
+    document = _observation(ctx, observation_id, version, assessment, now)
+    content = orjson.dumps(document).decode()
+    search = search_values("Observation", document, ctx.codes, KIND_RESPONSE_STATUS)
     index = repo.IndexRow(
         patient_id=assessment.patient,
         effective_start=now,
@@ -162,7 +165,9 @@ async def _write_observation(
         kind=KIND_RESPONSE_STATUS,
         status="final" if version == 1 else "amended",
         site=site,
-        tokens=[("code", ctx.codes.trial_codes, codes.ITP_RESPONSE_STATUS)],
+        tokens=search.tokens,
+        strings=search.strings,
+        quantities=search.quantities,
     )
     if current is None:
         await repo.insert_resource(conn, "Observation", observation_id, content, index, now)

@@ -1,4 +1,8 @@
-"""What a search asks for, independent of how the query string spelled it."""
+"""What a search asks for, independent of how the query string spelled it.
+
+Each list of lists is an AND of ORs: one inner list per search parameter occurrence (its
+comma-separated values, OR-ed), the occurrences AND-ed.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,59 @@ class TokenMatch:
 
 @dataclass
 class DateMatch:
-    prefix: str  # eq ne lt le gt ge sa eb ap
+    prefix: str  # eq ne lt le gt ge sa eb
     start: datetime
     end: datetime
+
+
+@dataclass
+class StringMatch:
+    param: str
+    mode: str  # "start" (FHIR's default), "contains" or "exact"
+    value: str  # normalised (see `normalise_text`) unless `mode` is "exact"
+
+
+@dataclass
+class NumberMatch:
+    """A number or quantity compared to the indexed value.
+
+    `normalised`: the query's unit converts to 10^9/L, so the value (already converted) is
+    compared to each row's value in 10^9/L whatever unit the row was sent in. Otherwise the
+    value is compared as sent, on rows with the same unit `code` (and `system`, when given).
+    """
+
+    param: str
+    prefix: str  # eq ne lt le gt ge sa eb ap
+    value: float
+    low: float  # eq/ne: the range the query's precision implies, [low, high)
+    high: float
+    system: str | None = None
+    code: str | None = None
+    normalised: bool = False
+
+
+@dataclass
+class Missing:
+    """`param:missing=true|false`; `index` says where the parameter is stored."""
+
+    index: str  # token, string, number, effective, last-updated, patient, site
+    param: str
+    missing: bool
+
+
+@dataclass
+class SortKey:
+    column: str  # id, last-updated, effective
+    descending: bool = False
+
+
+@dataclass
+class Include:
+    """`_include` / `_revinclude` along a record's subject: the only reference indexed."""
+
+    source: str  # the type holding the reference (Observation in Observation:subject)
+    param: str  # patient or subject
+    target: str = "Patient"
 
 
 @dataclass
@@ -25,6 +79,17 @@ class Criteria:
     resource_type: str
     ids: list[str] | None = None
     patients: list[str] | None = None
-    tokens: list[list[TokenMatch]] | None = None  # AND of ORs
-    dates: list[list[DateMatch]] | None = None  # AND of ORs
+    tokens: list[list[TokenMatch]] | None = None
+    dates: list[list[DateMatch]] | None = None  # on the effective range (clinical time)
     sites: frozenset[str] | None = None  # the caller's sites; None: every site
+    # Site codes asked for (Patient `organization`), intersected like `ids`.
+    organizations: list[str] | None = None
+    # `:not`: a row matches when it has none of the tokens of each inner list.
+    tokens_not: list[list[TokenMatch]] | None = None
+    strings: list[list[StringMatch]] | None = None
+    last_updated: list[list[DateMatch]] | None = None
+    numbers: list[list[NumberMatch]] | None = None
+    missing: list[Missing] | None = None
+    # Chained parameters (`subject:Patient.identifier=...`): the record's Patient must
+    # match each of these Patient criteria.
+    chains: list[Criteria] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -27,9 +27,19 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.store.criteria import Criteria, DateMatch, TokenMatch
+from app.store.criteria import (
+    Criteria,
+    DateMatch,
+    Missing,
+    NumberMatch,
+    SortKey,
+    StringMatch,
+    TokenMatch,
+)
 from app.store.tables import assessment_table as A
+from app.store.tables import quantity_table as Q
 from app.store.tables import resource_table as R
+from app.store.tables import string_table as S
 from app.store.tables import token_table as T
 from app.store.tables import version_table as V
 
@@ -71,6 +81,8 @@ class IndexRow:
     status: str | None
     site: str | None
     tokens: Sequence[tuple[str, str, str]]
+    strings: Sequence[tuple[str, str, str]] = ()  # (param, value, normalised)
+    quantities: Sequence[tuple[str, float, str, str, float | None]] = ()
 
     def columns(self) -> dict[str, Any]:
         return {
@@ -151,7 +163,7 @@ async def insert_resource(
     )
     pk = result.scalar_one()
     await _insert_version(conn, resource_type, resource_id, 1, now, "create", content)
-    await _insert_tokens(conn, pk, resource_type, index.tokens)
+    await insert_search_values(conn, pk, resource_type, index)
 
 
 async def update_resource(
@@ -173,9 +185,9 @@ async def update_resource(
     if index is not None:
         values.update(index.columns())
     await conn.execute(update(R).where(R.c.pk == current.pk).values(**values))
-    await conn.execute(delete(T).where(T.c.resource_pk == current.pk))
+    await delete_search_values(conn, current.pk)
     if index is not None:
-        await _insert_tokens(conn, current.pk, current.resource_type, index.tokens)
+        await insert_search_values(conn, current.pk, current.resource_type, index)
     await _insert_version(conn, current.resource_type, current.id, version_id, now, method, content)
 
 
@@ -200,18 +212,32 @@ async def _insert_version(
     )
 
 
-async def _insert_tokens(
-    conn: AsyncConnection, pk: int, resource_type: str, tokens: Sequence[tuple[str, str, str]]
+async def insert_search_values(
+    conn: AsyncConnection, pk: int, resource_type: str, index: IndexRow
 ) -> None:
-    if not tokens:
-        return
-    await conn.execute(
-        insert(T),
-        [
-            {"resource_pk": pk, "resource_type": resource_type, "param": p, "system": s, "value": v}
-            for p, s, v in tokens
-        ],
-    )
+    row = {"resource_pk": pk, "resource_type": resource_type}
+    if index.tokens:
+        await conn.execute(
+            insert(T), [{**row, "param": p, "system": s, "value": v} for p, s, v in index.tokens]
+        )
+    if index.strings:
+        await conn.execute(
+            insert(S),
+            [{**row, "param": p, "value": v, "normalised": n} for p, v, n in index.strings],
+        )
+    if index.quantities:
+        await conn.execute(
+            insert(Q),
+            [
+                {**row, "param": p, "value": v, "system": s, "code": c, "value_norm": n}
+                for p, v, s, c, n in index.quantities
+            ],
+        )
+
+
+async def delete_search_values(conn: AsyncConnection, pk: int) -> None:
+    for table in (T, S, Q):
+        await conn.execute(delete(table).where(table.c.resource_pk == pk))
 
 
 async def get_version(
@@ -374,22 +400,70 @@ async def all_patient_ids(conn: AsyncConnection) -> list[str]:
 
 
 # --- search -----------------------------------------------------------------------------
+# `t` is the resource table, or an alias of it in a chained search's subquery.
 
 
-def _token_clause(resource_type: str, matches: list[TokenMatch]) -> ColumnElement[bool]:
+def _token_clause(resource_type: str, t: Any, matches: list[TokenMatch]) -> ColumnElement[bool]:
     alternatives = []
     for match in matches:
-        conditions = [T.c.resource_type == resource_type, T.c.param == match.param]
+        conditions = [T.c.param == match.param]
         if match.value is not None:
             conditions.append(T.c.value == match.value)
         if match.system is not None:
             conditions.append(T.c.system == match.system)
         alternatives.append(and_(*conditions))
-    return exists().where(T.c.resource_pk == R.c.pk, or_(*alternatives))
+    return exists().where(
+        T.c.resource_pk == t.c.pk, T.c.resource_type == resource_type, or_(*alternatives)
+    )
 
 
-def _date_clause(match: DateMatch) -> ColumnElement[bool]:
-    start, end = R.c.effective_start, R.c.effective_end
+def _string_clause(resource_type: str, t: Any, matches: list[StringMatch]) -> ColumnElement[bool]:
+    alternatives = []
+    for match in matches:
+        if match.mode == "exact":
+            condition = S.c.value == match.value
+        elif match.mode == "contains":
+            condition = S.c.normalised.contains(match.value, autoescape=True)
+        else:
+            condition = S.c.normalised.startswith(match.value, autoescape=True)
+        alternatives.append(and_(S.c.param == match.param, condition))
+    return exists().where(
+        S.c.resource_pk == t.c.pk, S.c.resource_type == resource_type, or_(*alternatives)
+    )
+
+
+def _number_condition(match: NumberMatch) -> ColumnElement[bool]:
+    column = Q.c.value_norm if match.normalised else Q.c.value
+    comparisons: dict[str, ColumnElement[bool]] = {
+        "eq": and_(column >= match.low, column < match.high),
+        "ne": or_(column < match.low, column >= match.high),
+        "ap": and_(column >= match.low, column <= match.high),
+        "lt": column < match.value,
+        "le": column <= match.value,
+        "gt": column > match.value,
+        "ge": column >= match.value,
+        "sa": column > match.value,
+        "eb": column < match.value,
+    }
+    conditions = [Q.c.param == match.param, comparisons[match.prefix]]
+    if not match.normalised:
+        if match.code is not None:
+            conditions.append(Q.c.code == match.code)
+        if match.system is not None:
+            conditions.append(Q.c.system == match.system)
+    return and_(*conditions)
+
+
+def _number_clause(resource_type: str, t: Any, matches: list[NumberMatch]) -> ColumnElement[bool]:
+    return exists().where(
+        Q.c.resource_pk == t.c.pk,
+        Q.c.resource_type == resource_type,
+        or_(*(_number_condition(m) for m in matches)),
+    )
+
+
+def _date_clause(match: DateMatch, start: Any, end: Any) -> ColumnElement[bool]:
+    """FHIR date comparison of the row's range [start, end] with the query's range."""
     within = and_(start >= match.start, end <= match.end)
     match match.prefix:
         case "eq":
@@ -411,55 +485,116 @@ def _date_clause(match: DateMatch) -> ColumnElement[bool]:
     raise ValueError(f"unknown date prefix {match.prefix}")
 
 
-def _where(criteria: Criteria) -> list[ColumnElement[bool]]:
-    where: list[ColumnElement[bool]] = [
-        R.c.resource_type == criteria.resource_type,
-        not_(R.c.deleted),
-    ]
+def _present(resource_type: str, t: Any, missing: Missing) -> ColumnElement[bool]:
+    """Whether the row has a value for the parameter (the opposite of `:missing=true`)."""
+    tables = {"token": T, "string": S, "number": Q}
+    if missing.index in tables:
+        table = tables[missing.index]
+        return exists().where(
+            table.c.resource_pk == t.c.pk,
+            table.c.resource_type == resource_type,
+            table.c.param == missing.param,
+        )
+    columns: dict[str, ColumnElement[Any]] = {
+        "effective": t.c.effective_start,
+        "last-updated": t.c.last_updated,
+        "patient": t.c.patient_id,
+        "site": t.c.site,
+    }
+    return columns[missing.index].is_not(None)
+
+
+def _where(criteria: Criteria, t: Any = R) -> list[ColumnElement[bool]]:
+    kind = criteria.resource_type
+    where: list[ColumnElement[bool]] = [t.c.resource_type == kind, not_(t.c.deleted)]
     if criteria.sites is not None:
-        where.append(R.c.site.in_(criteria.sites))
+        where.append(t.c.site.in_(criteria.sites))
     if criteria.ids is not None:
-        where.append(R.c.id.in_(criteria.ids))
+        where.append(t.c.id.in_(criteria.ids))
     if criteria.patients is not None:
-        where.append(R.c.patient_id.in_(criteria.patients))
+        where.append(t.c.patient_id.in_(criteria.patients))
+    if criteria.organizations is not None:
+        where.append(t.c.site.in_(criteria.organizations))
     for matches in criteria.tokens or ():
-        where.append(_token_clause(criteria.resource_type, matches))
+        where.append(_token_clause(kind, t, matches))
+    for matches in criteria.tokens_not or ():
+        # FHIR `:not`: rows without any matching token, rows without the element included.
+        where.append(not_(_token_clause(kind, t, matches)))
+    for string_matches in criteria.strings or ():
+        where.append(_string_clause(kind, t, string_matches))
+    for number_matches in criteria.numbers or ():
+        where.append(_number_clause(kind, t, number_matches))
+    start, end = t.c.effective_start, t.c.effective_end
     for date_matches in criteria.dates or ():
         where.append(
-            and_(R.c.effective_start.is_not(None), or_(*(_date_clause(m) for m in date_matches)))
+            and_(start.is_not(None), or_(*(_date_clause(m, start, end) for m in date_matches)))
         )
+    for date_matches in criteria.last_updated or ():
+        at = t.c.last_updated
+        where.append(or_(*(_date_clause(m, at, at) for m in date_matches)))
+    for missing in criteria.missing or ():
+        present = _present(kind, t, missing)
+        where.append(not_(present) if missing.missing else present)
+    for chain in criteria.chains or ():
+        # The record's Patient must match: a subquery on the Patients the caller may see.
+        patient = R.alias()
+        visible = replace(chain, sites=criteria.sites)
+        where.append(t.c.patient_id.in_(select(patient.c.id).where(*_where(visible, patient))))
     return where
+
+
+def _sort_column(key: SortKey) -> ColumnElement[Any]:
+    columns: dict[str, ColumnElement[Any]] = {
+        "id": R.c.id,
+        "last-updated": R.c.last_updated,
+        # Rows without a date sort as if dated at the end of time: a total order, for keysets.
+        "effective": func.coalesce(R.c.effective_start, literal(FAR_FUTURE)),
+    }
+    return columns[key.column]
+
+
+def _after(order: list[tuple[ColumnElement[Any], bool]], key: Sequence[Any]) -> ColumnElement[bool]:
+    """Rows strictly after `key` in the order `order` ((column, descending) pairs)."""
+    if all(descending == order[0][1] for _, descending in order):
+        # One direction: a row-value comparison, which an index can serve.
+        row, bound = tuple_(*(c for c, _ in order)), tuple_(*map(literal, key))
+        return row < bound if order[0][1] else row > bound
+    alternatives = []
+    for i, (column, descending) in enumerate(order):
+        ties = [order[j][0] == key[j] for j in range(i)]
+        alternatives.append(and_(*ties, column < key[i] if descending else column > key[i]))
+    return or_(*alternatives)
 
 
 async def search(
     conn: AsyncConnection,
     criteria: Criteria,
     *,
-    sort: str | None,
-    after: tuple[Any, int] | None,
+    sort: Sequence[SortKey],
+    after: Sequence[Any] | None,
     limit: int,
-) -> list[tuple[Current, datetime]]:
-    """Keyset-paged search; rows come with their sort date for the next cursor.
+) -> list[tuple[Current, tuple[Any, ...]]]:
+    """Keyset-paged search; each row comes with its key (the sort values, then `pk`), from
+    which the next page's cursor is made.
 
     The key always ends in `pk`, which only grows: a row inserted while a client pages is
     either after its cursor or not, never seen twice and never shifting others.
     """
-    sort_date = func.coalesce(R.c.effective_start, literal(FAR_FUTURE))
-    query = select(*_CURRENT_COLUMNS, sort_date.label("sort_date")).where(*_where(criteria))
-    if sort in ("date", "-date"):
-        descending = sort == "-date"
-        if after is not None:
-            key = tuple_(sort_date, R.c.pk)
-            bound = tuple_(literal(after[0]), literal(after[1]))
-            query = query.where(key < bound if descending else key > bound)
-        order = (sort_date.desc(), R.c.pk.desc()) if descending else (sort_date, R.c.pk)
-        query = query.order_by(*order)
-    else:
-        if after is not None:
-            query = query.where(R.c.pk > after[1])
-        query = query.order_by(R.c.pk)
+    order = [(_sort_column(key), key.descending) for key in sort]
+    order.append((R.c.pk, sort[-1].descending if sort else False))
+    values = [column.label(f"sort_{i}") for i, (column, _) in enumerate(order[:-1])]
+    query = select(*_CURRENT_COLUMNS, *values).where(*_where(criteria))
+    if after is not None:
+        query = query.where(_after(order, after))
+    query = query.order_by(*(c.desc() if descending else c for c, descending in order))
     rows = (await conn.execute(query.limit(limit))).all()
-    return [(_current(row[:-1]), row[-1]) for row in rows]
+    width = len(_CURRENT_COLUMNS)
+    return [(_current(row[:width]), (*row[width:], row[0])) for row in rows]
+
+
+async def count(conn: AsyncConnection, criteria: Criteria) -> int:
+    query = select(func.count()).select_from(R).where(*_where(criteria))
+    return int((await conn.execute(query)).scalar_one())
 
 
 async def first_matches(conn: AsyncConnection, criteria: Criteria, limit: int) -> list[Current]:

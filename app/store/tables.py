@@ -6,7 +6,8 @@ Three tables serve all resource types:
   with the index columns search and the response engine need;
 - `resource_version`: every version ever written, never changed: `_history` and the audit
   requirement that a change never obscures what was recorded before;
-- `search_token`: token search values (identifier, code) of current versions.
+- `search_token`, `search_string`, `search_quantity`: the token, string and number/quantity
+  search values of current versions, replaced whenever the resource changes.
 
 `content` is the exact JSON served to clients, stored as text: a read returns it without
 parsing or serialising again, the hot path the benchmark issue measures.
@@ -67,6 +68,8 @@ class ResourceRow(SQLModel, table=True):
     content: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     # Index columns, derived from `content` on every write (naive UTC datetimes).
     patient_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    # The range the resource's date covers: its clinical time (effective[x],
+    # AdverseEvent.date), for a Patient its birth date.
     effective_start: datetime | None = Field(
         default=None, sa_column=Column(DateTime(), nullable=True)
     )
@@ -138,6 +141,59 @@ class SearchToken(SQLModel, table=True):
     # '' rather than NULL for "no system", so `system|code` lookups are one equality.
     system: str = Field(sa_column=Column(String(255), nullable=False))
     value: str = Field(sa_column=Column(String(255), nullable=False))
+
+
+class SearchString(SQLModel, table=True):
+    """A string search value (Patient names) of a current version."""
+
+    __tablename__ = "search_string"
+    __table_args__ = (Index("ix_search_string_lookup", "resource_type", "param", "normalised"),)
+
+    pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
+    resource_pk: int = Field(
+        sa_column=Column(
+            BigIntPk,
+            ForeignKey("resource.pk", ondelete="CASCADE"),
+            nullable=False,
+            index=True,
+        )
+    )
+    resource_type: str = Field(sa_column=Column(String(40), nullable=False))
+    param: str = Field(sa_column=Column(String(40), nullable=False))
+    # As sent (`:exact`), and without case or accents (FHIR's default starts-with match and
+    # `:contains`). Text: a name has no length limit in FHIR.
+    value: str = Field(sa_column=Column(Text, nullable=False))
+    normalised: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class SearchQuantity(SQLModel, table=True):
+    """A number or quantity search value of a current version (Observation value-quantity,
+    AdverseEvent grade)."""
+
+    __tablename__ = "search_quantity"
+    __table_args__ = (
+        Index("ix_search_quantity_norm", "resource_type", "param", "value_norm"),
+        Index("ix_search_quantity_value", "resource_type", "param", "code", "value"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
+    resource_pk: int = Field(
+        sa_column=Column(
+            BigIntPk,
+            ForeignKey("resource.pk", ondelete="CASCADE"),
+            nullable=False,
+            index=True,
+        )
+    )
+    resource_type: str = Field(sa_column=Column(String(40), nullable=False))
+    param: str = Field(sa_column=Column(String(40), nullable=False))
+    value: float = Field(sa_column=Column(Float, nullable=False))
+    # '' when absent, as in `search_token`; `code` is the unit's code, else its display text.
+    system: str = Field(sa_column=Column(String(255), nullable=False))
+    code: str = Field(sa_column=Column(String(255), nullable=False))
+    # The value in 10^9/L when the unit is a count per volume the server knows (codes.py),
+    # so `lt30|http://unitsofmeasure.org|10*9/L` finds a count sent as 25000 /uL.
+    value_norm: float | None = Field(default=None, sa_column=Column(Float, nullable=True))
 
 
 class AuditEventRow(SQLModel, table=True):
@@ -217,6 +273,8 @@ class Hl7MessageRow(SQLModel, table=True):
 resource_table = ResourceRow.__table__  # type: ignore[attr-defined]
 version_table = ResourceVersion.__table__  # type: ignore[attr-defined]
 token_table = SearchToken.__table__  # type: ignore[attr-defined]
+string_table = SearchString.__table__  # type: ignore[attr-defined]
+quantity_table = SearchQuantity.__table__  # type: ignore[attr-defined]
 assessment_table = ResponseAssessmentRow.__table__  # type: ignore[attr-defined]
 audit_table = AuditEventRow.__table__  # type: ignore[attr-defined]
 provenance_table = ProvenanceRow.__table__  # type: ignore[attr-defined]

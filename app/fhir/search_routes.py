@@ -1,0 +1,340 @@
+"""The search interactions of the four trial resources: `GET /fhir/Type?...` and
+`POST /fhir/Type/_search` (form-encoded, for clients that keep criteria out of URLs), both
+answered with a keyset-paged searchset Bundle.
+
+The parameters are documented in the OpenAPI file from `SEARCH_PARAMETERS`, each with a
+schema no wider than what the parser accepts (the date pattern leaves out 29 February and
+later days, which not every year has), so a generated client or a fuzzer that follows the
+document is not refused; only `_cursor` must come from a next link.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from app.auth.deps import Require
+from app.auth.permissions import Action
+from app.auth.principal import Principal
+from app.errors import BadRequest, Issue, UnsupportedMediaType
+from app.fhir import bundles
+from app.fhir.elements import subset
+from app.fhir.http import FhirResponse, media_type, negotiate, prefer_strict, pretty
+from app.fhir.routes import (
+    ERRORS,
+    RESOURCE_TYPES,
+    ServicesDep,
+    SettingsDep,
+    _bundle_doc,
+    _outcome_doc,
+    fhir_base,
+)
+from app.fhir.search_params import (
+    INCLUDES,
+    REVINCLUDES,
+    SEARCH_PARAMETERS,
+    SORT_KEYS,
+    SUMMARY_MODES,
+    TOTAL_MODES,
+    encode_cursor,
+    parse_search,
+)
+from app.services import search as service
+from app.services.context import ServiceContext
+from app.settings import Settings
+
+FORM = "application/x-www-form-urlencoded"
+# A form can carry at most this many fields: more is no search anyone means.
+MAX_FORM_FIELDS = 1000
+
+router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
+
+
+async def _run_search(
+    request: Request,
+    ctx: ServiceContext,
+    principal: Principal,
+    settings: Settings,
+    resource_type: str,
+    params: Sequence[tuple[str, str]],
+) -> Response:
+    parsed = parse_search(
+        resource_type,
+        params,
+        default_count=settings.default_page_size,
+        max_count=settings.max_page_size,
+        strict=prefer_strict(request),
+    )
+    result = await service.search(
+        ctx,
+        parsed.criteria,
+        principal,
+        sort=parsed.sort,
+        after=parsed.after,
+        count=parsed.count,
+        total=parsed.total,
+        count_only=parsed.summary == "count",
+        includes=parsed.includes,
+        revincludes=parsed.revincludes,
+        include_limit=settings.max_page_size,
+        query=urlencode(params) or None,
+    )
+    next_params = None
+    if result.more and result.hits:
+        next_params = [*parsed.applied, ("_cursor", encode_cursor(*result.hits[-1].key))]
+        if "_count" not in dict(parsed.applied):
+            next_params.insert(-1, ("_count", str(parsed.count)))
+    warnings = list(parsed.warnings)
+    if result.included_truncated:
+        warnings.append(
+            Issue(
+                "too-costly",
+                f"More than {settings.max_page_size} resources were to be included; only the "
+                f"first {settings.max_page_size} are: ask for smaller pages (_count)",
+                severity="warning",
+            )
+        )
+    page = [
+        replace(
+            hit.stored,
+            content=subset(
+                hit.stored.content or "",
+                resource_type,
+                elements=parsed.elements,
+                summary=parsed.summary,
+            ),
+        )
+        for hit in result.hits
+    ]
+    text = bundles.searchset(
+        fhir_base(request),
+        resource_type,
+        page,
+        self_params=params,
+        next_params=next_params,
+        warnings=warnings,
+        total=result.total,
+        included=result.included,
+    )
+    return pretty(request, text)
+
+
+async def _form_parameters(request: Request) -> list[tuple[str, str]]:
+    body = await request.body()
+    content_type = request.headers.get("content-type")
+    if content_type is None and not body:
+        return []
+    if media_type(content_type) != FORM:
+        raise UnsupportedMediaType(
+            f"Content-Type {content_type!r} is not supported for _search; send {FORM}"
+        )
+    try:
+        return parse_qsl(
+            body.decode(),
+            keep_blank_values=True,
+            errors="strict",
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except ValueError as exc:  # not UTF-8 (raw or percent-encoded), or too many fields
+        raise BadRequest(f"The form body is not a valid {FORM} search: {exc}") from None
+
+
+# --- OpenAPI documentation ------------------------------------------------------------
+
+_NO_NUL = {"type": "string", "pattern": "^[^\\u0000]*$"}
+_YEAR = "[1-8][0-9]{3}"  # years whose instants exist whatever the time zone
+_MONTH_DAY = (
+    "((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+    "|02-(0[1-9]|1[0-9]|2[0-8]))"
+)
+_TIME = (
+    "T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\\.[0-9]{1,6})?)?"
+    "(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9]|[+-]14:00)?"
+)
+_DATE = f"(eq|ne|lt|le|gt|ge|sa|eb)?{_YEAR}(-(0[1-9]|1[0-2])|-{_MONTH_DAY}({_TIME})?)?"
+_NUMBER = "(eq|ne|lt|le|gt|ge|sa|eb|ap)?-?[0-9]{1,12}(\\.[0-9]{1,6})?"
+_UNIT = "(\\|[^|,\\\\\\u0000]*\\|[^|,\\\\\\u0000]*)?"
+_ID = "[A-Za-z0-9\\-.]{1,64}"
+
+
+def _list_of(value: str) -> dict[str, Any]:
+    """A string of comma-separated `value`s (OR-ed)."""
+    return {"type": "string", "pattern": f"^{value}(,{value})*$"}
+
+
+def _value_schema(resource_type: str, name: str) -> dict[str, Any]:
+    parameter = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}[name]
+    if parameter.type == "date":
+        return _list_of(_DATE)
+    if parameter.type == "number":
+        return _list_of(_NUMBER)
+    if parameter.type == "quantity":
+        return _list_of(_NUMBER + _UNIT)
+    if parameter.index == "patient":
+        return _list_of(f"(Patient/)?{_ID}")
+    if parameter.index == "site":
+        return _list_of(f"(Organization/)?{_ID}")
+    return _NO_NUL
+
+
+def _controls(resource_type: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The result parameters: name -> (description, schema)."""
+    keys = "|".join(re.escape(key) for key in SORT_KEYS[resource_type])
+    controls: dict[str, tuple[str, dict[str, Any]]] = {
+        "_count": ("Page size", {"type": "integer", "minimum": 0}),
+        "_cursor": (
+            "Opaque paging cursor from a next link",
+            {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
+        ),
+        "_sort": (
+            "Sort keys, comma-separated, - for descending: "
+            + ", ".join(SORT_KEYS[resource_type])
+            + " (the date is the clinical time; for a Patient the birth date)",
+            {"type": "string", "pattern": f"^-?({keys})(,-?({keys}))*$"},
+        ),
+        "_total": (
+            "accurate: Bundle.total counts every match (estimate is answered accurately); "
+            "none (default): no total",
+            {"type": "string", "enum": list(TOTAL_MODES)},
+        ),
+        "_summary": (
+            "count: only Bundle.total; true, text, data: summary elements, text only, "
+            "everything but text (marked SUBSETTED); false: everything",
+            {"type": "string", "enum": list(SUMMARY_MODES)},
+        ),
+        "_elements": (
+            "Only these top-level elements (and the mandatory ones), marked SUBSETTED",
+            {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9]*(,[A-Za-z][A-Za-z0-9]*)*$"},
+        ),
+    }
+    if INCLUDES[resource_type]:
+        controls["_include"] = (
+            "Also return the subject Patients (search.mode=include)",
+            {"type": "array", "items": {"type": "string", "enum": list(INCLUDES[resource_type])}},
+        )
+    if REVINCLUDES.get(resource_type):
+        controls["_revinclude"] = (
+            "Also return the records of the matched Patients (search.mode=include)",
+            {
+                "type": "array",
+                "items": {"type": "string", "enum": list(REVINCLUDES[resource_type])},
+            },
+        )
+    return controls
+
+
+_MODIFIERS_DOC = (
+    " Modifiers: token :not :missing; string :exact :contains :missing; others :missing."
+    " Comma-separated values are OR-ed, repeated parameters AND-ed."
+)
+
+
+def query_parameters(resource_type: str) -> list[dict[str, Any]]:
+    parameters = [
+        {
+            "name": p.name,
+            "in": "query",
+            "required": False,
+            "description": p.documentation,
+            "schema": _value_schema(resource_type, p.name),
+        }
+        for p in SEARCH_PARAMETERS[resource_type]
+    ]
+    for name, (description, schema) in _controls(resource_type).items():
+        parameter = {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": description,
+            "schema": schema,
+        }
+        if schema["type"] == "array":
+            parameter.update(style="form", explode=True)
+        parameters.append(parameter)
+    return parameters
+
+
+def form_body(resource_type: str) -> dict[str, Any]:
+    properties = {
+        p.name: {**_value_schema(resource_type, p.name), "description": p.documentation}
+        for p in SEARCH_PARAMETERS[resource_type]
+    }
+    for name, (description, schema) in _controls(resource_type).items():
+        properties[name] = {**schema, "description": description}
+    encoding = {
+        name: {"style": "form", "explode": True}
+        for name, schema in properties.items()
+        if schema["type"] == "array"
+    }
+    schema = {
+        "type": "object",
+        "properties": properties,
+        # Modifiers and chains (code:not, subject:Patient.identifier, ...) as more fields.
+        "additionalProperties": _NO_NUL,
+    }
+    content: dict[str, Any] = {"schema": schema}
+    if encoding:
+        content["encoding"] = encoding
+    return {"requestBody": {"required": False, "content": {FORM: content}}}
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+def _register(resource_type: str) -> None:
+    tags: list[str | Any] = [resource_type]
+    responses: dict[int | str, dict[str, Any]] = {
+        200: _bundle_doc("searchset Bundle"),
+        **ERRORS,
+    }
+    summary = f"Search {resource_type} resources (keyset-paged searchset Bundle)"
+
+    @router.get(
+        f"/{resource_type}",
+        operation_id=f"search{resource_type}",
+        summary=summary,
+        description=_MODIFIERS_DOC.strip(),
+        tags=tags,
+        response_class=FhirResponse,
+        openapi_extra={"parameters": query_parameters(resource_type)},
+        responses=responses,
+    )
+    async def search(
+        *,
+        request: Request,
+        ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.SEARCH)),
+        settings: SettingsDep,
+    ) -> Response:
+        params = request.query_params.multi_items()
+        return await _run_search(request, ctx, principal, settings, resource_type, params)
+
+    @router.post(
+        f"/{resource_type}/_search",
+        operation_id=f"search{resource_type}Post",
+        summary=summary + ", criteria in a form body",
+        description="The parameters of the GET search, form-encoded (they may also be in "
+        "the URL; both apply). Next links are GET URLs." + _MODIFIERS_DOC,
+        tags=tags,
+        response_class=FhirResponse,
+        openapi_extra=form_body(resource_type),
+        responses={**responses, 415: _outcome_doc(f"The body is not {FORM}")},
+    )
+    async def search_post(
+        *,
+        request: Request,
+        ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.SEARCH)),
+        settings: SettingsDep,
+    ) -> Response:
+        params = [*request.query_params.multi_items(), *await _form_parameters(request)]
+        return await _run_search(request, ctx, principal, settings, resource_type, params)
+
+
+for _resource_type in RESOURCE_TYPES:
+    _register(_resource_type)

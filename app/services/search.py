@@ -1,0 +1,143 @@
+"""Search as a use case: the caller's sites and limits, the matches, the total, the
+resources `_include` and `_revinclude` add, and the audit record.
+
+Everything a search returns passes the same checks as the matches: included resources are
+limited to the caller's sites, and need the caller's right to read (`_include`) or search
+(`_revinclude`) their type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.audit.trail import AuditRecord
+from app.auth.permissions import Action, authorize
+from app.auth.principal import Principal, Role
+from app.errors import Forbidden
+from app.services.context import ServiceContext
+from app.services.resources import Stored, visible_sites
+from app.store import repository as repo
+from app.store.criteria import Criteria, Include, SortKey
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    stored: Stored
+    key: tuple[Any, ...]  # the row's keyset values, `pk` last: the next page's cursor
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[SearchHit]
+    more: bool  # a next page exists
+    total: int | None  # the number of matches, when asked for
+    included: list[Stored]
+    included_truncated: bool  # more resources were to be included than `include_limit`
+
+
+async def search(
+    ctx: ServiceContext,
+    criteria: Criteria,
+    principal: Principal,
+    *,
+    sort: Sequence[SortKey] = (),
+    after: Sequence[Any] | None = None,
+    count: int,
+    total: bool = False,
+    count_only: bool = False,
+    includes: Sequence[Include] = (),
+    revincludes: Sequence[Include] = (),
+    include_limit: int = 1000,
+    query: str | None = None,
+) -> SearchResult:
+    """One page of matches (`count` at most). `count_only`: the total and nothing else."""
+    _authorize(principal, criteria, includes, revincludes)
+    criteria = replace(criteria, sites=visible_sites(principal))
+    ctx.audit.add(
+        AuditRecord.of(principal, "search-type", entity_type=criteria.resource_type, query=query)
+    )
+    async with ctx.db.read() as conn:
+        number = await repo.count(conn, criteria) if total or count_only else None
+        if count_only:
+            return SearchResult([], False, number, [], False)
+        rows = await repo.search(conn, criteria, sort=sort, after=after, limit=count + 1)
+        page = rows[:count]
+        included, truncated = await _included(
+            conn,
+            [current for current, _ in page],
+            criteria.sites,
+            includes,
+            revincludes,
+            include_limit,
+        )
+    hits = [SearchHit(_stored(current), key) for current, key in page]
+    return SearchResult(hits, len(rows) > count, number, included, truncated)
+
+
+def _stored(current: repo.Current) -> Stored:
+    return Stored(
+        current.resource_type, current.id, current.version_id, current.last_updated, current.content
+    )
+
+
+async def _included(
+    conn: AsyncConnection,
+    page: list[repo.Current],
+    sites: frozenset[str] | None,
+    includes: Sequence[Include],
+    revincludes: Sequence[Include],
+    limit: int,
+) -> tuple[list[Stored], bool]:
+    """The page's subjects (`_include`) and the records of the page's Patients
+    (`_revinclude`), each once, at the caller's sites, `limit` at most."""
+    wanted: list[Criteria] = []
+    if includes:
+        subjects = sorted({c.patient_id for c in page if c.patient_id is not None})
+        wanted.append(Criteria("Patient", ids=subjects, sites=sites))
+    patients = [c.id for c in page]
+    # Observation:subject and Observation:patient follow the same reference: one query.
+    for source in dict.fromkeys(include.source for include in revincludes):
+        wanted.append(Criteria(source, patients=patients, sites=sites))
+    found: dict[tuple[str, str], Stored] = {}
+    for criteria in wanted:
+        if not page or len(found) > limit:
+            break
+        for current in await repo.first_matches(conn, criteria, limit + 1 - len(found)):
+            found.setdefault((current.resource_type, current.id), _stored(current))
+    included = list(found.values())
+    return included[:limit], len(included) > limit
+
+
+def _authorize(
+    principal: Principal,
+    criteria: Criteria,
+    includes: Sequence[Include],
+    revincludes: Sequence[Include],
+) -> None:
+    for include in includes:
+        authorize(principal, include.target, Action.READ)
+    for include in revincludes:
+        authorize(principal, include.source, Action.SEARCH)
+    if principal.role is not Role.LAB:
+        return
+    # A lab looks up the patient of a result by identifier; it never browses the trial's
+    # patients: not by a Patient search, a chain, or the subjects of its results.
+    if criteria.resource_type == "Patient" and not _identifies(criteria):
+        raise Forbidden("role lab may search Patient by identifier only")
+    if any(not _identifies(chain) for chain in criteria.chains or ()):
+        raise Forbidden("role lab may chain to Patient by identifier only")
+    if includes:
+        raise Forbidden("role lab may not _include Patients; it looks them up by identifier")
+
+
+def _identifies(criteria: Criteria) -> bool:
+    """Whether the criteria name the patient: an identifier value (`system|value` or
+    `value`) that every match must have."""
+    return any(
+        all(match.param == "identifier" and match.value for match in group)
+        for group in criteria.tokens or ()
+    )
