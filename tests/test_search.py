@@ -216,3 +216,21 @@ async def test_an_unusable_cursor_is_ignored_with_a_warning_unless_strict(client
         "/fhir/Patient?_count=2&_cursor=garbage", headers={"Prefer": "handling=strict"}
     )
     assert strict.status_code == 400
+
+
+async def test_history_pages_by_position_and_any_wellformed_position_is_a_page(client):
+    patient_id = await new_patient(client)
+    for number in range(3):
+        resource = {**builders.patient("S01-001"), "id": patient_id, "active": number % 2 == 0}
+        updated = await client.put(f"/fhir/Patient/{patient_id}", json=resource)
+        assert updated.status_code == 200, updated.text
+    seen, url = [], f"/fhir/Patient/{patient_id}/_history?_count=1"
+    while url:
+        bundle = (await client.get(url)).json()
+        seen += [e["resource"]["meta"]["versionId"] for e in bundle["entry"]]
+        url = next((link["url"] for link in bundle["link"] if link["relation"] == "next"), None)
+    assert seen == ["4", "3", "2", "1"]
+    # A position before every version: nothing is older, so the page is empty.
+    before = await client.get(f"/fhir/Patient/{patient_id}/_history?_cursor=0~a~1")
+    assert before.status_code == 200
+    assert "entry" not in before.json()

@@ -281,6 +281,8 @@ def parse_search(
             )
     if cursor is not None:
         shape = tuple(str if key.column == "id" else datetime for key in parsed.sort)
+        if not _CURSOR_FORM.fullmatch(cursor):
+            raise BadRequest(f"_cursor={cursor!r} is not a cursor: letters, digits, - and _")
         try:
             parsed.after = decode_cursor(cursor, (*shape, int))
         except BadRequest as unusable:
@@ -565,6 +567,7 @@ def _count_factor(system: str | None, code: str) -> float | None:
 
 
 # Cursors are opaque to clients: the last row's keyset values, base64url JSON.
+_CURSOR_FORM = re.compile(r"[A-Za-z0-9_-]+")
 def encode_cursor(*key: datetime | str | int | None) -> str:
     values = [v.isoformat() if isinstance(v, datetime) else v for v in key]
     return base64.urlsafe_b64encode(orjson.dumps(values)).decode().rstrip("=")

@@ -90,3 +90,11 @@ def after_call(context: Any, case: Any, response: Any) -> None:
     path_id = (case.path_parameters or {}).get("resource_id")
     if path_id == FUZZ_PATIENT and case.method.upper() in ("DELETE", "PUT"):
         _fuzz_patient.cache_clear()
+
+
+@schemathesis.serializer("x-application/hl7-v2+er7")
+def er7(context: Any, value: Any) -> bytes:
+    """An ER7 message travels as its bytes (the schema's string, binary format)."""
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("latin-1", errors="replace")
