@@ -568,6 +568,8 @@ def _count_factor(system: str | None, code: str) -> float | None:
 
 # Cursors are opaque to clients: the last row's keyset values, base64url JSON.
 _CURSOR_FORM = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def encode_cursor(*key: datetime | str | int | None) -> str:
     values = [v.isoformat() if isinstance(v, datetime) else v for v in key]
     return base64.urlsafe_b64encode(orjson.dumps(values)).decode().rstrip("=")
