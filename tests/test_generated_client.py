@@ -218,9 +218,10 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
     )
     criteria["subject:Patient.identifier"] = f"{builders.SUBJECT_SYSTEM}|S01-003"
     low = search_observation_post.sync(client=frontend, body=criteria)
-    assert low.total == 4  # the baseline and weeks 1-3 (week 4 was deleted)
+    # The baseline, weeks 1-3 (week 4 was deleted) and the count the lab sent over HL7 v2.
+    assert low.total == 5
     modes = [entry.search.mode for entry in low.entry]
-    assert modes.count("match") == 4 and modes.count("include") == 1
+    assert modes.count("match") == 5 and modes.count("include") == 1
 
     # Typed errors.
     stale = update_observation.sync_detailed(
