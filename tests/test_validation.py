@@ -190,9 +190,15 @@ async def test_unknown_routes_and_methods_are_outcomes(client):
     method = await client.patch("/fhir/metadata", json={})
     assert method.status_code == 405
     assert method.json()["resourceType"] == "OperationOutcome"
+    # A resource path matches only a FHIR id: a 65-character one names no resource, and a
+    # method the type's _history does not serve is refused there, not read as an id.
     bad_id = await client.get("/fhir/Patient/" + "x" * 65)
-    assert bad_id.status_code == 400
+    assert bad_id.status_code == 404
     assert bad_id.json()["resourceType"] == "OperationOutcome"
+    history = await client.put("/fhir/Patient/_history", json={})
+    assert history.status_code == 405
+    assert history.headers["allow"] == "GET"
+    assert history.json()["resourceType"] == "OperationOutcome"
 
 
 async def test_unexpected_error_is_500_outcome_without_traceback(client, monkeypatch, caplog):

@@ -198,9 +198,9 @@ def _body_doc(resource_type: str, *, update: bool = False) -> dict[str, Any]:
 
 
 def _conditional_parameters(resource_type: str) -> list[str]:
-    """Conditional create matches on tokens (identifiers, ids, codes): exact values whose
-    match a client can predict, never a date range or a partial string."""
-    return [p.name for p in SEARCH_PARAMETERS[resource_type] if p.type == "token"]
+    """Conditional create matches on tokens (identifiers, ids, codes) and on the patient:
+    exact values whose match a client can predict, never a date range or a partial string."""
+    return [p.name for p in SEARCH_PARAMETERS[resource_type] if p.type in ("token", "reference")]
 
 
 def _conditional_pattern(resource_type: str) -> str:
@@ -248,7 +248,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
             None,
             alias="If-None-Exist",
             min_length=1,
-            description="Conditional create: token search criteria joined by &, e.g. "
+            description="Conditional create: token or patient criteria joined by &, e.g. "
             "identifier=sys|val; parameters: "
             + ", ".join(_conditional_parameters(resource_type))
             + "; values in printable ASCII without space or & (percent-encode the rest)",
@@ -513,11 +513,11 @@ for _resource_type in RESOURCE_TYPES:
 
 
 def _conditional_criteria(resource_type: str, header: str) -> tuple[Any, str]:
-    """If-None-Exist holds token criteria: name=value pairs joined by &."""
+    """If-None-Exist holds token or patient criteria: name=value pairs joined by &."""
     if not re.fullmatch(_conditional_pattern(resource_type), header):
         raise BadRequest(
-            f"If-None-Exist {header!r} is not token criteria: name=value pairs joined by &, "
-            f"names among {', '.join(_conditional_parameters(resource_type))}",
+            f"If-None-Exist {header!r} is not token or patient criteria: name=value pairs "
+            f"joined by &, names among {', '.join(_conditional_parameters(resource_type))}",
             expression=["header.If-None-Exist"],
         )
     pairs = parse_qsl(header, keep_blank_values=True)
