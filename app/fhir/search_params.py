@@ -22,7 +22,7 @@ import orjson
 from app import codes
 from app.errors import BadRequest, Issue
 from app.services.dates import fhir_range
-from app.services.indexing import normalise_text, patient_id_from_reference
+from app.services.indexing import normalise_text
 from app.store.criteria import (
     Criteria,
     DateMatch,
@@ -389,8 +389,17 @@ def _include(parsed: ParsedSearch, resource_type: str, name: str, value: str) ->
     source, _, rest = value.partition(":")
     param, _, target = rest.partition(":")
     supported = (INCLUDES if name == "_include" else REVINCLUDES).get(resource_type, ())
+    if not supported:
+        # This type has no such parameter: ignored like any unknown one (or 400, strict).
+        raise _Unsupported(f"{name} (this type has no {name} paths)")
     if f"{source}:{param}" not in supported or target not in ("", "Patient"):
-        raise _Unsupported(f"{name}={value!r} (supported: {', '.join(supported) or 'none'})")
+        # The type documents exactly which paths it includes; asking for another is a
+        # malformed request (as HAPI FHIR answers it), not a parameter to ignore.
+        raise BadRequest(
+            f"{name}={value!r} is not an include path of {resource_type}; "
+            f"supported: {', '.join(supported)}",
+            expression=[name],
+        )
     include = Include(source, param)
     chosen = parsed.includes if name == "_include" else parsed.revincludes
     if include not in chosen:
@@ -474,23 +483,39 @@ def _intersect(existing: list[str] | None, new: list[str]) -> list[str]:
     return new if existing is None else [v for v in existing if v in new]
 
 
+# A reference search value: `id`, `Type/id` or an absolute URL ending in `Type/id`. The
+# OpenAPI document states the same grammar (app/fhir/search_routes.py), so what the schema
+# refuses the server refuses too. The URL part is printable ASCII without a comma (commas
+# separate OR-ed values); the id is a FHIR id.
+SEARCH_ID = r"[A-Za-z0-9\-.]{1,64}"
+_URL_PREFIX = r"(https?://[!-+\--~]+/)?"
+
+
+def reference_value_pattern(target: str) -> str:
+    return f"({_URL_PREFIX}{target}/)?{SEARCH_ID}"
+
+
+_REFERENCE_VALUE = {
+    target: re.compile(reference_value_pattern(target)) for target in ("Patient", "Organization")
+}
+
+
+def _referenced_id(name: str, value: str, target: str) -> str:
+    if not _REFERENCE_VALUE[target].fullmatch(value):
+        raise BadRequest(
+            f"{name}={value!r} must be an id, {target}/<id> or a URL ending in {target}/<id>",
+            expression=[name],
+        )
+    return value.rsplit("/", 1)[-1]
+
+
 def _reference_id(name: str, value: str) -> str:
-    if "/" not in value:
-        return value
-    patient_id = patient_id_from_reference(value)
-    if patient_id is None:
-        raise BadRequest(f"{name}={value!r} must reference a Patient (Patient/id or id)")
-    return patient_id
+    return _referenced_id(name, value, "Patient")
 
 
 def _site(name: str, value: str) -> str:
     """`S01`, `Organization/S01` or a URL ending in it: the site's code."""
-    if "/" not in value:
-        return value
-    parts = value.split("/")
-    if len(parts) < 2 or parts[-2] != "Organization" or not parts[-1]:
-        raise BadRequest(f"{name}={value!r} must be a site code or Organization/<site code>")
-    return parts[-1]
+    return _referenced_id(name, value, "Organization")
 
 
 def _token(name: str, value: str) -> TokenMatch:

@@ -43,6 +43,7 @@ from app.fhir.search_params import (
     TOTAL_MODES,
     encode_cursor,
     parse_search,
+    reference_value_pattern,
 )
 from app.services import search as service
 from app.services.context import ServiceContext
@@ -159,12 +160,11 @@ _TIME = (
 _DATE = f"(eq|ne|lt|le|gt|ge|sa|eb)?{_YEAR}(-(0[1-9]|1[0-2])|-{_MONTH_DAY}({_TIME})?)?"
 _NUMBER = "(eq|ne|lt|le|gt|ge|sa|eb|ap)?-?[0-9]{1,12}(\\.[0-9]{1,6})?"
 _UNIT = "(\\|[^|,\\\\\\u0000]*\\|[^|,\\\\\\u0000]*)?"
-_ID = "[A-Za-z0-9\\-.]{1,64}"
 
 
 def _list_of(value: str) -> dict[str, Any]:
-    """A string of comma-separated `value`s (OR-ed)."""
-    return {"type": "string", "pattern": f"^{value}(,{value})*$"}
+    """A string of comma-separated `value`s (OR-ed), or empty: FHIR ignores an empty value."""
+    return {"type": "string", "pattern": f"^({value}(,{value})*)?$"}
 
 
 def _value_schema(resource_type: str, name: str) -> dict[str, Any]:
@@ -176,9 +176,9 @@ def _value_schema(resource_type: str, name: str) -> dict[str, Any]:
     if parameter.type == "quantity":
         return _list_of(_NUMBER + _UNIT)
     if parameter.index == "patient":
-        return _list_of(f"(Patient/)?{_ID}")
+        return _list_of(reference_value_pattern("Patient"))
     if parameter.index == "site":
-        return _list_of(f"(Organization/)?{_ID}")
+        return _list_of(reference_value_pattern("Organization"))
     return _NO_NUL
 
 
