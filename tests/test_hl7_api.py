@@ -86,8 +86,8 @@ async def test_other_media_types_are_415_operation_outcomes(client, content_type
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b"hello", b'{"resourceType":"Observation"}', b"PID|1||S01-001\rOBX|1", b"MSH|"],
-    ids=["empty", "text", "json", "no MSH", "truncated MSH"],
+    [b"", b"hello", b'{"resourceType":"Observation"}', b"PID|1||S01-001\rOBX|1", b"xMSH|"],
+    ids=["empty", "text", "json", "no MSH", "not at the start"],
 )
 async def test_a_body_that_is_not_hl7_is_a_400_operation_outcome(client, body):
     response = await send(client, body)
@@ -96,6 +96,20 @@ async def test_a_body_that_is_not_hl7_is_a_400_operation_outcome(client, body):
     outcome = response.json()
     assert outcome["resourceType"] == "OperationOutcome"
     assert outcome["issue"][0]["code"] == "invalid"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"MSH|", b"MSH", b"\xef\xbb\xbf\x0b\r\n MSH|^~", b"MSH|^~&|LIS|LAB\rPID|1"],
+    ids=["truncated", "bare", "noise before a short MSH", "three encoding characters"],
+)
+async def test_an_unreadable_msh_is_answered_ar(app, client, body):
+    """The sender expects an ACK for anything that starts with MSH: an AR says the message
+    was rejected, with an empty MSA-2 since no control id could be read."""
+    ack = read_ack(await send(client, body))
+    assert (ack.code, ack.acknowledged) == ("AR", "")
+    assert [error[:2] for error in ack.errors] == [("102", "MSH^1")]
+    assert await rows(app, "SELECT id FROM resource") == []
 
 
 async def test_a_message_with_a_broken_header_is_answered_ar_not_500(client):

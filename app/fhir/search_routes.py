@@ -183,7 +183,8 @@ def _value_schema(resource_type: str, name: str) -> dict[str, Any]:
 
 
 def _controls(resource_type: str) -> dict[str, tuple[str, dict[str, Any]]]:
-    """The result parameters: name -> (description, schema)."""
+    """The result parameters: name -> (description, schema). An empty value is ignored, as
+    for any search parameter, so the patterns admit it."""
     keys = "|".join(re.escape(key) for key in SORT_KEYS[resource_type])
     controls: dict[str, tuple[str, dict[str, Any]]] = {
         "_count": ("Page size", {"type": "integer", "minimum": 0}),
@@ -195,7 +196,7 @@ def _controls(resource_type: str) -> dict[str, tuple[str, dict[str, Any]]]:
             "Sort keys, comma-separated, - for descending: "
             + ", ".join(SORT_KEYS[resource_type])
             + " (the date is the clinical time; for a Patient the birth date)",
-            {"type": "string", "pattern": f"^-?({keys})(,-?({keys}))*$"},
+            {"type": "string", "pattern": f"^(-?({keys})(,-?({keys}))*)?$"},
         ),
         "_total": (
             "accurate: Bundle.total counts every match (estimate is answered accurately); "
@@ -209,7 +210,7 @@ def _controls(resource_type: str) -> dict[str, tuple[str, dict[str, Any]]]:
         ),
         "_elements": (
             "Only these top-level elements (and the mandatory ones), marked SUBSETTED",
-            {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9]*(,[A-Za-z][A-Za-z0-9]*)*$"},
+            {"type": "string", "pattern": "^([A-Za-z][A-Za-z0-9]*(,[A-Za-z][A-Za-z0-9]*)*)?$"},
         ),
     }
     if INCLUDES[resource_type]:

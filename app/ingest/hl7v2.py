@@ -57,6 +57,17 @@ class Unreadable(Exception):
     """Not an HL7 v2 message at all: there is no MSH to answer with an ACK."""
 
 
+class Garbled(Exception):
+    """It starts with MSH, so the sender expects an ACK, but the MSH cannot be read: the
+    answer is an AR built on a stand-in header (`garbled_ack`)."""
+
+
+# What may come before MSH and is not part of the message: a byte order mark (Windows tools
+# write one), MLLP's start block (0x0B), line breaks and blanks. The OpenAPI body pattern
+# (app/ingest/routes.py) is built from the same characters.
+LEADING_NOISE = "\ufeff\x0b\r\n\t "
+
+
 @dataclass(frozen=True)
 class Location:
     """Where an error is: ERR's segment id, its occurrence in the message, the field."""
@@ -188,17 +199,28 @@ def read(body: bytes, charset: str | None = None) -> Any:
         if charset:
             raise Unreadable(f"The body is not valid {charset}") from None
         text = body.decode("latin-1")  # HL7's other common character set (8859/1)
-    # A byte order mark (Windows tools write one) is not part of the message either.
-    text = text.replace("\r\n", "\r").replace("\n", "\r").strip().lstrip("\ufeff")
+    text = text.lstrip(LEADING_NOISE).rstrip()  # rstrip: also MLLP's end block 0x1C
+    text = text.replace("\r\n", "\r").replace("\n", "\r")
     if not text.startswith("MSH"):
         raise Unreadable("An HL7 v2 message starts with its MSH segment")
     try:
         message = hl7.parse(text)
-    except (ParseException, IndexError, ValueError) as exc:
-        raise Unreadable(f"Not an HL7 v2 message: {exc}") from None
+    except (ParseException, IndexError, ValueError):
+        raise Garbled(
+            "The MSH segment cannot be read: MSH-1 and MSH-2 must give the "
+            "field separator and the four encoding characters ^~\\&"
+        ) from None
     if len(_text(message[0], 2)) != 4:  # MSH-2: component, repetition, escape, subcomponent
-        raise Unreadable("MSH-2 must hold the four encoding characters ^~\\&")
+        raise Garbled("MSH-2 must hold the four encoding characters ^~\\&")
     return message
+
+
+def garbled_ack(garbled: Garbled, now: datetime | None = None) -> tuple[Any, str]:
+    """The AR of a message whose MSH cannot be read, and the stand-in header it answers
+    (nothing of the sender's MSH can be echoed: MSA-2 stays empty)."""
+    stand_in = hl7.parse("MSH|^~\\&|")
+    problem = Problem("102", str(garbled), Location("MSH", 1))
+    return stand_in, ack(stand_in, "AR", [problem], now)
 
 
 def _text(segment: Any, field_number: int, repetition: int = 1, component: int = 1) -> str:

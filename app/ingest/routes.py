@@ -18,6 +18,7 @@ from app.auth.deps import Require
 from app.auth.permissions import Action
 from app.auth.principal import Principal
 from app.errors import UnsupportedMediaType
+from app.ingest.hl7v2 import LEADING_NOISE
 from app.ingest.service import receive
 from app.services.context import ServiceContext
 from app.settings import Settings
@@ -36,6 +37,14 @@ def _outcome(description: str) -> dict[str, Any]:
 # ER7 text is documented as bytes: client generators then send and return it as it is (no
 # JSON quoting), and the charset stays the sender's (UTF-8 unless Content-Type says).
 _ER7_SCHEMA = {"type": "string", "format": "binary"}
+# A message starts with its MSH segment (after what hl7v2.LEADING_NOISE allows): without
+# one there is nothing to acknowledge (400); with one there is an ACK, AR when the MSH is
+# unreadable. Documented as a string with that pattern, not as `binary`: schemathesis keeps
+# to a pattern only on a string.
+_ER7_MESSAGE_SCHEMA = {
+    "type": "string",
+    "pattern": "^[" + "".join(f"\\u{ord(c):04x}" for c in LEADING_NOISE) + "]*MSH",
+}
 _EXAMPLE = (
     "MSH|^~\\&|LIS|CENTRAL LAB|ITP-TRIAL-API|TRIAL|20250310093000+0100||ORU^R01^ORU_R01|"
     "LAB000123|P|2.5.1\r"
@@ -60,7 +69,7 @@ _EXAMPLE = (
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {HL7_ER7: {"schema": _ER7_SCHEMA, "example": _EXAMPLE}},
+            "content": {HL7_ER7: {"schema": _ER7_MESSAGE_SCHEMA, "example": _EXAMPLE}},
         }
     },
     responses={
@@ -68,7 +77,7 @@ _EXAMPLE = (
             "description": "The ACK (MSA-1 AA, AE or AR; ERR segments for AE and AR)",
             "content": {HL7_ER7: {"schema": _ER7_SCHEMA}},
         },
-        400: _outcome("The body is not an HL7 v2 message (no MSH to answer with an ACK)"),
+        400: _outcome("The body does not start with an MSH segment: nothing to acknowledge"),
         401: _outcome("No valid bearer token (see WWW-Authenticate)"),
         403: _outcome("The caller's role or scopes do not allow HL7 result ingestion"),
         413: _outcome("The body is larger than the server accepts"),

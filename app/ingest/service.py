@@ -88,11 +88,17 @@ async def receive(
     charset: str | None = None,
     local_codes: Mapping[str, str] | None = None,
 ) -> Reply:
-    """The ACK of one message. A body that is not HL7 at all has no MSH to answer: 400."""
+    """The ACK of one message. A body that is not HL7 at all has no MSH to answer: 400; one
+    that starts with MSH gets an ACK, an AR when even its MSH cannot be read."""
     try:
         message = hl7v2.read(body, charset)
     except hl7v2.Unreadable as exc:
         raise BadRequest(str(exc)) from None
+    except hl7v2.Garbled as garbled:
+        stand_in, reply = hl7v2.garbled_ack(garbled)
+        problem = hl7v2.Problem("102", str(garbled))
+        ctx.audit.add(_record(principal, stand_in, "AR", [problem]))
+        return Reply(reply, "AR")
     try:
         oru = hl7v2.parse_oru(message)
         key = MessageKey(
