@@ -12,9 +12,10 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
+from app import metrics
 from app.audit.trail import AuditQueue
 from app.auth.settings import AuthSettings, load_key_source
 from app.auth.tokens import KeySource
@@ -113,8 +114,10 @@ def create_app(
         )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
-    # Added last, so outermost: every answer gets the headers, a 413 from the limit too.
     app.add_middleware(SecurityHeadersMiddleware)
+    # Added last, so outermost: every answer is counted and timed, a 413 from the limit too,
+    # and every answer gets the security headers.
+    app.add_middleware(metrics.MetricsMiddleware)
     app.include_router(routes.router)
     app.include_router(search_routes.router)
     app.include_router(operations.router)
@@ -152,6 +155,20 @@ def create_app(
     )
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get(
+        "/metrics",
+        operation_id="metrics",
+        summary="Prometheus metrics: requests, latency, recompute time, database pool",
+        description="Text exposition format. Labels are route templates, never paths or ids: "
+        "no patient data, so no token is needed; scrape it from inside the deployment.",
+        tags=["Health"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get(
         "/readyz",
