@@ -29,6 +29,13 @@ async def test_metrics_count_requests_by_route_template(client, anonymous) -> No
         for line in text.splitlines()
     )
     assert "itp_http_request_duration_seconds_bucket{" in text
+    # Every write recomputed the patient's response, and was timed.
+    recomputes = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("itp_recompute_seconds_count")
+    ]
+    assert recomputes and recomputes[0] >= 2
     assert "itp_db_pool_connections{" in text
     # No raw path, id or query string ever becomes a label.
     assert patient_id not in text and observation_id not in text
