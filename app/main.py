@@ -33,7 +33,12 @@ from app.fhir import (
 from app.fhir.capability import capability_statement
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
 from app.ingest import routes as hl7_routes
-from app.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
+from app.middleware import (
+    BodyLimitMiddleware,
+    RequestIdMiddleware,
+    SecurityHeadersMiddleware,
+    WriteLimitMiddleware,
+)
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.settings import Settings, get_criteria_settings, get_settings
@@ -112,6 +117,8 @@ def create_app(
             ],
             expose_headers=["ETag", "Location", "Last-Modified", "X-Request-Id"],
         )
+    if settings.max_concurrent_writes:
+        app.add_middleware(WriteLimitMiddleware, limit=settings.max_concurrent_writes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)

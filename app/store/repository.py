@@ -115,15 +115,25 @@ def _current(row: Row[Any]) -> Current:
     return Current(*row)
 
 
+# Built once: the most frequent statement of the API (every read, every write, several
+# times per write). Building `select(...)` per call cost a third of a read's CPU (issue 8,
+# py-spy profile in bench/README.md); executing a prebuilt one is the same SQL.
+_GET_CURRENT = select(*_CURRENT_COLUMNS).where(
+    R.c.resource_type == bindparam("resource_type"), R.c.id == bindparam("resource_id")
+)
+_GET_CURRENT_FOR_UPDATE = _GET_CURRENT.with_for_update()
+
+
 async def get_current(
     conn: AsyncConnection, resource_type: str, resource_id: str, *, for_update: bool = False
 ) -> Current | None:
-    query = select(*_CURRENT_COLUMNS).where(
-        R.c.resource_type == resource_type, R.c.id == resource_id
+    query = (
+        _GET_CURRENT_FOR_UPDATE
+        if for_update and conn.dialect.name == "postgresql"
+        else _GET_CURRENT
     )
-    if for_update and conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    row = (await conn.execute(query)).first()
+    params = {"resource_type": resource_type, "resource_id": resource_id}
+    row = (await conn.execute(query, params)).first()
     return _current(row) if row else None
 
 
