@@ -44,6 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per scenario run")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--bundle-entries", type=int, default=1_000)
+    parser.add_argument(
+        "--pool-size", type=int, default=16, help="database connections per worker, both servers"
+    )
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--admin-dsn", default=os.environ.get("BENCH_ADMIN_DSN", DEFAULT_ADMIN_DSN))
     parser.add_argument("--database", default="itp_bench")
@@ -337,7 +340,16 @@ def main(argv: list[str] | None = None) -> int:
             "APP_ENVIRONMENT": "production",
             "APP_AUTH_JWT_SECRET": secret,
             "BENCH_DSN": dsn,
+            # A pool as large as the connections a worker serves at once, no overflow: an
+            # overflow connection is closed on return, so a pool smaller than the load
+            # connects to PostgreSQL (a new backend process) over and over (bench/README.md).
+            "APP_DB_POOL_SIZE": str(args.pool_size),
+            "APP_DB_MAX_OVERFLOW": "0",
+            "BENCH_POOL_SIZE": str(args.pool_size),
+            # As in production with several workers (README, "Production start").
+            "PROMETHEUS_MULTIPROC_DIR": str(logs / "metrics"),
         }
+        (logs / "metrics").mkdir()
         api = Server("api", "app.main:app", args.workers, env, logs)
         servers.append(api)
         reference = Server("reference", "bench.servers:app", args.workers, env, logs)
@@ -354,11 +366,15 @@ def main(argv: list[str] | None = None) -> int:
             plan.append(("search", api, admin))
         if "response-status" in scenarios:
             plan.append(("response-status", api, admin))
+        runner = load.run_wrk if loadgen == "wrk" else load.run_python
+        # Untimed first: each worker imports the R4B models it validates with on first use
+        # (both servers do), and fills its pool and statement caches.
+        for name, server, token in plan:
+            runner(server.url, requests[name], token, connections=args.connections, duration=1)
         # Every scenario once per run, ceilings beside what they bound: noise from other
         # processes on the machine hits both sides of a ratio alike.
         for run in range(1, args.runs + 1):
             for name, server, token in plan:
-                runner = load.run_wrk if loadgen == "wrk" else load.run_python
                 result = runner(
                     server.url,
                     requests[name],
@@ -371,6 +387,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"run {run} {name:16} {result.rps:9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
                     f"p99 {result.p99_ms:7.2f} ms  errors {result.errors}"
                 )
+        # Service time without queueing: with 32 clients a p50 is mostly the wait in line
+        # (32 / throughput); one client at a time shows what one request costs.
+        for name in ("read", "search"):
+            if name in scenarios:
+                alone = runner(
+                    api.url, requests[name], admin, connections=1, duration=args.duration
+                )
+                results[f"{name} (1 connection)"] = [alone]
+                _say(f"{name} alone: p50 {alone.p50_ms:.2f} ms, p99 {alone.p99_ms:.2f} ms")
         if "bundle" in scenarios:
             extra["bundle"] = run_bundles(api.url, admin, args)
             _say(f"transaction bundle: {extra['bundle']}")

@@ -43,7 +43,8 @@ _pool: asyncpg.Pool | None = None
 
 async def _startup() -> None:
     global _pool
-    _pool = await asyncpg.create_pool(os.environ["BENCH_DSN"], min_size=2, max_size=10)
+    size = int(os.environ.get("BENCH_POOL_SIZE", "16"))
+    _pool = await asyncpg.create_pool(os.environ["BENCH_DSN"], min_size=size, max_size=size)
     async with _pool.acquire() as conn:
         # Another worker may create it at the same instant.
         with contextlib.suppress(asyncpg.UniqueViolationError):
