@@ -12,9 +12,10 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
+from app import metrics
 from app.audit.trail import AuditQueue
 from app.auth.settings import AuthSettings, load_key_source
 from app.auth.tokens import KeySource
@@ -32,7 +33,12 @@ from app.fhir import (
 from app.fhir.capability import capability_statement
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
 from app.ingest import routes as hl7_routes
-from app.middleware import BodyLimitMiddleware, RequestIdMiddleware, SecurityHeadersMiddleware
+from app.middleware import (
+    BodyLimitMiddleware,
+    RequestIdMiddleware,
+    SecurityHeadersMiddleware,
+    WriteLimitMiddleware,
+)
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.settings import Settings, get_criteria_settings, get_settings
@@ -111,10 +117,14 @@ def create_app(
             ],
             expose_headers=["ETag", "Location", "Last-Modified", "X-Request-Id"],
         )
+    if settings.max_concurrent_writes:
+        app.add_middleware(WriteLimitMiddleware, limit=settings.max_concurrent_writes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
-    # Added last, so outermost: every answer gets the headers, a 413 from the limit too.
     app.add_middleware(SecurityHeadersMiddleware)
+    # Added last, so outermost: every answer is counted and timed, a 413 from the limit too,
+    # and every answer gets the security headers.
+    app.add_middleware(metrics.MetricsMiddleware)
     app.include_router(routes.router)
     app.include_router(search_routes.router)
     app.include_router(operations.router)
@@ -152,6 +162,20 @@ def create_app(
     )
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get(
+        "/metrics",
+        operation_id="metrics",
+        summary="Prometheus metrics: requests, latency, recompute time, database pool",
+        description="Text exposition format. Labels are route templates, never paths or ids: "
+        "no patient data, so no token is needed; scrape it from inside the deployment.",
+        tags=["Health"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get(
         "/readyz",

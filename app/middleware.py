@@ -3,6 +3,7 @@ the request id, the body limit and the security headers."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import orjson
@@ -170,3 +171,38 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class WriteLimitMiddleware:
+    """At most `limit` write requests of this worker run at once; the others wait their turn
+    (in arrival order) before anything of theirs starts.
+
+    Every write transaction ends by taking the audit chain's lock and holds it until its
+    commit. While it holds it, its worker's event loop also runs the other requests' CPU
+    work (validation, the response recompute), and every await of the lock holder waits
+    behind them: with 16 writes in flight per worker the chain stayed locked ~10x longer
+    than its three statements take, and writes ran one after the other at that pace
+    (bench/README.md). A few writes per worker keep the database busy and the lock short.
+    Reads and searches (also `POST .../_search`) are not limited.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self._slots: asyncio.Semaphore | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in _WRITE_METHODS
+            or scope["path"].endswith("/_search")
+        ):
+            await self.app(scope, receive, send)
+            return
+        if self._slots is None:  # created in the worker's own event loop
+            self._slots = asyncio.Semaphore(self.limit)
+        async with self._slots:
+            await self.app(scope, receive, send)

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=10, ge=0)
     default_page_size: int = Field(default=50, ge=1)
     max_page_size: int = Field(default=1000, ge=1)
+    # Write requests a worker runs at once (the rest wait): keeps the audit chain's lock,
+    # held by every write until its commit, short (see WriteLimitMiddleware). 0: no limit.
+    max_concurrent_writes: int = Field(default=2, ge=0)
     # Request bodies above this are refused with 413 before they are read (1 MiB).
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     # AdverseEvent codings (system|code) that count as bleeding, besides SNOMED CT 131148009.

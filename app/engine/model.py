@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
-from datetime import date, datetime
-from typing import Any, Literal, get_args
+from datetime import UTC, date, datetime
+from typing import Any, Literal, TypeVar, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 BaselineRule = Literal["last-before-start", "mean-before-start"]
@@ -19,6 +19,7 @@ AdministrationRole = Literal["study-drug", "rescue", "concomitant"]
 ResponseLevel = Literal["R", "CR"]
 Status = Literal["NE", "NR", "R", "CR", "LOR"]
 BestResponse = Literal["CR", "R", "NR"]
+_T = TypeVar("_T")
 
 _NON_NEGATIVE = (
     "r_threshold",
@@ -78,6 +79,23 @@ def _require_aware(kind: str, ident: str, time: datetime) -> None:
         raise ValueError(f"{kind} {ident!r}: time must be timezone-aware")
 
 
+_new = object.__new__
+
+
+def _built(cls: type[_T], fields: dict[str, Any]) -> _T:
+    """An instance of a frozen input dataclass from all its fields, without `__init__`.
+
+    The same object `cls(**fields)` makes (equal, same hash), built in about half the time:
+    a frozen dataclass sets each field through `object.__setattr__`. The recompute builds
+    one per record of the patient, so for 1,000 counts this is a measurable part of it.
+    """
+    instance = _new(cls)
+    instance.__dict__.update(fields)
+    if fields["time"].tzinfo is not UTC:  # UTC is aware: the check only for other zones
+        _require_aware(cls.__name__, fields["id"], fields["time"])
+    return instance
+
+
 @dataclass(frozen=True)
 class PlateletCount:
     """A platelet-count Observation; `value` already normalised to 10^9/L."""
@@ -89,6 +107,11 @@ class PlateletCount:
 
     def __post_init__(self) -> None:
         _require_aware("PlateletCount", self.id, self.time)
+
+    @classmethod
+    def fast(cls, id: str, time: datetime, value: float, status: str) -> PlateletCount:
+        """`PlateletCount(...)` for the hot path of the recompute (see `_built`)."""
+        return _built(cls, {"id": id, "time": time, "value": value, "status": status})
 
 
 @dataclass(frozen=True)
@@ -103,6 +126,11 @@ class BleedingAssessment:
     def __post_init__(self) -> None:
         _require_aware("BleedingAssessment", self.id, self.time)
 
+    @classmethod
+    def fast(cls, id: str, time: datetime, grade: int, status: str) -> BleedingAssessment:
+        """`BleedingAssessment(...)` for the hot path of the recompute (see `_built`)."""
+        return _built(cls, {"id": id, "time": time, "grade": grade, "status": status})
+
 
 @dataclass(frozen=True)
 class BleedingEvent:
@@ -114,6 +142,11 @@ class BleedingEvent:
 
     def __post_init__(self) -> None:
         _require_aware("BleedingEvent", self.id, self.time)
+
+    @classmethod
+    def fast(cls, id: str, time: datetime, status: str) -> BleedingEvent:
+        """`BleedingEvent(...)` for the hot path of the recompute (see `_built`)."""
+        return _built(cls, {"id": id, "time": time, "status": status})
 
 
 @dataclass(frozen=True)
@@ -127,6 +160,11 @@ class Administration:
 
     def __post_init__(self) -> None:
         _require_aware("Administration", self.id, self.time)
+
+    @classmethod
+    def fast(cls, id: str, time: datetime, role: AdministrationRole, status: str) -> Administration:
+        """`Administration(...)` for the hot path of the recompute (see `_built`)."""
+        return _built(cls, {"id": id, "time": time, "role": role, "status": status})
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ its `_history` is the patient's response history.
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,7 +19,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app import codes
+from app import codes, metrics
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
 from app.auth.permissions import may_access_site
@@ -69,6 +70,36 @@ def _clinical_time(fact: repo.Fact, zone: ZoneInfo) -> datetime:
 _WHOLE_DAY = timedelta(days=1) - timedelta(microseconds=1)
 
 
+def timeline_from_rows(patient_id: str, rows: list[repo.FactRow], zone: ZoneInfo) -> Timeline:
+    """`timeline` from `repo.patient_fact_rows` (times already aware UTC): the same Timeline,
+    built for the hot path (no intermediate objects, the engine's fast constructors)."""
+    counts, grades, events, administrations = [], [], [], []
+    count, grade, event, administration = (
+        PlateletCount.fast,
+        BleedingAssessment.fast,
+        BleedingEvent.fast,
+        Administration.fast,
+    )
+    for kind, ident, status, start, value, end in rows:
+        if start is None:
+            continue  # a record without a clinical time cannot be placed on the timeline
+        if end is not None and end - start == _WHOLE_DAY:
+            # A bare date: that calendar day where the trial is (see `_clinical_time`).
+            start = datetime.combine(start.date(), datetime.min.time(), tzinfo=zone)
+        status = status or "unknown"
+        if kind == KIND_PLATELET:
+            if value is not None:
+                counts.append(count(ident, start, value, status))
+        elif kind == KIND_BLEEDING_GRADE:
+            if value is not None:
+                grades.append(grade(ident, start, int(value), status))
+        elif kind == KIND_BLEEDING_EVENT:
+            events.append(event(ident, start, status))
+        else:
+            administrations.append(administration(ident, start, kind, status))  # type: ignore[arg-type]
+    return Timeline(patient_id, tuple(counts), tuple(grades), tuple(events), tuple(administrations))
+
+
 def timeline(patient_id: str, facts: list[repo.Fact], zone: ZoneInfo) -> Timeline:
     counts, grades, events, administrations = [], [], [], []
     for fact in facts:
@@ -101,17 +132,17 @@ async def recompute(
     Call it inside the write transaction that changed the patient's data, after locking the
     Patient row: the result commits with the data or not at all.
     """
-    facts = await repo.patient_facts(conn, patient_id, ENGINE_KINDS)
-    assessment = assess(timeline(patient_id, facts, ctx.criteria.zone), ctx.criteria)
+    started = time.perf_counter()
+    rows = await repo.patient_fact_rows(conn, patient_id, ENGINE_KINDS)
+    assessment = assess(timeline_from_rows(patient_id, rows, ctx.criteria.zone), ctx.criteria)
     document = assessment.as_dict()
     fingerprint = _fingerprint(document)
-    existing = await repo.get_assessment(conn, patient_id)
-    if existing is not None and existing.fingerprint == fingerprint:
+    stored = await repo.assessment_fingerprint(conn, patient_id)
+    metrics.observe_recompute(time.perf_counter() - started)
+    if stored == fingerprint:
         return False
     observation_id = response_observation_id(patient_id)
-    patient = await repo.get_current(conn, "Patient", patient_id)
-    site = patient.site if patient is not None else None
-    await _write_observation(ctx, conn, observation_id, assessment, site, now)
+    await _write_observation(ctx, conn, observation_id, assessment, now)
     document = {
         **document,
         "computed_at": format_instant(now),
@@ -128,7 +159,7 @@ async def recompute(
             observation_id,
             orjson.dumps(document).decode(),
         ),
-        exists_=existing is not None,
+        exists_=stored is not None,
     )
     return True
 
@@ -146,13 +177,19 @@ async def _write_observation(
     conn: AsyncConnection,
     observation_id: str,
     assessment: Assessment,
-    site: str | None,
     now: datetime,
 ) -> None:
     current = await repo.get_current(conn, "Observation", observation_id)
     if current is not None and current.kind != KIND_RESPONSE_STATUS:
         # Unreachable while clients cannot write `rs-` ids; never overwrite clinical data.
         raise RuntimeError(f"Observation/{observation_id} is not a response status")
+    if current is not None and not current.deleted:
+        # A live status is at its patient's site: a move takes the patient's records along
+        # (`repo.move_records`), this one included. One query fewer on every change.
+        site = current.site
+    else:
+        patient = await repo.get_current(conn, "Patient", assessment.patient)
+        site = patient.site if patient is not None else None
     version = 1 if current is None else current.version_id + 1
     document = _observation(ctx, observation_id, version, assessment, now)
     content = orjson.dumps(document).decode()

@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     and_,
+    bindparam,
     delete,
     exists,
     func,
@@ -114,15 +115,25 @@ def _current(row: Row[Any]) -> Current:
     return Current(*row)
 
 
+# Built once: the most frequent statement of the API (every read, every write, several
+# times per write). Building `select(...)` per call cost a third of a read's CPU (issue 8,
+# py-spy profile in bench/README.md); executing a prebuilt one is the same SQL.
+_GET_CURRENT = select(*_CURRENT_COLUMNS).where(
+    R.c.resource_type == bindparam("resource_type"), R.c.id == bindparam("resource_id")
+)
+_GET_CURRENT_FOR_UPDATE = _GET_CURRENT.with_for_update()
+
+
 async def get_current(
     conn: AsyncConnection, resource_type: str, resource_id: str, *, for_update: bool = False
 ) -> Current | None:
-    query = select(*_CURRENT_COLUMNS).where(
-        R.c.resource_type == resource_type, R.c.id == resource_id
+    query = (
+        _GET_CURRENT_FOR_UPDATE
+        if for_update and conn.dialect.name == "postgresql"
+        else _GET_CURRENT
     )
-    if for_update and conn.dialect.name == "postgresql":
-        query = query.with_for_update()
-    row = (await conn.execute(query)).first()
+    params = {"resource_type": resource_type, "resource_id": resource_id}
+    row = (await conn.execute(query, params)).first()
     return _current(row) if row else None
 
 
@@ -346,6 +357,56 @@ async def patient_facts(conn: AsyncConnection, patient_id: str, kinds: Sequence[
         )
     )
     return [Fact(*row) for row in rows]
+
+
+# The engine's inputs as plain tuples: (kind, id, status, start, value, end), times aware UTC.
+FactRow = tuple[str, str, str | None, datetime | None, float | None, datetime | None]
+_ENGINE_TYPES = ["Observation", "MedicationAdministration", "AdverseEvent"]
+# On PostgreSQL the driver is asked directly (asyncpg prepares and caches the statement per
+# connection): a patient's 1,000 counts are read without SQLAlchemy building a statement or
+# wrapping each row, and PostgreSQL hands the times over already in UTC.
+_FACT_ROWS_SQL = (
+    "SELECT kind, id, status, effective_start AT TIME ZONE 'UTC', value_norm, "
+    "effective_end AT TIME ZONE 'UTC' FROM resource "
+    "WHERE resource_type = ANY($1::varchar[]) AND patient_id = $2 AND kind = ANY($3::varchar[]) "
+    "AND NOT deleted"
+)
+
+
+async def patient_fact_rows(
+    conn: AsyncConnection, patient_id: str, kinds: Sequence[str]
+) -> list[FactRow]:
+    """What `patient_facts` reads, in the form the recompute consumes, fast: the hot read
+    of every write (issue 8). Same rows, same index; times are timezone-aware UTC."""
+    if conn.dialect.name == "postgresql":
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        # asyncpg's Records unpack like the tuples: no copy of 1,000 rows.
+        rows = await driver.fetch(_FACT_ROWS_SQL, _ENGINE_TYPES, patient_id, list(kinds))
+        return rows  # type: ignore[no-any-return]
+    facts = await patient_facts(conn, patient_id, kinds)
+    return [
+        (
+            f.kind,
+            f.id,
+            f.status,
+            f.time.replace(tzinfo=UTC) if f.time is not None else None,
+            f.value,
+            f.time_end.replace(tzinfo=UTC) if f.time_end is not None else None,
+        )
+        for f in facts
+    ]
+
+
+_FINGERPRINT = select(A.c.fingerprint).where(A.c.patient_id == bindparam("patient_id"))
+
+
+async def assessment_fingerprint(conn: AsyncConnection, patient_id: str) -> str | None:
+    """The stored assessment's fingerprint alone (not its JSON): whether a recompute changed
+    anything. None when the patient has no assessment yet."""
+    value = (await conn.execute(_FINGERPRINT, {"patient_id": patient_id})).scalar_one_or_none()
+    return str(value) if value is not None else None
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""The benchmark harness runs, at a tiny scale, in seconds, on PostgreSQL (issue 8).
+
+Nothing here judges a figure: tests never time anything. What is checked is that the
+harness generates, serves, drives every scenario with valid requests and writes its
+results, so it cannot rot between the runs that matter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.conftest import IN_CI, POSTGRES_ADMIN_URL, PROJECT_ROOT, _postgres_reachable
+
+pytestmark = pytest.mark.postgres
+
+
+def test_the_harness_runs_at_a_tiny_scale(tmp_path) -> None:
+    if not _postgres_reachable():
+        message = f"PostgreSQL at {POSTGRES_ADMIN_URL} is unreachable"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: the PostgreSQL half of the suite must run)")
+        pytest.skip(message)
+    admin = make_url(POSTGRES_ADMIN_URL).render_as_string(hide_password=False)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--patients=12",
+            "--counts=300",
+            "--workers=1",
+            "--connections=2",
+            "--duration=1",
+            "--runs=1",
+            "--bundle-entries=20",
+            "--loadgen=python",  # nothing outside pyproject.toml
+            f"--admin-dsn={admin}",
+            f"--database=itp_bench_ci_{os.getpid()}",
+            "--drop",
+            "--regenerate",
+            f"--out={tmp_path}",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    [result] = tmp_path.glob("*.json")
+    document = json.loads(result.read_text())
+    assert {"cores", "python", "postgresql", "date", "loadgen"} <= set(document["machine"])
+    for scenario in ("ceiling-create", "create", "hello", "read", "search", "response-status"):
+        [run] = document["runs"][scenario]
+        assert run["requests"] > 0, scenario
+        assert set(run["statuses"]) <= {"200", "201"}, (scenario, run["statuses"])
+    assert "ratio" in document["summary"]["create"]
+    assert document["recompute"]["counts"] > 0
+    bundle = document["bundle"]
+    assert bundle.get("skipped") == "POST /fhir not available" or bundle["resources_per_s"]
+    assert [table for table in tmp_path.glob("*.md")]

@@ -1,0 +1,78 @@
+"""Structured logs: one JSON object per line, with the request id of its request."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from app.logs import JsonFormatter
+from tests import builders
+from tests.test_crud import create
+
+
+@pytest.fixture
+def json_lines():
+    """Every record of the app's loggers, formatted as the production config formats them."""
+    lines: list[str] = []
+    formatter = JsonFormatter()
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(formatter.format(record))
+
+    handler = Collect(level=logging.INFO)
+    logger = logging.getLogger("app")
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+async def test_every_request_logs_a_json_line_with_its_request_id(client, json_lines) -> None:
+    patient = await create(client, builders.patient())
+    answer = await client.get(
+        f"/fhir/Patient/{patient.json()['id']}", headers={"X-Request-Id": "trace-42"}
+    )
+    assert answer.headers["x-request-id"] == "trace-42"
+    records = [json.loads(line) for line in json_lines]
+    access = [r for r in records if r["logger"] == "app.access"]
+    assert access and all(r["request_id"] for r in access)
+    [read] = [r for r in access if r["request_id"] == "trace-42"]
+    assert read["route"] == "/fhir/Patient/{resource_id}"
+    assert read["status"] == 200 and read["method"] == "GET"
+    assert isinstance(read["duration_ms"], float)
+    # The route template only: ids stay in the audit trail, reachable by the request id.
+    assert patient.json()["id"] not in json.dumps(read)
+    for record in records:
+        assert {"time", "level", "logger", "message", "request_id"} <= set(record)
+
+
+def test_a_line_outside_requests_has_a_null_request_id() -> None:
+    record = logging.LogRecord("app", logging.ERROR, __file__, 1, "boom %s", ("x",), None)
+    try:
+        raise ValueError("cause")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    document = json.loads(JsonFormatter().format(record))
+    assert document["message"] == "boom x" and document["request_id"] is None
+    assert "ValueError: cause" in document["exception"]
+
+
+def test_the_production_logging_config_formats_as_json() -> None:
+    import logging.config
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parents[1] / "app" / "logging.json").read_text())
+    factory = logging.config.BaseConfigurator({}).resolve(config["formatters"]["json"]["()"])
+    assert factory is JsonFormatter
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "app"):
+        [handler] = config["loggers"][name]["handlers"]
+        assert config["handlers"][handler]["formatter"] == "json"
