@@ -1,13 +1,13 @@
 """The FHIR interactions as use cases.
 
-One write path. The primitives `create_in`, `update_in` and `delete_in` make
+One write path. The primitives `create_in`, `update_in`, `patch_in` and `delete_in` make
 every check of a write (validation, the caller's sites, the server-owned response-status
 Observation, a lab's Observation kinds, the reason for change, `If-Match`) and store it, in
 a transaction the caller owns and has locked; each returns a `Change`: what was stored, its
 AuditRecord and the patients whose response must be recomputed. `finish` then recomputes
-each patient once and appends every audit record at once. The public `create`, `update` and
-`delete` are thin wrappers doing exactly that for one request; an HL7 v2 message
-(`app.ingest`) does it for many writes in one transaction.
+each patient once and appends every audit record at once. The public `create`, `update`,
+`patch`, `delete` and the conditional forms are thin wrappers doing exactly that for one
+request; an HL7 v2 message (`app.ingest`) does it for many writes in one transaction.
 
 Create and update: parse -> validate (R4B + the stricter FHIR checks) -> derive index values
 (platelet normalisation, subject) -> lock -> store. Locks, PostgreSQL only (SQLite write
@@ -59,6 +59,7 @@ from app.services import response
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.services.indexing import KIND_RESPONSE_STATUS, index_values, subject_patient_id
+from app.services.patching import Patch, apply_patch
 from app.services.provenance import require_reason, store_provenance
 from app.services.response import RESERVED_ID_PREFIX
 from app.services.validation import parse_json, validate
@@ -331,6 +332,53 @@ async def update_in(
     return Change(stored, current.deleted, record, _ids(index.patient_id, current.patient_id))
 
 
+def patched(
+    resource_type: str, resource_id: str, current: repo.Current | None, patch: Patch
+) -> dict[str, Any]:
+    """The resource `patch` makes of the current version (404 and 410 as a read)."""
+    if current is None:
+        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+    if current.deleted or current.content is None:
+        raise Gone(f"{resource_type}/{resource_id} was deleted; there is nothing to patch")
+    return apply_patch(patch, orjson.loads(current.content), resource_type, resource_id)
+
+
+async def patch_in(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    resource_type: str,
+    resource_id: str,
+    patch: Patch,
+    principal: Principal,
+    now: datetime,
+    *,
+    current: repo.Current | None,
+    expected: int | None = None,
+    provenance: str | None = None,
+    scope: Scope | None = None,
+) -> Change:
+    """A patch is an update of the patched resource: the same checks, reason and audit."""
+    if current is None or not may_access_site(principal, current.site):
+        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+    if expected is not None and current.version_id != expected:
+        raise _stale(expected, current)
+    raw = patched(resource_type, resource_id, current, patch)
+    return await update_in(
+        ctx,
+        conn,
+        resource_type,
+        resource_id,
+        raw,
+        principal,
+        now,
+        current=current,
+        expected=expected,
+        provenance=provenance,
+        description=f"patch ({patch.media_type})",
+        scope=scope,
+    )
+
+
 async def delete_in(
     ctx: ServiceContext,
     conn: AsyncConnection,
@@ -535,6 +583,46 @@ async def _update(
     return WriteResult(change.stored, change.created)
 
 
+async def patch(
+    ctx: ServiceContext,
+    resource_type: str,
+    resource_id: str,
+    document: Patch,
+    principal: Principal,
+    *,
+    if_match: str | None,
+    provenance: str | None = None,
+) -> WriteResult:
+    expected = parse_if_match(if_match)
+    if resource_id.startswith(RESERVED_ID_PREFIX):
+        raise _server_owned()
+    async with ctx.db.write() as conn:
+        current = await lock_id(conn, resource_type, resource_id)
+        # The patched subject decides which patients to lock; the id lock keeps the current
+        # version from changing between this look and the row lock.
+        new_patient = None
+        if current is not None and may_access_site(principal, current.site):
+            raw = patched(resource_type, resource_id, current, document)
+            if resource_type != "Patient":
+                new_patient = subject_patient_id(resource_type, raw)
+        current = await lock_for_update(conn, resource_type, resource_id, current, new_patient)
+        now = utc_now()
+        change = await patch_in(
+            ctx,
+            conn,
+            resource_type,
+            resource_id,
+            document,
+            principal,
+            now,
+            current=current,
+            expected=expected,
+            provenance=provenance,
+        )
+        await finish(ctx, conn, [change], now)
+    return WriteResult(change.stored, change.created)
+
+
 async def delete(
     ctx: ServiceContext,
     resource_type: str,
@@ -554,6 +642,129 @@ async def delete(
             conn,
             resource_type,
             resource_id,
+            principal,
+            now,
+            current=current,
+            expected=expected,
+            provenance=provenance,
+        )
+        if change is None:
+            return None
+        await finish(ctx, conn, [change], now)
+    return change.stored
+
+
+async def conditional_target(
+    conn: AsyncConnection,
+    resource_type: str,
+    criteria: Criteria,
+    raw: dict[str, Any],
+    principal: Principal,
+) -> tuple[str | None, repo.Current | None]:
+    """Which resource a conditional update writes (FHIR http.html#cond-update), under the
+    criteria lock: (id, its current row). One match: that one (a body id must be its id).
+    None: the body's id if it names no resource yet (update as create), else (None, None),
+    a create. Several: 412."""
+    body_id = raw.get("id")
+    match = await single_match(conn, criteria, principal, "The conditional update's criteria")
+    if match is not None:
+        if body_id is not None and body_id != match.id:
+            raise BadRequest(
+                f"The body's id {body_id!r} is not the id of the resource the criteria match "
+                f"({resource_type}/{match.id})",
+                expression=[f"{resource_type}.id"],
+            )
+        return match.id, match
+    authorize(principal, resource_type, Action.CREATE)
+    if body_id is None:
+        return None, None
+    if not isinstance(body_id, str):
+        raise BadRequest("The body's id must be a string", expression=[f"{resource_type}.id"])
+    if await repo.get_current(conn, resource_type, body_id) is not None:
+        raise Conflict(
+            f"{resource_type}/{body_id} exists but does not match the criteria: "
+            "a conditional update cannot take its id"
+        )
+    return body_id, None
+
+
+async def conditional_update(
+    ctx: ServiceContext,
+    resource_type: str,
+    criteria: Criteria,
+    criteria_key: str,
+    body: bytes,
+    principal: Principal,
+    *,
+    if_match: str | None,
+    provenance: str | None = None,
+) -> WriteResult:
+    """`PUT /Type?criteria`: no match creates, one match is updated, several are 412.
+    Race-free: identical conditional writes serialise on their criteria."""
+    raw = parse_json(body)
+    expected = parse_if_match(if_match)
+    new_patient = None if resource_type == "Patient" else subject_patient_id(resource_type, raw)
+    async with ctx.db.write() as conn:
+        await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
+        target_id, _ = await conditional_target(conn, resource_type, criteria, raw, principal)
+        now = utc_now()
+        if target_id is None:
+            if expected is not None:
+                raise _stale(expected, None)
+            change = await create_in(ctx, conn, resource_type, raw, principal, now)
+        else:
+            if target_id.startswith(RESERVED_ID_PREFIX):
+                raise _server_owned()
+            current = await _lock_current(conn, resource_type, target_id, new_patient)
+            change = await update_in(
+                ctx,
+                conn,
+                resource_type,
+                target_id,
+                raw,
+                principal,
+                now,
+                current=current,
+                expected=expected,
+                provenance=provenance,
+            )
+        await finish(ctx, conn, [change], now)
+    return WriteResult(change.stored, change.created)
+
+
+async def conditional_delete(
+    ctx: ServiceContext,
+    resource_type: str,
+    criteria: Criteria,
+    criteria_key: str,
+    principal: Principal,
+    *,
+    if_match: str | None,
+    provenance: str | None = None,
+) -> Stored | None:
+    """`DELETE /Type?criteria` (single): none matches, nothing to do (None); one is
+    deleted; several are 412."""
+    expected = parse_if_match(if_match)
+    async with ctx.db.write() as conn:
+        await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
+        match = await single_match(conn, criteria, principal, "The conditional delete's criteria")
+        if match is None:
+            ctx.audit.add(
+                AuditRecord.of(
+                    principal,
+                    "search-type",
+                    entity_type=resource_type,
+                    description="Conditional delete: no match, nothing was deleted",
+                )
+            )
+            return None
+        current = await _lock_current(conn, resource_type, match.id)
+        now = utc_now()
+        change = await delete_in(
+            ctx,
+            conn,
+            resource_type,
+            match.id,
             principal,
             now,
             current=current,
