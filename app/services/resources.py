@@ -130,10 +130,13 @@ def _render(
     return orjson.dumps(document).decode()
 
 
-def _stored(current: repo.Current) -> Stored:
+def stored_of(current: repo.Current) -> Stored:
     return Stored(
         current.resource_type, current.id, current.version_id, current.last_updated, current.content
     )
+
+
+_stored = stored_of
 
 
 def parse_if_match(header: str | None) -> int | None:
@@ -795,6 +798,9 @@ def _audit(
         version_after=version if version is not None else current.version_id,
         description=description,
     )
+
+
+audit_access = _audit
 
 
 def _server_owned() -> Forbidden:
