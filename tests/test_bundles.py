@@ -3,6 +3,7 @@ processing order, urn:uuid and conditional references, one recompute per patient
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections import Counter
 
@@ -16,7 +17,7 @@ from app.services import response
 from app.services.response import response_observation_id
 from app.settings import Settings
 from tests import builders
-from tests.conftest import KEY, bearer
+from tests.conftest import KEY, REASON, bearer
 from tests.test_audit import _details, _events
 from tests.test_crud import create
 
@@ -403,3 +404,56 @@ async def test_a_thousand_results_in_one_transaction(app, client):
             )
         ).scalar_one()
     assert audited == 1000
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_concurrent_transactions_neither_deadlock_nor_duplicate(live_server):
+    """Transactions writing the same two patients' records in opposite orders, and the same
+    conditional create of a new patient, at once over a real socket (two workers)."""
+    headers = {**bearer(), "X-Provenance": REASON, **FHIR}
+    async with httpx.AsyncClient(base_url=live_server, headers=headers, timeout=120) as http:
+        a = (await http.post("/fhir/Patient", json=builders.patient("S01-A"))).json()["id"]
+        b = (await http.post("/fhir/Patient", json=builders.patient("S01-B"))).json()["id"]
+        on_a = (await http.post("/fhir/Observation", json=count(a, "2025-03-01", 30))).json()
+        on_b = (await http.post("/fhir/Observation", json=count(b, "2025-03-01", 31))).json()
+
+        def swap(first: dict, second: dict, to_first: str, to_second: str, n: int) -> dict:
+            return bundle(
+                "transaction",
+                put(
+                    f"Observation/{first['id']}",
+                    {**first, "subject": {"reference": f"Patient/{to_first}"}},
+                ),
+                put(
+                    f"Observation/{second['id']}",
+                    {**second, "subject": {"reference": f"Patient/{to_second}"}},
+                ),
+                post(count(to_second, f"2025-03-{n + 2:02d}", 40 + n)),
+                post(count(to_first, f"2025-03-{n + 2:02d}", 50 + n)),
+                post(
+                    builders.patient("S01-NEW"),
+                    PATIENT_URN,
+                    ifNoneExist=f"identifier={builders.SUBJECT_SYSTEM}|S01-NEW",
+                ),
+                post(count(PATIENT_URN, f"2025-03-{n + 2:02d}", 20 + n)),
+            )
+
+        documents = [
+            swap(on_a, on_b, b, a, n) if n % 2 else swap(on_b, on_a, a, b, n) for n in range(10)
+        ]
+        answers = await asyncio.gather(
+            *(http.post("/fhir", content=orjson.dumps(d)) for d in documents)
+        )
+        assert [r.status_code for r in answers] == [200] * 10, [r.text for r in answers]
+        created = [r.json()["entry"][4]["response"]["status"] for r in answers]
+        assert sorted(created) == ["200 OK"] * 9 + ["201 Created"]
+        new = {r.json()["entry"][4]["resource"]["id"] for r in answers}
+        assert len(new) == 1
+        versions = [
+            (await http.get(f"/fhir/Observation/{o['id']}")).json()["meta"]["versionId"]
+            for o in (on_a, on_b)
+        ]
+        assert versions == ["11", "11"]
+        [patient_id] = new
+        found = await http.get("/fhir/Observation", params={"patient": patient_id, "code": "777-3"})
+        assert len(found.json()["entry"]) == 10
