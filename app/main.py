@@ -23,6 +23,7 @@ from app.engine import Criteria
 from app.errors import Issue
 from app.fhir import (
     audit_routes,
+    bundle_routes,
     codesystems,
     operations,
     outcome,
@@ -105,7 +106,7 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=[
                 "Authorization",
                 "Content-Type",
@@ -119,13 +120,18 @@ def create_app(
         )
     if settings.max_concurrent_writes:
         app.add_middleware(WriteLimitMiddleware, limit=settings.max_concurrent_writes)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        path_limits={path: settings.max_bundle_bytes for path in ("/fhir", "/fhir/")},
+    )
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     # Added last, so outermost: every answer is counted and timed, a 413 from the limit too,
     # and every answer gets the security headers.
     app.add_middleware(metrics.MetricsMiddleware)
     app.include_router(routes.router)
+    app.include_router(bundle_routes.router)
     app.include_router(search_routes.router)
     app.include_router(operations.router)
     app.include_router(audit_routes.router)
