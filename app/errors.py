@@ -79,6 +79,11 @@ class UnsupportedMediaType(FhirError):
     issue_code = "not-supported"
 
 
+class PayloadTooLarge(FhirError):
+    status_code = 413
+    issue_code = "too-costly"
+
+
 class MethodNotAllowed(FhirError):
     status_code = 405
     issue_code = "not-supported"

@@ -22,6 +22,7 @@ from app.engine import Criteria
 from app.errors import Issue
 from app.fhir import (
     audit_routes,
+    bundle_routes,
     codesystems,
     operations,
     outcome,
@@ -99,7 +100,7 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=[
                 "Authorization",
                 "Content-Type",
@@ -111,11 +112,16 @@ def create_app(
             ],
             expose_headers=["ETag", "Location", "Last-Modified", "X-Request-Id"],
         )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        path_limits={path: settings.max_bundle_bytes for path in ("/fhir", "/fhir/")},
+    )
     app.add_middleware(RequestIdMiddleware)
     # Added last, so outermost: every answer gets the headers, a 413 from the limit too.
     app.add_middleware(SecurityHeadersMiddleware)
     app.include_router(routes.router)
+    app.include_router(bundle_routes.router)
     app.include_router(search_routes.router)
     app.include_router(operations.router)
     app.include_router(audit_routes.router)

@@ -68,19 +68,24 @@ def _outcome(code: str, message: str) -> bytes:
 
 class BodyLimitMiddleware:
     """Refuses bodies over the limit with 413 before they are read into memory: by the
-    declared Content-Length, and by counting what actually arrives (chunked uploads)."""
+    declared Content-Length, and by counting what actually arrives (chunked uploads).
+    `path_limits` gives some paths their own limit (the Bundle endpoint)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope["path"], self.max_bytes)
         for name, value in scope["headers"]:
-            if name == b"content-length" and (not value.isdigit() or int(value) > self.max_bytes):
-                await self._refuse(scope, send)
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await self._refuse(scope, send, limit)
                 return
         received = 0
 
@@ -89,7 +94,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     raise BodyTooLarge
             return message
 
@@ -104,10 +109,10 @@ class BodyLimitMiddleware:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(scope, send)
+                await self._refuse(scope, send, limit)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        message = f"The request body is larger than {self.max_bytes} bytes"
+    async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
+        message = f"The request body is larger than {limit} bytes"
         services = getattr(getattr(scope.get("app"), "state", None), "services", None)
         if services is not None:  # a refused attempt like any other (who: not yet known)
             services.audit.add(

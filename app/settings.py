@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_page_size: int = Field(default=1000, ge=1)
     # Request bodies above this are refused with 413 before they are read (1 MiB).
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # A Bundle at POST /fhir carries many resources: a lab's day of results as one
+    # transaction (1,000 Observations are ~1 MiB). Its own limits, 413 above either.
+    max_bundle_bytes: int = Field(default=16_777_216, ge=1024)
+    max_bundle_entries: int = Field(default=10_000, ge=1)
     # AdverseEvent codings (system|code) that count as bleeding, besides SNOMED CT 131148009.
     bleeding_event_codes: list[str] = Field(default_factory=list)
     # Browser origins allowed to call the API (the study team's frontends); none by default.

@@ -213,6 +213,14 @@ async def test_metadata_lists_exactly_what_is_implemented(client):
     for resource in resources.values():
         assert resource["updateCreate"] is True
         assert resource["conditionalCreate"] is True
+        assert resource["conditionalUpdate"] is True
+        assert resource["conditionalDelete"] == "single"
+        assert "patch" in {i["code"] for i in resource["interaction"]}
+    assert {i["code"] for i in statement["rest"][0]["interaction"]} == {"transaction", "batch"}
+    assert statement["patchFormat"] == [
+        "application/json-patch+json",
+        "application/merge-patch+json",
+    ]
     observation_params = {p["name"] for p in resources["Observation"]["searchParam"]}
     assert {"patient", "code", "date"} <= observation_params
     # Every declared search parameter is accepted in strict mode.

@@ -220,7 +220,7 @@ async def test_unexpected_error_is_500_outcome_without_traceback(client, monkeyp
 async def test_405_names_every_method_the_path_allows(client):
     response = await client.request("OPTIONS", "/fhir/Patient/abc")
     assert response.status_code == 405
-    assert set(response.headers["allow"].split(", ")) == {"GET", "PUT", "DELETE"}
+    assert set(response.headers["allow"].split(", ")) == {"GET", "PUT", "PATCH", "DELETE"}
 
 
 async def test_an_empty_searchset_has_no_empty_entry_array(client):

@@ -6,12 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from app import __doc__ as app_doc
+from app.fhir.conditional import conditional_parameters
 from app.fhir.search_params import INCLUDES, REVINCLUDES, SEARCH_PARAMETERS, SORT_KEYS
+from app.services.patching import JSON_PATCH, MERGE_PATCH
 
 _INTERACTIONS = (
     "read",
     "vread",
     "update",
+    "patch",
     "delete",
     "history-instance",
     "history-type",
@@ -40,8 +43,8 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
                 "updateCreate": True,
                 "conditionalCreate": True,
                 "conditionalRead": "not-supported",
-                "conditionalUpdate": False,
-                "conditionalDelete": "not-supported",
+                "conditionalUpdate": True,
+                "conditionalDelete": "single",
                 "referencePolicy": ["literal", "local", "enforced"],
                 "searchInclude": list(INCLUDES[resource_type]),
                 "searchRevInclude": list(REVINCLUDES.get(resource_type, ())),
@@ -91,6 +94,7 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
         "implementation": {"description": (app_doc or "").strip(), "url": base_url},
         "fhirVersion": "4.3.0",
         "format": ["application/fhir+json", "application/json"],
+        "patchFormat": [JSON_PATCH, MERGE_PATCH],
         "rest": [
             {
                 "mode": "server",
@@ -110,8 +114,31 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
                     "a page skip or repeat a row. Unknown parameters are ignored with a "
                     "warning (an OperationOutcome entry), or refused (400) with Prefer: "
                     "handling=strict. Prefer: return=minimal|representation|OperationOutcome "
-                    "is honoured on create and update."
+                    "is honoured on create, update, patch and in Bundles. Conditional create "
+                    "(If-None-Exist, or the criteria in the query), conditional update "
+                    "(PUT Type?criteria) and single conditional delete (DELETE Type?criteria) "
+                    "take token and patient criteria only ("
+                    + "; ".join(
+                        f"{kind}: {', '.join(conditional_parameters(kind))}"
+                        for kind in SEARCH_PARAMETERS
+                    )
+                    + "); they are race-free. PATCH takes JSON Patch or JSON Merge Patch "
+                    "(also as application/json); FHIRPath Patch is not supported."
                 ),
+                "interaction": [
+                    {
+                        "code": "transaction",
+                        "documentation": "POST /fhir: all or nothing in one database "
+                        "transaction; urn:uuid and conditional references resolved; each "
+                        "patient's response recomputed once; X-Provenance gives the reason of "
+                        "every change in it.",
+                    },
+                    {
+                        "code": "batch",
+                        "documentation": "POST /fhir: each entry on its own, with its own "
+                        "status and outcome.",
+                    },
+                ],
                 "resource": resources,
                 "security": {
                     "cors": True,
@@ -126,7 +153,8 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
                         }
                     ],
                     "description": "Bearer JWT (role, sites, SMART v2 scopes) on every request but "
-                    "metadata and health; updates and deletes need an X-Provenance with a reason.",
+                    "metadata and health; updates, patches and deletes need an X-Provenance with "
+                    "a reason.",
                 },
                 "operation": [
                     {

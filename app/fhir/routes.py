@@ -8,10 +8,8 @@ and cost ~2x on the hot path); the schemas in `app.fhir.schemas` only document t
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
@@ -20,7 +18,7 @@ from app.auth.deps import Require
 from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal
 from app.errors import BadRequest
-from app.fhir import bundles, schemas
+from app.fhir import bundles, conditional, schemas
 from app.fhir.http import (
     FHIR_JSON,
     FhirResponse,
@@ -31,14 +29,16 @@ from app.fhir.http import (
     version_headers,
 )
 from app.fhir.outcome import information
-from app.fhir.search_params import (
-    SEARCH_PARAMETERS,
-    criteria_key,
-    parse_search,
-)
 from app.services import resources as service
 from app.services.context import ServiceContext
 from app.services.dates import DATE_TIME_PATTERN, fhir_range
+from app.services.patching import (
+    JSON_PATCH,
+    JSON_PATCH_OPERATIONS,
+    MERGE_PATCH,
+    POINTER_PATTERN,
+    parse_patch,
+)
 from app.services.resources import Stored
 from app.settings import Settings
 
@@ -175,14 +175,17 @@ def _resource_response(
     headers = version_headers(stored.version_id, stored.last_updated)
     headers.update(extra_headers or {})
     choice = prefer_return(request)
-    if choice == "minimal" and request.method in ("POST", "PUT"):
+    if choice == "minimal" and request.method in _WRITE_METHODS:
         return Response(status_code=status_code, headers=headers)
-    if choice == "OperationOutcome" and request.method in ("POST", "PUT"):
+    if choice == "OperationOutcome" and request.method in _WRITE_METHODS:
         verb = "Created" if status_code == 201 else "Stored"
         message = f"{verb} {stored.resource_type}/{stored.id} version {stored.version_id}"
         return FhirResponse(information(message), status_code=status_code, headers=headers)
     assert stored.content is not None
     return pretty(request, stored.content, headers, status_code)
+
+
+_WRITE_METHODS = ("POST", "PUT", "PATCH")
 
 
 def _location(stored: Stored) -> dict[str, str]:
@@ -197,18 +200,38 @@ def _body_doc(resource_type: str, *, update: bool = False) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {FHIR_JSON: {"schema": schema}}}}
 
 
-def _conditional_parameters(resource_type: str) -> list[str]:
-    """Conditional create matches on tokens (identifiers, ids, codes) and on the patient:
-    exact values whose match a client can predict, never a date range or a partial string."""
-    return [p.name for p in SEARCH_PARAMETERS[resource_type] if p.type in ("token", "reference")]
+_JSON_PATCH_OPERATION = {
+    "type": "object",
+    "description": "One RFC 6902 operation; from is needed by move and copy, value by add, "
+    "replace and test",
+    "required": ["op", "path"],
+    "properties": {
+        "op": {"type": "string", "enum": list(JSON_PATCH_OPERATIONS)},
+        "path": {"type": "string", "pattern": POINTER_PATTERN, "description": "JSON Pointer"},
+        "from": {"type": "string", "pattern": POINTER_PATTERN, "description": "JSON Pointer"},
+        "value": {"description": "Any JSON value"},
+    },
+    "additionalProperties": False,
+}
 
 
-def _conditional_pattern(resource_type: str) -> str:
-    # One or more name=value pairs; values are printable ASCII (percent-encode the rest).
-    pair = f"({'|'.join(re.escape(n) for n in _conditional_parameters(resource_type))})" + (
-        "=[!-%'-~]+"
-    )
-    return f"^{pair}(&{pair})*$"
+def _patch_doc(resource_type: str) -> dict[str, Any]:
+    # One documented media type: with two, openapi-python-client 0.29 generates an
+    # isinstance() check on list[...] that fails at run time. Merge Patch is in the text.
+    return {
+        "requestBody": {
+            "required": True,
+            "description": f"JSON Patch (RFC 6902, {JSON_PATCH}). Also accepted: JSON Merge "
+            f"Patch (RFC 7386, {MERGE_PATCH}, or a JSON object sent as application/json or "
+            "application/fhir+json, as fhirpy sends it; null removes an element). The result "
+            f"must be a valid {resource_type} with the same id and resourceType.",
+            "content": {
+                JSON_PATCH: {
+                    "schema": {"type": "array", "minItems": 1, "items": _JSON_PATCH_OPERATION}
+                },
+            },
+        }
+    }
 
 
 def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per interaction
@@ -222,16 +245,24 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         operation_id=f"create{resource_type}",
         summary=f"Create a {resource_type}",
         tags=tags,
+        description="Conditional create: criteria in If-None-Exist, or as query parameters "
+        "(as fhirpy's create and get_or_create send them), not both. No match: created "
+        "(201); one: returned as it is (200); several: 412.",
         status_code=201,
         response_class=FhirResponse,
-        openapi_extra=_body_doc(resource_type),
+        openapi_extra={
+            **_body_doc(resource_type),
+            "parameters": conditional.query_documentation(
+                resource_type, "Conditional create criterion"
+            ),
+        },
         responses={
             201: {
                 **ok_resource,
                 "description": "Created",
                 "headers": {**_VERSION_HEADERS, **_LOCATION_HEADER},
             },
-            200: {**ok_resource, "description": "If-None-Exist matched an existing resource"},
+            200: {**ok_resource, "description": "The criteria matched an existing resource"},
             **_WRITE_ERRORS,
         },
     )
@@ -243,14 +274,14 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         # Header() as the default, not in Annotated: the text depends on resource_type,
         # which a postponed annotation cannot see. The grammar is in words, not a pattern:
         # schemathesis can only generate letters and digits for a header (so a pattern
-        # needing "=" is unsatisfiable to it); _conditional_criteria checks it.
+        # needing "=" is unsatisfiable to it); conditional.from_header checks it.
         if_none_exist: str | None = Header(  # noqa: B008 - FastAPI's parameter declaration
             None,
             alias="If-None-Exist",
             min_length=1,
             description="Conditional create: token or patient criteria joined by &, e.g. "
             "identifier=sys|val; parameters: "
-            + ", ".join(_conditional_parameters(resource_type))
+            + ", ".join(conditional.conditional_parameters(resource_type))
             + "; values in printable ASCII without space or & (percent-encode the rest)",
         ),
         prefer: Prefer = None,
@@ -258,17 +289,132 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         require_json_body(request)
         body = await request.body()
         criteria = key = None
-        if if_none_exist is not None:
+        in_query = conditional.from_query(request.query_params.multi_items())
+        if if_none_exist is not None or in_query:
             authorize(principal, resource_type, Action.CONDITIONAL_CREATE)
             # A match is answered with the resource: the criteria are a search.
             authorize(principal, resource_type, Action.SEARCH)
-            criteria, key = _conditional_criteria(resource_type, if_none_exist)
+            if if_none_exist is not None and in_query:
+                raise BadRequest(
+                    "Conditional create criteria go in If-None-Exist or in the query, not both"
+                )
+            if if_none_exist is not None:
+                criteria, key = conditional.from_header(resource_type, if_none_exist)
+            else:
+                criteria, key = conditional.criteria(resource_type, in_query, "The query")
         result = await service.create(
             ctx, resource_type, body, principal, if_none_exist=criteria, if_none_exist_key=key
         )
         if not result.created:
             return _resource_response(request, result.stored, 200)
         return _resource_response(request, result.stored, 201, _location(result.stored))
+
+    @router.put(
+        f"/{resource_type}",
+        operation_id=f"conditionalUpdate{resource_type}",
+        summary=f"Conditional update of a {resource_type}: the resource the criteria match",
+        description="No match: the body is created (201; with an id in the body that names no "
+        "resource yet, at that id). One match: it is updated (200; a body id must be its id, "
+        "else 400), with the X-Provenance reason as any update. Several: 412. At least one "
+        "criterion is required (400 without). Race-free: identical conditional requests are "
+        "serialised on their criteria.",
+        tags=tags,
+        response_class=FhirResponse,
+        openapi_extra={
+            **_body_doc(resource_type),
+            "parameters": conditional.query_documentation(resource_type, "Criterion"),
+        },
+        responses={
+            200: {**ok_resource, "description": "The match was updated"},
+            201: {
+                **ok_resource,
+                "description": "No match: created",
+                "headers": {**_VERSION_HEADERS, **_LOCATION_HEADER},
+            },
+            **_WRITE_ERRORS,
+            409: _outcome_doc("No match, and the body's id names another resource"),
+            412: _outcome_doc("The criteria match several resources, or If-Match is stale"),
+        },
+    )
+    async def conditional_update(
+        *,
+        request: Request,
+        ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.UPDATE)),
+        if_match: IfMatch = None,
+        prefer: Prefer = None,
+        provenance: XProvenance = None,
+    ) -> Response:
+        require_json_body(request)
+        criteria, key = _criteria_in_query(request, resource_type, principal)
+        result = await service.conditional_update(
+            ctx,
+            resource_type,
+            criteria,
+            key,
+            await request.body(),
+            principal,
+            if_match=if_match,
+            provenance=provenance,
+        )
+        if result.created:
+            return _resource_response(request, result.stored, 201, _location(result.stored))
+        return _resource_response(request, result.stored)
+
+    @router.delete(
+        f"/{resource_type}",
+        operation_id=f"conditionalDelete{resource_type}",
+        summary=f"Conditional delete of the one {resource_type} the criteria match",
+        description="One match: deleted (with the X-Provenance reason, as any delete). None: "
+        "nothing to do (204). Several: 412, nothing deleted (single conditional delete). At "
+        "least one criterion is required: without, 400 (never a delete of every resource).",
+        tags=tags,
+        status_code=204,
+        response_class=Response,
+        openapi_extra={
+            "parameters": conditional.query_documentation(resource_type, "Criterion"),
+        },
+        responses={
+            204: {
+                "description": "Deleted, or nothing matched",
+                "headers": {
+                    "ETag": {
+                        "description": "Version of the deletion (when one was deleted)",
+                        "schema": {"type": "string"},
+                    },
+                },
+            },
+            200: {
+                "model": schemas.OperationOutcome,
+                "content": {FHIR_JSON: {}},
+                "description": "With Prefer: return=OperationOutcome, what was done",
+            },
+            **_WRITE_ERRORS,
+            412: _outcome_doc("The criteria match several resources, or If-Match is stale"),
+        },
+    )
+    async def conditional_delete(
+        *,
+        request: Request,
+        ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.DELETE)),
+        if_match: IfMatch = None,
+        prefer: Prefer = None,
+        provenance: XProvenance = None,
+    ) -> Response:
+        criteria, key = _criteria_in_query(request, resource_type, principal)
+        deletion = await service.conditional_delete(
+            ctx, resource_type, criteria, key, principal, if_match=if_match, provenance=provenance
+        )
+        headers = {"ETag": deletion.etag} if deletion else {}
+        if prefer_return(request) == "OperationOutcome":
+            message = (
+                f"Deleted {resource_type}/{deletion.id}"
+                if deletion
+                else f"No {resource_type} matched the criteria; nothing was deleted"
+            )
+            return FhirResponse(information(message), headers=headers)
+        return Response(status_code=204, headers=headers)
 
     @router.get(
         f"/{resource_type}/_history",
@@ -379,6 +525,49 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         )
         if result.created:
             return _resource_response(request, result.stored, 201, _location(result.stored))
+        return _resource_response(request, result.stored)
+
+    @router.patch(
+        f"/{resource_type}/{{resource_id:fhirid}}",
+        operation_id=f"patch{resource_type}",
+        summary=f"Patch a {resource_type} (JSON Patch or JSON Merge Patch)",
+        description="A patch is an update: the patched resource is validated as one, needs "
+        "the X-Provenance reason, honours If-Match and is audited as an update. A failed "
+        "JSON Patch test, or a path that does not exist, is a 422.",
+        tags=tags,
+        response_class=FhirResponse,
+        openapi_extra=_patch_doc(resource_type),
+        responses={
+            200: {**ok_resource, "description": "Patched"},
+            410: _outcome_doc("Deleted; there is nothing to patch"),
+            **_WRITE_ERRORS,
+            415: _outcome_doc(f"Body is not {JSON_PATCH}, {MERGE_PATCH} or JSON"),
+            422: _outcome_doc(
+                "The patch cannot be applied (a failed test, a missing path), or its result "
+                "is not an acceptable resource; `expression` names the element"
+            ),
+        },
+    )
+    async def patch(
+        *,
+        request: Request,
+        ctx: ServicesDep,
+        principal: Principal = Depends(Require(resource_type, Action.UPDATE)),
+        resource_id: IdPath,
+        if_match: IfMatch = None,
+        prefer: Prefer = None,
+        provenance: XProvenance = None,
+    ) -> Response:
+        document = parse_patch(await request.body(), request.headers.get("content-type"))
+        result = await service.patch(
+            ctx,
+            resource_type,
+            resource_id,
+            document,
+            principal,
+            if_match=if_match,
+            provenance=provenance,
+        )
         return _resource_response(request, result.stored)
 
     @router.delete(
@@ -512,16 +701,10 @@ for _resource_type in RESOURCE_TYPES:
     _register(_resource_type)
 
 
-def _conditional_criteria(resource_type: str, header: str) -> tuple[Any, str]:
-    """If-None-Exist holds token or patient criteria: name=value pairs joined by &."""
-    if not re.fullmatch(_conditional_pattern(resource_type), header):
-        raise BadRequest(
-            f"If-None-Exist {header!r} is not token or patient criteria: name=value pairs "
-            f"joined by &, names among {', '.join(_conditional_parameters(resource_type))}",
-            expression=["header.If-None-Exist"],
-        )
-    pairs = parse_qsl(header, keep_blank_values=True)
-    parsed = parse_search(resource_type, pairs, default_count=1, max_count=1, strict=True)
-    if not parsed.has_criteria:
-        raise BadRequest(f"If-None-Exist {header!r} has no search criteria")
-    return parsed.criteria, criteria_key(parsed.criteria)
+def _criteria_in_query(
+    request: Request, resource_type: str, principal: Principal
+) -> tuple[Any, str]:
+    """The criteria of a conditional update or delete, which are a search too."""
+    authorize(principal, resource_type, Action.SEARCH)
+    pairs = conditional.from_query(request.query_params.multi_items())
+    return conditional.criteria(resource_type, pairs, "The query")

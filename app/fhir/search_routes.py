@@ -41,6 +41,7 @@ from app.fhir.search_params import (
     SORT_KEYS,
     SUMMARY_MODES,
     TOTAL_MODES,
+    ParsedSearch,
     encode_cursor,
     parse_search,
 )
@@ -84,6 +85,21 @@ async def _run_search(
         include_limit=settings.max_page_size,
         query=urlencode(params) or None,
     )
+    text = render_searchset(
+        fhir_base(request), resource_type, parsed, params, result, settings.max_page_size
+    )
+    return pretty(request, text)
+
+
+def render_searchset(
+    base: str,
+    resource_type: str,
+    parsed: ParsedSearch,
+    params: Sequence[tuple[str, str]],
+    result: service.SearchResult,
+    max_page_size: int,
+) -> str:
+    """The searchset Bundle of one page (also an entry of a Bundle's response)."""
     next_params = None
     if result.more and result.hits:
         next_params = [*parsed.applied, ("_cursor", encode_cursor(*result.hits[-1].key))]
@@ -94,8 +110,8 @@ async def _run_search(
         warnings.append(
             Issue(
                 "too-costly",
-                f"More than {settings.max_page_size} resources were to be included; only the "
-                f"first {settings.max_page_size} are: ask for smaller pages (_count)",
+                f"More than {max_page_size} resources were to be included; only the "
+                f"first {max_page_size} are: ask for smaller pages (_count)",
                 severity="warning",
             )
         )
@@ -112,7 +128,7 @@ async def _run_search(
         for hit in result.hits
     ]
     text = bundles.searchset(
-        fhir_base(request),
+        base,
         resource_type,
         page,
         self_params=params,
@@ -121,7 +137,7 @@ async def _run_search(
         total=result.total,
         included=result.included,
     )
-    return pretty(request, text)
+    return text
 
 
 async def _form_parameters(request: Request) -> list[tuple[str, str]]:

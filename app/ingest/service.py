@@ -45,7 +45,6 @@ from app.ingest.hl7v2 import AckCode, Location, Problem, Rejected, Result
 from app.services import resources
 from app.services.context import ServiceContext
 from app.services.dates import utc_now
-from app.services.response import recompute
 from app.store import hl7_messages
 from app.store import repository as repo
 from app.store.criteria import Criteria, TokenMatch
@@ -77,7 +76,7 @@ class _Tally:
     unchanged: int = 0
     skipped: int = 0  # OBX that are not platelet counts, or carry no result
     records: list[AuditRecord] = field(default_factory=list)
-    patients: set[str] = field(default_factory=set)
+    changes: list[resources.Change] = field(default_factory=list)
 
 
 async def receive(
@@ -164,8 +163,7 @@ async def _store(
                 now,
                 tally,
             )
-        for patient_id in sorted(tally.patients):
-            await recompute(ctx, conn, patient_id, now)
+        await resources.recompute_changes(ctx, conn, tally.changes, now)
         reply = Reply(hl7v2.ack(message, "AA"), "AA")
         await hl7_messages.remember(conn, key, now, oru.content_hash, reply.ack)
         summary = (
@@ -431,7 +429,7 @@ async def _write(
 ) -> None:
     try:
         if current is None:
-            _, record = await resources.create_in_transaction(
+            change = await resources.create_in(
                 ctx, conn, "Observation", item.document, principal, now, description=description
             )
             tally.created += 1
@@ -443,13 +441,15 @@ async def _write(
                 "reason": [{"text": reason}],
                 "entity": [{"role": "source", "what": {"display": description}}],
             }
-            _, record = await resources.update_in_transaction(
+            change = await resources.update_in(
                 ctx,
                 conn,
-                current,
-                item.document,
+                "Observation",
+                current.id,
+                {**item.document, "id": current.id},
                 principal,
                 now,
+                current=current,
                 provenance=orjson.dumps(provenance).decode(),
                 description=description,
             )
@@ -459,8 +459,9 @@ async def _write(
         raise Rejected.one(
             "AE", code, f"{item.result.location}: {exc.diagnostics}", item.result.location
         ) from None
-    tally.records.append(record)
-    tally.patients.add(item.patient_id)
+    assert change.record is not None
+    tally.records.append(change.record)
+    tally.changes.append(change)
 
 
 def _record(

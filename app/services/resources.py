@@ -1,22 +1,37 @@
-"""The FHIR interactions as use cases. Each public function is one transaction.
+"""The FHIR interactions as use cases.
+
+One write path. The primitives `create_in`, `update_in`, `patch_in` and `delete_in` make
+every check of a write (validation, the caller's sites, the server-owned response-status
+Observation, a lab's Observation kinds, the reason for change, `If-Match`) and store it, in
+a transaction the caller owns and has locked; each returns a `Change`: what was stored, its
+AuditRecord and the patients whose response must be recomputed. `finish` then recomputes
+each patient once and appends every audit record at once. The public `create`, `update`,
+`patch`, `delete` and the conditional forms are thin wrappers doing exactly that for one
+request; a transaction Bundle (`app.services.transactions`) and an HL7 v2 message
+(`app.ingest`) do it for many writes in one transaction.
 
 Create and update: parse -> validate (R4B + the stricter FHIR checks) -> derive index values
 (platelet normalisation, subject) -> lock -> store. Locks, PostgreSQL only (SQLite write
-transactions are serial anyway):
-- the subject Patient's row, `FOR UPDATE`: writes for one patient are serialised, writes for
-  different patients never wait on each other, and a Patient cannot be deleted while a record
-  for it is being written;
-- the resource's own row, `FOR UPDATE`, on update and delete: `If-Match` checks and version
-  numbers cannot race;
-- an advisory lock on the conditional-create criteria: 50 identical `If-None-Exist` creates
-  at once leave exactly one resource.
+transactions are serial anyway), always taken in this order, each group sorted, so no two
+writers can deadlock whatever they write:
+1. advisory locks on criteria: conditional create, update and delete (`conditional:...`;
+   50 identical conditional creates at once leave exactly one resource), HL7 message and
+   result keys;
+2. advisory locks on the ids updated, patched or deleted (`id:Type:id`): two
+   update-as-creates of one new id cannot collide;
+3. the Patient rows involved, `FOR UPDATE`: writes for one patient are serialised, writes for
+   different patients never wait on each other, and a Patient cannot be deleted while a
+   record for it is being written;
+4. the resources' own rows, `FOR UPDATE`, on update and delete: `If-Match` checks and
+   version numbers cannot race;
+5. last, the audit chain (`finish`), held from the end of the write to its commit.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +60,7 @@ from app.services import response
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.services.indexing import KIND_RESPONSE_STATUS, index_values, subject_patient_id
+from app.services.patching import Patch, apply_patch
 from app.services.provenance import require_reason, store_provenance
 from app.services.response import RESERVED_ID_PREFIX
 from app.services.validation import parse_json, validate
@@ -73,8 +89,33 @@ class WriteResult:
     created: bool  # True: 201 Created; False: 200 (update, or conditional create matched)
 
 
+@dataclass(frozen=True)
+class Change:
+    """One write done in the caller's transaction, not yet recomputed nor audited."""
+
+    stored: Stored
+    created: bool
+    record: AuditRecord | None  # None: nothing was written (a conditional create matched)
+    patients: frozenset[str] = frozenset()  # whose response the write may change
+    forgotten: str | None = None  # a deleted Patient: its response status went with it
+
+
+@dataclass
+class Scope:
+    """What a transaction of several writes has locked up front: the Patient rows, so that
+    each write does not fetch and lock them again. A write of a Patient drops its entry."""
+
+    patients: dict[str, repo.Current] = field(default_factory=dict)
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def conditional_lock_key(resource_type: str, criteria_key: str) -> str:
+    """One key for every conditional form (create, update, delete) of the same criteria, so
+    they serialise one another."""
+    return f"conditional:{resource_type}:{criteria_key}"
 
 
 def _render(
@@ -90,10 +131,13 @@ def _render(
     return orjson.dumps(document).decode()
 
 
-def _stored(current: repo.Current) -> Stored:
+def stored_of(current: repo.Current) -> Stored:
     return Stored(
         current.resource_type, current.id, current.version_id, current.last_updated, current.content
     )
+
+
+_stored = stored_of
 
 
 def parse_if_match(header: str | None) -> int | None:
@@ -108,6 +152,18 @@ def parse_if_match(header: str | None) -> int | None:
     return int(value)
 
 
+def _ids(*patient_ids: str | None) -> frozenset[str]:
+    return frozenset(p for p in patient_ids if p is not None)
+
+
+async def _patient_row(
+    conn: AsyncConnection, patient_id: str, scope: Scope | None
+) -> repo.Current | None:
+    if scope is not None and patient_id in scope.patients:
+        return scope.patients[patient_id]
+    return await repo.get_current(conn, "Patient", patient_id, for_update=True)
+
+
 async def _accept(
     ctx: ServiceContext,
     conn: AsyncConnection,
@@ -115,6 +171,7 @@ async def _accept(
     resource_id: str,
     raw: dict[str, Any],
     principal: Principal,
+    scope: Scope | None = None,
 ) -> repo.IndexRow:
     """Validate, derive index values, lock (and check) the subject Patient, and check that the
     caller may write this record at this site."""
@@ -125,7 +182,7 @@ async def _accept(
     if resource_type == "Patient" and not may_access_site(principal, values.site):
         raise Forbidden(f"Site {values.site} is not one of the caller's sites")
     if resource_type != "Patient" and values.patient_id is not None:
-        patient = await repo.get_current(conn, "Patient", values.patient_id, for_update=True)
+        patient = await _patient_row(conn, values.patient_id, scope)
         # A patient at another site is answered exactly like a missing one: no existence leak.
         if patient is None or patient.deleted or not may_access_site(principal, patient.site):
             raise Unprocessable(
@@ -150,6 +207,309 @@ async def _accept(
     )
 
 
+def _wrote_patient(scope: Scope | None, resource_type: str, resource_id: str) -> None:
+    if scope is not None and resource_type == "Patient":
+        scope.patients.pop(resource_id, None)
+
+
+# --- The primitives: one write each, in the caller's locked transaction ---------------------
+
+
+async def create_in(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    resource_type: str,
+    raw: dict[str, Any],
+    principal: Principal,
+    now: datetime,
+    *,
+    resource_id: str | None = None,
+    if_none_exist: Criteria | None = None,
+    description: str | None = None,
+    scope: Scope | None = None,
+) -> Change:
+    """A create (the server assigns the id; `resource_id` only when the caller assigned one
+    in advance, as a Bundle does for its `urn:uuid` entries). With `if_none_exist`, whose
+    criteria lock the caller holds, an existing match is returned instead and nothing is
+    written."""
+    resource_id = resource_id or new_id()
+    # Every check a create makes, also when a match will be returned: a client must not
+    # learn that a body it may not write "worked".
+    index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
+    if if_none_exist is not None:
+        match = await single_match(conn, if_none_exist, principal, "If-None-Exist")
+        if match is not None:
+            ctx.audit.add(
+                _audit(
+                    "read",
+                    principal,
+                    match,
+                    description="If-None-Exist matched this resource; nothing was written",
+                )
+            )
+            return Change(_stored(match), created=False, record=None)
+    content = _render(raw, resource_type, resource_id, 1, now)
+    await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+    _wrote_patient(scope, resource_type, resource_id)
+    record = AuditRecord.of(
+        principal,
+        "create",
+        site=index.site,
+        entity_type=resource_type,
+        entity_id=resource_id,
+        version_after=1,
+        recorded=now,
+        description=description,
+    )
+    stored = Stored(resource_type, resource_id, 1, now, content)
+    return Change(stored, True, record, _ids(index.patient_id))
+
+
+async def update_in(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    resource_type: str,
+    resource_id: str,
+    raw: dict[str, Any],
+    principal: Principal,
+    now: datetime,
+    *,
+    current: repo.Current | None,
+    expected: int | None = None,
+    provenance: str | None = None,
+    description: str | None = None,
+    scope: Scope | None = None,
+) -> Change:
+    """An update of the row `current` that the caller locked (None: a new id, an update as
+    create). A change of an existing resource needs the reason in `provenance`."""
+    body_id = raw.get("id")
+    if body_id is not None and body_id != resource_id:
+        raise BadRequest(
+            f"The body's id {body_id!r} does not match the URL's {resource_id!r}",
+            expression=[f"{resource_type}.id"],
+        )
+    if resource_id.startswith(RESERVED_ID_PREFIX):
+        raise _server_owned()
+    if current is not None and not may_access_site(principal, current.site):
+        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+    if expected is not None and (current is None or current.version_id != expected):
+        raise _stale(expected, current)
+    if current is not None and current.kind == KIND_RESPONSE_STATUS:
+        raise _server_owned()
+    if current is not None and resource_type == "Observation":
+        authorize_observation_write(principal, current.kind)
+    reason = None if current is None else require_reason(provenance)
+    raw = {**raw, "id": resource_id}
+    index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
+    record = AuditRecord.of(
+        principal,
+        "update",
+        site=index.site,
+        entity_type=resource_type,
+        entity_id=resource_id,
+        recorded=now,
+        description=description,
+    )
+    if current is None:
+        content = _render(raw, resource_type, resource_id, 1, now)
+        await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+        _wrote_patient(scope, resource_type, resource_id)
+        record.version_after = 1
+        stored = Stored(resource_type, resource_id, 1, now, content)
+        return Change(stored, True, record, _ids(index.patient_id))
+    version = current.version_id + 1
+    content = _render(raw, resource_type, resource_id, version, now)
+    await repo.update_resource(conn, current, version, content, index, now, "update")
+    _wrote_patient(scope, resource_type, resource_id)
+    if resource_type == "Patient" and current.site != index.site:
+        authorize(principal, "Patient", Action.MOVE_SITE)
+        await repo.move_records(conn, resource_id, index.site)
+    assert reason is not None and provenance is not None
+    await store_provenance(conn, provenance, principal, resource_type, resource_id, version, now)
+    record.version_before, record.version_after, record.reason = (
+        current.version_id,
+        version,
+        reason,
+    )
+    stored = Stored(resource_type, resource_id, version, now, content)
+    # A record moved to another patient changes both patients' responses.
+    return Change(stored, current.deleted, record, _ids(index.patient_id, current.patient_id))
+
+
+def patched(
+    resource_type: str, resource_id: str, current: repo.Current | None, patch: Patch
+) -> dict[str, Any]:
+    """The resource `patch` makes of the current version (404 and 410 as a read)."""
+    if current is None:
+        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+    if current.deleted or current.content is None:
+        raise Gone(f"{resource_type}/{resource_id} was deleted; there is nothing to patch")
+    return apply_patch(patch, orjson.loads(current.content), resource_type, resource_id)
+
+
+async def patch_in(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    resource_type: str,
+    resource_id: str,
+    patch: Patch,
+    principal: Principal,
+    now: datetime,
+    *,
+    current: repo.Current | None,
+    expected: int | None = None,
+    provenance: str | None = None,
+    scope: Scope | None = None,
+) -> Change:
+    """A patch is an update of the patched resource: the same checks, reason and audit."""
+    if current is None or not may_access_site(principal, current.site):
+        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+    if expected is not None and current.version_id != expected:
+        raise _stale(expected, current)
+    raw = patched(resource_type, resource_id, current, patch)
+    return await update_in(
+        ctx,
+        conn,
+        resource_type,
+        resource_id,
+        raw,
+        principal,
+        now,
+        current=current,
+        expected=expected,
+        provenance=provenance,
+        description=f"patch ({patch.media_type})",
+        scope=scope,
+    )
+
+
+async def delete_in(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    resource_type: str,
+    resource_id: str,
+    principal: Principal,
+    now: datetime,
+    *,
+    current: repo.Current | None,
+    expected: int | None = None,
+    provenance: str | None = None,
+    scope: Scope | None = None,
+) -> Change | None:
+    """A delete of the locked row `current`; None when it was deleted already."""
+    if current is None or not may_access_site(principal, current.site):
+        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+    if expected is not None and current.version_id != expected:
+        raise _stale(expected, current)
+    if current.kind == KIND_RESPONSE_STATUS:
+        raise _server_owned()
+    if current.deleted:
+        return None
+    reason = require_reason(provenance)
+    if resource_type == "Patient" and await repo.has_live_references(conn, resource_id):
+        raise Conflict(f"Patient/{resource_id} still has records; delete or move them first")
+    version = current.version_id + 1
+    await repo.update_resource(conn, current, version, None, None, now, "delete")
+    _wrote_patient(scope, resource_type, resource_id)
+    patients, forgotten = _ids(current.patient_id), None
+    if resource_type == "Patient":
+        await response.forget(conn, resource_id, now)
+        patients, forgotten = frozenset(), resource_id
+    assert provenance is not None
+    await store_provenance(conn, provenance, principal, resource_type, resource_id, version, now)
+    record = AuditRecord.of(
+        principal,
+        "delete",
+        site=current.site,
+        entity_type=resource_type,
+        entity_id=resource_id,
+        version_before=current.version_id,
+        version_after=version,
+        reason=reason,
+        recorded=now,
+    )
+    stored = Stored(resource_type, resource_id, version, now, None)
+    return Change(stored, False, record, patients, forgotten)
+
+
+async def recompute_changes(
+    ctx: ServiceContext, conn: AsyncConnection, changes: Iterable[Change], now: datetime
+) -> None:
+    """Recompute each patient the changes touched, once, in the write's own transaction:
+    data and status commit together. The Patient rows are locked already (`_accept`,
+    `lock_for_update`, or the caller's `Scope`)."""
+    changes = list(changes)
+    forgotten = {c.forgotten for c in changes if c.forgotten is not None}
+    patients = set().union(*(c.patients for c in changes)) - forgotten
+    for patient_id in sorted(patients):
+        await response.recompute(ctx, conn, patient_id, now)
+
+
+async def finish(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    changes: Sequence[Change],
+    now: datetime,
+    extra_records: Sequence[AuditRecord] = (),
+) -> None:
+    """Recompute, then append every audit record in one go: the audit chain's lock is the
+    last a write takes."""
+    await recompute_changes(ctx, conn, changes, now)
+    records = [c.record for c in changes if c.record is not None]
+    await append_audit(conn, [*records, *extra_records])
+
+
+async def single_match(
+    conn: AsyncConnection, criteria: Criteria, principal: Principal, what: str
+) -> repo.Current | None:
+    """The one resource at the caller's sites matching conditional criteria, None when
+    none does; 412 when several do (FHIR: the server cannot tell which one is meant)."""
+    visible = replace(criteria, sites=visible_sites(principal))
+    matches = await repo.first_matches(conn, visible, limit=2)
+    if len(matches) > 1:
+        raise PreconditionFailed(
+            f"{what} matches more than one {criteria.resource_type}; nothing was done"
+        )
+    return matches[0] if matches else None
+
+
+async def lock_id(
+    conn: AsyncConnection, resource_type: str, resource_id: str
+) -> repo.Current | None:
+    """Step 2 of the lock order: the id. Returns its current row, which cannot change while
+    the lock is held (every write of it takes the lock), but is not row-locked yet."""
+    await repo.lock(conn, f"id:{resource_type}:{resource_id}")
+    return await repo.get_current(conn, resource_type, resource_id)
+
+
+async def lock_for_update(
+    conn: AsyncConnection,
+    resource_type: str,
+    resource_id: str,
+    current: repo.Current | None,
+    new_patient: str | None = None,
+) -> repo.Current | None:
+    """Steps 3 and 4 after `lock_id`: the patients involved sorted by id (so two writes moving
+    records between the same patients cannot deadlock), then the record's row. Returns the
+    locked current row, or None for a new id."""
+    if resource_type != "Patient":
+        # The record's patient cannot change meanwhile: changing it needs the id lock we hold.
+        patients = {new_patient, current.patient_id if current else None}
+        for patient_id in sorted(p for p in patients if p is not None):
+            await repo.get_current(conn, "Patient", patient_id, for_update=True)
+    return await repo.get_current(conn, resource_type, resource_id, for_update=True)
+
+
+async def _lock_current(
+    conn: AsyncConnection, resource_type: str, resource_id: str, new_patient: str | None = None
+) -> repo.Current | None:
+    current = await lock_id(conn, resource_type, resource_id)
+    return await lock_for_update(conn, resource_type, resource_id, current, new_patient)
+
+
+# --- One request, one transaction -------------------------------------------------------
+
+
 async def create(
     ctx: ServiceContext,
     resource_type: str,
@@ -160,51 +520,16 @@ async def create(
     if_none_exist_key: str | None = None,
 ) -> WriteResult:
     raw = parse_json(body)
-    # FHIR create ignores a client id; the server assigns its own.
-    resource_id = new_id()
     async with ctx.db.write() as conn:
         if if_none_exist is not None:
-            await repo.lock(conn, f"if-none-exist:{resource_type}:{if_none_exist_key}")
-        # Every check a create makes, also when a match will be returned: a client must not
-        # learn that a body it may not write "worked".
-        index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
-        if if_none_exist is not None:
-            visible = replace(if_none_exist, sites=visible_sites(principal))
-            matches = await repo.first_matches(conn, visible, limit=2)
-            if len(matches) > 1:
-                raise PreconditionFailed(
-                    "If-None-Exist matches more than one resource; the create was not done"
-                )
-            if matches:
-                match = matches[0]
-                ctx.audit.add(
-                    _audit(
-                        "read",
-                        principal,
-                        match,
-                        description="If-None-Exist matched this resource; nothing was written",
-                    )
-                )
-                return WriteResult(_stored(match), created=False)
+            assert if_none_exist_key is not None
+            await repo.lock(conn, conditional_lock_key(resource_type, if_none_exist_key))
         now = utc_now()
-        content = _render(raw, resource_type, resource_id, 1, now)
-        await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
-        await _recompute(ctx, conn, {index.patient_id}, now)
-        await append_audit(
-            conn,
-            [
-                AuditRecord.of(
-                    principal,
-                    "create",
-                    site=index.site,
-                    entity_type=resource_type,
-                    entity_id=resource_id,
-                    version_after=1,
-                    recorded=now,
-                )
-            ],
+        change = await create_in(
+            ctx, conn, resource_type, raw, principal, now, if_none_exist=if_none_exist
         )
-    return WriteResult(Stored(resource_type, resource_id, 1, now, content), created=True)
+        await finish(ctx, conn, [change], now)
+    return WriteResult(change.stored, change.created)
 
 
 async def update(
@@ -218,69 +543,88 @@ async def update(
     provenance: str | None = None,
 ) -> WriteResult:
     raw = parse_json(body)
-    body_id = raw.get("id")
-    if body_id is None:
+    if raw.get("id") is None:
         raise BadRequest(
             "An update must carry the resource id in the body", expression=[f"{resource_type}.id"]
         )
-    if body_id != resource_id:
+    expected = parse_if_match(if_match)
+    return await _update(ctx, resource_type, resource_id, raw, principal, expected, provenance)
+
+
+async def _update(
+    ctx: ServiceContext,
+    resource_type: str,
+    resource_id: str,
+    raw: dict[str, Any],
+    principal: Principal,
+    expected: int | None,
+    provenance: str | None,
+) -> WriteResult:
+    if raw.get("id") not in (None, resource_id):
         raise BadRequest(
-            f"The body's id {body_id!r} does not match the URL's {resource_id!r}",
+            f"The body's id {raw['id']!r} does not match the URL's {resource_id!r}",
             expression=[f"{resource_type}.id"],
         )
-    expected = parse_if_match(if_match)
     if resource_id.startswith(RESERVED_ID_PREFIX):
         raise _server_owned()
     new_patient = None if resource_type == "Patient" else subject_patient_id(resource_type, raw)
     async with ctx.db.write() as conn:
         current = await _lock_current(conn, resource_type, resource_id, new_patient)
-        if current is not None and not may_access_site(principal, current.site):
-            raise NotFound(f"{resource_type}/{resource_id} does not exist")
-        if expected is not None and (current is None or current.version_id != expected):
-            raise _stale(expected, current)
-        if current is not None and current.kind == KIND_RESPONSE_STATUS:
-            raise _server_owned()
-        if current is not None and resource_type == "Observation":
-            authorize_observation_write(principal, current.kind)
-        reason = None if current is None else require_reason(provenance)
-        index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
         now = utc_now()
-        record = AuditRecord.of(
+        change = await update_in(
+            ctx,
+            conn,
+            resource_type,
+            resource_id,
+            raw,
             principal,
-            "update",
-            site=index.site,
-            entity_type=resource_type,
-            entity_id=resource_id,
-            recorded=now,
+            now,
+            current=current,
+            expected=expected,
+            provenance=provenance,
         )
-        if current is None:
-            content = _render(raw, resource_type, resource_id, 1, now)
-            await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
-            await _recompute(ctx, conn, {index.patient_id}, now)
-            record.version_after = 1
-            await append_audit(conn, [record])
-            return WriteResult(Stored(resource_type, resource_id, 1, now, content), created=True)
-        version = current.version_id + 1
-        content = _render(raw, resource_type, resource_id, version, now)
-        await repo.update_resource(conn, current, version, content, index, now, "update")
-        if resource_type == "Patient" and current.site != index.site:
-            authorize(principal, "Patient", Action.MOVE_SITE)
-            await repo.move_records(conn, resource_id, index.site)
-        # A record moved to another patient changes both patients' responses.
-        await _recompute(ctx, conn, {index.patient_id, current.patient_id}, now)
-        assert reason is not None and provenance is not None
-        await store_provenance(
-            conn, provenance, principal, resource_type, resource_id, version, now
+        await finish(ctx, conn, [change], now)
+    return WriteResult(change.stored, change.created)
+
+
+async def patch(
+    ctx: ServiceContext,
+    resource_type: str,
+    resource_id: str,
+    document: Patch,
+    principal: Principal,
+    *,
+    if_match: str | None,
+    provenance: str | None = None,
+) -> WriteResult:
+    expected = parse_if_match(if_match)
+    if resource_id.startswith(RESERVED_ID_PREFIX):
+        raise _server_owned()
+    async with ctx.db.write() as conn:
+        current = await lock_id(conn, resource_type, resource_id)
+        # The patched subject decides which patients to lock; the id lock keeps the current
+        # version from changing between this look and the row lock.
+        new_patient = None
+        if current is not None and may_access_site(principal, current.site):
+            raw = patched(resource_type, resource_id, current, document)
+            if resource_type != "Patient":
+                new_patient = subject_patient_id(resource_type, raw)
+        current = await lock_for_update(conn, resource_type, resource_id, current, new_patient)
+        now = utc_now()
+        change = await patch_in(
+            ctx,
+            conn,
+            resource_type,
+            resource_id,
+            document,
+            principal,
+            now,
+            current=current,
+            expected=expected,
+            provenance=provenance,
         )
-        record.version_before, record.version_after, record.reason = (
-            current.version_id,
-            version,
-            reason,
-        )
-        await append_audit(conn, [record])
-    return WriteResult(
-        Stored(resource_type, resource_id, version, now, content), created=current.deleted
-    )
+        await finish(ctx, conn, [change], now)
+    return WriteResult(change.stored, change.created)
 
 
 async def delete(
@@ -296,75 +640,145 @@ async def delete(
     expected = parse_if_match(if_match)
     async with ctx.db.write() as conn:
         current = await _lock_current(conn, resource_type, resource_id)
-        if current is None or not may_access_site(principal, current.site):
-            raise NotFound(f"{resource_type}/{resource_id} does not exist")
-        if expected is not None and current.version_id != expected:
-            raise _stale(expected, current)
-        if current.kind == KIND_RESPONSE_STATUS:
-            raise _server_owned()
-        if current.deleted:
-            return None
-        reason = require_reason(provenance)
-        if resource_type == "Patient" and await repo.has_live_references(conn, resource_id):
-            raise Conflict(
-                f"Patient/{resource_id} still has records; delete or move them first",
-            )
         now = utc_now()
-        version = current.version_id + 1
-        await repo.update_resource(conn, current, version, None, None, now, "delete")
-        if resource_type == "Patient":
-            await response.forget(conn, resource_id, now)
-        else:
-            await _recompute(ctx, conn, {current.patient_id}, now)
-        assert provenance is not None
-        await store_provenance(
-            conn, provenance, principal, resource_type, resource_id, version, now
-        )
-        await append_audit(
+        change = await delete_in(
+            ctx,
             conn,
-            [
+            resource_type,
+            resource_id,
+            principal,
+            now,
+            current=current,
+            expected=expected,
+            provenance=provenance,
+        )
+        if change is None:
+            return None
+        await finish(ctx, conn, [change], now)
+    return change.stored
+
+
+async def conditional_target(
+    conn: AsyncConnection,
+    resource_type: str,
+    criteria: Criteria,
+    raw: dict[str, Any],
+    principal: Principal,
+) -> tuple[str | None, repo.Current | None]:
+    """Which resource a conditional update writes (FHIR http.html#cond-update), under the
+    criteria lock: (id, its current row). One match: that one (a body id must be its id).
+    None: the body's id if it names no resource yet (update as create), else (None, None),
+    a create. Several: 412."""
+    body_id = raw.get("id")
+    match = await single_match(conn, criteria, principal, "The conditional update's criteria")
+    if match is not None:
+        if body_id is not None and body_id != match.id:
+            raise BadRequest(
+                f"The body's id {body_id!r} is not the id of the resource the criteria match "
+                f"({resource_type}/{match.id})",
+                expression=[f"{resource_type}.id"],
+            )
+        return match.id, match
+    authorize(principal, resource_type, Action.CREATE)
+    if body_id is None:
+        return None, None
+    if not isinstance(body_id, str):
+        raise BadRequest("The body's id must be a string", expression=[f"{resource_type}.id"])
+    if await repo.get_current(conn, resource_type, body_id) is not None:
+        raise Conflict(
+            f"{resource_type}/{body_id} exists but does not match the criteria: "
+            "a conditional update cannot take its id"
+        )
+    return body_id, None
+
+
+async def conditional_update(
+    ctx: ServiceContext,
+    resource_type: str,
+    criteria: Criteria,
+    criteria_key: str,
+    body: bytes,
+    principal: Principal,
+    *,
+    if_match: str | None,
+    provenance: str | None = None,
+) -> WriteResult:
+    """`PUT /Type?criteria`: no match creates, one match is updated, several are 412.
+    Race-free: identical conditional writes serialise on their criteria."""
+    raw = parse_json(body)
+    expected = parse_if_match(if_match)
+    new_patient = None if resource_type == "Patient" else subject_patient_id(resource_type, raw)
+    async with ctx.db.write() as conn:
+        await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
+        target_id, _ = await conditional_target(conn, resource_type, criteria, raw, principal)
+        now = utc_now()
+        if target_id is None:
+            if expected is not None:
+                raise _stale(expected, None)
+            change = await create_in(ctx, conn, resource_type, raw, principal, now)
+        else:
+            if target_id.startswith(RESERVED_ID_PREFIX):
+                raise _server_owned()
+            current = await _lock_current(conn, resource_type, target_id, new_patient)
+            change = await update_in(
+                ctx,
+                conn,
+                resource_type,
+                target_id,
+                raw,
+                principal,
+                now,
+                current=current,
+                expected=expected,
+                provenance=provenance,
+            )
+        await finish(ctx, conn, [change], now)
+    return WriteResult(change.stored, change.created)
+
+
+async def conditional_delete(
+    ctx: ServiceContext,
+    resource_type: str,
+    criteria: Criteria,
+    criteria_key: str,
+    principal: Principal,
+    *,
+    if_match: str | None,
+    provenance: str | None = None,
+) -> Stored | None:
+    """`DELETE /Type?criteria` (single): none matches, nothing to do (None); one is
+    deleted; several are 412."""
+    expected = parse_if_match(if_match)
+    async with ctx.db.write() as conn:
+        await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
+        match = await single_match(conn, criteria, principal, "The conditional delete's criteria")
+        if match is None:
+            ctx.audit.add(
                 AuditRecord.of(
                     principal,
-                    "delete",
-                    site=current.site,
+                    "search-type",
                     entity_type=resource_type,
-                    entity_id=resource_id,
-                    version_before=current.version_id,
-                    version_after=version,
-                    reason=reason,
-                    recorded=now,
+                    description="Conditional delete: no match, nothing was deleted",
                 )
-            ],
+            )
+            return None
+        current = await _lock_current(conn, resource_type, match.id)
+        now = utc_now()
+        change = await delete_in(
+            ctx,
+            conn,
+            resource_type,
+            match.id,
+            principal,
+            now,
+            current=current,
+            expected=expected,
+            provenance=provenance,
         )
-    return Stored(resource_type, resource_id, version, now, None)
-
-
-async def _lock_current(
-    conn: AsyncConnection, resource_type: str, resource_id: str, new_patient: str | None = None
-) -> repo.Current | None:
-    """Lock what an update or delete touches, always in one order: the id (an advisory lock,
-    which also serialises two update-as-creates of a new id), the patients involved sorted by
-    id (so two writes moving records between the same patients cannot deadlock), then the
-    record's row. Returns the locked current row, or None for a new id."""
-    await repo.lock(conn, f"id:{resource_type}:{resource_id}")
-    current = await repo.get_current(conn, resource_type, resource_id)
-    if resource_type != "Patient":
-        # The record's patient cannot change meanwhile: changing it needs the id lock we hold.
-        patients = {new_patient, current.patient_id if current else None}
-        for patient_id in sorted(p for p in patients if p is not None):
-            await repo.get_current(conn, "Patient", patient_id, for_update=True)
-    return await repo.get_current(conn, resource_type, resource_id, for_update=True)
-
-
-async def _recompute(
-    ctx: ServiceContext, conn: AsyncConnection, patient_ids: set[str | None], now: datetime
-) -> None:
-    """Recompute in the write's own transaction: data and status commit together.
-
-    The Patient rows are already locked by `_accept` / `_lock_current`.
-    """
-    for patient_id in sorted(p for p in patient_ids if p is not None):
-        await response.recompute(ctx, conn, patient_id, now)
+        if change is None:
+            return None
+        await finish(ctx, conn, [change], now)
+    return change.stored
 
 
 def _audit(
@@ -385,6 +799,9 @@ def _audit(
         version_after=version if version is not None else current.version_id,
         description=description,
     )
+
+
+audit_access = _audit
 
 
 def _server_owned() -> Forbidden:
@@ -486,8 +903,9 @@ async def history(
 
 # --- Several writes in one transaction (an HL7 v2 message) --------------------------------
 # The caller owns the transaction. It takes every lock with `lock_for_writes` before its
-# first write, recomputes each patient once after its last one, and appends the returned
-# audit records at the very end: the audit chain's lock is the last a write may take.
+# first write, writes with the primitives above, and ends with `finish` (or
+# `recompute_changes`, then its own rows, then the audit records): the audit chain's lock is
+# the last a write may take.
 
 
 async def lock_for_writes(
@@ -507,73 +925,3 @@ async def lock_for_writes(
         if current is not None:
             rows[resource_id] = current
     return rows
-
-
-async def create_in_transaction(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
-    resource_type: str,
-    raw: dict[str, Any],
-    principal: Principal,
-    now: datetime,
-    *,
-    description: str | None = None,
-) -> tuple[Stored, AuditRecord]:
-    """`create`'s checks and storage in the caller's transaction, without the recompute."""
-    resource_id = new_id()
-    index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
-    content = _render(raw, resource_type, resource_id, 1, now)
-    await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
-    record = AuditRecord.of(
-        principal,
-        "create",
-        site=index.site,
-        entity_type=resource_type,
-        entity_id=resource_id,
-        version_after=1,
-        recorded=now,
-        description=description,
-    )
-    return Stored(resource_type, resource_id, 1, now, content), record
-
-
-async def update_in_transaction(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
-    current: repo.Current,
-    raw: dict[str, Any],
-    principal: Principal,
-    now: datetime,
-    *,
-    provenance: str,
-    description: str | None = None,
-) -> tuple[Stored, AuditRecord]:
-    """`update`'s checks (site, server-owned, lab kinds, reason) and storage, with its
-    Provenance, on a row locked by `lock_for_writes`; without the recompute."""
-    resource_type, resource_id = current.resource_type, current.id
-    if current.deleted or not may_access_site(principal, current.site):
-        raise NotFound(f"{resource_type}/{resource_id} does not exist")
-    if current.kind == KIND_RESPONSE_STATUS:
-        raise _server_owned()
-    if resource_type == "Observation":
-        authorize_observation_write(principal, current.kind)
-    reason = require_reason(provenance)
-    raw = {**raw, "id": resource_id}
-    index = await _accept(ctx, conn, resource_type, resource_id, raw, principal)
-    version = current.version_id + 1
-    content = _render(raw, resource_type, resource_id, version, now)
-    await repo.update_resource(conn, current, version, content, index, now, "update")
-    await store_provenance(conn, provenance, principal, resource_type, resource_id, version, now)
-    record = AuditRecord.of(
-        principal,
-        "update",
-        site=index.site,
-        entity_type=resource_type,
-        entity_id=resource_id,
-        version_before=current.version_id,
-        version_after=version,
-        reason=reason,
-        recorded=now,
-        description=description,
-    )
-    return Stored(resource_type, resource_id, version, now, content), record

@@ -8,7 +8,8 @@ limited to the caller's sites, and need the caller's right to read (`_include`) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,14 +54,16 @@ async def search(
     revincludes: Sequence[Include] = (),
     include_limit: int = 1000,
     query: str | None = None,
+    conn: AsyncConnection | None = None,
 ) -> SearchResult:
-    """One page of matches (`count` at most). `count_only`: the total and nothing else."""
+    """One page of matches (`count` at most). `count_only`: the total and nothing else.
+    In a read transaction of its own, or in `conn` (a Bundle's, which sees its writes)."""
     _authorize(principal, criteria, includes, revincludes)
     criteria = replace(criteria, sites=visible_sites(principal))
     ctx.audit.add(
         AuditRecord.of(principal, "search-type", entity_type=criteria.resource_type, query=query)
     )
-    async with ctx.db.read() as conn:
+    async with _connection(ctx, conn) as conn:
         number = await repo.count(conn, criteria) if total or count_only else None
         if count_only:
             return SearchResult([], False, number, [], False)
@@ -76,6 +79,23 @@ async def search(
         )
     hits = [SearchHit(_stored(current), key) for current, key in page]
     return SearchResult(hits, len(rows) > count, number, included, truncated)
+
+
+@asynccontextmanager
+async def _connection(
+    ctx: ServiceContext, conn: AsyncConnection | None
+) -> AsyncIterator[AsyncConnection]:
+    if conn is not None:
+        yield conn
+    else:
+        async with ctx.db.read() as own:
+            yield own
+
+
+def authorize_criteria(principal: Principal, criteria: Criteria) -> None:
+    """The checks a search makes of its criteria (a lab finds Patients by identifier only),
+    for criteria used elsewhere: conditional writes and references."""
+    _authorize(principal, criteria, (), ())
 
 
 def _stored(current: repo.Current) -> Stored:

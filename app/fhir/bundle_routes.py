@@ -1,0 +1,433 @@
+"""`POST /fhir`: transaction and batch Bundles (FHIR http.html#transaction).
+
+The route reads the Bundle, turns each entry into an `EntryRequest` (its interaction, target,
+criteria, conditional references, patch document), lets `app.services.transactions` run them,
+and answers a `transaction-response` or `batch-response` Bundle: per entry `response.status`,
+`location`, `etag`, `lastModified`, and the resource as `Prefer: return=` asks
+(representation by default; minimal: none; OperationOutcome: `response.outcome`).
+
+`POST /fhir/` is the same (fhirpy and fhirclient post their Bundles to the base URL with a
+trailing slash); only `POST /fhir` is in the OpenAPI file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+from fastapi import APIRouter, Depends, Request, Response
+
+from app.auth.deps import current_principal
+from app.auth.principal import Principal
+from app.errors import BadRequest, FhirError, Issue, PayloadTooLarge
+from app.fhir import conditional, schemas
+from app.fhir.http import (
+    FHIR_JSON,
+    FhirResponse,
+    negotiate,
+    prefer_return,
+    prefer_strict,
+    require_json_body,
+)
+from app.fhir.outcome import operation_outcome
+from app.fhir.routes import (
+    ERRORS,
+    ID_PATTERN,
+    RESOURCE_TYPES,
+    Prefer,
+    ServicesDep,
+    SettingsDep,
+    XProvenance,
+    _outcome_doc,
+    fhir_base,
+)
+from app.fhir.search_params import parse_search
+from app.fhir.search_routes import render_searchset
+from app.services import transactions
+from app.services.dates import format_instant, utc_now
+from app.services.patching import parse_patch
+from app.services.resources import parse_if_match
+from app.services.transactions import EntryRequest, EntryResult, SearchRequest
+from app.services.validation import parse_json
+from app.settings import Settings
+
+router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
+
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_ID = re.compile(ID_PATTERN)
+_CONDITIONAL_REFERENCE = re.compile(rf"({'|'.join(RESOURCE_TYPES)})\?(.+)")
+
+_DESCRIPTION = (
+    "A transaction (all or nothing, in one database transaction) or a batch (each entry on "
+    "its own) of Patient, Observation, MedicationAdministration and AdverseEvent "
+    "interactions: GET (read, vread, search), POST (create; conditional with "
+    "request.ifNoneExist or Type?criteria), PUT (update; conditional with Type?criteria), "
+    "PATCH (a Binary holding a JSON Patch or JSON Merge Patch) and DELETE (conditional with "
+    "Type?criteria). A transaction processes DELETE, then POST, then PUT/PATCH, then GET; "
+    "references to another entry's fullUrl (urn:uuid:...) become the Type/id it is given, and "
+    "conditional references (Patient?identifier=system|value) the one resource they match "
+    "(none: 400, several: 412). Each patient's response is recomputed once. Any entry "
+    "failing fails the transaction: nothing is stored and the answer is that entry's "
+    "OperationOutcome and status. The X-Provenance reason applies to every update, patch and "
+    "delete of the Bundle. Criteria are the token and patient parameters of conditional "
+    "create. Nested Bundles and other Bundle types are 400; more entries than the server's "
+    "limit (APP_MAX_BUNDLE_ENTRIES, 10,000) or a larger body (APP_MAX_BUNDLE_BYTES, 16 MiB) "
+    "413."
+)
+
+
+def _process_doc() -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {FHIR_JSON: {"schema": {"$ref": "#/components/schemas/Bundle"}}},
+        }
+    }
+
+
+@router.post(
+    "",
+    operation_id="processBundle",
+    summary="Process a transaction or batch Bundle",
+    description=_DESCRIPTION,
+    tags=["Bundle"],
+    response_class=FhirResponse,
+    openapi_extra=_process_doc(),
+    responses={
+        200: {
+            "model": schemas.Bundle,
+            "content": {FHIR_JSON: {}},
+            "description": "transaction-response or batch-response Bundle",
+        },
+        **ERRORS,
+        409: _outcome_doc("A transaction entry conflicts with the current state"),
+        410: _outcome_doc("A transaction entry reads or patches a deleted resource"),
+        412: _outcome_doc("A transaction entry's If-Match is stale, or its criteria match several"),
+        413: _outcome_doc("More entries, or a larger body, than the server accepts"),
+        415: _outcome_doc("Body is not application/fhir+json or application/json"),
+        422: _outcome_doc("A transaction entry is not an acceptable resource of this profile"),
+    },
+)
+async def process_bundle(
+    *,
+    request: Request,
+    ctx: ServicesDep,
+    settings: SettingsDep,
+    principal: Principal = Depends(current_principal),
+    prefer: Prefer = None,
+    provenance: XProvenance = None,
+) -> Response:
+    require_json_body(request)
+    bundle = parse_json(await request.body())
+    if bundle.get("resourceType") != "Bundle":
+        raise BadRequest(
+            "POST /fhir takes a Bundle (transaction or batch)", expression=["Bundle.resourceType"]
+        )
+    kind = bundle.get("type")
+    if kind not in ("transaction", "batch"):
+        raise BadRequest(
+            f"Bundle.type {kind!r} is not processed here: send a transaction or a batch",
+            expression=["Bundle.type"],
+        )
+    entries = bundle.get("entry", [])
+    if not isinstance(entries, list):
+        raise BadRequest("Bundle.entry must be an array", expression=["Bundle.entry"])
+    if len(entries) > settings.max_bundle_entries:
+        raise PayloadTooLarge(
+            f"The Bundle has {len(entries)} entries; this server takes at most "
+            f"{settings.max_bundle_entries} per Bundle: split it"
+        )
+    base = fhir_base(request)
+    strict = prefer_strict(request)
+    parsed: list[EntryRequest | FhirError] = []
+    searches: dict[int, tuple[Any, list[tuple[str, str]]]] = {}
+    for index, entry in enumerate(entries):
+        try:
+            parsed.append(_entry(index, entry, base, settings, strict, searches))
+        except FhirError as error:
+            if kind == "transaction":
+                raise transactions.located(error, index) from None
+            parsed.append(transactions.located(error, index))
+    if kind == "transaction":
+        requests = [e for e in parsed if isinstance(e, EntryRequest)]
+        results = await transactions.transaction(ctx, requests, principal, provenance)
+    else:
+        results = await transactions.batch(ctx, parsed, principal, provenance)
+    methods = [e.method if isinstance(e, EntryRequest) else None for e in parsed]
+    answer = _response_bundle(
+        f"{kind}-response", results, methods, base, prefer_return(request), searches, settings
+    )
+    return FhirResponse(answer)
+
+
+@router.post("/", include_in_schema=False)
+async def process_bundle_at_slash(
+    *,
+    request: Request,
+    ctx: ServicesDep,
+    settings: SettingsDep,
+    principal: Principal = Depends(current_principal),
+    prefer: Prefer = None,
+    provenance: XProvenance = None,
+) -> Response:
+    return await process_bundle(
+        request=request,
+        ctx=ctx,
+        settings=settings,
+        principal=principal,
+        prefer=prefer,
+        provenance=provenance,
+    )
+
+
+def _entry(
+    index: int,
+    entry: Any,
+    base: str,
+    settings: Settings,
+    strict: bool,
+    searches: dict[int, tuple[Any, list[tuple[str, str]]]],
+) -> EntryRequest:
+    if not isinstance(entry, dict):
+        raise BadRequest("An entry must be an object")
+    request = entry.get("request")
+    if not isinstance(request, dict):
+        raise BadRequest("An entry of a transaction or batch needs a request")
+    method, url = request.get("method"), request.get("url")
+    if method not in _METHODS:
+        raise BadRequest(f"request.method {method!r}: use one of {', '.join(_METHODS)}")
+    if not isinstance(url, str) or not url:
+        raise BadRequest("request.url is required")
+    for prefix in (base + "/", "/"):
+        url = url.removeprefix(prefix)
+    path, _, query = url.partition("?")
+    parts = path.split("/")
+    kind = parts[0]
+    if kind not in RESOURCE_TYPES:
+        raise BadRequest(
+            f"request.url {url!r}: entries are about {', '.join(RESOURCE_TYPES)} "
+            "(nested Bundles and other types are not processed)"
+        )
+    if len(parts) > 1 and not _ID.fullmatch(parts[1]):
+        raise BadRequest(f"request.url {url!r}: {parts[1]!r} is not a resource id")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    full_url = entry.get("fullUrl")
+    result = EntryRequest(
+        index,
+        method,
+        kind,
+        full_url=full_url if isinstance(full_url, str) and full_url else None,
+        if_match=_if_match(request.get("ifMatch")),
+    )
+    if method == "GET":
+        _get(result, parts, pairs, url, settings, strict, searches)
+        return result
+    bare = len(parts) == 1 and not pairs
+    if (
+        len(parts) > 2
+        or (len(parts) == 2 and (pairs or method == "POST"))
+        or (method != "POST" and bare)
+    ):
+        raise BadRequest(
+            f"request.url {url!r}: {method} takes "
+            + ("Type" if method == "POST" else "Type/id or Type?criteria")
+        )
+    if len(parts) == 2:
+        result.resource_id = parts[1]
+    if method == "POST":
+        if_none_exist = request.get("ifNoneExist")
+        if if_none_exist is not None and pairs:
+            raise BadRequest("Conditional create criteria go in ifNoneExist or the url, not both")
+        if if_none_exist is not None:
+            if not isinstance(if_none_exist, str):
+                raise BadRequest("request.ifNoneExist must be a string")
+            result.criteria, result.criteria_key = conditional.from_header(kind, if_none_exist)
+        elif pairs:
+            result.criteria, result.criteria_key = conditional.criteria(kind, pairs, "request.url")
+    elif pairs:
+        if method == "PATCH":
+            raise BadRequest("Conditional patch is not supported: PATCH Type/id")
+        result.criteria, result.criteria_key = conditional.criteria(kind, pairs, "request.url")
+    if method == "DELETE":
+        return result
+    resource = entry.get("resource")
+    if method == "PATCH":
+        result.patch = _patch(resource)
+        return result
+    if not isinstance(resource, dict):
+        raise BadRequest(f"A {method} entry needs a resource")
+    if resource.get("resourceType") != kind:
+        raise BadRequest(
+            f"The entry's resource is a {resource.get('resourceType')!r}, its request.url is "
+            f"about {kind}"
+        )
+    if method == "PUT" and result.resource_id is not None:
+        body_id = resource.get("id")
+        if body_id is not None and body_id != result.resource_id:
+            raise BadRequest(
+                f"The resource's id {body_id!r} does not match request.url's {result.resource_id!r}"
+            )
+    result.resource = resource
+    result.references = _conditional_references(resource)
+    return result
+
+
+def _if_match(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest('request.ifMatch must be a string such as W/"3"')
+    return parse_if_match(value)
+
+
+def _get(
+    result: EntryRequest,
+    parts: list[str],
+    pairs: list[tuple[str, str]],
+    url: str,
+    settings: Settings,
+    strict: bool,
+    searches: dict[int, tuple[Any, list[tuple[str, str]]]],
+) -> None:
+    kind = result.resource_type
+    if len(parts) == 1:
+        parsed = parse_search(
+            kind,
+            pairs,
+            default_count=settings.default_page_size,
+            max_count=settings.max_page_size,
+            strict=strict,
+        )
+        result.search = SearchRequest(
+            parsed.criteria,
+            sort=parsed.sort,
+            after=parsed.after,
+            count=parsed.count,
+            total=parsed.total,
+            count_only=parsed.summary == "count",
+            includes=parsed.includes,
+            revincludes=parsed.revincludes,
+            include_limit=settings.max_page_size,
+            query=urlencode(pairs) or None,
+        )
+        searches[result.index] = (parsed, pairs)
+        return
+    if pairs:
+        raise BadRequest(f"request.url {url!r}: a read takes no parameters")
+    result.resource_id = parts[1]
+    if len(parts) == 2:
+        return
+    if len(parts) == 4 and parts[2] == "_history" and parts[3].isascii() and parts[3].isdigit():
+        result.version_id = int(parts[3])
+        if 1 <= result.version_id <= 2_147_483_647:
+            return
+    raise BadRequest(f"request.url {url!r}: GET takes Type, Type/id or Type/id/_history/n")
+
+
+def _patch(resource: Any) -> Any:
+    """A transaction's PATCH carries its document in a Binary (FHIR http.html#patch)."""
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Binary":
+        raise BadRequest(
+            "A PATCH entry's resource is a Binary whose contentType is "
+            "application/json-patch+json or application/merge-patch+json and whose data is "
+            "the patch, base64-encoded (FHIRPath Patch is not supported)"
+        )
+    content_type, data = resource.get("contentType"), resource.get("data")
+    if not isinstance(content_type, str) or not isinstance(data, str):
+        raise BadRequest("The PATCH entry's Binary needs contentType and data")
+    try:
+        document = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("The PATCH entry's Binary.data is not base64") from None
+    return parse_patch(document, content_type)
+
+
+def _conditional_references(resource: dict[str, Any]) -> dict[str, Any]:
+    """Each `reference` of the form Type?criteria, with its parsed criteria."""
+    found: dict[str, Any] = {}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "reference" and isinstance(item, str):
+                    match = _CONDITIONAL_REFERENCE.fullmatch(item)
+                    if match and item not in found:
+                        pairs = parse_qsl(match.group(2), keep_blank_values=True)
+                        found[item] = conditional.criteria(
+                            match.group(1), pairs, f"The conditional reference {item!r}"
+                        )[0]
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(resource)
+    return found
+
+
+def _status(code: int) -> str:
+    return f"{code} {HTTPStatus(code).phrase}"
+
+
+def _response_bundle(
+    kind: str,
+    results: list[EntryResult],
+    methods: list[str | None],
+    base: str,
+    prefer: str,
+    searches: dict[int, tuple[Any, list[tuple[str, str]]]],
+    settings: Settings,
+) -> bytes:
+    entries = []
+    for index, (result, method) in enumerate(zip(results, methods, strict=True)):
+        response: dict[str, Any] = {"status": _status(result.status)}
+        entry: dict[str, Any] = {}
+        stored = result.stored
+        if result.error is not None:
+            response["outcome"] = operation_outcome(result.error.issues)
+        elif stored is not None:
+            reference = f"{stored.resource_type}/{stored.id}"
+            if stored.content is not None:
+                entry["fullUrl"] = f"{base}/{reference}"
+                if method != "GET":
+                    response["location"] = f"{reference}/_history/{stored.version_id}"
+            response["etag"] = stored.etag
+            response["lastModified"] = format_instant(stored.last_updated)
+            if stored.content is not None and prefer == "representation":
+                entry["resource"] = orjson.Fragment(stored.content)
+            if prefer == "OperationOutcome" and result.note is None:
+                done = f"{_status(result.status)}: {reference} version {stored.version_id}"
+                response["outcome"] = operation_outcome([_information(done)])
+        elif result.search is not None:
+            parsed, params = searches[index]
+            text = render_searchset(
+                base,
+                parsed.criteria.resource_type,
+                parsed,
+                params,
+                result.search,
+                settings.max_page_size,
+            )
+            entry["resource"] = orjson.Fragment(text)
+        if result.note is not None:
+            response["outcome"] = operation_outcome([_information(result.note)])
+        entry["response"] = response
+        entries.append(entry)
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "timestamp": format_instant(utc_now()),
+    }
+    if entries:
+        bundle["entry"] = entries
+    return orjson.dumps(bundle)
+
+
+def _information(message: str) -> Issue:
+    return Issue("informational", message, severity="information")

@@ -1,0 +1,100 @@
+"""Criteria of the conditional interactions: conditional create (`If-None-Exist`, or the
+criteria in the query), conditional update and delete (`PUT`/`DELETE /Type?criteria`), and a
+Bundle's conditional entries and references (`Patient?identifier=...`).
+
+They match on tokens (identifiers, ids, codes, status) and on the patient: exact values whose
+match a client can predict, never a date range or a partial string. Anything else is a 400
+that names what is accepted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl
+
+from app.errors import BadRequest
+from app.fhir.search_params import SEARCH_PARAMETERS, criteria_key, parse_search
+from app.store.criteria import Criteria
+
+# Parameters that shape the answer, not the match: allowed beside the criteria in a URL.
+FORMAT_PARAMETERS = frozenset({"_format", "_pretty"})
+_ID = r"[A-Za-z0-9\-.]{1,64}"
+# Printable values: anything but control characters (percent-encoded in the URL).
+_TOKEN_VALUE = "^[^\\u0000-\\u001f\\u007f]+$"
+
+
+def conditional_parameters(resource_type: str) -> list[str]:
+    return [p.name for p in SEARCH_PARAMETERS[resource_type] if p.type in ("token", "reference")]
+
+
+def _header_pattern(resource_type: str) -> str:
+    # One or more name=value pairs; values are printable ASCII (percent-encode the rest).
+    names = "|".join(re.escape(n) for n in conditional_parameters(resource_type))
+    pair = f"({names})=[!-%'-~]+"
+    return f"^{pair}(&{pair})*$"
+
+
+def criteria(
+    resource_type: str, pairs: Sequence[tuple[str, str]], source: str
+) -> tuple[Criteria, str]:
+    """Criteria from name=value pairs, and the key that makes equal criteria share a lock."""
+    allowed = conditional_parameters(resource_type)
+    for name, value in pairs:
+        if name not in allowed:
+            raise BadRequest(
+                f"{source}: {name!r} is not a criterion of a conditional {resource_type} "
+                f"interaction; use token or patient parameters: {', '.join(allowed)}"
+            )
+        if not value:
+            raise BadRequest(f"{source}: {name}= has no value")
+    parsed = parse_search(resource_type, pairs, default_count=1, max_count=1, strict=True)
+    if not parsed.has_criteria:
+        raise BadRequest(
+            f"{source} has no search criteria: a conditional {resource_type} interaction "
+            f"needs at least one of {', '.join(allowed)}"
+        )
+    return parsed.criteria, criteria_key(parsed.criteria)
+
+
+def from_header(resource_type: str, header: str) -> tuple[Criteria, str]:
+    """If-None-Exist holds token or patient criteria: name=value pairs joined by &."""
+    if not re.fullmatch(_header_pattern(resource_type), header):
+        raise BadRequest(
+            f"If-None-Exist {header!r} is not token or patient criteria: name=value pairs "
+            f"joined by &, names among {', '.join(conditional_parameters(resource_type))}",
+            expression=["header.If-None-Exist"],
+        )
+    return criteria(resource_type, parse_qsl(header, keep_blank_values=True), "If-None-Exist")
+
+
+def from_query(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The criteria of a URL's query: every parameter but _format and _pretty."""
+    return [(name, value) for name, value in pairs if name not in FORMAT_PARAMETERS]
+
+
+def query_documentation(resource_type: str, what: str) -> list[dict[str, Any]]:
+    """The criteria as optional query parameters, so a generated client can send them."""
+    documented = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}
+    parameters = []
+    for name in conditional_parameters(resource_type):
+        parameter = documented[name]
+        if parameter.index == "id":
+            pattern = f"^{_ID}$"
+        elif parameter.index == "patient":
+            pattern = f"^(Patient/)?{_ID}$"
+        elif parameter.index == "site":
+            pattern = f"^(Organization/)?{_ID}$"
+        else:
+            pattern = _TOKEN_VALUE
+        parameters.append(
+            {
+                "name": name,
+                "in": "query",
+                "required": False,
+                "description": f"{what}: {parameter.documentation}",
+                "schema": {"type": "string", "pattern": pattern},
+            }
+        )
+    return parameters

@@ -1,0 +1,524 @@
+"""Bundles at `POST /fhir`: a transaction (all or nothing, one database transaction) or a
+batch (each entry on its own), with the write primitives of `app.services.resources`.
+
+A transaction (FHIR http.html#trules):
+1. lock the criteria of its conditional entries (sorted), then resolve them: which resource
+   each conditional create, update and delete means, and what each conditional reference
+   (`Patient?identifier=...`) points at (none: 400, several: 412);
+2. give every created resource its id and rewrite each `fullUrl` (`urn:uuid:...`) wherever
+   another entry references it to `Type/id`;
+3. lock the ids it updates, patches or deletes, then every Patient involved, then the rows
+   (each sorted: the order of a single write, so a Bundle cannot deadlock with one);
+4. process the entries DELETE, then POST, then PUT and PATCH, then GET (each group in the
+   Bundle's order, but Patients written before the records that refer to them and deleted
+   after them), recomputing each patient's response once, before the reads;
+5. append every audit record at once, last.
+Any entry failing fails the whole transaction: nothing of it is stored, and the answer is
+that entry's OperationOutcome with its status.
+
+A batch processes each entry as a transaction of one (the same steps, its own locks), and
+answers every entry with its own status; one failing changes nothing of the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.audit.trail import AuditRecord
+from app.audit.trail import append as append_audit
+from app.auth.permissions import Action, authorize, may_access_site
+from app.auth.principal import Principal
+from app.errors import BadRequest, FhirError, Gone, NotFound, PreconditionFailed
+from app.services import resources, search
+from app.services.context import ServiceContext
+from app.services.dates import utc_now
+from app.services.indexing import subject_patient_id
+from app.services.patching import Patch
+from app.services.resources import Change, Scope, Stored
+from app.store import repository as repo
+from app.store.criteria import Criteria, Include, SortKey
+
+# FHIR processing order of a transaction's entries.
+_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3}
+_INTERACTION = {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "update"}
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    criteria: Criteria
+    sort: Sequence[SortKey] = ()
+    after: Sequence[Any] | None = None
+    count: int = 50
+    total: bool = False
+    count_only: bool = False
+    includes: Sequence[Include] = ()
+    revincludes: Sequence[Include] = ()
+    include_limit: int = 1000
+    query: str | None = None
+
+
+@dataclass
+class EntryRequest:
+    """One entry of a Bundle, as the wire layer parsed it."""
+
+    index: int
+    method: str  # GET, POST, PUT, PATCH or DELETE
+    resource_type: str
+    resource_id: str | None = None  # Type/id
+    version_id: int | None = None  # Type/id/_history/version (GET)
+    criteria: Criteria | None = None  # ifNoneExist, or Type?criteria
+    criteria_key: str | None = None
+    full_url: str | None = None
+    resource: dict[str, Any] | None = None  # POST, PUT
+    patch: Patch | None = None  # PATCH
+    if_match: int | None = None
+    search: SearchRequest | None = None  # GET Type?...
+    # Conditional references in `resource` (`Patient?identifier=...`) and their criteria.
+    references: dict[str, Criteria] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EntryResult:
+    status: int
+    stored: Stored | None = None  # the version written or read (a deletion: no content)
+    search: search.SearchResult | None = None
+    error: FhirError | None = None  # a batch entry that failed
+    note: str | None = None  # what happened when nothing was written
+
+
+async def transaction(
+    ctx: ServiceContext,
+    entries: Sequence[EntryRequest],
+    principal: Principal,
+    provenance: str | None,
+) -> list[EntryResult]:
+    for entry in entries:
+        _at(entry, _authorize, principal, entry)
+    async with ctx.db.write() as conn:
+        return await _run(ctx, conn, entries, principal, provenance, utc_now())
+
+
+async def batch(
+    ctx: ServiceContext,
+    entries: Sequence[EntryRequest | FhirError],
+    principal: Principal,
+    provenance: str | None,
+) -> list[EntryResult]:
+    results = []
+    for entry in entries:
+        try:
+            if isinstance(entry, FhirError):
+                raise entry
+            _authorize(principal, entry)
+            async with ctx.db.write() as conn:
+                [result] = await _run(ctx, conn, [entry], principal, provenance, utc_now())
+        except FhirError as error:
+            method = entry.method if isinstance(entry, EntryRequest) else None
+            ctx.audit.add(
+                AuditRecord.of(
+                    principal,
+                    _INTERACTION.get(method or "", "delete" if method else "operation"),
+                    outcome="4",
+                    description=f"batch entry: {error.status_code}: {error.diagnostics}"[:1000],
+                    entity_type=entry.resource_type if isinstance(entry, EntryRequest) else None,
+                )
+            )
+            result = EntryResult(error.status_code, error=error)
+        results.append(result)
+    return results
+
+
+def _authorize(principal: Principal, entry: EntryRequest) -> None:
+    kind = entry.resource_type
+    if entry.method == "GET":
+        action = Action.SEARCH if entry.search is not None else Action.READ
+        authorize(principal, kind, action)
+        return
+    action = {
+        "POST": Action.CREATE,
+        "PUT": Action.UPDATE,
+        "PATCH": Action.UPDATE,
+        "DELETE": Action.DELETE,
+    }[entry.method]
+    authorize(principal, kind, action)
+    if entry.criteria is not None:
+        if entry.method == "POST":
+            authorize(principal, kind, Action.CONDITIONAL_CREATE)
+        authorize(principal, kind, Action.SEARCH)
+        search.authorize_criteria(principal, entry.criteria)
+    for criteria in entry.references.values():
+        authorize(principal, criteria.resource_type, Action.SEARCH)
+        search.authorize_criteria(principal, criteria)
+
+
+def _at(entry: EntryRequest, function: Any, *args: Any) -> Any:
+    """Call `function`; an error names the entry it is about."""
+    try:
+        return function(*args)
+    except FhirError as error:
+        raise located(error, entry.index) from None
+
+
+def located(error: FhirError, index: int) -> FhirError:
+    where = f"Bundle.entry[{index}]"
+    if not error.diagnostics.startswith(where):
+        error.diagnostics = f"{where}: {error.diagnostics}"
+        for issue in error.issues:
+            issue.diagnostics = f"{where}: {issue.diagnostics}"
+    return error
+
+
+@dataclass
+class _Plan:
+    """What step 1 and 2 decided for each entry."""
+
+    targets: dict[int, str | None] = field(default_factory=dict)  # entry -> id (None: none)
+    creates: set[int] = field(default_factory=set)  # entries that create at their target
+    references: dict[str, str] = field(default_factory=dict)  # fullUrl or Type?... -> Type/id
+
+
+async def _run(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    entries: Sequence[EntryRequest],
+    principal: Principal,
+    provenance: str | None,
+    now: datetime,
+) -> list[EntryResult]:
+    plan = _Plan()
+    # 1. The criteria locks, then what the conditional entries and references mean.
+    keys = {
+        resources.conditional_lock_key(e.resource_type, e.criteria_key)
+        for e in entries
+        if e.criteria is not None and e.criteria_key is not None and e.method != "GET"
+    }
+    for key in sorted(keys):
+        await repo.lock(conn, key)
+    for entry in entries:
+        try:
+            await _target(conn, entry, principal, plan)
+        except FhirError as error:
+            raise located(error, entry.index) from None
+    _refuse_duplicates(entries, plan)
+    for entry in entries:
+        for reference, criteria in entry.references.items():
+            if reference not in plan.references:
+                try:
+                    plan.references[reference] = await _resolve(
+                        conn, reference, criteria, principal
+                    )
+                except FhirError as error:
+                    raise located(error, entry.index) from None
+    # 2. References to other entries and conditional references become Type/id.
+    for entry in entries:
+        if entry.resource is not None and plan.references:
+            entry.resource = _rewrite(entry.resource, plan.references)
+    # 3. The ids, the patients, the rows.
+    written = sorted(
+        {
+            (e.resource_type, target)
+            for e in entries
+            if e.method in ("PUT", "PATCH", "DELETE")
+            and (target := plan.targets.get(e.index)) is not None
+        }
+    )
+    currents: dict[tuple[str, str], repo.Current | None] = {}
+    for resource_type, resource_id in written:
+        currents[(resource_type, resource_id)] = await resources.lock_id(
+            conn, resource_type, resource_id
+        )
+    scope = Scope()
+    for patient_id in sorted(_patients(entries, plan, currents, principal)):
+        row = await repo.get_current(conn, "Patient", patient_id, for_update=True)
+        if row is not None:
+            scope.patients[patient_id] = row
+    for resource_type, resource_id in written:
+        currents[(resource_type, resource_id)] = await repo.get_current(
+            conn, resource_type, resource_id, for_update=True
+        )
+    # 4. The entries in FHIR's order; every patient recomputed once, before the reads.
+    results: dict[int, EntryResult] = {}
+    changes: list[Change] = []
+    reads = []
+    for entry in sorted(entries, key=_processing_order):
+        if entry.method == "GET":
+            reads.append(entry)
+            continue
+        try:
+            results[entry.index] = await _write(
+                ctx, conn, entry, plan, currents, scope, principal, provenance, now, changes
+            )
+        except FhirError as error:
+            raise located(error, entry.index) from None
+    await resources.recompute_changes(ctx, conn, changes, now)
+    for entry in reads:
+        try:
+            results[entry.index] = await _read(ctx, conn, entry, principal)
+        except FhirError as error:
+            raise located(error, entry.index) from None
+    # 5. The audit records, all at once: the chain's lock is the last one taken.
+    await append_audit(conn, [c.record for c in changes if c.record is not None])
+    return [results[entry.index] for entry in entries]
+
+
+def _processing_order(entry: EntryRequest) -> tuple[int, int, int]:
+    """FHIR's order of methods; within one, Patients are created and updated before the
+    records that refer to them (wherever they are in the Bundle) and deleted after them."""
+    patient_first = 0 if entry.resource_type == "Patient" else 1
+    if entry.method == "DELETE":
+        patient_first = 1 - patient_first
+    return _ORDER[entry.method], patient_first, entry.index
+
+
+async def _target(
+    conn: AsyncConnection, entry: EntryRequest, principal: Principal, plan: _Plan
+) -> None:
+    """Which resource the entry writes, under its criteria lock."""
+    kind = entry.resource_type
+    if entry.method == "POST":
+        target = None
+        if entry.criteria is not None:
+            match = await resources.single_match(conn, entry.criteria, principal, "ifNoneExist")
+            target = match.id if match is not None else None
+        if target is None:
+            target = resources.new_id()
+            plan.creates.add(entry.index)
+    elif entry.method == "GET":
+        return
+    elif entry.criteria is None:
+        target = entry.resource_id
+    elif entry.method == "PUT":
+        assert entry.resource is not None
+        target, _ = await resources.conditional_target(
+            conn, kind, entry.criteria, entry.resource, principal
+        )
+        if target is None:
+            target = resources.new_id()
+            plan.creates.add(entry.index)
+    else:  # DELETE
+        match = await resources.single_match(conn, entry.criteria, principal, "The criteria")
+        target = match.id if match is not None else None
+    plan.targets[entry.index] = target
+    if entry.full_url and target is not None:
+        plan.references[entry.full_url] = f"{kind}/{target}"
+
+
+def _refuse_duplicates(entries: Iterable[EntryRequest], plan: _Plan) -> None:
+    """FHIR: a resource appears once in a transaction's writes."""
+    seen: dict[tuple[str, str], int] = {}
+    for entry in entries:
+        target = plan.targets.get(entry.index)
+        if entry.method == "GET" or target is None:
+            continue
+        key = (entry.resource_type, target)
+        if key in seen:
+            raise located(
+                BadRequest(
+                    f"{key[0]}/{key[1]} is written by Bundle.entry[{seen[key]}] already; a "
+                    "transaction writes each resource once"
+                ),
+                entry.index,
+            )
+        seen[key] = entry.index
+
+
+async def _resolve(
+    conn: AsyncConnection, reference: str, criteria: Criteria, principal: Principal
+) -> str:
+    visible = replace(criteria, sites=resources.visible_sites(principal))
+    matches = await repo.first_matches(conn, visible, limit=2)
+    if len(matches) > 1:
+        raise PreconditionFailed(
+            f"The conditional reference {reference!r} matches more than one "
+            f"{criteria.resource_type}"
+        )
+    if not matches:
+        raise BadRequest(
+            f"The conditional reference {reference!r} matches no {criteria.resource_type}"
+        )
+    return f"{criteria.resource_type}/{matches[0].id}"
+
+
+def _rewrite(value: Any, references: dict[str, str]) -> Any:
+    """Every `reference` naming another entry's fullUrl, or a resolved conditional
+    reference, as the Type/id it stands for."""
+    if isinstance(value, dict):
+        rewritten = {}
+        for key, item in value.items():
+            if key == "reference" and isinstance(item, str) and item in references:
+                rewritten[key] = references[item]
+            else:
+                rewritten[key] = _rewrite(item, references)
+        return rewritten
+    if isinstance(value, list):
+        return [_rewrite(item, references) for item in value]
+    return value
+
+
+def _patients(
+    entries: Iterable[EntryRequest],
+    plan: _Plan,
+    currents: dict[tuple[str, str], repo.Current | None],
+    principal: Principal,
+) -> set[str]:
+    """Every Patient the writes touch: subjects before and after, Patients written."""
+    patients: set[str] = set()
+    for entry in entries:
+        if entry.method == "GET":
+            continue
+        kind, target = entry.resource_type, plan.targets.get(entry.index)
+        current = currents.get((kind, target)) if target is not None else None
+        if kind == "Patient":
+            if target is not None and entry.method != "POST":
+                patients.add(target)
+            continue
+        if current is not None and current.patient_id is not None:
+            patients.add(current.patient_id)
+        body = entry.resource
+        if entry.patch is not None and current is not None and target is not None:
+            if not may_access_site(principal, current.site):
+                continue
+            try:
+                body = resources.patched(kind, target, current, entry.patch)
+            except FhirError:
+                continue  # refused again, with its entry, when the patch is applied
+        if body is not None:
+            try:
+                subject = subject_patient_id(kind, body)
+            except FhirError:
+                continue  # refused again when the entry is validated
+            if subject is not None:
+                patients.add(subject)
+    return patients
+
+
+async def _write(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    entry: EntryRequest,
+    plan: _Plan,
+    currents: dict[tuple[str, str], repo.Current | None],
+    scope: Scope,
+    principal: Principal,
+    provenance: str | None,
+    now: datetime,
+    changes: list[Change],
+) -> EntryResult:
+    kind, target = entry.resource_type, plan.targets.get(entry.index)
+    if entry.method == "DELETE":
+        if target is None:
+            return EntryResult(204, note=f"No {kind} matched the criteria; nothing was deleted")
+        change = await resources.delete_in(
+            ctx,
+            conn,
+            kind,
+            target,
+            principal,
+            now,
+            current=currents[(kind, target)],
+            expected=entry.if_match,
+            provenance=provenance,
+            scope=scope,
+        )
+        if change is None:
+            return EntryResult(204, note=f"{kind}/{target} was already deleted")
+        changes.append(change)
+        return EntryResult(204, stored=change.stored)
+    assert target is not None
+    if entry.method == "POST" or entry.index in plan.creates:
+        assert entry.resource is not None
+        if entry.method == "PUT" and entry.if_match is not None:
+            raise PreconditionFailed(
+                f"If-Match expected version {entry.if_match}, but nothing matches the criteria"
+            )
+        change = await resources.create_in(
+            ctx,
+            conn,
+            kind,
+            entry.resource,
+            principal,
+            now,
+            resource_id=target if entry.index in plan.creates else None,
+            if_none_exist=entry.criteria if entry.method == "POST" else None,
+            scope=scope,
+        )
+    elif entry.method == "PATCH":
+        assert entry.patch is not None
+        change = await resources.patch_in(
+            ctx,
+            conn,
+            kind,
+            target,
+            entry.patch,
+            principal,
+            now,
+            current=currents[(kind, target)],
+            expected=entry.if_match,
+            provenance=provenance,
+            scope=scope,
+        )
+    else:  # PUT
+        assert entry.resource is not None
+        change = await resources.update_in(
+            ctx,
+            conn,
+            kind,
+            target,
+            entry.resource,
+            principal,
+            now,
+            current=currents[(kind, target)],
+            expected=entry.if_match,
+            provenance=provenance,
+            scope=scope,
+        )
+    changes.append(change)
+    return EntryResult(201 if change.created else 200, stored=change.stored)
+
+
+async def _read(
+    ctx: ServiceContext, conn: AsyncConnection, entry: EntryRequest, principal: Principal
+) -> EntryResult:
+    kind = entry.resource_type
+    if entry.search is not None:
+        request = entry.search
+        found = await search.search(
+            ctx,
+            request.criteria,
+            principal,
+            sort=request.sort,
+            after=request.after,
+            count=request.count,
+            total=request.total,
+            count_only=request.count_only,
+            includes=request.includes,
+            revincludes=request.revincludes,
+            include_limit=request.include_limit,
+            query=request.query,
+            conn=conn,
+        )
+        return EntryResult(200, search=found)
+    assert entry.resource_id is not None
+    current = await repo.get_current(conn, kind, entry.resource_id)
+    if current is None or not may_access_site(principal, current.site):
+        raise NotFound(f"{kind}/{entry.resource_id} does not exist")
+    if entry.version_id is None:
+        ctx.audit.add(resources.audit_access("read", principal, current))
+        if current.deleted:
+            raise Gone(f"{kind}/{entry.resource_id} was deleted (version {current.version_id})")
+        return EntryResult(200, stored=resources.stored_of(current))
+    version = await repo.get_version(conn, kind, entry.resource_id, entry.version_id)
+    ctx.audit.add(resources.audit_access("vread", principal, current, version=entry.version_id))
+    if version is None:
+        raise NotFound(f"{kind}/{entry.resource_id}/_history/{entry.version_id} does not exist")
+    if version.content is None:
+        raise Gone(f"{kind}/{entry.resource_id}/_history/{entry.version_id} is a deletion")
+    stored = Stored(
+        kind, entry.resource_id, version.version_id, version.last_updated, version.content
+    )
+    return EntryResult(200, stored=stored)
