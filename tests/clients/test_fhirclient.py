@@ -105,7 +105,9 @@ def test_a_trial_through_fhirclient(live_server: str) -> None:  # noqa: PLR0915
     assert [e["response"]["status"][:3] for e in answer["entry"]] == ["201"] * 18
 
     # Search, following every next link: the 8 counts the transaction gave S01-201.
-    search = Observation.where({"patient": patient_id, "_count": "3", "_sort": "date"})
+    search = Observation.where(
+        {"patient": patient_id, "code": "777-3", "_count": "3", "_sort": "date"}
+    )
     counts = list(search.perform_resources_iter(server))
     assert len(counts) == 8 and len({c.id for c in counts}) == 8
     values = [c.valueQuantity.value for c in counts]

@@ -183,10 +183,13 @@ async def test_a_trial_through_fhirpy(kind: str, live_server: str) -> None:  # n
     dates = [c["effectiveDateTime"] for c in counts]
     assert dates == sorted(dates, reverse=True)
     assert {c["subject"]["reference"] for c in counts} == {f"Patient/{patient.id}"}
+    # By the new patient's reference: its 12 counts, and the response-status Observation the
+    # server keeps for every treated patient.
     for_new = await _done(
         client.resources("Observation").search(subject=f"Patient/{new_id}").limit(5).fetch_all()
     )
-    assert len(for_new) == 12
+    codes = sorted(c["code"]["coding"][0]["code"] for c in for_new)
+    assert len(for_new) == 13 and codes.count("777-3") == 12
 
     # The response engine saw the whole transaction: baseline 20 before the first dose,
     # CR confirmed by the counts of weeks 8 and 9 (100 and 110).
