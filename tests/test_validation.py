@@ -183,6 +183,36 @@ async def test_unsupported_formats(client):
     assert wrong_type.status_code == 415
 
 
+async def test_content_negotiation_json_only_and_pretty(client):
+    created = (await client.post("/fhir/Patient", json=builders.patient())).json()
+    path = f"/fhir/Patient/{created['id']}"
+    for accept in ("application/fhir+json", "application/json", "*/*", "application/*"):
+        response = await client.get(path, headers={"Accept": accept})
+        assert response.status_code == 200, accept
+        assert response.headers["content-type"].startswith("application/fhir+json")
+    for accept in ("application/fhir+xml", "application/xml", "text/html"):
+        refused = await client.get(path, headers={"Accept": accept})
+        assert refused.status_code == 406, accept
+        assert refused.json()["resourceType"] == "OperationOutcome"
+    # _format overrides Accept, as FHIR says.
+    assert (
+        await client.get(f"{path}?_format=json", headers={"Accept": "text/html"})
+    ).status_code == 200
+    for fmt in ("xml", "application/fhir+xml", "ttl"):
+        assert (await client.get(f"{path}?_format={fmt}")).status_code == 406, fmt
+    # Bundles negotiate too.
+    bundle = {"resourceType": "Bundle", "type": "batch"}
+    assert (await client.post("/fhir?_format=xml", json=bundle)).status_code == 406
+    # _pretty=true indents the same document; without it the answer is compact.
+    compact = await client.get(path)
+    pretty = await client.get(f"{path}?_pretty=true")
+    assert pretty.status_code == 200
+    assert "\n  " in pretty.text and "\n" not in compact.text
+    assert pretty.json() == compact.json()
+    searched = await client.get(f"/fhir/Patient?_id={created['id']}&_pretty=true")
+    assert "\n  " in searched.text
+
+
 async def test_unknown_routes_and_methods_are_outcomes(client):
     unknown = await client.get("/fhir/Encounter/1")
     assert unknown.status_code == 404
