@@ -340,12 +340,26 @@ async def test_what_is_not_supported_warns_or_fails_when_strict(client, query):
         "_include=Observation:performer",
         "_include=Patient:organization",
         "_include=AAA",
+        # Their schema (integer, enumeration) admits no empty value: an empty one is malformed.
+        "_count=",
+        "_total=",
+        "_summary=",
+        "_include=",
     ],
 )
 async def test_bad_result_parameters_are_400(client, query):
     response = await client.get(f"/fhir/Observation?{query}")
     assert response.status_code == 400, query
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_empty_search_parameters_and_free_form_controls_are_ignored(client):
+    """FHIR ignores a search parameter without a value; so are the controls whose schema
+    admits the empty string (_sort, _elements)."""
+    for query in ("code=", "patient=&date=", "_sort=", "_elements=", "_id=&_count=5"):
+        response = await client.get(f"/fhir/Observation?{query}")
+        assert response.status_code == 200, (query, response.text)
+        assert not _outcomes(response.json()), query
 
 
 async def test_post_search_with_a_form_body(app, client, counts):
