@@ -6,9 +6,11 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
+import jsonschema
 import pytest
 from sqlalchemy import text
 
+from app.fhir.search_routes import FORM, form_body
 from app.main import create_app
 from app.services.response import response_observation_id
 from app.settings import Settings
@@ -416,6 +418,31 @@ async def test_post_search_refuses_other_bodies(client):
         "/fhir/Patient/_search", data={"name": "a"}, headers=bearer("lab", ("S01",))
     )
     assert lab.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("fields", "body", "accepted"),
+    [
+        # A form carries text: a number, a list (repeated fields), a nested list, a mapping
+        # (its keys) are all fields the server takes, and the schema admits them.
+        ({"nickname": 1.5}, "nickname=1.5", True),
+        ({"nickname": ["a", ["b"]]}, "nickname=a&nickname=b", True),
+        ({"nickname": {"a": 1}}, "nickname=a", True),
+        # A NUL anywhere on the wire is refused, and the schema says so: in a name, a value,
+        # an item of a repeated field, a key of a mapping.
+        ({"nick\x00name": "a"}, "nick%00name=a", False),
+        ({"nickname": "a\x00"}, "nickname=a%00", False),
+        ({"nickname": ["a", ["b\x00"]]}, "nickname=a&nickname=b%00", False),
+        ({"nickname": {"a\x00": 1}}, "nickname=a%00", False),
+    ],
+)
+async def test_post_search_form_schema_is_what_the_server_takes(client, fields, body, accepted):
+    schema = form_body("Patient")["requestBody"]["content"][FORM]["schema"]
+    assert jsonschema.Draft202012Validator(schema).is_valid(fields) is accepted
+    response = await client.post(
+        "/fhir/Patient/_search", content=body, headers={"Content-Type": FORM}
+    )
+    assert response.status_code == (200 if accepted else 400), response.text
 
 
 def _form(form: dict[str, str]) -> str:
