@@ -158,6 +158,15 @@ _ANY_TEXT_WITHOUT_NUL: dict[str, Any] = {
     "propertyNames": _NUL_FREE,
     "items": {**_NUL_FREE, "propertyNames": _NUL_FREE, "items": _NUL_FREE},
 }
+# What becomes no field at all (null, an empty list or mapping): the only value a field
+# whose name holds a NUL can have, since the server refuses a NUL in a name it receives.
+_SENDS_NOTHING: dict[str, Any] = {
+    "anyOf": [
+        {"type": "null"},
+        {"type": "array", "maxItems": 0},
+        {"type": "object", "maxProperties": 0},
+    ]
+}
 _YEAR = "[1-8][0-9]{3}"  # years whose instants exist whatever the time zone
 _MONTH_DAY = (
     "((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
@@ -287,7 +296,7 @@ def form_body(resource_type: str) -> dict[str, Any]:
         "type": "object",
         "properties": properties,
         # The server refuses a NUL anywhere in a field, its name included.
-        "propertyNames": _NUL_FREE,
+        "patternProperties": {"\\u0000": _SENDS_NOTHING},
         # Modifiers and chains (code:not, subject:Patient.identifier, ...) as more fields,
         # ignored with a warning when unknown; a form carries text only (see above).
         "additionalProperties": _ANY_TEXT_WITHOUT_NUL,
