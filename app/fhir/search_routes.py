@@ -150,7 +150,7 @@ async def _form_parameters(request: Request) -> list[tuple[str, str]]:
 _NO_NUL = {"type": "string", "pattern": "^[^\\u0000]*$"}
 _NUL_FREE = {"pattern": _NO_NUL["pattern"]}
 # A form field as any value a client library turns into form text (a number as its digits,
-# a list as repeated fields, a mapping as its keys, null as no field): no `type`, only no NUL
+# a list as repeated fields, a mapping as its keys, null as "null"): no `type`, only no NUL
 # wherever one reaches the wire. Nested lists and mappings reach it as their items and keys;
 # one level further down, they are written as their repr, which escapes a NUL.
 _ANY_TEXT_WITHOUT_NUL: dict[str, Any] = {
@@ -158,11 +158,11 @@ _ANY_TEXT_WITHOUT_NUL: dict[str, Any] = {
     "propertyNames": _NUL_FREE,
     "items": {**_NUL_FREE, "propertyNames": _NUL_FREE, "items": _NUL_FREE},
 }
-# What becomes no field at all (null, an empty list or mapping): the only value a field
-# whose name holds a NUL can have, since the server refuses a NUL in a name it receives.
+# What becomes no field at all (an empty list or mapping; null is sent as the text "null"):
+# the only value a field whose name holds a NUL can have, since the server refuses a NUL in
+# a name it receives.
 _SENDS_NOTHING: dict[str, Any] = {
     "anyOf": [
-        {"type": "null"},
         {"type": "array", "maxItems": 0},
         {"type": "object", "maxProperties": 0},
     ]
