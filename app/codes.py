@@ -23,6 +23,8 @@ SITE_CODE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$"
 _OTHER_WHITE_SPACE: Final = (
     r"\u000b\f\u001c-\u001f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 )
+# The characters a FHIR string cannot hold (a regex character-class body, for Python's re).
+FORBIDDEN_STRING_CHARACTERS: Final = _OTHER_WHITE_SPACE
 _WHITE_SPACE: Final = r"\t\n\r " + _OTHER_WHITE_SPACE
 # FHIR's code: no leading, trailing or repeated white space, and single spaces only.
 CODE_PATTERN: Final = rf"[^{_WHITE_SPACE}]+( [^{_WHITE_SPACE}]+)*"

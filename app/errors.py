@@ -3,7 +3,21 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+from app.codes import FORBIDDEN_STRING_CHARACTERS
+
+_FORBIDDEN = re.compile(f"[{FORBIDDEN_STRING_CHARACTERS}]")
+
+
+def fhir_string(text: str) -> str:
+    """`text` as a valid FHIR string (codes.STRING_PATTERN): the white space the grammar
+    forbids (vertical tab, form feed, U+0085, no-break spaces, ...) written as `\\uXXXX`, and
+    never empty. Diagnostics often quote what the client sent (a path, a parameter), and an
+    OperationOutcome or AuditEvent that echoed it raw would break its own documented schema."""
+    escaped = _FORBIDDEN.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    return escaped or "(no details)"
 
 
 @dataclass
@@ -12,6 +26,9 @@ class Issue:
     diagnostics: str
     expression: list[str] = field(default_factory=list)
     severity: str = "error"
+
+    def __post_init__(self) -> None:
+        self.diagnostics = fhir_string(self.diagnostics)
 
 
 class FhirError(Exception):
@@ -27,7 +44,7 @@ class FhirError(Exception):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(diagnostics)
-        self.diagnostics = diagnostics
+        self.diagnostics = fhir_string(diagnostics)
         self.issues = issues or [Issue(self.issue_code, diagnostics, expression or [])]
         self.headers = headers or {}
 

@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import jsonschema
 import pytest
 from sqlalchemy import text
 
+from app.fhir import schemas
 from tests import builders
 from tests.conftest import PROJECT_ROOT, bearer
 from tests.test_crud import create
@@ -253,3 +255,15 @@ async def test_cors_only_for_configured_origins(database_url):
             headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
         )
         assert "access-control-allow-origin" not in other.headers
+
+
+async def test_the_trail_as_a_bundle_matches_its_documented_schema(app, client):
+    """A refusal's outcomeDesc quotes the request (a path with U+0085, a vertical tab): the
+    AuditEvent entries of the searchset stay valid under the Bundle schema (ST108)."""
+    assert (await client.get("/fhir/AdverseEvent/%C2%85%0Bx")).status_code == 404
+    assert (await client.get("/fhir/Patient?_count=%0B")).status_code == 400
+    await app.state.services.audit.flush()
+    bundle = (await client.get("/fhir/AuditEvent", params={"_count": "1000"})).json()
+    assert any("\\u0085" in e["resource"].get("outcomeDesc", "") for e in bundle["entry"])
+    schema = schemas.Bundle.model_json_schema(by_alias=True)
+    jsonschema.Draft202012Validator(schema).validate(bundle)

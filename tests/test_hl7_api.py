@@ -71,6 +71,18 @@ async def test_a_byte_order_mark_and_crlf_are_tolerated(client, app):
     assert len(await platelet_counts(app)) == 1
 
 
+async def test_what_the_schema_allows_before_msh_arrives_intact_from_the_fuzzer(client, app):
+    """The schema lets BOM, VT, CR, LF, tab and space precede MSH; the fuzzer's serializer
+    sends them as UTF-8 (it used Latin-1 with "?" for the BOM: a 400 for a valid body)."""
+    from tests.fuzz.hooks import er7_bytes
+
+    await enrol(client, "S01-001")
+    body = er7_bytes("\ufeff\x0b\r\n\t " + oru().decode())
+    assert body.startswith("\ufeff".encode())
+    assert read_ack(await send(client, body)).code == "AA"
+    assert len(await platelet_counts(app)) == 1
+
+
 @pytest.mark.parametrize("content_type", ["application/json", "application/fhir+json", None])
 async def test_other_media_types_are_415_operation_outcomes(client, content_type):
     headers = lab_headers()

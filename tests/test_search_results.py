@@ -6,9 +6,11 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
+import jsonschema
 import pytest
 from sqlalchemy import text
 
+from app.fhir.search_routes import FORM, form_body
 from app.main import create_app
 from app.services.response import response_observation_id
 from app.settings import Settings
@@ -340,12 +342,26 @@ async def test_what_is_not_supported_warns_or_fails_when_strict(client, query):
         "_include=Observation:performer",
         "_include=Patient:organization",
         "_include=AAA",
+        # Their schema (integer, enumeration) admits no empty value: an empty one is malformed.
+        "_count=",
+        "_total=",
+        "_summary=",
+        "_include=",
     ],
 )
 async def test_bad_result_parameters_are_400(client, query):
     response = await client.get(f"/fhir/Observation?{query}")
     assert response.status_code == 400, query
     assert response.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_empty_search_parameters_and_free_form_controls_are_ignored(client):
+    """FHIR ignores a search parameter without a value; so are the controls whose schema
+    admits the empty string (_sort, _elements)."""
+    for query in ("code=", "patient=&date=", "_sort=", "_elements=", "_id=&_count=5"):
+        response = await client.get(f"/fhir/Observation?{query}")
+        assert response.status_code == 200, (query, response.text)
+        assert not _outcomes(response.json()), query
 
 
 async def test_post_search_with_a_form_body(app, client, counts):
@@ -402,6 +418,33 @@ async def test_post_search_refuses_other_bodies(client):
         "/fhir/Patient/_search", data={"name": "a"}, headers=bearer("lab", ("S01",))
     )
     assert lab.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("fields", "body", "accepted"),
+    [
+        # A form carries text: a number, a list (repeated fields), a nested list, a mapping
+        # (its keys) are all fields the server takes, and the schema admits them.
+        ({"nickname": 1.5}, "nickname=1.5", True),
+        ({"nickname": ["a", ["b"]]}, "nickname=a&nickname=b", True),
+        ({"nickname": {"a": 1}}, "nickname=a", True),
+        ({"nick\x00name": []}, "", True),  # [] or {}: no field is sent
+        ({"nick\x00name": None}, "nick%00name=null", False),
+        # A NUL anywhere on the wire is refused, and the schema says so: in a name, a value,
+        # an item of a repeated field, a key of a mapping.
+        ({"nick\x00name": "a"}, "nick%00name=a", False),
+        ({"nickname": "a\x00"}, "nickname=a%00", False),
+        ({"nickname": ["a", ["b\x00"]]}, "nickname=a&nickname=b%00", False),
+        ({"nickname": {"a\x00": 1}}, "nickname=a%00", False),
+    ],
+)
+async def test_post_search_form_schema_is_what_the_server_takes(client, fields, body, accepted):
+    schema = form_body("Patient")["requestBody"]["content"][FORM]["schema"]
+    assert jsonschema.Draft202012Validator(schema).is_valid(fields) is accepted
+    response = await client.post(
+        "/fhir/Patient/_search", content=body, headers={"Content-Type": FORM}
+    )
+    assert response.status_code == (200 if accepted else 400), response.text
 
 
 def _form(form: dict[str, str]) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from sqlalchemy import select
 
+from app import codes
 from app.store.tables import resource_table
 from tests import builders
 from tests.test_crud import create, new_patient
@@ -229,6 +232,23 @@ async def test_unknown_routes_and_methods_are_outcomes(client):
     assert history.status_code == 405
     assert history.headers["allow"] == "GET"
     assert history.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_diagnostics_quoting_the_request_stay_valid_fhir_strings(app, client):
+    """A 404 quotes the path; characters a FHIR string forbids (U+0085, vertical tab, no-break
+    space) are escaped as \\uXXXX, in the OperationOutcome and in the AuditEvent it leaves,
+    so both match their documented schema (issue.diagnostics and outcomeDesc are strings)."""
+    string = re.compile(f"^{codes.STRING_PATTERN}$")
+    response = await client.get("/fhir/AdverseEvent/%C2%85%0B%C2%A0x")
+    assert response.status_code == 404
+    diagnostics = response.json()["issue"][0]["diagnostics"]
+    assert string.match(diagnostics), diagnostics
+    assert "\\u0085\\u000b\\u00a0x" in diagnostics
+    await app.state.services.audit.flush()
+    bundle = await client.get("/fhir/AuditEvent", params={"_count": "1000"})
+    descriptions = [e["resource"].get("outcomeDesc", "") for e in bundle.json()["entry"]]
+    quoted = [d for d in descriptions if "AdverseEvent" in d]
+    assert quoted and all(string.match(d) for d in quoted), descriptions
 
 
 async def test_unexpected_error_is_500_outcome_without_traceback(client, monkeypatch, caplog):

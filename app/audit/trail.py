@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.context import current_request
 from app.auth.principal import Principal
+from app.errors import fhir_string
 from app.services.dates import format_instant, utc_now
 from app.store import repository as repo
 from app.store.db import Database
@@ -72,6 +73,9 @@ class AuditRecord:
     def __post_init__(self) -> None:
         # Columns are bounded; a token's `sub` of any length must not make a record unstorable.
         self.agent = self.agent[:255] if self.agent else self.agent
+        # outcomeDesc is a FHIR string: a refusal that quotes the request stays one.
+        if self.description is not None:
+            self.description = fhir_string(self.description)
         context = current_request.get()
         if context is not None:
             self.request_id = self.request_id or context.request_id

@@ -208,6 +208,9 @@ CONTROL_PARAMETERS = frozenset(
         "_revinclude",
     }
 )
+# Controls whose documented schema admits no empty string (an integer, an enumeration): an
+# empty value is malformed, a 400, unlike an empty search parameter, which FHIR ignores.
+_EMPTY_IS_MALFORMED = frozenset({"_count", "_total", "_summary", "_include", "_revinclude"})
 _DATE_PREFIXES = ("eq", "ne", "lt", "le", "gt", "ge", "sa", "eb")
 _NUMBER_PREFIXES = (*_DATE_PREFIXES, "ap")
 _ELEMENT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
@@ -257,7 +260,7 @@ def parse_search(
             if name in CONTROL_PARAMETERS:
                 if name == "_cursor":
                     cursor = value
-                elif value != "":
+                elif value != "" or name in _EMPTY_IS_MALFORMED:
                     _control(parsed, resource_type, name, value, max_count)
                 continue
             if name.partition(":")[0] in ("_include", "_revinclude"):

@@ -164,6 +164,25 @@ async def _form_parameters(request: Request) -> list[tuple[str, str]]:
 # --- OpenAPI documentation ------------------------------------------------------------
 
 _NO_NUL = {"type": "string", "pattern": "^[^\\u0000]*$"}
+_NUL_FREE = {"pattern": _NO_NUL["pattern"]}
+# A form field as any value a client library turns into form text (a number as its digits,
+# a list as repeated fields, a mapping as its keys, null as "null"): no `type`, only no NUL
+# wherever one reaches the wire. Nested lists and mappings reach it as their items and keys;
+# one level further down, they are written as their repr, which escapes a NUL.
+_ANY_TEXT_WITHOUT_NUL: dict[str, Any] = {
+    **_NUL_FREE,
+    "propertyNames": _NUL_FREE,
+    "items": {**_NUL_FREE, "propertyNames": _NUL_FREE, "items": _NUL_FREE},
+}
+# What becomes no field at all (an empty list or mapping; null is sent as the text "null"):
+# the only value a field whose name holds a NUL can have, since the server refuses a NUL in
+# a name it receives.
+_SENDS_NOTHING: dict[str, Any] = {
+    "anyOf": [
+        {"type": "array", "maxItems": 0},
+        {"type": "object", "maxProperties": 0},
+    ]
+}
 _YEAR = "[1-8][0-9]{3}"  # years whose instants exist whatever the time zone
 _MONTH_DAY = (
     "((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
@@ -199,8 +218,9 @@ def _value_schema(resource_type: str, name: str) -> dict[str, Any]:
 
 
 def _controls(resource_type: str) -> dict[str, tuple[str, dict[str, Any]]]:
-    """The result parameters: name -> (description, schema). An empty value is ignored, as
-    for any search parameter, so the patterns admit it."""
+    """The result parameters: name -> (description, schema). An empty _sort or _elements is
+    ignored, as any empty search parameter, so their patterns admit it; the integer and the
+    enumerations admit no empty value, and the server refuses one."""
     keys = "|".join(re.escape(key) for key in SORT_KEYS[resource_type])
     controls: dict[str, tuple[str, dict[str, Any]]] = {
         "_count": ("Page size", {"type": "integer", "minimum": 0}),
@@ -291,8 +311,11 @@ def form_body(resource_type: str) -> dict[str, Any]:
     schema = {
         "type": "object",
         "properties": properties,
-        # Modifiers and chains (code:not, subject:Patient.identifier, ...) as more fields.
-        "additionalProperties": _NO_NUL,
+        # The server refuses a NUL anywhere in a field, its name included.
+        "patternProperties": {"\\u0000": _SENDS_NOTHING},
+        # Modifiers and chains (code:not, subject:Patient.identifier, ...) as more fields,
+        # ignored with a warning when unknown; a form carries text only (see above).
+        "additionalProperties": _ANY_TEXT_WITHOUT_NUL,
     }
     content: dict[str, Any] = {"schema": schema}
     if encoding:

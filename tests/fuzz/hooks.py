@@ -15,7 +15,8 @@ has the valid form, so every schema violation still reaches the server as genera
 negative-data checks see it. Each adapted case is one the server must accept, and the
 rejections these rules cause are tested directly in tests/test_crud.py and test_validation.py.
 
-Environment: FUZZ_BASE_URL (the server) and FUZZ_TOKEN (a bearer token that may write).
+Environment: FUZZ_BASE_URL (the server), FUZZ_TOKEN (a bearer token that may write) and
+optionally FUZZ_COUNT_FILE (a file that gets one byte per request sent).
 """
 
 from __future__ import annotations
@@ -83,8 +84,21 @@ def map_case(context: Any, case: Any) -> Any:
     return case
 
 
+def _count_request() -> None:
+    """One byte per request sent, for tests/test_fuzz.py to count (O_APPEND writes of one
+    byte from several worker threads never interleave)."""
+    path = os.environ.get("FUZZ_COUNT_FILE")
+    if path:
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(descriptor, b".")
+        finally:
+            os.close(descriptor)
+
+
 @schemathesis.hook
 def after_call(context: Any, case: Any, response: Any) -> None:
+    _count_request()
     # The fuzzer may delete or rewrite the fixture Patient (it learns ids from responses):
     # store it again so that later subjects keep pointing at a Patient that exists.
     path_id = (case.path_parameters or {}).get("resource_id")
@@ -92,9 +106,16 @@ def after_call(context: Any, case: Any, response: Any) -> None:
         _fuzz_patient.cache_clear()
 
 
-@schemathesis.serializer("x-application/hl7-v2+er7")
-def er7(context: Any, value: Any) -> bytes:
-    """An ER7 message travels as its bytes (the schema's string, binary format)."""
+def er7_bytes(value: Any) -> bytes:
+    """An ER7 message travels as its bytes (the schema's string, binary format), in UTF-8:
+    what the server reads a body without a charset as. (Latin-1 with errors="replace" turned
+    characters such as the BOM the schema allows before MSH into "?", so a schema-valid
+    message reached the server corrupted.)"""
     if isinstance(value, bytes):
         return value
-    return str(value).encode("latin-1", errors="replace")
+    return str(value).encode("utf-8")
+
+
+@schemathesis.serializer("x-application/hl7-v2+er7")
+def er7(context: Any, value: Any) -> bytes:
+    return er7_bytes(value)
