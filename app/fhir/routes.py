@@ -34,7 +34,6 @@ from app.services.context import ServiceContext
 from app.services.dates import DATE_TIME_PATTERN, fhir_range
 from app.services.patching import (
     JSON_PATCH,
-    JSON_PATCH_OPERATIONS,
     MERGE_PATCH,
     POINTER_PATTERN,
     parse_patch,
@@ -200,18 +199,37 @@ def _body_doc(resource_type: str, *, update: bool = False) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {FHIR_JSON: {"schema": schema}}}}
 
 
-_JSON_PATCH_OPERATION = {
-    "type": "object",
-    "description": "One RFC 6902 operation; from is needed by move and copy, value by add, "
-    "replace and test",
-    "required": ["op", "path"],
-    "properties": {
-        "op": {"type": "string", "enum": list(JSON_PATCH_OPERATIONS)},
+def _json_patch_operation(ops: tuple[str, ...], required: list[str]) -> dict[str, Any]:
+    """RFC 6902 operations that take the same members: `from` for move and copy, `value` for
+    add, replace and test; the server refuses an operation without them (400)."""
+    properties: dict[str, Any] = {
+        "op": {"type": "string", "enum": list(ops)},
         "path": {"type": "string", "pattern": POINTER_PATTERN, "description": "JSON Pointer"},
-        "from": {"type": "string", "pattern": POINTER_PATTERN, "description": "JSON Pointer"},
-        "value": {"description": "Any JSON value"},
-    },
-    "additionalProperties": False,
+    }
+    if "from" in required:
+        properties["from"] = {
+            "type": "string",
+            "pattern": POINTER_PATTERN,
+            "description": "JSON Pointer",
+        }
+    if "value" in required:
+        properties["value"] = {"description": "Any JSON value"}
+    return {
+        "type": "object",
+        "title": f"JsonPatch{''.join(op.title() for op in ops)}",
+        "required": ["op", "path", *required],
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+_JSON_PATCH_OPERATION = {
+    "description": "One RFC 6902 operation",
+    "oneOf": [
+        _json_patch_operation(("add", "replace", "test"), ["value"]),
+        _json_patch_operation(("move", "copy"), ["from"]),
+        _json_patch_operation(("remove",), []),
+    ],
 }
 
 

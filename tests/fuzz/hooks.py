@@ -1,4 +1,4 @@
-"""Schemathesis hooks: three runtime rules that a JSON Schema cannot state, or that
+"""Schemathesis hooks: four runtime rules that a JSON Schema cannot state, or that
 schemathesis cannot generate, taught to the generator so that its schema-valid requests are
 also valid for the server.
 
@@ -9,6 +9,9 @@ also valid for the server.
 3. A trial record's `subject` is a Patient that exists (and is at a site the token may
    write). A schema can give the reference's form (`Patient/<id>`), not which Patients are
    stored.
+4. A conditional update or delete (`PUT`/`DELETE /fhir/Type?criteria`) names at least one
+   criterion; OpenAPI cannot require one of several optional query parameters, so a case
+   without any gets `_id=fuzz-no-match`.
 
 Only schema-valid (positive) cases are adapted, and only where the generated value already
 has the valid form, so every schema violation still reaches the server as generated and the
@@ -58,13 +61,24 @@ def _fuzz_patient() -> str:
 
 
 def _resource_type(case: Any) -> str:
-    return str(case.operation.path).split("/")[2]
+    """`Observation` for /fhir/Observation/...; empty for /fhir itself (Bundles)."""
+    parts = str(case.operation.path).split("/")
+    return parts[2] if len(parts) > 2 else ""
 
 
 @schemathesis.hook
 def map_case(context: Any, case: Any) -> Any:
     meta = case.meta
-    if meta is None or not meta.generation.mode.is_positive or not isinstance(case.body, dict):
+    if meta is None or not meta.generation.mode.is_positive:
+        return case
+    method = case.method.upper()
+    path = str(case.operation.path)
+    if method in ("PUT", "DELETE") and path.count("/") == 2 and not case.query:
+        # A conditional update or delete needs at least one criterion (without one it would
+        # write every resource: 400). OpenAPI cannot require "one of these optional query
+        # parameters", so a generated case without any gets a criterion that matches nothing.
+        case.query = {"_id": "fuzz-no-match"}
+    if not isinstance(case.body, dict):
         return case
     headers = case.headers or {}
     criteria = headers.get("If-None-Exist")
@@ -72,7 +86,6 @@ def map_case(context: Any, case: Any) -> Any:
         # Schemathesis generates header values from letters and digits only, so it cannot
         # write the header's name=value grammar itself (see app/fhir/routes.py).
         headers["If-None-Exist"] = f"_id={criteria}"
-    method = case.method.upper()
     path_id = (case.path_parameters or {}).get("resource_id")
     if method == "PUT" and path_id is not None and isinstance(case.body.get("id"), str):
         case.body["id"] = path_id
