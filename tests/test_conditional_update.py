@@ -112,7 +112,14 @@ async def test_an_update_of_a_match_needs_a_reason_and_honours_if_match(client):
 
 async def test_criteria_are_required_and_limited_to_tokens_and_the_patient(client):
     body = builders.patient("S01-042")
-    for params in ({}, {"name": "Doe"}, {"birthdate": "1968"}, {"_count": "1"}, {"identifier": ""}):
+    for params in (
+        {},
+        {"name": "Doe"},
+        {"birthdate": "1968"},
+        {"_count": "1"},
+        {"identifier": ""},
+        {"_id": "not an id"},  # the schema's id grammar: refused, not "no match"
+    ):
         response = await client.put("/fhir/Patient", params=params, json=body)
         assert response.status_code == 400, params
         assert response.json()["resourceType"] == "OperationOutcome"

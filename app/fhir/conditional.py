@@ -16,13 +16,11 @@ from urllib.parse import parse_qsl
 
 from app.errors import BadRequest
 from app.fhir.search_params import SEARCH_PARAMETERS, criteria_key, parse_search
+from app.fhir.search_schema import value_schema
 from app.store.criteria import Criteria
 
 # Parameters that shape the answer, not the match: allowed beside the criteria in a URL.
 FORMAT_PARAMETERS = frozenset({"_format", "_pretty"})
-_ID = r"[A-Za-z0-9\-.]{1,64}"
-# Printable values: anything but control characters (percent-encoded in the URL).
-_TOKEN_VALUE = "^[^\\u0000-\\u001f\\u007f]+$"
 
 
 def conditional_parameters(resource_type: str) -> list[str]:
@@ -80,21 +78,16 @@ def query_documentation(resource_type: str, what: str) -> list[dict[str, Any]]:
     parameters = []
     for name in conditional_parameters(resource_type):
         parameter = documented[name]
-        if parameter.index == "id":
-            pattern = f"^{_ID}$"
-        elif parameter.index == "patient":
-            pattern = f"^(Patient/)?{_ID}$"
-        elif parameter.index == "site":
-            pattern = f"^(Organization/)?{_ID}$"
-        else:
-            pattern = _TOKEN_VALUE
+        # The search grammar, not empty: an empty value is ignored, and criteria that are
+        # all empty are no criteria (400).
+        schema = {**value_schema(resource_type, name), "minLength": 1}
         parameters.append(
             {
                 "name": name,
                 "in": "query",
                 "required": False,
                 "description": f"{what}: {parameter.documentation}",
-                "schema": {"type": "string", "pattern": pattern},
+                "schema": schema,
             }
         )
     return parameters

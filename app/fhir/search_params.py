@@ -449,7 +449,16 @@ def _apply(criteria: Criteria, parameter: SearchParameter, modifier: str, value:
     values = _values(value)
     match parameter.index:
         case "id":
-            criteria.ids = _intersect(criteria.ids, [_unescape(v) for v in values])
+            ids = [_unescape(v) for v in values]
+            for resource_id in ids:
+                if not _SEARCH_ID.fullmatch(resource_id):
+                    # No resource has such an id: a malformed request, not an empty match.
+                    raise BadRequest(
+                        f"_id={resource_id!r} is not a FHIR id (letters, digits, - and ., "
+                        "up to 64)",
+                        expression=["_id"],
+                    )
+            criteria.ids = _intersect(criteria.ids, ids)
         case "patient":
             patients = [_reference_id(parameter.name, _unescape(v)) for v in values]
             criteria.patients = _intersect(criteria.patients, patients)
@@ -492,6 +501,7 @@ def _intersect(existing: list[str] | None, new: list[str]) -> list[str]:
 # separate OR-ed values); the id is a FHIR id.
 SEARCH_ID = r"[A-Za-z0-9\-.]{1,64}"
 _URL_PREFIX = r"(https?://[!-+\--~]+/)?"
+_SEARCH_ID = re.compile(SEARCH_ID)
 
 
 def reference_value_pattern(target: str) -> str:

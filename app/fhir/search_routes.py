@@ -44,8 +44,8 @@ from app.fhir.search_params import (
     ParsedSearch,
     encode_cursor,
     parse_search,
-    reference_value_pattern,
 )
+from app.fhir.search_schema import NO_NUL, value_schema
 from app.services import search as service
 from app.services.context import ServiceContext
 from app.settings import Settings
@@ -163,8 +163,7 @@ async def _form_parameters(request: Request) -> list[tuple[str, str]]:
 
 # --- OpenAPI documentation ------------------------------------------------------------
 
-_NO_NUL = {"type": "string", "pattern": "^[^\\u0000]*$"}
-_NUL_FREE = {"pattern": _NO_NUL["pattern"]}
+_NUL_FREE = {"pattern": NO_NUL["pattern"]}
 # A form field as any value a client library turns into form text (a number as its digits,
 # a list as repeated fields, a mapping as its keys, null as "null"): no `type`, only no NUL
 # wherever one reaches the wire. Nested lists and mappings reach it as their items and keys;
@@ -183,38 +182,6 @@ _SENDS_NOTHING: dict[str, Any] = {
         {"type": "object", "maxProperties": 0},
     ]
 }
-_YEAR = "[1-8][0-9]{3}"  # years whose instants exist whatever the time zone
-_MONTH_DAY = (
-    "((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
-    "|02-(0[1-9]|1[0-9]|2[0-8]))"
-)
-_TIME = (
-    "T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\\.[0-9]{1,6})?)?"
-    "(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9]|[+-]14:00)?"
-)
-_DATE = f"(eq|ne|lt|le|gt|ge|sa|eb)?{_YEAR}(-(0[1-9]|1[0-2])|-{_MONTH_DAY}({_TIME})?)?"
-_NUMBER = "(eq|ne|lt|le|gt|ge|sa|eb|ap)?-?[0-9]{1,12}(\\.[0-9]{1,6})?"
-_UNIT = "(\\|[^|,\\\\\\u0000]*\\|[^|,\\\\\\u0000]*)?"
-
-
-def _list_of(value: str) -> dict[str, Any]:
-    """A string of comma-separated `value`s (OR-ed), or empty: FHIR ignores an empty value."""
-    return {"type": "string", "pattern": f"^({value}(,{value})*)?$"}
-
-
-def _value_schema(resource_type: str, name: str) -> dict[str, Any]:
-    parameter = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}[name]
-    if parameter.type == "date":
-        return _list_of(_DATE)
-    if parameter.type == "number":
-        return _list_of(_NUMBER)
-    if parameter.type == "quantity":
-        return _list_of(_NUMBER + _UNIT)
-    if parameter.index == "patient":
-        return _list_of(reference_value_pattern("Patient"))
-    if parameter.index == "site":
-        return _list_of(reference_value_pattern("Organization"))
-    return _NO_NUL
 
 
 def _controls(resource_type: str) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -278,7 +245,7 @@ def query_parameters(resource_type: str) -> list[dict[str, Any]]:
             "in": "query",
             "required": False,
             "description": p.documentation,
-            "schema": _value_schema(resource_type, p.name),
+            "schema": value_schema(resource_type, p.name),
         }
         for p in SEARCH_PARAMETERS[resource_type]
     ]
@@ -298,7 +265,7 @@ def query_parameters(resource_type: str) -> list[dict[str, Any]]:
 
 def form_body(resource_type: str) -> dict[str, Any]:
     properties = {
-        p.name: {**_value_schema(resource_type, p.name), "description": p.documentation}
+        p.name: {**value_schema(resource_type, p.name), "description": p.documentation}
         for p in SEARCH_PARAMETERS[resource_type]
     }
     for name, (description, schema) in _controls(resource_type).items():

@@ -1,0 +1,45 @@
+"""The grammar of search parameter values as JSON Schema, from the same patterns the parser
+(`app.fhir.search_params`) applies, so the OpenAPI document refuses what the server refuses.
+Used by the search routes and by the conditional interactions' query parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.fhir.search_params import SEARCH_ID, SEARCH_PARAMETERS, reference_value_pattern
+
+NO_NUL = {"type": "string", "pattern": "^[^\\u0000]*$"}
+_YEAR = "[1-8][0-9]{3}"  # years whose instants exist whatever the time zone
+_MONTH_DAY = (
+    "((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+    "|02-(0[1-9]|1[0-9]|2[0-8]))"
+)
+_TIME = (
+    "T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\\.[0-9]{1,6})?)?"
+    "(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9]|[+-]14:00)?"
+)
+_DATE = f"(eq|ne|lt|le|gt|ge|sa|eb)?{_YEAR}(-(0[1-9]|1[0-2])|-{_MONTH_DAY}({_TIME})?)?"
+_NUMBER = "(eq|ne|lt|le|gt|ge|sa|eb|ap)?-?[0-9]{1,12}(\\.[0-9]{1,6})?"
+_UNIT = "(\\|[^|,\\\\\\u0000]*\\|[^|,\\\\\\u0000]*)?"
+
+
+def list_of(value: str) -> dict[str, Any]:
+    """A string of comma-separated `value`s (OR-ed), or empty: FHIR ignores an empty value."""
+    return {"type": "string", "pattern": f"^({value}(,{value})*)?$"}
+
+
+def value_schema(resource_type: str, name: str) -> dict[str, Any]:
+    parameter = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}[name]
+    if parameter.type == "date":
+        return list_of(_DATE)
+    if parameter.type == "number":
+        return list_of(_NUMBER)
+    if parameter.type == "quantity":
+        return list_of(_NUMBER + _UNIT)
+    if parameter.index == "id":
+        return list_of(SEARCH_ID)
+    if parameter.index == "patient":
+        return list_of(reference_value_pattern("Patient"))
+    if parameter.index == "site":
+        return list_of(reference_value_pattern("Organization"))
+    return NO_NUL
