@@ -29,6 +29,8 @@ class Issue:
 
     def __post_init__(self) -> None:
         self.diagnostics = fhir_string(self.diagnostics)
+        # An expression is a path into what the client sent, so it quotes the client's keys.
+        self.expression = [fhir_string(path) for path in self.expression]
 
 
 class FhirError(Exception):

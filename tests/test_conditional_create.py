@@ -49,7 +49,19 @@ async def test_invalid_body_is_refused_even_when_a_match_exists(client):
 
 
 async def test_criteria_must_be_a_supported_search(client):
-    for header in ("", "nickname=x", "identifier"):
+    # The grammar is the documented pattern (conditional.header_pattern): percent-encoding
+    # and "+" are for the query form; ids and references as the search parser reads them.
+    for header in (
+        "",
+        "nickname=x",
+        "identifier",
+        "identifier=a%20b",
+        "identifier=a+b",
+        "identifier=a,,b",
+        "_id=a_b",
+        "organization=Practitioner/S01",
+        "identifier=x&",
+    ):
         response = await client.post(
             "/fhir/Patient", json=builders.patient(), headers={"If-None-Exist": header}
         )

@@ -117,9 +117,9 @@ async def test_the_result_is_validated_like_an_update(client):
         [{"op": "remove", "path": "/id"}],
         [{"op": "replace", "path": "/resourceType", "value": "Observation"}],
     ):
-        assert (await _patch(client, path, document)).status_code == 400, document
+        assert (await _patch(client, path, document)).status_code == 422, document
     merged = await _patch(client, path, {"id": "other-id"}, MERGE_PATCH)
-    assert merged.status_code == 400
+    assert merged.status_code == 422
     assert (await client.get(path)).json() == patient
 
 

@@ -82,7 +82,13 @@ SIMPLE_QUANTITY_ELEMENTS = {
     "DosageDoseAndRate.doseQuantity",
     "DosageDoseAndRate.rateQuantity",
 }
-PROFILE_RESTRICTIONS = {("SimpleQuantity", "comparator")}
+PROFILE_RESTRICTIONS = {
+    ("SimpleQuantity", "comparator"),
+    # No contained resources (README, "What is refused"); refused in test_validation.py.
+    *((resource, "contained") for resource in (
+        "Patient", "Observation", "MedicationAdministration", "AdverseEvent", "OperationOutcome"
+    )),
+}
 
 # ---------------------------------------------------------------------------------------
 # Walking the two model trees side by side

@@ -132,9 +132,10 @@ async def test_summary_count_answers_the_total_only(client, counts):
 
 async def test_elements_keep_the_asked_and_the_mandatory_and_mark_subsetted(client, counts):
     patient, ids = counts
-    bundle = (await client.get(f"/fhir/Observation?_id={ids['a']}&_elements=value,subject")).json()
+    bundle = (await client.get(f"/fhir/Observation?_id={ids['a']}&_elements=value")).json()
     [observation] = [e["resource"] for e in bundle["entry"]]
-    # code and status are mandatory in an Observation: kept although not asked for.
+    # code and status are mandatory in an Observation, subject in the trial profile: kept
+    # although not asked for.
     assert set(observation) == {
         "resourceType",
         "id",
@@ -162,7 +163,8 @@ async def test_summary_modes_subset_the_resource(client, counts):
     assert "category" in full and "category" not in summary  # category is not a summary element
     assert {"status", "code", "subject", "effectiveDateTime", "valueQuantity"} <= set(summary)
     assert any(tag["code"] == SUBSETTED for tag in summary["meta"]["tag"])
-    assert set(await one("text")) == {"resourceType", "id", "meta", "status", "code"}
+    # status and code are mandatory in R4B, subject in the trial profile.
+    assert set(await one("text")) == {"resourceType", "id", "meta", "status", "code", "subject"}
     data = await one("data")
     assert {k: v for k, v in data.items() if k != "meta"} == {
         k: v for k, v in full.items() if k != "meta"
@@ -471,3 +473,15 @@ async def test_included_resources_are_capped_with_a_warning(database_url):
     [outcome] = _outcomes(bundle)
     assert outcome["issue"][0]["code"] == "too-costly"
     assert outcome["issue"][0]["severity"] == "warning"
+
+
+async def test_a_subsetted_patient_keeps_its_site(client, counts):
+    """The trial profile makes the site mandatory (fhir-profile.md), and the documented
+    Patient schema requires it: a subsetted Patient keeps it, as R4B's mandatory elements."""
+    patient, _ = counts
+    full = (await client.get(f"/fhir/Patient/{patient}")).json()
+    for query in ("_summary=text", "_elements=gender", "_summary=true", "_summary=data"):
+        bundle = (await client.get(f"/fhir/Patient?_id={patient}&{query}")).json()
+        [subsetted] = [e["resource"] for e in bundle["entry"]]
+        assert subsetted["managingOrganization"] == full["managingOrganization"], query
+        assert any(tag["code"] == SUBSETTED for tag in subsetted["meta"]["tag"]), query

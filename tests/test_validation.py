@@ -66,6 +66,13 @@ INVALID_PATIENTS = [
     ({"name": [{}]}, "Patient.name[0]"),
     ({"deceasedDateTime": "2025-03-10T09:00:00"}, "Patient.deceasedDateTime"),
     ({"managingOrganization": {"reference": 5}}, "Patient.managingOrganization.reference"),
+    # Valid R4B, refused by the trial profile: no contained resources.
+    (
+        {"contained": [{"resourceType": "Practitioner", "id": "p1", "active": True}]},
+        "Patient.contained",
+    ),
+    # A client's keys quoted in an expression are escaped like diagnostics: still FHIR strings.
+    ({"\u001dm": 1}, "Patient.\\u001dm"),
 ]
 
 

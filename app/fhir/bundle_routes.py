@@ -85,7 +85,16 @@ def _process_doc() -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
-            "content": {FHIR_JSON: {"schema": {"$ref": "#/components/schemas/Bundle"}}},
+            "content": {
+                FHIR_JSON: {
+                    "schema": {
+                        "$ref": "#/components/schemas/Bundle",
+                        # Only these two types are processed (other types: 400). Beside the
+                        # $ref, so a generated client keeps the one Bundle model.
+                        "properties": {"type": {"enum": ["transaction", "batch"]}},
+                    }
+                }
+            },
         }
     }
 

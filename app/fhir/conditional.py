@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from app.errors import BadRequest
-from app.fhir.search_params import SEARCH_PARAMETERS, criteria_key, parse_search
+from app.fhir.search_params import SEARCH_ID, SEARCH_PARAMETERS, criteria_key, parse_search
 from app.fhir.search_schema import value_schema
 from app.store.criteria import Criteria
 
@@ -27,11 +27,33 @@ def conditional_parameters(resource_type: str) -> list[str]:
     return [p.name for p in SEARCH_PARAMETERS[resource_type] if p.type in ("token", "reference")]
 
 
-def _header_pattern(resource_type: str) -> str:
-    # One or more name=value pairs; values are printable ASCII (percent-encode the rest).
-    names = "|".join(re.escape(n) for n in conditional_parameters(resource_type))
-    pair = f"({names})=[!-%'-~]+"
-    return f"^{pair}(&{pair})*$"
+# A value in If-None-Exist: printable ASCII without the pair separator `&`, the OR separator
+# `,`, and `%` and `+`, which a query string decodes (so a header value means what it says).
+_HEADER_TOKEN = r"[!-$'-*\--~]+"
+_HEADER_URL_PREFIX = r"(https?://[!-$'-*\--~]+/)?"
+
+
+def _header_value(resource_type: str, name: str) -> str:
+    """The grammar of one criterion's value list, as the search parser reads it."""
+    parameter = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}[name]
+    if parameter.index == "id":
+        value = SEARCH_ID
+    elif parameter.type == "reference":
+        target = "Organization" if parameter.index == "site" else "Patient"
+        value = f"({_HEADER_URL_PREFIX}{target}/)?{SEARCH_ID}"
+    else:
+        value = _HEADER_TOKEN
+    return f"{value}(,{value})*"
+
+
+def header_pattern(resource_type: str) -> str:
+    """If-None-Exist: one or more name=value pairs joined by `&`. Stated in the OpenAPI
+    document and applied by `from_header`, so both refuse the same headers."""
+    pairs = "|".join(
+        f"{re.escape(name)}={_header_value(resource_type, name)}"
+        for name in conditional_parameters(resource_type)
+    )
+    return f"^({pairs})(&({pairs}))*$"
 
 
 def criteria(
@@ -58,7 +80,7 @@ def criteria(
 
 def from_header(resource_type: str, header: str) -> tuple[Criteria, str]:
     """If-None-Exist holds token or patient criteria: name=value pairs joined by &."""
-    if not re.fullmatch(_header_pattern(resource_type), header):
+    if not re.fullmatch(header_pattern(resource_type), header):
         raise BadRequest(
             f"If-None-Exist {header!r} is not token or patient criteria: name=value pairs "
             f"joined by &, names among {', '.join(conditional_parameters(resource_type))}",

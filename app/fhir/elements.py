@@ -22,6 +22,14 @@ SUBSETTED = {
     "display": "Subsetted",
 }
 _ALWAYS = frozenset({"resourceType", "id", "meta"})
+# What the trial profile makes mandatory beyond R4B (fhir-profile.md; the documented schemas
+# require them): a subsetted resource keeps these too, so it still matches its schema.
+PROFILE_MANDATORY: dict[str, frozenset[str]] = {
+    "Patient": frozenset({"managingOrganization"}),
+    "Observation": frozenset({"subject"}),
+    "MedicationAdministration": frozenset({"subject"}),
+    "AdverseEvent": frozenset({"subject"}),
+}
 
 
 @dataclass(frozen=True)
@@ -108,16 +116,19 @@ def subset(
     """The resource as `_elements` or `_summary` (true, text, data) asks for it."""
     if elements is None and summary not in ("true", "text", "data"):
         return content
-    document = orjson.loads(content)
+    original = orjson.loads(content)
     model = get_fhir_model_class(resource_type)
     if elements is not None:
-        document = _top_level(document, model, frozenset(elements))
+        document = _top_level(original, model, frozenset(elements))
     elif summary == "true":
-        document = _summary(document, model)
+        document = _summary(original, model)
     elif summary == "text":
-        document = _top_level(document, model, frozenset({"text"}))
+        document = _top_level(original, model, frozenset({"text"}))
     else:  # data
-        document.pop("text", None)
+        document = {key: item for key, item in original.items() if key != "text"}
+    for key in PROFILE_MANDATORY.get(resource_type, ()):
+        if key in original and key not in document:
+            document[key] = original[key]
     meta = document.setdefault("meta", {})
     meta["tag"] = [*meta.get("tag", ()), SUBSETTED]
     return orjson.dumps(document).decode()

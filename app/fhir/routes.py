@@ -290,17 +290,19 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         ctx: ServicesDep,
         principal: Principal = Depends(Require(resource_type, Action.CREATE)),
         # Header() as the default, not in Annotated: the text depends on resource_type,
-        # which a postponed annotation cannot see. The grammar is in words, not a pattern:
-        # schemathesis can only generate letters and digits for a header (so a pattern
-        # needing "=" is unsatisfiable to it); conditional.from_header checks it.
+        # which a postponed annotation cannot see. The pattern is documented only:
+        # conditional.from_header applies it, with a message that names the parameters.
         if_none_exist: str | None = Header(  # noqa: B008 - FastAPI's parameter declaration
             None,
             alias="If-None-Exist",
             min_length=1,
+            json_schema_extra={"pattern": conditional.header_pattern(resource_type)},
             description="Conditional create: token or patient criteria joined by &, e.g. "
             "identifier=sys|val; parameters: "
             + ", ".join(conditional.conditional_parameters(resource_type))
-            + "; values in printable ASCII without space or & (percent-encode the rest)",
+            + "; values in printable ASCII without space, %, +, & or , inside a value "
+            "(commas separate OR-ed values); criteria needing other characters go in the "
+            "query form",
         ),
         prefer: Prefer = None,
     ) -> Response:

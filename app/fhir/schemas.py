@@ -1219,12 +1219,10 @@ class Resource(FhirModel):
 
 
 class DomainResource(Resource):
-    """A resource with narrative, contained resources and extensions."""
+    """A resource with narrative and extensions. R4B's `contained` is left out: the trial
+    profile takes no contained resources (README, "What is refused"); the server refuses them."""
 
     text: Narrative | None = None
-    contained: Repeated[dict[str, Any]] | None = Field(
-        default=None, description="Resources of any type, each with its resourceType"
-    )
     extension: Repeated[Extension] | None = None
     modifier_extension: Repeated[Extension] | None = None
 

@@ -4,8 +4,9 @@ versioned, audited, with its reason).
 
 Two formats:
 - JSON Patch (RFC 6902, `application/json-patch+json`): a list of operations, applied by the
-  `jsonpatch` library; a failed `test` or a path that does not exist is a 422 (FHIR: a patch
-  that cannot be applied), a malformed document a 400.
+  `jsonpatch` library; a failed `test`, a path that does not exist, or a result that is not
+  a valid resource of the same type and id is a 422 (RFC 5789 2.2: the document is
+  understood but cannot be applied to this version), a malformed document a 400.
 - JSON Merge Patch (RFC 7386, `application/merge-patch+json`): an object merged into the
   resource, `null` deleting an element. A JSON object sent as `application/json` or
   `application/fhir+json` is read as one too: that is how fhirpy and others patch.
@@ -118,13 +119,14 @@ def apply_patch(
             raise Unprocessable(f"The JSON Patch cannot be applied: {exc}") from None
     if not isinstance(result, dict):
         raise Unprocessable("The patch does not leave a resource (a JSON object)")
+    # A well-formed patch whose result is not an acceptable resource: 422 (RFC 5789 2.2).
     if result.get("resourceType") != resource_type:
-        raise BadRequest(
+        raise Unprocessable(
             f"A patch cannot change the resourceType of {resource_type}/{resource_id}",
             expression=[f"{resource_type}.resourceType"],
         )
     if result.get("id") != resource_id:
-        raise BadRequest(
+        raise Unprocessable(
             f"A patch cannot change or remove the id of {resource_type}/{resource_id}",
             expression=[f"{resource_type}.id"],
         )

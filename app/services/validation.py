@@ -130,6 +130,18 @@ def validate(raw: dict[str, Any], resource_type: str) -> Accepted:
     check_resource_type(raw, resource_type)
     model_class = RESOURCE_CLASSES[resource_type]
     issues: list[Issue] = []
+    if "contained" in raw:
+        # The trial profile takes no contained resources (README, "What is refused"): each
+        # record is stored, searched, audited and referenced on its own, which a contained
+        # one is not.
+        issues.append(
+            Issue(
+                "not-supported",
+                "Contained resources are not accepted by the trial profile: store the "
+                "resource on its own and reference it",
+                [f"{resource_type}.contained"],
+            )
+        )
     _check(raw, model_class, resource_type, issues, top=True)
     try:
         model = model_class.model_validate(raw)
