@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Fuzz the API with schemathesis (pinned in the test extras): a real uvicorn on a fresh
-# SQLite file, the app's own openapi/openapi.json, every check, a fixed seed.
-# Not yet part of the test command: it still reports findings (see issue 7 in the README).
-# Extra arguments go to `schemathesis run` (e.g. --max-time 300, -n 20).
+# Fuzz the API by hand with schemathesis (pinned in the test extras): a real uvicorn on a
+# fresh SQLite file, the app's own openapi/openapi.json, every check, a fixed seed.
+# The test command runs it too, bounded, on both databases (tests/test_fuzz.py).
+# Extra arguments go to `schemathesis run` (e.g. --max-time 600, -n 100).
 EXTRAS="test" . "$(dirname "$0")/_venv.sh"
 work=$(mktemp -d)
 port=${FUZZ_PORT:-8765}

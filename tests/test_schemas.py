@@ -85,9 +85,16 @@ SIMPLE_QUANTITY_ELEMENTS = {
 PROFILE_RESTRICTIONS = {
     ("SimpleQuantity", "comparator"),
     # No contained resources (README, "What is refused"); refused in test_validation.py.
-    *((resource, "contained") for resource in (
-        "Patient", "Observation", "MedicationAdministration", "AdverseEvent", "OperationOutcome"
-    )),
+    *(
+        (resource, "contained")
+        for resource in (
+            "Patient",
+            "Observation",
+            "MedicationAdministration",
+            "AdverseEvent",
+            "OperationOutcome",
+        )
+    ),
 }
 
 # ---------------------------------------------------------------------------------------
