@@ -153,7 +153,7 @@ def create_app(
         },
     )
     async def metadata(request: Request) -> FhirResponse:
-        negotiate(request)
+        await negotiate(request)
         statement = capability_statement(
             routes.fhir_base(request), SOFTWARE_VERSION, format_instant(utc_now())
         )

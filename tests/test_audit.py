@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 
 import jsonschema
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
+from app.audit.trail import AuditQueue, AuditRecord, chain_hash, verify
 from app.fhir import schemas
 from tests import builders
 from tests.conftest import PROJECT_ROOT, bearer
@@ -267,3 +269,51 @@ async def test_the_trail_as_a_bundle_matches_its_documented_schema(app, client):
     assert any("\\u0085" in e["resource"].get("outcomeDesc", "") for e in bundle["entry"])
     schema = schemas.Bundle.model_json_schema(by_alias=True)
     jsonschema.Draft202012Validator(schema).validate(bundle)
+
+
+async def test_batches_append_in_chain_order_under_concurrency(app, client):
+    """A batch is inserted by one statement executed once per row (one round trip on
+    asyncpg) with its records built before the chain's lock: `seq` order is still the order
+    the records were given, and concurrent batches and writes still make one valid chain."""
+    db = app.state.services.db
+    inserts: list[tuple[str, bool, int]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO AUDIT_EVENT"):
+            inserts.append((statement, executemany, len(parameters) if executemany else 1))
+
+    queues = [AuditQueue(db) for _ in range(2)]
+    for number, queue in enumerate(queues):
+        for k in range(150):
+            queue.add(
+                AuditRecord("read", agent=f"q{number}", entity_type="Patient", entity_id=f"{k}")
+            )
+    event.listen(db.writer.sync_engine, "before_cursor_execute", record)
+    try:
+        await asyncio.gather(
+            *(queue.flush() for queue in queues),
+            create(client, builders.patient("S01-101")),
+            create(client, builders.patient("S01-102")),
+        )
+    finally:
+        event.remove(db.writer.sync_engine, "before_cursor_execute", record)
+    batches = [(many, rows) for statement, many, rows in inserts if rows == 150]
+    assert batches == [(True, 150), (True, 150)]
+    assert all("), (" not in statement for statement, _, _ in inserts)  # one row per execution
+
+    assert (await verify(db)).problem is None
+    async with db.read() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT id, agent, entity_id, content, prev_hash, hash "
+                    "FROM audit_event ORDER BY seq"
+                )
+            )
+        ).all()
+    for number in range(2):
+        mine = [int(row.entity_id) for row in rows if row.agent == f"q{number}"]
+        assert mine == list(range(150))
+    for before, after in zip(rows, rows[1:], strict=False):
+        assert after.prev_hash == before.hash
+        assert after.hash == chain_hash(before.hash, after.id, after.content)

@@ -257,3 +257,28 @@ async def test_the_projects_code_systems_are_served(client, anonymous):
     assert [e["resource"]["id"] for e in by_url["entry"]] == ["itp-response"]
     assert (await client.get("/fhir/CodeSystem/nope")).status_code == 404
     assert (await anonymous.get("/fhir/CodeSystem")).status_code == 401
+
+
+async def test_requests_take_no_thread_pool_hop(client, monkeypatch):
+    """Every dependency is `async def`: FastAPI runs a sync one in its thread pool, two thread
+    hops per request (bench/README.md). Not a timing: which dependencies FastAPI off-loads."""
+    import fastapi.dependencies.utils
+
+    offloaded: list[str] = []
+    forward = fastapi.dependencies.utils.run_in_threadpool
+
+    async def record(func, *args, **kwargs):
+        offloaded.append(getattr(func, "__qualname__", repr(func)))
+        return await forward(func, *args, **kwargs)
+
+    monkeypatch.setattr(fastapi.dependencies.utils, "run_in_threadpool", record)
+    patient_id = await new_patient(client)
+    for path in (
+        "/fhir/metadata",
+        f"/fhir/Patient/{patient_id}",
+        f"/fhir/Patient?_id={patient_id}",
+        f"/fhir/Patient/{patient_id}/_history",
+        f"/fhir/Patient/{patient_id}/$response-status",
+    ):
+        assert (await client.get(path)).status_code < 500, path
+    assert offloaded == []

@@ -34,3 +34,105 @@ async def test_fact_rows_give_the_same_timeline(client, app) -> None:
         for field in ("counts", "bleeding_assessments", "bleeding_events", "administrations"):
             assert sorted(getattr(fast, field), key=key) == sorted(getattr(plain, field), key=key)
         assert len(fast.counts) == 3 and len(fast.bleeding_events) == 1
+
+
+async def _search_rows(db, pk: int) -> dict[str, list[tuple]]:
+    from sqlalchemy import select
+
+    from app.store.tables import quantity_table, string_table, token_table
+
+    rows = {}
+    async with db.read() as conn:
+        for name, table in (
+            ("token", token_table),
+            ("string", string_table),
+            ("quantity", quantity_table),
+        ):
+            columns = [c for c in table.c if c.name not in ("pk", "resource_pk")]
+            query = select(*columns).where(table.c.resource_pk == pk)
+            rows[name] = sorted(tuple(row) for row in (await conn.execute(query)).all())
+    return rows
+
+
+async def test_status_writes_skip_the_tables_it_has_no_values_in(client, app) -> None:
+    """The status Observation has token search values only (repo.TOKEN_ONLY_KINDS): its
+    updates and deletion issue no DELETE on the string and quantity tables, and its search
+    values stay exactly those of its current version."""
+    import orjson
+    from sqlalchemy import event
+
+    from app.services.indexing import KIND_RESPONSE_STATUS, search_values
+
+    assert KIND_RESPONSE_STATUS in repo.TOKEN_ONLY_KINDS
+    db = app.state.services.db
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(" ".join(statement.split()).lower())
+
+    patient_id = (await create(client, builders.patient())).json()["id"]
+    await create(client, builders.administration(patient_id, "2025-03-03T08:00:00Z"))
+    await create(client, builders.platelet_count(patient_id, "2025-03-03T07:00:00Z", 12))
+    status_id = response.response_observation_id(patient_id)
+    versions = []
+    event.listen(db.writer.sync_engine, "before_cursor_execute", record)
+    try:
+        for day, value in ((10, 60), (17, 70), (24, 20), (31, 150)):
+            await create(client, builders.platelet_count(patient_id, f"2025-03-{day}", value))
+            versions.append((await client.get(f"/fhir/Observation/{status_id}")).json())
+    finally:
+        event.remove(db.writer.sync_engine, "before_cursor_execute", record)
+    deletes = [s for s in statements if s.startswith("delete from search_")]
+    assert len({v["meta"]["versionId"] for v in versions}) == len(versions)  # each changed it
+    assert deletes and all(s.startswith("delete from search_token ") for s in deletes), deletes
+
+    async with db.read() as conn:
+        current = await repo.get_current(conn, "Observation", status_id)
+    assert current is not None and current.kind == KIND_RESPONSE_STATUS
+    stored = await _search_rows(db, current.pk)
+    expected = search_values(
+        "Observation", orjson.loads(current.content), app.state.services.codes, current.kind
+    )
+    assert stored["string"] == [] and stored["quantity"] == []
+    assert stored["token"] == sorted(("Observation", p, s, v) for p, s, v in expected.tokens) != []
+
+    # Its deletion (the Patient's) removes its token values too.
+    listing = (await client.get(f"/fhir/Observation?patient={patient_id}&_count=100")).json()
+    for entry in listing.get("entry", []):
+        if entry["resource"]["id"] != status_id:
+            await client.delete(
+                f"/fhir/Observation/{entry['resource']['id']}", headers={"X-Provenance": REASON}
+            )
+    doses = (await client.get(f"/fhir/MedicationAdministration?patient={patient_id}")).json()
+    for entry in doses.get("entry", []):
+        await client.delete(
+            f"/fhir/MedicationAdministration/{entry['resource']['id']}",
+            headers={"X-Provenance": REASON},
+        )
+    deleted = await client.delete(f"/fhir/Patient/{patient_id}", headers={"X-Provenance": REASON})
+    assert deleted.status_code in (200, 204), deleted.text
+    async with db.read() as conn:
+        gone = await repo.get_current(conn, "Observation", status_id)
+    assert gone is not None and gone.deleted
+    assert await _search_rows(db, gone.pk) == {"token": [], "string": [], "quantity": []}
+
+
+async def test_a_token_only_kind_refuses_other_search_values(app) -> None:
+    """Skipping the string and quantity DELETEs is safe only while those kinds never get
+    such values: the repository refuses them rather than leave stale rows behind."""
+    import pytest
+
+    index = repo.IndexRow(
+        patient_id=None,
+        effective_start=None,
+        effective_end=None,
+        value_norm=None,
+        kind="response-status",
+        status="final",
+        site=None,
+        tokens=[("code", "s", "c")],
+        quantities=[("value-quantity", 1.0, "", "", None)],
+    )
+    async with app.state.services.db.write() as conn:
+        with pytest.raises(ValueError, match="token search values only"):
+            await repo.insert_search_values(conn, 1, "Observation", index)

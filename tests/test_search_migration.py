@@ -1,9 +1,11 @@
 """Migration 0003: resources stored before it are found by the parameters it adds, on both
-databases, and it goes down and up again."""
+databases, and it goes down and up again. Migration 0005: its index covers the recompute's
+read and goes down and up again."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -14,14 +16,15 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.main import create_app
 from app.settings import Settings
 from app.store.db import async_url
-from app.store.tables import resource_table, token_table
+from app.store.repository import _FACT_ROWS_SQL
+from app.store.tables import FACT_COLUMNS, resource_table, token_table
 from tests import builders
 from tests.conftest import (
     IN_CI,
@@ -159,3 +162,46 @@ async def test_resources_stored_before_0003_are_found_by_the_new_parameters(empt
     _alembic(url, "downgrade", "0002")
     _alembic(url, "upgrade", "head")
     assert await _found(url, queries) == expected
+
+
+async def _facts_index(url: str) -> tuple[list[str], str] | None:
+    """ix_resource_facts' key columns and (PostgreSQL) definition, None when it is absent."""
+    engine = create_async_engine(async_url(url))
+    try:
+        async with engine.connect() as conn:
+            indexes = await conn.run_sync(lambda sync: inspect(sync).get_indexes("resource"))
+            found = [i for i in indexes if i["name"] == "ix_resource_facts"]
+            if not found:
+                return None
+            definition = ""
+            if conn.dialect.name == "postgresql":
+                definition = (
+                    await conn.execute(
+                        text(
+                            "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_resource_facts'"
+                        )
+                    )
+                ).scalar_one()
+            return [str(c) for c in found[0]["column_names"]], definition
+    finally:
+        await engine.dispose()
+
+
+async def test_0005_covers_the_recompute_read_and_goes_down_and_up(empty_database):
+    url = empty_database
+    _alembic(url, "upgrade", "head")
+    # The columns the read names are exactly the index's: its key and its INCLUDE list.
+    named = set(
+        re.findall(r"[a-z_]+", _FACT_ROWS_SQL.split("FROM")[0] + _FACT_ROWS_SQL.split("WHERE")[1])
+    )
+    read = named & set(resource_table.c.keys())
+    assert read == {"patient_id", "kind", *FACT_COLUMNS}, read
+    index = await _facts_index(url)
+    assert index is not None and index[0] == ["patient_id", "kind"]
+    if url.startswith("postgresql"):
+        assert index[1].endswith(f"INCLUDE ({', '.join(FACT_COLUMNS)})"), index[1]
+
+    _alembic(url, "downgrade", "-1")
+    assert await _facts_index(url) is None
+    _alembic(url, "upgrade", "head")
+    assert await _facts_index(url) == index

@@ -159,14 +159,18 @@ async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
     """Append records in the caller's transaction (commits or rolls back with it)."""
     if not records:
         return
+    # A record's id and content do not depend on the chain: built before the chain's lock,
+    # so that under it only the previous hash is read and the rows hashed and inserted.
+    built = []
+    for record in records:
+        audit_id = str(uuid.uuid4())
+        built.append((record, audit_id, orjson.dumps(to_fhir(record, audit_id)).decode()))
     await repo.lock(conn, _CHAIN_LOCK)
     previous = (
         await conn.execute(select(AE.c.hash).order_by(AE.c.seq.desc()).limit(1))
     ).scalar_one_or_none() or GENESIS
     rows = []
-    for record in records:
-        audit_id = str(uuid.uuid4())
-        content = orjson.dumps(to_fhir(record, audit_id)).decode()
+    for record, audit_id, content in built:
         digest = chain_hash(previous, audit_id, content)
         rows.append(
             {
@@ -184,8 +188,14 @@ async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
             }
         )
         previous = digest
-    for row in rows:  # one statement per row keeps `seq` in chain order on every driver
-        await conn.execute(insert(AE).values(**row))
+    # One INSERT executed once per row, in chain order (an executemany: asyncpg pipelines
+    # the executions in one round trip, sqlite3 runs them one after the other), so each row
+    # takes its `seq` after the one before it, as with one statement per row. A multi-row
+    # VALUES list is not used: nothing documents the order it draws `seq` values in.
+    await conn.execute(_INSERT_RECORD, rows)
+
+
+_INSERT_RECORD = insert(AE)
 
 
 class AuditQueue:

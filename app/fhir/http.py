@@ -47,8 +47,11 @@ def require_json_body(request: Request) -> None:
         )
 
 
-def negotiate(request: Request) -> None:
-    """406 unless the client accepts JSON (`_format` overrides Accept, as FHIR says)."""
+async def negotiate(request: Request) -> None:
+    """406 unless the client accepts JSON (`_format` overrides Accept, as FHIR says).
+
+    `async` though it never awaits: it reads headers only, and FastAPI runs a sync dependency
+    in its thread pool (two thread hops per request, bench/README.md)."""
     requested = request.query_params.get("_format")
     if requested is not None:
         if requested.strip().lower() not in _FORMAT_ALIASES:

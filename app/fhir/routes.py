@@ -45,12 +45,14 @@ RESOURCE_TYPES = ("Patient", "Observation", "MedicationAdministration", "Adverse
 ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
 
 
-def get_services(request: Request) -> ServiceContext:
+# `async` though they never await: they read app.state only, and FastAPI runs a sync
+# dependency in its thread pool (two thread hops per request, bench/README.md).
+async def get_services(request: Request) -> ServiceContext:
     services: ServiceContext = request.app.state.services
     return services
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 

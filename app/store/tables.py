@@ -49,6 +49,19 @@ SQLModel.metadata = MetaData(
 BigIntPk = BigInteger().with_variant(Integer(), "sqlite")
 
 
+# What `repository.patient_fact_rows` filters on and returns besides the index's key
+# (patient_id, kind): carried in ix_resource_facts so the read never visits the table.
+FACT_COLUMNS = (
+    "resource_type",
+    "deleted",
+    "id",
+    "status",
+    "effective_start",
+    "effective_end",
+    "value_norm",
+)
+
+
 class ResourceRow(SQLModel, table=True):
     """Current version of a resource. `pk` only grows: keyset paging orders on it."""
 
@@ -57,6 +70,14 @@ class ResourceRow(SQLModel, table=True):
         UniqueConstraint("resource_type", "id", name="uq_resource_type_id"),
         Index("ix_resource_patient", "resource_type", "patient_id", "effective_start", "pk"),
         Index("ix_resource_type_pk", "resource_type", "pk"),
+        # The recompute's read (`repository.patient_fact_rows`) from the index alone: on
+        # PostgreSQL every column it filters on or returns is in the index (migration 0005).
+        Index(
+            "ix_resource_facts",
+            "patient_id",
+            "kind",
+            postgresql_include=FACT_COLUMNS,
+        ),
     )
 
     pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
