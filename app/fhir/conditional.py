@@ -15,7 +15,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from app.errors import BadRequest
-from app.fhir.search_params import SEARCH_ID, SEARCH_PARAMETERS, criteria_key, parse_search
+from app.fhir.search_params import (
+    SEARCH_ID,
+    SEARCH_PARAMETERS,
+    criteria_key,
+    parse_search,
+    reference_value_pattern,
+)
 from app.fhir.search_schema import value_schema
 from app.store.criteria import Criteria
 
@@ -40,7 +46,7 @@ def _header_value(resource_type: str, name: str) -> str:
         value = SEARCH_ID
     elif parameter.type == "reference":
         target = "Organization" if parameter.index == "site" else "Patient"
-        value = f"({_HEADER_URL_PREFIX}{target}/)?{SEARCH_ID}"
+        value = reference_value_pattern(target, _HEADER_URL_PREFIX)
     else:
         value = _HEADER_TOKEN
     return f"{value}(,{value})*"

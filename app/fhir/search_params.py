@@ -504,8 +504,8 @@ _URL_PREFIX = r"(https?://[!-+\--~]+/)?"
 _SEARCH_ID = re.compile(SEARCH_ID)
 
 
-def reference_value_pattern(target: str) -> str:
-    return f"({_URL_PREFIX}{target}/)?{SEARCH_ID}"
+def reference_value_pattern(target: str, url_prefix: str = _URL_PREFIX) -> str:
+    return f"({url_prefix}{target}/)?{SEARCH_ID}"
 
 
 _REFERENCE_VALUE = {
