@@ -1,6 +1,7 @@
 """Profile one scenario in process with pyinstrument (the `bench` extra):
 
     python -m bench.profile create --requests 300 [--database itp_bench] [--html out.html]
+    python -m bench.profile bundle --requests 3 --concurrency 1   # 1,000-entry transactions
 
 The app runs in this process on the bench database, driven through httpx's ASGI transport
 by `--concurrency` tasks: the profile shows where a request's CPU time goes (the HTTP
@@ -38,7 +39,14 @@ async def _drive(args: argparse.Namespace) -> None:
     role = "lab" if args.scenario == "create" else "admin"
     token = issue_token(keys, role=role, sites=loaded.sites, sub="bench", minutes=60)
     app = create_app(Settings(database_url=dsn, environment="test"), key_source=keys)
-    requests = harness.build_requests(loaded, seed=random.randrange(1 << 30))[args.scenario]
+    if args.scenario == "bundle":
+        rng = random.Random()
+        requests = [
+            harness.Request("POST", "/fhir", harness.transaction_bundle(10, 1_000, rng, "S01"))
+            for _ in range(args.requests + 1)
+        ]
+    else:
+        requests = harness.build_requests(loaded, seed=random.randrange(1 << 30))[args.scenario]
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -49,8 +57,11 @@ async def _drive(args: argparse.Namespace) -> None:
                     answer = await client.request(r.method, r.path, content=r.body, headers=headers)
                     assert answer.status_code < 300, answer.text
 
-            await worker(requests[:20])  # warm up
-            chosen = [random.choice(requests) for _ in range(args.requests)]
+            await worker(requests[:1] if args.scenario == "bundle" else requests[:20])  # warm up
+            if args.scenario == "bundle":  # each Bundle creates its own Patients: no repeats
+                chosen = requests[1:]
+            else:
+                chosen = [random.choice(requests) for _ in range(args.requests)]
             shares = [chosen[i :: args.concurrency] for i in range(args.concurrency)]
             profiler = Profiler(interval=0.0005, async_mode="disabled")
             started = time.perf_counter()
@@ -69,7 +80,7 @@ async def _drive(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
-    parser.add_argument("scenario", choices=["create", "read", "search", "response-status"])
+    parser.add_argument("scenario", choices=["create", "read", "search", "response-status", "bundle"])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--database", default="itp_bench")
