@@ -10,7 +10,7 @@ from collections import Counter
 import httpx
 import orjson
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from app.main import create_app
 from app.services import response
@@ -143,6 +143,35 @@ async def test_conditional_create_in_a_transaction_reuses_the_patient(client):
     assert second["entry"][0]["resource"]["id"] == patient_id
     assert second["entry"][1]["resource"]["subject"]["reference"] == f"Patient/{patient_id}"
     assert len(await _observations(client, patient=patient_id, code="777-3")) == 2
+
+
+async def test_a_conditional_create_sees_the_plain_creates_before_it(client):
+    """Plain creates of records are inserted together (issue 8), but before any other entry
+    is processed: a conditional create later in the Bundle finds one, as it would if each
+    had been inserted at once (FHIR processes a transaction's POSTs in order)."""
+    patient_id = (await create(client, builders.patient())).json()["id"]
+    criteria = f"identifier={LAB_RESULTS}|R-1"
+    answer = await send(
+        client,
+        bundle(
+            "transaction",
+            post(count(patient_id, "2025-03-10T09:00:00Z", 40, "R-0")),
+            post(count(patient_id, "2025-03-11T09:00:00Z", 41, "R-1")),
+            post(count(patient_id, "2025-03-11T09:00:00Z", 41, "R-1"), ifNoneExist=criteria),
+            post(count(patient_id, "2025-03-12T09:00:00Z", 42, "R-2")),
+        ),
+    )
+    assert answer.status_code == 200, answer.text
+    entries = answer.json()["entry"]
+    assert [e["response"]["status"] for e in entries] == [
+        "201 Created",
+        "201 Created",
+        "200 OK",
+        "201 Created",
+    ]
+    assert entries[2]["resource"]["id"] == entries[1]["resource"]["id"]
+    stored = await _observations(client, patient=patient_id, code="777-3")
+    assert sorted(o["identifier"][0]["value"] for o in stored) == ["R-0", "R-1", "R-2"]
 
 
 async def test_one_failing_entry_leaves_nothing_and_answers_its_outcome(app, client):
@@ -389,11 +418,46 @@ async def test_a_thousand_results_in_one_transaction(app, client):
         entries.append(post(resource, f"urn:uuid:00000000-0000-4000-8000-{number:012d}"))
     document = orjson.dumps(bundle("transaction", *entries))
     assert len(document) > 1_048_576  # more than the general body limit
-    answer = await client.post("/fhir", content=document, headers=FHIR)
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    engine = app.state.services.db.writer.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        answer = await client.post("/fhir", content=document, headers=FHIR)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
     assert answer.status_code == 200, answer.text[:500]
     statuses = Counter(e["response"]["status"] for e in answer.json()["entry"])
     assert statuses == {"201 Created": 1000}
     assert len(await _observations(client, code="777-3")) == 1000
+    # The creates go in together (issue 8): a few statements per table, not one per entry.
+    inserts = Counter(
+        table
+        for statement in statements
+        for table in ("resource", "resource_version", "search_token", "search_quantity")
+        if statement.lstrip().upper().startswith(f"INSERT INTO {table.upper()} ")
+    )
+    assert set(inserts) == {"resource", "resource_version", "search_token", "search_quantity"}
+    assert max(inserts.values()) <= 20, inserts
+    # ...and each resource's search values are its own (each pk matched to its id).
+    created = {e["resource"]["id"]: f"R-{n}" for n, e in enumerate(answer.json()["entry"])}
+    async with app.state.services.db.read() as conn:
+        identifiers = dict(
+            (
+                await conn.execute(
+                    text(
+                        "SELECT r.id, t.value FROM resource r JOIN search_token t "
+                        "ON t.resource_pk = r.pk WHERE t.param = 'identifier' "
+                        "AND r.resource_type = 'Observation' AND t.system = :system"
+                    ),
+                    {"system": LAB_RESULTS},
+                )
+            ).all()
+        )
+    assert identifiers == created
     async with app.state.services.db.read() as conn:
         audited = (
             await conn.execute(

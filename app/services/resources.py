@@ -161,7 +161,13 @@ async def _patient_row(
 ) -> repo.Current | None:
     if scope is not None and patient_id in scope.patients:
         return scope.patients[patient_id]
-    return await repo.get_current(conn, "Patient", patient_id, for_update=True)
+    row = await repo.get_current(conn, "Patient", patient_id, for_update=True)
+    if scope is not None and row is not None:
+        # Locked (or created) by this transaction: it stays as read until a write of this
+        # Patient drops it (_wrote_patient). A Bundle's records of a Patient it creates
+        # would otherwise each read it again.
+        scope.patients[patient_id] = row
+    return row
 
 
 async def _accept(
@@ -227,11 +233,13 @@ async def create_in(
     if_none_exist: Criteria | None = None,
     description: str | None = None,
     scope: Scope | None = None,
+    pending: list[repo.NewResource] | None = None,
 ) -> Change:
     """A create (the server assigns the id; `resource_id` only when the caller assigned one
     in advance, as a Bundle does for its `urn:uuid` entries). With `if_none_exist`, whose
     criteria lock the caller holds, an existing match is returned instead and nothing is
-    written."""
+    written. With `pending`, the new rows are appended to it instead of inserted: the
+    caller inserts them (`repo.insert_resources`) before anything reads them."""
     resource_id = resource_id or new_id()
     # Every check a create makes, also when a match will be returned: a client must not
     # learn that a body it may not write "worked".
@@ -249,7 +257,10 @@ async def create_in(
             )
             return Change(_stored(match), created=False, record=None)
     content = _render(raw, resource_type, resource_id, 1, now)
-    await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+    if pending is not None:
+        pending.append(repo.NewResource(resource_type, resource_id, content, index))
+    else:
+        await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
     _wrote_patient(scope, resource_type, resource_id)
     record = AuditRecord.of(
         principal,

@@ -161,6 +161,24 @@ async def lock(conn: AsyncConnection, key: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class NewResource:
+    """A version 1 to insert (`insert_resources`)."""
+
+    resource_type: str
+    resource_id: str
+    content: str
+    index: IndexRow
+
+
+# Built once, like _GET_CURRENT. SQLAlchemy's "insertmanyvalues" sends many rows as a few
+# multi-row INSERTs. Each pk comes back with its id: asking for the rows in parameter order
+# instead makes SQLite fall back to one INSERT per row.
+_INSERT_RESOURCE = insert(R).returning(R.c.pk, R.c.resource_type, R.c.id)
+_INSERT_VERSION = insert(V)
+_INSERT_SEARCH = {table.name: insert(table) for table in (T, S, Q)}
+
+
 async def insert_resource(
     conn: AsyncConnection,
     resource_type: str,
@@ -169,22 +187,50 @@ async def insert_resource(
     index: IndexRow,
     now: datetime,
 ) -> None:
+    await insert_resources(conn, [NewResource(resource_type, resource_id, content, index)], now)
+
+
+async def insert_resources(
+    conn: AsyncConnection, rows: Sequence[NewResource], now: datetime
+) -> None:
+    """Insert new resources with their first version and search values: one statement per
+    table however many rows (a transaction Bundle's creates go in together, issue 8)."""
+    if not rows:
+        return
     result = await conn.execute(
-        insert(R)
-        .values(
-            resource_type=resource_type,
-            id=resource_id,
-            version_id=1,
-            last_updated=now,
-            deleted=False,
-            content=content,
-            **index.columns(),
-        )
-        .returning(R.c.pk)
+        _INSERT_RESOURCE,
+        [
+            {
+                "resource_type": row.resource_type,
+                "id": row.resource_id,
+                "version_id": 1,
+                "last_updated": now,
+                "deleted": False,
+                "content": row.content,
+                **row.index.columns(),
+            }
+            for row in rows
+        ],
     )
-    pk = result.scalar_one()
-    await _insert_version(conn, resource_type, resource_id, 1, now, "create", content)
-    await insert_search_values(conn, pk, resource_type, index)
+    pks = {(kind, resource_id): pk for pk, kind, resource_id in result.all()}
+    await conn.execute(
+        _INSERT_VERSION,
+        [
+            {
+                "resource_type": row.resource_type,
+                "id": row.resource_id,
+                "version_id": 1,
+                "last_updated": now,
+                "method": "create",
+                "content": row.content,
+            }
+            for row in rows
+        ],
+    )
+    await _insert_search_values(
+        conn,
+        [(pks[row.resource_type, row.resource_id], row.resource_type, row.index) for row in rows],
+    )
 
 
 async def update_resource(
@@ -222,41 +268,46 @@ async def _insert_version(
     content: str | None,
 ) -> None:
     await conn.execute(
-        insert(V).values(
-            resource_type=resource_type,
-            id=resource_id,
-            version_id=version_id,
-            last_updated=now,
-            method=method,
-            content=content,
-        )
+        _INSERT_VERSION,
+        {
+            "resource_type": resource_type,
+            "id": resource_id,
+            "version_id": version_id,
+            "last_updated": now,
+            "method": method,
+            "content": content,
+        },
     )
 
 
 async def insert_search_values(
     conn: AsyncConnection, pk: int, resource_type: str, index: IndexRow
 ) -> None:
-    if index.kind in TOKEN_ONLY_KINDS and (index.strings or index.quantities):
-        # `delete_search_values` would leave these behind on the next write: refuse.
-        raise ValueError(f"a {index.kind} record has token search values only")
-    row = {"resource_pk": pk, "resource_type": resource_type}
-    if index.tokens:
-        await conn.execute(
-            insert(T), [{**row, "param": p, "system": s, "value": v} for p, s, v in index.tokens]
+    await _insert_search_values(conn, [(pk, resource_type, index)])
+
+
+async def _insert_search_values(
+    conn: AsyncConnection, rows: Sequence[tuple[int, str, IndexRow]]
+) -> None:
+    tokens: list[dict[str, Any]] = []
+    strings: list[dict[str, Any]] = []
+    quantities: list[dict[str, Any]] = []
+    for pk, resource_type, index in rows:
+        if index.kind in TOKEN_ONLY_KINDS and (index.strings or index.quantities):
+            # `delete_search_values` would leave these behind on the next write: refuse.
+            raise ValueError(f"a {index.kind} record has token search values only")
+        row = {"resource_pk": pk, "resource_type": resource_type}
+        tokens.extend({**row, "param": p, "system": s, "value": v} for p, s, v in index.tokens)
+        strings.extend(
+            {**row, "param": p, "value": v, "normalised": n} for p, v, n in index.strings
         )
-    if index.strings:
-        await conn.execute(
-            insert(S),
-            [{**row, "param": p, "value": v, "normalised": n} for p, v, n in index.strings],
+        quantities.extend(
+            {**row, "param": p, "value": v, "system": s, "code": c, "value_norm": n}
+            for p, v, s, c, n in index.quantities
         )
-    if index.quantities:
-        await conn.execute(
-            insert(Q),
-            [
-                {**row, "param": p, "value": v, "system": s, "code": c, "value_norm": n}
-                for p, v, s, c, n in index.quantities
-            ],
-        )
+    for table, values in ((T, tokens), (S, strings), (Q, quantities)):
+        if values:
+            await conn.execute(_INSERT_SEARCH[table.name], values)
 
 
 async def delete_search_values(
