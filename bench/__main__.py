@@ -202,6 +202,7 @@ def build_requests(loaded: datagen.Loaded, seed: int = 1) -> dict[str, list[Requ
         "create": [Request("POST", "/fhir/Observation", body) for body in bodies],
         "hello": [Request("GET", "/hello")],
         "read": [Request("GET", f"/fhir/Observation/{i}") for i in loaded.observations],
+        "ceiling-read": [Request("GET", f"/Observation/{i}") for i in loaded.observations],
         "search": searches,
         "response-status": [
             Request("GET", f"/fhir/Patient/{p}/$response-status") for p in loaded.patients
@@ -361,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
         if "create" in scenarios:
             plan += [("ceiling-create", reference, lab), ("create", api, lab)]
         if "read" in scenarios:
-            plan += [("hello", reference, admin), ("read", api, admin)]
+            plan += [
+                ("hello", reference, admin),
+                ("ceiling-read", reference, admin),
+                ("read", api, admin),
+            ]
         if "search" in scenarios:
             plan.append(("search", api, admin))
         if "response-status" in scenarios:

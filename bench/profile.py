@@ -80,7 +80,9 @@ async def _drive(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
-    parser.add_argument("scenario", choices=["create", "read", "search", "response-status", "bundle"])
+    parser.add_argument(
+        "scenario", choices=["create", "read", "search", "response-status", "bundle"]
+    )
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--database", default="itp_bench")

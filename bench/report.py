@@ -15,6 +15,7 @@ from bench.load import Result
 CEILINGS = {
     "create": "ceiling-create",
     "read": "hello",
+    "ceiling-read": "hello",
     "search": "hello",
     "response-status": "hello",
 }

@@ -4,7 +4,12 @@
   create: orjson parses the body, fhir.resources validates it as an R4B Observation, asyncpg
   inserts it into one table (a durable, autocommitted INSERT), 201 with the body. No auth, no
   audit, no index, no recompute.
-- `GET /hello`: a FastAPI hello-world route, the ceiling of a read.
+- `GET /hello`: a FastAPI hello-world route, the ceiling of a read (the issue's measure).
+- `GET /Observation/{id}`: the **bare read**, the floor of a read that touches the
+  database: asyncpg selects the stored JSON of the API's own current Observation by its id
+  (the API's table and index, in the same database), 200 with it, 404 if there is none. No
+  auth, no audit, no transaction, no FHIR rendering: it shows how much of the distance from
+  hello-world one PostgreSQL round trip alone takes.
 
 Run with `uvicorn bench.servers:app --workers N`; `BENCH_DSN` names the database.
 """
@@ -89,6 +94,20 @@ async def _ceiling(scope: Any, receive: Any, send: Any) -> None:
     await _reply(send, 201, body)
 
 
+_READ = (
+    "SELECT content FROM resource WHERE resource_type = 'Observation' AND id = $1 AND NOT deleted"
+)
+
+
+async def _bare_read(resource_id: str, send: Any) -> None:
+    assert _pool is not None
+    content = await _pool.fetchval(_READ, resource_id)
+    if content is None:
+        await _reply(send, 404, b'{"error":"not found"}')
+    else:
+        await _reply(send, 200, content.encode())
+
+
 async def app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         while True:
@@ -101,7 +120,10 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
                     await _pool.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-    if scope["path"] == "/Observation" and scope["method"] == "POST":
+    path = scope["path"]
+    if path == "/Observation" and scope["method"] == "POST":
         await _ceiling(scope, receive, send)
+    elif path.startswith("/Observation/") and scope["method"] == "GET":
+        await _bare_read(path.removeprefix("/Observation/"), send)
     else:
         await hello(scope, receive, send)
