@@ -394,10 +394,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
         # Service time without queueing: with 32 clients a p50 is mostly the wait in line
         # (32 / throughput); one client at a time shows what one request costs.
-        for name in ("read", "search"):
+        for name in ("create", "read", "search"):
             if name in scenarios:
                 alone = runner(
-                    api.url, requests[name], admin, connections=1, duration=args.duration
+                    api.url,
+                    requests[name],
+                    lab if name == "create" else admin,
+                    connections=1,
+                    duration=args.duration,
                 )
                 results[f"{name} (1 connection)"] = [alone]
                 _say(f"{name} alone: p50 {alone.p50_ms:.2f} ms, p99 {alone.p99_ms:.2f} ms")

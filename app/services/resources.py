@@ -847,7 +847,7 @@ async def _visible_current(
 async def read(
     ctx: ServiceContext, resource_type: str, resource_id: str, principal: Principal
 ) -> Stored:
-    async with ctx.db.read() as conn:
+    async with ctx.db.read_statement() as conn:
         current = await _visible_current(conn, resource_type, resource_id, principal)
     ctx.audit.add(_audit("read", principal, current))
     if current.deleted:

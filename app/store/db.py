@@ -109,6 +109,20 @@ class Database:
         async with self.reader.begin() as conn:
             yield conn
 
+    @asynccontextmanager
+    async def read_statement(self) -> AsyncIterator[AsyncConnection]:
+        """For a read that is one statement: on PostgreSQL without BEGIN and COMMIT (a
+        statement runs in its own snapshot anyway), two round trips fewer. Not for several
+        statements that must see one snapshot: use `read`. SQLite keeps `read` (its
+        connection is local, and its engine's BEGIN listener would start one anyway)."""
+        if self.reader.dialect.name != "postgresql":
+            async with self.read() as conn:
+                yield conn
+            return
+        async with self.reader.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+
     async def dispose(self) -> None:
         await self.writer.dispose()
         if self.reader is not self.writer:
