@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -77,6 +78,9 @@ def create_app(
         app.state.services = ServiceContext(db, criteria, code_systems, audit)
         app.state.head_revision = head_revision()
         audit.start()
+        if settings.freezes_gc:
+            gc.collect()  # what startup left as garbage is freed, not kept forever
+            gc.freeze()
         try:
             yield
         finally:

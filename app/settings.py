@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     # Write requests a worker runs at once (the rest wait): keeps the audit chain's lock,
     # held by every write until its commit, short (see WriteLimitMiddleware). 0: no limit.
     max_concurrent_writes: int = Field(default=2, ge=0)
+    # Move the objects a worker holds once started (modules, FHIR models, the app) out of the
+    # garbage collector's sight (gc.freeze): a full collection walks ~180,000 of them, 40-50
+    # ms during which the worker answers nothing (bench/README.md, "GC pauses"). Unset: on in
+    # production only; tests build many apps in one process, and frozen objects are never
+    # collected.
+    gc_freeze: bool | None = None
     # Request bodies above this are refused with 413 before they are read (1 MiB).
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     # A Bundle at POST /fhir carries many resources: a lab's day of results as one
@@ -52,6 +58,10 @@ class Settings(BaseSettings):
     # HL7 v2 lab feeds: a lab's own OBX-3 codes for a platelet count, mapped onto its LOINC
     # code: {"CODING-SYSTEM|CODE": "777-3"} (OBX-3.3|OBX-3.1; "|CODE" when none is sent).
     hl7_local_codes: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def freezes_gc(self) -> bool:
+        return self.environment == "production" if self.gc_freeze is None else self.gc_freeze
 
     @field_validator("hl7_local_codes")
     @classmethod
