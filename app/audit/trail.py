@@ -166,9 +166,7 @@ async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
         audit_id = str(uuid.uuid4())
         built.append((record, audit_id, orjson.dumps(to_fhir(record, audit_id)).decode()))
     await repo.lock(conn, _CHAIN_LOCK)
-    previous = (
-        await conn.execute(select(AE.c.hash).order_by(AE.c.seq.desc()).limit(1))
-    ).scalar_one_or_none() or GENESIS
+    previous = (await conn.execute(_CHAIN_HEAD)).scalar_one_or_none() or GENESIS
     rows = []
     for record, audit_id, content in built:
         digest = chain_hash(previous, audit_id, content)
@@ -196,6 +194,7 @@ async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
 
 
 _INSERT_RECORD = insert(AE)
+_CHAIN_HEAD = select(AE.c.hash).order_by(AE.c.seq.desc()).limit(1)
 
 
 class AuditQueue:

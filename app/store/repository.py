@@ -155,10 +155,10 @@ async def lock(conn: AsyncConnection, key: str) -> None:
     if conn.dialect.name != "postgresql":
         return
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    await conn.execute(
-        text("SELECT pg_advisory_xact_lock(:k)"),
-        {"k": int.from_bytes(digest, "big", signed=True)},
-    )
+    await conn.execute(_ADVISORY_LOCK, {"k": int.from_bytes(digest, "big", signed=True)})
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,10 @@ class NewResource:
 _INSERT_RESOURCE = insert(R).returning(R.c.pk, R.c.resource_type, R.c.id)
 _INSERT_VERSION = insert(V)
 _INSERT_SEARCH = {table.name: insert(table) for table in (T, S, Q)}
+_DELETE_SEARCH = {
+    table.name: delete(table).where(table.c.resource_pk == bindparam("pk")) for table in (T, S, Q)
+}
+_UPDATE_RESOURCE = update(R).where(R.c.pk == bindparam("current_pk"))
 
 
 async def insert_resource(
@@ -251,7 +255,7 @@ async def update_resource(
     }
     if index is not None:
         values.update(index.columns())
-    await conn.execute(update(R).where(R.c.pk == current.pk).values(**values))
+    await conn.execute(_UPDATE_RESOURCE, {**values, "current_pk": current.pk})
     await delete_search_values(conn, current.pk, tokens_only=current.kind in TOKEN_ONLY_KINDS)
     if index is not None:
         await insert_search_values(conn, current.pk, current.resource_type, index)
@@ -316,7 +320,7 @@ async def delete_search_values(
     """Delete a record's search values; `tokens_only` when its kind is in TOKEN_ONLY_KINDS,
     whose records never have string or quantity values (those DELETEs could not match)."""
     for table in (T,) if tokens_only else (T, S, Q):
-        await conn.execute(delete(table).where(table.c.resource_pk == pk))
+        await conn.execute(_DELETE_SEARCH[table.name], {"pk": pk})
 
 
 async def get_version(
@@ -468,6 +472,9 @@ async def patient_fact_rows(
 
 
 _FINGERPRINT = select(A.c.fingerprint).where(A.c.patient_id == bindparam("patient_id"))
+# The SET clause comes from the parameters given; the WHERE names its own parameter.
+_UPDATE_ASSESSMENT = update(A).where(A.c.patient_id == bindparam("row_patient_id"))
+_INSERT_ASSESSMENT = insert(A)
 
 
 async def assessment_fingerprint(conn: AsyncConnection, patient_id: str) -> str | None:
@@ -494,11 +501,10 @@ async def get_assessment(conn: AsyncConnection, patient_id: str) -> AssessmentRo
 
 
 async def save_assessment(conn: AsyncConnection, row: AssessmentRow, *, exists_: bool) -> None:
-    values = row.__dict__
     if exists_:
-        await conn.execute(update(A).where(A.c.patient_id == row.patient_id).values(**values))
+        await conn.execute(_UPDATE_ASSESSMENT, {**row.__dict__, "row_patient_id": row.patient_id})
     else:
-        await conn.execute(insert(A).values(**values))
+        await conn.execute(_INSERT_ASSESSMENT, row.__dict__)
 
 
 async def delete_assessment(conn: AsyncConnection, patient_id: str) -> None:
