@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     max_concurrent_writes: int = Field(default=2, ge=0)
     # Move the objects a worker holds once started (modules, FHIR models, the app) out of the
     # garbage collector's sight (gc.freeze): a full collection walks ~180,000 of them, 40-50
-    # ms during which the worker answers nothing (bench/README.md, "GC pauses"). Unset: on in
+    # ms during which the worker answers nothing (bench/README.md, optimisation 14). Unset: on in
     # production only; tests build many apps in one process, and frozen objects are never
     # collected.
     gc_freeze: bool | None = None
