@@ -9,6 +9,10 @@ per-operation setting of the configuration file, including its one stated except
 (use_after_free on a resource's history, see tests/fuzz/schemathesis.toml). Every check is
 on by default, and test_every_check_runs_but_the_stated_exception reads the configuration
 as the command line does and fails if any other check is off for any operation or phase.
+One enabled check does nothing here: object_level_authorization replays one identity's reads
+as another, and needs two peer identities from a Web Fuzzing Commons auth file
+(`[auth.wfc]`); the run has one admin token. Site isolation, which it would probe, is tested
+directly (tests/test_security.py: another site's records answer 404).
 
 Phases: examples, fuzzing and stateful. The coverage phase is left out because its time is
 not bounded: it enumerates boundary values for every property of a FHIR body and ignores
