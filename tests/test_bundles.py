@@ -20,6 +20,7 @@ from tests import builders
 from tests.conftest import KEY, REASON, bearer
 from tests.test_audit import _details, _events
 from tests.test_crud import create
+from tests.test_response_api import BASELINE_TIME, EXAMPLES, START, at, status_of
 
 FHIR = {"Content-Type": "application/fhir+json"}
 PATIENT_URN = "urn:uuid:5b2a3c1e-0d4f-4a6b-9c8d-7e6f5a4b3c2d"
@@ -172,6 +173,40 @@ async def test_a_conditional_create_sees_the_plain_creates_before_it(client):
     assert entries[2]["resource"]["id"] == entries[1]["resource"]["id"]
     stored = await _observations(client, patient=patient_id, code="777-3")
     assert sorted(o["identifier"][0]["value"] for o in stored) == ["R-0", "R-1", "R-2"]
+
+
+@pytest.mark.parametrize("number", sorted(EXAMPLES))
+async def test_a_whole_worked_example_in_one_transaction(client, number):
+    """The spec's worked examples sent as one Bundle (a new Patient and all its records):
+    the records go in together (issue 8), and the patient's one recompute sees all of them,
+    giving the status the same data gets when posted one request at a time."""
+    baseline, counts, bleeding_days, expected = EXAMPLES[number]
+
+    def of_patient(resource: dict) -> dict:
+        return post({**resource, "subject": {"reference": PATIENT_URN}})
+
+    records = [
+        builders.platelet_count("x", BASELINE_TIME, baseline[0], unit=baseline[1]),
+        builders.administration("x", START),
+        *(builders.bleeding_grade("x", at(day), 2) for day in bleeding_days),
+        *(
+            builders.platelet_count("x", at(day), value, unit=unit[0] if unit else "10*9/L")
+            for day, value, *unit in counts
+        ),
+    ]
+    answer = await send(
+        client,
+        bundle(
+            "transaction",
+            post(builders.patient(f"S01-{number:03d}"), PATIENT_URN),
+            *(of_patient(record) for record in records),
+        ),
+    )
+    assert answer.status_code == 200, answer.text
+    patient_id = answer.json()["entry"][0]["resource"]["id"]
+    assessment = await status_of(client, patient_id)
+    for key, value in expected.items():
+        assert assessment[key] == value, (number, key, assessment)
 
 
 async def test_one_failing_entry_leaves_nothing_and_answers_its_outcome(app, client):
