@@ -11,6 +11,7 @@ test:
 lint:
 	.venv/bin/ruff check app tests migrations bench
 	.venv/bin/ruff format --check app tests migrations bench
+	.venv/bin/mypy
 
 # The full benchmark: 2,000 patients, 1,000,000 counts (generated once into itp_bench),
 # 2 workers per server, 32 connections. Results go to bench/results/.

@@ -4,4 +4,5 @@
 EXTRAS="test" . "$(dirname "$0")/_venv.sh"
 ruff check app tests migrations
 ruff format --check --quiet app tests migrations
+mypy  # strict, on app/ (pyproject.toml [tool.mypy])
 exec python -m pytest "$@"

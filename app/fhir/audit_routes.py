@@ -14,13 +14,13 @@ from app.errors import BadRequest
 from app.fhir import bundles, schemas
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
 from app.fhir.routes import (
-    DATE_TIME_PATTERN,
     ERRORS,
     ID_PATTERN,
     ServicesDep,
     SettingsDep,
     fhir_base,
 )
+from app.services.dates import DATE_TIME_PATTERN
 from app.services.resources import Stored
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["AuditEvent"])

@@ -125,7 +125,7 @@ async def _http_error(request: Request, exc: Exception) -> FhirResponse:
                 method
                 for route in _api_routes(request.app.routes)
                 if route.matches(request.scope)[0] != Match.NONE
-                for method in route.methods
+                for method in route.methods or ()
             }
         )
         if allowed:

@@ -688,7 +688,7 @@ async def _history(
     after = _decode_history_cursor(cursor) if cursor else None
     versions = await service.history(
         ctx, resource_type, resource_id, principal, since=since_at, after=after, limit=limit + 1
-    )  # type: ignore[arg-type]
+    )
     page = versions[:limit]
     base = fhir_base(request)
     path = f"{base}/{resource_type}" + (f"/{resource_id}" if resource_id else "") + "/_history"

@@ -94,10 +94,10 @@ async def receive(
     except hl7v2.Unreadable as exc:
         raise BadRequest(str(exc)) from None
     except hl7v2.Garbled as garbled:
-        stand_in, reply = hl7v2.garbled_ack(garbled)
+        stand_in, garbled_reply = hl7v2.garbled_ack(garbled)
         problem = hl7v2.Problem("102", str(garbled))
         ctx.audit.add(_record(principal, stand_in, "AR", [problem]))
-        return Reply(reply, "AR")
+        return Reply(garbled_reply, "AR")
     try:
         oru = hl7v2.parse_oru(message)
         key = MessageKey(

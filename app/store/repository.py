@@ -25,7 +25,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.criteria import (
@@ -121,7 +120,7 @@ _CURRENT_COLUMNS = (
 TOKEN_ONLY_KINDS = frozenset({"response-status"})
 
 
-def _current(row: Row[Any]) -> Current:
+def _current(row: Sequence[Any]) -> Current:
     return Current(*row)
 
 
@@ -597,7 +596,9 @@ def _number_clause(resource_type: str, t: Any, matches: list[NumberMatch]) -> Co
     )
 
 
-def _date_clause(match: DateMatch, start: Any, end: Any) -> ColumnElement[bool]:
+def _date_clause(
+    match: DateMatch, start: ColumnElement[Any], end: ColumnElement[Any]
+) -> ColumnElement[bool]:
     """FHIR date comparison of the row's range [start, end] with the query's range."""
     within = and_(start >= match.start, end <= match.end)
     match match.prefix:
