@@ -15,10 +15,10 @@ as another, and needs two peer identities from a Web Fuzzing Commons auth file
 directly (tests/test_security.py: another site's records answer 404).
 
 Phases: examples, fuzzing and stateful. The coverage phase is left out because its time is
-not bounded: it enumerates boundary values for every property of a FHIR body and ignores
---max-time (createObservation alone ran past 300 s), which would break the 5-minute CI
-budget. The examples and fuzzing phases still send schema-valid and schema-invalid requests
-to every operation, and every check judges every response.
+not bounded: it enumerates boundary values for every property of a FHIR body, and
+--max-time stops it only between operations (createObservation alone ran past 300 s), which
+would break the 5-minute CI budget. The examples and fuzzing phases still send schema-valid
+and schema-invalid requests to every operation, and every check judges every response.
 
 Each run is bounded by --max-examples per operation and --max-time, must have sent at
 least MIN_REQUESTS requests (counted by the hooks, tests/fuzz/hooks.py), and must have tested
