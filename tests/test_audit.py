@@ -136,6 +136,15 @@ async def test_audit_trail_is_for_monitors_and_admins_only_and_cannot_be_changed
     assert read.json() == event
 
 
+@pytest.mark.parametrize("name", ["entity", "agent", "action", "date", "_id"])
+async def test_a_nul_in_an_audit_search_is_refused_not_a_server_error(client, name):
+    """Found by the fuzzer on PostgreSQL, whose text cannot hold NUL (it answered 500)."""
+    response = await client.get("/fhir/AuditEvent", params={name: "Patient/a\x00b"})
+    assert response.status_code == 400, response.text
+    assert response.json()["resourceType"] == "OperationOutcome"
+    assert "NUL" in response.json()["issue"][0]["diagnostics"]
+
+
 async def test_monitor_sees_only_its_sites_events(app, client, anonymous):
     await create(client, builders.patient("S01-1", site="S01"))
     await create(client, builders.patient("S02-1", site="S02"))

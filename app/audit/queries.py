@@ -33,6 +33,9 @@ def _sites(principal: Principal) -> list[ColumnElement[bool]]:
 def _conditions(params: list[tuple[str, str]]) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = []
     for name, value in params:
+        if "\x00" in name or "\x00" in value:
+            # PostgreSQL text cannot hold NUL: a refusal, as in every other search, not a 500.
+            raise BadRequest("Search parameters cannot contain NUL characters")
         if value == "":
             continue  # FHIR: a parameter without a value is ignored
         values = [v for v in value.split(",") if v]

@@ -20,6 +20,7 @@ from app.fhir.routes import (
     SettingsDep,
     fhir_base,
 )
+from app.fhir.search_schema import NO_NUL
 from app.services.dates import DATE_TIME_PATTERN
 from app.services.resources import Stored
 
@@ -28,8 +29,8 @@ _SEARCH_DOC: dict[str, Any] = {
     "parameters": [
         {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
         for name, schema, text in (
-            ("entity", {"type": "string"}, "The resource the event is about: Type/id"),
-            ("agent", {"type": "string"}, "Who acted: the token's sub"),
+            ("entity", NO_NUL, "The resource the event is about: Type/id"),
+            ("agent", NO_NUL, "Who acted: the token's sub"),
             (
                 "date",
                 {"type": "string", "pattern": f"^((eq|lt|le|gt|ge)?{DATE_TIME_PATTERN})?$"},
