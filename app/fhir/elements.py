@@ -16,20 +16,25 @@ import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from fhir_core.fhirabstractmodel import FHIRAbstractModel
 
+from app.fhir import schemas
+
 SUBSETTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
     "code": "SUBSETTED",
     "display": "Subsetted",
 }
 _ALWAYS = frozenset({"resourceType", "id", "meta"})
-# What the trial profile makes mandatory beyond R4B (fhir-profile.md; the documented schemas
-# require them): a subsetted resource keeps these too, so it still matches its schema.
-PROFILE_MANDATORY: dict[str, frozenset[str]] = {
-    "Patient": frozenset({"managingOrganization"}),
-    "Observation": frozenset({"subject"}),
-    "MedicationAdministration": frozenset({"subject"}),
-    "AdverseEvent": frozenset({"subject"}),
-}
+
+
+@cache
+def documented_required(resource_type: str) -> frozenset[str]:
+    """The elements the OpenAPI schema of `resource_type` requires: R4B's mandatory ones and
+    the trial profile's (fhir-profile.md: a Patient's site, a record's subject). A subsetted
+    resource keeps them, so it still matches its schema."""
+    model = getattr(schemas, resource_type)
+    return frozenset(
+        info.alias or name for name, info in model.model_fields.items() if info.is_required()
+    )
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ def subset(
         document = _top_level(original, model, frozenset({"text"}))
     else:  # data
         document = {key: item for key, item in original.items() if key != "text"}
-    for key in PROFILE_MANDATORY.get(resource_type, ()):
+    for key in documented_required(resource_type):
         if key in original and key not in document:
             document[key] = original[key]
     meta = document.setdefault("meta", {})
