@@ -6,7 +6,8 @@ bearer token and a change reason, and must find nothing: exit status 0.
 
 The checks are not chosen on the command line: `--checks all` there overrides every
 per-operation setting of the configuration file, including its one stated exception
-(use_after_free on a resource's history, see tests/fuzz/schemathesis.toml). Every check is
+(use_after_free on a resource's history, see tests/fuzz/schemathesis.toml, where a check
+of ours, deleted_resource_history_kept, holds it to FHIR's rule instead). Every check is
 on by default, and test_every_check_runs_but_the_stated_exception reads the configuration
 as the command line does and fails if any other check is off for any operation or phase.
 One enabled check does nothing here: object_level_authorization replays one identity's reads
@@ -36,11 +37,13 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
 from schemathesis.config._checks import _BUILTIN_CHECK_NAMES
 
 from tests.conftest import PROJECT_ROOT, token
+from tests.fuzz import hooks
 
 # At least 1,000 requests in all, over the two databases.
 MIN_REQUESTS = 500
@@ -74,6 +77,10 @@ def test_every_check_runs_but_the_stated_exception() -> None:
             }
             assert off == expected_off, (operation.label, phase)
             checked += 1
+        # ...and the FHIR form of use_after_free (tests/fuzz/hooks.py) runs in its place.
+        for phase in (None, *PHASES):
+            checks = schema.config.checks_config_for(operation=operation, phase=phase)
+            assert checks.get_by_name(name="deleted_resource_history_kept").enabled
     # Four resource types, a history and a vread each: the exception's whole extent.
     history_reads = [r.ok() for r in schema.get_all_operations() if HISTORY_PATH.match(r.ok().path)]
     assert len(history_reads) == 8, [op.label for op in history_reads]
@@ -147,3 +154,124 @@ def test_schemathesis_finds_nothing(live_server: str, tmp_path: Path) -> None:
         if method in ("get", "put", "post", "delete", "patch", "head", "options")
     }
     assert operations <= tested, f"not tested: {sorted(operations - tested)}\n{output[-5000:]}"
+
+
+# deleted_resource_history_kept (tests/fuzz/hooks.py) judged on recorded scenarios: the
+# fuzzer meets a DELETE followed by a history read only when its stateful phase chains them,
+# so what the check accepts and refuses is pinned here.
+
+
+class _Operation:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class _Case:
+    def __init__(self, case_id: str, method: str, path: str, **path_parameters: str) -> None:
+        self.id = case_id
+        self.method = method
+        self.operation = _Operation(path)
+        self.path_parameters = path_parameters
+
+
+class _Response:
+    def __init__(self, status_code: int, body: object = None, etag: str | None = None) -> None:
+        self.status_code = status_code
+        self.headers = {"etag": [etag]} if etag else {}
+        self._body = body
+
+    def json(self) -> object:
+        return self._body
+
+
+class _Internals:
+    def __init__(self, recorded: list[tuple[_Case, _Response]]) -> None:
+        self.recorded = recorded
+
+    def find_related(self, *, case_id: str) -> list[_Case]:
+        return [case for case, _ in self.recorded if case.id != case_id]
+
+    def find_response(self, *, case_id: str) -> _Response | None:
+        return next((r for case, r in self.recorded if case.id == case_id), None)
+
+
+class _Context:
+    def __init__(self, recorded: list[tuple[_Case, _Response]]) -> None:
+        self.internals = _Internals(recorded)
+
+
+def _entry(version: int, method: str, resource: bool) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "request": {"method": method},
+        "response": {"etag": f'W/"{version}"'},
+    }
+    if resource:
+        entry["resource"] = {"resourceType": "Observation"}
+    return entry
+
+
+def _judge(
+    deletion: _Response, case: _Case, response: _Response, deleted_type: str = "Observation"
+) -> None:
+    delete = _Case("d", "DELETE", f"/fhir/{deleted_type}/{{resource_id}}", resource_id="o1")
+    context = _Context([(delete, deletion), (case, response)])
+    hooks.deleted_resource_history_kept(context, response, case)
+
+
+HISTORY = _Case("h", "GET", "/fhir/Observation/{resource_id}/_history", resource_id="o1")
+DELETED_AT_2 = _Response(204, etag='W/"2"')
+HISTORY_AFTER_DELETE = {"entry": [_entry(2, "DELETE", False), _entry(1, "POST", True)]}
+
+
+def _vread(version: str) -> _Case:
+    path = "/fhir/Observation/{resource_id}/_history/{version_id}"
+    return _Case("v", "GET", path, resource_id="o1", version_id=version)
+
+
+def test_history_check_accepts_what_fhir_requires_after_a_delete() -> None:
+    _judge(DELETED_AT_2, HISTORY, _Response(200, HISTORY_AFTER_DELETE))
+    _judge(DELETED_AT_2, _vread("2"), _Response(410))
+    _judge(DELETED_AT_2, _vread("1"), _Response(200))
+    # Recreated by an update after the deletion: the deletion stays in the history.
+    recreated = {"entry": [_entry(3, "PUT", True), *HISTORY_AFTER_DELETE["entry"]]}
+    _judge(DELETED_AT_2, HISTORY, _Response(200, recreated))
+    # A page that does not reach the deletion (_since, _count) says nothing about it.
+    _judge(DELETED_AT_2, HISTORY, _Response(200, {"entry": [_entry(5, "PUT", True)]}))
+    # A refused query, and a version that never existed.
+    _judge(DELETED_AT_2, HISTORY, _Response(400))
+    _judge(DELETED_AT_2, _vread("9"), _Response(404))
+
+
+@pytest.mark.parametrize(
+    ("case", "response"),
+    [
+        (HISTORY, _Response(404)),
+        (HISTORY, _Response(410)),
+        (HISTORY, _Response(200, {"entry": [_entry(2, "PUT", True), _entry(1, "POST", True)]})),
+        (HISTORY, _Response(200, {"entry": [_entry(3, "PUT", True), _entry(1, "POST", True)]})),
+        (_vread("2"), _Response(200)),
+        (_vread("2"), _Response(404)),
+        (_vread("1"), _Response(404)),
+    ],
+    ids=[
+        "history-404",
+        "history-410",
+        "deletion-as-update",
+        "deletion-missing",
+        "vread-200",
+        "vread-404",
+        "older-404",
+    ],
+)
+def test_history_check_refuses_a_lost_or_hidden_deletion(case: _Case, response: _Response) -> None:
+    with pytest.raises(AssertionError):
+        _judge(DELETED_AT_2, case, response)
+
+
+def test_history_check_ignores_what_deleted_nothing() -> None:
+    lost = _Response(404)
+    # A repeated DELETE answers 204 without an ETag: it deleted nothing.
+    _judge(_Response(204), HISTORY, lost)
+    # A refused DELETE, and a DELETE of another type's resource with the same id.
+    _judge(_Response(412), HISTORY, lost)
+    _judge(DELETED_AT_2, HISTORY, lost, deleted_type="Patient")

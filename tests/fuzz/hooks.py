@@ -14,6 +14,15 @@ also valid for the server.
    criterion; OpenAPI cannot require one of several optional query parameters, so a case
    without any gets `_id=fuzz-no-match`.
 
+It also adds one check, `deleted_resource_history_kept`: use_after_free as FHIR defines it
+for a versioned resource. The built-in use_after_free expects every GET under a deleted
+resource's URL to fail, and is off for the two history reads only (schemathesis.toml); FHIR
+requires the opposite there (http.html#delete: "the delete interaction does not remove a
+resource's version history"). This check runs on those reads instead and holds them to what
+FHIR does require after a DELETE that answered 2xx with the deletion's version in its ETag:
+the history is still served, and shows that version as a deletion; a version read of it
+answers 410 Gone, and of an earlier version never 404.
+
 Only schema-valid (positive) cases are adapted, and only where the generated value already
 has the valid form, so every schema violation still reaches the server as generated and the
 negative-data checks see it. Each adapted case is one the server must accept, and the
@@ -34,6 +43,11 @@ import httpx
 import schemathesis
 
 FUZZ_PATIENT = "fuzz-subject"
+# The instance history and the version read of every resource type.
+HISTORY_OPERATION = re.compile(
+    r"^/fhir/(?P<type>[A-Za-z]+)/\{resource_id\}/_history(?P<vread>/\{version_id\})?$"
+)
+_WEAK_VERSION = re.compile(r'W/"(?P<version>[0-9]+)"')
 _PATIENT_REFERENCE = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}(/_history/[0-9]{1,9})?")
 _SUBJECT_TYPES = ("Observation", "MedicationAdministration", "AdverseEvent")
 
@@ -131,3 +145,82 @@ def er7_bytes(value: Any) -> bytes:
 @schemathesis.serializer("x-application/hl7-v2+er7")
 def er7(context: Any, value: Any) -> bytes:
     return er7_bytes(value)
+
+
+def _deletion_versions(ctx: Any, case: Any, resource: str) -> set[int]:
+    """The versions at which the scenario so far deleted `resource` (`Patient/x`): each
+    DELETE of that URL that answered 2xx with the deletion's version in its ETag. A DELETE of
+    a resource already deleted answers 204 without an ETag; it deleted nothing new."""
+    versions = set()
+    for related in ctx.internals.find_related(case_id=case.id):
+        if related.method.upper() != "DELETE":
+            continue
+        path_id = (related.path_parameters or {}).get("resource_id")
+        if path_id is None or f"{_resource_type(related)}/{path_id}" != resource:
+            continue
+        response = ctx.internals.find_response(case_id=related.id)
+        if response is None or not 200 <= response.status_code < 300:
+            continue
+        for etag in response.headers.get("etag", []):
+            match = _WEAK_VERSION.fullmatch(etag)
+            if match:
+                versions.add(int(match["version"]))
+    return versions
+
+
+@schemathesis.check
+def deleted_resource_history_kept(ctx: Any, response: Any, case: Any) -> bool | None:
+    """After a DELETE, FHIR keeps the resource's history (module docstring); see that it does."""
+    operation = HISTORY_OPERATION.match(str(case.operation.path))
+    path_id = (case.path_parameters or {}).get("resource_id")
+    if case.method.upper() != "GET" or operation is None or path_id is None:
+        return None
+    resource = f"{operation['type']}/{path_id}"
+    deleted = _deletion_versions(ctx, case, resource)
+    if not deleted:
+        return None
+    if response.status_code in (404, 410) and operation["vread"] is None:
+        raise AssertionError(
+            f"The history of {resource}, deleted at version {max(deleted)}, answered "
+            f"{response.status_code}: FHIR keeps a deleted resource's history readable"
+        )
+    if operation["vread"] is not None:
+        version = str((case.path_parameters or {}).get("version_id", ""))
+        if not version.isascii() or not version.isdigit():
+            return None
+        if int(version) in deleted and response.status_code != 410:
+            raise AssertionError(
+                f"{resource} version {version} is its deletion: a version read answers "
+                f"410 Gone, got {response.status_code}"
+            )
+        if 1 <= int(version) < max(deleted) and response.status_code == 404:
+            raise AssertionError(
+                f"{resource} version {version}, older than its deletion at version "
+                f"{max(deleted)}, answered 404: FHIR keeps the versions of a deleted resource"
+            )
+        return None
+    if response.status_code != 200:
+        return None  # a refused query (400, 406): about the request, not the history
+    entries = response.json().get("entry", [])
+    shown = {}
+    for entry in entries:
+        match = _WEAK_VERSION.fullmatch(entry.get("response", {}).get("etag", ""))
+        if match:
+            shown[int(match["version"])] = entry
+    if not shown:
+        return None  # an empty page (_since later than every version): nothing to see
+    for version in deleted:
+        # Versions are numbered 1, 2, 3...: a page whose versions span the deletion's shows it.
+        if not min(shown) <= version <= max(shown):
+            continue
+        entry = shown.get(version)
+        if (
+            entry is None
+            or entry.get("request", {}).get("method") != "DELETE"
+            or "resource" in entry
+        ):
+            raise AssertionError(
+                f"The history of {resource} does not show version {version} as its deletion: "
+                f"{entry!r}"
+            )
+    return None
