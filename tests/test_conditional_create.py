@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from tests import builders
 from tests.conftest import REASON, bearer
@@ -68,7 +69,11 @@ async def test_criteria_must_be_a_supported_search(client):
         assert response.status_code == 400, header
 
 
-async def test_fifty_simultaneous_conditional_creates_leave_one(live_server):
+@pytest.mark.parametrize("form", ["header", "query"])
+async def test_fifty_simultaneous_conditional_creates_leave_one(live_server, form):
+    # The criteria in If-None-Exist, or in the query (POST /fhir/Patient?identifier=...).
+    name, _, value = CRITERION.partition("=")
+    header, params = ({"If-None-Exist": CRITERION}, {}) if form == "header" else ({}, {name: value})
     limits = httpx.Limits(max_connections=50)
     async with httpx.AsyncClient(
         base_url=live_server,
@@ -79,14 +84,12 @@ async def test_fifty_simultaneous_conditional_creates_leave_one(live_server):
 
         async def attempt() -> httpx.Response:
             return await http.post(
-                "/fhir/Patient",
-                json=builders.patient("S01-042"),
-                headers={"If-None-Exist": CRITERION},
+                "/fhir/Patient", params=params, json=builders.patient("S01-042"), headers=header
             )
 
         responses = await asyncio.gather(*(attempt() for _ in range(50)))
         statuses = sorted(r.status_code for r in responses)
         assert statuses == [200] * 49 + [201], statuses
         assert len({r.json()["id"] for r in responses}) == 1
-        found = (await http.get("/fhir/Patient", params={"identifier": CRITERION[11:]})).json()
+        found = (await http.get("/fhir/Patient", params={name: value})).json()
         assert len([e for e in found.get("entry", []) if e["search"]["mode"] == "match"]) == 1

@@ -342,6 +342,106 @@ async def test_a_chain_does_not_reach_another_sites_patients(anonymous, client, 
     assert await found(anonymous, query, **bearer("investigator", ("S01",))) == set()
 
 
+async def test_a_bar_before_the_code_means_a_code_without_a_system(client, patients):
+    anna = patients["anna"]
+    lab = await _id(
+        client,
+        builders.platelet_count(
+            anna, "2025-03-10T09:00:00Z", 42, identifier=[{"system": "urn:lab", "value": "ORD-9"}]
+        ),
+    )
+    # A local code as a device sends it: no system, on the code and on the identifier.
+    local_body = {
+        **builders.bleeding_grade(anna, "2025-03-10T09:00:00Z", 1),
+        "code": {"coding": [{"code": "777-3"}]},
+        "identifier": [{"value": "ORD-9"}],
+    }
+    local = await _id(client, local_body)
+    stored = (await client.get(f"/fhir/Observation/{local}")).json()
+    assert "system" not in stored["code"]["coding"][0]
+    assert await found(client, "Observation?code=|777-3") == {local}
+    assert await found(client, f"Observation?code={LOINC}|777-3") == {lab}
+    assert await found(client, "Observation?code=777-3") == {lab, local}
+    assert await found(client, "Observation?code=|718-7") == set()
+    assert await found(client, "Observation?identifier=|ORD-9") == {local}
+    assert await found(client, "Observation?identifier=urn:lab|ORD-9") == {lab}
+    assert await found(client, "Observation?identifier=ORD-9") == {lab, local}
+
+
+async def test_missing_on_a_string_and_on_references(client, patients):
+    given_only = await _id(client, builders.patient("S01-004", name=[{"given": ["Eve"]}]))
+    nameless = await _id(client, builders.patient("S01-005"))
+    named = set(patients.values())
+    everyone = named | {given_only, nameless}
+    assert await found(client, "Patient?family:missing=true") == {given_only, nameless}
+    assert await found(client, "Patient?family:missing=false") == named
+    assert await found(client, "Patient?name:missing=true") == {nameless}
+    # The site is mandatory (managingOrganization): no Patient lacks it.
+    assert await found(client, "Patient?organization:missing=true") == set()
+    assert await found(client, "Patient?organization:missing=false") == everyone
+    # The subject is mandatory on every record: none lacks it either.
+    count = await _id(client, builders.platelet_count(patients["anna"], "2025-03-10T09:00:00Z", 20))
+    statuses = {response_observation_id(p) for p in everyone}
+    assert await found(client, "Observation?subject:missing=true") == set()
+    assert await found(client, "Observation?patient:missing=true") == set()
+    assert await found(client, "Observation?subject:missing=false") == statuses | {count}
+    dose = await _id(client, builders.administration(patients["ben"], "2025-03-03T08:00:00Z"))
+    assert await found(client, "MedicationAdministration?subject:missing=true") == set()
+    assert await found(client, "MedicationAdministration?subject:missing=false") == {dose}
+    event = await _id(client, builders.adverse_event(patients["carla"], "2025-03-05"))
+    assert await found(client, "AdverseEvent?subject:missing=true") == set()
+    assert await found(client, "AdverseEvent?subject:missing=false") == {event}
+
+
+async def test_adverse_event_identifier(client, patients):
+    anna = patients["anna"]
+    first_body = builders.adverse_event(anna, "2025-03-05")
+    first_body["identifier"] = {"system": "urn:safety", "value": "AE-1"}
+    first = await _id(client, first_body)
+    second_body = builders.adverse_event(anna, "2025-03-06")
+    second_body["identifier"] = {"system": "urn:safety", "value": "AE-2"}
+    second = await _id(client, second_body)
+    unnumbered = await _id(client, builders.adverse_event(anna, "2025-03-07"))
+    assert await found(client, "AdverseEvent?identifier=urn:safety|AE-1") == {first}
+    assert await found(client, "AdverseEvent?identifier=AE-2") == {second}
+    assert await found(client, "AdverseEvent?identifier=AE-1,AE-2") == {first, second}
+    assert await found(client, "AdverseEvent?identifier=urn:safety|") == {first, second}
+    assert await found(client, "AdverseEvent?identifier=urn:other|AE-1") == set()
+    assert await found(client, "AdverseEvent?identifier=AE-3") == set()
+    assert await found(client, "AdverseEvent?identifier:missing=true") == {unnumbered}
+
+
+@pytest.mark.parametrize(
+    "resource_type", ["Observation", "MedicationAdministration", "AdverseEvent"]
+)
+async def test_last_updated_on_records(client, patients, resource_type):
+    anna = patients["anna"]
+    make = {
+        "Observation": lambda day: builders.platelet_count(anna, f"2025-03-{day}T09:00:00Z", 20),
+        "MedicationAdministration": lambda day: builders.administration(
+            anna, f"2025-03-{day}T08:00:00Z"
+        ),
+        "AdverseEvent": lambda day: builders.adverse_event(anna, f"2025-03-{day}"),
+    }[resource_type]
+    written = {}  # id -> meta.lastUpdated (microseconds)
+    for day in ("03", "04", "05"):
+        body = (await create(client, make(day))).json()
+        written[body["id"]] = body["meta"]["lastUpdated"]
+    (first, at_first), (second, at_second), (third, at_third) = written.items()
+    assert at_first < at_second < at_third
+    # Observations are narrowed to the counts: each count rewrites the response status.
+    query = f"{resource_type}?" + (f"code={LOINC}|777-3&" if resource_type == "Observation" else "")
+    assert await found(client, f"{query}_lastUpdated=gt{at_first}") == {second, third}
+    assert await found(client, f"{query}_lastUpdated=lt{at_second}") == {first}
+    assert await found(client, f"{query}_lastUpdated=ge{at_second}") == {second, third}
+    assert await found(client, f"{query}_lastUpdated=le{at_second}") == {first, second}
+    assert await found(client, f"{query}_lastUpdated={at_second}") == {second}
+    both = f"{query}_lastUpdated=gt{at_first}&_lastUpdated=lt{at_third}"
+    assert await found(client, both) == {second}
+    assert await found(client, f"{query}_lastUpdated=gt{at_third}") == set()
+    assert await found(client, f"{query}_lastUpdated=lt{at_first}") == set()
+
+
 @pytest.mark.parametrize(
     "query",
     [
