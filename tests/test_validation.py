@@ -200,7 +200,18 @@ async def test_content_negotiation_json_only_and_pretty(client):
         response = await client.get(path, headers={"Accept": accept})
         assert response.status_code == 200, accept
         assert response.headers["content-type"].startswith("application/fhir+json")
-    for accept in ("application/fhir+xml", "application/xml", "text/html"):
+    # Weight 0 means "not acceptable" (RFC 9110 12.4.2), whatever the type.
+    for accept in ("application/fhir+json;q=0.8, application/xml", "*/*;q=0.5"):
+        response = await client.get(path, headers={"Accept": accept})
+        assert response.status_code == 200, accept
+    refusals = (
+        "application/fhir+xml",
+        "application/xml",
+        "text/html",
+        "application/fhir+json;q=0, application/xml",
+        "application/json; q=0.0, */*;q=0",
+    )
+    for accept in refusals:
         refused = await client.get(path, headers={"Accept": accept})
         assert refused.status_code == 406, accept
         assert refused.json()["resourceType"] == "OperationOutcome"

@@ -47,6 +47,18 @@ def require_json_body(request: Request) -> None:
         )
 
 
+def _refused(media_range: str) -> bool:
+    """Whether an Accept media range has weight 0: RFC 9110 12.4.2, "not acceptable"."""
+    for parameter in media_range.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                return float(value.strip()) == 0
+            except ValueError:
+                return False
+    return False
+
+
 async def negotiate(request: Request) -> None:
     """406 unless the client accepts JSON (`_format` overrides Accept, as FHIR says).
 
@@ -65,6 +77,8 @@ async def negotiate(request: Request) -> None:
         return
     for part in accept.split(","):
         kind = media_type(part)
+        if _refused(part):
+            continue
         if kind in _ACCEPTABLE or kind.endswith("+json") or not kind:
             return
     raise NotAcceptable(
