@@ -16,9 +16,12 @@ server=$!
 trap 'kill $server 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.2; done
 export FUZZ_BASE_URL="http://127.0.0.1:$port" SCHEMATHESIS_HOOKS=tests.fuzz.hooks
-FUZZ_TOKEN=$(python -m app token --role admin --sites S01)
+FUZZ_TOKEN=$(python -m app token --role admin --sites S01 --sub fuzz-fixture)
 export FUZZ_TOKEN
+# Who the fuzzer calls the API as: two investigators of different sites (peers for
+# object_level_authorization) and an admin, in a Web Fuzzing Commons document.
+export FUZZ_WFC_FILE="$work/identities.json"
+python -m tests.fuzz.identities "$FUZZ_WFC_FILE"
 schemathesis --config-file tests/fuzz/schemathesis.toml run "$FUZZ_BASE_URL/openapi.json" \
     --seed 1 --generation-database none -n 4 --max-time 240 \
-    -H "Authorization: Bearer $FUZZ_TOKEN" \
     -H 'X-Provenance: {"resourceType":"Provenance","reason":[{"text":"fuzz"}]}' "$@"

@@ -10,10 +10,10 @@ per-operation setting of the configuration file, including its one stated except
 of ours, deleted_resource_history_kept, holds it to FHIR's rule instead). Every check is
 on by default, and test_every_check_runs_but_the_stated_exception reads the configuration
 as the command line does and fails if any other check is off for any operation or phase.
-One enabled check does nothing here: object_level_authorization replays one identity's reads
-as another, and needs two peer identities from a Web Fuzzing Commons auth file
-(`[auth.wfc]`); the run has one admin token. Site isolation, which it would probe, is tested
-directly (tests/test_security.py: another site's records answer 404).
+The fuzzer calls the API as the identities of a Web Fuzzing Commons document
+(tests/fuzz/identities.py): investigators of two sites, peers for object_level_authorization,
+which replays each one's successful reads as the other (site isolation), and an admin for
+what only an admin may do. That the replays happened is checked in the audit trail.
 
 Phases: examples, fuzzing and stateful. The coverage phase is left out because its time is
 not bounded: it enumerates boundary values for every property of a FHIR body, and
@@ -34,16 +34,19 @@ import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import httpx
 import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
 from schemathesis.config._checks import _BUILTIN_CHECK_NAMES
 
-from tests.conftest import PROJECT_ROOT, token
+from tests.conftest import PROJECT_ROOT, bearer, token
 from tests.fuzz import hooks
+from tests.fuzz.identities import IDENTITIES, PEERS, write_document
 
 # At least 1,000 requests in all, over the two databases.
 MIN_REQUESTS = 500
@@ -55,15 +58,28 @@ CONFIG_FILE = "tests/fuzz/schemathesis.toml"
 HISTORY_PATH = re.compile(r"^/fhir/[A-Za-z]+/\{resource_id\}/_history")
 
 
-def test_every_check_runs_but_the_stated_exception() -> None:
+def _identities(directory: Path) -> Path:
+    """The WFC document of the fuzzer's identities, tokens signed with the test key."""
+    document = directory / "identities.json"
+    write_document(document, lambda role, sites, sub: token(role, sites, sub=sub))
+    return document
+
+
+def test_every_check_runs_but_the_stated_exception(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The effective configuration, per operation and phase, switches off only what
     schemathesis.toml says: use_after_free on history reads (FHIR keeps a deleted
     resource's versions readable). max_response_time is off because it needs a limit, and
-    this suite times nothing."""
+    this suite times nothing. object_level_authorization has its two peers."""
+    monkeypatch.setenv("FUZZ_WFC_FILE", str(_identities(tmp_path)))
     config = SchemathesisConfig.from_path(str(PROJECT_ROOT / CONFIG_FILE))
     schema = schemathesis.openapi.from_path(
         str(PROJECT_ROOT / "openapi" / "openapi.json"), config=config
     )
+    wfc = config.projects.get_default().auth.wfc
+    assert wfc is not None and wfc.path == str(tmp_path / "identities.json")
+    assert tuple(wfc.peers or ()) == PEERS and set(PEERS) <= set(IDENTITIES)
     checked = 0
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -117,8 +133,6 @@ def test_schemathesis_finds_nothing(live_server: str, tmp_path: Path) -> None:
         "--report-junit-path",
         str(report),
         "-H",
-        f"Authorization: Bearer {token('admin', ('S01',), sub='fuzzer')}",
-        "-H",
         'X-Provenance: {"resourceType":"Provenance","reason":[{"text":"fuzz"}]}',
     ]
     env = {
@@ -126,6 +140,7 @@ def test_schemathesis_finds_nothing(live_server: str, tmp_path: Path) -> None:
         "FUZZ_BASE_URL": live_server,
         "FUZZ_TOKEN": token("admin", ("S01",), sub="fuzz-fixture"),
         "FUZZ_COUNT_FILE": str(count_file),
+        "FUZZ_WFC_FILE": str(_identities(tmp_path)),
         "SCHEMATHESIS_HOOKS": "tests.fuzz.hooks",
         "NO_COLOR": "1",
     }
@@ -154,6 +169,37 @@ def test_schemathesis_finds_nothing(live_server: str, tmp_path: Path) -> None:
         if method in ("get", "put", "post", "delete", "patch", "head", "options")
     }
     assert operations <= tested, f"not tested: {sorted(operations - tested)}\n{output[-5000:]}"
+    # object_level_authorization ran: the S02 investigator was refused reads of resources
+    # the S01 investigator had read (schemathesis sends an operation as S02 otherwise only
+    # when S01 may not call it, and then S01 read nothing).
+    owner, peer = PEERS
+    replayed = _reads(live_server, owner, "0") & _reads(live_server, peer, "4")
+    assert replayed, f"{peer} never replayed a read of {owner}"
+
+
+def _reads(base_url: str, agent: str, outcome: str) -> set[str]:
+    """The resources `agent` read (outcome 0) or was refused a read of (4), from the audit
+    trail (written in batches at least once a second, so polled for a few seconds)."""
+    found: set[str] = set()
+    for _ in range(10):
+        trail = httpx.get(
+            f"{base_url}/fhir/AuditEvent",
+            params={"agent": agent, "action": "R", "_count": "1000"},
+            headers=bearer("admin"),
+            timeout=30,
+        ).json()
+        # A reference is Type/id, with /_history/n when a version was read: keep Type/id.
+        found = {
+            "/".join(reference.split("/")[:2])
+            for entry in trail.get("entry", [])
+            if entry["resource"]["outcome"] == outcome
+            for entity in entry["resource"].get("entity", [])
+            if "/" in (reference := entity.get("what", {}).get("reference", ""))
+        }
+        if found:
+            break
+        time.sleep(0.5)
+    return found
 
 
 # deleted_resource_history_kept (tests/fuzz/hooks.py) judged on recorded scenarios: the
