@@ -63,20 +63,34 @@ async def _with_services(work: Any) -> Any:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from app.audit.trail import verify
+    from app.audit.trail import parse_anchor, verify
     from app.settings import get_settings
     from app.store.db import Database
+
+    try:
+        anchors = dict(parse_anchor(text) for text in args.anchor)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
 
     async def run() -> Any:
         db = Database.from_url(get_settings().database_url)
         try:
-            return await verify(db)
+            return await verify(db, anchors=anchors)
         finally:
             await db.dispose()
 
     result = asyncio.run(run())
     if result.broken_seq is None:
         print(f"audit trail intact: {result.checked} records, hash chain verified")
+        if anchors:
+            print(f"anchors found with their hashes: {len(anchors)}")
+        if result.head_seq is not None:
+            # Kept outside the database, it lets a later run see a cut-off tail (--anchor).
+            print(
+                f"head (keep it elsewhere; pass it back with --anchor): "
+                f"{result.head_seq}:{result.head_hash}"
+            )
         return 0
     print(
         f"audit trail BROKEN at record seq={result.broken_seq} id={result.broken_id}: "
@@ -157,9 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     openapi.set_defaults(handler=_openapi)
     audit = commands.add_parser("audit", help="audit trail tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    audit_commands.add_parser(
+    verify = audit_commands.add_parser(
         "verify", help="check the hash chain; names the first broken record (exit 1)"
-    ).set_defaults(handler=_audit)
+    )
+    verify.add_argument(
+        "--anchor",
+        action="append",
+        default=[],
+        metavar="SEQ:HASH",
+        help="a head an earlier run printed, kept elsewhere: it must still be in the chain "
+        "(detects records cut off the end); may be repeated",
+    )
+    verify.set_defaults(handler=_audit)
     token = commands.add_parser(
         "token", help="print a bearer token signed with the configured secret (APP_AUTH_*)"
     )

@@ -158,9 +158,9 @@ async def test_monitor_sees_only_its_sites_events(app, client, anonymous):
     assert sites == {"S02"}
 
 
-def _verify(database_url: str) -> subprocess.CompletedProcess[str]:
+def _verify(database_url: str, *anchors: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "app", "audit", "verify"],
+        [sys.executable, "-m", "app", "audit", "verify", *(f"--anchor={a}" for a in anchors)],
         cwd=PROJECT_ROOT,
         env={**os.environ, "DATABASE_URL": database_url},
         capture_output=True,
@@ -194,6 +194,57 @@ async def test_audit_verify_detects_tampering(app, client, database_url):
     broken = _verify(database_url)
     assert broken.returncode == 1
     assert f"seq={seq}" in broken.stderr
+
+
+def _head(verified: subprocess.CompletedProcess[str]) -> str:
+    assert verified.returncode == 0, verified.stderr
+    (line,) = [line for line in verified.stdout.splitlines() if line.startswith("head")]
+    return line.rsplit(" ", 1)[1]
+
+
+async def test_audit_verify_anchor_detects_a_cut_off_tail(app, client, database_url):
+    """The chain alone cannot show that its newest records were removed; a head printed by
+    an earlier run and kept elsewhere can."""
+    await create(client, builders.patient("S01-001"))
+    await app.state.services.audit.flush()
+    anchor = _head(_verify(database_url))
+    seq, digest = anchor.split(":")
+    await create(client, builders.patient("S01-002"))
+    await app.state.services.audit.flush()
+    later = _head(_verify(database_url, anchor))
+    assert int(later.split(":")[0]) > int(seq)
+    # A wrong hash for the anchored record: a replaced record (or a forged anchor).
+    replaced = _verify(database_url, f"{seq}:{'f' * 64}")
+    assert replaced.returncode == 1
+    assert f"seq={seq}" in replaced.stderr and "anchored" in replaced.stderr
+    assert _verify(database_url, "12x").returncode == 2
+    tail = text("SELECT * FROM audit_event WHERE seq >= :s ORDER BY seq")
+    async with app.state.services.db.write() as conn:
+        removed = [dict(row) for row in (await conn.execute(tail, {"s": int(seq)})).mappings()]
+        await _as_owner(conn, "DELETE FROM audit_event WHERE seq >= :s", {"s": int(seq)})
+    # What is left is a valid chain: without an anchor the cut goes unseen...
+    assert _verify(database_url).returncode == 0
+    # ...with the anchor it does not.
+    cut = _verify(database_url, anchor)
+    assert cut.returncode == 1
+    assert f"seq={seq} is not in the chain" in cut.stderr
+    # Put the records back (every write keeps its AuditEvent: the teardown checks it).
+    columns = ", ".join(removed[0])
+    values = ", ".join(f":{name}" for name in removed[0])
+    async with app.state.services.db.write() as conn:
+        await conn.execute(text(f"INSERT INTO audit_event ({columns}) VALUES ({values})"), removed)
+    assert _verify(database_url, anchor).returncode == 0
+
+
+async def _as_owner(conn, statement: str, parameters: dict) -> None:
+    """A statement run with the table owner's rights, to whom the PostgreSQL trigger that
+    keeps the trail append-only is no obstacle (an attacker with those rights)."""
+    postgres = conn.dialect.name == "postgresql"
+    if postgres:
+        await conn.execute(text("ALTER TABLE audit_event DISABLE TRIGGER USER"))
+    await conn.execute(text(statement), parameters)
+    if postgres:  # the database is shared by later tests
+        await conn.execute(text("ALTER TABLE audit_event ENABLE TRIGGER USER"))
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)

@@ -260,10 +260,28 @@ class VerifyResult:
     broken_seq: int | None = None
     broken_id: str | None = None
     problem: str | None = None
+    # The newest record verified: an anchor to keep outside the database (see verify).
+    head_seq: int | None = None
+    head_hash: str | None = None
 
 
-async def verify(db: Database, batch: int = 1000) -> VerifyResult:
-    """Walk the chain in `seq` order; name the first record whose links do not hold."""
+def parse_anchor(text: str) -> tuple[int, str]:
+    """`SEQ:HASH`, as `audit verify` prints the head, into (seq, hash)."""
+    seq, separator, digest = text.strip().partition(":")
+    if not separator or not seq.isascii() or not seq.isdigit() or not digest:
+        raise ValueError(f"an anchor is SEQ:HASH as `audit verify` prints it, not {text!r}")
+    return int(seq), digest
+
+
+async def verify(
+    db: Database, batch: int = 1000, anchors: dict[int, str] | None = None
+) -> VerifyResult:
+    """Walk the chain in `seq` order; name the first record whose links do not hold.
+
+    The chain alone cannot show that its newest records were cut off: what remains is a
+    valid chain. `anchors` closes that gap: heads printed by earlier runs (seq -> hash) and
+    kept outside the database; each must still be in the chain with the same hash."""
+    anchors = dict(anchors or {})
     previous, checked, after = GENESIS, 0, 0
     async with db.read() as conn:
         while True:
@@ -276,7 +294,16 @@ async def verify(db: Database, batch: int = 1000) -> VerifyResult:
                 )
             ).all()
             if not rows:
-                return VerifyResult(checked)
+                if anchors:
+                    seq = min(anchors)
+                    return VerifyResult(
+                        checked,
+                        seq,
+                        None,
+                        f"the anchored record seq={seq} is not in the chain, which ends at "
+                        f"seq={after} (records were cut off)",
+                    )
+                return VerifyResult(checked, head_seq=after or None, head_hash=previous)
             for seq, audit_id, content, prev_hash, digest in rows:
                 if prev_hash != previous:
                     return VerifyResult(
@@ -289,5 +316,10 @@ async def verify(db: Database, batch: int = 1000) -> VerifyResult:
                 if chain_hash(prev_hash, audit_id, content) != digest:
                     return VerifyResult(
                         checked, seq, audit_id, "its content does not match its hash (changed)"
+                    )
+                expected = anchors.pop(seq, digest)
+                if expected != digest:
+                    return VerifyResult(
+                        checked, seq, audit_id, "its hash is not the anchored one (replaced)"
                     )
                 previous, checked, after = digest, checked + 1, seq
