@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import text
 
 from app.store.db import Database
@@ -32,3 +33,34 @@ async def test_a_one_statement_read_skips_begin_and_commit_on_postgresql(
     finally:
         await db.dispose()
     assert one_statement_in_transaction is (db.dialect != "postgresql")
+
+
+async def _probe_count(conn) -> int:
+    return (await conn.execute(text("SELECT count(*) FROM snapshot_probe"))).scalar_one()
+
+
+async def test_a_read_sees_one_snapshot(database_url: str) -> None:
+    """Every statement of a read sees the same data, though another transaction commits in
+    between: a search's total, page and includes agree (on PostgreSQL, READ COMMITTED gave
+    each statement its own snapshot)."""
+    db = Database.from_url(database_url)
+    try:
+        async with db.write() as conn:
+            await conn.execute(text("CREATE TABLE snapshot_probe (n integer)"))
+            await conn.execute(text("INSERT INTO snapshot_probe VALUES (1)"))
+        async with db.read() as conn:
+            before = await _probe_count(conn)
+            async with db.write() as other:
+                await other.execute(text("INSERT INTO snapshot_probe VALUES (2)"))
+            after = await _probe_count(conn)
+        assert (before, after) == (1, 1)
+        async with db.read() as conn:
+            assert await _probe_count(conn) == 2
+            # Read only: a write in a read is refused, not silently allowed.
+            if db.dialect == "postgresql":
+                with pytest.raises(Exception, match="read-only"):
+                    await conn.execute(text("INSERT INTO snapshot_probe VALUES (3)"))
+    finally:
+        async with db.write() as conn:
+            await conn.execute(text("DROP TABLE snapshot_probe"))
+        await db.dispose()

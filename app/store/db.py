@@ -106,8 +106,21 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        async with self.reader.begin() as conn:
-            yield conn
+        """One read-only transaction whose statements all see one snapshot: a search's total,
+        page and included resources agree with each other. On PostgreSQL that takes
+        REPEATABLE READ (under READ COMMITTED each statement has its own snapshot), READ
+        ONLY; it can never fail to serialize. SQLite's WAL gives a read transaction one
+        snapshot from its first read on."""
+        if self.reader.dialect.name != "postgresql":
+            async with self.reader.begin() as conn:
+                yield conn
+            return
+        async with self.reader.connect() as conn:
+            await conn.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
+            async with conn.begin():
+                yield conn
 
     @asynccontextmanager
     async def read_statement(self) -> AsyncIterator[AsyncConnection]:
