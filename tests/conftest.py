@@ -144,10 +144,13 @@ async def _truncate(url: str) -> None:
         )
         names = ", ".join(f'"{row["tablename"]}"' for row in tables)
         # Test isolation only: the owner lifts the append-only triggers for this statement.
+        append_only = ("audit_event", "audit_disclosure")
         async with conn.transaction():
-            await conn.execute("ALTER TABLE audit_event DISABLE TRIGGER USER")
+            for table in append_only:
+                await conn.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
             await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
-            await conn.execute("ALTER TABLE audit_event ENABLE TRIGGER USER")
+            for table in append_only:
+                await conn.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
     finally:
         await conn.close()
 

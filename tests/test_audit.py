@@ -120,6 +120,62 @@ async def test_every_write_read_search_and_refusal_is_audited(app, client, anony
     assert None not in request_ids
 
 
+def _shown(event: dict) -> set[str]:
+    """The resource versions a search's AuditEvent says it returned."""
+    return {
+        entity["what"]["reference"]
+        for entity in event.get("entity", [])
+        if entity.get("role", {}).get("code") == "4"
+    }
+
+
+async def test_a_search_record_names_what_it_showed(app, client):
+    """Who was shown a patient's counts: each search's record lists the versions it returned
+    (matches and included resources), and `entity=` finds the searches that returned one."""
+    patient = (await create(client, builders.patient())).json()["id"]
+    other = (await create(client, builders.patient("S01-002"))).json()["id"]
+    counts = [
+        (await create(client, builders.platelet_count(patient, f"2025-03-1{d}", 30 + d))).json()
+        for d in range(3)
+    ]
+    changed = {**counts[0], "valueQuantity": {**counts[0]["valueQuantity"], "value": 99}}
+    updated = await client.put(
+        f"/fhir/Observation/{counts[0]['id']}",
+        json=changed,
+        headers={"X-Provenance": '{"resourceType":"Provenance","reason":[{"text":"typo"}]}'},
+    )
+    assert updated.status_code == 200
+    query = "code=http://loinc.org|777-3&_include=Observation:subject&_count=2&_sort=date"
+    page = await client.get(f"/fhir/Observation?{query}")
+    assert page.status_code == 200
+    await client.get("/fhir/Observation?_summary=count")
+    searches = [
+        e
+        for e in await _events(client, app, action="E")
+        if e["subtype"][0]["code"] == "search-type"
+    ]
+    expected = {
+        f"Observation/{counts[0]['id']}/_history/2",
+        f"Observation/{counts[1]['id']}/_history/1",
+        f"Patient/{patient}/_history/1",
+    }
+    assert sorted(_shown(e) != set() for e in searches) == [False, True]
+    (shown,) = [_shown(e) for e in searches if _shown(e)]
+    assert shown == expected
+    # Each of them finds that search; what it did not return does not.
+    for reference in expected:
+        kind, ident = reference.split("/")[:2]
+        found = await _events(client, app, entity=f"{kind}/{ident}", action="E")
+        assert [_shown(e) for e in found] == [expected], reference
+    assert await _events(client, app, entity=f"Observation/{counts[2]['id']}", action="E") == []
+    assert await _events(client, app, entity=f"Patient/{other}", action="E") == []
+    # The record as served is a valid R4B AuditEvent, and the chain still verifies.
+    (record,) = [e for e in searches if _shown(e)]
+    schema = schemas.AuditEvent.model_json_schema(by_alias=True)
+    jsonschema.Draft202012Validator(schema).validate(record)
+    assert (await verify(app.state.services.db)).problem is None
+
+
 async def test_audit_trail_is_for_monitors_and_admins_only_and_cannot_be_changed(
     app, client, anonymous
 ):
@@ -250,16 +306,22 @@ async def _as_owner(conn, statement: str, parameters: dict) -> None:
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_postgres_trigger_refuses_update_and_delete(app, client):
     await create(client, builders.patient())
+    await client.get("/fhir/Patient")  # a search that showed one: an audit_disclosure row
+    await app.state.services.audit.flush()
     for statement in (
         "UPDATE audit_event SET outcome = '4'",
         "DELETE FROM audit_event",
-        "TRUNCATE audit_event",
+        "TRUNCATE audit_event CASCADE",  # without CASCADE the foreign key refuses it first
+        "UPDATE audit_disclosure SET version = 9",
+        "DELETE FROM audit_disclosure",
+        "TRUNCATE audit_disclosure",
     ):
         with pytest.raises(Exception, match="append-only"):
             async with app.state.services.db.write() as conn:
                 await conn.execute(text(statement))
     async with app.state.services.db.read() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM audit_event"))).scalar() >= 1
+        assert (await conn.execute(text("SELECT count(*) FROM audit_disclosure"))).scalar() == 1
 
 
 async def test_hardening_body_limit_and_security_headers(app, client):

@@ -11,6 +11,7 @@ from app.errors import BadRequest, NotFound
 from app.services.context import ServiceContext
 from app.services.dates import fhir_range
 from app.store.tables import audit_table as AE
+from app.store.tables import disclosure_table as AD
 
 _ACTIONS = frozenset({"C", "R", "U", "D", "E"})
 PARAMETERS = ("_id", "entity", "agent", "date", "action")
@@ -42,14 +43,17 @@ def _conditions(params: list[tuple[str, str]]) -> list[ColumnElement[bool]]:
         if name == "_id":
             where.append(AE.c.id.in_(values))
         elif name == "entity":
+            # The resource an event is about, or one a search showed (audit_disclosure).
             alternatives = []
             for reference in values:
                 kind, _, ident = reference.rpartition("/")
-                alternatives.append(
-                    (AE.c.entity_type == kind) & (AE.c.entity_id == ident)
-                    if kind
-                    else AE.c.entity_id == ident
-                )
+                about = AE.c.entity_id == ident
+                shown = AD.c.entity_id == ident
+                if kind:
+                    about &= AE.c.entity_type == kind
+                    shown &= AD.c.entity_type == kind
+                alternatives.append(about)
+                alternatives.append(AE.c.id.in_(select(AD.c.audit_id).where(shown)))
             where.append(or_(*alternatives))
         elif name == "agent":
             where.append(AE.c.agent.in_(values))

@@ -33,6 +33,7 @@ from app.services.dates import format_instant, utc_now
 from app.store import repository as repo
 from app.store.db import Database
 from app.store.tables import audit_table as AE
+from app.store.tables import disclosure_table
 
 log = logging.getLogger("app.audit")
 
@@ -69,6 +70,8 @@ class AuditRecord:
     recorded: datetime = field(default_factory=utc_now)
     request_id: str | None = None
     client_address: str | None = None
+    # What a search showed the caller: (type, id, version) of each match and included resource.
+    disclosed: tuple[tuple[str, str, int], ...] = ()
 
     def __post_init__(self) -> None:
         # Columns are bounded; a token's `sub` of any length must not make a record unstorable.
@@ -146,9 +149,22 @@ def to_fhir(record: AuditRecord, audit_id: str) -> dict[str, Any]:
     }
     if record.description:
         event["outcomeDesc"] = record.description
-    if entity:
-        event["entity"] = [entity]
+    entities = [entity] if entity else []
+    entities.extend(
+        {"what": {"reference": f"{kind}/{ident}/_history/{version}"}, "role": _RESULT_ROLE}
+        for kind, ident, version in record.disclosed
+    )
+    if entities:
+        event["entity"] = entities
     return event
+
+
+# AuditEvent.entity.role of a resource a search returned: object-role 4, "Domain Resource".
+_RESULT_ROLE = {
+    "system": "http://terminology.hl7.org/CodeSystem/object-role",
+    "code": "4",
+    "display": "Domain Resource",
+}
 
 
 def chain_hash(prev_hash: str, audit_id: str, content: str) -> str:
@@ -191,9 +207,17 @@ async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
     # takes its `seq` after the one before it, as with one statement per row. A multi-row
     # VALUES list is not used: nothing documents the order it draws `seq` values in.
     await conn.execute(_INSERT_RECORD, rows)
+    disclosures = [
+        {"audit_id": audit_id, "entity_type": kind, "entity_id": ident, "version": version}
+        for record, audit_id, _ in built
+        for kind, ident, version in record.disclosed
+    ]
+    if disclosures:
+        await conn.execute(_INSERT_DISCLOSURE, disclosures)
 
 
 _INSERT_RECORD = insert(AE)
+_INSERT_DISCLOSURE = insert(disclosure_table)
 _CHAIN_HEAD = select(AE.c.hash).order_by(AE.c.seq.desc()).limit(1)
 
 

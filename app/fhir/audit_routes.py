@@ -29,7 +29,11 @@ _SEARCH_DOC: dict[str, Any] = {
     "parameters": [
         {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
         for name, schema, text in (
-            ("entity", NO_NUL, "The resource the event is about: Type/id"),
+            (
+                "entity",
+                NO_NUL,
+                "The resource the event is about, or one a search returned: Type/id",
+            ),
             ("agent", NO_NUL, "Who acted: the token's sub"),
             (
                 "date",

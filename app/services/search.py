@@ -60,12 +60,10 @@ async def search(
     In a read transaction of its own, or in `conn` (a Bundle's, which sees its writes)."""
     _authorize(principal, criteria, includes, revincludes)
     criteria = replace(criteria, sites=visible_sites(principal))
-    ctx.audit.add(
-        AuditRecord.of(principal, "search-type", entity_type=criteria.resource_type, query=query)
-    )
     async with _connection(ctx, conn) as conn:
         number = await repo.count(conn, criteria) if total or count_only else None
         if count_only:
+            ctx.audit.add(_searched(principal, criteria, query, ()))
             return SearchResult([], False, number, [], False)
         rows = await repo.search(conn, criteria, sort=sort, after=after, limit=count + 1)
         page = rows[:count]
@@ -78,7 +76,23 @@ async def search(
             include_limit,
         )
     hits = [SearchHit(_stored(current), key) for current, key in page]
+    shown = [hit.stored for hit in hits] + included
+    ctx.audit.add(_searched(principal, criteria, query, shown))
     return SearchResult(hits, len(rows) > count, number, included, truncated)
+
+
+def _searched(
+    principal: Principal, criteria: Criteria, query: str | None, shown: Sequence[Stored]
+) -> AuditRecord:
+    """The search's audit record, naming every resource version it showed the caller."""
+    disclosed = {(s.resource_type, s.id): s.version_id for s in shown}
+    return AuditRecord.of(
+        principal,
+        "search-type",
+        entity_type=criteria.resource_type,
+        query=query,
+        disclosed=tuple((kind, ident, version) for (kind, ident), version in disclosed.items()),
+    )
 
 
 @asynccontextmanager

@@ -246,6 +246,27 @@ class AuditEventRow(SQLModel, table=True):
     hash: str = Field(sa_column=Column(String(64), nullable=False))
 
 
+class AuditDisclosureRow(SQLModel, table=True):
+    """A resource version an audited search returned (a match or an included resource): one
+    row per resource, so `GET /fhir/AuditEvent?entity=Type/id` finds who was shown it.
+
+    An index of what the record's content (AuditEvent.entity, covered by its hash) already
+    holds, written in the record's transaction; append-only like the trail (PostgreSQL
+    trigger)."""
+
+    __tablename__ = "audit_disclosure"
+    __table_args__ = (Index("ix_audit_disclosure_entity", "entity_type", "entity_id"),)
+
+    audit_id: str = Field(
+        sa_column=Column(
+            String(64), ForeignKey("audit_event.id", ondelete="RESTRICT"), primary_key=True
+        )
+    )
+    entity_type: str = Field(sa_column=Column(String(40), primary_key=True))
+    entity_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    version: int = Field(sa_column=Column(Integer, nullable=False))
+
+
 class ProvenanceRow(SQLModel, table=True):
     """Why a version was written: the client's Provenance (X-Provenance), completed by the
     server with the target version, the time and the signer from the token."""
@@ -298,5 +319,6 @@ string_table = SearchString.__table__  # type: ignore[attr-defined]
 quantity_table = SearchQuantity.__table__  # type: ignore[attr-defined]
 assessment_table = ResponseAssessmentRow.__table__  # type: ignore[attr-defined]
 audit_table = AuditEventRow.__table__  # type: ignore[attr-defined]
+disclosure_table = AuditDisclosureRow.__table__  # type: ignore[attr-defined]
 provenance_table = ProvenanceRow.__table__  # type: ignore[attr-defined]
 hl7_message_table = Hl7MessageRow.__table__  # type: ignore[attr-defined]
