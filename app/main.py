@@ -153,7 +153,13 @@ def create_app(
                 "model": schemas.CapabilityStatement,
                 "content": {FHIR_JSON: {}},
                 "description": "CapabilityStatement",
-            }
+            },
+            **routes.outcome_docs(
+                {
+                    406: {"description": "Only JSON can be produced"},
+                    500: {"description": "Unexpected error; the outcome carries a correlation id"},
+                }
+            ),
         },
     )
     async def metadata(request: Request) -> FhirResponse:
@@ -193,7 +199,7 @@ def create_app(
         summary="The database answers and its schema is at the migrations' head",
         tags=["Health"],
         response_class=JSONResponse,
-        responses={503: {"description": "Not ready", "model": schemas.OperationOutcome}},
+        responses=routes.outcome_docs({503: {"description": "Not ready"}}),
     )
     async def readyz(request: Request) -> Any:
         db: Database = request.app.state.services.db

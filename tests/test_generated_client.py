@@ -238,3 +238,11 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
     assert "mg/dL" in refused.parsed.issue[0].diagnostics
     missing = read_patient.sync_detailed("no-such-patient", client=frontend)
     assert missing.status_code == 404 and isinstance(missing.parsed, OperationOutcome)
+    # Typed on every operation, whatever its success looks like: a delete (204, no body)
+    # with a stale If-Match, and $response-status (application/json) of a missing patient.
+    stale_delete = delete_observation.sync_detailed(
+        mistyped.id, client=frontend, if_match='W/"1"', x_provenance=REASON
+    )
+    assert stale_delete.status_code == 412 and isinstance(stale_delete.parsed, OperationOutcome)
+    no_status = get_response_status.sync_detailed("no-such-patient", client=frontend)
+    assert no_status.status_code == 404 and isinstance(no_status.parsed, OperationOutcome)

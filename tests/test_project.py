@@ -49,6 +49,29 @@ def test_openapi_operation_ids_are_stable_and_unique():
     assert "Observation" in spec["components"]["schemas"]
 
 
+def test_every_error_documents_its_operation_outcome_as_sent():
+    """The server sends every error as an application/fhir+json OperationOutcome: each 4xx
+    and 5xx of the file says so, and nothing else (a generated client parses an error
+    only by the media type documented; one documented as application/json alone was
+    parsed as None)."""
+    spec = json.loads(render_openapi())
+    outcome = {"$ref": "#/components/schemas/OperationOutcome"}
+    checked = 0
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation["responses"].items():
+                if status[0] not in "45":
+                    continue
+                content = response.get("content", {})
+                assert content == {"application/fhir+json": {"schema": outcome}}, (
+                    method,
+                    path,
+                    status,
+                )
+                checked += 1
+    assert checked > 400
+
+
 def test_migrations_match_the_models(database_url):
     """`alembic check`: a model change without its migration fails here, on both databases."""
     result = subprocess.run(

@@ -10,15 +10,12 @@ from fastapi.responses import JSONResponse
 from app.auth.deps import Require
 from app.auth.permissions import Action
 from app.auth.principal import Principal
-from app.fhir import schemas
-from app.fhir.http import FHIR_JSON, negotiate, pretty
+from app.fhir.http import negotiate, pretty
 from app.fhir.response_schemas import ResponseAssessment, ResponseSummary
-from app.fhir.routes import ERRORS, IdPath, ServicesDep
+from app.fhir.routes import ERRORS, IdPath, ServicesDep, outcome_docs
 from app.services import response
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["Response"])
-
-_OUTCOME = {"model": schemas.OperationOutcome, "content": {FHIR_JSON: {}}}
 
 
 @router.get(
@@ -28,9 +25,13 @@ _OUTCOME = {"model": schemas.OperationOutcome, "content": {FHIR_JSON: {}}}
     response_class=JSONResponse,
     responses={
         200: {"model": ResponseAssessment, "description": "The stored assessment"},
-        **ERRORS,
-        404: {**_OUTCOME, "description": "No such patient (or one at another site)"},
-        410: {**_OUTCOME, "description": "The patient was deleted"},
+        **outcome_docs(
+            {
+                **ERRORS,
+                404: {"description": "No such patient (or one at another site)"},
+                410: {"description": "The patient was deleted"},
+            }
+        ),
     },
 )
 async def response_status(
@@ -50,7 +51,7 @@ async def response_status(
     response_class=JSONResponse,
     responses={
         200: {"model": ResponseSummary, "description": "The trial's summary"},
-        **{code: doc for code, doc in ERRORS.items() if code != 404},
+        **outcome_docs({code: doc for code, doc in ERRORS.items() if code != 404}),
     },
 )
 async def response_summary(

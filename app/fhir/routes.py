@@ -136,10 +136,24 @@ def _bundle_doc(description: str) -> dict[str, Any]:
 
 
 def _outcome_doc(description: str) -> dict[str, Any]:
+    """An error's documentation on a route whose response class is FhirResponse: FastAPI
+    puts the model under that class's media type, application/fhir+json."""
     return {
         "model": schemas.OperationOutcome,
         "description": description,
         "content": {FHIR_JSON: {}},
+    }
+
+
+def outcome_docs(docs: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+    """The same errors for a route whose success is another media type (application/json):
+    there FastAPI would document the model as application/json, which errors never are;
+    they are application/fhir+json, named here by reference (the component exists: the
+    FhirResponse routes' `model` registers it)."""
+    outcome = {"$ref": "#/components/schemas/OperationOutcome"}
+    return {
+        code: {"description": doc["description"], "content": {FHIR_JSON: {"schema": outcome}}}
+        for code, doc in docs.items()
     }
 
 
@@ -392,7 +406,9 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         "least one criterion is required: without, 400 (never a delete of every resource).",
         tags=tags,
         status_code=204,
-        response_class=Response,
+        # For the documentation: the 200 (Prefer: return=OperationOutcome) and every error
+        # are application/fhir+json; a 204 has no body.
+        response_class=FhirResponse,
         openapi_extra={
             "parameters": conditional.query_documentation(resource_type, "Criterion"),
         },
@@ -598,7 +614,9 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         summary=f"Delete a {resource_type} (its history stays readable)",
         tags=tags,
         status_code=204,
-        response_class=Response,
+        # For the documentation: the 200 (Prefer: return=OperationOutcome) and every error
+        # are application/fhir+json; a 204 has no body.
+        response_class=FhirResponse,
         responses={
             204: {
                 "description": "Deleted (or already deleted)",
