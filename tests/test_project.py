@@ -49,6 +49,27 @@ def test_openapi_operation_ids_are_stable_and_unique():
     assert "Observation" in spec["components"]["schemas"]
 
 
+def test_links_name_operations_of_the_file():
+    """OpenAPI links (what to do next with the resource a response names; the fuzzer's
+    stateful phase follows them): each names an operation that exists, with its path
+    parameter, and a delete leads to the history FHIR keeps."""
+    spec = json.loads(render_openapi())
+    operations = {op["operationId"]: op for item in spec["paths"].values() for op in item.values()}
+    links = [
+        (operation["operationId"], link)
+        for operation in operations.values()
+        for response in operation["responses"].values()
+        for link in response.get("links", {}).values()
+    ]
+    assert len(links) == 4 * 5
+    for source, link in links:
+        target = operations[link["operationId"]]
+        names = {p["name"] for p in target.get("parameters", []) if p["in"] == "path"}
+        assert set(link["parameters"]) <= names, (source, link)
+    delete_links = {link["operationId"] for source, link in links if source == "deletePatient"}
+    assert delete_links == {"readPatient", "historyPatientInstance"}
+
+
 def test_every_error_documents_its_operation_outcome_as_sent():
     """The server sends every error as an application/fhir+json OperationOutcome: each 4xx
     and 5xx of the file says so, and nothing else (a generated client parses an error

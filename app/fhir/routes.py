@@ -273,6 +273,27 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
 
     tags: list[str | Any] = [resource_type]
     ok_resource = {"model": model, "content": {FHIR_JSON: {}}, "headers": _VERSION_HEADERS}
+    # OpenAPI links: what a client (and the fuzzer's stateful phase) can do next with the
+    # resource a response names. After a delete its read answers 410 and its history, which
+    # FHIR keeps, shows the deletion.
+    created_links = {
+        f"{verb}Created": {
+            "operationId": f"{operation}{resource_type}{suffix}",
+            "parameters": {"resource_id": "$response.body#/id"},
+        }
+        for verb, operation, suffix in (
+            ("Read", "read", ""),
+            ("Delete", "delete", ""),
+            ("History", "history", "Instance"),
+        )
+    }
+    deleted_links = {
+        f"{verb}Deleted": {
+            "operationId": f"{operation}{resource_type}{suffix}",
+            "parameters": {"resource_id": "$request.path.resource_id"},
+        }
+        for verb, operation, suffix in (("Read", "read", ""), ("History", "history", "Instance"))
+    }
 
     @router.post(
         f"/{resource_type}",
@@ -295,6 +316,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
                 **ok_resource,
                 "description": "Created",
                 "headers": {**_VERSION_HEADERS, **_LOCATION_HEADER},
+                "links": created_links,
             },
             200: {**ok_resource, "description": "The criteria matched an existing resource"},
             **_WRITE_ERRORS,
@@ -626,6 +648,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
                         "schema": {"type": "string"},
                     },
                 },
+                "links": deleted_links,
             },
             200: {
                 "model": schemas.OperationOutcome,

@@ -1,4 +1,4 @@
-"""Schemathesis hooks: four runtime rules that a JSON Schema cannot state, or that
+"""Schemathesis hooks: five runtime rules that a JSON Schema cannot state, or that
 schemathesis cannot generate, taught to the generator so that its schema-valid requests are
 also valid for the server.
 
@@ -13,6 +13,11 @@ also valid for the server.
 4. A conditional update or delete (`PUT`/`DELETE /fhir/Type?criteria`) names at least one
    criterion; OpenAPI cannot require one of several optional query parameters, so a case
    without any gets `_id=fuzz-no-match`.
+5. A Patient is at a site the caller may write: S01, the site of the investigator that
+   schemathesis sends writes as (tests/fuzz/identities.py). Without it a Patient created at
+   another site by the admin (to whom an investigator's refusal escalates the create) was
+   then read by the S01 investigator: 404, by site isolation, which schemathesis reported as
+   a created resource not found (ST302).
 
 It also adds one check, `deleted_resource_history_kept`: use_after_free as FHIR defines it
 for a versioned resource. The built-in use_after_free expects every GET under a deleted
@@ -43,6 +48,7 @@ import httpx
 import schemathesis
 
 FUZZ_PATIENT = "fuzz-subject"
+FUZZ_SITE = "S01"
 # The instance history and the version read of every resource type.
 HISTORY_OPERATION = re.compile(
     r"^/fhir/(?P<type>[A-Za-z]+)/\{resource_id\}/_history(?P<vread>/\{version_id\})?$"
@@ -65,7 +71,7 @@ def _fuzz_patient() -> str:
         "resourceType": "Patient",
         "id": FUZZ_PATIENT,
         "managingOrganization": {
-            "identifier": {"system": "https://itp-trial.example/fhir/sid/site", "value": "S01"}
+            "identifier": {"system": "https://itp-trial.example/fhir/sid/site", "value": FUZZ_SITE}
         },
     }
     response = httpx.put(
@@ -102,6 +108,11 @@ def map_case(context: Any, case: Any) -> Any:
     path_id = (case.path_parameters or {}).get("resource_id")
     if method == "PUT" and path_id is not None and isinstance(case.body.get("id"), str):
         case.body["id"] = path_id
+    if method in ("POST", "PUT", "PATCH") and _resource_type(case) == "Patient":
+        site = case.body.get("managingOrganization")
+        identifier = site.get("identifier") if isinstance(site, dict) else None
+        if isinstance(identifier, dict) and isinstance(identifier.get("value"), str):
+            identifier["value"] = FUZZ_SITE
     if method in ("POST", "PUT") and _resource_type(case) in _SUBJECT_TYPES:
         subject = case.body.get("subject")
         reference = subject.get("reference") if isinstance(subject, dict) else None
