@@ -201,7 +201,7 @@ async def test_0005_covers_the_recompute_read_and_goes_down_and_up(empty_databas
     if url.startswith("postgresql"):
         assert index[1].endswith(f"INCLUDE ({', '.join(FACT_COLUMNS)})"), index[1]
 
-    _alembic(url, "downgrade", "-1")
+    _alembic(url, "downgrade", "0004")
     assert await _facts_index(url) is None
     _alembic(url, "upgrade", "head")
     assert await _facts_index(url) == index
