@@ -5,8 +5,11 @@ from __future__ import annotations
 from email.utils import parsedate_to_datetime
 
 import httpx
+import orjson
 import pytest
 
+from app.cli import render_openapi
+from app.fhir.examples import EXAMPLE_PATIENT_ID
 from tests import builders
 
 FHIR = "application/fhir+json"
@@ -282,3 +285,29 @@ async def test_requests_take_no_thread_pool_hop(client, monkeypatch):
     ):
         assert (await client.get(path)).status_code < 500, path
     assert offloaded == []
+
+
+async def test_the_documented_examples_are_stored(client):
+    """Each request body example of the OpenAPI file (Swagger UI's "Try it out" starts from
+    them; the fuzzer's examples phase sends them) is accepted as it is written."""
+    spec = orjson.loads(render_openapi())
+    examples = {
+        path.rsplit("/", 1)[1]: next(iter(body["examples"].values()))["value"]
+        for path, item in spec["paths"].items()
+        if "post" in item
+        for body in item["post"].get("requestBody", {}).get("content", {}).values()
+        if "examples" in body
+    }
+    assert sorted(examples) == [
+        "AdverseEvent",
+        "MedicationAdministration",
+        "Observation",
+        "Patient",
+    ]
+    patient = {**examples.pop("Patient"), "id": EXAMPLE_PATIENT_ID}
+    stored = await client.put(f"/fhir/Patient/{EXAMPLE_PATIENT_ID}", json=patient)
+    assert stored.status_code == 201, stored.text
+    for resource_type, example in examples.items():
+        created = await create(client, example)
+        assert created.status_code == 201, (resource_type, created.text)
+        assert created.json()["subject"] == {"reference": f"Patient/{EXAMPLE_PATIENT_ID}"}

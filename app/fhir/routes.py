@@ -19,6 +19,7 @@ from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal
 from app.errors import BadRequest
 from app.fhir import bundles, conditional, schemas
+from app.fhir.examples import RESOURCE_EXAMPLES
 from app.fhir.http import (
     FHIR_JSON,
     FhirResponse,
@@ -207,12 +208,20 @@ def _location(stored: Stored) -> dict[str, str]:
     return {"Location": f"/fhir/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"}
 
 
-def _body_doc(resource_type: str, *, update: bool = False) -> dict[str, Any]:
+def _body_doc(resource_type: str, *, update: bool = False, example: bool = False) -> dict[str, Any]:
     schema: dict[str, Any] = {"$ref": f"#/components/schemas/{resource_type}"}
+    body: dict[str, Any] = {"schema": schema}
     if update:
         # An update names its resource twice, in the URL and in the body (FHIR http.html#update).
-        schema = {**schema, "required": ["id"]}
-    return {"requestBody": {"required": True, "content": {FHIR_JSON: {"schema": schema}}}}
+        body["schema"] = {**schema, "required": ["id"]}
+    if example:
+        body["examples"] = {
+            resource_type: {
+                "summary": f"A {resource_type} as the trial writes it",
+                "value": RESOURCE_EXAMPLES[resource_type],
+            }
+        }
+    return {"requestBody": {"required": True, "content": {FHIR_JSON: body}}}
 
 
 def _json_patch_operation(ops: tuple[str, ...], required: list[str]) -> dict[str, Any]:
@@ -306,7 +315,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         status_code=201,
         response_class=FhirResponse,
         openapi_extra={
-            **_body_doc(resource_type),
+            **_body_doc(resource_type, example=True),
             "parameters": conditional.query_documentation(
                 resource_type, "Conditional create criterion"
             ),

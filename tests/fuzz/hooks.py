@@ -47,6 +47,8 @@ from typing import Any
 import httpx
 import schemathesis
 
+from app.fhir.examples import EXAMPLE_PATIENT_ID
+
 FUZZ_PATIENT = "fuzz-subject"
 FUZZ_SITE = "S01"
 # The instance history and the version read of every resource type.
@@ -58,9 +60,15 @@ _PATIENT_REFERENCE = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}(/_history/[0-9]{1
 _SUBJECT_TYPES = ("Observation", "MedicationAdministration", "AdverseEvent")
 
 
-@cache
 def _fuzz_patient() -> str:
-    """Store the Patient every generated record will belong to, once per run."""
+    """The Patient every generated record belongs to (stored once per run)."""
+    return _enrolled(FUZZ_PATIENT)
+
+
+@cache
+def _enrolled(patient_id: str) -> str:
+    """Store a fixture Patient at the fuzzer's site, once per run (again after the fuzzer
+    deletes or rewrites it: after_call)."""
     base = os.environ["FUZZ_BASE_URL"]
     headers = {
         "Authorization": f"Bearer {os.environ['FUZZ_TOKEN']}",
@@ -69,16 +77,16 @@ def _fuzz_patient() -> str:
     }
     patient = {
         "resourceType": "Patient",
-        "id": FUZZ_PATIENT,
+        "id": patient_id,
         "managingOrganization": {
             "identifier": {"system": "https://itp-trial.example/fhir/sid/site", "value": FUZZ_SITE}
         },
     }
     response = httpx.put(
-        f"{base}/fhir/Patient/{FUZZ_PATIENT}", json=patient, headers=headers, timeout=30
+        f"{base}/fhir/Patient/{patient_id}", json=patient, headers=headers, timeout=30
     )
     response.raise_for_status()
-    return f"Patient/{FUZZ_PATIENT}"
+    return f"Patient/{patient_id}"
 
 
 def _resource_type(case: Any) -> str:
@@ -134,13 +142,20 @@ def _count_request() -> None:
 
 
 @schemathesis.hook
+def before_call(context: Any, case: Any, **kwargs: Any) -> None:
+    # The OpenAPI file's example records name the Patient `example-patient`
+    # (app/fhir/examples.py): it is enrolled, as in a trial, before the examples are sent.
+    _enrolled(EXAMPLE_PATIENT_ID)
+
+
+@schemathesis.hook
 def after_call(context: Any, case: Any, response: Any) -> None:
     _count_request()
-    # The fuzzer may delete or rewrite the fixture Patient (it learns ids from responses):
+    # The fuzzer may delete or rewrite a fixture Patient (it learns ids from responses):
     # store it again so that later subjects keep pointing at a Patient that exists.
     path_id = (case.path_parameters or {}).get("resource_id")
-    if path_id == FUZZ_PATIENT and case.method.upper() in ("DELETE", "PUT"):
-        _fuzz_patient.cache_clear()
+    if path_id in (FUZZ_PATIENT, EXAMPLE_PATIENT_ID) and case.method.upper() in ("DELETE", "PUT"):
+        _enrolled.cache_clear()
 
 
 def er7_bytes(value: Any) -> bytes:
