@@ -224,6 +224,21 @@ def _body_doc(resource_type: str, *, update: bool = False, example: bool = False
     return {"requestBody": {"required": True, "content": {FHIR_JSON: body}}}
 
 
+def _links(
+    resource_type: str, state: str, resource_id: str, operations: tuple[str, ...]
+) -> dict[str, Any]:
+    """OpenAPI links from a response naming one resource (its id at `resource_id`, a runtime
+    expression) to `operations` on it and to its history."""
+    targets = [(operation, "") for operation in operations] + [("history", "Instance")]
+    return {
+        f"{operation.title()}{state}": {
+            "operationId": f"{operation}{resource_type}{suffix}",
+            "parameters": {"resource_id": resource_id},
+        }
+        for operation, suffix in targets
+    }
+
+
 def _json_patch_operation(ops: tuple[str, ...], required: list[str]) -> dict[str, Any]:
     """RFC 6902 operations that take the same members: `from` for move and copy, `value` for
     add, replace and test; the server refuses an operation without them (400)."""
@@ -285,24 +300,8 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
     # OpenAPI links: what a client (and the fuzzer's stateful phase) can do next with the
     # resource a response names. After a delete its read answers 410 and its history, which
     # FHIR keeps, shows the deletion.
-    created_links = {
-        f"{verb}Created": {
-            "operationId": f"{operation}{resource_type}{suffix}",
-            "parameters": {"resource_id": "$response.body#/id"},
-        }
-        for verb, operation, suffix in (
-            ("Read", "read", ""),
-            ("Delete", "delete", ""),
-            ("History", "history", "Instance"),
-        )
-    }
-    deleted_links = {
-        f"{verb}Deleted": {
-            "operationId": f"{operation}{resource_type}{suffix}",
-            "parameters": {"resource_id": "$request.path.resource_id"},
-        }
-        for verb, operation, suffix in (("Read", "read", ""), ("History", "history", "Instance"))
-    }
+    created_links = _links(resource_type, "Created", "$response.body#/id", ("read", "delete"))
+    deleted_links = _links(resource_type, "Deleted", "$request.path.resource_id", ("read",))
 
     @router.post(
         f"/{resource_type}",
