@@ -34,6 +34,7 @@ from app.fhir import (
 )
 from app.fhir.capability import capability_statement
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
+from app.fhir.routes import PROVENANCE_HEADER_SCHEMA, PROVENANCE_HEADER_SCHEMA_NAME
 from app.ingest import routes as hl7_routes
 from app.middleware import (
     BodyLimitMiddleware,
@@ -258,6 +259,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                     del operation["responses"]["422"]
         for unused in ("HTTPValidationError", "ValidationError"):
             document.get("components", {}).get("schemas", {}).pop(unused, None)
+        # X-Provenance's contentSchema names it; no route's body or response does.
+        document["components"]["schemas"][PROVENANCE_HEADER_SCHEMA_NAME] = PROVENANCE_HEADER_SCHEMA
         app.openapi_schema = document
     return app.openapi_schema
 

@@ -193,6 +193,15 @@ async def client(app: object) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+async def without_reason(
+    client: httpx.AsyncClient, method: str, url: str, **kwargs: Any
+) -> httpx.Response:
+    """The request as `client` sends it (its token), minus its default X-Provenance."""
+    request = client.build_request(method, url, **kwargs)
+    del request.headers["X-Provenance"]
+    return await client.send(request)
+
+
 @pytest.fixture
 async def anonymous(app: object) -> AsyncIterator[httpx.AsyncClient]:
     """A client that sends no token."""

@@ -56,6 +56,79 @@ async def test_update_and_delete_need_a_reason(client, anonymous):
     ).status_code == 400
 
 
+async def test_the_reason_is_needed_whatever_the_request_finds(app, client, anonymous):
+    """A PUT that creates, a DELETE of what is deleted already and a conditional delete or
+    update that matches nothing: each needs the reason (the OpenAPI file marks the header
+    required), so a request's validity never depends on what is stored."""
+    admin = bearer("admin")
+    gone = (await create(client, builders.patient("S01-801"))).json()["id"]
+    assert (await client.delete(f"/fhir/Patient/{gone}")).status_code in (200, 204)
+    nothing = {"identifier": "https://itp-trial.example/fhir/sid/subject|none"}
+    requests = [
+        (
+            "PUT",
+            "/fhir/Patient/made-by-put",
+            {**builders.patient("S01-802"), "id": "made-by-put"},
+            {},
+        ),
+        ("PUT", "/fhir/Patient", builders.patient("S01-803"), nothing),
+        ("DELETE", f"/fhir/Patient/{gone}", None, {}),
+        ("DELETE", "/fhir/Patient", None, nothing),
+    ]
+    for method, url, body, params in requests:
+        answer = await anonymous.request(method, url, json=body, params=params, headers=admin)
+        assert answer.status_code == 400, (method, url, answer.text)
+        assert answer.json()["issue"][0]["code"] == "required"
+        assert answer.json()["issue"][0]["expression"] == ["header.X-Provenance"]
+    assert (await client.get("/fhir/Patient/made-by-put")).status_code == 404
+    found = await client.get("/fhir/Patient", params={"identifier": "S01-803"})
+    assert found.json().get("entry", []) == []
+    # With the reason, the PUTs create, and each stores its Provenance with version 1.
+    for method, url, body, params in requests:
+        answer = await client.request(method, url, json=body, params=params)
+        assert answer.status_code < 300, (method, url, answer.text)
+    made = (await client.get("/fhir/Patient", params={"identifier": "S01-803"})).json()
+    created = {"made-by-put", made["entry"][0]["resource"]["id"]}
+    async with app.state.services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT target_id, target_version FROM provenance "
+                    "WHERE target_type = 'Patient' AND target_version = 1"
+                )
+            )
+        ).all()
+    assert {row[0] for row in rows} == created
+    [record] = [
+        e
+        for e in await _events(client, app, entity="Patient/made-by-put", action="U")
+        if e["outcome"] == "0"
+    ]
+    assert _details(record)["reason"] == "test correction"
+
+
+async def test_the_reason_header_has_one_form(client, anonymous):
+    """Printable ASCII with something visible (beyond ASCII: JSON \\u escapes), at most
+    8,000 characters: what the OpenAPI file says, nothing else."""
+    patient = (await create(client, builders.patient())).json()
+    changed = {**patient, "gender": "male"}
+    url = f"/fhir/Patient/{patient['id']}"
+    escaped = '{"resourceType":"Provenance","reason":[{"text":"caf\\u00e9"}]}'
+    raw = escaped.replace("\\u00e9", "\u00e9").encode("latin-1")
+    long = '{"resourceType":"Provenance","reason":[{"text":"' + "x" * 8000 + '"}]}'
+    for header in (raw, "   ", long, "\t" + escaped):
+        answer = await anonymous.put(
+            url, json=changed, headers={**bearer("admin"), "X-Provenance": header}
+        )
+        assert answer.status_code == 400, header
+        assert answer.json()["issue"][0]["expression"] == ["header.X-Provenance"]
+    assert (await client.get(url)).json() == patient
+    answer = await anonymous.put(
+        url, json=changed, headers={**bearer("admin"), "X-Provenance": escaped}
+    )
+    assert answer.status_code == 200, answer.text
+
+
 async def test_a_change_stores_its_provenance_and_audit_record(app, client, anonymous):
     patient = (await create(client, builders.patient())).json()
     reason = '{"resourceType":"Provenance","reason":[{"text":"birth date mistyped"}]}'

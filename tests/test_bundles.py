@@ -330,13 +330,55 @@ async def test_conditional_update_and_delete_entries(app, client):
     assert (await client.get(f"/fhir/Patient/{patient_id}")).status_code == 200
 
 
-async def test_a_change_in_a_bundle_needs_the_reason_of_its_request(client):
+async def test_a_change_in_a_bundle_needs_the_reason_of_its_request(client, anonymous):
     patient = (await create(client, builders.patient())).json()
     changed = put(f"Patient/{patient['id']}", {**patient, "gender": "male"})
+    # Whatever the entry finds: a PUT that creates, a DELETE of nothing need it too.
+    created = put("Patient/new-by-put", {**builders.patient("S01-900"), "id": "new-by-put"})
+    matches_nothing = delete("Patient?identifier=https://example.org/none|0")
+    for entry in (changed, created, matches_nothing):
+        for kind in ("transaction", "batch"):
+            answer = await anonymous.post(
+                "/fhir", content=orjson.dumps(bundle(kind, entry)), headers={**FHIR, **bearer()}
+            )
+            if kind == "transaction":
+                assert answer.status_code == 400, answer.text
+                outcome = answer.json()
+            else:
+                assert answer.status_code == 200, answer.text
+                [result] = answer.json()["entry"]
+                assert result["response"]["status"].startswith("400")
+                outcome = result["response"]["outcome"]
+            assert outcome["issue"][0]["code"] == "required", outcome
+    # An empty header is no reason either (not of the header's form: invalid).
     answer = await send(client, bundle("transaction", changed), **{"X-Provenance": ""})
     assert answer.status_code == 400
-    assert answer.json()["issue"][0]["code"] == "required"
+    assert answer.json()["issue"][0]["expression"] == ["header.X-Provenance"]
     assert (await client.get(f"/fhir/Patient/{patient['id']}")).json() == patient
+    assert (await client.get("/fhir/Patient/new-by-put")).status_code == 404
+    # A Bundle of creates and reads needs no reason.
+    answer = await anonymous.post(
+        "/fhir",
+        content=orjson.dumps(bundle("transaction", post(builders.patient("S01-901")))),
+        headers={**FHIR, **bearer()},
+    )
+    assert answer.status_code == 200, answer.text
+
+
+async def test_a_put_that_creates_in_a_bundle_stores_its_reason(app, client):
+    entry = put("Patient/made-by-put", {**builders.patient("S01-902"), "id": "made-by-put"})
+    answer = await send(client, bundle("transaction", entry))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["entry"][0]["response"]["status"] == "201 Created"
+    async with app.state.services.db.read() as conn:
+        rows = (
+            await conn.execute(
+                text("SELECT target_version, content FROM provenance WHERE target_id = :id"),
+                {"id": "made-by-put"},
+            )
+        ).all()
+    assert [row[0] for row in rows] == [1]
+    assert "test correction" in rows[0][1]
 
 
 async def test_a_patch_entry_carries_its_document_in_a_binary(client):

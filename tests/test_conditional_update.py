@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests import builders
-from tests.conftest import REASON, bearer
+from tests.conftest import REASON, bearer, without_reason
 from tests.test_audit import _events
 from tests.test_crud import create
 
@@ -96,9 +96,7 @@ async def test_an_update_of_a_match_needs_a_reason_and_honours_if_match(client):
     await create(client, body)
     changed = {**body, "gender": "male"}
     params = {"identifier": SUBJECT}
-    no_reason = await client.put(
-        "/fhir/Patient", params=params, json=changed, headers={"X-Provenance": ""}
-    )
+    no_reason = await without_reason(client, "PUT", "/fhir/Patient", params=params, json=changed)
     assert no_reason.status_code == 400
     assert no_reason.json()["issue"][0]["code"] == "required"
     stale = await client.put(
@@ -144,10 +142,9 @@ async def test_conditional_delete_of_one_none_and_its_reason(app, client):
     )
     count_id = (await create(client, count)).json()["id"]
     params = {"identifier": "https://lab.example/results|R-1"}
-    no_reason = await client.delete(
-        "/fhir/Observation", params=params, headers={"X-Provenance": ""}
-    )
+    no_reason = await without_reason(client, "DELETE", "/fhir/Observation", params=params)
     assert no_reason.status_code == 400
+    assert no_reason.json()["issue"][0]["code"] == "required"
     assert (await client.get(f"/fhir/Observation/{count_id}")).status_code == 200
     deleted = await client.delete("/fhir/Observation", params=params)
     assert deleted.status_code == 204

@@ -1,8 +1,9 @@
 """Schemathesis against a real uvicorn, on SQLite and on PostgreSQL (issue 7).
 
 The fuzzer reads the committed openapi/openapi.json (test_project.py fails when it is stale,
-so this is the app's own contract), runs every check it has on every operation, with a
-bearer token and a change reason, and must find nothing: exit status 0.
+so this is the app's own contract), runs every check it has on every operation, with
+bearer tokens, and must find nothing: exit status 0. X-Provenance, the change reason, is
+generated like every parameter (hooks rule 6 makes a positive case's string a Provenance).
 
 The checks are not chosen on the command line: `--checks all` there overrides every
 per-operation setting of the configuration file, including its one stated exception
@@ -41,9 +42,13 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
+from hypothesis import given
+from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 from schemathesis.config._checks import _BUILTIN_CHECK_NAMES
 
+from app.fhir.routes import PROVENANCE_MAX_LENGTH, PROVENANCE_PATTERN
+from app.services.provenance import require_reason
 from tests.conftest import PROJECT_ROOT, bearer, token
 from tests.fuzz import hooks
 from tests.fuzz.identities import IDENTITIES, PEERS, write_document
@@ -132,8 +137,6 @@ def test_schemathesis_finds_nothing(live_server: str, tmp_path: Path) -> None:
         "junit",
         "--report-junit-path",
         str(report),
-        "-H",
-        'X-Provenance: {"resourceType":"Provenance","reason":[{"text":"fuzz"}]}',
     ]
     env = {
         **os.environ,
@@ -175,6 +178,31 @@ def test_schemathesis_finds_nothing(live_server: str, tmp_path: Path) -> None:
     owner, peer = PEERS
     replayed = _reads(live_server, owner, "0") & _reads(live_server, peer, "4")
     assert replayed, f"{peer} never replayed a read of {owner}"
+    # X-Provenance was generated, not fixed: changes were accepted with the fuzzer's reasons.
+    reasons = _change_reasons(live_server) - {"fuzz fixture"}
+    assert len(reasons) >= 5, reasons
+
+
+def _change_reasons(base_url: str) -> set[str]:
+    """The reasons of the successful updates and deletes in the audit trail (written with
+    the change, so complete once the run is over)."""
+    found: set[str] = set()
+    for action in ("U", "D"):
+        trail = httpx.get(
+            f"{base_url}/fhir/AuditEvent",
+            params={"action": action, "_count": "1000"},
+            headers=bearer("admin"),
+            timeout=30,
+        ).json()
+        found |= {
+            detail["valueString"]
+            for entry in trail.get("entry", [])
+            if entry["resource"]["outcome"] == "0"
+            for entity in entry["resource"].get("entity", [])
+            for detail in entity.get("detail", [])
+            if detail["type"] == "reason"
+        }
+    return found
 
 
 def _reads(base_url: str, agent: str, outcome: str) -> set[str]:
@@ -321,3 +349,21 @@ def test_history_check_ignores_what_deleted_nothing() -> None:
     # A refused DELETE, and a DELETE of another type's resource with the same id.
     _judge(_Response(412), HISTORY, lost)
     _judge(DELETED_AT_2, HISTORY, lost, deleted_type="Patient")
+
+
+@given(st.from_regex(PROVENANCE_PATTERN, fullmatch=True))
+def test_every_generated_provenance_header_is_a_reason_the_server_takes(text: str) -> None:
+    """Rule 6 of the hooks: whatever string the fuzzer draws for X-Provenance (its schema's
+    pattern, as here) becomes a header of the documented form, within the maximum length,
+    that the server reads as a reason, and the text chosen is the text sent, or its start."""
+    header = hooks.provenance_header(text)
+    assert re.fullmatch(PROVENANCE_PATTERN, header) and len(header) <= PROVENANCE_MAX_LENGTH
+    sent = json.loads(header)["reason"][0]["text"]
+    assert sent and text.strip().startswith(sent)
+    assert require_reason(header) == sent
+
+
+def test_a_long_reason_is_cut_to_the_header_limit() -> None:
+    header = hooks.provenance_header(" " * PROVENANCE_MAX_LENGTH + '"\\' * PROVENANCE_MAX_LENGTH)
+    assert len(header) <= PROVENANCE_MAX_LENGTH
+    assert require_reason(header)

@@ -7,7 +7,7 @@ import orjson
 
 from app.services.response import response_observation_id
 from tests import builders
-from tests.conftest import bearer
+from tests.conftest import bearer, without_reason
 from tests.test_audit import _details, _events
 from tests.test_crud import create
 
@@ -73,7 +73,13 @@ async def test_a_patch_needs_a_reason(client):
     patient = (await create(client, builders.patient())).json()
     path = f"/fhir/Patient/{patient['id']}"
     document = [{"op": "replace", "path": "/gender", "value": "male"}]
-    response = await _patch(client, path, document, **{"X-Provenance": ""})
+    response = await without_reason(
+        client,
+        "PATCH",
+        path,
+        content=orjson.dumps(document),
+        headers={"Content-Type": JSON_PATCH},
+    )
     assert response.status_code == 400
     assert response.json()["issue"][0]["code"] == "required"
     assert (await client.get(path)).json() == patient

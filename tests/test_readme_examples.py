@@ -15,7 +15,7 @@ import shlex
 import orjson
 
 from tests import builders
-from tests.conftest import PROJECT_ROOT, REASON, bearer
+from tests.conftest import PROJECT_ROOT, bearer
 from tests.test_crud import create
 
 SHELL_BLOCK = re.compile(r"```sh\n(.*?)```", re.DOTALL)
@@ -37,12 +37,25 @@ def _caller(block: str) -> tuple[str, tuple[str, ...]]:
     return args[args.index("--role") + 1], tuple(args[args.index("--sites") + 1].split(","))
 
 
-def _bundles() -> list[tuple[tuple[str, tuple[str, ...]], dict]]:
+def _headers(block: str) -> dict[str, str]:
+    """The `-H` headers of the block's curl command but Authorization (a token of the
+    block's role is sent instead)."""
+    command = block[block.index("curl ") : block.index("<<'JSON'")].replace("\\\n", " ")
+    args = shlex.split(command)
+    headers = dict(args[i + 1].split(": ", 1) for i, arg in enumerate(args[:-1]) if arg == "-H")
+    headers.pop("Authorization")
+    return headers
+
+
+Example = tuple[tuple[str, tuple[str, ...]], dict[str, str], dict]
+
+
+def _bundles() -> list[Example]:
     examples = []
     for block in _blocks("-XPOST localhost:8000/fhir "):
         body = HEREDOC.search(block)
         assert body, block
-        examples.append((_caller(block), orjson.loads(body["json"])))
+        examples.append((_caller(block), _headers(block), orjson.loads(body["json"])))
     return examples
 
 
@@ -69,9 +82,14 @@ async def test_the_readme_bundles_work_as_written(client):
     known = await create(client, builders.patient("S01-001"))
     assert known.status_code == 201
     examples = _bundles()
-    assert [caller for caller, _ in examples] == [("investigator", ("S01",)), ("lab", ("S01",))]
-    for caller, bundle in examples:
-        answer = await client.post("/fhir", json=bundle, headers=bearer(*caller))
+    assert [caller for caller, _, _ in examples] == [
+        ("investigator", ("S01",)),
+        ("lab", ("S01",)),
+    ]
+    for caller, headers, bundle in examples:
+        # Each has a PUT entry, so each carries a reason, and that reason is a Provenance.
+        assert orjson.loads(headers["X-Provenance"])["reason"]
+        answer = await client.post("/fhir", json=bundle, headers={**headers, **bearer(*caller)})
         assert answer.status_code == 200, answer.text
         statuses = [entry["response"]["status"] for entry in answer.json()["entry"]]
         assert statuses == ["201 Created"] * len(bundle["entry"]), statuses
@@ -89,10 +107,8 @@ async def test_the_readme_bundles_work_as_written(client):
     ]
     # A resend of the lab's Bundle updates the same results (a new version each, with a
     # reason), never stores them twice.
-    caller, bundle = examples[1]
-    again = await client.post(
-        "/fhir", json=bundle, headers={**bearer(*caller), "X-Provenance": REASON}
-    )
+    caller, headers, bundle = examples[1]
+    again = await client.post("/fhir", json=bundle, headers={**headers, **bearer(*caller)})
     assert again.status_code == 200, again.text
     assert [e["response"]["status"] for e in again.json()["entry"]] == ["200 OK", "200 OK"]
     assert len(await _counts(client, "S01-001")) == 2
@@ -100,8 +116,8 @@ async def test_the_readme_bundles_work_as_written(client):
 
 
 async def test_the_readme_lab_bundle_needs_enrolled_patients(client):
-    caller, bundle = _bundles()[1]
-    answer = await client.post("/fhir", json=bundle, headers=bearer(*caller))
+    caller, headers, bundle = _bundles()[1]
+    answer = await client.post("/fhir", json=bundle, headers={**headers, **bearer(*caller)})
     assert answer.status_code == 400, answer.text
     assert answer.json()["resourceType"] == "OperationOutcome"
     assert (await client.get("/fhir/Observation")).json().get("entry", []) == []

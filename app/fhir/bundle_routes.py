@@ -39,10 +39,10 @@ from app.fhir.routes import (
     ERRORS,
     ID_PATTERN,
     RESOURCE_TYPES,
+    OptionalXProvenance,
     Prefer,
     ServicesDep,
     SettingsDep,
-    XProvenance,
     _outcome_doc,
     fhir_base,
 )
@@ -73,11 +73,11 @@ _DESCRIPTION = (
     "conditional references (Patient?identifier=system|value) the one resource they match "
     "(none: 400, several: 412). Each patient's response is recomputed once. Any entry "
     "failing fails the transaction: nothing is stored and the answer is that entry's "
-    "OperationOutcome and status. The X-Provenance reason applies to every update, patch and "
-    "delete of the Bundle. Criteria are the token and patient parameters of conditional "
-    "create. Nested Bundles and other Bundle types are 400; more entries than the server's "
-    "limit (APP_MAX_BUNDLE_ENTRIES, 10,000) or a larger body (APP_MAX_BUNDLE_BYTES, 16 MiB) "
-    "413."
+    "OperationOutcome and status. The X-Provenance reason applies to every PUT, PATCH and "
+    "DELETE entry, and is required when there is one. Criteria are the token and patient "
+    "parameters of conditional create. Nested Bundles and other Bundle types are 400; more "
+    "entries than the server's limit (APP_MAX_BUNDLE_ENTRIES, 10,000) or a larger body "
+    "(APP_MAX_BUNDLE_BYTES, 16 MiB) 413."
 )
 
 
@@ -129,7 +129,7 @@ async def process_bundle(
     settings: SettingsDep,
     principal: Principal = Depends(current_principal),
     prefer: Prefer = None,
-    provenance: XProvenance = None,
+    provenance: OptionalXProvenance = None,
 ) -> Response:
     require_json_body(request)
     bundle = parse_json(await request.body())
@@ -182,7 +182,7 @@ async def process_bundle_at_slash(
     settings: SettingsDep,
     principal: Principal = Depends(current_principal),
     prefer: Prefer = None,
-    provenance: XProvenance = None,
+    provenance: OptionalXProvenance = None,
 ) -> Response:
     return await process_bundle(
         request=request,

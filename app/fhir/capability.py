@@ -131,7 +131,7 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
                         "documentation": "POST /fhir: all or nothing in one database "
                         "transaction; urn:uuid and conditional references resolved; each "
                         "patient's response recomputed once; X-Provenance gives the reason of "
-                        "every change in it.",
+                        "every PUT, PATCH and DELETE entry, and is required when there is one.",
                     },
                     {
                         "code": "batch",
@@ -153,8 +153,8 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
                         }
                     ],
                     "description": "Bearer JWT (role, sites, SMART v2 scopes) on every request but "
-                    "metadata and health; updates, patches and deletes need an X-Provenance with "
-                    "a reason.",
+                    "metadata and health; every update (a PUT that creates too), patch and delete "
+                    "needs an X-Provenance with a reason, whatever it finds.",
                 },
                 "operation": [
                     {

@@ -143,7 +143,8 @@ async def _validation_error(request: Request, exc: Exception) -> FhirResponse:
         location = [str(part) for part in error.get("loc", ()) if part != "body"]
         issues.append(
             Issue(
-                "invalid",
+                # FHIR's issue type for a missing element (e.g. the X-Provenance header).
+                "required" if error.get("type") == "missing" else "invalid",
                 str(error.get("msg", "invalid value")),
                 [".".join(location)] if location else [],
             )

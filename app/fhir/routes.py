@@ -91,13 +91,76 @@ HistoryCursor = Annotated[
         pattern=HISTORY_CURSOR_PATTERN,
     ),
 ]
+# X-Provenance carries a Provenance resource as JSON (FHIR http.html#provenance). A header is
+# a string: the pattern and length say which strings the server takes (printable ASCII with
+# something visible, at most PROVENANCE_MAX_LENGTH), and contentMediaType/contentSchema
+# (JSON Schema 2020-12, OpenAPI 3.1) what that string must decode to. Anything else is a 400.
+PROVENANCE_MAX_LENGTH = 8000
+PROVENANCE_PATTERN = r"^[ -~]*[!-~][ -~]*$"
+_PROVENANCE_DESCRIPTION = (
+    "Reason for change: a Provenance resource in JSON whose reason (a text or a coding) says "
+    'why, e.g. {"resourceType":"Provenance","reason":[{"text":"transcription error"}]}; '
+    "characters outside ASCII as JSON \\u escapes. The server completes it (target = the "
+    "version written, recorded, the signer) and stores it."
+)
+# What an X-Provenance must decode to, in components (a model for generated clients).
+PROVENANCE_HEADER_SCHEMA_NAME = "ProvenanceHeader"
+PROVENANCE_HEADER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["resourceType", "reason"],
+    "properties": {
+        "resourceType": {"const": "Provenance"},
+        "reason": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "text": {"type": "string", "pattern": "\\S"},
+                    "coding": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "system": {"type": "string"},
+                                "code": {"type": "string", "minLength": 1},
+                                "display": {"type": "string"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    "description": "At least one reason has a text with a visible character or a "
+    "coding with a code. Other elements of an R4B Provenance are kept as sent, except "
+    "id, meta, target and recorded, which the server sets.",
+}
+_PROVENANCE_CONTENT: dict[str, Any] = {
+    "contentMediaType": "application/json",
+    "contentSchema": {"$ref": f"#/components/schemas/{PROVENANCE_HEADER_SCHEMA_NAME}"},
+}
+# Every update, patch and delete needs it, whatever it finds: required on those operations.
 XProvenance = Annotated[
+    str,
+    Header(
+        alias="X-Provenance",
+        description=_PROVENANCE_DESCRIPTION,
+        pattern=PROVENANCE_PATTERN,
+        max_length=PROVENANCE_MAX_LENGTH,
+        json_schema_extra=_PROVENANCE_CONTENT,
+    ),
+]
+# A Bundle needs it only when an entry is a PUT, PATCH or DELETE.
+OptionalXProvenance = Annotated[
     str | None,
     Header(
         alias="X-Provenance",
-        description="Reason for change (required on update and delete): a Provenance "
-        'resource in JSON, e.g. {"resourceType":"Provenance","reason":[{"text":"typo"}]}; '
-        "characters outside ASCII as JSON \\u escapes",
+        description="Required when an entry is a PUT, PATCH or DELETE (the reason applies "
+        "to each). " + _PROVENANCE_DESCRIPTION,
+        pattern=PROVENANCE_PATTERN,
+        max_length=PROVENANCE_MAX_LENGTH,
+        json_schema_extra=_PROVENANCE_CONTENT,
     ),
 ]
 Prefer = Annotated[
@@ -409,7 +472,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         principal: Principal = Depends(Require(resource_type, Action.UPDATE)),
         if_match: IfMatch = None,
         prefer: Prefer = None,
-        provenance: XProvenance = None,
+        provenance: XProvenance,
     ) -> Response:
         require_json_body(request)
         criteria, key = _criteria_in_query(request, resource_type, principal)
@@ -468,7 +531,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         principal: Principal = Depends(Require(resource_type, Action.DELETE)),
         if_match: IfMatch = None,
         prefer: Prefer = None,
-        provenance: XProvenance = None,
+        provenance: XProvenance,
     ) -> Response:
         criteria, key = _criteria_in_query(request, resource_type, principal)
         deletion = await service.conditional_delete(
@@ -579,7 +642,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         resource_id: IdPath,
         if_match: IfMatch = None,
         prefer: Prefer = None,
-        provenance: XProvenance = None,
+        provenance: XProvenance,
     ) -> Response:
         require_json_body(request)
         result = await service.update(
@@ -624,7 +687,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         resource_id: IdPath,
         if_match: IfMatch = None,
         prefer: Prefer = None,
-        provenance: XProvenance = None,
+        provenance: XProvenance,
     ) -> Response:
         document = parse_patch(await request.body(), request.headers.get("content-type"))
         result = await service.patch(
@@ -674,7 +737,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         resource_id: IdPath,
         if_match: IfMatch = None,
         prefer: Prefer = None,
-        provenance: XProvenance = None,
+        provenance: XProvenance,
     ) -> Response:
         deletion = await service.delete(
             ctx, resource_type, resource_id, principal, if_match=if_match, provenance=provenance

@@ -292,7 +292,10 @@ async def update_in(
     scope: Scope | None = None,
 ) -> Change:
     """An update of the row `current` that the caller locked (None: a new id, an update as
-    create). A change of an existing resource needs the reason in `provenance`."""
+    create). Every update needs the reason in `provenance`, whether or not the resource
+    exists: whether a PUT creates depends on state the client may not know, and a request's
+    validity must not."""
+    reason = require_reason(provenance)
     body_id = raw.get("id")
     if body_id is not None and body_id != resource_id:
         raise BadRequest(
@@ -309,7 +312,6 @@ async def update_in(
         raise _server_owned()
     if current is not None and resource_type == "Observation":
         authorize_observation_write(principal, current.kind)
-    reason = None if current is None else require_reason(provenance)
     raw = {**raw, "id": resource_id}
     index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
     record = AuditRecord.of(
@@ -327,7 +329,9 @@ async def update_in(
         _wrote_patient(scope, resource_type, resource_id)
         record.version_after = 1
         stored = Stored(resource_type, resource_id, 1, now, content)
-        return Change(stored, True, record, _ids(index.patient_id))
+        change = Change(stored, True, record, _ids(index.patient_id))
+        await store_reason(conn, change, provenance, principal, now)
+        return change
     version = current.version_id + 1
     content = _render(raw, resource_type, resource_id, version, now)
     await repo.update_resource(conn, current, version, content, index, now, "update")
@@ -335,7 +339,7 @@ async def update_in(
     if resource_type == "Patient" and current.site != index.site:
         authorize(principal, "Patient", Action.MOVE_SITE)
         await repo.move_records(conn, resource_id, index.site)
-    assert reason is not None and provenance is not None
+    assert provenance is not None
     await store_provenance(conn, provenance, principal, resource_type, resource_id, version, now)
     record.version_before, record.version_after, record.reason = (
         current.version_id,
@@ -345,6 +349,23 @@ async def update_in(
     stored = Stored(resource_type, resource_id, version, now, content)
     # A record moved to another patient changes both patients' responses.
     return Change(stored, current.deleted, record, _ids(index.patient_id, current.patient_id))
+
+
+async def store_reason(
+    conn: AsyncConnection,
+    change: Change,
+    provenance: str | None,
+    principal: Principal,
+    now: datetime,
+) -> None:
+    """The reason of a PUT that created its resource: stored with version 1, as an update's
+    is with the version it writes."""
+    stored, reason = change.stored, require_reason(provenance)
+    assert provenance is not None and change.record is not None
+    change.record.reason = reason
+    await store_provenance(
+        conn, provenance, principal, stored.resource_type, stored.id, stored.version_id, now
+    )
 
 
 def patched(
@@ -407,7 +428,9 @@ async def delete_in(
     provenance: str | None = None,
     scope: Scope | None = None,
 ) -> Change | None:
-    """A delete of the locked row `current`; None when it was deleted already."""
+    """A delete of the locked row `current`; None when it was deleted already. Every
+    delete needs the reason in `provenance`, even one that finds nothing left to delete."""
+    reason = require_reason(provenance)
     if current is None or not may_access_site(principal, current.site):
         raise NotFound(f"{resource_type}/{resource_id} does not exist")
     if expected is not None and current.version_id != expected:
@@ -416,7 +439,6 @@ async def delete_in(
         raise _server_owned()
     if current.deleted:
         return None
-    reason = require_reason(provenance)
     if resource_type == "Patient" and await repo.has_live_references(conn, resource_id):
         raise Conflict(f"Patient/{resource_id} still has records; delete or move them first")
     version = current.version_id + 1
@@ -727,6 +749,7 @@ async def conditional_update(
             if expected is not None:
                 raise _stale(expected, None)
             change = await create_in(ctx, conn, resource_type, raw, principal, now)
+            await store_reason(conn, change, provenance, principal, now)
         else:
             if target_id.startswith(RESERVED_ID_PREFIX):
                 raise _server_owned()
@@ -758,7 +781,8 @@ async def conditional_delete(
     provenance: str | None = None,
 ) -> Stored | None:
     """`DELETE /Type?criteria` (single): none matches, nothing to do (None); one is
-    deleted; several are 412."""
+    deleted; several are 412. The reason is required whichever happens, as for any delete."""
+    require_reason(provenance)
     expected = parse_if_match(if_match)
     async with ctx.db.write() as conn:
         await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))

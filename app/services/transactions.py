@@ -39,6 +39,7 @@ from app.services.context import ServiceContext
 from app.services.dates import utc_now
 from app.services.indexing import subject_patient_id
 from app.services.patching import Patch
+from app.services.provenance import require_reason
 from app.services.resources import Change, Scope, Stored
 from app.store import repository as repo
 from app.store.criteria import Criteria, Include, SortKey
@@ -436,6 +437,9 @@ async def _write(
     pending: list[repo.NewResource] | None,
 ) -> EntryResult:
     kind, target = entry.resource_type, plan.targets.get(entry.index)
+    if entry.method != "POST":
+        # Every PUT, PATCH and DELETE entry needs the reason, whatever it finds (as over REST).
+        require_reason(provenance)
     if entry.method == "DELETE":
         if target is None:
             return EntryResult(204, note=f"No {kind} matched the criteria; nothing was deleted")
@@ -474,6 +478,8 @@ async def _write(
             scope=scope,
             pending=pending,
         )
+        if entry.method == "PUT":
+            await resources.store_reason(conn, change, provenance, principal, now)
     elif entry.method == "PATCH":
         assert entry.patch is not None
         change = await resources.patch_in(

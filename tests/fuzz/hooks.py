@@ -18,6 +18,15 @@ also valid for the server.
    another site by the admin (to whom an investigator's refusal escalates the create) was
    then read by the S01 investigator: 404, by site isolation, which schemathesis reported as
    a created resource not found (ST302).
+6. X-Provenance is a string that holds JSON: its schema gives the string's form (printable
+   ASCII, something visible, a maximum length) and, through contentMediaType and
+   contentSchema, the Provenance it must decode to. Schemathesis generates the string and
+   does not read contentSchema, so a positive case's generated string becomes the reason
+   text of a Provenance, cut to fit the maximum length once JSON-escaped: the generator
+   still chooses the text (quotes, backslashes and all), the server gets a valid header.
+7. A Bundle needs X-Provenance when an entry is a PUT, PATCH or DELETE; OpenAPI cannot make
+   a header depend on the body, so a positive case with such an entry and no header gets
+   one (rule 6's, with a fixed text).
 
 It also adds one check, `deleted_resource_history_kept`: use_after_free as FHIR defines it
 for a versioned resource. The built-in use_after_free expects every GET under a deleted
@@ -28,10 +37,11 @@ FHIR does require after a DELETE that answered 2xx with the deletion's version i
 the history is still served, and shows that version as a deletion; a version read of it
 answers 410 Gone, and of an earlier version never 404.
 
-Only schema-valid (positive) cases are adapted, and only where the generated value already
-has the valid form, so every schema violation still reaches the server as generated and the
-negative-data checks see it. Each adapted case is one the server must accept, and the
-rejections these rules cause are tested directly in tests/test_crud.py and test_validation.py.
+Only schema-valid (positive) cases are adapted, and (but for rule 7's missing header) only
+where the generated value already has the valid form, so every schema violation still
+reaches the server as generated and the negative-data checks see it. Each adapted case is
+one the server must accept, and the rejections these rules cause are tested directly in
+tests/test_crud.py and test_validation.py.
 
 Environment: FUZZ_BASE_URL (the server), FUZZ_TOKEN (a bearer token that may write) and
 optionally FUZZ_COUNT_FILE (a file that gets one byte per request sent).
@@ -39,6 +49,7 @@ optionally FUZZ_COUNT_FILE (a file that gets one byte per request sent).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from functools import cache
@@ -48,6 +59,7 @@ import httpx
 import schemathesis
 
 from app.fhir.examples import EXAMPLE_PATIENT_ID
+from app.fhir.routes import PROVENANCE_MAX_LENGTH
 
 FUZZ_PATIENT = "fuzz-subject"
 FUZZ_SITE = "S01"
@@ -89,6 +101,26 @@ def _enrolled(patient_id: str) -> str:
     return f"Patient/{patient_id}"
 
 
+def provenance_header(text: str) -> str:
+    """The X-Provenance giving `text` (stripped, as the server reads it) as the reason,
+    within the header's maximum length: JSON escapes at most double a printable ASCII
+    character."""
+    envelope = {"resourceType": "Provenance", "reason": [{"text": ""}]}
+    room = (PROVENANCE_MAX_LENGTH - len(json.dumps(envelope))) // 2
+    envelope["reason"] = [{"text": text.strip()[:room]}]
+    return json.dumps(envelope, separators=(",", ":"))
+
+
+def _changes_something(bundle: dict[str, Any]) -> bool:
+    entries = bundle.get("entry")
+    return isinstance(entries, list) and any(
+        isinstance(entry, dict)
+        and isinstance(entry.get("request"), dict)
+        and entry["request"].get("method") in ("PUT", "PATCH", "DELETE")
+        for entry in entries
+    )
+
+
 def _resource_type(case: Any) -> str:
     """`Observation` for /fhir/Observation/...; empty for /fhir itself (Bundles)."""
     parts = str(case.operation.path).split("/")
@@ -107,6 +139,13 @@ def map_case(context: Any, case: Any) -> Any:
         # write every resource: 400). OpenAPI cannot require "one of these optional query
         # parameters", so a generated case without any gets a criterion that matches nothing.
         case.query = {"_id": "fuzz-no-match"}
+    headers = case.headers if case.headers is not None else {}
+    reason = headers.get("X-Provenance")
+    if isinstance(reason, str) and reason.strip():
+        headers["X-Provenance"] = provenance_header(reason)
+    elif path == "/fhir" and isinstance(case.body, dict) and _changes_something(case.body):
+        headers["X-Provenance"] = provenance_header("fuzz: a Bundle that changes resources")
+    case.headers = headers
     if not isinstance(case.body, dict):
         return case
     if method == "POST" and (case.headers or {}).get("If-None-Exist") and case.query:
