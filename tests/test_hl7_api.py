@@ -112,8 +112,25 @@ async def test_a_body_that_is_not_hl7_is_a_400_operation_outcome(client, body):
 
 @pytest.mark.parametrize(
     "body",
-    [b"MSH|", b"MSH", b"\xef\xbb\xbf\x0b\r\n MSH|^~", b"MSH|^~&|LIS|LAB\rPID|1"],
-    ids=["truncated", "bare", "noise before a short MSH", "three encoding characters"],
+    [
+        b"MSH|",
+        b"MSH",
+        b"\xef\xbb\xbf\x0b\r\n MSH|^~",
+        b"MSH|^~&|LIS|LAB\rPID|1",
+        # Found by schemathesis: a 500 (python-hl7 asserts its separators are distinct).
+        b"\r\x0b\n\n\n\r\t\x0b\n\x0b\r\xef\xbb\xbf\r\n\n \r MSHallOf",
+        b"MSH|^~|&|LIS|LAB",
+        b"MSH1^~\\&1LIS",
+    ],
+    ids=[
+        "truncated",
+        "bare",
+        "noise before a short MSH",
+        "three encoding characters",
+        "letters as separators",
+        "a separator twice",
+        "a digit as field separator",
+    ],
 )
 async def test_an_unreadable_msh_is_answered_ar(app, client, body):
     """The sender expects an ACK for anything that starts with MSH: an AR says the message

@@ -188,6 +188,19 @@ class OruMessage:
     content_hash: str  # of the segments after MSH: a redelivery's MSH may differ (MSH-7)
 
 
+def _distinct_separators(text: str) -> bool:
+    """MSH-1 (the field separator) and MSH-2 (four encoding characters, five from v2.7 with
+    the truncation character) are distinct, and none is a letter, digit or space: else no
+    field of the message can be told from another."""
+    field_separator = text[3:4]
+    end = text.find(field_separator, 4) if field_separator else -1
+    encoding = text[4:end] if end != -1 else text[4:]
+    separators = field_separator + encoding[:5]
+    return len(set(separators)) == len(separators) and not any(
+        c.isalnum() or c.isspace() for c in separators
+    )
+
+
 def read(body: bytes, charset: str | None = None) -> Any:
     """The message as python-hl7 parses it. Segments may end in CR (the standard), LF or
     CRLF (what files and HTTP tools produce); MLLP framing bytes are tolerated."""
@@ -204,8 +217,13 @@ def read(body: bytes, charset: str | None = None) -> Any:
     if not text.startswith("MSH"):
         raise Unreadable("An HL7 v2 message starts with its MSH segment")
     try:
+        if not _distinct_separators(text):
+            raise ValueError("separators")
         message = hl7.parse(text)
-    except (ParseException, IndexError, ValueError):
+    # python-hl7 checks some separator inputs with `assert` (e.g. "MSHallOf", whose field
+    # separator recurs among its encoding characters): _distinct_separators refuses those
+    # first; AssertionError stays caught in case another input reaches one.
+    except (ParseException, IndexError, ValueError, AssertionError):
         raise Garbled(
             "The MSH segment cannot be read: MSH-1 and MSH-2 must give the "
             "field separator and the four encoding characters ^~\\&"
