@@ -22,5 +22,5 @@ export FUZZ_TOKEN
 # object_level_authorization) and an admin, in a Web Fuzzing Commons document.
 export FUZZ_WFC_FILE="$work/identities.json"
 python -m tests.fuzz.identities "$FUZZ_WFC_FILE"
-schemathesis --config-file tests/fuzz/schemathesis.toml run "$FUZZ_BASE_URL/openapi.json" \
-    --seed 1 --generation-database none -n 4 --max-time 240 "$@"
+schemathesis --config-file ${FUZZ_CONFIG:-tests/fuzz/schemathesis.toml} run "$FUZZ_BASE_URL/openapi.json" \
+    --seed 1 --generation-database none --max-time 240 "$@"

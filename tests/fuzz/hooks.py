@@ -44,7 +44,8 @@ one the server must accept, and the rejections these rules cause are tested dire
 tests/test_crud.py and test_validation.py.
 
 Environment: FUZZ_BASE_URL (the server), FUZZ_TOKEN (a bearer token that may write) and
-optionally FUZZ_COUNT_FILE (a file that gets one byte per request sent).
+optionally FUZZ_COUNT_FILE (a file that gets one byte per request sent) and
+FUZZ_JUDGED_FILE (one byte per history read deleted_resource_history_kept judged).
 """
 
 from __future__ import annotations
@@ -72,15 +73,20 @@ _PATIENT_REFERENCE = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}(/_history/[0-9]{1
 _SUBJECT_TYPES = ("Observation", "MedicationAdministration", "AdverseEvent")
 
 
+# The fixture Patient's id now: a new one after the fuzzer deletes it (after_call), so a
+# deleted id is never stored again behind schemathesis's back (its use_after_free check
+# would see the deleted resource come back, and rightly fail).
+_fuzz_patients = [FUZZ_PATIENT]
+
+
 def _fuzz_patient() -> str:
-    """The Patient every generated record belongs to (stored once per run)."""
-    return _enrolled(FUZZ_PATIENT)
+    """The Patient every generated record belongs to (stored once per id)."""
+    return _enrolled(_fuzz_patients[-1])
 
 
 @cache
 def _enrolled(patient_id: str) -> str:
-    """Store a fixture Patient at the fuzzer's site, once per run (again after the fuzzer
-    deletes or rewrites it: after_call)."""
+    """Store a fixture Patient at the fuzzer's site, once per id."""
     base = os.environ["FUZZ_BASE_URL"]
     headers = {
         "Authorization": f"Bearer {os.environ['FUZZ_TOKEN']}",
@@ -168,10 +174,11 @@ def map_case(context: Any, case: Any) -> Any:
     return case
 
 
-def _count_request() -> None:
-    """One byte per request sent, for tests/test_fuzz.py to count (O_APPEND writes of one
-    byte from several worker threads never interleave)."""
-    path = os.environ.get("FUZZ_COUNT_FILE")
+def _count_request(variable: str = "FUZZ_COUNT_FILE") -> None:
+    """One byte per request sent (or, FUZZ_JUDGED_FILE, per history read judged after a
+    delete), for tests/test_fuzz.py to count (O_APPEND writes of one byte from several
+    worker threads never interleave)."""
+    path = os.environ.get(variable)
     if path:
         descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
         try:
@@ -190,11 +197,13 @@ def before_call(context: Any, case: Any, **kwargs: Any) -> None:
 @schemathesis.hook
 def after_call(context: Any, case: Any, response: Any) -> None:
     _count_request()
-    # The fuzzer may delete or rewrite a fixture Patient (it learns ids from responses):
-    # store it again so that later subjects keep pointing at a Patient that exists.
+    # The fuzzer may delete the fixture Patient (it learns ids from responses): later
+    # subjects point at a new one. (A PUT of it keeps it at the fuzzer's site: rule 5.)
+    # example-patient is only needed by the examples phase, which runs first and once.
     path_id = (case.path_parameters or {}).get("resource_id")
-    if path_id in (FUZZ_PATIENT, EXAMPLE_PATIENT_ID) and case.method.upper() in ("DELETE", "PUT"):
-        _enrolled.cache_clear()
+    deleted = case.method.upper() == "DELETE" and 200 <= response.status_code < 300
+    if deleted and _resource_type(case) == "Patient" and path_id == _fuzz_patients[-1]:
+        _fuzz_patients.append(f"{FUZZ_PATIENT}-{len(_fuzz_patients)}")
 
 
 def er7_bytes(value: Any) -> bytes:
@@ -244,6 +253,7 @@ def deleted_resource_history_kept(ctx: Any, response: Any, case: Any) -> bool | 
     deleted = _deletion_versions(ctx, case, resource)
     if not deleted:
         return None
+    _count_request("FUZZ_JUDGED_FILE")
     if response.status_code in (404, 410) and operation["vread"] is None:
         raise AssertionError(
             f"The history of {resource}, deleted at version {max(deleted)}, answered "
