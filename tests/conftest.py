@@ -39,7 +39,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 IN_CI = os.environ.get("CI", "").lower() == "true"
-# Every update and delete needs a reason; the default client gives this one.
+# Every update, patch and delete needs a reason; the default client gives this one.
 REASON = '{"resourceType":"Provenance","reason":[{"text":"test correction"}]}'
 TEST_SECRET = "test-only-shared-secret-for-hs256-" + "k" * 16
 KEY = SecretKeySource(TEST_SECRET, issuer="itp-trial-api", audience="itp-trial-api")

@@ -366,19 +366,30 @@ async def test_a_change_in_a_bundle_needs_the_reason_of_its_request(client, anon
 
 
 async def test_a_put_that_creates_in_a_bundle_stores_its_reason(app, client):
-    entry = put("Patient/made-by-put", {**builders.patient("S01-902"), "id": "made-by-put"})
-    answer = await send(client, bundle("transaction", entry))
+    """Both ways a PUT entry creates: at its id, and a conditional update that matches
+    nothing (the transaction's planned creates)."""
+    patient_id = (await create(client, builders.patient())).json()["id"]
+    at_id = put("Patient/made-by-put", {**builders.patient("S01-902"), "id": "made-by-put"})
+    by_criteria = put(
+        f"Observation?identifier={LAB_RESULTS}|PUT-1",
+        count(patient_id, "2025-03-10", 42, result_id="PUT-1"),
+    )
+    answer = await send(client, bundle("transaction", at_id, by_criteria))
     assert answer.status_code == 200, answer.text
-    assert answer.json()["entry"][0]["response"]["status"] == "201 Created"
+    entries = answer.json()["entry"]
+    assert [e["response"]["status"] for e in entries] == ["201 Created", "201 Created"]
+    created = {"made-by-put", entries[1]["response"]["location"].split("/")[1]}
     async with app.state.services.db.read() as conn:
         rows = (
             await conn.execute(
-                text("SELECT target_version, content FROM provenance WHERE target_id = :id"),
-                {"id": "made-by-put"},
+                text(
+                    "SELECT target_id, target_version, content FROM provenance "
+                    "WHERE target_type IN ('Patient', 'Observation')"
+                )
             )
         ).all()
-    assert [row[0] for row in rows] == [1]
-    assert "test correction" in rows[0][1]
+    assert {row[0] for row in rows} == created
+    assert all(row[1] == 1 and "test correction" in row[2] for row in rows)
 
 
 async def test_a_patch_entry_carries_its_document_in_a_binary(client):

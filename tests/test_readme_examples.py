@@ -119,7 +119,10 @@ async def test_the_readme_lab_bundle_needs_enrolled_patients(client):
     caller, headers, bundle = _bundles()[1]
     answer = await client.post("/fhir", json=bundle, headers={**headers, **bearer(*caller)})
     assert answer.status_code == 400, answer.text
-    assert answer.json()["resourceType"] == "OperationOutcome"
+    outcome = answer.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    # Refused for the unknown subject (the README's headers are complete).
+    assert "matches no Patient" in outcome["issue"][0]["diagnostics"], outcome
     assert (await client.get("/fhir/Observation")).json().get("entry", []) == []
 
 

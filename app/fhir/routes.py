@@ -444,7 +444,8 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         summary=f"Conditional update of a {resource_type}: the resource the criteria match",
         description="No match: the body is created (201; with an id in the body that names no "
         "resource yet, at that id). One match: it is updated (200; a body id must be its id, "
-        "else 400), with the X-Provenance reason as any update. Several: 412. At least one "
+        "else 400). Several: 412. Either way the X-Provenance reason is required, as for any "
+        "update, and stored with the version written. At least one "
         "criterion is required (400 without). Race-free: identical conditional requests are "
         "serialised on their criteria.",
         tags=tags,
@@ -494,9 +495,10 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         f"/{resource_type}",
         operation_id=f"conditionalDelete{resource_type}",
         summary=f"Conditional delete of the one {resource_type} the criteria match",
-        description="One match: deleted (with the X-Provenance reason, as any delete). None: "
-        "nothing to do (204). Several: 412, nothing deleted (single conditional delete). At "
-        "least one criterion is required: without, 400 (never a delete of every resource).",
+        description="One match: deleted. None: nothing to do (204). Several: 412, nothing "
+        "deleted (single conditional delete). The X-Provenance reason is required whichever "
+        "happens, as for any delete. At least one criterion is required: without, 400 (never "
+        "a delete of every resource).",
         tags=tags,
         status_code=204,
         # For the documentation: the 200 (Prefer: return=OperationOutcome) and every error

@@ -189,12 +189,13 @@ class OruMessage:
 
 
 def _distinct_separators(text: str) -> bool:
-    """MSH-1 (the field separator) and MSH-2 (four encoding characters, five from v2.7 with
-    the truncation character) are distinct, and none is a letter, digit or space: else no
+    """MSH-1 (the field separator) and the characters of MSH-2 (the encoding characters;
+    read() then requires four) are distinct, and none is a letter, digit or space: else no
     field of the message can be told from another."""
-    field_separator = text[3:4]
-    end = text.find(field_separator, 4) if field_separator else -1
-    encoding = text[4:end] if end != -1 else text[4:]
+    header = text.split("\r", 1)[0]
+    field_separator = header[3:4]
+    end = header.find(field_separator, 4) if field_separator else -1
+    encoding = header[4:end] if end != -1 else header[4:]
     separators = field_separator + encoding[:5]
     return len(set(separators)) == len(separators) and not any(
         c.isalnum() or c.isspace() for c in separators

@@ -1,5 +1,6 @@
-"""Reason for change: updates and deletes of clinical data carry an `X-Provenance` header
-holding a Provenance whose `reason` says why (21 CFR 11.10(e), ICH E6). The server completes
+"""Reason for change: every update (a PUT that creates too), patch and delete of clinical
+data, and a Bundle with such an entry, carries an `X-Provenance` header holding a
+Provenance whose `reason` says why (21 CFR 11.10(e), ICH E6). The server completes
 it (target = the new version, recorded, the signer from the token) and stores it."""
 
 from __future__ import annotations

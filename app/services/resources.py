@@ -361,7 +361,8 @@ async def store_reason(
     """The reason of a PUT that created its resource: stored with version 1, as an update's
     is with the version it writes."""
     stored, reason = change.stored, require_reason(provenance)
-    assert provenance is not None and change.record is not None
+    if provenance is None or change.record is None:  # a conditional create that matched
+        raise ValueError(f"{stored.resource_type}/{stored.id}: no version was written")
     change.record.reason = reason
     await store_provenance(
         conn, provenance, principal, stored.resource_type, stored.id, stored.version_id, now
@@ -394,6 +395,7 @@ async def patch_in(
     scope: Scope | None = None,
 ) -> Change:
     """A patch is an update of the patched resource: the same checks, reason and audit."""
+    require_reason(provenance)  # first, as for every update: whatever is stored
     if current is None or not may_access_site(principal, current.site):
         raise NotFound(f"{resource_type}/{resource_id} does not exist")
     if expected is not None and current.version_id != expected:
@@ -737,7 +739,9 @@ async def conditional_update(
     provenance: str | None = None,
 ) -> WriteResult:
     """`PUT /Type?criteria`: no match creates, one match is updated, several are 412.
-    Race-free: identical conditional writes serialise on their criteria."""
+    Race-free: identical conditional writes serialise on their criteria. The reason is
+    required whichever happens, as for any update."""
+    require_reason(provenance)
     raw = parse_json(body)
     expected = parse_if_match(if_match)
     new_patient = None if resource_type == "Patient" else subject_patient_id(resource_type, raw)

@@ -100,6 +100,10 @@ async def transaction(
 ) -> list[EntryResult]:
     for entry in entries:
         _at(entry, _authorize, principal, entry)
+    if any(entry.method in ("PUT", "PATCH", "DELETE") for entry in entries):
+        # Before anything is looked up: whether the Bundle needs a reason depends on its
+        # entries only, never on what they find.
+        require_reason(provenance)
     async with ctx.db.write() as conn:
         return await _run(ctx, conn, entries, principal, provenance, utc_now())
 
