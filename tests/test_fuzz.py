@@ -25,7 +25,8 @@ and schema-invalid requests to every operation, and every check judges every res
 Each run is bounded by max-examples per operation and pass (schemathesis.toml) and by
 --max-time, must have sent at least MIN_REQUESTS requests (counted by the hooks,
 tests/fuzz/hooks.py), and must have tested every operation of the file without skipping it
-(its JUnit report), so a run that generated little or left operations out cannot pass.
+(its JUnit report), so a run that generated little or left operations out cannot pass. The
+FHIR use-after-free check must have judged at least one history read after a delete.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def test_every_check_runs_but_the_stated_exception(
 def test_schemathesis_finds_nothing(live_server: str, tmp_path: Path) -> None:
     count_file = tmp_path / "requests"
     count_file.touch()
+    judged_file = tmp_path / "judged"
+    judged_file.touch()
     report = tmp_path / "junit.xml"
     schemathesis = Path(sys.executable).with_name("schemathesis")
     command = [
@@ -140,6 +143,7 @@ def test_schemathesis_finds_nothing(live_server: str, tmp_path: Path) -> None:
         "FUZZ_BASE_URL": live_server,
         "FUZZ_TOKEN": token("admin", ("S01",), sub="fuzz-fixture"),
         "FUZZ_COUNT_FILE": str(count_file),
+        "FUZZ_JUDGED_FILE": str(judged_file),
         "FUZZ_WFC_FILE": str(_identities(tmp_path)),
         "SCHEMATHESIS_HOOKS": "tests.fuzz.hooks",
         "NO_COLOR": "1",
@@ -175,6 +179,11 @@ def test_schemathesis_finds_nothing(live_server: str, tmp_path: Path) -> None:
     owner, peer = PEERS
     replayed = _reads(live_server, owner, "0") & _reads(live_server, peer, "4")
     assert replayed, f"{peer} never replayed a read of {owner}"
+    # deleted_resource_history_kept had work: the stateful phase chained a DELETE to a
+    # history read (5 per database in each of two measured runs), so a run in which FHIR's
+    # use after free went unchecked fails.
+    judged = judged_file.stat().st_size
+    assert judged >= 1, f"no history read was judged after a delete\n{output[-5000:]}"
     # X-Provenance was generated, not fixed: changes were accepted with the fuzzer's reasons.
     reasons = _change_reasons(live_server) - {"fuzz fixture"}
     assert len(reasons) >= 5, reasons
