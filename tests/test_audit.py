@@ -24,6 +24,15 @@ async def _events(client, app, **params: str) -> list[dict]:
     return [e["resource"] for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
 
 
+async def provenance_rows(app, *types: str) -> list[tuple[str, int, str]]:
+    """(target id, target version, content) of each stored Provenance of these types."""
+    async with app.state.services.db.read() as conn:
+        result = await conn.execute(
+            text("SELECT target_type, target_id, target_version, content FROM provenance")
+        )
+        return [(row[1], row[2], row[3]) for row in result.all() if row[0] in types]
+
+
 def _details(event: dict) -> dict[str, str]:
     return {d["type"]: d["valueString"] for d in event["entity"][0].get("detail", [])}
 
@@ -96,15 +105,7 @@ async def test_the_reason_is_needed_whatever_the_request_finds(app, client, anon
         assert answer.status_code < 300, (method, url, answer.text)
     made = (await client.get("/fhir/Patient", params={"identifier": "S01-803"})).json()
     created = {"made-by-put", made["entry"][0]["resource"]["id"]}
-    async with app.state.services.db.read() as conn:
-        rows = (
-            await conn.execute(
-                text(
-                    "SELECT target_id, target_version FROM provenance "
-                    "WHERE target_type = 'Patient' AND target_version = 1"
-                )
-            )
-        ).all()
+    rows = [row for row in await provenance_rows(app, "Patient") if row[1] == 1]
     assert {row[0] for row in rows} == created
     [record] = [
         e

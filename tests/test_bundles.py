@@ -18,7 +18,7 @@ from app.services.response import response_observation_id
 from app.settings import Settings
 from tests import builders
 from tests.conftest import KEY, REASON, bearer
-from tests.test_audit import _details, _events
+from tests.test_audit import _details, _events, provenance_rows
 from tests.test_crud import create
 from tests.test_response_api import BASELINE_TIME, EXAMPLES, START, at, status_of
 
@@ -379,15 +379,7 @@ async def test_a_put_that_creates_in_a_bundle_stores_its_reason(app, client):
     entries = answer.json()["entry"]
     assert [e["response"]["status"] for e in entries] == ["201 Created", "201 Created"]
     created = {"made-by-put", entries[1]["response"]["location"].split("/")[1]}
-    async with app.state.services.db.read() as conn:
-        rows = (
-            await conn.execute(
-                text(
-                    "SELECT target_id, target_version, content FROM provenance "
-                    "WHERE target_type IN ('Patient', 'Observation')"
-                )
-            )
-        ).all()
+    rows = await provenance_rows(app, "Patient", "Observation")
     assert {row[0] for row in rows} == created
     assert all(row[1] == 1 and "test correction" in row[2] for row in rows)
 
