@@ -3,6 +3,7 @@ drives one site's trial against a real uvicorn, as a frontend and a lab would.""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from tests import builders
-from tests.conftest import PROJECT_ROOT, REASON, token
+from tests.conftest import PROJECT_ROOT, token
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +78,8 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
         Observation,
         OperationOutcome,
         Patient,
+        ProvenanceHeader,
+        ProvenanceHeaderReasonItem,
         ResponseAssessment,
         SearchObservationPostBody,
         SearchObservationPostBodyIncludeItem,
@@ -84,6 +87,13 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
     )
     from itp_client.types import File
 
+    # The change reason, built with the model the file gives X-Provenance's contentSchema.
+    reason = json.dumps(
+        ProvenanceHeader(
+            resource_type="Provenance",
+            reason=[ProvenanceHeaderReasonItem(text="count mistyped")],
+        ).to_dict()
+    )
     frontend = AuthenticatedClient(
         base_url=live_server, token=token("investigator", ("S01",), sub="dr-a")
     )
@@ -173,12 +183,12 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
         client=lab,
         body=Observation.from_dict(fixed),
         if_match='W/"1"',
-        x_provenance=REASON,
+        x_provenance=reason,
     )
     assert corrected.status_code == 200
     assert corrected.parsed.value_quantity.value == 65
     removed = delete_observation.sync_detailed(
-        counts[("S01-003", 4)], client=frontend, x_provenance=REASON
+        counts[("S01-003", 4)], client=frontend, x_provenance=reason
     )
     assert removed.status_code == 204
 
@@ -229,7 +239,7 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
         client=lab,
         body=Observation.from_dict(fixed),
         if_match='W/"1"',
-        x_provenance=REASON,
+        x_provenance=reason,
     )
     assert stale.status_code == 412 and isinstance(stale.parsed, OperationOutcome)
     invalid = builders.platelet_count(patients["S01-001"], "2025-04-01T09:00:00Z", 50, unit="mg/dL")
@@ -241,7 +251,7 @@ def test_one_sites_trial_through_the_generated_client(itp_client, live_server):
     # Typed on every operation, whatever its success looks like: a delete (204, no body)
     # with a stale If-Match, and $response-status (application/json) of a missing patient.
     stale_delete = delete_observation.sync_detailed(
-        mistyped.id, client=frontend, if_match='W/"1"', x_provenance=REASON
+        mistyped.id, client=frontend, if_match='W/"1"', x_provenance=reason
     )
     assert stale_delete.status_code == 412 and isinstance(stale_delete.parsed, OperationOutcome)
     no_status = get_response_status.sync_detailed("no-such-patient", client=frontend)
