@@ -140,27 +140,26 @@ _PROVENANCE_CONTENT: dict[str, Any] = {
     "contentMediaType": "application/json",
     "contentSchema": {"$ref": f"#/components/schemas/{PROVENANCE_HEADER_SCHEMA_NAME}"},
 }
-# Every update, patch and delete needs it, whatever it finds: required on those operations.
-XProvenance = Annotated[
-    str,
-    Header(
+
+
+def _provenance_header(description: str) -> Any:
+    return Header(
         alias="X-Provenance",
-        description=_PROVENANCE_DESCRIPTION,
+        description=description,
         pattern=PROVENANCE_PATTERN,
         max_length=PROVENANCE_MAX_LENGTH,
         json_schema_extra=_PROVENANCE_CONTENT,
-    ),
-]
+    )
+
+
+# Every update, patch and delete needs it, whatever it finds: required on those operations.
+XProvenance = Annotated[str, _provenance_header(_PROVENANCE_DESCRIPTION)]
 # A Bundle needs it only when an entry is a PUT, PATCH or DELETE.
 OptionalXProvenance = Annotated[
     str | None,
-    Header(
-        alias="X-Provenance",
-        description="Required when an entry is a PUT, PATCH or DELETE (the reason applies "
-        "to each). " + _PROVENANCE_DESCRIPTION,
-        pattern=PROVENANCE_PATTERN,
-        max_length=PROVENANCE_MAX_LENGTH,
-        json_schema_extra=_PROVENANCE_CONTENT,
+    _provenance_header(
+        "Required when an entry is a PUT, PATCH or DELETE (the reason applies to each). "
+        + _PROVENANCE_DESCRIPTION
     ),
 ]
 Prefer = Annotated[
