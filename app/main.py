@@ -45,6 +45,7 @@ from app.middleware import (
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.settings import Settings, get_criteria_settings, get_settings
+from app.startup import check_database_now, explain
 from app.store.db import Database
 from app.store.migrations import current_revision, head_revision
 
@@ -73,9 +74,16 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database.from_url(
-            settings.database_url, settings.db_pool_size, settings.db_max_overflow
+            settings.database_url,
+            settings.db_pool_size,
+            settings.db_max_overflow,
+            settings.db_pool_timeout,
         )
-        audit = AuditQueue(db)
+        audit = AuditQueue(
+            db, max_records=settings.audit_queue_max, spill_dir=settings.audit_spill_dir
+        )
+        # What an earlier run could not write (an outage at its shutdown) goes first.
+        await audit.replay()
         app.state.services = ServiceContext(db, criteria, code_systems, audit)
         app.state.head_revision = head_revision()
         audit.start()
@@ -85,7 +93,8 @@ def create_app(
         try:
             yield
         finally:
-            await audit.stop()  # the last reads' records are written before the pool closes
+            # The last reads' records are written (or spilled) before the pool closes.
+            await audit.stop()
             await db.dispose()
 
     # FastAPIOffline serves Swagger UI and ReDoc from files in the package: /docs and /redoc
@@ -130,6 +139,7 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         path_limits={path: settings.max_bundle_bytes for path in ("/fhir", "/fhir/")},
     )
+    app.add_middleware(outcome.ErrorMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     # Added last, so outermost: every answer is counted and timed, a 413 from the limit too,
@@ -265,11 +275,33 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+# uvicorn's exit status for a worker that failed before serving: its supervisor then stops
+# the server rather than restart, for ever, a worker that would fail the same way.
+STARTUP_FAILURE = 3
+
+
+def _start() -> FastAPI:
+    """The server's start: settings, token key, database (reachable, migrated to the head).
+    A problem is logged as one line naming the cause and the fix (the traceback too under
+    `--log-level debug`), and the process exits with STARTUP_FAILURE."""
+    try:
+        application = create_app()
+        check_database_now(application.state.settings.database_url)
+    except Exception as error:
+        line = explain(error)
+        if line is None:
+            raise
+        debug = logging.getLogger("uvicorn.error").isEnabledFor(logging.DEBUG)
+        log.error("cannot start: %s", line, exc_info=error if debug else None)
+        raise SystemExit(STARTUP_FAILURE) from None
+    return application
+
+
 def __getattr__(name: str) -> FastAPI:
     """`uvicorn app.main:app` builds the app on first access, not on import: importing this
     module (tests, tools) must not read the environment or create a development key."""
     if name == "app":
-        application = create_app()
+        application = _start()
         globals()["app"] = application
         return application
     raise AttributeError(name)
