@@ -230,3 +230,43 @@ async def test_a_client_that_leaves_after_its_body_gets_its_write_whole(app):
             await conn.execute(text("SELECT resource_type FROM resource ORDER BY resource_type"))
         ).scalars()
         assert list(kinds) == ["Observation", "Patient"]  # with its response status
+
+
+async def test_a_vanished_client_on_a_real_server(live_server, tmp_path):
+    """Over a real socket: a client that hangs up mid-body leaves nothing stored and no
+    error in the log; one that hangs up right after sending its whole request gets its
+    write whole (the Patient with its response status and audit record) or not at all."""
+    import asyncio
+    import socket
+    from urllib.parse import urlsplit
+
+    port = urlsplit(live_server).port
+    headers = {**bearer("admin", ("S01",)), "Content-Type": "application/fhir+json"}
+
+    def hang_up(subject: str, whole: bool) -> None:
+        body = orjson.dumps(builders.patient(subject))
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        request = (
+            f"POST /fhir/Patient HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n\r\n"
+        ).encode() + (body if whole else body[: len(body) // 2])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request)
+
+    await asyncio.to_thread(hang_up, "S01-HALF", False)
+    await asyncio.to_thread(hang_up, "S01-WHOLE", True)
+    async with httpx.AsyncClient(base_url=live_server, headers=bearer("admin")) as client:
+        for _ in range(50):  # the whole one may still be on its way
+            whole = await client.get("/fhir/Patient", params={"identifier": "S01-WHOLE"})
+            if whole.json().get("entry"):
+                break
+            await asyncio.sleep(0.1)
+        half = await client.get("/fhir/Patient", params={"identifier": "S01-HALF"})
+        assert half.json().get("entry", []) == []
+        [entry] = whole.json()["entry"]
+        patient_id = entry["resource"]["id"]
+        status = await client.get(f"/fhir/Patient/{patient_id}/$response-status")
+        assert status.status_code == 200  # written in the same transaction
+        events = await client.get("/fhir/AuditEvent", params={"entity": f"Patient/{patient_id}"})
+        assert [e["resource"]["action"] for e in events.json()["entry"]].count("C") == 1
+    log = (tmp_path / "uvicorn.log").read_text()
+    assert "Traceback" not in log and "ERROR" not in log, log
