@@ -47,6 +47,7 @@ from app.services.dates import format_instant, utc_now
 from app.settings import Settings, get_criteria_settings, get_settings
 from app.startup import check_database_now, explain
 from app.store.db import Database
+from app.store.failures import is_transient
 from app.store.migrations import current_revision, head_revision
 
 log = logging.getLogger("app")
@@ -217,8 +218,11 @@ def create_app(
         head = request.app.state.head_revision
         try:
             current = await current_revision(db)
-        except Exception:  # any failure means "not ready"; the cause goes to the log only
-            log.exception("readiness check failed")
+        except Exception as error:  # any failure means "not ready"; the cause: the log only
+            if is_transient(error):  # an outage, probed every few seconds: one line each
+                log.warning("not ready: the database is unavailable (%s)", type(error).__name__)
+            else:
+                log.exception("readiness check failed")
             return outcome.outcome_response(
                 503,
                 [Issue("transient", "The database is unreachable or has no migrations applied")],

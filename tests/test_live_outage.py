@@ -246,6 +246,8 @@ async def test_a_postgres_crash_under_load_loses_no_request_and_no_audit_record(
         pair = await asyncio.to_thread(
             _keep_alive_pair, server.port, f"/fhir/Patient/{sites[0].patient}", token
         )
+        async with httpx.AsyncClient(base_url=server.base) as probe:
+            health = [(await probe.get(path)).status_code for path in ("/healthz", "/readyz")]
         await asyncio.sleep(1.0)
         await asyncio.to_thread(_pg, cluster, "start")
         await asyncio.sleep(2.0)
@@ -262,6 +264,7 @@ async def test_a_postgres_crash_under_load_loses_no_request_and_no_audit_record(
         # The keep-alive connection answered 503 with Retry-After, and then answered again.
         assert pair[0] == 503 and pair[1] is not None and pair[1].isdigit(), pair
         assert pair[2] in (200, 503), pair
+        assert health == [200, 503]  # the process is up, not ready (a warning, no traceback)
 
         # Then the database goes away again and the server is stopped: its workers' queued
         # records go to the spill file, which the next start writes before serving.
