@@ -20,12 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.audit.trail import AuditRecord
 from app.errors import FhirError, Issue, database_unavailable
 from app.fhir.http import FhirResponse
-from app.middleware import api_security_headers
+from app.middleware import api_security_headers, call_catching
 from app.store.failures import is_transient
 
 log = logging.getLogger("app.errors")
@@ -229,20 +229,13 @@ class ErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception as exc:
-            if started:  # half an answer is out: nothing can be said on this connection
-                raise
-            response = await _answer(Request(scope, receive), exc)
-            await response(scope, receive, send)
+        error, started = await call_catching(self.app, scope, receive, send, Exception)
+        if error is None:
+            return
+        if started:  # half an answer is out: nothing can be said on this connection
+            raise error
+        response = await _answer(Request(scope, receive), error)
+        await response(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:
