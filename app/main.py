@@ -140,6 +140,9 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         path_limits={path: settings.max_bundle_bytes for path in ("/fhir", "/fhir/")},
     )
+    # Every exception a handler did not take ends here (503, 499 or 500), so none reaches
+    # uvicorn, which would close the connection; its answer still gets the request id,
+    # the security headers and its metrics from the middleware outside it.
     app.add_middleware(outcome.ErrorMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
