@@ -385,8 +385,8 @@ class AuditQueue:
                 await self._task
         try:
             await asyncio.wait_for(self.flush(), timeout_seconds)
-        except Exception as error:
-            if self.spill_dir is None or not (is_transient(error) or _timed_out(error)):
+        except Exception as error:  # a timeout counts as transient too
+            if self.spill_dir is None or not is_transient(error):
                 raise
             self._queue_refusal_summary(even_if_full=True)
             path = spill(self.spill_dir, self._pending)
@@ -416,10 +416,6 @@ class AuditQueue:
                 path.unlink()
         log.warning("%d audit records spilled by an earlier run written to the trail", len(records))
         return len(records)
-
-
-def _timed_out(error: BaseException) -> bool:
-    return isinstance(error, TimeoutError)
 
 
 async def _not_yet_stored(conn: AsyncConnection, batch: list[AuditRecord]) -> list[AuditRecord]:

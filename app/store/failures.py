@@ -35,14 +35,14 @@ MISSING_DATABASE = "3D000"
 
 
 def sqlstate(error: BaseException) -> str | None:
-    """The PostgreSQL SQLSTATE of `error`, wrapped by SQLAlchemy or not."""
-    for candidate in (error, getattr(error, "orig", None), error.__cause__):
+    """The PostgreSQL SQLSTATE of `error`: asyncpg's own exception, SQLAlchemy's adapter
+    error (`orig`) or what either was raised from."""
+    orig = getattr(error, "orig", None)
+    for candidate in (error, orig, error.__cause__, getattr(orig, "__cause__", None)):
         code = getattr(candidate, "sqlstate", None)
         if isinstance(code, str):
             return code
-    orig = getattr(error, "orig", None)
-    code = getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-    return code if isinstance(code, str) else None
+    return None
 
 
 def is_transient(error: BaseException) -> bool:
