@@ -52,6 +52,7 @@ def sqlite_busy() -> sqlite3.OperationalError:
     ("error", "transient"),
     [
         (ConnectionRefusedError(111, "Connect call failed"), True),
+        (TimeoutError(), True),  # a connect, or the final flush at shutdown, that timed out
         (sa.TimeoutError("QueuePool limit of size 1 overflow 0 reached"), True),
         (starting_up(), True),
         (connection_lost(), True),

@@ -150,6 +150,39 @@ async def test_an_unexpected_error_is_500_and_does_not_escape_the_app(app, monke
         assert (await client.get("/fhir/metadata")).status_code == 200
 
 
+async def test_a_write_whose_commit_answer_is_lost_is_503_and_a_conditional_retry_is_safe(app):
+    """The connection dies during COMMIT: the write may be stored, the client cannot know.
+    It is told so (503), and its retry with If-None-Exist on its own identifier finds the
+    stored resource instead of making a second one."""
+    import dataclasses
+
+    from tests.test_audit_outage import Flaky
+
+    services = app.state.services
+    flaky = Flaky(services.db)
+    app.state.services = dataclasses.replace(services, db=flaky)
+    async with strict_client(app) as client:
+        patient_id = (await create(client, builders.patient())).json()["id"]
+        count = builders.platelet_count(
+            patient_id,
+            "2025-03-10T09:00:00Z",
+            42,
+            identifier=[{"system": "https://lab.example/fhir/sid/result", "value": "R-1"}],
+        )
+        criteria = {"If-None-Exist": "identifier=https://lab.example/fhir/sid/result|R-1"}
+        flaky.lose_commit = True
+        lost = await client.post("/fhir/Observation", json=count, headers=criteria)
+        assert_transient(lost)
+        assert "may or may not have been applied" in lost.json()["issue"][0]["diagnostics"]
+        retried = await client.post("/fhir/Observation", json=count, headers=criteria)
+        assert retried.status_code == 200, retried.text  # the match: it had been stored
+        found = await client.get(
+            "/fhir/Observation", params={"identifier": "https://lab.example/fhir/sid/result|R-1"}
+        )
+        assert len(found.json()["entry"]) == 1
+    app.state.services = services
+
+
 def _scope(method: str, path: str, body_length: int) -> dict:
     return {
         "type": "http",
