@@ -20,8 +20,14 @@ RUN mkdir -p /srv/app/data && chown app:app /srv/app/data
 USER app
 
 ENV DATABASE_URL=sqlite:///data/itp-trial.db \
-    WEB_CONCURRENCY=2
+    WEB_CONCURRENCY=2 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/itp-metrics
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"
-CMD ["sh", "-c", "alembic upgrade head && exec uvicorn app.main:app --host 0.0.0.0 --port 8000 --workers ${WEB_CONCURRENCY} --proxy-headers"]
+# Migrate; `python -m app check` then says in one line why the server cannot start (bad
+# setting, no token key, database) and exits non-zero, where uvicorn's supervisor would stop
+# with status 0 (it runs without the metrics directory, which is then emptied for the
+# workers: a scrape must see only theirs). Logs: JSON lines,
+# uvicorn's access log off (it would log raw paths and query strings, which carry ids).
+CMD ["sh", "-c", "alembic upgrade head && env -u PROMETHEUS_MULTIPROC_DIR python -m app check && rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec uvicorn app.main:app --host 0.0.0.0 --port 8000 --workers ${WEB_CONCURRENCY} --proxy-headers --log-config app/logging.json --no-access-log"]

@@ -1,4 +1,9 @@
-"""`python -m app COMMAND`: the operator's commands."""
+"""`python -m app COMMAND`: the operator's commands.
+
+A command that cannot run (a setting that does not parse, a database that is unreachable,
+missing or not migrated) prints one line naming the cause and the fix and exits 2; `--debug`
+prints the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -44,27 +49,26 @@ async def _with_services(work: Any) -> Any:
     from app.audit.trail import AuditQueue
     from app.services.context import ServiceContext
     from app.settings import get_criteria_settings, get_settings
+    from app.startup import check_database
     from app.store.db import Database
 
     settings = get_settings()
+    criteria = get_criteria_settings().to_criteria()
+    code_systems = settings.code_systems()
+    await check_database(settings.database_url)
     db = Database.from_url(settings.database_url)
-    audit = AuditQueue(db)
+    audit = AuditQueue(db, max_records=settings.audit_queue_max, spill_dir=settings.audit_spill_dir)
     try:
-        ctx = ServiceContext(
-            db,
-            get_criteria_settings().to_criteria(),
-            settings.code_systems(),
-            audit,
-        )
-        return await work(ctx)
+        return await work(ServiceContext(db, criteria, code_systems, audit))
     finally:
-        await audit.flush()
+        await audit.stop()
         await db.dispose()
 
 
 def _audit(args: argparse.Namespace) -> int:
     from app.audit.trail import parse_anchor, verify
     from app.settings import get_settings
+    from app.startup import check_database
     from app.store.db import Database
 
     try:
@@ -74,7 +78,9 @@ def _audit(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> Any:
-        db = Database.from_url(get_settings().database_url)
+        database_url = get_settings().database_url
+        await check_database(database_url)
+        db = Database.from_url(database_url)
         try:
             return await verify(db, anchors=anchors)
         finally:
@@ -159,20 +165,68 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(_args: argparse.Namespace) -> int:
+    from app.main import create_app
+    from app.startup import check_database
+
+    # What the server's start checks: settings, criteria, token key, then the database.
+    settings = create_app().state.settings
+    revision = asyncio.run(check_database(settings.database_url))
+    print(f"ready to serve: settings valid, database at migration {revision} (the head)")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from app.startup import explain
+
+    try:
+        result: int = args.handler(args)
+    except Exception as error:
+        if getattr(args, "debug", False):
+            raise
+        line = explain(error, _database_url())
+        if line is None:
+            line = f"unexpected {type(error).__name__}: {error} (`--debug` shows the traceback)"
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+    return result
+
+
+def _database_url() -> str | None:
+    from app.settings import get_settings
+
+    try:
+        return get_settings().database_url
+    except Exception:  # the settings themselves are what failed
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
+    # --debug is accepted before or after the command (`python -m app demo --debug`).
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="on an error, print the traceback instead of the one-line explanation",
+    )
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__, parents=[debug])
     commands = parser.add_subparsers(dest="command", required=True)
-    openapi = commands.add_parser("openapi", help="write openapi/openapi.json from the app")
+    openapi = commands.add_parser(
+        "openapi", help="write openapi/openapi.json from the app", parents=[debug]
+    )
     openapi.add_argument(
         "--check",
         action="store_true",
         help="exit 1 if the file differs from what the app generates",
     )
     openapi.set_defaults(handler=_openapi)
-    audit = commands.add_parser("audit", help="audit trail tools")
+    audit = commands.add_parser("audit", help="audit trail tools", parents=[debug])
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser(
-        "verify", help="check the hash chain; names the first broken record (exit 1)"
+        "verify",
+        help="check the hash chain; names the first broken record (exit 1)",
+        parents=[debug],
     )
     verify.add_argument(
         "--anchor",
@@ -184,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     verify.set_defaults(handler=_audit)
     token = commands.add_parser(
-        "token", help="print a bearer token signed with the configured secret (APP_AUTH_*)"
+        "token",
+        help="print a bearer token signed with the configured secret (APP_AUTH_*)",
+        parents=[debug],
     )
     token.add_argument("--role", required=True, choices=["lab", "investigator", "monitor", "admin"])
     token.add_argument("--sites", default="", help="comma-separated site codes, e.g. S01,S02")
@@ -193,11 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--minutes", type=int, default=None, help="lifetime (default 60)")
     token.set_defaults(handler=_token)
     commands.add_parser(
-        "recompute", help="re-evaluate every patient under the current ITP_* criteria"
+        "recompute",
+        help="re-evaluate every patient under the current ITP_* criteria",
+        parents=[debug],
     ).set_defaults(handler=_recompute)
     commands.add_parser(
-        "demo", help="load a synthetic 20-patient trial (needs migrated DATABASE_URL)"
+        "demo",
+        help="load a synthetic 20-patient trial (needs migrated DATABASE_URL)",
+        parents=[debug],
     ).set_defaults(handler=_demo)
-    args = parser.parse_args(argv)
-    result: int = args.handler(args)
-    return result
+    commands.add_parser(
+        "check",
+        help="what the server checks at start: settings, token key, database reachable and "
+        "migrated (exit 2 with the cause and the fix)",
+        parents=[debug],
+    ).set_defaults(handler=_check)
+    return _run(parser.parse_args(argv))

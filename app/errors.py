@@ -44,11 +44,16 @@ class FhirError(Exception):
         expression: list[str] | None = None,
         issues: list[Issue] | None = None,
         headers: dict[str, str] | None = None,
+        audit_site: str | None = None,
     ) -> None:
         super().__init__(diagnostics)
         self.diagnostics = fhir_string(diagnostics)
         self.issues = issues or [Issue(self.issue_code, diagnostics, expression or [])]
         self.headers = headers or {}
+        # The site of an existing resource the refusal is about, for the audit record only:
+        # that site's monitor sees the attempt, while the caller is answered as if the
+        # resource did not exist.
+        self.audit_site = audit_site
 
 
 class BadRequest(FhirError):
@@ -106,6 +111,40 @@ class PayloadTooLarge(FhirError):
 class MethodNotAllowed(FhirError):
     status_code = 405
     issue_code = "not-supported"
+
+
+# Seconds a client is asked to wait before retrying a request the database could not serve.
+RETRY_AFTER_SECONDS = 5
+
+
+class ServiceUnavailable(FhirError):
+    """The database (or the audit trail's queue) cannot serve the request now; the same
+    request is worth retrying after `Retry-After` seconds."""
+
+    status_code = 503
+    issue_code = "transient"
+
+    def __init__(self, diagnostics: str) -> None:
+        super().__init__(diagnostics, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def database_unavailable(method: str) -> ServiceUnavailable:
+    """The answer to a request the database could not serve now. A write may have been
+    committed when the connection died during COMMIT: the client cannot know, so it is told
+    how to retry without applying the write twice."""
+    if method in _WRITES:
+        return ServiceUnavailable(
+            "The database is unavailable; this change may or may not have been applied. "
+            f"Retry after {RETRY_AFTER_SECONDS} s in a form that cannot apply it twice: a "
+            "create with If-None-Exist on your own identifier, or a conditional update "
+            "(PUT Type?identifier=system|value)"
+        )
+    return ServiceUnavailable(
+        f"The database is unavailable; retry after {RETRY_AFTER_SECONDS} s (Retry-After)"
+    )
 
 
 class ConfigurationError(RuntimeError):

@@ -45,7 +45,9 @@ from app.middleware import (
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.settings import Settings, get_criteria_settings, get_settings
+from app.startup import check_database_now, explain
 from app.store.db import Database
+from app.store.failures import is_transient
 from app.store.migrations import current_revision, head_revision
 
 log = logging.getLogger("app")
@@ -73,9 +75,16 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database.from_url(
-            settings.database_url, settings.db_pool_size, settings.db_max_overflow
+            settings.database_url,
+            settings.db_pool_size,
+            settings.db_max_overflow,
+            settings.db_pool_timeout,
         )
-        audit = AuditQueue(db)
+        audit = AuditQueue(
+            db, max_records=settings.audit_queue_max, spill_dir=settings.audit_spill_dir
+        )
+        # What an earlier run could not write (an outage at its shutdown) goes first.
+        await audit.replay()
         app.state.services = ServiceContext(db, criteria, code_systems, audit)
         app.state.head_revision = head_revision()
         audit.start()
@@ -85,7 +94,8 @@ def create_app(
         try:
             yield
         finally:
-            await audit.stop()  # the last reads' records are written before the pool closes
+            # The last reads' records are written (or spilled) before the pool closes.
+            await audit.stop()
             await db.dispose()
 
     # FastAPIOffline serves Swagger UI and ReDoc from files in the package: /docs and /redoc
@@ -130,6 +140,10 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         path_limits={path: settings.max_bundle_bytes for path in ("/fhir", "/fhir/")},
     )
+    # Every exception a handler did not take ends here (503, 499 or 500), so none reaches
+    # uvicorn, which would close the connection; its answer still gets the request id,
+    # the security headers and its metrics from the middleware outside it.
+    app.add_middleware(outcome.ErrorMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     # Added last, so outermost: every answer is counted and timed, a 413 from the limit too,
@@ -207,8 +221,11 @@ def create_app(
         head = request.app.state.head_revision
         try:
             current = await current_revision(db)
-        except Exception:  # any failure means "not ready"; the cause goes to the log only
-            log.exception("readiness check failed")
+        except Exception as error:  # any failure means "not ready"; the cause: the log only
+            if is_transient(error):  # an outage, probed every few seconds: one line each
+                log.warning("not ready: the database is unavailable (%s)", type(error).__name__)
+            else:
+                log.exception("readiness check failed")
             return outcome.outcome_response(
                 503,
                 [Issue("transient", "The database is unreachable or has no migrations applied")],
@@ -265,11 +282,33 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+# uvicorn's exit status for a worker that failed before serving: its supervisor then stops
+# the server rather than restart, for ever, a worker that would fail the same way.
+STARTUP_FAILURE = 3
+
+
+def _start() -> FastAPI:
+    """The server's start: settings, token key, database (reachable, migrated to the head).
+    A problem is logged as one line naming the cause and the fix (the traceback too under
+    `--log-level debug`), and the process exits with STARTUP_FAILURE."""
+    try:
+        application = create_app()
+        check_database_now(application.state.settings.database_url)
+    except Exception as error:
+        line = explain(error)
+        if line is None:
+            raise
+        debug = logging.getLogger("uvicorn.error").isEnabledFor(logging.DEBUG)
+        log.error("cannot start: %s", line, exc_info=error if debug else None)
+        raise SystemExit(STARTUP_FAILURE) from None
+    return application
+
+
 def __getattr__(name: str) -> FastAPI:
     """`uvicorn app.main:app` builds the app on first access, not on import: importing this
     module (tests, tools) must not read the environment or create a development key."""
     if name == "app":
-        application = create_app()
+        application = _start()
         globals()["app"] = application
         return application
     raise AttributeError(name)

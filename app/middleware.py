@@ -58,6 +58,29 @@ class BodyTooLarge(Exception):
     pass
 
 
+async def call_catching(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    errors: type[Exception] | tuple[type[Exception], ...],
+) -> tuple[Exception | None, bool]:
+    """Call `app`; return the exception of `errors` it raised (None if it raised none) and
+    whether its answer had started by then (once it has, no other answer can be sent)."""
+    started = False
+
+    async def tracking_send(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, tracking_send)
+    except errors as error:
+        return error, started
+    return None, started
+
+
 def _outcome(code: str, message: str) -> bytes:
     return orjson.dumps(
         {
@@ -99,18 +122,9 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge
             return message
 
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._refuse(scope, send, limit)
+        error, started = await call_catching(self.app, scope, counting_receive, send, BodyTooLarge)
+        if error is not None and not started:
+            await self._refuse(scope, send, limit)
 
     async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
         message = f"The request body is larger than {limit} bytes"

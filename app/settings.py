@@ -8,7 +8,9 @@ criteria carry `ITP_` (see `CriteriaSettings`).
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +36,8 @@ class Settings(BaseSettings):
     # Pool sizes matter for PostgreSQL only; SQLite serialises writers anyway.
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
+    # Seconds a request waits for a pooled connection; then it is answered 503 (transient).
+    db_pool_timeout: float = Field(default=30.0, gt=0)
     default_page_size: int = Field(default=50, ge=1)
     max_page_size: int = Field(default=1000, ge=1)
     # Write requests a worker runs at once (the rest wait): keeps the audit chain's lock,
@@ -58,6 +62,12 @@ class Settings(BaseSettings):
     # HL7 v2 lab feeds: a lab's own OBX-3 codes for a platelet count, mapped onto its LOINC
     # code: {"CODING-SYSTEM|CODE": "777-3"} (OBX-3.3|OBX-3.1; "|CODE" when none is sent).
     hl7_local_codes: dict[str, str] = Field(default_factory=dict)
+    # Reads, searches and refusals waiting for the audit trail (a database outage): beyond
+    # this many a read is refused with 503 rather than served unaudited.
+    audit_queue_max: int = Field(default=100_000, ge=1)
+    # Where a worker that stops during an outage leaves its queued audit records; the next
+    # start writes them to the trail before serving.
+    audit_spill_dir: Path = Path("data/audit-spill")
 
     @property
     def freezes_gc(self) -> bool:
@@ -110,6 +120,17 @@ class CriteriaSettings(BaseSettings):
     baseline_lookback_days: int = Field(default=14, ge=0)
     response_date_anchor: Literal["first", "confirming"] = "first"
     trial_timezone: str = "UTC"
+
+    @field_validator("trial_timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {name!r}: expected an IANA name such as Europe/Paris"
+            ) from None
+        return name
 
     def to_criteria(self) -> Criteria:
         return Criteria(**self.model_dump())

@@ -7,13 +7,15 @@ from logging.config import fileConfig
 from pathlib import Path
 
 from alembic import context
-from sqlalchemy.engine import Connection
+from alembic.util import CommandError
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import app.store.tables  # noqa: F401 - registers the tables on SQLModel.metadata
 from app.settings import get_settings
 from app.store.db import async_url
+from app.store.failures import explain
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -59,6 +61,13 @@ async def run_online() -> None:
         async with engine.connect() as connection:
             await connection.run_sync(_run_sync)
             await connection.commit()
+    except Exception as error:
+        # An unreachable, missing or refusing database: alembic prints this one line
+        # ("FAILED: ...", exit 1) instead of a traceback.
+        line = explain(error, make_url(_database_url()).render_as_string(hide_password=True))
+        if line is None:
+            raise
+        raise CommandError(line) from None
     finally:
         await engine.dispose()
 

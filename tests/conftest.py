@@ -169,8 +169,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, environment="test")
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    # Spilled audit records stay with the test (the default is the checkout's data/).
+    return Settings(
+        database_url=database_url, environment="test", audit_spill_dir=tmp_path / "audit-spill"
+    )
 
 
 @pytest.fixture
@@ -244,6 +247,7 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
                 "DATABASE_URL": database_url,
                 "APP_ENVIRONMENT": "test",
                 "APP_AUTH_JWT_SECRET": TEST_SECRET,
+                "APP_AUDIT_SPILL_DIR": str(tmp_path / "audit-spill"),
             },
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -76,3 +76,34 @@ def test_the_production_logging_config_formats_as_json() -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "app"):
         [handler] = config["loggers"][name]["handlers"]
         assert config["handlers"][handler]["formatter"] == "json"
+
+
+async def test_log_lines_carry_no_query_string_and_no_body(client, json_lines) -> None:
+    """Subject numbers travel in query strings and bodies; the log has neither (the request
+    id leads to the audit trail, which has the details)."""
+    await create(client, builders.patient("S01-LOGSECRET"))
+    await client.get("/fhir/Patient", params={"identifier": "S01-LOGSECRET"})
+    await client.post("/fhir/Patient", json={"resourceType": "Patient", "id": "S01-LOGSECRET"})
+    assert json_lines and not [line for line in json_lines if "LOGSECRET" in line]
+
+
+def test_uvicorns_raw_access_lines_are_dropped_by_the_production_config() -> None:
+    """uvicorn's access log writes the raw path and query string: the production config
+    keeps its logger above INFO even where `--no-access-log` is forgotten."""
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parents[1] / "app" / "logging.json").read_text())
+    assert logging.getLevelName(config["loggers"]["uvicorn.access"]["level"]) > logging.INFO
+
+
+async def test_database_errors_do_not_carry_the_statements_values(app) -> None:
+    """An error's text (logged with its traceback when unexpected) names the statement but
+    not its parameters, which hold resource bodies and identifiers."""
+    from sqlalchemy import exc, text
+
+    with pytest.raises(exc.DBAPIError) as raised:
+        async with app.state.services.db.write() as conn:
+            await conn.execute(
+                text("INSERT INTO audit_event (id) VALUES (:id)"), {"id": "S01-LOGSECRET"}
+            )
+    assert "LOGSECRET" not in str(raised.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,12 +126,59 @@ def test_compose_file_parses_and_uses_the_settings_names():
     assert settings.database_url.startswith("postgresql://")
 
 
-def test_dockerfile_runs_as_non_root_migrates_then_serves():
+def test_compose_file_holds_no_secret():
+    """The database password and the token secret come from the environment compose runs
+    in (it refuses to start without them), never from a literal in the file."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    secrets = []
+    for service in compose["services"].values():
+        for name, value in service.get("environment", {}).items():
+            if any(word in name for word in ("PASSWORD", "SECRET", "TOKEN", "KEY")):
+                secrets.append((name, value))
+    assert {name for name, _ in secrets} == {"POSTGRES_PASSWORD", "APP_AUTH_JWT_SECRET"}
+    for name, value in secrets:
+        assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", str(value)), (name, value)
+    database_url = compose["services"]["api"]["environment"]["DATABASE_URL"]
+    interpolated = r"postgresql://itp:\$\{POSTGRES_PASSWORD:\?[^}]+\}@db:5432/itp"
+    assert re.fullmatch(interpolated, database_url), database_url
+
+
+def test_dockerfile_runs_as_non_root_migrates_checks_then_serves():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile
     assert "\nUSER app" in dockerfile
     assert "HEALTHCHECK" in dockerfile
-    assert "alembic upgrade head && exec uvicorn app.main:app" in dockerfile
+    [command] = [line for line in dockerfile.splitlines() if line.startswith("CMD ")]
+    script = json.loads(command[4:])[2]
+    steps = [step.strip() for step in script.split("&&")]
+    assert steps[0] == "alembic upgrade head"
+    assert steps[1].endswith("python -m app check")  # one line and a non-zero exit
+    serve = steps[-1]
+    assert serve.startswith("exec uvicorn app.main:app ")
+    # Production logs: JSON lines, and no uvicorn access log (raw paths and query strings).
+    assert "--log-config app/logging.json" in serve and "--no-access-log" in serve
+    assert "PROMETHEUS_MULTIPROC_DIR=" in dockerfile and 'mkdir -p "$PROMETHEUS' in script
+
+
+def test_the_build_context_leaves_out_secrets_data_and_caches():
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for entry in (".git", ".venv", "data", "**/jwt-secret", "**/__pycache__", ".env"):
+        assert entry in ignored, entry
+    # And nothing the image needs is left out.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = {
+        name
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ")
+        for name in line.split()[1:-1]
+    }
+    assert copied == {"pyproject.toml", "README.md", "app", "alembic.ini", "migrations"}
+    assert not copied & ignored
 
 
 async def test_docs_work_offline(client):

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import logging
+import os
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,10 +33,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.context import current_request
 from app.auth.principal import Principal
-from app.errors import fhir_string
+from app.errors import ServiceUnavailable, fhir_string
 from app.services.dates import format_instant, utc_now
 from app.store import repository as repo
 from app.store.db import Database
+from app.store.failures import is_transient
 from app.store.tables import audit_table as AE
 from app.store.tables import disclosure_table
 
@@ -72,6 +78,8 @@ class AuditRecord:
     client_address: str | None = None
     # What a search showed the caller: (type, id, version) of each match and included resource.
     disclosed: tuple[tuple[str, str, int], ...] = ()
+    # Given at creation, so a retried append can tell whether an earlier attempt stored it.
+    audit_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     def __post_init__(self) -> None:
         # Columns are bounded; a token's `sub` of any length must not make a record unstorable.
@@ -177,10 +185,10 @@ async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
         return
     # A record's id and content do not depend on the chain: built before the chain's lock,
     # so that under it only the previous hash is read and the rows hashed and inserted.
-    built = []
-    for record in records:
-        audit_id = str(uuid.uuid4())
-        built.append((record, audit_id, orjson.dumps(to_fhir(record, audit_id)).decode()))
+    built = [
+        (record, record.audit_id, orjson.dumps(to_fhir(record, record.audit_id)).decode())
+        for record in records
+    ]
     await repo.lock(conn, _CHAIN_LOCK)
     previous = (await conn.execute(_CHAIN_HEAD)).scalar_one_or_none() or GENESIS
     rows = []
@@ -222,60 +230,236 @@ _CHAIN_HEAD = select(AE.c.hash).order_by(AE.c.seq.desc()).limit(1)
 
 
 class AuditQueue:
-    """Reads, searches and refusals, written in batches off the request path."""
+    """Reads, searches and refusals, written in batches off the request path.
 
-    def __init__(self, db: Database, interval_seconds: float = 1.0) -> None:
+    No record is lost to a database outage: a batch the database could not take for a
+    transient reason (`store.failures`) stays at the head of the queue, in order, and is
+    retried every `interval` until the database is back. At shutdown what is still queued
+    is spilled to a file in `spill_dir`, which the next start replays before serving
+    (`replay`). A record keeps its id from creation on, so a batch whose commit outcome was
+    unknown is never stored twice: its retry skips the ids already in the trail.
+
+    The queue holds at most `max_records`. When it is full a read is refused with 503
+    rather than served unaudited (`add` raises); a refusal that cannot be queued then is
+    counted, and one record saying how many were refused, and when, is queued as soon as
+    there is room."""
+
+    def __init__(
+        self,
+        db: Database,
+        interval_seconds: float = 1.0,
+        *,
+        max_records: int = 100_000,
+        spill_dir: Path | None = None,
+        batch_size: int = 1000,
+    ) -> None:
         self.db = db
         self.interval = interval_seconds
+        self.max_records = max_records
+        self.spill_dir = spill_dir
+        self.batch_size = batch_size
         self._pending: list[AuditRecord] = []
         self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
+        # Set after an attempt that failed: its batch may have been committed after all.
+        self._uncertain = False
+        self._failing_since: datetime | None = None
+        # Refusals that found the queue full: how many, the first and the last time.
+        self._refused_count = 0
+        self._refused_span: tuple[datetime, datetime] | None = None
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def full(self) -> bool:
+        return len(self._pending) >= self.max_records
 
     def add(self, record: AuditRecord) -> None:
+        if self.full:
+            if record.outcome == "0":
+                raise ServiceUnavailable(
+                    "The audit trail cannot keep up (its queue is full while the database is "
+                    "unavailable): the request was not served; retry later"
+                )
+            self._refused_count += 1
+            first = self._refused_span[0] if self._refused_span else record.recorded
+            self._refused_span = (first, record.recorded)
+            return
         self._pending.append(record)
 
-    async def flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
+    def _queue_refusal_summary(self, *, even_if_full: bool = False) -> None:
+        if self._refused_span is None or (self.full and not even_if_full):
             return
-        try:
-            async with self.db.write() as conn:
-                await append(conn, batch)
-        except Exception:
-            await self._flush_one_by_one(batch)
+        first, last = self._refused_span
+        self._pending.append(
+            AuditRecord(
+                "operation",
+                outcome="8",
+                description=(
+                    f"503: {self._refused_count} requests refused between "
+                    f"{format_instant(first)} and {format_instant(last)} while the audit "
+                    "queue was full; their own records could not be kept"
+                ),
+            )
+        )
+        self._refused_count, self._refused_span = 0, None
 
-    async def _flush_one_by_one(self, batch: list[AuditRecord]) -> None:
-        """After a failed batch: a record the database refuses must not block the others
-        for ever. It goes to the error log in full; a passing error keeps it queued."""
-        for index, record in enumerate(batch):
+    async def flush(self) -> None:
+        """Write everything queued, oldest first. On a transient database error it raises,
+        and what was not written stays queued, in order."""
+        async with self._flushing:
+            self._queue_refusal_summary()
+            while self._pending:
+                batch = self._pending[: self.batch_size]
+                try:
+                    await self._append(batch)
+                except BaseException as error:  # cancelled too: the batch stays queued
+                    self._uncertain = True
+                    if not isinstance(error, Exception) or is_transient(error):
+                        raise
+                    await self._append_one_by_one(batch)
+                else:
+                    del self._pending[: len(batch)]
+                    self._uncertain = False
+                self._queue_refusal_summary()
+
+    async def _append(self, batch: list[AuditRecord]) -> None:
+        async with self.db.write() as conn:
+            if self._uncertain:  # a retry: what the failed attempt committed is skipped
+                batch = await _not_yet_stored(conn, batch)
+            await append(conn, batch)
+
+    async def _append_one_by_one(self, batch: list[AuditRecord]) -> None:
+        """After a batch the database refused for good: a record it refuses must not block
+        the others for ever. It goes to the error log in full; a transient error leaves the
+        rest queued. `batch` is the head of the queue; each record leaves it once handled."""
+        for record in batch:
             try:
-                async with self.db.write() as conn:
-                    await append(conn, [record])
-            except (OSError, ConnectionError):
-                self._pending[:0] = batch[index:]  # the database is away: retry later
-                raise
-            except Exception:
+                await self._append([record])
+            except Exception as error:
+                if is_transient(error):
+                    raise
                 log.exception(
                     "audit record refused by the database, logged instead: %s",
-                    orjson.dumps(to_fhir(record, "unstored")).decode(),
+                    orjson.dumps(to_fhir(record, record.audit_id)).decode(),
                 )
+            del self._pending[0]
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
             try:
                 await self.flush()
-            except Exception:
-                log.exception("audit flush failed; retrying in %ss", self.interval)
+            except Exception as error:
+                self._note_failure(error)
+            else:
+                if self._failing_since is not None:
+                    log.warning(
+                        "audit trail reachable again; the records queued since %s are written",
+                        format_instant(self._failing_since),
+                    )
+                    self._failing_since = None
+
+    def _note_failure(self, error: Exception) -> None:
+        if not is_transient(error):
+            log.exception("audit flush failed; retrying in %ss", self.interval)
+        elif self._failing_since is None:  # once per outage, not once a second
+            self._failing_since = utc_now()
+            log.warning(
+                "audit trail unreachable (%s: %s); %d records kept in order, retried every %ss",
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+                len(self._pending),
+                self.interval,
+            )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-flush")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_seconds: float = 10.0) -> None:
+        """Write what is queued; what the database cannot take now goes to the spill file."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.flush()
+        try:
+            await asyncio.wait_for(self.flush(), timeout_seconds)
+        except Exception as error:  # a timeout counts as transient too
+            if self.spill_dir is None or not is_transient(error):
+                raise
+            self._queue_refusal_summary(even_if_full=True)
+            path = spill(self.spill_dir, self._pending)
+            log.warning(
+                "database unavailable at shutdown: %d audit records spilled to %s; the next "
+                "start writes them before serving",
+                len(self._pending),
+                path,
+            )
+            self._pending = []
+
+    async def replay(self) -> int:
+        """Write the records earlier runs spilled, before anything new; returns how many.
+        One process at a time replays (a lock file): workers starting together do not
+        write a spill file twice. A file is removed once its records are in the trail."""
+        if self.spill_dir is None or not self.spill_dir.is_dir():
+            return 0
+        with _spill_lock(self.spill_dir):
+            files = sorted(self.spill_dir.glob(f"*{SPILL_SUFFIX}"))
+            records = [record for path in files for record in read_spill(path)]
+            if not records:
+                return 0
+            self._pending[:0] = records
+            self._uncertain = True  # a spilled batch may have been committed before the spill
+            await self.flush()
+            for path in files:
+                path.unlink()
+        log.warning("%d audit records spilled by an earlier run written to the trail", len(records))
+        return len(records)
+
+
+async def _not_yet_stored(conn: AsyncConnection, batch: list[AuditRecord]) -> list[AuditRecord]:
+    ids = [record.audit_id for record in batch]
+    stored = set((await conn.execute(select(AE.c.id).where(AE.c.id.in_(ids)))).scalars())
+    return [record for record in batch if record.audit_id not in stored]
+
+
+SPILL_SUFFIX = ".jsonl"
+
+
+def spill(directory: Path, records: Sequence[AuditRecord]) -> Path:
+    """Write `records` (in order) to a new file of `directory`, atomically, and return it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"audit-{time.time_ns():020d}-{os.getpid()}{SPILL_SUFFIX}"
+    path = directory / name
+    partial = directory / f".{name}.partial"
+    with partial.open("wb") as file:
+        for record in records:
+            file.write(orjson.dumps(dataclasses.asdict(record)) + b"\n")
+        file.flush()
+        os.fsync(file.fileno())
+    partial.rename(path)  # a crash mid-write leaves no half file to replay
+    return path
+
+
+def read_spill(path: Path) -> list[AuditRecord]:
+    records = []
+    for line in path.read_bytes().splitlines():
+        fields = orjson.loads(line)
+        fields["recorded"] = datetime.fromisoformat(fields["recorded"])
+        fields["disclosed"] = tuple(tuple(item) for item in fields["disclosed"])
+        records.append(AuditRecord(**fields))
+    return records
+
+
+@contextlib.contextmanager
+def _spill_lock(directory: Path) -> Iterator[None]:
+    with (directory / ".replay.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @dataclass

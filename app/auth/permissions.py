@@ -18,7 +18,7 @@ from enum import StrEnum
 
 from app.auth.principal import DEFAULT_SCOPES, Principal, Role
 from app.auth.tokens import REALM
-from app.errors import Forbidden
+from app.errors import Forbidden, NotFound
 
 
 class Action(StrEnum):
@@ -182,3 +182,10 @@ def matrix_markdown() -> str:
             cells.append(", ".join(a.value for a in actions) or "-")
         rows.append(f"| {role} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def hidden(resource_type: str, resource_id: str, site: str | None) -> NotFound:
+    """The 404 of a resource that is missing or at a site the caller does not hold: one
+    answer for both (no existence leak). `site` is the site of one that exists: the
+    refusal's audit record names it, so that site's monitor sees the attempt."""
+    return NotFound(f"{resource_type}/{resource_id} does not exist", audit_site=site)

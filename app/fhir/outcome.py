@@ -1,7 +1,9 @@
 """OperationOutcome: every error (and some informational answers) leaves the server as one.
 
-The handlers here are the only place an exception becomes an HTTP response. An unexpected
-error answers 500 with a correlation id; its traceback goes to the log, never to the client.
+The handlers here are the only place an exception becomes an HTTP response. A database
+that cannot serve now (down, starting, out of connections: `store.failures`) answers 503
+`transient` with `Retry-After`; a client that went away is logged as 499; any other
+unexpected error answers 500 with a correlation id, its traceback in the log, never sent.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.audit.trail import AuditRecord
-from app.errors import FhirError, Issue
+from app.errors import FhirError, Issue, database_unavailable
 from app.fhir.http import FhirResponse
-from app.middleware import api_security_headers
+from app.middleware import api_security_headers, call_catching
+from app.store.failures import is_transient
 
 log = logging.getLogger("app.errors")
 
@@ -74,8 +80,11 @@ _METHOD_INTERACTION = {
 }
 
 
-def _audit_refusal(request: Request, status_code: int, diagnostics: str) -> None:
-    """Every refused attempt (and every login failure) leaves an AuditEvent."""
+def _audit_refusal(
+    request: Request, status_code: int, diagnostics: str, site: str | None = None
+) -> None:
+    """Every refused attempt (and every login failure) leaves an AuditEvent; `site` is the
+    site of the existing resource it was about, which the answer itself does not reveal."""
     services = getattr(request.app.state, "services", None)
     if services is None:
         return
@@ -90,6 +99,7 @@ def _audit_refusal(request: Request, status_code: int, diagnostics: str) -> None
             description=f"{status_code}: {diagnostics}"[:1000],
             agent=principal.sub if principal else None,
             role=principal.role if principal else None,
+            site=site,
             entity_type=entity_type,
             entity_id=entity_id,
             query=request.url.query or None,
@@ -99,7 +109,7 @@ def _audit_refusal(request: Request, status_code: int, diagnostics: str) -> None
 
 async def _fhir_error(request: Request, exc: Exception) -> FhirResponse:
     assert isinstance(exc, FhirError)
-    _audit_refusal(request, exc.status_code, exc.diagnostics)
+    _audit_refusal(request, exc.status_code, exc.diagnostics, exc.audit_site)
     return outcome_response(exc.status_code, exc.issues, exc.headers)
 
 
@@ -153,7 +163,27 @@ async def _validation_error(request: Request, exc: Exception) -> FhirResponse:
     return outcome_response(400, issues or [Issue("invalid", "Invalid request")])
 
 
-async def _unexpected(request: Request, exc: Exception) -> FhirResponse:
+async def _answer(request: Request, exc: Exception) -> Response:
+    """The answer to an exception no handler took: 503, 499 or 500."""
+    route = getattr(request.scope.get("route"), "path_format", None) or "<unmatched>"
+    if isinstance(exc, ClientDisconnect):
+        # The client is gone, nothing of its request was done: no error, no one to answer.
+        log.info(
+            "client disconnected before sending its whole request: %s %s 499",
+            request.method,
+            route,
+            extra={"status": 499},
+        )
+        return Response(status_code=499)
+    if is_transient(exc):
+        log.warning(
+            "database unavailable, answered 503: %s %s (%s: %s)",
+            request.method,
+            route,
+            type(exc).__name__,
+            (str(exc).strip().splitlines() or [""])[0],
+        )
+        return await _fhir_error(request, database_unavailable(request.method))
     correlation_id = getattr(request.state, "request_id", None) or str(uuid.uuid4())
     _audit_refusal(request, 500, f"unexpected error, correlation id {correlation_id}")
     log.exception(
@@ -163,15 +193,49 @@ async def _unexpected(request: Request, exc: Exception) -> FhirResponse:
         request.url.path,
         exc_info=exc,
     )
-    # This answer leaves through Starlette's outermost error middleware, past ours: it
-    # carries the request id and the security headers itself.
-    headers = {name.decode(): value.decode() for name, value in api_security_headers()}
-    headers |= {"X-Correlation-Id": correlation_id, "X-Request-Id": correlation_id}
     return outcome_response(
         500,
         [Issue("exception", f"Internal server error; correlation id {correlation_id}")],
-        headers,
+        {"X-Correlation-Id": correlation_id},
     )
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    """What escaped even `ErrorMiddleware` (an error in an outer middleware). This answer
+    leaves through Starlette's outermost error middleware, past ours: it carries the
+    request id and the security headers itself."""
+    response = await _answer(request, exc)
+    request_id = getattr(request.state, "request_id", None)
+    for name, value in api_security_headers():
+        response.headers[name.decode()] = value.decode()
+    response.headers["X-Request-Id"] = request_id or response.headers.get("X-Correlation-Id", "")
+    return response
+
+
+class ErrorMiddleware:
+    """Answers every exception the route handlers did not, and does not let it escape.
+
+    Starlette's outermost error middleware answers an exception and then re-raises it, and
+    uvicorn closes the connection of a request whose app raised: a client's next request on
+    that keep-alive connection got no answer at all. Here the exception ends: the answer
+    (503 for an outage, 500 otherwise) goes out through the request id, security headers
+    and metrics middleware like any other, and the connection stays open. Installed inside
+    those and outside the body limit (whose own exception it must not see)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error, started = await call_catching(self.app, scope, receive, send, Exception)
+        if error is None:
+            return
+        if started:  # half an answer is out: nothing can be said on this connection
+            raise error
+        response = await _answer(Request(scope, receive), error)
+        await response(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:

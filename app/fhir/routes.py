@@ -220,6 +220,11 @@ def outcome_docs(docs: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[
     }
 
 
+UNAVAILABLE = (
+    "The database is unavailable (down, starting, out of connections; issue code `transient`): "
+    "retry after `Retry-After` seconds. A write may or may not have been applied: retry it "
+    "as a conditional create (If-None-Exist) or a conditional update"
+)
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: _outcome_doc("Malformed request (bad JSON, type or id mismatch, bad parameter)"),
     401: _outcome_doc("No valid bearer token (see WWW-Authenticate)"),
@@ -227,6 +232,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: _outcome_doc("No such resource"),
     406: _outcome_doc("Only JSON can be produced"),
     500: _outcome_doc("Unexpected error; the outcome carries a correlation id"),
+    503: _outcome_doc(UNAVAILABLE),
 }
 _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,

@@ -5,7 +5,8 @@ the ACK is the application's answer, and an interface engine reads MSA-1; a 4xx 
 it treat an application error as a transport failure and retry. A body with no MSH to
 answer is 400; authentication, authorisation, media type and size are refused before the
 message is read, as for FHIR writes; all of these are OperationOutcomes. An unexpected
-failure is a 500 OperationOutcome: the engine retries it, and a retry is safe.
+failure is a 500 OperationOutcome, a database that cannot serve now a 503 with Retry-After:
+the engine retries either, and a retry is safe.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ _EXAMPLE = (
         413: _outcome("The body is larger than the server accepts"),
         415: _outcome("Content-Type is not x-application/hl7-v2+er7 or text/plain"),
         500: _outcome("Unexpected error; the outcome carries a correlation id"),
+        503: _outcome("The database is unavailable: retry after Retry-After seconds"),
     },
 )
 async def receive_message(

@@ -44,6 +44,7 @@ from app.auth.permissions import (
     Action,
     authorize,
     authorize_observation_write,
+    hidden,
     may_access_site,
 )
 from app.auth.principal import Principal
@@ -195,6 +196,7 @@ async def _accept(
                 f"{resource_type}.subject references Patient/{values.patient_id}, "
                 "which does not exist",
                 expression=[f"{resource_type}.subject"],
+                audit_site=patient.site if patient is not None else None,
             )
         values.site = patient.site
     if values.kind == KIND_RESPONSE_STATUS:
@@ -305,7 +307,7 @@ async def update_in(
     if resource_id.startswith(RESERVED_ID_PREFIX):
         raise _server_owned()
     if current is not None and not may_access_site(principal, current.site):
-        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+        raise hidden(resource_type, resource_id, current.site if current else None)
     if expected is not None and (current is None or current.version_id != expected):
         raise _stale(expected, current)
     if current is not None and current.kind == KIND_RESPONSE_STATUS:
@@ -397,7 +399,7 @@ async def patch_in(
     """A patch is an update of the patched resource: the same checks, reason and audit."""
     require_reason(provenance)  # first, as for every update: whatever is stored
     if current is None or not may_access_site(principal, current.site):
-        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+        raise hidden(resource_type, resource_id, current.site if current else None)
     if expected is not None and current.version_id != expected:
         raise _stale(expected, current)
     raw = patched(resource_type, resource_id, current, patch)
@@ -434,7 +436,7 @@ async def delete_in(
     delete needs the reason in `provenance`, even one that finds nothing left to delete."""
     reason = require_reason(provenance)
     if current is None or not may_access_site(principal, current.site):
-        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+        raise hidden(resource_type, resource_id, current.site if current else None)
     if expected is not None and current.version_id != expected:
         raise _stale(expected, current)
     if current.kind == KIND_RESPONSE_STATUS:
@@ -868,7 +870,7 @@ async def _visible_current(
     """The current row, or 404 when it is missing or at another site (indistinguishable)."""
     current = await repo.get_current(conn, resource_type, resource_id)
     if current is None or not may_access_site(principal, current.site):
-        raise NotFound(f"{resource_type}/{resource_id} does not exist")
+        raise hidden(resource_type, resource_id, current.site if current else None)
     return current
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app import codes, metrics
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import may_access_site
+from app.auth.permissions import hidden, may_access_site
 from app.auth.principal import Principal
 from app.engine import (
     EVIDENCE_RESOURCE_TYPES,
@@ -293,7 +293,7 @@ async def response_status(ctx: ServiceContext, patient_id: str, principal: Princ
     async with ctx.db.read() as conn:
         patient = await repo.get_current(conn, "Patient", patient_id)
         if patient is None or not may_access_site(principal, patient.site):
-            raise NotFound(f"Patient/{patient_id} does not exist")
+            raise hidden("Patient", patient_id, patient.site if patient else None)
         if patient.deleted:
             raise Gone(f"Patient/{patient_id} was deleted")
         row = await repo.get_assessment(conn, patient_id)

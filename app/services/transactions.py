@@ -31,9 +31,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import Action, authorize, may_access_site
+from app.auth.permissions import Action, authorize, hidden, may_access_site
 from app.auth.principal import Principal
-from app.errors import BadRequest, FhirError, Gone, NotFound, PreconditionFailed
+from app.errors import (
+    BadRequest,
+    FhirError,
+    Gone,
+    NotFound,
+    PreconditionFailed,
+    database_unavailable,
+)
 from app.services import resources, search
 from app.services.context import ServiceContext
 from app.services.dates import utc_now
@@ -43,6 +50,7 @@ from app.services.provenance import require_reason
 from app.services.resources import Change, Scope, Stored
 from app.store import repository as repo
 from app.store.criteria import Criteria, Include, SortKey
+from app.store.failures import is_transient
 
 # FHIR processing order of a transaction's entries.
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3}
@@ -115,13 +123,22 @@ async def batch(
     provenance: str | None,
 ) -> list[EntryResult]:
     results = []
+    outage: FhirError | None = None
     for entry in entries:
         try:
             if isinstance(entry, FhirError):
                 raise entry
+            if outage is not None:  # not attempted: the database is away, each would wait
+                raise outage
             _authorize(principal, entry)
-            async with ctx.db.write() as conn:
-                [result] = await _run(ctx, conn, [entry], principal, provenance, utc_now())
+            try:
+                async with ctx.db.write() as conn:
+                    [result] = await _run(ctx, conn, [entry], principal, provenance, utc_now())
+            except Exception as failure:
+                if not is_transient(failure):
+                    raise
+                outage = database_unavailable(entry.method)
+                raise outage from None
         except FhirError as error:
             method = entry.method if isinstance(entry, EntryRequest) else None
             ctx.audit.add(
@@ -130,6 +147,7 @@ async def batch(
                     _INTERACTION.get(method or "", "delete" if method else "operation"),
                     outcome="4",
                     description=f"batch entry: {error.status_code}: {error.diagnostics}"[:1000],
+                    site=error.audit_site,
                     entity_type=entry.resource_type if isinstance(entry, EntryRequest) else None,
                 )
             )
@@ -543,7 +561,7 @@ async def _read(
     assert entry.resource_id is not None
     current = await repo.get_current(conn, kind, entry.resource_id)
     if current is None or not may_access_site(principal, current.site):
-        raise NotFound(f"{kind}/{entry.resource_id} does not exist")
+        raise hidden(kind, entry.resource_id, current.site if current else None)
     if entry.version_id is None:
         ctx.audit.add(resources.audit_access("read", principal, current))
         if current.deleted:

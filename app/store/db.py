@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +59,36 @@ def _sqlite_on_connect() -> Any:
     return on_connect
 
 
-def _make_engine(url: URL, *, immediate: bool, pool_size: int, max_overflow: int) -> AsyncEngine:
+def _make_engine(
+    url: URL, *, immediate: bool, pool_size: int, max_overflow: int, pool_timeout: float
+) -> AsyncEngine:
+    # An error's message never carries the statement's parameters (resource bodies, subject
+    # numbers): error logs hold no clinical data.
+    common: dict[str, Any] = {"hide_parameters": True}
     if url.get_backend_name() == "sqlite":
         database = url.database or ""
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+            # A file has a queue pool like PostgreSQL's (an in-memory database has none).
+            common |= {
+                "pool_size": pool_size,
+                "max_overflow": max_overflow,
+                "pool_timeout": pool_timeout,
+            }
         engine = create_async_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, pool_pre_ping=False
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, pool_pre_ping=False, **common
         )
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect())
         begin_sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
         event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(begin_sql))
         return engine
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
+        pool_pre_ping=True,
+        **common,
     )
 
 
@@ -87,15 +104,24 @@ class Database:
         return self.writer.dialect.name
 
     @classmethod
-    def from_url(cls, database_url: str, pool_size: int = 10, max_overflow: int = 10) -> Database:
+    def from_url(
+        cls,
+        database_url: str,
+        pool_size: int = 10,
+        max_overflow: int = 10,
+        pool_timeout: float = 30.0,
+    ) -> Database:
         url = async_url(database_url)
-        writer = _make_engine(url, immediate=True, pool_size=pool_size, max_overflow=max_overflow)
-        if url.get_backend_name() == "sqlite":
-            reader = _make_engine(
-                url, immediate=False, pool_size=pool_size, max_overflow=max_overflow
-            )
-        else:
-            reader = writer
+        engine = partial(
+            _make_engine,
+            url,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            pool_timeout=pool_timeout,
+        )
+        writer = engine(immediate=True)
+        # SQLite: a second engine whose transactions begin deferred, for reads.
+        reader = engine(immediate=False) if url.get_backend_name() == "sqlite" else writer
         return cls(writer=writer, reader=reader)
 
     @asynccontextmanager
