@@ -28,6 +28,7 @@ from app.fhir import (
     codesystems,
     operations,
     outcome,
+    report_routes,
     routes,
     schemas,
     search_routes,
@@ -47,6 +48,7 @@ from app.services.dates import format_instant, utc_now
 from app.settings import Settings, get_criteria_settings, get_settings
 from app.store.db import Database
 from app.store.migrations import current_revision, head_revision
+from app.web import report_page
 
 log = logging.getLogger("app")
 
@@ -139,6 +141,8 @@ def create_app(
     app.include_router(bundle_routes.router)
     app.include_router(search_routes.router)
     app.include_router(operations.router)
+    app.include_router(report_routes.router)
+    app.include_router(report_page.router)
     app.include_router(audit_routes.router)
     app.include_router(codesystems.router)
     app.include_router(hl7_routes.router)

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app import codes, metrics
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import may_access_site
+from app.auth.permissions import may_access_site, narrowed_sites
 from app.auth.principal import Principal
 from app.engine import (
     EVIDENCE_RESOURCE_TYPES,
@@ -312,9 +312,12 @@ async def response_status(ctx: ServiceContext, patient_id: str, principal: Princ
     return row.content
 
 
-async def response_summary(ctx: ServiceContext, principal: Principal) -> dict[str, Any]:
-    """Counts over the patients at the caller's sites only."""
-    sites = None if principal.is_admin else principal.sites
+async def response_summary(
+    ctx: ServiceContext, principal: Principal, requested: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Counts over the patients at the caller's sites only, narrowed to `requested` (as the
+    trial report's `site=`: a site the caller does not hold is refused)."""
+    sites = narrowed_sites(principal, requested)
     ctx.audit.add(AuditRecord.of(principal, "operation", description="$response-summary"))
     async with ctx.db.read() as conn:
         rows = await repo.assessment_counts(conn, sites)
