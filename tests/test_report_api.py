@@ -309,3 +309,32 @@ async def test_safety_table_counts_grades_seriousness_causality_and_bleeding(cli
     }
     (row,) = (await client.get("/fhir/$response-listing")).json()["rows"]
     assert row["adverse_events"] == 3
+
+
+async def test_the_page_is_self_contained_and_its_policy_says_so(anonymous):
+    """The page needs no token to load (it holds no data) and names nothing of another
+    origin; its CSP allows its own script and origin only (inline styles for the SVGs)."""
+    page = await anonymous.get("/report")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in page.headers["content-security-policy"].split(";")
+    )
+    assert policy["default-src"] == "'none'"
+    assert policy["script-src"] == "'self'"
+    assert policy["connect-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'"
+    assert all("http" not in sources and "*" not in sources for sources in policy.values())
+    html = page.text
+    assert "http://" not in html and "https://" not in html
+    assert re.findall(r"<script(?![^>]*\ssrc=)", html) == []  # no inline script
+    assets = re.findall(r'(?:src|href)="(/[^"]*)"', html)
+    assert sorted(assets) == ["/report/report.css", "/report/report.js"]
+    for asset in assets:
+        response = await anonymous.get(asset)
+        assert response.status_code == 200, asset
+        # The SVG namespace is a name, never fetched; no other URL is in the files.
+        text = response.text.replace('"http://www.w3.org/2000/svg"', "")
+        assert "http://" not in text and "https://" not in text, asset
+    assert (await anonymous.get("/fhir/$trial-report")).status_code == 401

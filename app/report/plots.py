@@ -156,7 +156,7 @@ def platelet_chart(patient: PatientData, criteria: Criteria) -> bytes:
     if patient.administrations("rescue"):
         handles.append(Patch(color=_RESCUE, label="Rescue window"))
     if handles:
-        ax.legend(handles=handles, loc="lower right", fontsize=8, framealpha=0.8)
+        ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.8)
     figure.tight_layout()
     return _svg(figure)
 
