@@ -5,7 +5,8 @@ EXTRAS="test" . "$(dirname "$0")/_venv.sh"
 # The report page is tested in a real Chromium (Debian's: Playwright's own download cannot
 # be reached); install it where it is missing and we may (root with apt). Without it the
 # browser test fails in CI.
-if [ ! -x "${CHROMIUM_PATH:-/usr/bin/chromium}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+if [ ! -x "${CHROMIUM_PATH:-/usr/bin/chromium}" ] && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 ruff check app tests migrations

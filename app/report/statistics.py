@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,8 +117,3 @@ def duration_of_response(durations: Sequence[Duration]) -> dict[str, Any]:
         "ci95_low": _first_at_or_below(curve.times, curve.low, 0.5),
         "ci95_high": _first_at_or_below(curve.times, curve.high, 0.5),
     }
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """JSON has no NaN or infinity."""
-    return value if value is None or math.isfinite(value) else None

@@ -23,16 +23,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import codes
 from app.audit.trail import AuditRecord
-from app.auth.permissions import may_access_site, narrowed_sites
+from app.auth.permissions import narrowed_sites
 from app.auth.principal import Principal
 from app.engine import ACTUAL_EVENT, assess
-from app.errors import Gone, NotFound
 from app.report import plots, summary
 from app.report.model import AdverseEventFacts, PatientData
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.services.indexing import KIND_BLEEDING_EVENT
-from app.services.response import ENGINE_KINDS, timeline_from_rows
+from app.services.response import ENGINE_KINDS, timeline_from_rows, visible_patient
 from app.store import repository as repo
 
 _T = TypeVar("_T")
@@ -99,11 +98,7 @@ async def swimmer_plot(
 
 async def platelet_chart(ctx: ServiceContext, principal: Principal, patient_id: str) -> bytes:
     async with ctx.db.read() as conn:
-        current = await repo.get_current(conn, "Patient", patient_id)
-        if current is None or not may_access_site(principal, current.site):
-            raise NotFound(f"Patient/{patient_id} does not exist")
-        if current.deleted:
-            raise Gone(f"Patient/{patient_id} was deleted")
+        current = await visible_patient(conn, principal, patient_id)
         records = await _read(conn, None, patient_id)
     (patient,) = await _patients(ctx, records)
     ctx.audit.add(

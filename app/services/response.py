@@ -288,14 +288,23 @@ def _observation(
     return document
 
 
+async def visible_patient(
+    conn: AsyncConnection, principal: Principal, patient_id: str
+) -> repo.Current:
+    """The Patient an operation on one patient is about: 404 when it is missing or at
+    another site (indistinguishable), 410 when it was deleted."""
+    patient = await repo.get_current(conn, "Patient", patient_id)
+    if patient is None or not may_access_site(principal, patient.site):
+        raise NotFound(f"Patient/{patient_id} does not exist")
+    if patient.deleted:
+        raise Gone(f"Patient/{patient_id} was deleted")
+    return patient
+
+
 async def response_status(ctx: ServiceContext, patient_id: str, principal: Principal) -> str:
     """The stored assessment of a patient, as JSON text."""
     async with ctx.db.read() as conn:
-        patient = await repo.get_current(conn, "Patient", patient_id)
-        if patient is None or not may_access_site(principal, patient.site):
-            raise NotFound(f"Patient/{patient_id} does not exist")
-        if patient.deleted:
-            raise Gone(f"Patient/{patient_id} was deleted")
+        patient = await visible_patient(conn, principal, patient_id)
         row = await repo.get_assessment(conn, patient_id)
     ctx.audit.add(
         AuditRecord.of(
