@@ -338,3 +338,16 @@ async def test_the_page_is_self_contained_and_its_policy_says_so(anonymous):
         text = response.text.replace('"http://www.w3.org/2000/svg"', "")
         assert "http://" not in text and "https://" not in text, asset
     assert (await anonymous.get("/fhir/$trial-report")).status_code == 401
+
+
+async def test_an_empty_trial_and_a_patient_without_records(client):
+    report = (await client.get("/fhir/$trial-report")).json()
+    assert (report["n_enrolled"], report["sites"], report["by_site"]) == (0, [], [])
+    assert report["orr"]["rate"] is None and report["duration_of_response_days"]["n"] == 0
+    swimmer = await client.get("/fhir/$swimmer-plot")
+    assert swimmer.status_code == 200 and "lane-" not in swimmer.text
+    patient_id = (await create(client, builders.patient())).json()["id"]
+    chart = await client.get(f"/fhir/Patient/{patient_id}/$platelet-chart")
+    assert chart.status_code == 200 and chart.text.startswith("<?xml")
+    (row,) = (await client.get("/fhir/$response-listing")).json()["rows"]
+    assert (row["status"], row["treatment_start"], row["peak_count"]) == ("NE", None, None)
