@@ -28,6 +28,7 @@ from app.fhir import (
     codesystems,
     operations,
     outcome,
+    report_routes,
     routes,
     schemas,
     search_routes,
@@ -49,6 +50,7 @@ from app.startup import check_database_now, explain
 from app.store.db import Database
 from app.store.failures import is_transient
 from app.store.migrations import current_revision, head_revision
+from app.web import report_page
 
 log = logging.getLogger("app")
 
@@ -153,6 +155,8 @@ def create_app(
     app.include_router(bundle_routes.router)
     app.include_router(search_routes.router)
     app.include_router(operations.router)
+    app.include_router(report_routes.router)
+    app.include_router(report_page.router)
     app.include_router(audit_routes.router)
     app.include_router(codesystems.router)
     app.include_router(hl7_routes.router)

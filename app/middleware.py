@@ -152,8 +152,8 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-# Health data: nothing cached, nothing framed, nothing sniffed. The interactive docs need
-# their own scripts and styles, so they get a policy that allows exactly those.
+# Health data: nothing cached, nothing framed, nothing sniffed. The interactive docs and
+# the report page need their own scripts and styles, so they get policies that allow those.
 _SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
@@ -169,6 +169,18 @@ _DOCS_CSP = (
 )
 
 
+# The report page: its own script and style sheet only, and fetches to this origin only.
+# Styles may also be inline: the page inserts the server's SVG pictures into itself (so it
+# can find a lane or a count's marker by id), and matplotlib writes their styles as `style`
+# attributes and a `<style>` element. Scripts stay strictly the page's own file.
+_REPORT_CSP = (
+    b"content-security-policy",
+    b"default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    b"img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    b"frame-ancestors 'none'",
+)
+
+
 def api_security_headers() -> list[tuple[bytes, bytes]]:
     return [*_SECURITY_HEADERS, _API_CSP]
 
@@ -181,8 +193,14 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        docs = scope["path"] in ("/docs", "/redoc") or scope["path"].startswith("/static")
-        extra = [*_SECURITY_HEADERS, _DOCS_CSP if docs else _API_CSP]
+        path = scope["path"]
+        if path in ("/docs", "/redoc") or path.startswith("/static"):
+            policy = _DOCS_CSP
+        elif path == "/report" or path.startswith("/report/"):
+            policy = _REPORT_CSP
+        else:
+            policy = _API_CSP
+        extra = [*_SECURITY_HEADERS, policy]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -50,3 +50,18 @@ class Require:
         principal = await current_principal(request, credentials)
         authorize(principal, self.resource_type, self.action)
         return principal
+
+
+class RequireAll:
+    """`Depends(RequireAll(types, Action.SEARCH))`: the caller, if role and scopes allow the
+    action on every one of the types (an operation that shows all of them)."""
+
+    def __init__(self, resource_types: tuple[str, ...], action: Action) -> None:
+        self.resource_types = resource_types
+        self.action = action
+
+    async def __call__(self, request: Request, credentials: Credentials) -> Principal:
+        principal = await current_principal(request, credentials)
+        for resource_type in self.resource_types:
+            authorize(principal, resource_type, self.action)
+        return principal

@@ -163,6 +163,19 @@ def may_access_site(principal: Principal, site: str | None) -> bool:
     return site is not None and site in principal.sites
 
 
+def narrowed_sites(principal: Principal, requested: frozenset[str]) -> frozenset[str] | None:
+    """The sites a request covers, as a query filter (None: every site, an admin's): the
+    caller's, narrowed to the ones it names (`site=`). Naming a site the caller does not
+    hold is refused, never silently dropped: a report that quietly left out the site asked
+    for would mislead."""
+    if not requested:
+        return None if principal.is_admin else principal.sites
+    foreign = sorted(site for site in requested if not may_access_site(principal, site))
+    if foreign:
+        raise Forbidden(f"the token does not grant site {', '.join(foreign)}")
+    return requested
+
+
 def default_scopes(role: Role | str) -> str:
     """The scopes a token of this role gets by default (the token command's `--scope`)."""
     return DEFAULT_SCOPES[Role(role)]

@@ -11,7 +11,7 @@ import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from app.errors import NotAcceptable, UnsupportedMediaType
+from app.errors import BadRequest, NotAcceptable, UnsupportedMediaType
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = frozenset({FHIR_JSON, "application/json", "application/json+fhir"})
@@ -121,4 +121,54 @@ def pretty(
         content = orjson.dumps(orjson.loads(content), option=orjson.OPT_INDENT_2)
     return FhirResponse(
         content, status_code=status_code, headers=dict(headers or {}), media_type=media_type
+    )
+
+
+def refuse_unknown_parameters(request: Request, allowed: frozenset[str]) -> None:
+    """400 for a query parameter the operation does not take: a misspelt `site` must not
+    quietly widen a report to every site."""
+    unknown = sorted({name for name in request.query_params if name not in allowed})
+    if unknown:
+        raise BadRequest(
+            f"Unknown parameter {', '.join(unknown)}; this operation takes "
+            f"{', '.join(sorted(allowed))}"
+        )
+
+
+def _matches(media_range: str, offer: str) -> bool:
+    if media_range in ("*/*", offer) or not media_range:
+        return True
+    if media_range.endswith("/*"):
+        return offer.startswith(media_range[:-1])
+    json_offer = offer in JSON_TYPES
+    return json_offer and (media_range in JSON_TYPES or media_range.endswith("+json"))
+
+
+def choose_media_type(
+    request: Request, offered: tuple[str, ...], formats: Mapping[str, str]
+) -> str:
+    """Which of `offered` to answer with: `_format` (a key of `formats`) if given, else the
+    first media range of Accept, in the client's order, that one of them matches; no
+    Accept, the first offered. 406 when nothing matches."""
+    requested = request.query_params.get("_format")
+    if requested is not None:
+        chosen = formats.get(requested.strip().lower())
+        if chosen is None:
+            raise NotAcceptable(
+                f"_format={requested!r} is not supported here; use one of "
+                f"{', '.join(sorted(formats))}"
+            )
+        return chosen
+    accept = request.headers.get("accept")
+    if not accept:
+        return offered[0]
+    for part in accept.split(","):
+        if _refused(part):
+            continue
+        for offer in offered:
+            if _matches(media_type(part), offer):
+                return offer
+    raise NotAcceptable(
+        f"Accept {accept!r} asks for a format this operation does not produce; it answers "
+        f"{' or '.join(offered)}"
     )

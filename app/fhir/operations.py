@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from app.auth.deps import Require
 from app.auth.permissions import Action
 from app.auth.principal import Principal
-from app.fhir.http import negotiate, pretty
+from app.fhir.http import negotiate, pretty, refuse_unknown_parameters
+from app.fhir.report_routes import Sites, requested_sites
 from app.fhir.response_schemas import ResponseAssessment, ResponseSummary
 from app.fhir.routes import ERRORS, IdPath, ServicesDep, outcome_docs
 from app.services import response
@@ -58,6 +60,8 @@ async def response_summary(
     request: Request,
     ctx: ServicesDep,
     principal: Annotated[Principal, Depends(Require("Patient", Action.SEARCH))],
+    site: Sites = None,
 ) -> Response:
-    summary = await response.response_summary(ctx, principal)
-    return JSONResponse(summary)
+    refuse_unknown_parameters(request, frozenset({"site", "_format", "_pretty"}))
+    summary = await response.response_summary(ctx, principal, requested_sites(site))
+    return pretty(request, orjson.dumps(summary), media_type="application/json")

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app import codes, metrics
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import hidden, may_access_site
+from app.auth.permissions import hidden, may_access_site, narrowed_sites
 from app.auth.principal import Principal
 from app.engine import (
     EVIDENCE_RESOURCE_TYPES,
@@ -288,14 +288,23 @@ def _observation(
     return document
 
 
+async def visible_patient(
+    conn: AsyncConnection, principal: Principal, patient_id: str
+) -> repo.Current:
+    """The Patient an operation on one patient is about: 404 when it is missing or at
+    another site (indistinguishable), 410 when it was deleted."""
+    patient = await repo.get_current(conn, "Patient", patient_id)
+    if patient is None or not may_access_site(principal, patient.site):
+        raise hidden("Patient", patient_id, patient.site if patient else None)
+    if patient.deleted:
+        raise Gone(f"Patient/{patient_id} was deleted")
+    return patient
+
+
 async def response_status(ctx: ServiceContext, patient_id: str, principal: Principal) -> str:
     """The stored assessment of a patient, as JSON text."""
     async with ctx.db.read() as conn:
-        patient = await repo.get_current(conn, "Patient", patient_id)
-        if patient is None or not may_access_site(principal, patient.site):
-            raise hidden("Patient", patient_id, patient.site if patient else None)
-        if patient.deleted:
-            raise Gone(f"Patient/{patient_id} was deleted")
+        patient = await visible_patient(conn, principal, patient_id)
         row = await repo.get_assessment(conn, patient_id)
     ctx.audit.add(
         AuditRecord.of(
@@ -312,9 +321,12 @@ async def response_status(ctx: ServiceContext, patient_id: str, principal: Princ
     return row.content
 
 
-async def response_summary(ctx: ServiceContext, principal: Principal) -> dict[str, Any]:
-    """Counts over the patients at the caller's sites only."""
-    sites = None if principal.is_admin else principal.sites
+async def response_summary(
+    ctx: ServiceContext, principal: Principal, requested: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Counts over the patients at the caller's sites only, narrowed to `requested` (as the
+    trial report's `site=`: a site the caller does not hold is refused)."""
+    sites = narrowed_sites(principal, requested)
     ctx.audit.add(AuditRecord.of(principal, "operation", description="$response-summary"))
     async with ctx.db.read() as conn:
         rows = await repo.assessment_counts(conn, sites)

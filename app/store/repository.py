@@ -526,6 +526,88 @@ async def assessment_counts(
     return [(status, best, int(n)) for status, best, n in rows]
 
 
+# --- the trial report: every patient of some sites at once ------------------------------
+
+
+def _scope(sites: frozenset[str] | None, patient_id: str | None) -> list[ColumnElement[bool]]:
+    """Live records at `sites` (None: every site), of one patient when `patient_id` is given."""
+    conditions = [not_(R.c.deleted)]
+    if sites is not None:
+        conditions.append(R.c.site.in_(sites))
+    if patient_id is not None:
+        conditions.append(R.c.patient_id == patient_id)
+    return conditions
+
+
+async def live_patients(
+    conn: AsyncConnection, sites: frozenset[str] | None, patient_id: str | None = None
+) -> list[tuple[str, int, str | None, str | None]]:
+    """(id, version, site, content) of the live Patients at `sites`, in enrolment order."""
+    conditions = [R.c.resource_type == "Patient", not_(R.c.deleted)]
+    if sites is not None:
+        conditions.append(R.c.site.in_(sites))
+    if patient_id is not None:
+        conditions.append(R.c.id == patient_id)
+    rows = await conn.execute(
+        select(R.c.id, R.c.version_id, R.c.site, R.c.content).where(*conditions).order_by(R.c.pk)
+    )
+    return [(ident, version, site, content) for ident, version, site, content in rows]
+
+
+async def fact_rows_by_patient(
+    conn: AsyncConnection,
+    kinds: Sequence[str],
+    sites: frozenset[str] | None,
+    patient_id: str | None = None,
+) -> dict[str, list[FactRow]]:
+    """What `patient_fact_rows` reads, for every patient at `sites` in one query (or one
+    patient), keyed by patient id; times timezone-aware UTC."""
+    rows = await conn.execute(
+        select(
+            R.c.patient_id,
+            R.c.kind,
+            R.c.id,
+            R.c.status,
+            R.c.effective_start,
+            R.c.value_norm,
+            R.c.effective_end,
+        ).where(
+            R.c.resource_type.in_(_ENGINE_TYPES),
+            R.c.kind.in_(kinds),
+            *_scope(sites, patient_id),
+        )
+    )
+    by_patient: dict[str, list[FactRow]] = {}
+    for owner, kind, ident, status, start, value, end in rows:
+        by_patient.setdefault(owner, []).append(
+            (
+                kind,
+                ident,
+                status,
+                start.replace(tzinfo=UTC) if start is not None else None,
+                value,
+                end.replace(tzinfo=UTC) if end is not None else None,
+            )
+        )
+    return by_patient
+
+
+async def adverse_event_rows(
+    conn: AsyncConnection, sites: frozenset[str] | None, patient_id: str | None = None
+) -> list[tuple[str, str, str | None, datetime | None, str]]:
+    """(patient id, id, kind, time (aware UTC), content) of the live AdverseEvents."""
+    rows = await conn.execute(
+        select(R.c.patient_id, R.c.id, R.c.kind, R.c.effective_start, R.c.content).where(
+            R.c.resource_type == "AdverseEvent", *_scope(sites, patient_id)
+        )
+    )
+    return [
+        (owner, ident, kind, start.replace(tzinfo=UTC) if start is not None else None, content)
+        for owner, ident, kind, start, content in rows
+        if owner is not None and content is not None
+    ]
+
+
 async def all_patient_ids(conn: AsyncConnection) -> list[str]:
     rows = await conn.execute(
         select(R.c.id).where(R.c.resource_type == "Patient", not_(R.c.deleted)).order_by(R.c.pk)
