@@ -108,5 +108,12 @@ class MethodNotAllowed(FhirError):
     issue_code = "not-supported"
 
 
+class ExportFailed(FhirError):
+    """A Bulk Data export job that failed: its status URL answers with this (IG: 5XX)."""
+
+    status_code = 500
+    issue_code = "processing"
+
+
 class ConfigurationError(RuntimeError):
     """A setting the server cannot start with; raised at start-up, never to a client."""

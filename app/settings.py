@@ -58,6 +58,16 @@ class Settings(BaseSettings):
     # HL7 v2 lab feeds: a lab's own OBX-3 codes for a platelet count, mapped onto its LOINC
     # code: {"CODING-SYSTEM|CODE": "777-3"} (OBX-3.3|OBX-3.1; "|CODE" when none is sent).
     hl7_local_codes: dict[str, str] = Field(default_factory=dict)
+    # Exports (Bulk Data $export, SDTM). STUDYID of every SDTM dataset.
+    study_id: str = Field(default="NCT06776510", min_length=1, max_length=200)
+    # A Bulk export's files, kept in the database, are deleted this long after the job ends
+    # (or, unfinished, after it was started); the status URL answers 404 from then on.
+    export_retention_hours: float = Field(default=24.0, gt=0)
+    # Resources per NDJSON file: a larger type is split into several files.
+    export_file_resources: int = Field(default=100_000, ge=1)
+    # A running job's lease: its worker renews it while it writes; a job whose lease ran out
+    # (the worker died) is taken over by another worker, from its last complete file.
+    export_lease_seconds: float = Field(default=30.0, gt=0)
 
     @property
     def freezes_gc(self) -> bool:

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -216,11 +217,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
-    """A real uvicorn process on loopback, for what must cross a real socket."""
+@contextmanager
+def uvicorn_server(
+    database_url: str, log_path: Path, workers: int = 2, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A real uvicorn process (`workers` worker processes) on loopback; yields its base URL."""
     port = _free_port()
-    log_path = tmp_path / "uvicorn.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
@@ -232,9 +234,8 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
                 "127.0.0.1",
                 "--port",
                 str(port),
-                # Two worker processes, as in production: races must hold across processes.
                 "--workers",
-                "2",
+                str(workers),
                 "--log-level",
                 "warning",
             ],
@@ -244,6 +245,7 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
                 "DATABASE_URL": database_url,
                 "APP_ENVIRONMENT": "test",
                 "APP_AUTH_JWT_SECRET": TEST_SECRET,
+                **(env or {}),
             },
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -269,6 +271,14 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture
+def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A real uvicorn process on loopback, for what must cross a real socket. Two worker
+    processes, as in production: races must hold across processes."""
+    with uvicorn_server(database_url, tmp_path / "uvicorn.log") as base:
+        yield base
 
 
 async def assert_every_write_is_audited(application: Any) -> None:
