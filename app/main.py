@@ -31,6 +31,7 @@ from app.fhir import (
     outcome,
     routes,
     schemas,
+    sdtm_routes,
     search_routes,
 )
 from app.fhir.capability import capability_statement
@@ -148,6 +149,7 @@ def create_app(
     app.include_router(operations.router)
     app.include_router(audit_routes.router)
     app.include_router(export_routes.router)
+    app.include_router(sdtm_routes.router)
     app.include_router(codesystems.router)
     app.include_router(hl7_routes.router)
 
