@@ -35,6 +35,9 @@ DomainCode = Literal["dm", "ex", "cm", "lb", "ae", "rs"]
     responses={
         200: {
             "description": "The dataset",
+            "headers": {
+                "X-Row-Count": {"description": "Rows in the dataset", "schema": {"type": "integer"}}
+            },
             "content": {
                 "application/x-sas-xport": {"schema": {"type": "string", "format": "binary"}},
                 "text/csv": {"schema": {"type": "string"}},
@@ -52,7 +55,9 @@ async def sdtm_dataset(
 ) -> FileResponse:
     directory = Path(tempfile.mkdtemp(prefix="sdtm-"))
     try:
-        path, _ = await sdtm.dataset_file(ctx, principal, domain, fmt, directory, settings.study_id)
+        path, count = await sdtm.dataset_file(
+            ctx, principal, domain, fmt, directory, settings.study_id
+        )
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -60,5 +65,6 @@ async def sdtm_dataset(
         path,
         media_type=MEDIA_TYPES[fmt],
         filename=path.name,
+        headers={"X-Row-Count": str(count)},
         background=BackgroundTask(shutil.rmtree, directory, ignore_errors=True),
     )
