@@ -52,7 +52,7 @@ Row = dict[str, Value]
 XPT_MAX_CHARS = 200  # SAS transport v5 character values: longer ones are cut
 PLANNED_ARM = ("NADNMN", "NAD+ IV and oral NMN")
 RESPONSE_CATEGORY = "IWG ITP RESPONSE CRITERIA (RODEGHIERO 2009, PROVAN 2019)"
-SUBJECTS_PER_READ = 100
+SUBJECTS_PER_READ = 20
 _OUTCOMES = {
     "resolved": "RECOVERED/RESOLVED",
     "recovering": "RECOVERING/RESOLVING",
@@ -812,7 +812,7 @@ class DatasetWriter:
                     v.name: pl.Float64 if v.numeric else pl.String for v in self.dataset.variables
                 }
                 frame = (
-                    pl.concat(self._frames, rechunk=True)
+                    pl.concat(self._frames, rechunk=False)
                     if self._frames
                     else pl.DataFrame(schema=schema)
                 )
