@@ -10,6 +10,7 @@ The handlers parse, call `app.services.bulk_export` and shape the answer.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Annotated, Any
@@ -27,7 +28,7 @@ from app.fhir.response_schemas import ExportManifest
 from app.fhir.routes import ERRORS, ServicesDep, SettingsDep, _outcome_doc, fhir_base, outcome_docs
 from app.services import bulk_export as service
 from app.services.context import ServiceContext
-from app.services.dates import DATE_TIME_PATTERN, fhir_range
+from app.services.dates import INSTANT_PATTERN, fhir_range
 from app.settings import Settings
 from app.store import exports as store
 
@@ -39,6 +40,7 @@ JobId = Annotated[str, Path(pattern=JOB_PATTERN, description="The export job's i
 # Parameters of the IG this server does not implement: refused, so a client never takes a
 # partial export for the one it asked for (IG: "SHOULD return an error").
 _UNSUPPORTED = ("_elements", "patient", "_typeFilter", "includeAssociatedData")
+_INSTANT = re.compile(INSTANT_PATTERN)
 _FILE_ACCEPT = frozenset({"", "*/*", "application/*", service.NDJSON, "application/ndjson"})
 
 
@@ -89,8 +91,8 @@ def parse_kick_off(request: Request) -> service.ExportRequest:
     if len(values) > 1:
         raise BadRequest("_since may be given once", expression=["_since"])
     if values:
-        bounds = fhir_range(values[0]) if "T" in values[0] else None
-        if bounds is None or not (values[0].endswith("Z") or values[0][-6] in "+-"):
+        bounds = fhir_range(values[0]) if _INSTANT.fullmatch(values[0]) else None
+        if bounds is None:
             raise BadRequest(
                 f"_since {values[0]!r} is not a FHIR instant (e.g. 2025-03-10T08:00:00Z)",
                 expression=["_since"],
@@ -118,7 +120,7 @@ def _kick_off_doc(scope: str) -> dict[str, Any]:
             "in": "query",
             "required": False,
             "description": "Only resources last updated after this FHIR instant",
-            "schema": {"type": "string", "pattern": f"^{DATE_TIME_PATTERN}$"},
+            "schema": {"type": "string", "pattern": f"^{INSTANT_PATTERN}$"},
         },
         {
             "name": "_outputFormat",
@@ -132,7 +134,7 @@ def _kick_off_doc(scope: str) -> dict[str, Any]:
             "in": "header",
             "required": True,
             "description": "respond-async (required by the asynchronous pattern)",
-            "schema": {"type": "string", "pattern": "respond-async"},
+            "schema": {"type": "string", "enum": ["respond-async"]},
         },
     ]
     return {
