@@ -268,6 +268,10 @@ class _DatabaseFiles:
         self._size = self._count = self._seq = 0
         self._last_pk = 0
 
+    @property
+    def is_open(self) -> bool:
+        return self._file_pk is not None
+
     async def add(self, resource_type: str, pk: int, line: bytes, first_pk: int) -> None:
         if self._file_pk is None:
             self.number += 1
@@ -348,16 +352,20 @@ class ExportRunner:
         """Delete expired jobs, fail exhausted ones, then run every job this worker can take.
         Returns the number of jobs run."""
         now = utc_now()
-        async with self.ctx.db.write() as conn:
-            for job_id in await store.expired_jobs(conn, now):
-                await store.delete_job(conn, job_id)
-            await store.fail_exhausted(
-                conn,
-                now,
-                MAX_ATTEMPTS,
-                now + self.settings.retention,
-                f"the export's worker stopped {MAX_ATTEMPTS} times before finishing it",
-            )
+        async with self.ctx.db.read_statement() as conn:
+            expired = await store.expired_jobs(conn, now)
+            exhausted = await store.exhausted_jobs(conn, now, MAX_ATTEMPTS)
+        if expired or exhausted:  # a write transaction only when there is work for one
+            async with self.ctx.db.write() as conn:
+                for job_id in expired:
+                    await store.delete_job(conn, job_id)
+                await store.fail_exhausted(
+                    conn,
+                    now,
+                    MAX_ATTEMPTS,
+                    now + self.settings.retention,
+                    f"the export's worker stopped {MAX_ATTEMPTS} times before finishing it",
+                )
         ran = 0
         while True:
             async with self.ctx.db.read_statement() as conn:
@@ -456,7 +464,7 @@ class ExportRunner:
             ):
                 for pk, line in lines:
                     await writer.add(resource_type, pk, line, first)
-                    if writer._file_pk is None:  # the file just closed: the next starts here
+                    if not writer.is_open:  # the file just closed: the next starts after it
                         first = pk
             await writer.close()
         return writer.exported

@@ -104,6 +104,13 @@ async def claim(
     return bool(result.rowcount)
 
 
+async def exhausted_jobs(conn: AsyncConnection, now: datetime, max_attempts: int) -> list[str]:
+    rows = await conn.execute(
+        select(J.c.id).where(_takeable(now), J.c.attempts >= max_attempts).limit(100)
+    )
+    return [row[0] for row in rows]
+
+
 async def fail_exhausted(
     conn: AsyncConnection, now: datetime, max_attempts: int, expires: datetime, error: str
 ) -> int:
