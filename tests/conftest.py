@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +181,26 @@ async def app(settings: Settings) -> AsyncIterator[object]:
         yield application
         # After every API test, on both databases: no write without its audit record.
         await assert_every_write_is_audited(application)
+
+
+@asynccontextmanager
+async def running_app(settings: Settings, **options: Any) -> AsyncIterator[Any]:
+    """An app with settings of a test's own (`options` go to create_app), started, and
+    checked like the `app` fixture's when the test ends."""
+    application = create_app(settings, key_source=KEY, **options)
+    async with application.router.lifespan_context(application):
+        yield application
+        await assert_every_write_is_audited(application)
+
+
+def client_for(application: Any, **token: Any) -> httpx.AsyncClient:
+    """An ASGI client of `application` with a token made of `token` (see `bearer`)."""
+    transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
+    return httpx.AsyncClient(
+        transport=transport,
+        base_url="http://testserver",
+        headers={**bearer(**token), "X-Provenance": REASON},
+    )
 
 
 @pytest.fixture

@@ -18,11 +18,10 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from app.main import create_app
 from app.services import bulk_export
 from app.settings import Settings
 from tests import builders
-from tests.conftest import KEY, REASON, assert_every_write_is_audited, bearer, uvicorn_server
+from tests.conftest import REASON, bearer, client_for, running_app, uvicorn_server
 
 TYPES = ("Patient", "Observation", "MedicationAdministration", "AdverseEvent")
 
@@ -138,24 +137,13 @@ async def trial(http: httpx.AsyncClient) -> dict[str, list[str]]:
 async def export_app(database_url: str):
     """The app with three resources per file, so that types are split into several files."""
     settings = Settings(database_url=database_url, environment="test", export_file_resources=3)
-    application = create_app(settings, key_source=KEY)
-    async with application.router.lifespan_context(application):
+    async with running_app(settings) as application:
         yield application
-        await assert_every_write_is_audited(application)
-
-
-def _client(application: Any, **token: Any) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
-    return httpx.AsyncClient(
-        transport=transport,
-        base_url="http://testserver",
-        headers={**bearer(**token), "X-Provenance": REASON},
-    )
 
 
 @pytest.fixture
 async def admin(export_app):
-    async with _client(export_app, role="admin") as http:
+    async with client_for(export_app, role="admin") as http:
         yield http
 
 
@@ -200,12 +188,12 @@ async def test_kick_off_refusals(admin, export_app) -> None:
     for params in ({"_outputFormat": "ndjson"}, {"_outputFormat": "application/ndjson"}):
         assert (await kick_off(admin, **params)).status_code == 202
     for role in ("investigator", "lab"):
-        async with _client(export_app, role=role) as other:
+        async with client_for(export_app, role=role) as other:
             refused = await kick_off(other)
             assert refused.status_code == 403, role
     # A monitor whose scopes cover Observation only exports Observations, and may not ask
     # for Patients.
-    async with _client(export_app, role="monitor", scope="user/Observation.rs") as narrow:
+    async with client_for(export_app, role="monitor", scope="user/Observation.rs") as narrow:
         assert (await kick_off(narrow, _type="Patient")).status_code == 403
         started = await kick_off(narrow)
         assert started.status_code == 202
@@ -285,7 +273,7 @@ async def test_cancel_removes_the_job_and_its_files(admin, export_app) -> None:
 async def test_a_job_belongs_to_whoever_started_it(admin, export_app) -> None:
     await trial(admin)
     manifest, _, status_url, _ = await export(admin)
-    async with _client(export_app, role="admin", sub="someone-else") as other:
+    async with client_for(export_app, role="admin", sub="someone-else") as other:
         assert (await other.get(status_url)).status_code == 404
         assert (await other.get(manifest["output"][0]["url"])).status_code == 404
         assert (await other.delete(status_url)).status_code == 404
@@ -294,7 +282,7 @@ async def test_a_job_belongs_to_whoever_started_it(admin, export_app) -> None:
 
 async def test_an_export_holds_the_callers_sites_only(admin, export_app) -> None:
     made = await trial(admin)
-    async with _client(export_app, role="monitor", sites=("S01",), sub="monitor-1") as monitor:
+    async with client_for(export_app, role="monitor", sites=("S01",), sub="monitor-1") as monitor:
         _, found, _, _ = await export(monitor)
         for resource_type in TYPES:
             exported = sorted(r["id"] for r in found.get(resource_type, []))

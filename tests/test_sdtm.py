@@ -24,11 +24,10 @@ import pytest
 from sqlalchemy import text
 
 from app.engine import Criteria
-from app.main import create_app
 from app.services import sdtm
 from app.settings import Settings
 from tests import builders
-from tests.conftest import KEY, PROJECT_ROOT, REASON, assert_every_write_is_audited, bearer
+from tests.conftest import PROJECT_ROOT, client_for, running_app
 
 ZONE = "Europe/Paris"
 FIRST_DOSE = "2025-03-03T08:00:00Z"
@@ -39,24 +38,13 @@ FACTORS = {"10*9/L": 1.0, "/uL": 0.001, "10*3/uL": 1.0}
 @pytest.fixture
 async def sdtm_app(database_url: str):
     settings = Settings(database_url=database_url, environment="test", study_id="ITP-TEST")
-    application = create_app(settings, criteria=Criteria(trial_timezone=ZONE), key_source=KEY)
-    async with application.router.lifespan_context(application):
+    async with running_app(settings, criteria=Criteria(trial_timezone=ZONE)) as application:
         yield application
-        await assert_every_write_is_audited(application)
-
-
-def _client(application: Any, **token: Any) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
-    return httpx.AsyncClient(
-        transport=transport,
-        base_url="http://testserver",
-        headers={**bearer(**token), "X-Provenance": REASON},
-    )
 
 
 @pytest.fixture
 async def admin(sdtm_app):
-    async with _client(sdtm_app, role="admin") as http:
+    async with client_for(sdtm_app, role="admin") as http:
         yield http
 
 
@@ -287,13 +275,13 @@ async def test_every_dataset_against_the_api(admin, tmp_path) -> None:
 
 async def test_datasets_hold_the_callers_sites_and_are_audited(admin, sdtm_app, tmp_path) -> None:
     await trial(admin)
-    async with _client(sdtm_app, role="monitor", sites=("S02",), sub="monitor-2") as monitor:
+    async with client_for(sdtm_app, role="monitor", sites=("S02",), sub="monitor-2") as monitor:
         dm = (await fetch(monitor, tmp_path, "dm"))[0]
         assert dm["SITEID"].to_list() == ["S02"]
         lb = (await fetch(monitor, tmp_path, "lb"))[0]
         assert set(lb["USUBJID"].to_list()) == {"ITP-TEST-S02-001"}
     for role in ("investigator", "lab"):
-        async with _client(sdtm_app, role=role) as other:
+        async with client_for(sdtm_app, role=role) as other:
             assert (await other.get("/sdtm/dm.xpt")).status_code == 403
     assert (await admin.get("/sdtm/vs.xpt")).status_code in (400, 404)
     assert (await admin.get("/sdtm/dm.sas7bdat")).status_code in (400, 404)

@@ -421,28 +421,26 @@ class ExportRunner:
             raise
         except Exception:
             log.exception("export %s failed", job.id)
-            now = utc_now()
-            async with self.ctx.db.write() as conn:
-                await store.finish(
-                    conn,
-                    job.id,
-                    self.worker,
-                    store.FAILED,
-                    now,
-                    now + self.settings.retention,
-                    error="the export failed on an unexpected error (see the server log)",
-                )
+            error = "the export failed on an unexpected error (see the server log)"
+            await self._finish(job, store.FAILED, error=error)
             return
+        await self._finish(job, store.COMPLETED, progress=f"complete: {exported:,} resources")
+
+    async def _finish(
+        self, job: store.Job, status: str, *, error: str | None = None, progress: str | None = None
+    ) -> None:
+        """The job ends; its files are kept for the retention time from now."""
         now = utc_now()
         async with self.ctx.db.write() as conn:
             await store.finish(
                 conn,
                 job.id,
                 self.worker,
-                store.COMPLETED,
+                status,
                 now,
                 now + self.settings.retention,
-                progress=f"complete: {exported:,} resources",
+                error=error,
+                progress=progress,
             )
 
     async def _generate(self, job: store.Job) -> int:
