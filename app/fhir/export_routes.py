@@ -308,7 +308,7 @@ def _accepts_ndjson(request: Request) -> None:
     responses={
         200: {
             "description": "One current resource per line",
-            "content": {service.NDJSON: {"schema": {"type": "string"}}},
+            "content": {service.NDJSON: {"schema": {"type": "string", "format": "binary"}}},
         },
         **outcome_docs({**ERRORS, 404: {"description": "No such file of the caller's jobs"}}),
     },
