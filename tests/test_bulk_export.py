@@ -401,7 +401,37 @@ async def test_a_job_whose_workers_keep_dying_fails(admin, export_app) -> None:
     assert failed.status_code == 500
     outcome = failed.json()
     assert outcome["resourceType"] == "OperationOutcome"
-    assert "stopped 3 times" in outcome["issue"][0]["diagnostics"]
+    assert "attempted 3 times" in outcome["issue"][0]["diagnostics"]
+
+
+async def test_a_failed_attempt_is_retried_then_the_job_fails(admin, export_app, monkeypatch):
+    """An error while generating (a database outage, a bug) gives the job back; the next
+    attempt may finish it; three failed attempts fail it."""
+    await export_app.state.exports.stop()
+    await trial(admin)
+    runner = export_app.state.exports
+    real_batch = bulk_export.store.resource_batch
+    failures = 1
+
+    async def flaky(*args, **kwargs):
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ConnectionError("the database went away")
+        return await real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(bulk_export.store, "resource_batch", flaky)
+    started = await kick_off(admin, _type="Patient")
+    status_url = started.headers["Content-Location"]
+    assert await runner.run_pending() == 2  # the failed attempt, then the one that finished
+    manifest, _, _ = await poll(admin, status_url)
+    assert [o["count"] for o in manifest["output"]] == [3]
+    failures = 3
+    started = await kick_off(admin, _type="Patient")
+    for _ in range(3):
+        await runner.run_pending()
+    failed = await admin.get(started.headers["Content-Location"])
+    assert failed.status_code == 500 and "attempted 3 times" in failed.text
 
 
 async def test_two_server_processes_share_the_job(database_url, tmp_path) -> None:

@@ -364,7 +364,8 @@ class ExportRunner:
                     now,
                     MAX_ATTEMPTS,
                     now + self.settings.retention,
-                    f"the export's worker stopped {MAX_ATTEMPTS} times before finishing it",
+                    f"the export was attempted {MAX_ATTEMPTS} times and did not finish (its worker "
+                    "stopped or failed; see the server log)",
                 )
         ran = 0
         while True:
@@ -420,9 +421,14 @@ class ExportRunner:
                     await store.release(conn, job.id, self.worker, utc_now())
             raise
         except Exception:
-            log.exception("export %s failed", job.id)
-            error = "the export failed on an unexpected error (see the server log)"
-            await self._finish(job, store.FAILED, error=error)
+            # A database outage or a bug: the attempt counts, the job goes back at once, and
+            # after MAX_ATTEMPTS it is failed (`run_pending`), never left in progress.
+            log.exception(
+                "export %s: attempt %s failed; the job is given back", job.id, job.attempts
+            )
+            with contextlib.suppress(Exception):
+                async with self.ctx.db.write() as conn:
+                    await store.release(conn, job.id, self.worker, utc_now(), count=True)
             return
         await self._finish(job, store.COMPLETED, progress=f"complete: {exported:,} resources")
 

@@ -142,12 +142,15 @@ async def renew(
     return bool(result.rowcount)
 
 
-async def release(conn: AsyncConnection, job_id: str, worker: str, now: datetime) -> None:
-    """A worker that stops gives the job back at once, without counting an attempt."""
+async def release(
+    conn: AsyncConnection, job_id: str, worker: str, now: datetime, *, count: bool = False
+) -> None:
+    """Give the job back at once: a worker that stops (the attempt does not count) or one
+    whose attempt failed (`count`)."""
     await conn.execute(
         update(J)
         .where(J.c.id == job_id, J.c.lease_owner == worker, J.c.status == RUNNING)
-        .values(lease_expires=now, attempts=J.c.attempts - 1)
+        .values(lease_expires=now, attempts=J.c.attempts if count else J.c.attempts - 1)
     )
 
 
