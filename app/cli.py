@@ -12,7 +12,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 OPENAPI_PATH = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
 
@@ -201,6 +201,80 @@ def _database_url() -> str | None:
         return None
 
 
+def _cli_audit(description: str) -> Any:
+    import getpass
+
+    from app.audit.trail import AuditRecord
+
+    # The operator at the server, as the audit trail names a person.
+    return AuditRecord(
+        "operation", agent=f"cli:{getpass.getuser()}", role="system", description=description
+    )
+
+
+def _export_sdtm(args: argparse.Namespace) -> int:
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    from app.services import sdtm
+    from app.settings import get_settings
+
+    directory = Path(args.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    formats: list[Literal["xpt", "csv"]] = (
+        ["xpt", "csv"] if args.format == "both" else [args.format]
+    )
+    study_id = get_settings().study_id
+
+    async def run(ctx: Any) -> list[str]:
+        patients = await sdtm.patient_count(ctx, None)
+        written = []
+        for code in sdtm.DOMAINS:
+            for fmt in formats:
+                with tqdm(total=patients, desc=f"{code}.{fmt}", unit="subject") as bar:
+                    path, rows = await sdtm.write_dataset(
+                        ctx, code, fmt, directory, None, study_id, bar.update
+                    )
+                written.append(f"{path} ({rows} rows)")
+                ctx.audit.add(_cli_audit(f"SDTM {code}.{fmt}: {rows} rows to {path}"))
+        return written
+
+    for line in asyncio.run(_with_services(run)):
+        print(line)
+    return 0
+
+
+def _export_ndjson(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from app.services.bulk_export import write_ndjson
+    from app.settings import get_settings
+
+    directory = Path(args.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    async def run(ctx: Any) -> dict[str, Any]:
+        with tqdm(unit="resource", desc="export") as bar:
+
+            def progress(resource_type: str, count: int) -> None:
+                bar.set_description(resource_type)
+                bar.update(count)
+
+            manifest = await write_ndjson(
+                ctx, directory, get_settings().export_file_resources, progress
+            )
+        total = sum(item["count"] for item in manifest["output"])
+        ctx.audit.add(_cli_audit(f"$export (ndjson to {directory}): {total} resources"))
+        return manifest
+
+    manifest = asyncio.run(_with_services(run))
+    for item in manifest["output"]:
+        print(f"{directory / item['url']} ({item['count']} {item['type']})")
+    print(
+        f"transactionTime {manifest['transactionTime']}; manifest in {directory / 'manifest.json'}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # --debug is accepted before or after the command (`python -m app demo --debug`).
     debug = argparse.ArgumentParser(add_help=False)
@@ -264,4 +338,21 @@ def main(argv: list[str] | None = None) -> int:
         "migrated (exit 2 with the cause and the fix)",
         parents=[debug],
     ).set_defaults(handler=_check)
+    export = commands.add_parser(
+        "export", help="write the trial's data out (SDTM, NDJSON)", parents=[debug]
+    )
+    export_commands = export.add_subparsers(dest="export_command", required=True)
+    sdtm = export_commands.add_parser(
+        "sdtm", help="CDISC SDTM datasets DM EX CM LB AE RS into DIR (every site)", parents=[debug]
+    )
+    sdtm.add_argument("directory", metavar="DIR")
+    sdtm.add_argument("--format", choices=["xpt", "csv", "both"], default="xpt")
+    sdtm.set_defaults(handler=_export_sdtm)
+    ndjson = export_commands.add_parser(
+        "ndjson",
+        help="what a Bulk Data export writes (every type, every site) into DIR",
+        parents=[debug],
+    )
+    ndjson.add_argument("directory", metavar="DIR")
+    ndjson.set_defaults(handler=_export_ndjson)
     return _run(parser.parse_args(argv))

@@ -147,5 +147,12 @@ def database_unavailable(method: str) -> ServiceUnavailable:
     )
 
 
+class ExportFailed(FhirError):
+    """A Bulk Data export job that failed: its status URL answers with this (IG: 5XX)."""
+
+    status_code = 500
+    issue_code = "processing"
+
+
 class ConfigurationError(RuntimeError):
     """A setting the server cannot start with; raised at start-up, never to a client."""

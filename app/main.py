@@ -26,11 +26,13 @@ from app.fhir import (
     audit_routes,
     bundle_routes,
     codesystems,
+    export_routes,
     operations,
     outcome,
     report_routes,
     routes,
     schemas,
+    sdtm_routes,
     search_routes,
 )
 from app.fhir.capability import capability_statement
@@ -43,6 +45,7 @@ from app.middleware import (
     SecurityHeadersMiddleware,
     WriteLimitMiddleware,
 )
+from app.services.bulk_export import ExportRunner
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.settings import Settings, get_criteria_settings, get_settings
@@ -89,13 +92,18 @@ def create_app(
         await audit.replay()
         app.state.services = ServiceContext(db, criteria, code_systems, audit)
         app.state.head_revision = head_revision()
+        # Every worker runs export jobs; any of them may take a job another one queued.
+        exports = ExportRunner(app.state.services, export_routes.export_settings(settings))
+        app.state.exports = exports
         audit.start()
+        exports.start()
         if settings.freezes_gc:
             gc.collect()  # what startup left as garbage is freed, not kept forever
             gc.freeze()
         try:
             yield
         finally:
+            await exports.stop()  # a running job is handed back for another worker to resume
             # The last reads' records are written (or spilled) before the pool closes.
             await audit.stop()
             await db.dispose()
@@ -158,6 +166,8 @@ def create_app(
     app.include_router(report_routes.router)
     app.include_router(report_page.router)
     app.include_router(audit_routes.router)
+    app.include_router(export_routes.router)
+    app.include_router(sdtm_routes.router)
     app.include_router(codesystems.router)
     app.include_router(hl7_routes.router)
 

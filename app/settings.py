@@ -68,6 +68,16 @@ class Settings(BaseSettings):
     # Where a worker that stops during an outage leaves its queued audit records; the next
     # start writes them to the trail before serving.
     audit_spill_dir: Path = Path("data/audit-spill")
+    # Exports (Bulk Data $export, SDTM). STUDYID of every SDTM dataset.
+    study_id: str = Field(default="NCT06776510", min_length=1, max_length=200)
+    # A Bulk export's files, kept in the database, are deleted this long after the job ends
+    # (or, unfinished, after it was started); the status URL answers 404 from then on.
+    export_retention_hours: float = Field(default=24.0, gt=0)
+    # Resources per NDJSON file: a larger type is split into several files.
+    export_file_resources: int = Field(default=100_000, ge=1)
+    # A running job's lease: its worker renews it while it writes; a job whose lease ran out
+    # (the worker died) is taken over by another worker, from its last complete file.
+    export_lease_seconds: float = Field(default=30.0, gt=0)
 
     @property
     def freezes_gc(self) -> bool:

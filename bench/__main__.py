@@ -22,7 +22,7 @@ import asyncpg
 import httpx
 import orjson
 
-from bench import datagen, load, recompute, report
+from bench import datagen, export, load, recompute, report
 from bench.load import Request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--scenarios",
-        default="create,read,search,response-status,bundle,recompute",
+        default="create,read,search,response-status,bundle,recompute,export",
         help="comma-separated subset",
     )
     parser.add_argument("--label", default="", help="added to the result file names")
@@ -408,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
         if "bundle" in scenarios:
             extra["bundle"] = run_bundles(api.url, admin, args)
             _say(f"transaction bundle: {extra['bundle']}")
+        if "export" in scenarios:
+            extra["export"] = {"bulk": export.bulk(api.url, admin, dsn, api.process.pid)}
+            extra["export"]["sdtm"] = export.sdtm(api.url, admin, api.process.pid)
+            _say("\n".join(export.markdown(extra["export"])))
     finally:
         for server in servers:
             server.stop()

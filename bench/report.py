@@ -88,6 +88,9 @@ def targets(summary: dict[str, dict[str, Any]], extra: dict[str, Any]) -> list[d
             check("transaction Bundle >= 1,000 resources/s", extra["bundle"].get("skipped"), None)
         else:
             check("transaction Bundle >= 1,000 resources/s", f"{rate:,.0f}/s", rate >= 1000)
+    if "export" in extra:
+        rate = extra["export"]["bulk"]["generate_resources_per_s"]
+        check("Bulk export >= 20,000 resources/s", f"{rate:,}/s", rate >= 20_000)
     return checks
 
 
@@ -144,6 +147,10 @@ def markdown(
             + ", ".join(f"{e['counts']} counts {e['engine_us']:,.0f} µs" for e in extra["engine"])
             + ".",
         ]
+    if "export" in extra:
+        from bench.export import markdown as export_markdown
+
+        lines += export_markdown(extra["export"])
     checks = targets(summary, extra)
     if checks:
         lines += ["", "| target | figure | met |", "|---|---|---|"]

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,26 @@ async def app(settings: Settings) -> AsyncIterator[object]:
         await assert_every_write_is_audited(application)
 
 
+@asynccontextmanager
+async def running_app(settings: Settings, **options: Any) -> AsyncIterator[Any]:
+    """An app with settings of a test's own (`options` go to create_app), started, and
+    checked like the `app` fixture's when the test ends."""
+    application = create_app(settings, key_source=KEY, **options)
+    async with application.router.lifespan_context(application):
+        yield application
+        await assert_every_write_is_audited(application)
+
+
+def client_for(application: Any, **token: Any) -> httpx.AsyncClient:
+    """An ASGI client of `application` with a token made of `token` (see `bearer`)."""
+    transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
+    return httpx.AsyncClient(
+        transport=transport,
+        base_url="http://testserver",
+        headers={**bearer(**token), "X-Provenance": REASON},
+    )
+
+
 @pytest.fixture
 async def client(app: object) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # type: ignore[arg-type]
@@ -219,11 +240,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
-    """A real uvicorn process on loopback, for what must cross a real socket."""
+@contextmanager
+def uvicorn_server(
+    database_url: str, log_path: Path, workers: int = 2, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A real uvicorn process (`workers` worker processes) on loopback; yields its base URL."""
     port = _free_port()
-    log_path = tmp_path / "uvicorn.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
@@ -235,9 +257,8 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
                 "127.0.0.1",
                 "--port",
                 str(port),
-                # Two worker processes, as in production: races must hold across processes.
                 "--workers",
-                "2",
+                str(workers),
                 "--log-level",
                 "warning",
             ],
@@ -247,7 +268,8 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
                 "DATABASE_URL": database_url,
                 "APP_ENVIRONMENT": "test",
                 "APP_AUTH_JWT_SECRET": TEST_SECRET,
-                "APP_AUDIT_SPILL_DIR": str(tmp_path / "audit-spill"),
+                "APP_AUDIT_SPILL_DIR": str(log_path.parent / "audit-spill"),
+                **(env or {}),
             },
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -273,6 +295,14 @@ def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture
+def live_server(database_url: str, tmp_path: Path) -> Iterator[str]:
+    """A real uvicorn process on loopback, for what must cross a real socket. Two worker
+    processes, as in production: races must hold across processes."""
+    with uvicorn_server(database_url, tmp_path / "uvicorn.log") as base:
+        yield base
 
 
 async def assert_every_write_is_audited(application: Any) -> None:

@@ -65,4 +65,7 @@ def test_the_harness_runs_at_a_tiny_scale(tmp_path) -> None:
     assert document["recompute"]["counts"] > 0
     bundle = document["bundle"]
     assert bundle["resources_per_s"] > 0 and set(bundle["statuses"]) == {200}, bundle
+    bulk = document["export"]["bulk"]
+    assert bulk["resources"] == bulk["lines_downloaded"] > 0, bulk
+    assert {d["dataset"] for d in document["export"]["sdtm"]["datasets"]} >= {"lb.xpt", "rs.xpt"}
     assert [table for table in tmp_path.glob("*.md")]

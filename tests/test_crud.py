@@ -207,9 +207,15 @@ async def test_metadata_lists_exactly_what_is_implemented(client):
         "CodeSystem",
     }
     assert {op["name"] for op in statement["rest"][0]["operation"]} == {
+        "export",
         "response-status",
         "response-summary",
     }
+    # Bulk Data: system-level and Patient-level $export (tests/test_bulk_export.py).
+    assert [op["name"] for op in resources["Patient"]["operation"]] == ["export"]
+    assert statement["instantiates"] == [
+        "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+    ]
     audit = resources.pop("AuditEvent")
     resources.pop("CodeSystem")
     assert {i["code"] for i in audit["interaction"]} == {"read", "search-type"}

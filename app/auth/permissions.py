@@ -32,6 +32,7 @@ class Action(StrEnum):
     AUDIT_READ = "audit_read"
     INGEST_HL7 = "ingest_hl7"
     MOVE_SITE = "move_site"
+    EXPORT = "export"  # Bulk Data $export and the SDTM datasets: every record of a type at once
 
 
 PATIENT = "Patient"
@@ -51,11 +52,12 @@ RESOURCE_TYPES: tuple[str, ...] = (*CLINICAL_RESOURCE_TYPES, AUDIT_EVENT)
 PLATELET_COUNT = "platelet-count"
 
 _C, _R, _U, _D, _S = Action.CREATE, Action.READ, Action.UPDATE, Action.DELETE, Action.SEARCH
-_CC, _AR, _HL7, _MOVE = (
+_CC, _AR, _HL7, _MOVE, _EX = (
     Action.CONDITIONAL_CREATE,
     Action.AUDIT_READ,
     Action.INGEST_HL7,
     Action.MOVE_SITE,
+    Action.EXPORT,
 )
 
 
@@ -66,7 +68,9 @@ def _actions(*actions: Action) -> frozenset[Action]:
 # role -> resource type -> allowed actions. A missing resource type means nothing is allowed.
 # HISTORY is never listed: it is checked as READ. `ingest_hl7` belongs to Observation (HL7 v2
 # results become Observations), `move_site` to Patient (other resources follow their
-# subject's site), `audit_read` to AuditEvent.
+# subject's site), `audit_read` to AuditEvent. `export` (a Bulk Data export or an SDTM
+# dataset: every record of a type at the caller's sites, for analysis) belongs to each
+# clinical type, and is the monitor's and the admin's only.
 ROLE_MATRIX: Mapping[Role, Mapping[str, frozenset[Action]]] = {
     Role.LAB: {
         PATIENT: _actions(_R, _S),
@@ -79,17 +83,17 @@ ROLE_MATRIX: Mapping[Role, Mapping[str, frozenset[Action]]] = {
         ADVERSE_EVENT: _actions(_C, _R, _U, _D, _S, _CC),
     },
     Role.MONITOR: {
-        PATIENT: _actions(_R, _S),
-        OBSERVATION: _actions(_R, _S),
-        MEDICATION_ADMINISTRATION: _actions(_R, _S),
-        ADVERSE_EVENT: _actions(_R, _S),
+        PATIENT: _actions(_R, _S, _EX),
+        OBSERVATION: _actions(_R, _S, _EX),
+        MEDICATION_ADMINISTRATION: _actions(_R, _S, _EX),
+        ADVERSE_EVENT: _actions(_R, _S, _EX),
         AUDIT_EVENT: _actions(_R, _S, _AR),
     },
     Role.ADMIN: {
-        PATIENT: _actions(_C, _R, _U, _D, _S, _CC, _MOVE),
-        OBSERVATION: _actions(_C, _R, _U, _D, _S, _CC, _HL7),
-        MEDICATION_ADMINISTRATION: _actions(_C, _R, _U, _D, _S, _CC),
-        ADVERSE_EVENT: _actions(_C, _R, _U, _D, _S, _CC),
+        PATIENT: _actions(_C, _R, _U, _D, _S, _CC, _MOVE, _EX),
+        OBSERVATION: _actions(_C, _R, _U, _D, _S, _CC, _HL7, _EX),
+        MEDICATION_ADMINISTRATION: _actions(_C, _R, _U, _D, _S, _CC, _EX),
+        ADVERSE_EVENT: _actions(_C, _R, _U, _D, _S, _CC, _EX),
         AUDIT_EVENT: _actions(_R, _S, _AR),
     },
 }
@@ -106,6 +110,7 @@ SCOPE_LETTER: Mapping[Action, str] = {
     Action.MOVE_SITE: "u",  # a move is an update of the Patient
     Action.DELETE: "d",
     Action.SEARCH: "s",
+    Action.EXPORT: "r",  # an export reads every record of the type (SMART: system/*.read)
 }
 
 

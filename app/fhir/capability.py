@@ -10,6 +10,7 @@ from app.fhir.conditional import conditional_parameters
 from app.fhir.search_params import INCLUDES, REVINCLUDES, SEARCH_PARAMETERS, SORT_KEYS
 from app.services.patching import JSON_PATCH, MERGE_PATCH
 
+BULK_DATA = "http://hl7.org/fhir/uv/bulkdata"
 _INTERACTIONS = (
     "read",
     "vread",
@@ -54,6 +55,15 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
                 ],
             }
         )
+        if resource_type == "Patient":
+            resources[-1]["operation"] = [
+                {
+                    "name": "export",
+                    "definition": BULK_DATA + "/OperationDefinition/patient-export",
+                    "documentation": "GET /fhir/Patient/$export (Prefer: respond-async): "
+                    "every patient at the caller's sites and their records, as NDJSON",
+                }
+            ]
         # FHIR has no empty arrays.
         for empty in [key for key, value in resources[-1].items() if value == []]:
             del resources[-1][empty]
@@ -90,6 +100,7 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
         "date": date,
         "publisher": "ITP trial NCT06776510 data team",
         "kind": "instance",
+        "instantiates": [BULK_DATA + "/CapabilityStatement/bulk-data"],
         "software": {"name": "itp-trial-api", "version": software_version},
         "implementation": {"description": (app_doc or "").strip(), "url": base_url},
         "fhirVersion": "4.3.0",
@@ -157,6 +168,17 @@ def capability_statement(base_url: str, software_version: str, date: str) -> dic
                     "needs an X-Provenance with a reason, whatever it finds.",
                 },
                 "operation": [
+                    {
+                        "name": "export",
+                        "definition": BULK_DATA + "/OperationDefinition/export",
+                        "documentation": "GET /fhir/$export (Prefer: respond-async; _type, "
+                        "_since, _outputFormat=application/fhir+ndjson): Bulk Data Access IG "
+                        "2.0 export of Patient, Observation, MedicationAdministration and "
+                        "AdverseEvent at the caller's sites (monitors and admins), as it "
+                        "stood at the kick-off; status at the Content-Location URL, files "
+                        "kept APP_EXPORT_RETENTION_HOURS; DELETE cancels. _elements, "
+                        "_typeFilter, patient and includeAssociatedData are refused (400).",
+                    },
                     {
                         "name": "response-status",
                         "definition": "https://itp-trial.example/fhir/OperationDefinition/"

@@ -95,3 +95,22 @@ class ResponseSummary(_Model):
     overall_response_rate: float | None = Field(description="responders / evaluable")
     sites: list[str] | None = Field(description="The sites counted (the caller's); null: all")
     criteria: ResponseCriteria
+
+
+class ExportOutputFile(_Model):
+    type: str = Field(description="The resource type in the file (one type per file)")
+    url: str = Field(description="Absolute URL of the NDJSON file (GET, same bearer token)")
+    count: int = Field(description="Resources in the file")
+
+
+class ExportManifest(_Model):
+    """The complete status of a Bulk Data export (Bulk Data Access IG 2.0)."""
+
+    transactionTime: str = Field(
+        description="Every resource last updated at or before this instant is in the files "
+        "exactly once (deleted ones excepted); nothing later is"
+    )
+    request: str = Field(description="The kick-off URL")
+    requiresAccessToken: bool = Field(description="Always true: the files need the token")
+    output: list[ExportOutputFile]
+    error: list[ExportOutputFile] = Field(description="Always empty: no partial failures")

@@ -24,6 +24,11 @@ DATE_TIME_PATTERN = (
     rf"({_YEAR}(-(0[1-9]|1[0-2]))?|{_DAY}(T([01][0-9]|2[0-3]):[0-5][0-9]"
     r"(:[0-5][0-9](\.[0-9]+)?)?(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))?)?)"
 )
+# A FHIR instant: a whole date and time to the second, with its offset (Bulk Data `_since`).
+INSTANT_PATTERN = (
+    rf"({_DAY}T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?"
+    r"(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00)))"
+)
 _DATE_TIME_RE = re.compile(DATE_TIME_PATTERN)
 _PARTIAL_RE = re.compile(
     r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T(?P<H>\d{2}):(?P<M>\d{2})"

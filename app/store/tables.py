@@ -26,6 +26,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -312,6 +313,81 @@ class Hl7MessageRow(SQLModel, table=True):
     ack: str = Field(sa_column=Column(Text, nullable=False))
 
 
+class ExportJobRow(SQLModel, table=True):
+    """A Bulk Data export: who asked for what, as of which instant, and how far it got.
+
+    The state lives here, not in a worker, so any worker of any replica answers its status
+    and serves its files. `lease_owner`/`lease_expires` say which worker generates it and
+    until when; a worker renews the lease as it writes, and another takes over a job whose
+    lease ran out (its worker died) from the last complete file (`attempts` counts them).
+    """
+
+    __tablename__ = "export_job"
+    __table_args__ = (
+        Index("ix_export_job_status", "status", "lease_expires"),
+        Index("ix_export_job_expires", "expires"),
+    )
+
+    id: str = Field(sa_column=Column(String(64), primary_key=True))
+    owner: str = Field(sa_column=Column(String(255), nullable=False))  # the token's sub
+    # The caller's sites when it asked (JSON list), or NULL for every site (an admin).
+    sites: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    request: str = Field(sa_column=Column(Text, nullable=False))  # the kick-off URL
+    types: str = Field(sa_column=Column(String(255), nullable=False))  # comma-separated
+    since: datetime | None = Field(default=None, sa_column=Column(DateTime(), nullable=True))
+    transaction_time: datetime = Field(sa_column=Column(DateTime(), nullable=False))
+    status: str = Field(sa_column=Column(String(16), nullable=False))  # queued running ...
+    progress: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    lease_owner: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+    lease_expires: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(), nullable=True)
+    )
+    attempts: int = Field(sa_column=Column(Integer, nullable=False))
+    created: datetime = Field(sa_column=Column(DateTime(), nullable=False))
+    finished: datetime | None = Field(default=None, sa_column=Column(DateTime(), nullable=True))
+    # After this the job and its files are deleted (APP_EXPORT_RETENTION_HOURS).
+    expires: datetime = Field(sa_column=Column(DateTime(), nullable=False))
+
+
+class ExportFileRow(SQLModel, table=True):
+    """One NDJSON file of a job: the resources of one type with `first_pk < pk <= last_pk`
+    (the `resource` table's key, the order the job reads in), once `complete`."""
+
+    __tablename__ = "export_file"
+    __table_args__ = (UniqueConstraint("job_id", "number", name="uq_export_file_job_number"),)
+
+    pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
+    job_id: str = Field(
+        sa_column=Column(
+            String(64), ForeignKey("export_job.id", ondelete="CASCADE"), nullable=False
+        )
+    )
+    number: int = Field(sa_column=Column(Integer, nullable=False))
+    resource_type: str = Field(sa_column=Column(String(40), nullable=False))
+    first_pk: int = Field(sa_column=Column(BigInteger, nullable=False))
+    last_pk: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    count: int = Field(sa_column=Column(Integer, nullable=False))
+    complete: bool = Field(sa_column=Column(Boolean, nullable=False))
+
+
+class ExportChunkRow(SQLModel, table=True):
+    """A piece of a file's NDJSON (whole lines, about a MiB): a download streams them in
+    `seq` order, one at a time, so neither writing nor serving holds a file in memory."""
+
+    __tablename__ = "export_chunk"
+
+    file_pk: int = Field(
+        sa_column=Column(
+            BigIntPk,
+            ForeignKey("export_file.pk", ondelete="CASCADE"),
+            primary_key=True,
+        )
+    )
+    seq: int = Field(sa_column=Column(Integer, primary_key=True))
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
 resource_table = ResourceRow.__table__  # type: ignore[attr-defined]
 version_table = ResourceVersion.__table__  # type: ignore[attr-defined]
 token_table = SearchToken.__table__  # type: ignore[attr-defined]
@@ -322,3 +398,6 @@ audit_table = AuditEventRow.__table__  # type: ignore[attr-defined]
 disclosure_table = AuditDisclosureRow.__table__  # type: ignore[attr-defined]
 provenance_table = ProvenanceRow.__table__  # type: ignore[attr-defined]
 hl7_message_table = Hl7MessageRow.__table__  # type: ignore[attr-defined]
+export_job_table = ExportJobRow.__table__  # type: ignore[attr-defined]
+export_file_table = ExportFileRow.__table__  # type: ignore[attr-defined]
+export_chunk_table = ExportChunkRow.__table__  # type: ignore[attr-defined]

@@ -48,6 +48,7 @@ ACTIONS = [
     "audit_read",
     "ingest_hl7",
     "move_site",
+    "export",
 ]
 
 READ = {"read", "search", "history"}
@@ -72,17 +73,17 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
         "AdverseEvent": READ | WRITE,
     },
     "monitor": {
-        "Patient": READ,
-        "Observation": READ,
-        "MedicationAdministration": READ,
-        "AdverseEvent": READ,
+        "Patient": READ | {"export"},
+        "Observation": READ | {"export"},
+        "MedicationAdministration": READ | {"export"},
+        "AdverseEvent": READ | {"export"},
         "AuditEvent": READ | {"audit_read"},
     },
     "admin": {
-        "Patient": READ | WRITE | {"move_site"},
-        "Observation": READ | WRITE | {"ingest_hl7"},
-        "MedicationAdministration": READ | WRITE,
-        "AdverseEvent": READ | WRITE,
+        "Patient": READ | WRITE | {"move_site", "export"},
+        "Observation": READ | WRITE | {"ingest_hl7", "export"},
+        "MedicationAdministration": READ | WRITE | {"export"},
+        "AdverseEvent": READ | WRITE | {"export"},
         "AuditEvent": READ | {"audit_read"},
     },
 }
