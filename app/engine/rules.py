@@ -409,7 +409,7 @@ def _baseline(
         in_window = True
         rescue = _covering_rescue(rescues, count.time, exclusion, clock) if exclusion else None
         if rescue is not None:
-            detail = f"within {exclusion} days after a rescue"
+            detail = _after_rescue(exclusion)
             entries.append(_count_entry(count, day, "excluded-by-rescue", detail, rescue))
             continue
         candidates.append((len(entries), count))
@@ -429,6 +429,14 @@ def _baseline(
 
 _USED = "used as the baseline"
 _NOT_USED = "not used (a later count is the baseline)"
+
+
+def _before_day(first_day: int) -> str:
+    return f"before day {first_day} of treatment"
+
+
+def _after_rescue(days: int) -> str:
+    return f"within {days} days after a rescue"
 
 
 def _in_lookback(clock: _Clock, time: datetime, start: datetime, lookback: int) -> bool:
@@ -489,9 +497,9 @@ def _classify(
     first_day = criteria.first_evaluable_day
     start_day = clock.day(start)
     earliest = start + timedelta(days=first_day)  # the `instant` clock's first evaluable time
-    not_evaluable = f"before day {first_day} of treatment"
+    not_evaluable = _before_day(first_day)
     window = criteria.rescue_window_days
-    under_rescue = f"within {window} days after a rescue"
+    under_rescue = _after_rescue(window)
     cr_threshold = criteria.cr_threshold
     r_threshold = criteria.r_threshold
     doubled = criteria.doubling_factor * baseline
@@ -508,65 +516,20 @@ def _classify(
         time = count.time
         day = time.date() if in_utc else time.astimezone(zone).date()
         ident, value = count.id, count.value
+        head = (observation, ident, time, day, value)  # the entry's first five fields
         if first_day and ((day - start_day).days < first_day if calendar else time < earliest):
-            entry(
-                new(
-                    _Entry,
-                    (
-                        observation,
-                        ident,
-                        time,
-                        day,
-                        value,
-                        "not-evaluable",
-                        not_evaluable,
-                        None,
-                        (),
-                    ),
-                )
-            )
+            entry(new(_Entry, (*head, "not-evaluable", not_evaluable, None, ())))
             continue
         if rescues:
             rescue = _covering_rescue(rescues, time, window, clock)
             if rescue is not None:
-                entry(
-                    new(
-                        _Entry,
-                        (
-                            observation,
-                            ident,
-                            time,
-                            day,
-                            value,
-                            "under-rescue",
-                            under_rescue,
-                            rescue,
-                            (),
-                        ),
-                    )
-                )
+                entry(new(_Entry, (*head, "under-rescue", under_rescue, rescue, ())))
                 continue
         position = day.toordinal() if calendar else (time - _EPOCH) // _MICROSECOND
         bleeds = bleeding.get(day)
         if bleeds:
             append(_Count(ident, time, day, position, True, False, False))
-            references = _references(bleeds)
-            entry(
-                new(
-                    _Entry,
-                    (
-                        observation,
-                        ident,
-                        time,
-                        day,
-                        value,
-                        "failing",
-                        "with bleeding",
-                        None,
-                        references,
-                    ),
-                )
-            )
+            entry(new(_Entry, (*head, "failing", "with bleeding", None, _references(bleeds))))
             continue
         r, cr = value >= r_floor, value >= cr_threshold
         append(_Count(ident, time, day, position, False, r, cr))
@@ -575,7 +538,7 @@ def _classify(
         else:  # why it misses the R rule
             code = "qualifying-cr" if cr else "failing"
             detail = below_r if value < r_threshold else below_doubling
-        entry(new(_Entry, (observation, ident, time, day, value, code, detail, None, ())))
+        entry(new(_Entry, (*head, code, detail, None, ())))
     return evaluable
 
 
@@ -612,30 +575,17 @@ def _with_bleeding_occasions(
         for key, ident, time in bleeding[day]:
             if time <= start:
                 continue
-            resource_type = _BLEEDING_TYPES[key]
+            head = (_BLEEDING_TYPES[key], ident, time, day, None)
             if first_day and not clock.days_apart(start, time, first_day):
-                detail = f"before day {first_day} of treatment"
-                entries.append(
-                    Classification(resource_type, ident, time, day, None, "not-evaluable", detail)
-                )
+                entries.append(Classification(*head, "not-evaluable", _before_day(first_day)))
                 continue
             rescue = _covering_rescue(rescues, time, window, clock)
             if rescue is not None:
-                detail = f"within {window} days after a rescue"
-                entries.append(
-                    Classification(
-                        resource_type, ident, time, day, None, "under-rescue", detail, rescue
-                    )
-                )
+                entries.append(Classification(*head, "under-rescue", _after_rescue(window), rescue))
                 continue
-            entries.append(
-                Classification(
-                    resource_type, ident, time, day, None, "failing", "bleeding without a count"
-                )
-            )
-            occasions.append(
-                _Count(ident, time, day, clock.position(time, day), True, False, False, key)
-            )
+            entries.append(Classification(*head, "failing", "bleeding without a count"))
+            position = clock.position(time, day)
+            occasions.append(_Count(ident, time, day, position, True, False, False, key))
     if entries:
         # A stable sort: the counts keep their order, and no count shares an entry's time.
         classified[:] = sorted([*classified, *entries], key=attrgetter("time"))

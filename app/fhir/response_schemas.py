@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.engine.model import ClassificationCode
+
 ResponseCode = Literal["NE", "NR", "R", "CR", "LOR"]
 
 
@@ -72,15 +74,7 @@ class ResponseClassification(_Model):
     time: str = Field(description="Clinically relevant time (UTC)")
     date: str = Field(description="Calendar date in the trial time zone")
     value: float | None = Field(description="The count, 10^9/L; null for a bleed")
-    classification: Literal[
-        "baseline-candidate",
-        "excluded-by-rescue",
-        "not-evaluable",
-        "under-rescue",
-        "qualifying-cr",
-        "qualifying-r",
-        "failing",
-    ]
+    classification: ClassificationCode
     detail: str | None = Field(description="Why, in words (e.g. 'below 30', 'with bleeding')")
     rescue: str | None = Field(
         description="Id of the rescue MedicationAdministration whose window holds it"

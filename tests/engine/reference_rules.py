@@ -116,6 +116,20 @@ def covering_rescue(
     return max(holding)[1] if holding else None
 
 
+def left_out(
+    rules: Rules, rescues: list[tuple[datetime, str]], time: datetime, start: datetime
+) -> tuple[str, str, str | None] | None:
+    """Why a count or a bleed after the start is neither qualifying nor failing, if it is:
+    (classification, detail, rescue)."""
+    c = rules.c
+    if not rules.evaluable(time, start):
+        return "not-evaluable", f"before day {c.first_evaluable_day} of treatment", None
+    rescue = covering_rescue(rules, rescues, time, c.rescue_window_days)
+    if rescue is not None:
+        return "under-rescue", f"within {c.rescue_window_days} days after a rescue", rescue
+    return None
+
+
 def assess(timeline: Timeline, criteria: Criteria) -> Assessment:
     rules = Rules(criteria)
     c = criteria
@@ -223,14 +237,8 @@ def assess(timeline: Timeline, criteria: Criteria) -> Assessment:
         if x.time <= start:
             continue
         day = rules.day(x.time)
-        if not rules.evaluable(x.time, start):
-            count_entry(x, "not-evaluable", f"before day {c.first_evaluable_day} of treatment")
-            continue
-        rescue = covering_rescue(rules, rescues, x.time, c.rescue_window_days)
-        if rescue is not None:
-            count_entry(
-                x, "under-rescue", f"within {c.rescue_window_days} days after a rescue", rescue
-            )
+        if (why := left_out(rules, rescues, x.time, start)) is not None:
+            count_entry(x, *why)
             continue
         that_day = bleeds_on(day)
         if that_day:
@@ -258,14 +266,8 @@ def assess(timeline: Timeline, criteria: Criteria) -> Assessment:
         day = rules.day(b.time)
         if b.time <= start or day in days_with_a_count:
             continue
-        if not rules.evaluable(b.time, start):
-            bleed_entry(b, "not-evaluable", f"before day {c.first_evaluable_day} of treatment")
-            continue
-        rescue = covering_rescue(rules, rescues, b.time, c.rescue_window_days)
-        if rescue is not None:
-            bleed_entry(
-                b, "under-rescue", f"within {c.rescue_window_days} days after a rescue", rescue
-            )
+        if (why := left_out(rules, rescues, b.time, start)) is not None:
+            bleed_entry(b, *why)
             continue
         bleed_entry(b, "failing", "bleeding without a count")
         occasions.append(Occasion(b.id, b.time, day, False, True, False, False, b.key))

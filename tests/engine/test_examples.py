@@ -206,37 +206,33 @@ def story_2(
 
 EXAMPLE_2_V2 = (count_2("03-03", 12), count_2("03-10", 35), count_2("03-17", 48))
 IVIG = Administration("ivig", at(2, 25, 10), role="rescue")
+EXAMPLE_11 = story_2(count_2("03-03", 12), count_2("03-10", 40, hour=10), count_2("03-17", 45))
+EXAMPLE_12 = story_2(
+    count_2("02-24", 12),
+    count_2("03-03", 60, hour=7),
+    count_2("04-28", 40),
+    count_2("05-05", 45),
+    rescues=(IVIG,),
+)
 
 EXAMPLES_2 = {
     "11 calendar-day confirmation": (
-        story_2(count_2("03-03", 12), count_2("03-10", 40, hour=10), count_2("03-17", 45)),
+        EXAMPLE_11,
         Criteria(),
         Expected("R", "R", ttr=7, episodes=(("03-10", None, 7, "R", None),)),
     ),
     "11 as instants": (
-        story_2(count_2("03-03", 12), count_2("03-10", 40, hour=10), count_2("03-17", 45)),
+        EXAMPLE_11,
         Criteria(confirm_clock="instant"),
         Expected("NR", "NR", pending=True),
     ),
     "12 baseline untouched by rescue": (
-        story_2(
-            count_2("02-24", 12),
-            count_2("03-03", 60, hour=7),
-            count_2("04-28", 40),
-            count_2("05-05", 45),
-            rescues=(IVIG,),
-        ),
+        EXAMPLE_12,
         Criteria(),
         Expected("R", "R", ttr=56, episodes=(("04-28", None, 7, "R", None),)),
     ),
     "12 with the version 1 baseline": (
-        story_2(
-            count_2("02-24", 12),
-            count_2("03-03", 60, hour=7),
-            count_2("04-28", 40),
-            count_2("05-05", 45),
-            rescues=(IVIG,),
-        ),
+        EXAMPLE_12,
         Criteria(baseline_rescue_exclusion_days=0),
         Expected("NR", "NR"),  # 40 and 45 fail: below 2 x 60
     ),
