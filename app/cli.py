@@ -106,17 +106,28 @@ def _audit(args: argparse.Namespace) -> int:
     return 1
 
 
-def _recompute(_args: argparse.Namespace) -> int:
-    from app.services.response import recompute_all
+def _recompute(args: argparse.Namespace) -> int:
+    from app.services.response import DEFAULT_RECOMPUTE_REASON, recompute_all
+
+    reason = (args.reason if args.reason is not None else DEFAULT_RECOMPUTE_REASON).strip()
+    if not reason:
+        print("--reason must not be empty: it is each new status's reason", file=sys.stderr)
+        return 2
 
     def progress(done: int, total: int, changed: int) -> None:
         print(f"\r{done}/{total} patients, {changed} changed", end="", file=sys.stderr)
 
-    total, changed = asyncio.run(_with_services(lambda ctx: recompute_all(ctx, progress)))
+    report = asyncio.run(_with_services(lambda ctx: recompute_all(ctx, progress, reason)))
+    print(file=sys.stderr)
     print(
-        f"\nre-evaluated {total} patients under the current criteria; {changed} changed "
-        "(new response-status versions written only for those)"
+        f"re-evaluated {report.patients} patients under the current criteria; "
+        f"{len(report.changed)} changed (a new response-status version each, with a "
+        f"Provenance whose reason is {reason!r}); {report.refreshed} kept their result "
+        "(stored assessment refreshed with the new criteria or classifications, no new "
+        "version); the others had nothing to write"
     )
+    for patient_id, before, after in report.changed:
+        print(f"Patient/{patient_id}: {before or 'none'} -> {after}")
     return 0
 
 
@@ -322,11 +333,19 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--scope", default=None, help="SMART v2 scopes (default: the role's)")
     token.add_argument("--minutes", type=int, default=None, help="lifetime (default 60)")
     token.set_defaults(handler=_token)
-    commands.add_parser(
+    recompute = commands.add_parser(
         "recompute",
-        help="re-evaluate every patient under the current ITP_* criteria",
+        help="re-evaluate every patient under the current ITP_* criteria; lists each changed "
+        "status (a new version with a Provenance giving the reason)",
         parents=[debug],
-    ).set_defaults(handler=_recompute)
+    )
+    recompute.add_argument(
+        "--reason",
+        default=None,
+        help="the reason for change of each new status version "
+        '(default: "response rules version 2")',
+    )
+    recompute.set_defaults(handler=_recompute)
     commands.add_parser(
         "demo",
         help="load a synthetic 20-patient trial (needs migrated DATABASE_URL)",

@@ -114,8 +114,9 @@ def get_settings() -> Settings:
 
 
 class CriteriaSettings(BaseSettings):
-    """The response criteria the spec leaves to the protocol (response-criteria.md), read
-    from `ITP_*`. Every assessment stores the values it used, so it can be reproduced."""
+    """The response criteria the rules leave to the protocol (docs/response-rules.md), read
+    from `ITP_*`. Every assessment stores the values it used, so it can be reproduced; the
+    rules version is not a setting: the server assesses under the current rules (2)."""
 
     model_config = SettingsConfigDict(env_prefix="ITP_", extra="ignore")
 
@@ -130,6 +131,10 @@ class CriteriaSettings(BaseSettings):
     baseline_lookback_days: int = Field(default=14, ge=0)
     response_date_anchor: Literal["first", "confirming"] = "first"
     trial_timezone: str = "UTC"
+    # Rules version 2's; `instant`, 0 and 0 give version 1's results (docs/response-rules.md).
+    confirm_clock: Literal["calendar", "instant"] = "calendar"
+    baseline_rescue_exclusion_days: int = Field(default=14, ge=0)
+    first_evaluable_day: int = Field(default=1, ge=0)
 
     @field_validator("trial_timezone")
     @classmethod

@@ -34,9 +34,11 @@ async def test_recompute_writes_only_what_changed(client, services):
     await post_count(client, patient_id, "03-10", 35)
     await post_count(client, patient_id, "03-17", 48)
     assert (await status_of(client, patient_id))["status"] == "R"
-    assert await response.recompute_all(services) == (1, 0)  # same criteria: nothing written
+    # Same criteria: nothing written.
+    assert await response.recompute_all(services) == response.RecomputeReport(1, [], 0)
     stricter = dataclasses.replace(services, criteria=Criteria(r_threshold=50))
-    assert await response.recompute_all(stricter) == (1, 1)
+    report = await response.recompute_all(stricter)
+    assert report == response.RecomputeReport(1, [(patient_id, "R", "NR")], 0)
     assessment = await status_of(client, patient_id)
     assert assessment["status"] == "NR"
     assert assessment["criteria"]["r_threshold"] == 50

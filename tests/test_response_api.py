@@ -1,5 +1,6 @@
-"""The response engine through the HTTP API: the spec's 10 worked examples on both databases,
-recompute on every change, the server-owned status Observation, the summary."""
+"""The response engine through the HTTP API: the rules' 15 worked examples on both databases,
+recompute on every change, the classification of every record, the server-owned status
+Observation, the summary."""
 
 from __future__ import annotations
 
@@ -144,6 +145,10 @@ async def test_example_9_arrival_order_does_not_matter(client):
         for count in order:
             await post_count(client, patient_id, *count)
         assessment = await status_of(client, patient_id)
+        # Ids differ between the two patients; all else is the same.
+        assessment["classifications"] = [
+            {k: v for k, v in item.items() if k != "id"} for item in assessment["classifications"]
+        ]
         results.append(
             {
                 k: v
@@ -152,7 +157,167 @@ async def test_example_9_arrival_order_does_not_matter(client):
             }
         )
     assert results[0] == results[1]
+    assert len(results[0]["classifications"]) == 3
     assert results[0]["status"] == "R"
+
+
+# Version 2's examples: first dose at 09:00, counts at 08:00 unless said.
+V2_START = "2025-03-03T09:00:00Z"
+
+
+def t(day: str, clock: str = "08:00") -> str:
+    return f"2025-{day}T{clock}:00Z"
+
+
+# counts [(time, value)], study-drug status, rescue time, WHO bleeding grade 2 times, expected
+EXAMPLES_2 = {
+    11: (
+        [(t("03-03"), 12), (t("03-10", "10:00"), 40), (t("03-17"), 45)],
+        "completed",
+        None,
+        [],
+        {"status": "R", "response_date": "2025-03-10", "time_to_response_days": 7},
+    ),
+    12: (
+        [(t("02-24"), 12), (t("03-03", "07:00"), 60), (t("04-28"), 40), (t("05-05"), 45)],
+        "completed",
+        t("02-25", "10:00"),
+        [],
+        {"status": "R", "response_date": "2025-04-28", "time_to_response_days": 56},
+    ),
+    13: (
+        [(t("03-03"), 10), (t("03-03", "10:30"), 50), (t("03-10"), 45), (t("03-17"), 50)],
+        "completed",
+        None,
+        [],
+        {"status": "R", "response_date": "2025-03-10", "time_to_response_days": 7},
+    ),
+    14: (
+        [(t("03-03"), 10), (t("03-10"), 40), (t("03-17"), 45), (t("04-07"), 50), (t("04-14"), 55)],
+        "completed",
+        None,
+        [t("04-01", "11:00")],
+        {
+            "status": "R",
+            "time_to_response_days": 7,
+            "episodes": [
+                {
+                    "start": "2025-03-10",
+                    "level": "R",
+                    "end": "2025-04-01",
+                    "duration_of_response_days": 22,
+                    "cr_start": None,
+                    "cr_end": None,
+                    "cr_periods": [],
+                },
+                {
+                    "start": "2025-04-07",
+                    "level": "R",
+                    "end": None,
+                    "duration_of_response_days": 7,
+                    "cr_start": None,
+                    "cr_end": None,
+                    "cr_periods": [],
+                },
+            ],
+        },
+    ),
+    15: (
+        [(t("03-03"), 12), (t("03-10"), 35), (t("03-17"), 48)],
+        "stopped",
+        None,
+        [],
+        {"status": "R", "response_date": "2025-03-10", "time_to_response_days": 7},
+    ),
+}
+
+
+async def v2_patient(client: httpx.AsyncClient, number: int) -> tuple[str, dict[str, str]]:
+    """Example `number` of version 2 posted; the patient and the ids of what was posted."""
+    counts, dose_status, rescue, bleeds, _ = EXAMPLES_2[number]
+    patient_id = await new_patient(client)
+    ids: dict[str, str] = {}
+    for when, value in counts:
+        posted = await create(client, builders.platelet_count(patient_id, when, value))
+        ids[when] = posted.json()["id"]
+    dose = builders.administration(patient_id, V2_START, status=dose_status)
+    ids["dose"] = (await create(client, dose)).json()["id"]
+    if rescue is not None:
+        given = builders.administration(patient_id, rescue, role="rescue", drug="IVIg")
+        ids["rescue"] = (await create(client, given)).json()["id"]
+    for when in bleeds:
+        posted = await create(client, builders.bleeding_grade(patient_id, when, 2))
+        ids[when] = posted.json()["id"]
+    return patient_id, ids
+
+
+@pytest.mark.parametrize("number", sorted(EXAMPLES_2))
+async def test_worked_example_of_version_2(client, number):
+    patient_id, _ = await v2_patient(client, number)
+    assessment = await status_of(client, patient_id)
+    for key, value in EXAMPLES_2[number][4].items():
+        assert assessment[key] == value, (number, key, assessment)
+    assert assessment["treatment_start"].startswith("2025-03-03T09:00")
+    assert assessment["criteria"]["confirm_clock"] == "calendar"
+    assert assessment["criteria"]["rules_version"] == 2
+
+
+async def test_response_status_classifies_every_count_and_bleed(client):
+    patient_id, ids = await v2_patient(client, 12)
+    assessment = await status_of(client, patient_id)
+    assert assessment["baseline"]["observation"] == ids[t("02-24")]
+    excluded = "within 14 days after a rescue"
+    assert [
+        (c["id"], c["classification"], c["detail"], c["rescue"])
+        for c in assessment["classifications"]
+    ] == [
+        (ids[t("02-24")], "baseline-candidate", "used as the baseline", None),
+        (ids[t("03-03", "07:00")], "excluded-by-rescue", excluded, ids["rescue"]),
+        (ids[t("04-28")], "qualifying-r", None, None),
+        (ids[t("05-05")], "qualifying-r", None, None),
+    ]
+    first = assessment["classifications"][0]
+    assert (first["resource_type"], first["date"], first["value"]) == (
+        "Observation",
+        "2025-02-24",
+        12,
+    )
+    assert first["time"].startswith("2025-02-24T08:00:00")
+
+    patient_id, ids = await v2_patient(client, 14)
+    event = builders.adverse_event(patient_id, "2025-04-20", bleeding=True)
+    event_id = (await create(client, event)).json()["id"]
+    assessment = await status_of(client, patient_id)
+    bleeds = [c for c in assessment["classifications"] if c["value"] is None]
+    assert [(c["resource_type"], c["id"], c["classification"], c["detail"]) for c in bleeds] == [
+        ("Observation", ids[t("04-01", "11:00")], "failing", "bleeding without a count"),
+        ("AdverseEvent", event_id, "failing", "bleeding without a count"),
+    ]
+    assert assessment["status"] == "LOR"  # the event of 04-20 ends the second episode
+    assert assessment["evidence"]["bleeding_events"] == [event_id]
+    patient_id, _ = await v2_patient(client, 13)
+    start_day = (await status_of(client, patient_id))["classifications"]
+    assert [c["classification"] for c in start_day] == [
+        "baseline-candidate",
+        "not-evaluable",
+        "qualifying-r",
+        "qualifying-r",
+    ]
+
+
+async def test_a_count_that_decides_nothing_is_classified_without_a_new_status_version(client):
+    patient_id = await enrol_and_treat(client, (8, "10*9/L"))
+    await post_count(client, patient_id, "03-10", 12)
+    status_path = (await status_of(client, patient_id))["observation"]
+    version = (await client.get(f"/fhir/{status_path}")).json()["meta"]["versionId"]
+    await post_count(client, patient_id, "03-17", 14)  # failing again: still NR
+    assessment = await status_of(client, patient_id)
+    assert [c["classification"] for c in assessment["classifications"]] == [
+        "baseline-candidate",
+        "failing",
+        "failing",
+    ]
+    assert (await client.get(f"/fhir/{status_path}")).json()["meta"]["versionId"] == version
 
 
 async def test_every_change_recomputes_and_entered_in_error_is_ignored(client):
@@ -184,10 +349,17 @@ async def test_every_change_recomputes_and_entered_in_error_is_ignored(client):
 async def test_rescue_and_bleeding_event_are_read(client):
     patient_id = await enrol_and_treat(client, (12, "10*9/L"))
     rescue = builders.administration(patient_id, "2025-03-09T08:00:00Z", role="rescue", drug="IVIg")
-    await create(client, rescue)
+    rescue_id = (await create(client, rescue)).json()["id"]
     await post_count(client, patient_id, "03-10", 60)
     await post_count(client, patient_id, "03-17", 65)
-    assert (await status_of(client, patient_id))["status"] == "NR"  # both under rescue
+    assessment = await status_of(client, patient_id)  # both under rescue: none evaluable
+    assert (assessment["status"], assessment["status_reason"]) == ("NE", "no evaluable count")
+    assert [c["classification"] for c in assessment["classifications"]] == [
+        "baseline-candidate",
+        "under-rescue",
+        "under-rescue",
+    ]
+    assert {c["rescue"] for c in assessment["classifications"][1:]} == {rescue_id}
     other = await enrol_and_treat(client, (12, "10*9/L"))
     await create(client, builders.adverse_event(other, "2025-03-10", bleeding=True))
     await post_count(client, other, "03-10", 60)
@@ -255,7 +427,7 @@ async def test_summary_counts_and_response_rate(client):
     assert summary["patients"] == 4
     assert summary["evaluable"] == 3
     assert summary["by_status"] == {"CR": 1, "R": 1, "NR": 1, "LOR": 0, "NE": 1}
-    assert summary["by_best_response"] == {"CR": 1, "R": 1, "NR": 1}
+    assert summary["by_best_response"] == {"CR": 1, "R": 1, "NR": 1, "NE": 1}
     assert summary["overall_response_rate"] == pytest.approx(2 / 3, abs=1e-4)
 
 

@@ -8,18 +8,42 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, NamedTuple, TypeVar, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 BaselineRule = Literal["last-before-start", "mean-before-start"]
 ResponseDateAnchor = Literal["first", "confirming"]
+ConfirmClock = Literal["calendar", "instant"]
 AdministrationRole = Literal["study-drug", "rescue", "concomitant"]
 ResponseLevel = Literal["R", "CR"]
 Status = Literal["NE", "NR", "R", "CR", "LOR"]
-BestResponse = Literal["CR", "R", "NR"]
+# NE: never evaluable (rules version 2; version 1 gave no best response, None).
+BestResponse = Literal["CR", "R", "NR", "NE"]
+ClassificationCode = Literal[
+    "baseline-candidate",
+    "excluded-by-rescue",
+    "not-evaluable",
+    "under-rescue",
+    "qualifying-cr",
+    "qualifying-r",
+    "failing",
+]
 _T = TypeVar("_T")
+
+# The rules this engine implements (docs/response-rules.md). Version 1 is kept reachable so
+# that an assessment stored under it can be reproduced exactly.
+RULES_VERSION = 2
+# A criteria mapping stored before version 2 has none of these keys: they are what version 1
+# did without a setting (instants, no baseline exclusion, counts evaluable from the dose on).
+VERSION_1_CRITERIA: dict[str, Any] = {
+    "rules_version": 1,
+    "confirm_clock": "instant",
+    "baseline_rescue_exclusion_days": 0,
+    "first_evaluable_day": 0,
+}
 
 _NON_NEGATIVE = (
     "r_threshold",
@@ -30,12 +54,18 @@ _NON_NEGATIVE = (
     "bleeding_min_grade",
     "rescue_window_days",
     "baseline_lookback_days",
+    "baseline_rescue_exclusion_days",
+    "first_evaluable_day",
 )
 
 
 @dataclass(frozen=True)
 class Criteria:
-    """The settings of response-criteria.md, defaults as the spec states them."""
+    """The settings of the response rules (docs/response-rules.md), with their defaults.
+
+    `rules_version` is not a setting but the rules a result was made under: 1 reproduces
+    an assessment stored before version 2 (see `from_stored`), 2 is the current rules.
+    """
 
     r_threshold: float = 30.0
     cr_threshold: float = 100.0
@@ -48,6 +78,10 @@ class Criteria:
     baseline_lookback_days: int = 14
     response_date_anchor: ResponseDateAnchor = "first"
     trial_timezone: str = "UTC"
+    confirm_clock: ConfirmClock = "calendar"
+    baseline_rescue_exclusion_days: int = 14
+    first_evaluable_day: int = 1
+    rules_version: int = RULES_VERSION
 
     def __post_init__(self) -> None:
         """Refuse settings that would otherwise be silently misread (a typo in a rule name)."""
@@ -55,6 +89,20 @@ class Criteria:
             raise ValueError(f"baseline_rule must be one of {get_args(BaselineRule)}")
         if self.response_date_anchor not in get_args(ResponseDateAnchor):
             raise ValueError(f"response_date_anchor must be one of {get_args(ResponseDateAnchor)}")
+        if self.confirm_clock not in get_args(ConfirmClock):
+            raise ValueError(f"confirm_clock must be one of {get_args(ConfirmClock)}")
+        if self.rules_version not in (1, RULES_VERSION):
+            raise ValueError(f"rules_version must be 1 or {RULES_VERSION}")
+        if self.rules_version == 1 and any(
+            getattr(self, name) != value
+            for name, value in VERSION_1_CRITERIA.items()
+            if name != "rules_version"
+        ):
+            # Version 1 had none of these settings: any other value is no version-1 result.
+            raise ValueError(
+                "rules_version 1 needs confirm_clock 'instant', "
+                "baseline_rescue_exclusion_days 0 and first_evaluable_day 0"
+            )
         negative = [name for name in _NON_NEGATIVE if getattr(self, name) < 0]
         if negative:
             raise ValueError(f"criteria must not be negative: {', '.join(negative)}")
@@ -71,6 +119,15 @@ class Criteria:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready setting values, stored beside each result so it can be reproduced."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_stored(cls, values: Mapping[str, Any]) -> Criteria:
+        """The criteria of a stored assessment (`as_dict` of its time).
+
+        A key the mapping lacks was no setting when it was stored: it takes version 1's
+        value, so an assessment stored under version 1 is reproduced under version 1.
+        """
+        return cls(**{**VERSION_1_CRITERIA, **values})
 
 
 def _require_aware(kind: str, ident: str, time: datetime) -> None:
@@ -258,6 +315,40 @@ class Episode:
         }
 
 
+class Classification(NamedTuple):
+    """How the engine classified one record: a platelet count, or a bleed on a day without a
+    count (a bleeding occasion), so a reviewer can follow a decision without re-running it.
+
+    `value` is the count in 10^9/L (None for a bleed); `detail` says why, in words;
+    `rescue` is the MedicationAdministration id whose window holds the record; `bleeding` the
+    references of the bleeds that make a count "with bleeding". A tuple, not a dataclass: a
+    patient with 1,000 counts gets 1,000 of them on every recompute.
+    """
+
+    resource_type: str
+    id: str
+    time: datetime
+    date: dt.date
+    value: float | None
+    classification: ClassificationCode
+    detail: str | None = None
+    rescue: str | None = None
+    bleeding: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "resource_type": self.resource_type,
+            "id": self.id,
+            "time": self.time.isoformat(),
+            "date": self.date.isoformat(),
+            "value": self.value,
+            "classification": self.classification,
+            "detail": self.detail,
+            "rescue": self.rescue,
+            "bleeding": list(self.bleeding),
+        }
+
+
 @dataclass(frozen=True)
 class Assessment:
     """The engine's result for one patient (see "Output per patient" in the spec)."""
@@ -276,6 +367,8 @@ class Assessment:
     episodes: tuple[Episode, ...]
     evidence: dict[str, list[str]] = field(default_factory=dict)
     criteria: Criteria = field(default_factory=Criteria)
+    # Every input count and every bleeding occasion, in clinical order (added in version 2).
+    classifications: tuple[Classification, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: dates and instants as ISO 8601 strings."""
@@ -293,6 +386,7 @@ class Assessment:
             "time_to_complete_response_days": self.time_to_complete_response_days,
             "episodes": [episode.as_dict() for episode in self.episodes],
             "evidence": {name: list(ids) for name, ids in self.evidence.items()},
+            "classifications": [item.as_dict() for item in self.classifications],
             "criteria": self.criteria.as_dict(),
         }
 

@@ -1,9 +1,16 @@
-"""The ITP response rules of response-criteria.md as one pure function, `assess`.
+"""The ITP response rules (docs/response-rules.md, version 2) as one pure function, `assess`.
 
 Everything is evaluated in clinical-time order, ties broken by observation id (then value and
 status), so the order in which data arrived can never change a result. Times are taken to
 UTC first, so instants compare and subtract as instants; calendar days are dates in the trial
-time zone; `confirm_days` and `loss_confirm_days` compare instants.
+time zone. Distances in days are counted on the `confirm_clock`: calendar days (date minus
+date) or instants (time minus time, a day being 24 hours).
+
+`criteria.rules_version == 1` reproduces the rules before version 2 exactly (with the three
+version-2 settings at `instant`, 0, 0, which `Criteria` insists on): a `stopped` study-drug
+administration does not start treatment, a bleed on a day without a count is ignored, the
+not-evaluable reasons are version 1's, and a patient with a count after the start is
+evaluable even when every such count is under rescue.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from .model import (
     BestResponse,
     BleedingAssessment,
     BleedingEvent,
+    Classification,
+    ClassificationCode,
     Criteria,
     CrPeriod,
     Episode,
@@ -32,9 +41,18 @@ from .model import (
 )
 
 VALID_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
+# Rescue administrations that count; under rules version 1 the study drug's too.
 ACTIVE_ADMINISTRATION_STATUSES = frozenset({"completed", "in-progress"})
+# An interrupted infusion (`stopped`) has still exposed the patient: it starts treatment.
+STUDY_DRUG_STATUSES = ACTIVE_ADMINISTRATION_STATUSES | {"stopped"}
 ACTUAL_EVENT = "actual"
 DEFAULT_CRITERIA = Criteria()
+
+# Why a patient is not evaluable, checked in this order.
+NO_TREATMENT_START = "no treatment start"
+NO_BASELINE = "no baseline"
+BASELINE_ONLY_UNDER_RESCUE = "baseline only under rescue"
+NO_EVALUABLE_COUNT = "no evaluable count"
 
 # Each evidence key with the FHIR resource type of its ids, so a caller can build references.
 EVIDENCE_RESOURCE_TYPES = {
@@ -47,19 +65,33 @@ EVIDENCE_RESOURCE_TYPES = {
     "bleeding_events": "AdverseEvent",
 }
 
+_MICROSECONDS_PER_DAY = 86_400_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
 
 class _Count(NamedTuple):
-    """A post-start count that is not under rescue, classified once against the criteria.
+    """An evaluated occasion after the start: a count that is neither under rescue nor on a
+    day that is not evaluable, or a bleed on a day without a count (`is_count` False).
 
+    `position` is where the occasion sits on the confirm clock (a day number, or
+    microseconds), so both clocks compare distances with one subtraction.
     A tuple, not a frozen dataclass: a patient with 1,000 counts makes 1,000 of them per
     recompute, and a tuple is built several times faster (measured in bench/README.md)."""
 
     id: str
     time: datetime
     day: date
+    position: int
     bleeding: bool
     r_qualifying: bool
     cr_qualifying: bool
+    # "count", or for a bleeding occasion the evidence key of its bleed
+    source: str = "count"
+
+    @property
+    def is_count(self) -> bool:
+        return self.source == "count"
 
     @property
     def qualifying(self) -> bool:
@@ -92,7 +124,7 @@ def _is_below_cr(count: _Count) -> bool:
 
 @dataclass(frozen=True)
 class _Pair:
-    """Indices of a decision's two counts (equal for a loss by a single bleeding count)."""
+    """Indices of a decision's two occasions (equal for a loss by a single bleeding one)."""
 
     first: int
     second: int
@@ -111,6 +143,63 @@ class _EpisodeTrace:
     cr: tuple[_CrTrace, ...]
 
 
+class _Clock:
+    """Distances in days on the confirm clock, and the windows "N days after an event".
+
+    `calendar`: the difference of two trial-zone dates; a window holds what is taken at or
+    after the event's instant and on or before the calendar day event-date + N.
+    `instant`: the difference of two instants, a day being 24 hours; a window is
+    [event, event + N x 24 h].
+    """
+
+    def __init__(self, criteria: Criteria) -> None:
+        self.calendar = criteria.confirm_clock == "calendar"
+        self.zone = criteria.zone
+        # Times are in UTC here (`_in_utc`): in a UTC trial their date is the calendar day.
+        self.in_utc = self.zone.key == "UTC"
+
+    def day(self, time: datetime) -> date:
+        return time.date() if self.in_utc else time.astimezone(self.zone).date()
+
+    def position(self, time: datetime, day: date) -> int:
+        if self.calendar:
+            return day.toordinal()
+        return (time - _EPOCH) // _MICROSECOND
+
+    def gap(self, days: int) -> int:
+        """`days` in the unit of `position`."""
+        return days if self.calendar else days * _MICROSECONDS_PER_DAY
+
+    def days_apart(self, earlier: datetime, later: datetime, days: int) -> bool:
+        """Whether `later` is at least `days` after `earlier`."""
+        if self.calendar:
+            return (self.day(later) - self.day(earlier)).days >= days
+        return later - earlier >= timedelta(days=days)
+
+    def within(self, event: datetime, time: datetime, days: int) -> bool:
+        """Whether `time` falls in the window of `days` days after `event`, ends included."""
+        if time < event:
+            return False
+        if self.calendar:
+            return (self.day(time) - self.day(event)).days <= days
+        return time - event <= timedelta(days=days)
+
+
+_Rescue = tuple[datetime, str]
+
+
+def _covering_rescue(
+    rescues: Sequence[_Rescue], time: datetime, days: int, clock: _Clock
+) -> str | None:
+    """The rescue whose window of `days` holds `time`: the latest one at or before it (ties:
+    the highest id). Windows end in the order their rescues were given, so if the latest
+    one's window has closed, every earlier one's has too."""
+    for given, ident in reversed(rescues):
+        if given <= time:
+            return ident if clock.within(given, time, days) else None
+    return None
+
+
 # Clinical-time order, ties broken by id, then value and status (a C-level key: 1,000 counts
 # are sorted on every recompute).
 _COUNT_ORDER = attrgetter("time", "id", "value", "status")
@@ -119,32 +208,49 @@ _COUNT_ORDER = attrgetter("time", "id", "value", "status")
 def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessment:
     """Classify one patient's response from the whole timeline (recomputed, never patched)."""
     timeline = _in_utc(timeline)
+    version_1 = criteria.rules_version == 1
     counts = sorted(
         (count for count in timeline.counts if count.status in VALID_OBSERVATION_STATUSES),
         key=_COUNT_ORDER,
     )
-    start = _treatment_start(timeline.administrations)
+    start = _treatment_start(timeline.administrations, version_1)
     if start is None:
-        return _not_evaluable(
-            timeline.patient, criteria, "no study-drug administration", None, None
-        )
-    baseline = _baseline(counts, start, criteria)
+        reason = "no study-drug administration" if version_1 else NO_TREATMENT_START
+        return _not_evaluable(timeline.patient, criteria, reason, None, None, [])
+    clock = _Clock(criteria)
+    rescues = _rescues(timeline.administrations)
+    pre_start = [count for count in counts if count.time <= start]
+    baseline, window, classified = _baseline(pre_start, start, rescues, clock, criteria)
     if baseline is None:
-        reason = (
-            "no platelet count in the "
-            f"{criteria.baseline_lookback_days} days up to the treatment start"
-        )
-        return _not_evaluable(timeline.patient, criteria, reason, start, None)
-    post_start = [count for count in counts if count.time > start]
-    if not post_start:
+        if version_1:
+            reason = (
+                "no platelet count in the "
+                f"{criteria.baseline_lookback_days} days up to the treatment start"
+            )
+        else:
+            reason = BASELINE_ONLY_UNDER_RESCUE if window else NO_BASELINE
+        return _not_evaluable(timeline.patient, criteria, reason, start, None, classified)
+    post_start = counts[len(pre_start) :]
+    if version_1 and not post_start:
         reason = "no platelet count after the treatment start"
-        return _not_evaluable(timeline.patient, criteria, reason, start, baseline)
+        return _not_evaluable(timeline.patient, criteria, reason, start, baseline, classified)
 
-    bleeding = _bleeding_by_day(timeline.bleeding_assessments, timeline.bleeding_events, criteria)
-    evaluable = _classify(
-        post_start, baseline.value, bleeding, _rescue_times(timeline.administrations), criteria
+    bleeding = _bleeding_by_day(
+        timeline.bleeding_assessments, timeline.bleeding_events, clock, criteria
     )
-    traces = _trace_episodes(evaluable, criteria)
+    evaluable = _classify(
+        post_start, start, baseline.value, bleeding, rescues, clock, criteria, classified
+    )
+    if not version_1:
+        any_count = bool(evaluable)  # bleeding occasions alone make no response
+        evaluable = _with_bleeding_occasions(
+            evaluable, start, bleeding, rescues, clock, criteria, classified
+        )
+        if not any_count:
+            return _not_evaluable(
+                timeline.patient, criteria, NO_EVALUABLE_COUNT, start, baseline, classified
+            )
+    traces = _trace_episodes(evaluable, clock, criteria)
     episodes = tuple(_episode(trace, evaluable, criteria) for trace in traces)
     start_day = _day(start, criteria.zone)
     response_date = episodes[0].start if episodes else None
@@ -166,6 +272,7 @@ def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessm
         episodes=episodes,
         evidence=_evidence(baseline, traces, evaluable, bleeding),
         criteria=criteria,
+        classifications=tuple(classified),
     )
 
 
@@ -201,6 +308,7 @@ def _not_evaluable(
     reason: str,
     start: datetime | None,
     baseline: Baseline | None,
+    classified: list[Classification],
 ) -> Assessment:
     """NE keeps whatever was already known, so a reviewer sees how far the patient got."""
     evidence = _empty_evidence()
@@ -210,7 +318,7 @@ def _not_evaluable(
         patient=patient,
         status="NE",
         status_reason=reason,
-        best_response=None,
+        best_response=None if criteria.rules_version == 1 else "NE",
         pending_confirmation=False,
         baseline=baseline,
         treatment_start=start,
@@ -221,6 +329,7 @@ def _not_evaluable(
         episodes=(),
         evidence=evidence,
         criteria=criteria,
+        classifications=tuple(classified),
     )
 
 
@@ -232,49 +341,123 @@ def _days_between(start: date, end: date | None) -> int | None:
     return (end - start).days if end is not None else None
 
 
-def _active(administrations: Iterable[Administration], role: str) -> list[datetime]:
-    return [
+def _treatment_start(administrations: Iterable[Administration], version_1: bool) -> datetime | None:
+    """Earliest study-drug dose that exposed the patient."""
+    statuses = ACTIVE_ADMINISTRATION_STATUSES if version_1 else STUDY_DRUG_STATUSES
+    times = [
         administration.time
         for administration in administrations
-        if administration.role == role and administration.status in ACTIVE_ADMINISTRATION_STATUSES
+        if administration.role == "study-drug" and administration.status in statuses
     ]
-
-
-def _treatment_start(administrations: Iterable[Administration]) -> datetime | None:
-    """Earliest active study-drug dose."""
-    times = _active(administrations, "study-drug")
     return min(times) if times else None
 
 
-def _rescue_times(administrations: Iterable[Administration]) -> list[datetime]:
-    return _active(administrations, "rescue")
-
-
-def _baseline(
-    counts: Sequence[PlateletCount], start: datetime, criteria: Criteria
-) -> Baseline | None:
-    """Counts at the start instant are baseline: blood is drawn before the dose is given."""
-    earliest = start - timedelta(days=criteria.baseline_lookback_days)
-    window = [count for count in counts if earliest <= count.time <= start]
-    if not window:
-        return None
-    used = window if criteria.baseline_rule == "mean-before-start" else window[-1:]
-    return Baseline(
-        value=fmean(count.value for count in used),
-        observations=tuple(count.id for count in used),
-        date=_day(used[-1].time, criteria.zone),
+def _rescues(administrations: Iterable[Administration]) -> list[_Rescue]:
+    return sorted(
+        (administration.time, administration.id)
+        for administration in administrations
+        if administration.role == "rescue"
+        and administration.status in ACTIVE_ADMINISTRATION_STATUSES
     )
 
 
-_Bleeding = dict[date, list[tuple[str, str]]]
+def _count_entry(
+    count: PlateletCount,
+    day: date,
+    classification: ClassificationCode,
+    detail: str | None = None,
+    rescue: str | None = None,
+    bleeding: tuple[str, ...] = (),
+) -> Classification:
+    return Classification(
+        "Observation",
+        count.id,
+        count.time,
+        day,
+        count.value,
+        classification,
+        detail,
+        rescue,
+        bleeding,
+    )
+
+
+def _baseline(
+    pre_start: Sequence[PlateletCount],
+    start: datetime,
+    rescues: Sequence[_Rescue],
+    clock: _Clock,
+    criteria: Criteria,
+) -> tuple[Baseline | None, bool, list[Classification]]:
+    """The baseline, whether the lookback window held any count, and how each count at or
+    before the start was classified.
+
+    Counts at the start instant are baseline: blood is drawn before the dose is given. A
+    count within `baseline_rescue_exclusion_days` after a rescue is no candidate (0: none
+    is excluded).
+    """
+    lookback = criteria.baseline_lookback_days
+    exclusion = criteria.baseline_rescue_exclusion_days
+    in_window = False
+    entries: list[Classification] = []
+    candidates: list[tuple[int, PlateletCount]] = []  # with the index of its entry
+    for count in pre_start:
+        day = clock.day(count.time)
+        if not _in_lookback(clock, count.time, start, lookback):
+            entries.append(_count_entry(count, day, "not-evaluable", "before the baseline window"))
+            continue
+        in_window = True
+        rescue = _covering_rescue(rescues, count.time, exclusion, clock) if exclusion else None
+        if rescue is not None:
+            detail = _after_rescue(exclusion)
+            entries.append(_count_entry(count, day, "excluded-by-rescue", detail, rescue))
+            continue
+        candidates.append((len(entries), count))
+        entries.append(_count_entry(count, day, "baseline-candidate", _NOT_USED))
+    used = candidates if criteria.baseline_rule == "mean-before-start" else candidates[-1:]
+    if not used:
+        return None, in_window, entries
+    for index, _ in used:
+        entries[index] = entries[index]._replace(detail=_USED)
+    baseline = Baseline(
+        value=fmean(count.value for _, count in used),
+        observations=tuple(count.id for _, count in used),
+        date=clock.day(used[-1][1].time),
+    )
+    return baseline, True, entries
+
+
+_USED = "used as the baseline"
+_NOT_USED = "not used (a later count is the baseline)"
+
+
+def _before_day(first_day: int) -> str:
+    return f"before day {first_day} of treatment"
+
+
+def _after_rescue(days: int) -> str:
+    return f"within {days} days after a rescue"
+
+
+def _in_lookback(clock: _Clock, time: datetime, start: datetime, lookback: int) -> bool:
+    """Whether a count at or before the start is no more than `lookback` days before it."""
+    if clock.calendar:
+        return (clock.day(start) - clock.day(time)).days <= lookback
+    return start - time <= timedelta(days=lookback)
+
+
+# Documented bleeding per trial-zone calendar day: (evidence key, id, time), clinical order.
+_Bleeding = dict[date, list[tuple[str, str, datetime]]]
+_BLEEDING_TYPES = {"bleeding": "Observation", "bleeding_events": "AdverseEvent"}
 
 
 def _bleeding_by_day(
     assessments: Iterable[BleedingAssessment],
     events: Iterable[BleedingEvent],
+    clock: _Clock,
     criteria: Criteria,
 ) -> _Bleeding:
-    """Documented bleeding per trial-zone calendar day as (evidence key, id), in clinical order."""
+    """Qualifying bleeds: a grade of at least `bleeding_min_grade`, or a bleeding event."""
     found: list[tuple[datetime, str, str]] = [
         (assessment.time, "bleeding", assessment.id)
         for assessment in assessments
@@ -288,38 +471,127 @@ def _bleeding_by_day(
     ]
     by_day: _Bleeding = {}
     for time, key, ident in sorted(found):
-        by_day.setdefault(_day(time, criteria.zone), []).append((key, ident))
+        by_day.setdefault(clock.day(time), []).append((key, ident, time))
     return by_day
+
+
+def _references(bleeds: Iterable[tuple[str, str, datetime]]) -> tuple[str, ...]:
+    return tuple(f"{_BLEEDING_TYPES[key]}/{ident}" for key, ident, _ in bleeds)
 
 
 def _classify(
     post_start: Sequence[PlateletCount],
+    start: datetime,
     baseline: float,
     bleeding: _Bleeding,
-    rescues: Sequence[datetime],
+    rescues: Sequence[_Rescue],
+    clock: _Clock,
     criteria: Criteria,
+    classified: list[Classification],
 ) -> list[_Count]:
-    """Drop counts under rescue (they neither confirm nor lose a response) and classify the rest."""
-    window = timedelta(days=criteria.rescue_window_days)
-    rescue_windows = [(rescue, rescue + window) for rescue in rescues]
-    zone = criteria.zone
-    # Times are in UTC here (`_in_utc`): in a UTC trial their date is the calendar day.
-    in_utc = zone.key == "UTC"
+    """Classify each count after the start; return the evaluable ones.
+
+    A count on a day that is not evaluable yet, or under rescue, is neither qualifying nor
+    failing: it is left out of the evaluation (and said so in `classified`).
+    """
+    first_day = criteria.first_evaluable_day
+    start_day = clock.day(start)
+    earliest = start + timedelta(days=first_day)  # the `instant` clock's first evaluable time
+    not_evaluable = _before_day(first_day)
+    window = criteria.rescue_window_days
+    under_rescue = _after_rescue(window)
     cr_threshold = criteria.cr_threshold
-    r_floor = max(criteria.r_threshold, criteria.doubling_factor * baseline)
+    r_threshold = criteria.r_threshold
+    doubled = criteria.doubling_factor * baseline
+    r_floor = max(r_threshold, doubled)
+    below_r = f"below {r_threshold:g}"
+    below_doubling = f"below {criteria.doubling_factor:g} x baseline"
+    calendar, zone, in_utc = clock.calendar, clock.zone, clock.in_utc
     evaluable: list[_Count] = []
-    append = evaluable.append
+    append, entry = evaluable.append, classified.append
+    # The hot loop (1,000 counts on every recompute): entries built as plain tuples, days
+    # and positions inline rather than through `clock`.
+    new, observation = tuple.__new__, "Observation"
     for count in post_start:
         time = count.time
-        if rescue_windows and any(start <= time <= end for start, end in rescue_windows):
-            continue
         day = time.date() if in_utc else time.astimezone(zone).date()
-        if day in bleeding:
-            append(_Count(count.id, time, day, True, False, False))
+        ident, value = count.id, count.value
+        head = (observation, ident, time, day, value)  # the entry's first five fields
+        if first_day and ((day - start_day).days < first_day if calendar else time < earliest):
+            entry(new(_Entry, (*head, "not-evaluable", not_evaluable, None, ())))
             continue
-        value = count.value
-        append(_Count(count.id, time, day, False, value >= r_floor, value >= cr_threshold))
+        if rescues:
+            rescue = _covering_rescue(rescues, time, window, clock)
+            if rescue is not None:
+                entry(new(_Entry, (*head, "under-rescue", under_rescue, rescue, ())))
+                continue
+        position = day.toordinal() if calendar else (time - _EPOCH) // _MICROSECOND
+        bleeds = bleeding.get(day)
+        if bleeds:
+            append(_Count(ident, time, day, position, True, False, False))
+            entry(new(_Entry, (*head, "failing", "with bleeding", None, _references(bleeds))))
+            continue
+        r, cr = value >= r_floor, value >= cr_threshold
+        append(_Count(ident, time, day, position, False, r, cr))
+        if r:
+            code, detail = ("qualifying-cr" if cr else "qualifying-r"), None
+        else:  # why it misses the R rule
+            code = "qualifying-cr" if cr else "failing"
+            detail = below_r if value < r_threshold else below_doubling
+        entry(new(_Entry, (*head, code, detail, None, ())))
     return evaluable
+
+
+_Entry = Classification
+
+
+def _with_bleeding_occasions(
+    evaluable: list[_Count],
+    start: datetime,
+    bleeding: _Bleeding,
+    rescues: Sequence[_Rescue],
+    clock: _Clock,
+    criteria: Criteria,
+    classified: list[Classification],
+) -> list[_Count]:
+    """Add each qualifying bleed after the start on a day without any count: a failing
+    occasion at the bleed's time, unless under rescue or on a day that is not evaluable.
+
+    The classifications are merged in clinical order too: no count shares an occasion's day,
+    so no count shares its time.
+    """
+    first_day = criteria.first_evaluable_day
+    window = criteria.rescue_window_days
+    occasions: list[_Count] = []
+    entries: list[Classification] = []
+    after_start = sorted(day for day, bleeds in bleeding.items() if bleeds[-1][2] > start)
+    if not after_start:
+        return evaluable
+    # Every input count has its entry by now, with its trial-zone date (field 3).
+    count_days = {entry[3] for entry in classified}
+    for day in after_start:
+        if day in count_days:
+            continue
+        for key, ident, time in bleeding[day]:
+            if time <= start:
+                continue
+            head = (_BLEEDING_TYPES[key], ident, time, day, None)
+            if first_day and not clock.days_apart(start, time, first_day):
+                entries.append(Classification(*head, "not-evaluable", _before_day(first_day)))
+                continue
+            rescue = _covering_rescue(rescues, time, window, clock)
+            if rescue is not None:
+                entries.append(Classification(*head, "under-rescue", _after_rescue(window), rescue))
+                continue
+            entries.append(Classification(*head, "failing", "bleeding without a count"))
+            position = clock.position(time, day)
+            occasions.append(_Count(ident, time, day, position, True, False, False, key))
+    if entries:
+        # A stable sort: the counts keep their order, and no count shares an entry's time.
+        classified[:] = sorted([*classified, *entries], key=attrgetter("time"))
+    if not occasions:
+        return evaluable
+    return sorted([*evaluable, *occasions], key=attrgetter("time"))
 
 
 def _first_confirmed(
@@ -328,11 +600,11 @@ def _first_confirmed(
     hi: int,
     endpoint: _Predicate,
     breaks: _Predicate,
-    gap: timedelta,
+    gap: int,
 ) -> _Pair | None:
     """The first count A in counts[lo:hi] that a later count B confirms.
 
-    A and B satisfy `endpoint`, B is at least `gap` after A, and no count between them
+    A and B satisfy `endpoint`, B is at least `gap` after A, and no occasion between them
     `breaks` the chain. The R rule and the CR rule share this shape.
     """
     for a in range(lo, hi):
@@ -341,19 +613,17 @@ def _first_confirmed(
         for b in range(a + 1, hi):
             if breaks(counts[b]):
                 break
-            if endpoint(counts[b]) and counts[b].time - counts[a].time >= gap:
+            if endpoint(counts[b]) and counts[b].position - counts[a].position >= gap:
                 return _Pair(a, b)
     return None
 
 
-def _first_loss(
-    counts: Sequence[_Count], lo: int, holds: _Predicate, gap: timedelta
-) -> _Pair | None:
+def _first_loss(counts: Sequence[_Count], lo: int, holds: _Predicate, gap: int) -> _Pair | None:
     """The first loss of a level from counts[lo] on.
 
-    Either one count with bleeding, or a count that does not `hold` the level confirmed by a
-    later one at least `gap` after it with none holding the level in between. The loss date is
-    the first count of the pair, so the earliest such first count wins.
+    Either one bleeding occasion, or an occasion that does not `hold` the level confirmed by
+    a later one at least `gap` after it with none holding the level in between. The loss
+    date is the first occasion of the pair, so the earliest such first occasion wins.
     """
     for f in range(lo, len(counts)):
         if counts[f].bleeding:
@@ -363,12 +633,12 @@ def _first_loss(
         for g in range(f + 1, len(counts)):
             if holds(counts[g]):
                 break
-            if counts[g].time - counts[f].time >= gap:
+            if counts[g].position - counts[f].position >= gap:
                 return _Pair(f, g)
     return None
 
 
-def _onset(counts: Sequence[_Count], lo: int, gap: timedelta) -> _Pair | None:
+def _onset(counts: Sequence[_Count], lo: int, gap: int) -> _Pair | None:
     """The next response from counts[lo] on.
 
     Usually an R pair; a CR pair alone when its counts miss the doubling rule (baseline > 50).
@@ -384,14 +654,16 @@ def _onset(counts: Sequence[_Count], lo: int, gap: timedelta) -> _Pair | None:
     return min(candidates, key=lambda pair: (pair.first, pair.second), default=None)
 
 
-def _trace_episodes(counts: Sequence[_Count], criteria: Criteria) -> list[_EpisodeTrace]:
-    """Walk the counts: response, CR stretches inside it, loss; then look for the next response.
+def _trace_episodes(
+    counts: Sequence[_Count], clock: _Clock, criteria: Criteria
+) -> list[_EpisodeTrace]:
+    """Walk the occasions: response, CR stretches inside it, loss; then the next response.
 
-    A confirming pair never straddles a loss (no failing count lies between its two counts),
-    so the episodes can be found one after the other without overlap.
+    A confirming pair never straddles a loss (no failing occasion lies between its two
+    counts), so the episodes can be found one after the other without overlap.
     """
-    gap = timedelta(days=criteria.confirm_days)
-    loss_gap = timedelta(days=criteria.loss_confirm_days)
+    gap = clock.gap(criteria.confirm_days)
+    loss_gap = clock.gap(criteria.loss_confirm_days)
     traces: list[_EpisodeTrace] = []
     lo = 0
     while (onset := _onset(counts, lo, gap)) is not None:
@@ -406,7 +678,7 @@ def _trace_episodes(counts: Sequence[_Count], criteria: Criteria) -> list[_Episo
 
 
 def _cr_stretches(
-    counts: Sequence[_Count], lo: int, hi: int, gap: timedelta, loss_gap: timedelta
+    counts: Sequence[_Count], lo: int, hi: int, gap: int, loss_gap: int
 ) -> tuple[_CrTrace, ...]:
     """CR stretches of one episode (counts[lo:hi]); CR lost with R still holding can come back.
 
@@ -440,7 +712,9 @@ def _episode(trace: _EpisodeTrace, counts: Sequence[_Count], criteria: Criteria)
     # earlier (only under unusual thresholds); the episode never starts after its first CR.
     start = min([_anchor_day(trace.onset, counts, criteria)] + [p.start for p in cr_periods[:1]])
     end = counts[trace.loss.first].day if trace.loss is not None else None
-    last_day = end if end is not None else counts[-1].day
+    # An ongoing episode runs to the latest evaluable count (a bleeding occasion after its
+    # start would have ended it, so the latest occasion is a count; said here all the same).
+    last_day = end if end is not None else _latest_count(counts).day
     return Episode(
         start=start,
         level="CR" if cr_periods else "R",
@@ -448,6 +722,10 @@ def _episode(trace: _EpisodeTrace, counts: Sequence[_Count], criteria: Criteria)
         duration_of_response_days=(last_day - start).days,
         cr_periods=cr_periods,
     )
+
+
+def _latest_count(counts: Sequence[_Count]) -> _Count:
+    return next(count for count in reversed(counts) if count.is_count)
 
 
 def _status(episodes: Sequence[Episode]) -> Status:
@@ -466,11 +744,12 @@ def _best_response(episodes: Sequence[Episode]) -> BestResponse:
 
 
 def _pending(counts: Sequence[_Count], episodes: Sequence[Episode]) -> bool:
-    """Whether a qualifying count awaits its confirming count.
+    """Whether a qualifying count that would raise the status awaits its confirming count.
 
-    That is the case exactly when the latest evaluable count qualifies beyond the current
-    level: an unconfirmed qualifying count with no failing count after it makes the latest
-    count qualify too, and a confirmed one would already have raised the level.
+    That is the case exactly when the latest evaluated occasion qualifies beyond the current
+    level: an unconfirmed qualifying count with no failing occasion after it makes the latest
+    occasion qualify too (for CR: none below the CR threshold, which would break its
+    confirmation for good), and a confirmed one would already have raised the level.
     """
     if not counts:
         return False
@@ -494,7 +773,8 @@ def _evidence(
 ) -> dict[str, list[str]]:
     """Ids per decision, in clinical order, each id once per decision.
 
-    Bleeding evidence is what marked an evaluable count "with bleeding"; AdverseEvent ids go
+    The decision keys name counts only. Bleeding evidence is what marked an evaluated count
+    "with bleeding", and every bleed that was a failing occasion itself; AdverseEvent ids go
     under their own key because they are not Observations.
     """
     evidence = _empty_evidence()
@@ -504,8 +784,9 @@ def _evidence(
         if pair is None:
             return
         for index in (pair.first, pair.second):
-            if counts[index].id not in evidence[key]:
-                evidence[key].append(counts[index].id)
+            count = counts[index]
+            if count.is_count and count.id not in evidence[key]:
+                evidence[key].append(count.id)
 
     for trace in traces:
         add("response", trace.onset)
@@ -514,7 +795,13 @@ def _evidence(
             add("complete_response", stretch.confirmed)
             add("complete_response_loss", stretch.lost)
     for count in counts:
-        for key, ident in bleeding.get(count.day, []):
+        if not count.bleeding:
+            continue
+        if count.is_count:
+            found = [(key, ident) for key, ident, _ in bleeding[count.day]]
+        else:
+            found = [(count.source, count.id)]
+        for key, ident in found:
             if ident not in evidence[key]:
                 evidence[key].append(ident)
     return evidence

@@ -23,7 +23,8 @@ router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["Res
 @router.get(
     "/Patient/{resource_id}/$response-status",
     operation_id="getResponseStatus",
-    summary="The patient's current ITP response assessment, with its evidence and criteria",
+    summary="The patient's current ITP response assessment: evidence, the classification of "
+    "every count and bleed, criteria",
     response_class=JSONResponse,
     responses={
         200: {"model": ResponseAssessment, "description": "The stored assessment"},

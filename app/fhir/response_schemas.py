@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.engine.model import ClassificationCode
+
 ResponseCode = Literal["NE", "NR", "R", "CR", "LOR"]
 
 
@@ -48,13 +50,50 @@ class ResponseCriteria(_Model):
     baseline_lookback_days: int
     response_date_anchor: Literal["first", "confirming"]
     trial_timezone: str
+    confirm_clock: Literal["calendar", "instant"] = Field(
+        description="Distances in days: calendar days in the trial time zone, or instants"
+    )
+    baseline_rescue_exclusion_days: int = Field(
+        description="A count this many days after a rescue is no baseline candidate (0: off)"
+    )
+    first_evaluable_day: int = Field(
+        description="Counts are evaluable from this day of treatment (0: the start day)"
+    )
+    rules_version: Literal[1, 2] = Field(
+        description="The rules the assessment was made under. 1: stored before version 2 "
+        "(its criteria had none of the three settings above: version 1's values shown)"
+    )
+
+
+class ResponseClassification(_Model):
+    resource_type: Literal["Observation", "AdverseEvent"] = Field(
+        description="Observation: a platelet count or a WHO bleeding grade; AdverseEvent: a "
+        "bleeding event"
+    )
+    id: str
+    time: str = Field(description="Clinically relevant time (UTC)")
+    date: str = Field(description="Calendar date in the trial time zone")
+    value: float | None = Field(description="The count, 10^9/L; null for a bleed")
+    classification: ClassificationCode
+    detail: str | None = Field(description="Why, in words (e.g. 'below 30', 'with bleeding')")
+    rescue: str | None = Field(
+        description="Id of the rescue MedicationAdministration whose window holds it"
+    )
+    bleeding: list[str] = Field(
+        description="References of the bleeds that make a count 'with bleeding'"
+    )
 
 
 class ResponseAssessment(_Model):
     patient: str
     status: ResponseCode
-    status_reason: str | None = Field(description="Why the patient is not evaluable (NE)")
-    best_response: Literal["CR", "R", "NR"] | None
+    status_reason: str | None = Field(
+        description="Why the patient is not evaluable (NE): 'no treatment start', "
+        "'no baseline', 'baseline only under rescue' or 'no evaluable count'"
+    )
+    best_response: Literal["CR", "R", "NR", "NE"] | None = Field(
+        description="NE while never evaluable (null in an assessment stored under rules version 1)"
+    )
     pending_confirmation: bool
     baseline: ResponseBaseline | None
     treatment_start: str | None
@@ -64,6 +103,10 @@ class ResponseAssessment(_Model):
     time_to_complete_response_days: int | None
     episodes: list[ResponseEpisode]
     evidence: dict[str, list[str]] = Field(description="Observation ids each decision rests on")
+    classifications: list[ResponseClassification] | None = Field(
+        description="How every platelet count and every bleed on a day without a count was "
+        "classified, in clinical order; null in an assessment stored under rules version 1"
+    )
     criteria: ResponseCriteria
     computed_at: str
     observation: str = Field(
@@ -84,6 +127,7 @@ class BestResponseCounts(_Model):
     CR: int
     R: int
     NR: int
+    NE: int = Field(description="Never evaluable (assessed under rules version 2)")
 
 
 class ResponseSummary(_Model):

@@ -2,9 +2,10 @@
 
 The engine (`app.engine`) is pure; this module feeds it the patient's timeline from index
 columns (one indexed query, never JSON parsing, never other patients) and stores what it
-says twice: the assessment row `$response-status` serves, and the server-owned
-response-status Observation, which gets a new version only when the assessment changes, so
-its `_history` is the patient's response history.
+says twice: the assessment row `$response-status` serves (rewritten whenever anything in it
+changes, the classification of a new count included), and the server-owned response-status
+Observation, which gets a new version only when the result changes (not its criteria nor
+its classifications), so its `_history` is the patient's response history.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -23,13 +26,15 @@ from app import codes, metrics
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
 from app.auth.permissions import hidden, may_access_site, narrowed_sites
-from app.auth.principal import Principal
+from app.auth.principal import Principal, Role, parse_scopes
 from app.engine import (
     EVIDENCE_RESOURCE_TYPES,
+    RULES_VERSION,
     Administration,
     Assessment,
     BleedingAssessment,
     BleedingEvent,
+    Criteria,
     PlateletCount,
     Timeline,
     assess,
@@ -44,6 +49,7 @@ from app.services.indexing import (
     KIND_RESPONSE_STATUS,
     search_values,
 )
+from app.services.provenance import store_provenance
 from app.store import repository as repo
 
 ENGINE_KINDS = (KIND_PLATELET, KIND_BLEEDING_GRADE, KIND_BLEEDING_EVENT, *codes.MEDICATION_ROLES)
@@ -120,14 +126,56 @@ def timeline(patient_id: str, facts: list[repo.Fact], zone: ZoneInfo) -> Timelin
     return Timeline(patient_id, tuple(counts), tuple(grades), tuple(events), tuple(administrations))
 
 
-def _fingerprint(document: dict[str, Any]) -> str:
+def _fingerprint(document: Mapping[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+# What the status Observation does not stand for: the criteria a result was made under and
+# the classifications it rests on can change alone (a count that decides nothing, settings
+# that give the same result), and so can the storage's own keys.
+_NOT_THE_RESULT = frozenset({"criteria", "classifications", "computed_at", "observation"})
+
+
+def _result_fingerprint(document: Mapping[str, Any]) -> str:
+    """The result of an assessment document (new, or as stored by any rules version) hashed.
+
+    Empty evidence lists are left out, so that a key added to the evidence later changes no
+    result that has nothing under it.
+    """
+    result = {key: value for key, value in document.items() if key not in _NOT_THE_RESULT}
+    result["evidence"] = {key: ids for key, ids in (document.get("evidence") or {}).items() if ids}
+    return _fingerprint(result)
+
+
+def _fingerprints(assessment: Assessment) -> tuple[str, str]:
+    """(whole, result) fingerprints of an assessment.
+
+    The whole one hashes the classifications as tuples (orjson writes their times itself):
+    their JSON objects are built only when the assessment changed, not on every recompute.
+    """
+    result = _result_fingerprint(replace(assessment, classifications=()).as_dict())
+    rest = orjson.dumps(
+        [assessment.criteria.as_dict(), [tuple(item) for item in assessment.classifications]],
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.sha256(result.encode() + rest).hexdigest(), result
+
+
+@dataclass(frozen=True)
+class Recomputed:
+    """What a recompute wrote. `before` is the status stored before it (None: the patient's
+    first assessment). `versioned`: the result changed, and the status Observation got a new
+    version; otherwise only the stored assessment was refreshed (criteria, classifications)."""
+
+    before: str | None
+    after: str
+    versioned: bool
 
 
 async def recompute(
     ctx: ServiceContext, conn: AsyncConnection, patient_id: str, now: datetime
-) -> bool:
-    """Assess the patient and store the result if it changed; True when it did.
+) -> Recomputed | None:
+    """Assess the patient and store the assessment if anything in it changed (None if not).
 
     Call it inside the write transaction that changed the patient's data, after locking the
     Patient row: the result commits with the data or not at all.
@@ -135,16 +183,17 @@ async def recompute(
     started = time.perf_counter()
     rows = await repo.patient_fact_rows(conn, patient_id, ENGINE_KINDS)
     assessment = assess(timeline_from_rows(patient_id, rows, ctx.criteria.zone), ctx.criteria)
-    document = assessment.as_dict()
-    fingerprint = _fingerprint(document)
-    stored = await repo.assessment_fingerprint(conn, patient_id)
+    fingerprint, result = _fingerprints(assessment)
+    stored = await repo.assessment_fingerprints(conn, patient_id)
     metrics.observe_recompute(time.perf_counter() - started)
-    if stored == fingerprint:
-        return False
+    if stored is not None and stored.fingerprint == fingerprint:
+        return None
+    versioned = stored is None or await _stored_result(conn, patient_id, stored) != result
     observation_id = response_observation_id(patient_id)
-    await _write_observation(ctx, conn, observation_id, assessment, now)
+    if versioned:
+        await _write_observation(ctx, conn, observation_id, assessment, now)
     document = {
-        **document,
+        **assessment.as_dict(),
         "computed_at": format_instant(now),
         "observation": f"Observation/{observation_id}",
     }
@@ -158,10 +207,22 @@ async def recompute(
             now,
             observation_id,
             orjson.dumps(document).decode(),
+            result,
         ),
         exists_=stored is not None,
     )
-    return True
+    return Recomputed(stored.status if stored else None, assessment.status, versioned)
+
+
+async def _stored_result(
+    conn: AsyncConnection, patient_id: str, stored: repo.StoredFingerprints
+) -> str:
+    if stored.decision_fingerprint is not None:
+        return stored.decision_fingerprint
+    # Stored before rules version 2 kept a result fingerprint: derived from its JSON, once.
+    row = await repo.get_assessment(conn, patient_id)
+    assert row is not None
+    return _result_fingerprint(orjson.loads(row.content))
 
 
 async def forget(conn: AsyncConnection, patient_id: str, now: datetime) -> None:
@@ -318,7 +379,23 @@ async def response_status(ctx: ServiceContext, patient_id: str, principal: Princ
     )
     if row is None:  # written with the Patient; only a database edited by hand lacks it
         raise NotFound(f"Patient/{patient_id} has no assessment; run `python -m app recompute`")
-    return row.content
+    return as_served(row.content)
+
+
+def as_served(content: str) -> str:
+    """A stored assessment as `$response-status` serves it.
+
+    One stored before rules version 2 (until `python -m app recompute` reassesses it) says
+    so: its criteria lacked the version-2 settings, which are version 1's values
+    (`Criteria.from_stored`, `rules_version` 1), and it classified nothing (`null`).
+    """
+    document = orjson.loads(content)
+    stored_criteria = document.get("criteria") or {}
+    if "rules_version" in stored_criteria:
+        return content
+    document["criteria"] = Criteria.from_stored(stored_criteria).as_dict()
+    document.setdefault("classifications", None)
+    return orjson.dumps(document).decode()
 
 
 async def response_summary(
@@ -331,7 +408,7 @@ async def response_summary(
     async with ctx.db.read() as conn:
         rows = await repo.assessment_counts(conn, sites)
     by_status = {code: 0 for code in ("CR", "R", "NR", "LOR", "NE")}
-    by_best = {code: 0 for code in ("CR", "R", "NR")}
+    by_best = {code: 0 for code in ("CR", "R", "NR", "NE")}
     for status, best, count in rows:
         by_status[status] += count
         if best is not None:
@@ -351,23 +428,72 @@ async def response_summary(
     }
 
 
-async def _recompute_one(ctx: ServiceContext, conn: AsyncConnection, patient_id: str) -> bool:
+# Who changes a status on `python -m app recompute`: the server, at every site.
+RECOMPUTE_AGENT = Principal(
+    "system/recompute", Role.ADMIN, frozenset(), parse_scopes("system/*.cruds")
+)
+DEFAULT_RECOMPUTE_REASON = f"response rules version {RULES_VERSION}"
+
+
+@dataclass
+class RecomputeReport:
+    """What `recompute_all` did: each new status version as (patient, status before, after),
+    and the assessments only refreshed (same result; new criteria or classifications)."""
+
+    patients: int = 0
+    changed: list[tuple[str, str | None, str]] = field(default_factory=list)
+    refreshed: int = 0
+
+
+async def _recompute_one(
+    ctx: ServiceContext, conn: AsyncConnection, patient_id: str, reason: str
+) -> Recomputed | None:
     patient = await repo.get_current(conn, "Patient", patient_id, for_update=True)
     if patient is None or patient.deleted:
-        return False
+        return None
     now = utc_now()
-    if not await recompute(ctx, conn, patient_id, now):
-        return False
+    change = await recompute(ctx, conn, patient_id, now)
+    if change is None or not change.versioned:
+        return change
     status = await repo.get_current(conn, "Observation", response_observation_id(patient_id))
     assert status is not None
     criteria = ", ".join(f"{k}={v}" for k, v in ctx.criteria.as_dict().items())
-    # The server changed a record: attributable like any other change.
+    transition = f"{change.before or 'none'} -> {change.after}"
+    # The server changed a record: a reason for change like any other (Provenance, target =
+    # the new version, the one it revises named), and an audit record.
+    provenance: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "reason": [{"text": reason}],
+        "activity": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                    "code": "UPDATE",
+                }
+            ],
+            "text": f"response status {transition}, python -m app recompute",
+        },
+    }
+    if status.version_id > 1:
+        previous = f"Observation/{status.id}/_history/{status.version_id - 1}"
+        provenance["entity"] = [{"role": "revision", "what": {"reference": previous}}]
+    await store_provenance(
+        conn,
+        orjson.dumps(provenance).decode(),
+        RECOMPUTE_AGENT,
+        "Observation",
+        status.id,
+        status.version_id,
+        now,
+    )
     await append_audit(
         conn,
         [
             AuditRecord(
                 "update",
-                agent="system/recompute",
+                description=f"response status {transition} (python -m app recompute under "
+                f"criteria {criteria})",
+                agent=RECOMPUTE_AGENT.sub,
                 role="system",
                 site=patient.site,
                 entity_type="Observation",
@@ -375,23 +501,33 @@ async def _recompute_one(ctx: ServiceContext, conn: AsyncConnection, patient_id:
                 version_before=status.version_id - 1 or None,
                 version_after=status.version_id,
                 recorded=now,
-                reason=f"python -m app recompute under criteria {criteria}",
+                reason=reason,
             )
         ],
     )
-    return True
+    return change
 
 
-async def recompute_all(ctx: ServiceContext, progress: Any = None) -> tuple[int, int]:
+async def recompute_all(
+    ctx: ServiceContext,
+    progress: Callable[[int, int, int], None] | None = None,
+    reason: str = DEFAULT_RECOMPUTE_REASON,
+) -> RecomputeReport:
     """Re-evaluate every patient under the current criteria, one transaction each.
 
-    Returns (patients, changed). Unchanged assessments write nothing."""
+    A patient whose result changed gets a new status version with a Provenance giving
+    `reason`; one whose result did not gets no new version (its stored assessment is
+    refreshed when its criteria or classifications changed); unchanged ones write nothing."""
     async with ctx.db.read() as conn:
         patient_ids = await repo.all_patient_ids(conn)
-    changed = 0
+    report = RecomputeReport(patients=len(patient_ids))
     for done, patient_id in enumerate(patient_ids, start=1):
         async with ctx.db.write() as conn:
-            changed += await _recompute_one(ctx, conn, patient_id)
+            change = await _recompute_one(ctx, conn, patient_id, reason)
+        if change is not None and change.versioned:
+            report.changed.append((patient_id, change.before, change.after))
+        elif change is not None:
+            report.refreshed += 1
         if progress is not None:
-            progress(done, len(patient_ids), changed)
-    return len(patient_ids), changed
+            progress(done, len(patient_ids), len(report.changed))
+    return report

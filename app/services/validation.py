@@ -1,10 +1,11 @@
 """Parse once, validate once: from request bytes to an accepted R4B resource.
 
-fhir.resources (R4B) checks structure and types, but it is more lenient than FHIR
-(shared/notes/openapi-and-fhir-resources.md): it lets through codes outside required value
-sets, a missing `resourceType`, explicit nulls, empty values, numbers where dates belong,
-calendar-impossible dates, strings for booleans. `_check` walks the raw JSON beside the R4B
-model classes and refuses each of those, so what we store is FHIR, not merely parseable.
+fhir.resources (R4B) checks structure and types, but it is more lenient than FHIR (measured
+with the pinned version, and found again by the fuzzing): it lets through codes outside
+required value sets, a missing `resourceType`, explicit nulls, empty values, numbers where
+dates belong, calendar-impossible dates, strings for booleans. `_check` walks the raw JSON
+beside the R4B model classes and refuses each of those, so what we store is FHIR, not merely
+parseable.
 """
 
 from __future__ import annotations

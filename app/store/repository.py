@@ -470,17 +470,28 @@ async def patient_fact_rows(
     ]
 
 
-_FINGERPRINT = select(A.c.fingerprint).where(A.c.patient_id == bindparam("patient_id"))
+_FINGERPRINTS = select(A.c.fingerprint, A.c.decision_fingerprint, A.c.status).where(
+    A.c.patient_id == bindparam("patient_id")
+)
 # The SET clause comes from the parameters given; the WHERE names its own parameter.
 _UPDATE_ASSESSMENT = update(A).where(A.c.patient_id == bindparam("row_patient_id"))
 _INSERT_ASSESSMENT = insert(A)
 
 
-async def assessment_fingerprint(conn: AsyncConnection, patient_id: str) -> str | None:
-    """The stored assessment's fingerprint alone (not its JSON): whether a recompute changed
-    anything. None when the patient has no assessment yet."""
-    value = (await conn.execute(_FINGERPRINT, {"patient_id": patient_id})).scalar_one_or_none()
-    return str(value) if value is not None else None
+@dataclass(frozen=True)
+class StoredFingerprints:
+    fingerprint: str
+    decision_fingerprint: str | None  # None: stored before rules version 2
+    status: str
+
+
+async def assessment_fingerprints(
+    conn: AsyncConnection, patient_id: str
+) -> StoredFingerprints | None:
+    """The stored assessment's fingerprints and status alone (not its JSON): whether a
+    recompute changed anything. None when the patient has no assessment yet."""
+    row = (await conn.execute(_FINGERPRINTS, {"patient_id": patient_id})).first()
+    return StoredFingerprints(*row) if row is not None else None
 
 
 @dataclass
@@ -492,6 +503,7 @@ class AssessmentRow:
     computed_at: datetime
     observation_id: str
     content: str
+    decision_fingerprint: str | None = None
 
 
 async def get_assessment(conn: AsyncConnection, patient_id: str) -> AssessmentRow | None:

@@ -113,8 +113,11 @@ class ResourceRow(SQLModel, table=True):
 class ResponseAssessmentRow(SQLModel, table=True):
     """The latest assessment of each patient, as `$response-status` serves it.
 
-    `fingerprint` hashes the assessment without its computation time: a recompute writes a
-    new response-status Observation version only when it differs.
+    `fingerprint` hashes the assessment without its computation time: a recompute rewrites
+    the row only when it differs. `decision_fingerprint` hashes the result alone (without the
+    criteria and the classifications it rests on): the response-status Observation gets a
+    new version only when that differs. NULL in a row written before it existed (rules
+    version 1): the recompute then derives it from `content`.
     """
 
     __tablename__ = "response_assessment"
@@ -127,6 +130,9 @@ class ResponseAssessmentRow(SQLModel, table=True):
     computed_at: datetime = Field(sa_column=Column(DateTime(), nullable=False))
     observation_id: str = Field(sa_column=Column(String(64), nullable=False))
     content: str = Field(sa_column=Column(Text, nullable=False))
+    decision_fingerprint: str | None = Field(
+        default=None, sa_column=Column(String(64), nullable=True)
+    )
 
 
 class ResourceVersion(SQLModel, table=True):

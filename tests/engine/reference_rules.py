@@ -1,499 +1,434 @@
-"""The response engine exactly as it was before it was optimised for speed (issue 8), kept
-as the oracle of `test_equivalence.py`: the optimised engine must give the same assessment
-for every timeline. Do not edit or "improve" this file."""
+"""Rules version 2 read as plainly as they are written (docs/response-rules.md), with no
+concern for speed: the oracle of `test_equivalence.py`. The engine (`app/engine/rules.py`) is
+written for speed; this file is written to be checked against the rules sentence by sentence.
+Keep it that way: an independent reading, not a copy of the engine.
+
+Only rules version 2: version 1 is checked against the released version-1 engine
+(`version_1_rules.py`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from statistics import fmean
-from typing import TypeVar
-from zoneinfo import ZoneInfo
 
 from app.engine.model import (
-    Administration,
     Assessment,
     Baseline,
-    BestResponse,
-    BleedingAssessment,
-    BleedingEvent,
+    Classification,
     Criteria,
     CrPeriod,
     Episode,
-    PlateletCount,
-    Status,
     Timeline,
 )
 
-VALID_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
-ACTIVE_ADMINISTRATION_STATUSES = frozenset({"completed", "in-progress"})
-ACTUAL_EVENT = "actual"
-DEFAULT_CRITERIA = Criteria()
+GOOD_OBSERVATION = ("final", "amended", "corrected")
+STARTS_TREATMENT = ("completed", "in-progress", "stopped")
+RESCUE_GIVEN = ("completed", "in-progress")
 
-# Each evidence key with the FHIR resource type of its ids, so a caller can build references.
-EVIDENCE_RESOURCE_TYPES = {
-    "baseline": "Observation",
-    "response": "Observation",
-    "complete_response": "Observation",
-    "complete_response_loss": "Observation",
-    "loss": "Observation",
-    "bleeding": "Observation",
-    "bleeding_events": "AdverseEvent",
-}
+EVIDENCE_KEYS = (
+    "baseline",
+    "response",
+    "complete_response",
+    "complete_response_loss",
+    "loss",
+    "bleeding",
+    "bleeding_events",
+)
 
 
 @dataclass(frozen=True)
-class _Count:
-    """A post-start count that is not under rescue, classified once against the criteria."""
+class Bleed:
+    key: str  # evidence key: "bleeding" (a WHO grade Observation) or "bleeding_events"
+    id: str
+    time: datetime
+
+    @property
+    def resource_type(self) -> str:
+        return "Observation" if self.key == "bleeding" else "AdverseEvent"
+
+    @property
+    def reference(self) -> str:
+        return f"{self.resource_type}/{self.id}"
+
+
+@dataclass(frozen=True)
+class Occasion:
+    """Something evaluated after the start: a count, or a bleed on a day without a count."""
 
     id: str
     time: datetime
     day: date
-    bleeding: bool
-    r_qualifying: bool
-    cr_qualifying: bool
+    is_count: bool
+    bleeding: bool  # a count with bleeding, or a bleed itself
+    r: bool  # R-qualifying
+    cr: bool  # CR-qualifying
+    bleed_key: str | None = None
 
     @property
-    def qualifying(self) -> bool:
-        """Not failing: a CR-qualifying count that misses the doubling rule still counts (spec)."""
-        return self.r_qualifying or self.cr_qualifying
+    def failing(self) -> bool:
+        return not (self.r or self.cr)
 
 
-_Predicate = Callable[[_Count], bool]
+class Rules:
+    """The rules for one set of criteria: the clock, the windows, the thresholds."""
+
+    def __init__(self, criteria: Criteria) -> None:
+        assert criteria.rules_version == 2, "the reference reads rules version 2 only"
+        self.c = criteria
+
+    def day(self, time: datetime) -> date:
+        return time.astimezone(self.c.zone).date()
+
+    def at_least_days_apart(self, a: datetime, b: datetime, days: int) -> bool:
+        """B at least `days` after A: calendar days (date of B minus date of A) or instants."""
+        if self.c.confirm_clock == "calendar":
+            return (self.day(b) - self.day(a)).days >= days
+        return b - a >= timedelta(days=days)
+
+    def within_days_after(self, event: datetime, time: datetime, days: int) -> bool:
+        """`time` in the window of `days` days after `event`, both ends included."""
+        if time < event:
+            return False
+        if self.c.confirm_clock == "calendar":
+            return self.day(time) <= self.day(event) + timedelta(days=days)
+        return time <= event + timedelta(days=days)
+
+    def within_days_before(self, time: datetime, start: datetime, days: int) -> bool:
+        """`time` at or before `start` and no more than `days` days before it."""
+        if time > start:
+            return False
+        if self.c.confirm_clock == "calendar":
+            return self.day(time) >= self.day(start) - timedelta(days=days)
+        return time >= start - timedelta(days=days)
+
+    def evaluable(self, time: datetime, start: datetime) -> bool:
+        """After the start, and from day `first_evaluable_day` of treatment on."""
+        return time > start and self.at_least_days_apart(start, time, self.c.first_evaluable_day)
 
 
-def _is_r(count: _Count) -> bool:
-    return count.r_qualifying
+def covering_rescue(
+    rules: Rules, rescues: list[tuple[datetime, str]], time: datetime, days: int
+) -> str | None:
+    """Of the rescues whose window holds `time`, the latest (ties: the highest id)."""
+    holding = [r for r in rescues if rules.within_days_after(r[0], time, days)]
+    return max(holding)[1] if holding else None
 
 
-def _is_cr(count: _Count) -> bool:
-    return count.cr_qualifying
+def left_out(
+    rules: Rules, rescues: list[tuple[datetime, str]], time: datetime, start: datetime
+) -> tuple[str, str, str | None] | None:
+    """Why a count or a bleed after the start is neither qualifying nor failing, if it is:
+    (classification, detail, rescue)."""
+    c = rules.c
+    if not rules.evaluable(time, start):
+        return "not-evaluable", f"before day {c.first_evaluable_day} of treatment", None
+    rescue = covering_rescue(rules, rescues, time, c.rescue_window_days)
+    if rescue is not None:
+        return "under-rescue", f"within {c.rescue_window_days} days after a rescue", rescue
+    return None
 
 
-def _is_qualifying(count: _Count) -> bool:
-    return count.qualifying
+def assess(timeline: Timeline, criteria: Criteria) -> Assessment:
+    rules = Rules(criteria)
+    c = criteria
+    counts = [
+        x.__class__(x.id, x.time.astimezone(UTC), x.value, x.status)
+        for x in timeline.counts
+        if x.status in GOOD_OBSERVATION
+    ]
+    counts.sort(key=lambda x: (x.time, x.id, x.value, x.status))
 
-
-def _is_failing(count: _Count) -> bool:
-    return not count.qualifying
-
-
-def _is_below_cr(count: _Count) -> bool:
-    return not count.cr_qualifying
-
-
-@dataclass(frozen=True)
-class _Pair:
-    """Indices of a decision's two counts (equal for a loss by a single bleeding count)."""
-
-    first: int
-    second: int
-
-
-@dataclass(frozen=True)
-class _CrTrace:
-    confirmed: _Pair
-    lost: _Pair | None
-
-
-@dataclass(frozen=True)
-class _EpisodeTrace:
-    onset: _Pair
-    loss: _Pair | None
-    cr: tuple[_CrTrace, ...]
-
-
-def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessment:
-    """Classify one patient's response from the whole timeline (recomputed, never patched)."""
-    timeline = _in_utc(timeline)
-    counts = sorted(
-        (count for count in timeline.counts if count.status in VALID_OBSERVATION_STATUSES),
-        key=lambda count: (count.time, count.id, count.value, count.status),
+    doses = [
+        a.time.astimezone(UTC)
+        for a in timeline.administrations
+        if a.role == "study-drug" and a.status in STARTS_TREATMENT
+    ]
+    rescues = sorted(
+        (a.time.astimezone(UTC), a.id)
+        for a in timeline.administrations
+        if a.role == "rescue" and a.status in RESCUE_GIVEN
     )
-    start = _treatment_start(timeline.administrations)
-    if start is None:
-        return _not_evaluable(
-            timeline.patient, criteria, "no study-drug administration", None, None
+    bleeds = sorted(
+        [
+            Bleed("bleeding", b.id, b.time.astimezone(UTC))
+            for b in timeline.bleeding_assessments
+            if b.status in GOOD_OBSERVATION and b.grade >= c.bleeding_min_grade
+        ]
+        + [
+            Bleed("bleeding_events", e.id, e.time.astimezone(UTC))
+            for e in timeline.bleeding_events
+            if e.status == "actual"
+        ],
+        key=lambda b: (b.time, b.key, b.id),
+    )
+
+    entries: list[tuple[tuple, Classification]] = []  # (sort key, entry)
+
+    def count_entry(x, code, detail=None, rescue=None, bleeding=()):  # type: ignore[no-untyped-def]
+        key = (x.time, 0, x.id, x.value, x.status)
+        entry = Classification(
+            "Observation", x.id, x.time, rules.day(x.time), x.value, code, detail, rescue, bleeding
         )
-    baseline = _baseline(counts, start, criteria)
-    if baseline is None:
-        reason = (
-            "no platelet count in the "
-            f"{criteria.baseline_lookback_days} days up to the treatment start"
-        )
-        return _not_evaluable(timeline.patient, criteria, reason, start, None)
-    post_start = [count for count in counts if count.time > start]
-    if not post_start:
-        reason = "no platelet count after the treatment start"
-        return _not_evaluable(timeline.patient, criteria, reason, start, baseline)
+        entries.append((key, entry))
 
-    bleeding = _bleeding_by_day(timeline.bleeding_assessments, timeline.bleeding_events, criteria)
-    evaluable = _classify(
-        post_start, baseline.value, bleeding, _rescue_times(timeline.administrations), criteria
+    def bleed_entry(b: Bleed, code, detail, rescue=None):  # type: ignore[no-untyped-def]
+        key = (b.time, 1, b.key, b.id)
+        entry = Classification(
+            b.resource_type, b.id, b.time, rules.day(b.time), None, code, detail, rescue
+        )
+        entries.append((key, entry))
+
+    def classifications() -> tuple[Classification, ...]:
+        return tuple(entry for _, entry in sorted(entries, key=lambda pair: pair[0]))
+
+    def not_evaluable(reason: str, start, baseline) -> Assessment:  # type: ignore[no-untyped-def]
+        evidence: dict[str, list[str]] = {key: [] for key in EVIDENCE_KEYS}
+        if baseline is not None:
+            evidence["baseline"] = list(baseline.observations)
+        return Assessment(
+            timeline.patient, "NE", reason, "NE", False, baseline, start, None, None, None,
+            None, (), evidence, c, classifications(),
+        )  # fmt: skip
+
+    if not doses:
+        return not_evaluable("no treatment start", None, None)
+    start = min(doses)
+
+    # Baseline: the counts at or before the start in the lookback window, less those
+    # within the exclusion window after a rescue.
+    in_window, candidates = [], []
+    for x in counts:
+        if x.time > start:
+            continue
+        if not rules.within_days_before(x.time, start, c.baseline_lookback_days):
+            count_entry(x, "not-evaluable", "before the baseline window")
+            continue
+        in_window.append(x)
+        rescue = None
+        if c.baseline_rescue_exclusion_days > 0:
+            rescue = covering_rescue(rules, rescues, x.time, c.baseline_rescue_exclusion_days)
+        if rescue is not None:
+            detail = f"within {c.baseline_rescue_exclusion_days} days after a rescue"
+            count_entry(x, "excluded-by-rescue", detail, rescue)
+        else:
+            candidates.append(x)
+    used = candidates if c.baseline_rule == "mean-before-start" else candidates[-1:]
+    for x in candidates:
+        if any(x is u for u in used):
+            count_entry(x, "baseline-candidate", "used as the baseline")
+        else:
+            count_entry(x, "baseline-candidate", "not used (a later count is the baseline)")
+    if not in_window:
+        return not_evaluable("no baseline", start, None)
+    if not candidates:
+        return not_evaluable("baseline only under rescue", start, None)
+    baseline = Baseline(
+        fmean(x.value for x in used), tuple(x.id for x in used), rules.day(used[-1].time)
     )
-    traces = _trace_episodes(evaluable, criteria)
-    episodes = tuple(_episode(trace, evaluable, criteria) for trace in traces)
-    start_day = _day(start, criteria.zone)
-    response_date = episodes[0].start if episodes else None
-    complete_response_date = next(
-        (episode.cr_start for episode in episodes if episode.cr_start is not None), None
-    )
+
+    def bleeds_on(day: date) -> list[Bleed]:
+        return [b for b in bleeds if rules.day(b.time) == day]
+
+    # Counts after the start.
+    occasions: list[Occasion] = []
+    for x in counts:
+        if x.time <= start:
+            continue
+        day = rules.day(x.time)
+        if (why := left_out(rules, rescues, x.time, start)) is not None:
+            count_entry(x, *why)
+            continue
+        that_day = bleeds_on(day)
+        if that_day:
+            occasions.append(Occasion(x.id, x.time, day, True, True, False, False))
+            count_entry(x, "failing", "with bleeding", None, tuple(b.reference for b in that_day))
+            continue
+        r = x.value >= c.r_threshold and x.value >= c.doubling_factor * baseline.value
+        cr = x.value >= c.cr_threshold
+        occasions.append(Occasion(x.id, x.time, day, True, False, r, cr))
+        why_not_r = (
+            f"below {c.r_threshold:g}"
+            if x.value < c.r_threshold
+            else f"below {c.doubling_factor:g} x baseline"
+        )
+        if cr:
+            count_entry(x, "qualifying-cr", None if r else why_not_r)
+        elif r:
+            count_entry(x, "qualifying-r")
+        else:
+            count_entry(x, "failing", why_not_r)
+
+    # Bleeds after the start on a day with no count at all.
+    days_with_a_count = {rules.day(x.time) for x in counts}
+    for b in bleeds:
+        day = rules.day(b.time)
+        if b.time <= start or day in days_with_a_count:
+            continue
+        if (why := left_out(rules, rescues, b.time, start)) is not None:
+            bleed_entry(b, *why)
+            continue
+        bleed_entry(b, "failing", "bleeding without a count")
+        occasions.append(Occasion(b.id, b.time, day, False, True, False, False, b.key))
+
+    if not any(o.is_count for o in occasions):
+        return not_evaluable("no evaluable count", start, baseline)
+    occasions.sort(key=lambda o: o.time)  # stable: ties only within counts, already ordered
+
+    episodes, decisions = _episodes(rules, occasions)
+    start_day = rules.day(start)
+    first_cr = next((e.cr_periods[0].start for e in episodes if e.cr_periods), None)
+    if not episodes:
+        status = "NR"
+    elif episodes[-1].end is not None:
+        status = "LOR"
+    elif episodes[-1].cr_periods and episodes[-1].cr_periods[-1].end is None:
+        status = "CR"
+    else:
+        status = "R"
+    best = "CR" if any(e.cr_periods for e in episodes) else ("R" if episodes else "NR")
     return Assessment(
         patient=timeline.patient,
-        status=_status(episodes),
+        status=status,
         status_reason=None,
-        best_response=_best_response(episodes),
-        pending_confirmation=_pending(evaluable, episodes),
+        best_response=best,
+        pending_confirmation=_pending(status, occasions),
         baseline=baseline,
         treatment_start=start,
-        response_date=response_date,
-        complete_response_date=complete_response_date,
-        time_to_response_days=_days_between(start_day, response_date),
-        time_to_complete_response_days=_days_between(start_day, complete_response_date),
-        episodes=episodes,
-        evidence=_evidence(baseline, traces, evaluable, bleeding),
-        criteria=criteria,
+        response_date=episodes[0].start if episodes else None,
+        complete_response_date=first_cr,
+        time_to_response_days=(episodes[0].start - start_day).days if episodes else None,
+        time_to_complete_response_days=(first_cr - start_day).days if first_cr else None,
+        episodes=tuple(episodes),
+        evidence=_evidence(baseline, decisions, occasions, bleeds_on),
+        criteria=c,
+        classifications=classifications(),
     )
 
 
-def _in_utc(timeline: Timeline) -> Timeline:
-    """The same instants, all in UTC.
-
-    Python subtracts, adds and compares two datetimes sharing a tzinfo on the wall clock, so
-    across a daylight-saving change a ZoneInfo time would be an hour off; UTC has no such change.
-    """
-    return Timeline(
-        patient=timeline.patient,
-        counts=tuple(_utc(item) for item in timeline.counts),
-        bleeding_assessments=tuple(_utc(item) for item in timeline.bleeding_assessments),
-        bleeding_events=tuple(_utc(item) for item in timeline.bleeding_events),
-        administrations=tuple(_utc(item) for item in timeline.administrations),
-    )
-
-
-_Timed = TypeVar("_Timed", PlateletCount, BleedingAssessment, BleedingEvent, Administration)
-
-
-def _utc(item: _Timed) -> _Timed:
-    return replace(item, time=item.time.astimezone(UTC))
-
-
-def _not_evaluable(
-    patient: str,
-    criteria: Criteria,
-    reason: str,
-    start: datetime | None,
-    baseline: Baseline | None,
-) -> Assessment:
-    """NE keeps whatever was already known, so a reviewer sees how far the patient got."""
-    evidence = _empty_evidence()
-    if baseline is not None:
-        evidence["baseline"] = list(baseline.observations)
-    return Assessment(
-        patient=patient,
-        status="NE",
-        status_reason=reason,
-        best_response=None,
-        pending_confirmation=False,
-        baseline=baseline,
-        treatment_start=start,
-        response_date=None,
-        complete_response_date=None,
-        time_to_response_days=None,
-        time_to_complete_response_days=None,
-        episodes=(),
-        evidence=evidence,
-        criteria=criteria,
-    )
-
-
-def _day(time: datetime, zone: ZoneInfo) -> date:
-    return time.astimezone(zone).date()
-
-
-def _days_between(start: date, end: date | None) -> int | None:
-    return (end - start).days if end is not None else None
-
-
-def _active(administrations: Iterable[Administration], role: str) -> list[datetime]:
-    return [
-        administration.time
-        for administration in administrations
-        if administration.role == role and administration.status in ACTIVE_ADMINISTRATION_STATUSES
-    ]
-
-
-def _treatment_start(administrations: Iterable[Administration]) -> datetime | None:
-    """Earliest active study-drug dose."""
-    times = _active(administrations, "study-drug")
-    return min(times) if times else None
-
-
-def _rescue_times(administrations: Iterable[Administration]) -> list[datetime]:
-    return _active(administrations, "rescue")
-
-
-def _baseline(
-    counts: Sequence[PlateletCount], start: datetime, criteria: Criteria
-) -> Baseline | None:
-    """Counts at the start instant are baseline: blood is drawn before the dose is given."""
-    earliest = start - timedelta(days=criteria.baseline_lookback_days)
-    window = [count for count in counts if earliest <= count.time <= start]
-    if not window:
-        return None
-    used = window if criteria.baseline_rule == "mean-before-start" else window[-1:]
-    return Baseline(
-        value=fmean(count.value for count in used),
-        observations=tuple(count.id for count in used),
-        date=_day(used[-1].time, criteria.zone),
-    )
-
-
-_Bleeding = dict[date, list[tuple[str, str]]]
-
-
-def _bleeding_by_day(
-    assessments: Iterable[BleedingAssessment],
-    events: Iterable[BleedingEvent],
-    criteria: Criteria,
-) -> _Bleeding:
-    """Documented bleeding per trial-zone calendar day as (evidence key, id), in clinical order."""
-    found: list[tuple[datetime, str, str]] = [
-        (assessment.time, "bleeding", assessment.id)
-        for assessment in assessments
-        if assessment.status in VALID_OBSERVATION_STATUSES
-        and assessment.grade >= criteria.bleeding_min_grade
-    ]
-    found += [
-        (event.time, "bleeding_events", event.id)
-        for event in events
-        if event.status == ACTUAL_EVENT
-    ]
-    by_day: _Bleeding = {}
-    for time, key, ident in sorted(found):
-        by_day.setdefault(_day(time, criteria.zone), []).append((key, ident))
-    return by_day
-
-
-def _classify(
-    post_start: Sequence[PlateletCount],
-    baseline: float,
-    bleeding: _Bleeding,
-    rescues: Sequence[datetime],
-    criteria: Criteria,
-) -> list[_Count]:
-    """Drop counts under rescue (they neither confirm nor lose a response) and classify the rest."""
-    window = timedelta(days=criteria.rescue_window_days)
-    evaluable: list[_Count] = []
-    for count in post_start:
-        if any(rescue <= count.time <= rescue + window for rescue in rescues):
+def _confirmed(rules: Rules, occasions: list[Occasion], lo: int, hi: int, level: str):  # type: ignore[no-untyped-def]
+    """First A in occasions[lo:hi] at the level with a later B at the level at least
+    `confirm_days` apart and nothing in between that breaks it: for R a failing occasion,
+    for CR anything not CR-qualifying."""
+    at_level = (lambda o: o.r) if level == "R" else (lambda o: o.cr)
+    for i in range(lo, hi):
+        if not at_level(occasions[i]):
             continue
-        day = _day(count.time, criteria.zone)
-        with_bleeding = day in bleeding
-        cr = not with_bleeding and count.value >= criteria.cr_threshold
-        r = (
-            not with_bleeding
-            and count.value >= criteria.r_threshold
-            and count.value >= criteria.doubling_factor * baseline
-        )
-        evaluable.append(_Count(count.id, count.time, day, with_bleeding, r, cr))
-    return evaluable
-
-
-def _first_confirmed(
-    counts: Sequence[_Count],
-    lo: int,
-    hi: int,
-    endpoint: _Predicate,
-    breaks: _Predicate,
-    gap: timedelta,
-) -> _Pair | None:
-    """The first count A in counts[lo:hi] that a later count B confirms.
-
-    A and B satisfy `endpoint`, B is at least `gap` after A, and no count between them
-    `breaks` the chain. The R rule and the CR rule share this shape.
-    """
-    for a in range(lo, hi):
-        if not endpoint(counts[a]):
-            continue
-        for b in range(a + 1, hi):
-            if breaks(counts[b]):
+        for j in range(i + 1, hi):
+            o = occasions[j]
+            breaks = o.failing if level == "R" else not o.cr
+            if breaks:
                 break
-            if endpoint(counts[b]) and counts[b].time - counts[a].time >= gap:
-                return _Pair(a, b)
+            if at_level(o) and rules.at_least_days_apart(
+                occasions[i].time, o.time, rules.c.confirm_days
+            ):
+                return (i, j)
     return None
 
 
-def _first_loss(
-    counts: Sequence[_Count], lo: int, holds: _Predicate, gap: timedelta
-) -> _Pair | None:
-    """The first loss of a level from counts[lo] on.
-
-    Either one count with bleeding, or a count that does not `hold` the level confirmed by a
-    later one at least `gap` after it with none holding the level in between. The loss date is
-    the first count of the pair, so the earliest such first count wins.
-    """
-    for f in range(lo, len(counts)):
-        if counts[f].bleeding:
-            return _Pair(f, f)
-        if holds(counts[f]):
+def _lost(rules: Rules, occasions: list[Occasion], lo: int, level: str):  # type: ignore[no-untyped-def]
+    """First loss from occasions[lo] on: one bleeding occasion, or two occasions below the
+    level (for R: failing; for CR: below the CR threshold) at least `loss_confirm_days` apart
+    with none at the level between them. (first, second) indices."""
+    holds = (lambda o: not o.failing) if level == "R" else (lambda o: o.cr)
+    for i in range(lo, len(occasions)):
+        if occasions[i].bleeding:
+            return (i, i)
+        if holds(occasions[i]):
             continue
-        for g in range(f + 1, len(counts)):
-            if holds(counts[g]):
+        for j in range(i + 1, len(occasions)):
+            if holds(occasions[j]):
                 break
-            if counts[g].time - counts[f].time >= gap:
-                return _Pair(f, g)
+            if rules.at_least_days_apart(
+                occasions[i].time, occasions[j].time, rules.c.loss_confirm_days
+            ):
+                return (i, j)
     return None
 
 
-def _onset(counts: Sequence[_Count], lo: int, gap: timedelta) -> _Pair | None:
-    """The next response from counts[lo] on.
+def _episodes(rules: Rules, occasions: list[Occasion]):  # type: ignore[no-untyped-def]
+    """Response episodes, and the decisions (evidence key, index pair) they rest on."""
+    c = rules.c
+    episodes: list[Episode] = []
+    decisions: list[tuple[str, tuple[int, int]]] = []
 
-    Usually an R pair; a CR pair alone when its counts miss the doubling rule (baseline > 50).
-    """
-    candidates = [
-        pair
-        for pair in (
-            _first_confirmed(counts, lo, len(counts), _is_r, _is_failing, gap),
-            _first_confirmed(counts, lo, len(counts), _is_cr, _is_below_cr, gap),
-        )
-        if pair is not None
-    ]
-    return min(candidates, key=lambda pair: (pair.first, pair.second), default=None)
+    def date_of(pair: tuple[int, int]) -> date:
+        return occasions[pair[0] if c.response_date_anchor == "first" else pair[1]].day
 
-
-def _trace_episodes(counts: Sequence[_Count], criteria: Criteria) -> list[_EpisodeTrace]:
-    """Walk the counts: response, CR stretches inside it, loss; then look for the next response.
-
-    A confirming pair never straddles a loss (no failing count lies between its two counts),
-    so the episodes can be found one after the other without overlap.
-    """
-    gap = timedelta(days=criteria.confirm_days)
-    loss_gap = timedelta(days=criteria.loss_confirm_days)
-    traces: list[_EpisodeTrace] = []
     lo = 0
-    while (onset := _onset(counts, lo, gap)) is not None:
-        loss = _first_loss(counts, onset.first, _is_qualifying, loss_gap)
-        end = loss.first if loss is not None else len(counts)
-        cr = _cr_stretches(counts, onset.first, end, gap, loss_gap)
-        traces.append(_EpisodeTrace(onset, loss, cr))
+    while True:
+        r_pair = _confirmed(rules, occasions, lo, len(occasions), "R")
+        cr_pair = _confirmed(rules, occasions, lo, len(occasions), "CR")
+        found = [p for p in (r_pair, cr_pair) if p is not None]
+        if not found:
+            break
+        onset = min(found)
+        loss = _lost(rules, occasions, onset[0], "R")
+        decisions.append(("response", onset))
+        if loss is not None:
+            decisions.append(("loss", loss))
+        end_index = loss[0] if loss is not None else len(occasions)
+        periods = []
+        k = onset[0]
+        while (cr := _confirmed(rules, occasions, k, end_index, "CR")) is not None:
+            cr_loss = _lost(rules, occasions, cr[0], "CR")
+            decisions.append(("complete_response", cr))
+            if cr_loss is not None:
+                decisions.append(("complete_response_loss", cr_loss))
+            periods.append(
+                CrPeriod(date_of(cr), occasions[cr_loss[0]].day if cr_loss is not None else None)
+            )
+            if cr_loss is None:
+                break
+            k = cr_loss[1] + 1
+        begin = date_of(onset)
+        if periods and periods[0].start < begin:
+            begin = periods[0].start
+        if loss is not None:
+            end = occasions[loss[0]].day
+            last = end
+        else:
+            end = None
+            last = [o for o in occasions if o.is_count][-1].day
+        episodes.append(
+            Episode(begin, "CR" if periods else "R", end, (last - begin).days, tuple(periods))
+        )
         if loss is None:
             break
-        lo = loss.second + 1
-    return traces
+        lo = loss[1] + 1
+    return episodes, decisions
 
 
-def _cr_stretches(
-    counts: Sequence[_Count], lo: int, hi: int, gap: timedelta, loss_gap: timedelta
-) -> tuple[_CrTrace, ...]:
-    """CR stretches of one episode (counts[lo:hi]); CR lost with R still holding can come back.
-
-    The CR loss is searched without the episode's bound: a loss of response is always also a
-    loss of CR, so the CR loss is found at or before the episode's loss.
-    """
-    stretches: list[_CrTrace] = []
-    while (confirmed := _first_confirmed(counts, lo, hi, _is_cr, _is_below_cr, gap)) is not None:
-        lost = _first_loss(counts, confirmed.first, _is_cr, loss_gap)
-        stretches.append(_CrTrace(confirmed, lost))
-        if lost is None:
-            break
-        lo = lost.second + 1
-    return tuple(stretches)
-
-
-def _anchor_day(pair: _Pair, counts: Sequence[_Count], criteria: Criteria) -> date:
-    index = pair.first if criteria.response_date_anchor == "first" else pair.second
-    return counts[index].day
-
-
-def _episode(trace: _EpisodeTrace, counts: Sequence[_Count], criteria: Criteria) -> Episode:
-    cr_periods = tuple(
-        CrPeriod(
-            start=_anchor_day(stretch.confirmed, counts, criteria),
-            end=counts[stretch.lost.first].day if stretch.lost is not None else None,
+def _pending(status: str, occasions: list[Occasion]) -> bool:
+    """A qualifying count that would raise the status once confirmed, with nothing after it
+    that breaks its confirmation (for a new response: a failing occasion; for CR from R:
+    anything below the CR threshold)."""
+    if status in ("NR", "LOR"):
+        return any(
+            not o.failing and all(not p.failing for p in occasions[i + 1 :])
+            for i, o in enumerate(occasions)
         )
-        for stretch in trace.cr
-    )
-    # With the `confirming` anchor a CR pair may be confirmed before an R pair that started
-    # earlier (only under unusual thresholds); the episode never starts after its first CR.
-    start = min([_anchor_day(trace.onset, counts, criteria)] + [p.start for p in cr_periods[:1]])
-    end = counts[trace.loss.first].day if trace.loss is not None else None
-    last_day = end if end is not None else counts[-1].day
-    return Episode(
-        start=start,
-        level="CR" if cr_periods else "R",
-        end=end,
-        duration_of_response_days=(last_day - start).days,
-        cr_periods=cr_periods,
-    )
+    if status == "R":
+        return any(o.cr and all(p.cr for p in occasions[i + 1 :]) for i, o in enumerate(occasions))
+    return False
 
 
-def _status(episodes: Sequence[Episode]) -> Status:
-    if not episodes:
-        return "NR"
-    current = episodes[-1]
-    if current.end is not None:
-        return "LOR"
-    return "CR" if current.in_complete_response else "R"
-
-
-def _best_response(episodes: Sequence[Episode]) -> BestResponse:
-    if any(episode.level == "CR" for episode in episodes):
-        return "CR"
-    return "R" if episodes else "NR"
-
-
-def _pending(counts: Sequence[_Count], episodes: Sequence[Episode]) -> bool:
-    """Whether a qualifying count awaits its confirming count.
-
-    That is the case exactly when the latest evaluable count qualifies beyond the current
-    level: an unconfirmed qualifying count with no failing count after it makes the latest
-    count qualify too, and a confirmed one would already have raised the level.
-    """
-    if not counts:
-        return False
-    latest = counts[-1]
-    if not episodes or episodes[-1].end is not None:
-        return latest.qualifying
-    if episodes[-1].in_complete_response:
-        return False
-    return latest.cr_qualifying
-
-
-def _empty_evidence() -> dict[str, list[str]]:
-    return {key: [] for key in EVIDENCE_RESOURCE_TYPES}
-
-
-def _evidence(
-    baseline: Baseline,
-    traces: Sequence[_EpisodeTrace],
-    counts: Sequence[_Count],
-    bleeding: _Bleeding,
-) -> dict[str, list[str]]:
-    """Ids per decision, in clinical order, each id once per decision.
-
-    Bleeding evidence is what marked an evaluable count "with bleeding"; AdverseEvent ids go
-    under their own key because they are not Observations.
-    """
-    evidence = _empty_evidence()
+def _evidence(baseline, decisions, occasions, bleeds_on):  # type: ignore[no-untyped-def]
+    evidence: dict[str, list[str]] = {key: [] for key in EVIDENCE_KEYS}
     evidence["baseline"] = list(baseline.observations)
-
-    def add(key: str, pair: _Pair | None) -> None:
-        if pair is None:
-            return
-        for index in (pair.first, pair.second):
-            if counts[index].id not in evidence[key]:
-                evidence[key].append(counts[index].id)
-
-    for trace in traces:
-        add("response", trace.onset)
-        add("loss", trace.loss)
-        for stretch in trace.cr:
-            add("complete_response", stretch.confirmed)
-            add("complete_response_loss", stretch.lost)
-    for count in counts:
-        for key, ident in bleeding.get(count.day, []):
+    # Decisions name counts only, in the order the decisions were taken.
+    for key, pair in decisions:
+        for index in pair:
+            o = occasions[index]
+            if o.is_count and o.id not in evidence[key]:
+                evidence[key].append(o.id)
+    # The bleeds that made a count "with bleeding", and the bleeds that were occasions.
+    for o in occasions:
+        found = [(b.key, b.id) for b in bleeds_on(o.day)] if o.is_count else [(o.bleed_key, o.id)]
+        for key, ident in found:
+            if o.is_count and not o.bleeding:
+                continue
             if ident not in evidence[key]:
                 evidence[key].append(ident)
     return evidence

@@ -1,4 +1,5 @@
-"""One test per rule and per criteria setting of response-criteria.md, plus the edges."""
+"""One test per rule and per criteria setting of the response rules (docs/response-rules.md,
+version 2), plus the edges; version 1's behaviour where a setting keeps it reachable."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from app.engine import (
+    BASELINE_ONLY_UNDER_RESCUE,
+    NO_BASELINE,
+    NO_EVALUABLE_COUNT,
+    NO_TREATMENT_START,
     Administration,
     BleedingAssessment,
     BleedingEvent,
@@ -22,6 +27,11 @@ from app.engine import (
 from .test_examples import BASELINE_TIME, DOSE, at, count, day, dose, story
 
 R_STORY = story(10, count("03-10", 40), count("03-17", 45))  # R on 03-10, confirmed 03-17
+# Version 1's settings under the version-2 rules: instants, no baseline exclusion, counts
+# evaluable from the dose on.
+INSTANT = Criteria(confirm_clock="instant", baseline_rescue_exclusion_days=0, first_evaluable_day=0)
+# The version-1 rules themselves, as an assessment stored under version 1 is reproduced.
+VERSION_1 = Criteria.from_stored({})
 
 
 def rescue(when: datetime, status: str = "completed") -> Administration:
@@ -86,7 +96,9 @@ def test_bleeding_min_grade() -> None:
 
 def test_rescue_window_days() -> None:
     timeline = replace(R_STORY, administrations=(dose(), rescue(at(3, 5))))
-    assert assess(timeline).status == "NR"  # both counts within 56 days of the rescue
+    result = assess(timeline)  # both counts within 56 days of the rescue: none is evaluable
+    assert (result.status, result.status_reason) == ("NE", NO_EVALUABLE_COUNT)
+    assert assess(timeline, VERSION_1).status == "NR"  # version 1: a count, so evaluable
     assert assess(timeline, Criteria(rescue_window_days=4)).status == "R"
 
 
@@ -112,7 +124,8 @@ def test_baseline_lookback_days() -> None:
     )
     assert assess(timeline).status == "R"
     result = assess(timeline, Criteria(baseline_lookback_days=7))
-    assert result.status == "NE"
+    assert (result.status, result.status_reason) == ("NE", NO_BASELINE)
+    result = assess(timeline, replace(VERSION_1, baseline_lookback_days=7))
     assert result.status_reason == "no platelet count in the 7 days up to the treatment start"
 
 
@@ -160,12 +173,33 @@ def test_counts_exactly_confirm_days_apart_confirm() -> None:
     assert assess(timeline).status == "R"
 
 
-def test_counts_one_second_short_do_not_confirm() -> None:
+@pytest.mark.parametrize(("clock", "status"), [("instant", "NR"), ("calendar", "R")])
+def test_counts_one_second_short_do_not_confirm_as_instants(clock: str, status: str) -> None:
     timeline = story(
         10, PlateletCount("a", at(3, 10), 40), PlateletCount("b", at(3, 17, 8, 59, 59), 45)
     )
-    result = assess(timeline)
-    assert (result.status, result.pending_confirmation) == ("NR", True)
+    result = assess(timeline, Criteria(confirm_clock=clock))  # type: ignore[arg-type]
+    assert (result.status, result.pending_confirmation) == (status, status == "NR")
+
+
+@pytest.mark.parametrize(("clock", "status"), [("instant", "NR"), ("calendar", "R")])
+def test_weekly_visits_at_another_hour_confirm_on_calendar_days(clock: str, status: str) -> None:
+    # Example 11's visits: day 1 at 10:00, day 8 at 08:00 (6 days 22 hours).
+    timeline = story(
+        10, PlateletCount("a", at(3, 10, 10), 40), PlateletCount("b", at(3, 17, 8), 45)
+    )
+    assert assess(timeline, Criteria(confirm_clock=clock)).status == status  # type: ignore[arg-type]
+
+
+def test_calendar_days_are_counted_in_the_trial_time_zone() -> None:
+    # 03-10 20:00 and 03-17 02:00 UTC: 7 UTC dates apart, but 6 dates in New York
+    # (03-10 16:00 and 03-16 22:00 there).
+    timeline = story(
+        10, PlateletCount("a", at(3, 10, 20), 40), PlateletCount("b", at(3, 17, 2), 45)
+    )
+    assert assess(timeline).status == "R"
+    new_york = assess(timeline, Criteria(trial_timezone="America/New_York"))
+    assert (new_york.status, new_york.pending_confirmation) == ("NR", True)
 
 
 NEW_YORK = ZoneInfo("America/New_York")  # clocks go forward on 2025-03-09
@@ -176,7 +210,10 @@ def test_confirm_days_count_instants_across_daylight_saving(hour: int, status: s
     # 09:00 EST to 09:00 EDT a week later is 6 days 23 hours.
     first = PlateletCount("a", datetime(2025, 3, 5, 9, tzinfo=NEW_YORK), 40)
     second = PlateletCount("b", datetime(2025, 3, 12, hour, tzinfo=NEW_YORK), 45)
-    assert assess(story(10, first, second)).status == status
+    assert assess(story(10, first, second), INSTANT).status == status
+    # On the calendar they are a week apart whatever the hour.
+    calendar = Criteria(trial_timezone="America/New_York")
+    assert assess(story(10, first, second), calendar).status == "R"
 
 
 @pytest.mark.parametrize(
@@ -188,7 +225,30 @@ def test_rescue_window_counts_instants_across_daylight_saving(
     given = datetime(2025, 1, 20, 3, tzinfo=NEW_YORK)  # 08:00 UTC; + 56 x 24 h = 03-17 08:00 UTC
     edge = PlateletCount("edge", (at(3, 17, 8) + after_end).astimezone(NEW_YORK), 45)
     timeline = story(10, edge, count("03-24", 48), administrations=(dose(), rescue(given)))
-    assert assess(timeline).status == status
+    assert assess(timeline, INSTANT).status == status
+
+
+@pytest.mark.parametrize(
+    ("moment", "status"),
+    [(at(3, 17, 23, 59, 59), "NR"), (at(3, 18, 0), "R")],
+    ids=["last-second-of-the-window-day", "next-day"],
+)
+def test_rescue_window_ends_with_a_calendar_day(moment: datetime, status: str) -> None:
+    # Rescue 01-20 at 20:00: the window runs to the end of 01-20 + 56 days = 03-17.
+    edge = PlateletCount("edge", moment, 45)
+    administrations = (dose(), rescue(at(1, 20, 20)))
+    timeline = story(10, edge, PlateletCount("later", moment + timedelta(days=7), 48))
+    assert assess(replace(timeline, administrations=administrations)).status == status
+
+
+def test_rescue_window_starts_at_the_rescue_instant() -> None:
+    # A count earlier on the rescue's own day, before it, is not under that rescue.
+    timeline = replace(R_STORY, administrations=(dose(), rescue(at(3, 10, 12))))
+    result = assess(timeline)
+    assert [c.classification for c in result.classifications if c.id == "c-03-10"] == [
+        "qualifying-r"
+    ]
+    assert (result.status, result.pending_confirmation) == ("NR", True)  # 03-17 is rescued
 
 
 def test_failing_count_between_breaks_confirmation() -> None:
@@ -224,12 +284,39 @@ def test_cr_without_doubling_when_baseline_above_50() -> None:
     assert result.evidence["response"] == ["c-03-10", "c-03-17"]
 
 
-def test_response_on_start_day_is_day_zero() -> None:
+def test_response_on_start_day_is_day_zero_only_when_the_start_day_is_evaluable() -> None:
     timeline = story(
         10, PlateletCount("same-day", at(3, 3, 20), 40), count("03-10", 45), count("03-11", 45)
     )
-    result = assess(timeline)
+    result = assess(timeline, Criteria(first_evaluable_day=0))
     assert (result.response_date, result.time_to_response_days) == (day("03-03"), 0)
+    result = assess(timeline)  # the start day's count says nothing yet; 03-10/11: 1 day apart
+    assert (result.status, result.pending_confirmation) == ("NR", True)
+    [same_day] = [c for c in result.classifications if c.id == "same-day"]
+    assert (same_day.classification, same_day.detail) == (
+        "not-evaluable",
+        "before day 1 of treatment",
+    )
+
+
+@pytest.mark.parametrize(
+    ("clock", "moment", "evaluable"),
+    [
+        ("calendar", at(3, 4, 23, 59), False),
+        ("calendar", at(3, 5, 0, 0), True),
+        ("instant", at(3, 5, 7, 59, 59), False),
+        ("instant", at(3, 5, 8), True),
+    ],
+)
+def test_first_evaluable_day(clock: str, moment: datetime, evaluable: bool) -> None:
+    # Day 2 of treatment: the second calendar day after the start's, or 48 hours after it.
+    criteria = Criteria(first_evaluable_day=2, confirm_clock=clock)  # type: ignore[arg-type]
+    timeline = story(10, PlateletCount("x", moment, 40), count("03-17", 45))
+    result = assess(timeline, criteria)
+    assert result.status == ("R" if evaluable else "NR")
+    assert result.classifications[1].classification == (
+        "qualifying-r" if evaluable else "not-evaluable"
+    )
 
 
 def test_no_response_without_qualifying_pair_is_not_pending() -> None:
@@ -280,65 +367,105 @@ def test_treatment_start_is_reported_in_utc() -> None:
     assert result.treatment_start is not None and result.treatment_start.utcoffset() == timedelta(0)
 
 
-def test_baseline_at_exact_lookback_edge_counts() -> None:
-    edge = PlateletCount("edge", DOSE - timedelta(days=14), 10)
+@pytest.mark.parametrize(
+    ("clock", "earlier", "status"),
+    [
+        ("instant", timedelta(0), "NR"),
+        ("instant", timedelta(seconds=1), "NE"),
+        ("calendar", timedelta(hours=8), "NR"),  # 02-17 00:00, 14 calendar days before
+        ("calendar", timedelta(hours=8, seconds=1), "NE"),  # 02-16 23:59:59
+    ],
+)
+def test_baseline_at_exact_lookback_edge_counts(
+    clock: str, earlier: timedelta, status: str
+) -> None:
+    edge = PlateletCount("edge", DOSE - timedelta(days=14) - earlier, 10)
     timeline = Timeline("patient-1", counts=(edge, count("03-10", 40)), administrations=(dose(),))
-    assert assess(timeline).status == "NR"
-    moved = replace(
-        timeline, counts=(replace(edge, time=edge.time - timedelta(seconds=1)), count("03-10", 40))
-    )
-    assert assess(moved).status == "NE"
+    assert assess(timeline, Criteria(confirm_clock=clock)).status == status  # type: ignore[arg-type]
 
 
 # --- not evaluable ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("timeline", "reason"),
-    [
-        (story(10, count("03-10", 40), administrations=()), "no study-drug administration"),
-        (
-            story(10, count("03-10", 40), administrations=(dose(status="not-done"),)),
-            "no study-drug administration",
+NOT_EVALUABLE = {
+    "no-dose": (
+        story(10, count("03-10", 40), administrations=()),
+        NO_TREATMENT_START,
+        "no study-drug administration",
+    ),
+    "dose-not-done": (
+        story(10, count("03-10", 40), administrations=(dose(status="not-done"),)),
+        NO_TREATMENT_START,
+        "no study-drug administration",
+    ),
+    "only-other-roles": (
+        story(
+            10,
+            count("03-10", 40),
+            administrations=(Administration("c", DOSE, role="concomitant"), rescue(DOSE)),
         ),
-        (
-            story(
-                10,
-                count("03-10", 40),
-                administrations=(Administration("c", DOSE, role="concomitant"), rescue(DOSE)),
-            ),
-            "no study-drug administration",
-        ),
-        (
-            story(None, count("03-10", 40)),
-            "no platelet count in the 14 days up to the treatment start",
-        ),
-        (story(10), "no platelet count after the treatment start"),
-        (
-            story(10, PlateletCount("at-dose", DOSE, 40)),
-            "no platelet count after the treatment start",
-        ),
-        (
-            story(10, count("03-10", 40, status="preliminary")),
-            "no platelet count after the treatment start",
-        ),
-    ],
-    ids=[
-        "no-dose",
-        "dose-not-done",
-        "only-other-roles",
-        "no-baseline",
-        "no-follow-up",
-        "only-count-at-dose",
-        "only-preliminary",
-    ],
-)
-def test_not_evaluable_reasons(timeline: Timeline, reason: str) -> None:
+        NO_TREATMENT_START,
+        "no study-drug administration",
+    ),
+    "no-baseline": (
+        story(None, count("03-10", 40)),
+        NO_BASELINE,
+        "no platelet count in the 14 days up to the treatment start",
+    ),
+    "baseline-only-under-rescue": (
+        story(10, count("03-10", 40), administrations=(dose(), rescue(at(2, 25)))),
+        BASELINE_ONLY_UNDER_RESCUE,
+        None,  # version 1 had no exclusion: the rescued count is its baseline
+    ),
+    "no-follow-up": (story(10), NO_EVALUABLE_COUNT, "no platelet count after the treatment start"),
+    "only-count-at-dose": (
+        story(10, PlateletCount("at-dose", DOSE, 40)),
+        NO_EVALUABLE_COUNT,
+        "no platelet count after the treatment start",
+    ),
+    "only-preliminary": (
+        story(10, count("03-10", 40, status="preliminary")),
+        NO_EVALUABLE_COUNT,
+        "no platelet count after the treatment start",
+    ),
+    "only-start-day": (story(10, count("03-03", 40)), NO_EVALUABLE_COUNT, None),
+    "only-under-rescue": (
+        story(10, count("03-10", 40), administrations=(dose(), rescue(at(3, 9)))),
+        NO_EVALUABLE_COUNT,
+        None,  # version 1: the count makes the patient NR
+    ),
+    "only-a-bleed": (
+        story(10, bleeding_assessments=(grade(at(3, 10), 2),)),
+        NO_EVALUABLE_COUNT,  # a bleeding occasion fails, but a response needs a count
+        "no platelet count after the treatment start",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", NOT_EVALUABLE)
+def test_not_evaluable_reasons(name: str) -> None:
+    timeline, reason, version_1_reason = NOT_EVALUABLE[name]
     result = assess(timeline)
     assert (result.status, result.status_reason) == ("NE", reason)
-    assert result.best_response is None
+    assert result.best_response == "NE"  # never evaluable
     assert result.pending_confirmation is False
     assert result.episodes == ()
+    old = assess(timeline, VERSION_1)
+    if version_1_reason is None:
+        assert old.status != "NE"
+    else:
+        assert (old.status, old.status_reason, old.best_response) == ("NE", version_1_reason, None)
+
+
+def test_not_evaluable_reasons_come_in_their_order() -> None:
+    # No baseline and no evaluable count: the baseline is named first.
+    assert assess(story(None)).status_reason == NO_BASELINE
+    # Every window count rescued and nothing after the start: the rescue is named first.
+    rescued = story(10, administrations=(dose(), rescue(at(3, 1))))
+    assert assess(rescued).status_reason == BASELINE_ONLY_UNDER_RESCUE
+    # A baseline window holding a rescued count and none at all: no baseline.
+    nothing = story(None, administrations=(dose(), rescue(at(3, 1))))
+    assert assess(nothing).status_reason == NO_BASELINE
 
 
 def test_not_evaluable_keeps_known_baseline_and_start() -> None:
@@ -348,10 +475,21 @@ def test_not_evaluable_keeps_known_baseline_and_start() -> None:
     assert result.evidence["baseline"] == ["baseline"]
 
 
-def test_all_follow_up_under_rescue_is_no_response() -> None:
+def test_all_follow_up_under_rescue_is_not_evaluable() -> None:
     timeline = replace(R_STORY, administrations=(dose(), rescue(at(3, 4))))
     result = assess(timeline)
-    assert (result.status, result.best_response, result.pending_confirmation) == ("NR", "NR", False)
+    assert (result.status, result.status_reason, result.best_response) == (
+        "NE",
+        NO_EVALUABLE_COUNT,
+        "NE",
+    )
+    assert [c.classification for c in result.classifications] == [
+        "baseline-candidate",
+        "under-rescue",
+        "under-rescue",
+    ]
+    old = assess(timeline, VERSION_1)  # version 1: a count after the start made it NR
+    assert (old.status, old.best_response, old.pending_confirmation) == ("NR", "NR", False)
 
 
 # --- statuses of observations and events --------------------------------------------------
@@ -441,22 +579,30 @@ def test_bleeding_evidence_is_in_clinical_order() -> None:
 
 
 def test_bleeding_on_another_day_does_not_mark_a_count() -> None:
-    timeline = replace(R_STORY, bleeding_assessments=(grade(at(3, 11, 12), 4),))
-    assert assess(timeline).status == "R"
+    timeline = replace(R_STORY, bleeding_assessments=(grade(at(3, 9, 12), 4),))
+    result = assess(timeline)
+    assert result.status == "R"
+    assert [(c.id, c.classification, c.bleeding) for c in result.classifications[1:]] == [
+        ("who-2025-03-09T12:00:00+00:00", "failing", ()),  # an occasion of its own
+        ("c-03-10", "qualifying-r", ()),
+        ("c-03-17", "qualifying-r", ()),
+    ]
 
 
 def test_bleeding_event_same_trial_day_where_utc_date_differs() -> None:
     tokyo = Criteria(trial_timezone="Asia/Tokyo")
-    # 03-10 16:00 UTC is 03-11 01:00 in Tokyo; the event 03-11 02:00 UTC is 03-11 11:00 there.
+    # 03-17 16:00 UTC is 03-18 01:00 in Tokyo; the event 03-18 02:00 UTC is 03-18 11:00 there.
     timeline = story(
         10,
         PlateletCount("a", at(3, 10, 16), 40),
         PlateletCount("b", at(3, 17, 16), 45),
-        bleeding_events=(BleedingEvent("ae-1", at(3, 11, 2)),),
+        bleeding_events=(BleedingEvent("ae-1", at(3, 18, 2)),),
     )
-    assert assess(timeline).status == "R"  # different UTC days
+    # UTC days: R confirmed on 03-17, then a bleed on 03-18, a day without a count: lost.
+    utc = assess(timeline)
+    assert (utc.status, utc.episodes[0].end) == ("LOR", day("03-18"))
     result = assess(timeline, tokyo)
-    assert result.status == "NR"  # same Tokyo day: 'a' is with bleeding
+    assert result.status == "NR"  # same Tokyo day: 'b' is with bleeding, nothing confirms 'a'
     assert result.evidence["bleeding_events"] == ["ae-1"]
     assert result.evidence["bleeding"] == []
 
@@ -464,12 +610,13 @@ def test_bleeding_event_same_trial_day_where_utc_date_differs() -> None:
 def test_bleeding_event_same_utc_day_but_other_trial_day() -> None:
     timeline = story(
         10,
-        PlateletCount("a", at(3, 10, 14), 40),  # 03-10 23:00 in Tokyo
-        PlateletCount("b", at(3, 17, 14), 45),
-        bleeding_events=(BleedingEvent("ae-1", at(3, 10, 16)),),  # 03-11 01:00 in Tokyo
+        PlateletCount("a", at(3, 10, 14), 40),
+        PlateletCount("b", at(3, 17, 14), 45),  # 03-17 23:00 in Tokyo
+        bleeding_events=(BleedingEvent("ae-1", at(3, 17, 16)),),  # 03-18 01:00 in Tokyo
     )
-    assert assess(timeline).status == "NR"
-    assert assess(timeline, Criteria(trial_timezone="Asia/Tokyo")).status == "R"
+    assert assess(timeline).status == "NR"  # 'b' is with bleeding
+    tokyo = assess(timeline, Criteria(trial_timezone="Asia/Tokyo"))
+    assert (tokyo.status, tokyo.episodes[0].end) == ("LOR", day("03-18"))  # an occasion
 
 
 def test_one_count_with_bleeding_loses_response() -> None:
@@ -521,20 +668,28 @@ def test_failing_counts_under_rescue_do_not_lose_response() -> None:
     assert assess(rescued).status == "R"
 
 
-def test_rescue_window_edges() -> None:
+@pytest.mark.parametrize(
+    ("clock", "inside", "outside"),
+    [
+        ("instant", timedelta(0), timedelta(seconds=1)),  # 56 x 24 h after the rescue
+        ("calendar", timedelta(hours=14, minutes=59), timedelta(hours=15)),  # end of the day
+    ],
+)
+def test_rescue_window_edges(clock: str, inside: timedelta, outside: timedelta) -> None:
     given = at(3, 18)
     window = timedelta(days=56)
     response = (count("03-10", 40), count("03-17", 45))
     administrations = (dose(), rescue(given))
     follow_up = PlateletCount("later", given + window + timedelta(days=2), 5)
+    criteria = Criteria(confirm_clock=clock)  # type: ignore[arg-type]
 
     def status_with(edge_offset: timedelta) -> str:
         edge = PlateletCount("edge", given + window + edge_offset, 5)
         timeline = replace(story(10, *response, edge, follow_up), administrations=administrations)
-        return assess(timeline).status
+        return assess(timeline, criteria).status
 
-    assert status_with(timedelta(0)) == "R"  # at the window's end: under rescue, ignored
-    assert status_with(timedelta(seconds=1)) == "LOR"  # just outside: fails, confirmed later
+    assert status_with(inside) == "R"  # at the window's end: under rescue, ignored
+    assert status_with(outside) == "LOR"  # just outside: fails, confirmed later
 
 
 # --- loss and re-response -----------------------------------------------------------------
