@@ -41,10 +41,12 @@ from .model import (
 )
 
 VALID_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
-# Rescue administrations that count; under rules version 1 the study drug's too.
-ACTIVE_ADMINISTRATION_STATUSES = frozenset({"completed", "in-progress"})
-# An interrupted infusion (`stopped`) has still exposed the patient: it starts treatment.
-STUDY_DRUG_STATUSES = ACTIVE_ADMINISTRATION_STATUSES | {"stopped"}
+# Administrations that exposed the patient, study drug and rescue alike: an infusion
+# interrupted part-way (`stopped`) has still exposed the patient, so it starts treatment, and
+# a transfusion or IVIg stopped part-way has still raised the count it is ignored for.
+EXPOSED_STATUSES = frozenset({"completed", "in-progress", "stopped"})
+# Rules version 1 counted an administration only when completed or in progress.
+VERSION_1_EXPOSED_STATUSES = frozenset({"completed", "in-progress"})
 ACTUAL_EVENT = "actual"
 DEFAULT_CRITERIA = Criteria()
 
@@ -218,7 +220,7 @@ def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessm
         reason = "no study-drug administration" if version_1 else NO_TREATMENT_START
         return _not_evaluable(timeline.patient, criteria, reason, None, None, [])
     clock = _Clock(criteria)
-    rescues = _rescues(timeline.administrations)
+    rescues = _rescues(timeline.administrations, version_1)
     pre_start = [count for count in counts if count.time <= start]
     baseline, window, classified = _baseline(pre_start, start, rescues, clock, criteria)
     if baseline is None:
@@ -343,7 +345,7 @@ def _days_between(start: date, end: date | None) -> int | None:
 
 def _treatment_start(administrations: Iterable[Administration], version_1: bool) -> datetime | None:
     """Earliest study-drug dose that exposed the patient."""
-    statuses = ACTIVE_ADMINISTRATION_STATUSES if version_1 else STUDY_DRUG_STATUSES
+    statuses = _exposed_statuses(version_1)
     times = [
         administration.time
         for administration in administrations
@@ -352,12 +354,16 @@ def _treatment_start(administrations: Iterable[Administration], version_1: bool)
     return min(times) if times else None
 
 
-def _rescues(administrations: Iterable[Administration]) -> list[_Rescue]:
+def _exposed_statuses(version_1: bool) -> frozenset[str]:
+    return VERSION_1_EXPOSED_STATUSES if version_1 else EXPOSED_STATUSES
+
+
+def _rescues(administrations: Iterable[Administration], version_1: bool) -> list[_Rescue]:
+    statuses = _exposed_statuses(version_1)
     return sorted(
         (administration.time, administration.id)
         for administration in administrations
-        if administration.role == "rescue"
-        and administration.status in ACTIVE_ADMINISTRATION_STATUSES
+        if administration.role == "rescue" and administration.status in statuses
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 
 from app.engine import (
-    ACTIVE_ADMINISTRATION_STATUSES,
+    EXPOSED_STATUSES,
     VALID_OBSERVATION_STATUSES,
     Administration,
     Assessment,
@@ -56,7 +56,7 @@ class PatientData:
         active = (
             a
             for a in self.timeline.administrations
-            if a.role == role and a.status in ACTIVE_ADMINISTRATION_STATUSES
+            if a.role == role and a.status in EXPOSED_STATUSES
         )
         return sorted(active, key=lambda administration: (administration.time, administration.id))
 
@@ -87,8 +87,6 @@ class PatientData:
     def last_day(self, criteria: Criteria) -> int:
         """The last day with a valid count or an active administration: the follow-up."""
         moments = [c.time for c in self.counts()] + [
-            a.time
-            for a in self.timeline.administrations
-            if a.status in ACTIVE_ADMINISTRATION_STATUSES
+            a.time for a in self.timeline.administrations if a.status in EXPOSED_STATUSES
         ]
         return max((self.day(m, criteria) for m in moments), default=0)

@@ -37,6 +37,7 @@ from app import codes
 from app.audit.trail import AuditRecord
 from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal
+from app.engine import EXPOSED_STATUSES
 from app.errors import NotFound
 from app.services.context import ServiceContext
 from app.services.indexing import KIND_PLATELET
@@ -426,9 +427,6 @@ def _reference_date(subject: Subject, study: Study) -> tuple[str | None, date | 
     return dtc(start, study.zone)
 
 
-_GIVEN_STATUSES = frozenset({"completed", "in-progress", "on-hold", "stopped", "unknown"})
-
-
 def _administrations(subject: Subject, kinds: Iterable[str]) -> list[Record]:
     wanted = set(kinds)
     return sorted(
@@ -437,7 +435,7 @@ def _administrations(subject: Subject, kinds: Iterable[str]) -> list[Record]:
             for r in subject.records
             if r.resource_type == "MedicationAdministration"
             and r.kind in wanted
-            and r.status in _GIVEN_STATUSES
+            and r.status in EXPOSED_STATUSES
         ),
         key=lambda r: (_period(r.resource)[0] or "", r.id),
     )

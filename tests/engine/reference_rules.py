@@ -25,7 +25,7 @@ from app.engine.model import (
 
 GOOD_OBSERVATION = ("final", "amended", "corrected")
 STARTS_TREATMENT = ("completed", "in-progress", "stopped")
-RESCUE_GIVEN = ("completed", "in-progress")
+RESCUE_GIVEN = STARTS_TREATMENT  # a rescue stopped part-way has still raised the count
 
 EVIDENCE_KEYS = (
     "baseline",

@@ -105,11 +105,17 @@ def test_excluded_and_unused_candidates_are_classified() -> None:
     assert classes(timeline, shorter)["early"] == "not-evaluable"
 
 
-def test_a_stopped_rescue_is_not_a_rescue() -> None:
-    # The rules name `stopped` for the study drug only; a rescue counts when completed or
-    # in progress, as in version 1.
-    timeline = replace(R_STORY, administrations=(dose(), rescue(at(3, 9), status="stopped")))
-    assert assess(timeline).status == "R"
+@pytest.mark.parametrize(
+    ("status", "counts"),
+    [("stopped", True), ("in-progress", True), ("on-hold", False), ("unknown", False)],
+)
+def test_a_rescue_stopped_part_way_is_a_rescue(status: str, counts: bool) -> None:
+    # A transfusion or IVIg interrupted part-way has still raised the count, as an
+    # interrupted study-drug infusion has still exposed the patient; version 1 ignored it.
+    timeline = replace(R_STORY, administrations=(dose(), rescue(at(3, 9), status=status)))
+    # Under that rescue every count after the dose is ignored: nothing is evaluable yet.
+    assert assess(timeline).status == ("NE" if counts else "R")
+    assert (assess(timeline, VERSION_1).status == "R") is (status != "in-progress")
 
 
 # --- bleeding occasions without a count ---------------------------------------------------
