@@ -47,14 +47,16 @@ async def _with_services(work: Any) -> Any:
     from app.store.db import Database
 
     settings = get_settings()
+    criteria = get_criteria_settings()
     db = Database.from_url(settings.database_url)
     audit = AuditQueue(db)
     try:
         ctx = ServiceContext(
             db,
-            get_criteria_settings().to_criteria(),
+            criteria.to_criteria(),
             settings.code_systems(),
             audit,
+            criteria.input_limits(),
         )
         return await work(ctx)
     finally:

@@ -16,6 +16,8 @@ PLATELET_CODES: Final = frozenset({"777-3", "26515-7"})
 DEFAULT_BLEEDING_EVENT_CODES: Final = frozenset({("http://snomed.info/sct", "131148009")})
 
 SITE_IDENTIFIER_SYSTEM_PATH: Final = "/sid/site"
+# The trial subject number: a Patient identifier in this system (services/subjects.py).
+SUBJECT_IDENTIFIER_SYSTEM_PATH: Final = "/sid/subject"
 # The grammars the service accepts, shared by its checks and its OpenAPI document.
 SITE_CODE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$"
 # White space as Python's str.isspace() knows it, spelled out so that the same pattern means
@@ -108,6 +110,7 @@ class CodeSystems:
         base = base.rstrip("/")
         self.base = base
         self.site = base + SITE_IDENTIFIER_SYSTEM_PATH
+        self.subject = base + SUBJECT_IDENTIFIER_SYSTEM_PATH
         self.trial_codes = base + TRIAL_CODES_PATH
         self.medication_role = base + MEDICATION_ROLE_PATH
         self.itp_response = base + ITP_RESPONSE_PATH
@@ -121,6 +124,12 @@ class CodeSystems:
 
     def is_site(self, system: str | None) -> bool:
         return system in (self.site, DEFAULT_CODE_SYSTEM_BASE + SITE_IDENTIFIER_SYSTEM_PATH)
+
+    def is_subject(self, system: str | None) -> bool:
+        return system in (
+            self.subject,
+            DEFAULT_CODE_SYSTEM_BASE + SUBJECT_IDENTIFIER_SYSTEM_PATH,
+        )
 
 
 # Components of the server's response-status Observation (codes in trial-codes).

@@ -38,12 +38,14 @@ from app.fhir.routes import PROVENANCE_HEADER_SCHEMA, PROVENANCE_HEADER_SCHEMA_N
 from app.ingest import routes as hl7_routes
 from app.middleware import (
     BodyLimitMiddleware,
+    NulRefusalMiddleware,
     RequestIdMiddleware,
     SecurityHeadersMiddleware,
     WriteLimitMiddleware,
 )
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
+from app.services.limits import InputLimits
 from app.settings import Settings, get_criteria_settings, get_settings
 from app.store.db import Database
 from app.store.migrations import current_revision, head_revision
@@ -60,11 +62,13 @@ def create_app(
     settings: Settings | None = None,
     criteria: Criteria | None = None,
     key_source: KeySource | None = None,
+    limits: InputLimits | None = None,
 ) -> FastAPI:
     settings = settings or get_settings()
     # Read at build time, so a bad ITP_* setting or a missing token key stops the server
     # before it serves anything.
     criteria = criteria or get_criteria_settings().to_criteria()
+    limits = limits or get_criteria_settings().input_limits()
     code_systems = settings.code_systems()
     key_source = key_source or load_key_source(
         AuthSettings(environment=settings.environment), log=log
@@ -76,7 +80,7 @@ def create_app(
             settings.database_url, settings.db_pool_size, settings.db_max_overflow
         )
         audit = AuditQueue(db)
-        app.state.services = ServiceContext(db, criteria, code_systems, audit)
+        app.state.services = ServiceContext(db, criteria, code_systems, audit, limits)
         app.state.head_revision = head_revision()
         audit.start()
         if settings.freezes_gc:
@@ -130,6 +134,7 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         path_limits={path: settings.max_bundle_bytes for path in ("/fhir", "/fhir/")},
     )
+    app.add_middleware(NulRefusalMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     # Added last, so outermost: every answer is counted and timed, a 413 from the limit too,

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.codes import DEFAULT_BLEEDING_EVENT_CODES, PLATELET_CODES, CodeSystems
 from app.engine import Criteria
 from app.errors import ConfigurationError
+from app.services.limits import PLATELET_MAX_DEFAULT, InputLimits
 
 DEFAULT_DATABASE_URL = "sqlite:///data/itp-trial.db"
 
@@ -110,9 +111,15 @@ class CriteriaSettings(BaseSettings):
     baseline_lookback_days: int = Field(default=14, ge=0)
     response_date_anchor: Literal["first", "confirming"] = "first"
     trial_timezone: str = "UTC"
+    # An input limit, not a response criterion: a platelet count above it (in 10^9/L, after
+    # unit conversion) is refused on every path. Not part of an assessment's `criteria`.
+    platelet_max: float = Field(default=PLATELET_MAX_DEFAULT, gt=0, allow_inf_nan=False)
 
     def to_criteria(self) -> Criteria:
-        return Criteria(**self.model_dump())
+        return Criteria(**self.model_dump(exclude={"platelet_max"}))
+
+    def input_limits(self) -> InputLimits:
+        return InputLimits(platelet_max=self.platelet_max)
 
 
 @lru_cache

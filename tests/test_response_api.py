@@ -4,6 +4,7 @@ recompute on every change, the server-owned status Observation, the summary."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import httpx
@@ -87,8 +88,12 @@ EXAMPLES = {
 }
 
 
+# One subject, one patient: each patient a test enrols gets its own subject number.
+_SUBJECTS = itertools.count(1)
+
+
 async def enrol_and_treat(client: httpx.AsyncClient, baseline: tuple[float, str]) -> str:
-    patient_id = await new_patient(client)
+    patient_id = await new_patient(client, f"S01-{next(_SUBJECTS):03d}")
     await create(
         client, builders.platelet_count(patient_id, BASELINE_TIME, baseline[0], unit=baseline[1])
     )

@@ -624,6 +624,8 @@ def decode_cursor(value: str, shape: tuple[type, ...]) -> tuple[Any, ...]:
             if kind is datetime:
                 decoded.append(datetime.fromisoformat(item) if item is not None else None)
             elif isinstance(item, kind) and not isinstance(item, bool):
+                if isinstance(item, str) and "\x00" in item:
+                    raise ValueError  # no id holds NUL, and PostgreSQL cannot compare one
                 decoded.append(item)
             else:
                 raise ValueError

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.auth.principal import Principal
 from app.errors import BadRequest, FhirError, Issue
 from app.services.dates import format_instant
-from app.services.validation import validate
+from app.services.validation import load_json, validate
 from app.store.tables import provenance_table as P
 
 
@@ -34,7 +34,7 @@ def _parse(header: str | None) -> dict[str, Any]:
             expression=["X-Provenance"],
         )
     try:
-        provenance = orjson.loads(header)
+        provenance = load_json(header, root="X-Provenance")
     except orjson.JSONDecodeError:
         raise BadRequest("X-Provenance is not JSON", expression=["X-Provenance"]) from None
     if not isinstance(provenance, dict) or provenance.get("resourceType") != "Provenance":

@@ -147,14 +147,15 @@ async def test_a_trial_through_fhirpy(kind: str, live_server: str) -> None:  # n
     assert not created and third_again.id == third.id
     assert third_again["birthDate"] == "1955-06-07" and third_again["meta"]["versionId"] == "2"
 
-    # Several match: a conditional update must not pick one.
-    for subject in ("S01-104", "S01-104"):
-        duplicate = builders.patient(subject)
-        await _done(client.resource("Patient", **duplicate).save())
+    # Several match: a conditional update must not pick one. (Two patients share a hospital
+    # record number; a subject number they could not share.)
+    for subject in ("S01-104", "S01-106"):
+        sharing = builders.with_mrn(builders.patient(subject), "H-104")
+        await _done(client.resource("Patient", **sharing).save())
     with pytest.raises(MultipleResourcesFound):
         await _done(
             client.resources("Patient")
-            .search(identifier=f"{SUBJECT}|S01-104")
+            .search(identifier=f"{builders.MRN_SYSTEM}|H-104")
             .update(client.resource("Patient", **builders.patient("S01-104")))
         )
 
