@@ -56,9 +56,12 @@ class DuplicateSubjects(RuntimeError):
 
 
 def upgrade() -> None:
+    # Checked before any change: SQLite's DDL is not transactional here, so a refusal after
+    # the new column would leave it behind, and the next attempt would fail on it.
+    numbers, renamed = _plan()
     with op.batch_alter_table("resource", schema=None) as batch_op:
         batch_op.add_column(sa.Column("subject", sa.String(length=64), nullable=True))
-    _backfill()
+    _backfill(numbers, renamed)
     with op.batch_alter_table("resource", schema=None) as batch_op:
         batch_op.create_index(
             "uq_resource_subject",
@@ -69,7 +72,10 @@ def upgrade() -> None:
         )
 
 
-def _backfill() -> None:
+def _plan() -> tuple[dict[int, tuple[str, set[str]]], list[tuple[str, str, str]]]:
+    """Each live Patient's number as it will be found (by row pk, with the systems it was
+    sent in), and the Patients whose stored number differs from it; raises, listing them,
+    when Patients are one subject to a reader."""
     from app.services.subjects import comparison_key
     from app.settings import get_settings
 
@@ -114,7 +120,20 @@ def _backfill() -> None:
             + ". Keep one Patient per subject (move the other's records to it and delete "
             "it, or give it its own number), then run `alembic upgrade head` again."
         )
-    renamed = []
+    renamed = [
+        (ident, value, key)
+        for key, patients in holders.items()
+        if len(key) <= _SUBJECT_LENGTH
+        for ident, value in patients
+        if value != key
+    ]
+    return numbers, sorted(renamed)
+
+
+def _backfill(
+    numbers: dict[int, tuple[str, set[str]]], renamed: list[tuple[str, str, str]]
+) -> None:
+    bind = op.get_bind()
     for pk, (key, systems) in numbers.items():
         bind.execute(sa.update(_resource).where(_resource.c.pk == pk).values(subject=key))
         bind.execute(
@@ -126,10 +145,7 @@ def _backfill() -> None:
             )
             .values(value=key)
         )
-    for key, patients in holders.items():
-        if len(key) <= _SUBJECT_LENGTH:
-            renamed += [(ident, value, key) for ident, value in patients if value != key]
-    for ident, value, key in sorted(renamed):
+    for ident, value, key in renamed:
         print(f"migration 0007: Patient/{ident} stores subject number {value!r}; found as {key!r}")
 
 
