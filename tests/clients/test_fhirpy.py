@@ -181,6 +181,8 @@ async def test_a_trial_through_fhirpy(kind: str, live_server: str) -> None:  # n
     )
     counts = await _done(pages.fetch_all())
     assert len(counts) == 13 and len({c.id for c in counts}) == 13
+    # count() asks _count=0 and reads Bundle.total, unmodified.
+    assert await _done(pages.count()) == 13
     dates = [c["effectiveDateTime"] for c in counts]
     assert dates == sorted(dates, reverse=True)
     assert {c["subject"]["reference"] for c in counts} == {f"Patient/{patient.id}"}
@@ -205,3 +207,4 @@ async def test_a_trial_through_fhirpy(kind: str, live_server: str) -> None:  # n
         await _done(client.get("Observation", count.id))
     remaining = await _done(pages.fetch_all())
     assert count.id not in {c.id for c in remaining} and len(remaining) == 12
+    assert await _done(pages.count()) == 12
