@@ -298,7 +298,14 @@ def validate(raw: dict[str, Any], resource_type: str) -> Accepted:
     try:
         model = model_class.model_validate(raw)
     except ValidationError as exc:
-        issues.extend(_pydantic_issues(exc, resource_type))
+        # Where this module has said what is wrong, fhir.resources' own words about the same
+        # element ("DateTime value string does not match spec regex") only blur it.
+        said = {path for issue in issues for path in issue.expression}
+        issues.extend(
+            issue
+            for issue in _pydantic_issues(exc, resource_type)
+            if not said.intersection(issue.expression)
+        )
         model = None
     if issues or model is None:
         raise Unprocessable(_summary(issues), issues=_dedupe(issues))
@@ -468,10 +475,29 @@ def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:  # noqa: PLR
     return None
 
 
+# A date and a time of day with neither a time zone nor, perhaps, seconds: the form people
+# write, and what FHIR does not take (a time is only meaningful with its zone).
+_ZONELESS_TIME = re.compile(r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2})(:\d{2}(?:\.\d+)?)?")
+_FORMS = {
+    "date": "YYYY, YYYY-MM or YYYY-MM-DD, e.g. 2025-03-10",
+    "dateTime": "YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm:ss with a time zone, "
+    "e.g. 2025-03-10 or 2025-03-10T09:00:00Z",
+    "instant": "YYYY-MM-DDThh:mm:ss with a time zone, e.g. 2025-03-10T09:00:00Z",
+}
+
+
 def _date_problem(value: str, pattern: re.Pattern[str], kind: str) -> str | None:
     match = pattern.fullmatch(value)
+    zoneless = _ZONELESS_TIME.fullmatch(value) if kind != "date" else None
+    if match is None and zoneless is not None:
+        day, minutes, seconds = zoneless.groups()
+        time = f"{day}T{minutes}{seconds or ':00'}"
+        return (
+            f"{value!r} has a time of day but no time zone: a FHIR {kind} with a time needs "
+            f"its zone (and seconds), e.g. {time}Z in UTC or {time}+01:00"
+        )
     if match is None:
-        return f"{value!r} is not a valid FHIR {kind}"
+        return f"{value!r} is not a valid FHIR {kind}: {_FORMS[kind]}"
     year, month, day = match.group(1), match.group(2), match.group(3)
     if int(year) == 0:
         return f"{value!r}: year 0000 does not exist"
@@ -479,8 +505,6 @@ def _date_problem(value: str, pattern: re.Pattern[str], kind: str) -> str | None
         return f"{value!r}: month {month} does not exist"
     if day is not None and not 1 <= int(day) <= calendar.monthrange(int(year), int(month))[1]:
         return f"{value!r}: day {day} does not exist in that month"
-    if kind != "date" and match.lastindex and match.lastindex >= 4 and match.group(8) is None:
-        return f"{value!r}: a time of day needs a time zone"
     return None
 
 
