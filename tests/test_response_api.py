@@ -337,3 +337,29 @@ async def test_a_configured_code_makes_an_adverse_event_a_bleeding(settings):
         assessment = await status_of(http, patient_id)
     assert assessment["response_date"] == "2025-03-17"  # 03-10 was a bleeding day
     assert assessment["evidence"]["bleeding_events"]
+
+
+@pytest.mark.parametrize("how", ["update", "patch"])
+async def test_a_count_moved_to_another_patient_recomputes_both(client, how):
+    """A record moved between patients changes both responses: the patient it left is
+    recomputed too, not only the one it joined."""
+    first = await enrol_and_treat(client, (12, "10*9/L"))
+    second = await enrol_and_treat(client, (12, "10*9/L"))
+    moved = await post_count(client, first, "03-10", 35)
+    assert (await status_of(client, first))["status"] == "NR"
+    assert (await status_of(client, second))["status"] == "NE"  # no count after its start
+    path = f"/fhir/Observation/{moved}"
+    subject = {"reference": f"Patient/{second}"}
+    if how == "update":
+        current = (await client.get(path)).json()
+        response = await client.put(path, json={**current, "subject": subject})
+    else:
+        response = await client.patch(
+            path,
+            json={"subject": subject},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+    assert response.status_code == 200, response.text
+    left, joined = await status_of(client, first), await status_of(client, second)
+    assert left["status"] == "NE" and "no platelet count after" in left["status_reason"].lower()
+    assert joined["status"] == "NR"  # the moved count is its first after the start
