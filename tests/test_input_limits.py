@@ -453,42 +453,24 @@ async def test_nul_in_a_query_a_path_or_a_header_is_400(client):
         assert response.headers["x-content-type-options"] == "nosniff"
 
 
+def _token(**claims: object) -> dict[str, str]:
+    """A bearer token signed with the test key, with these claims over valid ones."""
+    valid = {"sub": "tester", "role": "admin", "sites": ["S01"], "exp": 4102444800}
+    issued = {"iss": "itp-trial-api", "aud": "itp-trial-api", **valid, **claims}
+    return {"Authorization": f"Bearer {KEY.sign(issued)}"}
+
+
 async def test_nul_in_a_token_claim_is_400(anonymous):
     for claims in ({"sub": "lab\x00"}, {"sites": ["S01\x00"]}, {"name": "x\x00"}):
-        token = KEY.sign(
-            {
-                "sub": "tester",
-                "role": "admin",
-                "sites": ["S01"],
-                "iss": "itp-trial-api",
-                "aud": "itp-trial-api",
-                "exp": 4102444800,
-                **claims,
-            }
-        )
-        response = await anonymous.get(
-            "/fhir/Patient", headers={"Authorization": f"Bearer {token}"}
-        )
+        response = await anonymous.get("/fhir/Patient", headers=_token(**claims))
         assert response.status_code == 400, (claims, response.text)
 
 
 async def test_a_token_subject_over_the_limit_is_401(anonymous):
-    token = KEY.sign(
-        {
-            "sub": "x" * 256,
-            "role": "admin",
-            "iss": "itp-trial-api",
-            "aud": "itp-trial-api",
-            "exp": 4102444800,
-        }
-    )
-    response = await anonymous.get("/fhir/Patient", headers={"Authorization": f"Bearer {token}"})
+    response = await anonymous.get("/fhir/Patient", headers=_token(sub="x" * 256))
     assert response.status_code == 401
     assert "255" in response.json()["issue"][0]["diagnostics"]
-    fits = await anonymous.get(
-        "/fhir/Patient",
-        headers=bearer("admin", sub="x" * 255),
-    )
+    fits = await anonymous.get("/fhir/Patient", headers=_token(sub="x" * 255))
     assert fits.status_code == 200
 
 

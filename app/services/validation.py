@@ -44,6 +44,16 @@ RESOURCE_CLASSES: dict[str, type[FHIRAbstractModel]] = {
 }
 
 _QUANTITY_COMPARATORS = frozenset({"<", "<=", ">=", ">"})
+# Quantity and the R4B types derived from it (fhir.resources names each class on its own).
+_QUANTITY_TYPES = (
+    "Quantity",
+    "Age",
+    "Count",
+    "Distance",
+    "Duration",
+    "SimpleQuantity",
+    "MoneyQuantity",
+)
 # Required bindings whose full code list fhir.resources does not carry (it truncates with
 # '+', or omits it); taken from the R4B value sets.
 _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
@@ -59,18 +69,7 @@ _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
             "unknown",
         }
     ),
-    **{
-        (quantity, "comparator"): _QUANTITY_COMPARATORS
-        for quantity in (
-            "Quantity",
-            "Age",
-            "Count",
-            "Distance",
-            "Duration",
-            "SimpleQuantity",
-            "MoneyQuantity",
-        )
-    },
+    **{(quantity, "comparator"): _QUANTITY_COMPARATORS for quantity in _QUANTITY_TYPES},
 }
 
 # The strings stored in search indexes (limits.py): the same limit on both databases.
@@ -79,18 +78,7 @@ _INDEXED_STRINGS: dict[str, frozenset[str]] = {
     "Identifier": frozenset({"system", "value"}),
     "Coding": frozenset({"system", "code"}),
     "HumanName": frozenset({"text", "family", "given", "prefix", "suffix"}),
-    **{
-        quantity: _QUANTITY_STRINGS
-        for quantity in (
-            "Quantity",
-            "Age",
-            "Count",
-            "Distance",
-            "Duration",
-            "SimpleQuantity",
-            "MoneyQuantity",
-        )
-    },
+    **{quantity: _QUANTITY_STRINGS for quantity in _QUANTITY_TYPES},
 }
 
 _ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
