@@ -1,7 +1,7 @@
-"""Migration 0007 (both databases): subject numbers stored before the rule. Patients that are
-one subject to a reader are listed and nothing is migrated; once the trial's data manager
-has resolved them, every number is found in its normalised form and can no longer be
-enrolled twice. It goes down and up again."""
+"""The subject-number migration (0007; both databases): numbers stored before the rule.
+Patients that are one subject to a reader are listed and nothing is migrated; once the
+trial's data manager has resolved them, every number is found in its normalised form and
+can no longer be enrolled twice. It goes down and up again."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from tests import builders
 from tests.conftest import KEY, PROJECT_ROOT, bearer
 from tests.test_search_migration import _alembic, empty_database  # noqa: F401 (a fixture)
 
-# (id, subject number as a client sent it before 0007, deleted)
+# The revision before the subject-number migration: what the rows below were written under.
+BEFORE = "0006"
+# (id, subject number as a client sent it before the rule, deleted)
 STORED = [
     ("p-1", "S01-001", False),
     ("p-2", "S01-００１ ", False),  # full-width digits and a blank: S01-001 to a reader
@@ -35,7 +37,7 @@ STORED = [
 ]
 
 
-async def _store_as_revision_0006_did(url: str) -> None:
+async def _store_before_the_rule(url: str) -> None:
     now = datetime(2025, 3, 10, 12)
     engine = create_async_engine(async_url(url))
     try:
@@ -116,20 +118,20 @@ def _upgrade(url: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def test_0007_refuses_look_alike_duplicates_then_normalises(empty_database):  # noqa: F811
+async def test_the_subject_migration_refuses_look_alikes_then_normalises(empty_database):  # noqa: F811
     url = empty_database
-    _alembic(url, "upgrade", "0006")
-    await _store_as_revision_0006_did(url)
+    _alembic(url, "upgrade", BEFORE)
+    await _store_before_the_rule(url)
 
     refused = _upgrade(url)
     assert refused.returncode != 0
     message = refused.stderr.splitlines()[-1]
-    assert "Migration 0007 stopped, nothing was changed" in message
+    assert "stopped, nothing was changed" in message
     assert "'S01-001' is held by Patient/p-1" in message
     assert "Patient/p-2" in message and "Patient/p-3" in message
     assert "p-4" not in message and "p-6" not in message
     assert "Traceback" in refused.stderr  # alembic's own report; the last line is ours
-    assert await _revision(url) == "0006"  # nothing of 0007 stayed
+    assert await _revision(url) == BEFORE  # nothing of the migration stayed
 
     await _retire(url, "p-2", "p-3")
     migrated = _upgrade(url)
@@ -159,6 +161,6 @@ async def test_0007_refuses_look_alike_duplicates_then_normalises(empty_database
             free = await client.post("/fhir/Patient", json=builders.patient("S01-004"))
             assert free.status_code == 201
 
-    _alembic(url, "downgrade", "0006")
+    _alembic(url, "downgrade", BEFORE)
     _alembic(url, "upgrade", "head")
     assert (await _subjects(url))["p-4"] == "S01-002"

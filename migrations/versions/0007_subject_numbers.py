@@ -106,7 +106,7 @@ def _plan() -> tuple[dict[int, tuple[str, set[str]]], list[tuple[str, str, str]]
             key = keys.pop()
             holders[key] += [(patient_id, value) for _, value in sent[:1]]
             if len(key) > _SUBJECT_LENGTH:  # no valid number either: nothing to protect
-                print(f"migration 0007: Patient/{patient_id} has no valid subject number")
+                print(f"migration {revision}: Patient/{patient_id} has no valid subject number")
                 continue
             numbers[pk] = (key, {system for system, _ in sent})
     for key, patients in sorted(holders.items()):
@@ -115,7 +115,7 @@ def _plan() -> tuple[dict[int, tuple[str, set[str]]], list[tuple[str, str, str]]
             problems.append(f"subject number {key!r} is held by {shown}")
     if problems:
         raise DuplicateSubjects(
-            "Migration 0007 stopped, nothing was changed: one subject, one patient. "
+            f"Migration {revision} stopped, nothing was changed: one subject, one patient. "
             + "; ".join(problems)
             + ". Keep one Patient per subject (move the other's records to it and delete "
             "it, or give it its own number), then run `alembic upgrade head` again."
@@ -146,7 +146,10 @@ def _backfill(
             .values(value=key)
         )
     for ident, value, key in renamed:
-        print(f"migration 0007: Patient/{ident} stores subject number {value!r}; found as {key!r}")
+        print(
+            f"migration {revision}: Patient/{ident} stores subject number {value!r}; "
+            f"found as {key!r}"
+        )
 
 
 def downgrade() -> None:
