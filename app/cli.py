@@ -53,13 +53,19 @@ async def _with_services(work: Any) -> Any:
     from app.store.db import Database
 
     settings = get_settings()
-    criteria = get_criteria_settings().to_criteria()
-    code_systems = settings.code_systems()
+    criteria = get_criteria_settings()
     await check_database(settings.database_url)
     db = Database.from_url(settings.database_url)
     audit = AuditQueue(db, max_records=settings.audit_queue_max, spill_dir=settings.audit_spill_dir)
     try:
-        return await work(ServiceContext(db, criteria, code_systems, audit))
+        ctx = ServiceContext(
+            db,
+            criteria.to_criteria(),
+            settings.code_systems(),
+            audit,
+            criteria.input_limits(),
+        )
+        return await work(ctx)
     finally:
         await audit.stop()
         await db.dispose()

@@ -16,6 +16,8 @@ PLATELET_CODES: Final = frozenset({"777-3", "26515-7"})
 DEFAULT_BLEEDING_EVENT_CODES: Final = frozenset({("http://snomed.info/sct", "131148009")})
 
 SITE_IDENTIFIER_SYSTEM_PATH: Final = "/sid/site"
+# The trial subject number: a Patient identifier in this system (services/subjects.py).
+SUBJECT_IDENTIFIER_SYSTEM_PATH: Final = "/sid/subject"
 # The grammars the service accepts, shared by its checks and its OpenAPI document.
 SITE_CODE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$"
 # White space as Python's str.isspace() knows it, spelled out so that the same pattern means
@@ -23,14 +25,17 @@ SITE_CODE_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$"
 _OTHER_WHITE_SPACE: Final = (
     r"\u000b\f\u001c-\u001f\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 )
+# NUL: PostgreSQL stores no text holding it, so no string of this API holds one (the server
+# refuses it, 400, before it reads further; the OpenAPI patterns say so too).
+_NUL: Final = r"\u0000"
 # The characters a FHIR string cannot hold (a regex character-class body, for Python's re).
-FORBIDDEN_STRING_CHARACTERS: Final = _OTHER_WHITE_SPACE
+FORBIDDEN_STRING_CHARACTERS: Final = _OTHER_WHITE_SPACE + _NUL
 _WHITE_SPACE: Final = r"\t\n\r " + _OTHER_WHITE_SPACE
 # FHIR's code: no leading, trailing or repeated white space, and single spaces only.
-CODE_PATTERN: Final = rf"[^{_WHITE_SPACE}]+( [^{_WHITE_SPACE}]+)*"
+CODE_PATTERN: Final = rf"[^{_WHITE_SPACE}{_NUL}]+( [^{_WHITE_SPACE}{_NUL}]+)*"
 # FHIR's string: [ \r\n\t\S]+, i.e. no white space but space, CR, LF and tab.
-STRING_PATTERN: Final = rf"[^{_OTHER_WHITE_SPACE}]+"
-URI_PATTERN: Final = rf"[^{_WHITE_SPACE}]*"
+STRING_PATTERN: Final = rf"[^{FORBIDDEN_STRING_CHARACTERS}]+"
+URI_PATTERN: Final = rf"[^{_WHITE_SPACE}{_NUL}]*"
 # A literal reference to a Patient of this server, optionally to one of its versions.
 PATIENT_REFERENCE_PATTERN: Final = r"^Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[0-9]{1,9})?$"
 TRIAL_CODES_PATH: Final = "/CodeSystem/trial-codes"
@@ -108,6 +113,7 @@ class CodeSystems:
         base = base.rstrip("/")
         self.base = base
         self.site = base + SITE_IDENTIFIER_SYSTEM_PATH
+        self.subject = base + SUBJECT_IDENTIFIER_SYSTEM_PATH
         self.trial_codes = base + TRIAL_CODES_PATH
         self.medication_role = base + MEDICATION_ROLE_PATH
         self.itp_response = base + ITP_RESPONSE_PATH
@@ -121,6 +127,12 @@ class CodeSystems:
 
     def is_site(self, system: str | None) -> bool:
         return system in (self.site, DEFAULT_CODE_SYSTEM_BASE + SITE_IDENTIFIER_SYSTEM_PATH)
+
+    def is_subject(self, system: str | None) -> bool:
+        return system in (
+            self.subject,
+            DEFAULT_CODE_SYSTEM_BASE + SUBJECT_IDENTIFIER_SYSTEM_PATH,
+        )
 
 
 # Components of the server's response-status Observation (codes in trial-codes).

@@ -41,6 +41,7 @@ from app.fhir.routes import PROVENANCE_HEADER_SCHEMA, PROVENANCE_HEADER_SCHEMA_N
 from app.ingest import routes as hl7_routes
 from app.middleware import (
     BodyLimitMiddleware,
+    NulRefusalMiddleware,
     RequestIdMiddleware,
     SecurityHeadersMiddleware,
     WriteLimitMiddleware,
@@ -48,6 +49,7 @@ from app.middleware import (
 from app.services.bulk_export import ExportRunner
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
+from app.services.limits import InputLimits
 from app.settings import Settings, get_criteria_settings, get_settings
 from app.startup import check_database_now, explain
 from app.store.db import Database
@@ -67,11 +69,13 @@ def create_app(
     settings: Settings | None = None,
     criteria: Criteria | None = None,
     key_source: KeySource | None = None,
+    limits: InputLimits | None = None,
 ) -> FastAPI:
     settings = settings or get_settings()
     # Read at build time, so a bad ITP_* setting or a missing token key stops the server
     # before it serves anything.
     criteria = criteria or get_criteria_settings().to_criteria()
+    limits = limits or get_criteria_settings().input_limits()
     code_systems = settings.code_systems()
     key_source = key_source or load_key_source(
         AuthSettings(environment=settings.environment), log=log
@@ -90,7 +94,7 @@ def create_app(
         )
         # What an earlier run could not write (an outage at its shutdown) goes first.
         await audit.replay()
-        app.state.services = ServiceContext(db, criteria, code_systems, audit)
+        app.state.services = ServiceContext(db, criteria, code_systems, audit, limits)
         app.state.head_revision = head_revision()
         # Every worker runs export jobs; any of them may take a job another one queued.
         exports = ExportRunner(app.state.services, export_routes.export_settings(settings))
@@ -154,6 +158,7 @@ def create_app(
     # uvicorn, which would close the connection; its answer still gets the request id,
     # the security headers and its metrics from the middleware outside it.
     app.add_middleware(outcome.ErrorMiddleware)
+    app.add_middleware(NulRefusalMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     # Added last, so outermost: every answer is counted and timed, a 413 from the limit too,

@@ -1,5 +1,6 @@
 """HTTP guards that wrap every request, as plain ASGI middleware (no per-request objects):
-the request id, the body limit and the security headers."""
+the request id, the body limit, NUL in the request line and headers, and the security
+headers."""
 
 from __future__ import annotations
 
@@ -127,29 +128,81 @@ class BodyLimitMiddleware:
             await self._refuse(scope, send, limit)
 
     async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
-        message = f"The request body is larger than {limit} bytes"
-        services = getattr(getattr(scope.get("app"), "state", None), "services", None)
-        if services is not None:  # a refused attempt like any other (who: not yet known)
-            services.audit.add(
-                AuditRecord(
-                    "create" if scope["method"] == "POST" else "update",
-                    outcome="4",
-                    description=f"413: {message}",
-                    entity_type=_resource_type(scope["path"]),
-                )
-            )
-        body = _outcome("too-costly", message)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/fhir+json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+        await refuse(
+            scope,
+            send,
+            413,
+            "too-costly",
+            f"The request body is larger than {limit} bytes",
+            "create" if scope["method"] == "POST" else "update",
         )
-        await send({"type": "http.response.body", "body": body})
+
+
+async def refuse(
+    scope: Scope, send: Send, status: int, code: str, message: str, interaction: str
+) -> None:
+    """Answer an OperationOutcome before the app runs, audited as a refused attempt like
+    any other (who: not yet known)."""
+    services = getattr(getattr(scope.get("app"), "state", None), "services", None)
+    if services is not None:
+        services.audit.add(
+            AuditRecord(
+                interaction,
+                outcome="4",
+                description=f"{status}: {message}",
+                entity_type=_resource_type(scope["path"]),
+            )
+        )
+    body = _outcome(code, message)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/fhir+json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+_INTERACTIONS = {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "update"}
+
+
+class NulRefusalMiddleware:
+    """Refuses NUL (U+0000) in the path, the query string or a header value with 400.
+
+    PostgreSQL stores no NUL in text and cannot compare a value holding one: without this a
+    search or a token subject with NUL failed there (500) and worked on SQLite. Bodies are
+    checked where they are parsed (`services.validation.load_json`, the HL7 reader)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            where = None
+            if "\x00" in scope["path"]:
+                where = "the path"
+            elif b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]:
+                where = "the query string"
+            else:
+                for name, value in scope["headers"]:
+                    if b"\x00" in value:
+                        where = f"the {name.decode('latin-1')} header"
+                        break
+            if where is not None:
+                await refuse(
+                    scope,
+                    send,
+                    400,
+                    "invalid",
+                    f"NUL (U+0000, %00) is not allowed in {where}; remove it",
+                    _INTERACTIONS.get(scope["method"], "delete"),
+                )
+                return
+        await self.app(scope, receive, send)
 
 
 # Health data: nothing cached, nothing framed, nothing sniffed. The interactive docs and

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.codes import DEFAULT_BLEEDING_EVENT_CODES, PLATELET_CODES, CodeSystems
 from app.engine import Criteria
 from app.errors import ConfigurationError
+from app.services.limits import PLATELET_MAX_DEFAULT, InputLimits
 
 DEFAULT_DATABASE_URL = "sqlite:///data/itp-trial.db"
 
@@ -135,6 +136,9 @@ class CriteriaSettings(BaseSettings):
     confirm_clock: Literal["calendar", "instant"] = "calendar"
     baseline_rescue_exclusion_days: int = Field(default=14, ge=0)
     first_evaluable_day: int = Field(default=1, ge=0)
+    # An input limit, not a response criterion: a platelet count above it (in 10^9/L, after
+    # unit conversion) is refused on every path. Not part of an assessment's `criteria`.
+    platelet_max: float = Field(default=PLATELET_MAX_DEFAULT, gt=0, allow_inf_nan=False)
 
     @field_validator("trial_timezone")
     @classmethod
@@ -148,7 +152,10 @@ class CriteriaSettings(BaseSettings):
         return name
 
     def to_criteria(self) -> Criteria:
-        return Criteria(**self.model_dump())
+        return Criteria(**self.model_dump(exclude={"platelet_max"}))
+
+    def input_limits(self) -> InputLimits:
+        return InputLimits(platelet_max=self.platelet_max)
 
 
 @lru_cache

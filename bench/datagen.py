@@ -25,6 +25,8 @@ import orjson
 
 from app import codes
 from app.services.indexing import index_values
+from app.services.limits import InputLimits
+from app.services.subjects import normalise_patient
 
 SUBJECT_SYSTEM = codes.DEFAULT_CODE_SYSTEM_BASE + "/sid/subject"
 SITE_SYSTEM = codes.DEFAULT_CODE_SYSTEM_BASE + "/sid/site"
@@ -215,7 +217,10 @@ class _Rows:
 
     def add(self, raw: dict[str, Any], resource_id: str) -> None:
         resource_type = raw["resourceType"]
-        values = index_values(resource_type, resource_id, raw, CODE_SYSTEMS)
+        subject = None
+        if resource_type == "Patient":  # its subject number as the API stores it
+            raw, subject = normalise_patient(raw, CODE_SYSTEMS)
+        values = index_values(resource_type, resource_id, raw, CODE_SYSTEMS, InputLimits())
         if resource_type != "Patient":
             values.site = self.site_of[values.patient_id]  # type: ignore[index]
         document = {
@@ -243,6 +248,7 @@ class _Rows:
                 values.kind,
                 values.status,
                 values.site,
+                subject,
             )
         )
         self.version.append((resource_type, resource_id, 1, self.now, "create", content))
@@ -287,6 +293,7 @@ COLUMNS = {
         "kind",
         "status",
         "site",
+        "subject",
     ],
     "resource_version": ["resource_type", "id", "version_id", "last_updated", "method", "content"],
     "search_token": ["resource_pk", "resource_type", "param", "system", "value"],

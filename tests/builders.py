@@ -6,6 +6,8 @@ from typing import Any
 
 SITE_SYSTEM = "https://itp-trial.example/fhir/sid/site"
 SUBJECT_SYSTEM = "https://itp-trial.example/fhir/sid/subject"
+# A hospital's own record number: unlike a subject number, two Patients may share one.
+MRN_SYSTEM = "https://hospital.example/fhir/sid/mrn"
 ROLE_SYSTEM = "https://itp-trial.example/fhir/CodeSystem/medication-role"
 TRIAL_CODES = "https://itp-trial.example/fhir/CodeSystem/trial-codes"
 UCUM = "http://unitsofmeasure.org"
@@ -19,6 +21,14 @@ def patient(subject: str = "S01-001", site: str = "S01", **extra: Any) -> dict[s
         "gender": "female",
         "birthDate": "1968-04-12",
         **extra,
+    }
+
+
+def with_mrn(resource: dict[str, Any], mrn: str) -> dict[str, Any]:
+    """The Patient with a hospital record number beside its subject number."""
+    return {
+        **resource,
+        "identifier": [*resource["identifier"], {"system": MRN_SYSTEM, "value": mrn}],
     }
 
 

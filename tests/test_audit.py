@@ -333,6 +333,65 @@ async def test_audit_verify_detects_tampering(app, client, database_url):
     assert f"seq={seq}" in broken.stderr
 
 
+async def _write_records(app, client) -> list[int]:
+    """Four creates: four records in the chain, none referenced by a disclosure row."""
+    for number in range(1, 5):
+        await create(client, builders.patient(f"S01-00{number}"))
+    await app.state.services.audit.flush()
+    async with app.state.services.db.read() as conn:
+        return list(
+            (await conn.execute(text("SELECT seq FROM audit_event ORDER BY seq"))).scalars()
+        )
+
+
+async def test_audit_verify_detects_a_record_removed_from_the_middle(app, client, database_url):
+    """Every remaining record still matches its own hash: only the link from the next
+    record's prev_hash to the record before it shows the gap."""
+    seqs = await _write_records(app, client)
+    assert _verify(database_url).returncode == 0
+    middle, after = seqs[1], seqs[2]
+    row = text("SELECT * FROM audit_event WHERE seq = :s")
+    async with app.state.services.db.write() as conn:
+        removed = dict((await conn.execute(row, {"s": middle})).mappings().one())
+        await _as_owner(conn, "DELETE FROM audit_event WHERE seq = :s", {"s": middle})
+    broken = _verify(database_url)
+    assert broken.returncode == 1
+    assert f"seq={after}" in broken.stderr and "removed or changed" in broken.stderr
+    columns, values = ", ".join(removed), ", ".join(f":{name}" for name in removed)
+    async with app.state.services.db.write() as conn:  # put it back for the teardown's check
+        await conn.execute(text(f"INSERT INTO audit_event ({columns}) VALUES ({values})"), removed)
+    assert _verify(database_url).returncode == 0
+
+
+async def test_audit_verify_detects_records_swapped_in_the_middle(app, client, database_url):
+    """Two records trading places keep their own hashes (each covers its own prev_hash,
+    id and content): the chain's links are what breaks."""
+    seqs = await _write_records(app, client)
+    first, second = seqs[1], seqs[2]
+    row = text("SELECT * FROM audit_event WHERE seq = :s")
+
+    async def swap() -> None:
+        async with app.state.services.db.write() as conn:
+            a = dict((await conn.execute(row, {"s": first})).mappings().one())
+            b = dict((await conn.execute(row, {"s": second})).mappings().one())
+            moved = [name for name in a if name != "seq"]
+            assignments = ", ".join(f"{name} = :{name}" for name in moved)
+            statement = f"UPDATE audit_event SET {assignments} WHERE seq = :seq"
+            # The id is unique: park one record's under another name while they trade.
+            await _as_owner(
+                conn, "UPDATE audit_event SET id = 'parked' WHERE seq = :s", {"s": first}
+            )
+            await _as_owner(conn, statement, {**a, "seq": second})
+            await _as_owner(conn, statement, {**b, "seq": first})
+
+    await swap()
+    broken = _verify(database_url)
+    assert broken.returncode == 1
+    assert f"seq={first}" in broken.stderr and "prev_hash" in broken.stderr
+    await swap()  # and back, for the teardown's check
+    assert _verify(database_url).returncode == 0
+
+
 def _head(verified: subprocess.CompletedProcess[str]) -> str:
     assert verified.returncode == 0, verified.stderr
     (line,) = [line for line in verified.stdout.splitlines() if line.startswith("head")]

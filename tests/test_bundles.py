@@ -287,9 +287,9 @@ async def test_each_patient_is_recomputed_once_per_transaction(client, monkeypat
 
 
 async def test_conditional_references_must_match_exactly_one(client):
-    await create(client, builders.patient("S01-001"))
-    await create(client, builders.patient("S01-001"))
-    twice = f"Patient?identifier={builders.SUBJECT_SYSTEM}|S01-001"
+    await create(client, builders.with_mrn(builders.patient("S01-001"), "H-1"))
+    await create(client, builders.with_mrn(builders.patient("S01-002"), "H-1"))
+    twice = f"Patient?identifier={builders.MRN_SYSTEM}|H-1"
     never = f"Patient?identifier={builders.SUBJECT_SYSTEM}|S01-999"
     for reference, status in ((twice, 412), (never, 400)):
         answer = await send(client, bundle("transaction", post(count(reference, "2025-03-10", 4))))

@@ -28,10 +28,13 @@ async def test_conditional_create_returns_the_existing_match(client):
 
 
 async def test_criterion_matching_two_resources_is_412(client):
-    await create(client, builders.patient("S01-042"))
-    await create(client, builders.patient("S01-042"))
+    # A subject number is unique (test_subjects.py); a hospital record number may be shared.
+    await create(client, builders.with_mrn(builders.patient("S01-042"), "H-1"))
+    await create(client, builders.with_mrn(builders.patient("S01-043"), "H-1"))
     response = await client.post(
-        "/fhir/Patient", json=builders.patient("S01-042"), headers={"If-None-Exist": CRITERION}
+        "/fhir/Patient",
+        json=builders.patient("S01-044"),
+        headers={"If-None-Exist": f"identifier={builders.MRN_SYSTEM}|H-1"},
     )
     assert response.status_code == 412
     assert response.json()["resourceType"] == "OperationOutcome"

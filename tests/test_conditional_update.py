@@ -76,19 +76,19 @@ async def test_no_match_with_a_body_id_creates_there_or_is_409_if_it_is_taken(cl
 
 
 async def test_several_matches_are_412_and_nothing_changes(client):
-    first = (await create(client, builders.patient("S01-042"))).json()
-    await create(client, builders.patient("S01-042"))
+    # A subject number is unique (test_subjects.py); a hospital record number may be shared.
+    first = (await create(client, builders.with_mrn(builders.patient("S01-042"), "H-1"))).json()
+    await create(client, builders.with_mrn(builders.patient("S01-043"), "H-1"))
+    shared = {"identifier": f"{builders.MRN_SYSTEM}|H-1"}
     response = await client.put(
-        "/fhir/Patient",
-        params={"identifier": SUBJECT},
-        json={**builders.patient("S01-042"), "gender": "male"},
+        "/fhir/Patient", params=shared, json={**builders.patient("S01-042"), "gender": "male"}
     )
     assert response.status_code == 412
     assert response.json()["resourceType"] == "OperationOutcome"
-    deleted = await client.delete("/fhir/Patient", params={"identifier": SUBJECT})
+    deleted = await client.delete("/fhir/Patient", params=shared)
     assert deleted.status_code == 412
     assert (await client.get(f"/fhir/Patient/{first['id']}")).json() == first
-    assert len(await _matches(client)) == 2
+    assert len(await _matches(client, shared["identifier"])) == 2
 
 
 async def test_an_update_of_a_match_needs_a_reason_and_honours_if_match(client):
@@ -190,9 +190,10 @@ async def test_conditional_create_in_the_query_as_fhirpy_sends_it(client):
     assert both.status_code == 400
     unknown = await client.post("/fhir/Patient", params={"name": "Doe"}, json=body)
     assert unknown.status_code == 400
-    plain = await client.post("/fhir/Patient", params={"_format": "json"}, json=body)
+    other = builders.patient("S01-043")
+    plain = await client.post("/fhir/Patient", params={"_format": "json"}, json=other)
     assert plain.status_code == 201  # _format is no criterion
-    assert len(await _matches(client)) == 2
+    assert len(await _matches(client)) == 1
 
 
 async def test_a_lab_may_conditionally_update_its_result(client):

@@ -194,6 +194,23 @@ async def test_a_correction_needs_the_update_scope(client, app):
     assert stored["version"] == 1
 
 
+@pytest.mark.parametrize("status", ["C", "F", "P"])
+async def test_a_result_cannot_move_to_another_patient(client, app, status):
+    """The result identifier (order and OBX-1) names one result of one patient: a message
+    that sends it for another patient is an AE, whatever its status, and changes nothing."""
+    patients = await enrol(client, "S01-001", "S01-002")
+    first = oru("M1", results=[("FIL-1", "42", "P", "20250310081500")])
+    assert read_ack(await send(client, first)).code == "AA"
+    other = oru("M2", subject="S01-002", results=[("FIL-1", "24", status, "20250310081500")])
+    refused = read_ack(await send(client, other))
+    assert refused.code == "AE", refused.text
+    assert [(code, where) for code, where, _ in refused.errors] == [("205", "OBX^1")]
+    assert "another patient" in refused.errors[0][2]
+    (stored,) = (await platelet_counts(app)).values()
+    assert stored["version"] == 1
+    assert stored["resource"]["subject"] == {"reference": f"Patient/{patients['S01-001']}"}
+
+
 # --- redelivery and concurrency -----------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ Observation, the summary."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 
 import httpx
@@ -88,8 +89,12 @@ EXAMPLES = {
 }
 
 
+# One subject, one patient: each patient a test enrols gets its own subject number.
+_SUBJECTS = itertools.count(1)
+
+
 async def enrol_and_treat(client: httpx.AsyncClient, baseline: tuple[float, str]) -> str:
-    patient_id = await new_patient(client)
+    patient_id = await new_patient(client, f"S01-{next(_SUBJECTS):03d}")
     await create(
         client, builders.platelet_count(patient_id, BASELINE_TIME, baseline[0], unit=baseline[1])
     )
@@ -235,7 +240,7 @@ EXAMPLES_2 = {
 async def v2_patient(client: httpx.AsyncClient, number: int) -> tuple[str, dict[str, str]]:
     """Example `number` of version 2 posted; the patient and the ids of what was posted."""
     counts, dose_status, rescue, bleeds, _ = EXAMPLES_2[number]
-    patient_id = await new_patient(client)
+    patient_id = await new_patient(client, f"S01-V2-{number}")
     ids: dict[str, str] = {}
     for when, value in counts:
         posted = await create(client, builders.platelet_count(patient_id, when, value))
@@ -504,3 +509,29 @@ async def test_a_configured_code_makes_an_adverse_event_a_bleeding(settings):
         assessment = await status_of(http, patient_id)
     assert assessment["response_date"] == "2025-03-17"  # 03-10 was a bleeding day
     assert assessment["evidence"]["bleeding_events"]
+
+
+@pytest.mark.parametrize("how", ["update", "patch"])
+async def test_a_count_moved_to_another_patient_recomputes_both(client, how):
+    """A record moved between patients changes both responses: the patient it left is
+    recomputed too, not only the one it joined."""
+    first = await enrol_and_treat(client, (12, "10*9/L"))
+    second = await enrol_and_treat(client, (12, "10*9/L"))
+    moved = await post_count(client, first, "03-10", 35)
+    assert (await status_of(client, first))["status"] == "NR"
+    assert (await status_of(client, second))["status"] == "NE"  # no count after its start
+    path = f"/fhir/Observation/{moved}"
+    subject = {"reference": f"Patient/{second}"}
+    if how == "update":
+        current = (await client.get(path)).json()
+        response = await client.put(path, json={**current, "subject": subject})
+    else:
+        response = await client.patch(
+            path,
+            json={"subject": subject},
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+    assert response.status_code == 200, response.text
+    left, joined = await status_of(client, first), await status_of(client, second)
+    assert left["status"] == "NE" and left["status_reason"] == "no evaluable count"
+    assert joined["status"] == "NR"  # the moved count is its first after the start

@@ -85,6 +85,31 @@ async def test_observation_by_patient_code_and_date_prefixes(client):
     assert len(_ids(loinc)) == 3
 
 
+async def test_a_date_at_seconds_precision_covers_its_whole_second(client):
+    """FHIR's implicit ranges (search.html#date): 2025-03-10T09:00:05Z is the second
+    [09:00:05, 09:00:06), so it matches a count taken at 09:00:05.500."""
+    patient_id = await new_patient(client)
+    taken = builders.platelet_count(patient_id, "2025-03-10T09:00:05.500Z", 40)
+    count_id = (await create(client, taken)).json()["id"]
+
+    async def search(date: str) -> list[str]:
+        params = {"patient": patient_id, "code": "777-3", "date": date}
+        return _ids((await client.get("/fhir/Observation", params=params)).json())
+
+    for date in (
+        "2025-03-10T09:00:05Z",
+        "eq2025-03-10T10:00:05+01:00",
+        "2025-03-10T09:00Z",  # the minute
+        "ge2025-03-10T09:00:05Z",
+        "le2025-03-10T09:00:05Z",
+        "gt2025-03-10T09:00:04Z",
+        "lt2025-03-10T09:00:06Z",
+    ):
+        assert await search(date) == [count_id], date
+    for date in ("2025-03-10T09:00:04Z", "2025-03-10T09:00:06Z", "ne2025-03-10T09:00:05Z"):
+        assert await search(date) == [], date
+
+
 async def test_repeated_date_parameters_are_and_ed(client):
     patient_id = await new_patient(client)
     ids = await _counts(client, patient_id, [3, 10, 17])

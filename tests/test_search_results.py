@@ -130,6 +130,50 @@ async def test_summary_count_answers_the_total_only(client, counts):
     assert empty["total"] == 1  # the response status of the new patient
 
 
+async def test_count_zero_answers_the_total_only(client, counts):
+    """`_count=0` is how fhirpy's count() and others ask for the number of matches alone."""
+    patient, _ = counts
+    for query in ("_count=0", "_count=0&_total=none", "_summary=count&_total=none"):
+        bundle = (
+            await client.get(f"/fhir/Observation?patient={patient}&code=777-3&{query}")
+        ).json()
+        assert bundle["total"] == 5, query
+        assert "entry" not in bundle and _next(bundle) is None, query
+    # The same in a Bundle's search entry.
+    entry = {"request": {"method": "GET", "url": f"Observation?patient={patient}&_count=0"}}
+    answer = await client.post(
+        "/fhir", json={"resourceType": "Bundle", "type": "batch", "entry": [entry]}
+    )
+    assert answer.json()["entry"][0]["resource"]["total"] == 6  # and the response status
+
+
+@pytest.mark.parametrize("name", ["_count", "_summary", "_total", "_elements", "_sort"])
+async def test_a_repeated_result_parameter_is_400(client, counts, name):
+    """Which of two values counts cannot be told: the last one used to win silently."""
+    patient, _ = counts
+    value = {
+        "_count": ("5", "7"),
+        "_summary": ("count", "count"),
+        "_total": ("accurate", "none"),
+        "_elements": ("status", "value"),
+        "_sort": ("date", "-date"),
+    }[name]
+    query = f"patient={patient}&{name}={value[0]}&{name}={value[1]}"
+    response = await client.get(f"/fhir/Observation?{query}")
+    assert response.status_code == 400, response.text
+    issue = response.json()["issue"][0]
+    assert issue["expression"] == [name] and "more than once" in issue["diagnostics"]
+    # Once in the URL and once in a form body is twice too.
+    response = await client.post(
+        f"/fhir/Observation/_search?{name}={value[0]}",
+        content=f"patient={patient}&{name}={value[1]}",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 400, response.text
+    once = await client.get(f"/fhir/Observation?patient={patient}&{name}={value[0]}")
+    assert once.status_code == 200
+
+
 async def test_elements_keep_the_asked_and_the_mandatory_and_mark_subsetted(client, counts):
     patient, ids = counts
     bundle = (await client.get(f"/fhir/Observation?_id={ids['a']}&_elements=value")).json()

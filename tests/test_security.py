@@ -5,6 +5,7 @@ table, so a change to the table that breaks the issue's rules fails these tests.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import httpx
@@ -25,9 +26,13 @@ ALLOWED: dict[str, dict[str, set[str]]] = {
 }
 
 
+# A new subject number for every Patient a case creates: one subject, one patient.
+_NEW_SUBJECTS = itertools.count(1)
+
+
 def _body(kind: str, patient_id: str, site: str) -> dict[str, Any]:
     return {
-        "Patient": builders.patient(f"{site}-new", site=site),
+        "Patient": builders.patient(f"{site}-new-{next(_NEW_SUBJECTS)}", site=site),
         "Observation": builders.platelet_count(patient_id, "2025-03-10T09:00:00Z", 42),
         "MedicationAdministration": builders.administration(patient_id, "2025-03-03T08:00:00Z"),
         "AdverseEvent": builders.adverse_event(patient_id, "2025-03-05"),

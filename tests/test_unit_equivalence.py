@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 
 from app.engine import Administration, PlateletCount, Timeline, assess
 from app.services.indexing import normalised_platelet_value
+from app.services.limits import InputLimits
+
+LIMITS = InputLimits()
 
 START = datetime(2025, 3, 3, 8, tzinfo=UTC)
 # (unit code, factor from 10^9/L to that unit)
@@ -50,7 +53,7 @@ def test_equivalent_units_give_the_same_assessment(counts, units):
         reference.append(PlateletCount(f"c{index}", time, float(value)))
         unit, factor = units.draw(st.sampled_from(EQUIVALENT_UNITS + LAB_SPELLINGS))
         ucum = (unit, factor) in EQUIVALENT_UNITS
-        normalised = normalised_platelet_value(_observation(value * factor, unit, ucum))
+        normalised = normalised_platelet_value(_observation(value * factor, unit, ucum), LIMITS)
         assert normalised is not None
         converted.append(PlateletCount(f"c{index}", time, normalised))
     dose = (Administration("d1", START, "study-drug"),)

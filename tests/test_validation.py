@@ -10,6 +10,7 @@ from sqlalchemy import select
 from app import codes
 from app.store.tables import resource_table
 from tests import builders
+from tests.conftest import without_reason
 from tests.test_crud import create, new_patient
 
 
@@ -309,3 +310,65 @@ async def test_unicode_digits_are_not_numbers(client, method, path, headers):
     """'¹'.isdigit() is True in Python, int('¹') fails: such input is a 400, not a 500."""
     response = await client.request(method, path, headers=headers)
     assert response.status_code in (400, 404), response.text
+
+
+# --- messages a person can act on --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sent", "example"),
+    [
+        ("2025-03-10T09:00:00", "2025-03-10T09:00:00Z"),
+        ("2025-03-10T09:00", "2025-03-10T09:00:00Z"),
+        ("2025-03-10 09:00:00", "2025-03-10T09:00:00+01:00"),
+        ("2025-03-10T09:00:00.250", "2025-03-10T09:00:00.250Z"),
+    ],
+)
+async def test_a_time_without_a_zone_says_the_zone_is_missing(client, sent, example):
+    patient_id = await new_patient(client)
+    response = await client.post(
+        "/fhir/Observation", json=builders.platelet_count(patient_id, sent, 40)
+    )
+    assert response.status_code == 422
+    [issue] = response.json()["issue"]  # one message, not fhir.resources' echo beside it
+    assert issue["expression"] == ["Observation.effectiveDateTime"]
+    assert "no time zone" in issue["diagnostics"] and example in issue["diagnostics"]
+    response = await client.post(
+        "/fhir/Patient", json={**builders.patient(), "birthDate": "10.03.1968"}
+    )
+    assert "e.g. 2025-03-10" in response.json()["issue"][0]["diagnostics"]
+
+
+EXAMPLE_REASON = '{"resourceType":"Provenance","reason":[{"text":"transcription error"}]}'
+
+
+async def test_a_missing_or_malformed_reason_says_what_is_expected(client):
+    patient = (await create(client, builders.patient())).json()
+    path = f"/fhir/Patient/{patient['id']}"
+    missing = await without_reason(client, "PUT", path, json=patient)
+    assert missing.status_code == 400
+    [issue] = missing.json()["issue"]
+    assert issue["code"] == "required"  # a contract: FHIR's issue type for what is missing
+    assert "X-Provenance header is missing" in issue["diagnostics"]
+    assert EXAMPLE_REASON in issue["diagnostics"]
+    for header, says in (
+        ("not json", "is not JSON"),
+        ('{"resourceType":"Patient"}', "does not hold a Provenance"),
+        ('{"resourceType":"Provenance","reason":[]}', "has no reason"),
+        ("x" * 8001, "longer than 8000 characters"),
+        ("   ", "no visible character"),
+    ):
+        response = await client.put(path, json=patient, headers={"X-Provenance": header})
+        assert response.status_code == 400, header
+        diagnostics = response.json()["issue"][0]["diagnostics"]
+        assert says in diagnostics and EXAMPLE_REASON in diagnostics, (header, diagnostics)
+    # The same words when a Bundle lacks it.
+    entry = {"resource": patient, "request": {"method": "PUT", "url": f"Patient/{patient['id']}"}}
+    answer = await without_reason(
+        client,
+        "POST",
+        "/fhir",
+        json={"resourceType": "Bundle", "type": "transaction", "entry": [entry]},
+    )
+    assert answer.status_code == 400
+    assert EXAMPLE_REASON in answer.json()["issue"][0]["diagnostics"]

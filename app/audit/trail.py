@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,8 @@ from app.store.tables import disclosure_table
 log = logging.getLogger("app.audit")
 
 GENESIS = "0" * 64
+_ENTITY_TYPE = re.compile(r"[A-Za-z]{1,40}")
+_ENTITY_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _CHAIN_LOCK = "audit-chain"
 _INTERACTION_ACTION = {
     "create": "C",
@@ -84,6 +87,13 @@ class AuditRecord:
     def __post_init__(self) -> None:
         # Columns are bounded; a token's `sub` of any length must not make a record unstorable.
         self.agent = self.agent[:255] if self.agent else self.agent
+        # A refusal names what the request's path named, which may be no type or id at all
+        # (`/fhir/Patient/<300 characters>`): kept only when the columns can hold it, or
+        # PostgreSQL would refuse the record that SQLite stores.
+        if self.entity_type is not None and not _ENTITY_TYPE.fullmatch(self.entity_type):
+            self.entity_type = self.entity_id = None
+        if self.entity_id is not None and not _ENTITY_ID.fullmatch(self.entity_id):
+            self.entity_id = None
         # outcomeDesc is a FHIR string: a refusal that quotes the request stays one.
         if self.description is not None:
             self.description = fhir_string(self.description)

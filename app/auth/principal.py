@@ -15,7 +15,11 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from app.auth.tokens import Unauthorized
-from app.errors import Forbidden
+from app.errors import BadRequest, Forbidden
+
+# `sub` is the agent of every audit record and of every stored HL7 message: at most the
+# length of the columns that index it (the README's "Input limits").
+MAX_SUBJECT_LENGTH = 255
 
 
 class Role(StrEnum):
@@ -129,9 +133,14 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     one this API can use. A well-formed token that grants no site at all is `Forbidden`
     (403): the token is fine, its holder just may not touch anything here.
     """
+    if _holds_nul(claims):
+        # PostgreSQL cannot store or compare text with NUL: refused on both databases alike.
+        raise BadRequest("A token claim contains the NUL character (\\u0000)")
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub.strip():
         raise Unauthorized("token lacks a subject")
+    if len(sub) > MAX_SUBJECT_LENGTH:
+        raise Unauthorized(f"token subject longer than {MAX_SUBJECT_LENGTH} characters")
     role_claim = claims.get("role")
     if role_claim is None:
         raise Unauthorized("token lacks the role claim")
@@ -159,6 +168,16 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     else:
         raise Unauthorized("token scope claim malformed")
     return Principal(sub=sub, role=role, sites=sites, scopes=scopes, token_id=token_id)
+
+
+def _holds_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 def _parse_sites(claim: object) -> frozenset[str]:

@@ -318,7 +318,7 @@ def _get(
             after=parsed.after,
             count=parsed.count,
             total=parsed.total,
-            count_only=parsed.summary == "count",
+            count_only=parsed.count_only,
             includes=parsed.includes,
             revincludes=parsed.revincludes,
             include_limit=settings.max_page_size,

@@ -26,6 +26,7 @@ from app.audit.trail import AuditRecord
 from app.errors import FhirError, Issue, database_unavailable
 from app.fhir.http import FhirResponse
 from app.middleware import api_security_headers, call_catching
+from app.services.provenance import header_problem
 from app.store.failures import is_transient
 
 log = logging.getLogger("app.errors")
@@ -151,11 +152,15 @@ async def _validation_error(request: Request, exc: Exception) -> FhirResponse:
     issues = []
     for error in exc.errors():
         location = [str(part) for part in error.get("loc", ()) if part != "body"]
+        message = str(error.get("msg", "invalid value"))
+        if location == ["header", "X-Provenance"]:
+            # pydantic would say "Field required": say what the header must hold instead.
+            message = header_problem(error["type"], error.get("ctx") or {}) or message
         issues.append(
             Issue(
                 # FHIR's issue type for a missing element (e.g. the X-Provenance header).
                 "required" if error.get("type") == "missing" else "invalid",
-                str(error.get("msg", "invalid value")),
+                message,
                 [".".join(location)] if location else [],
             )
         )

@@ -236,10 +236,17 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
-    409: _outcome_doc("Conflict with the current state"),
+    409: _outcome_doc(
+        "Conflict with the current state, e.g. a Patient's subject number is enrolled "
+        "already (the outcome names that Patient)"
+    ),
     412: _outcome_doc("If-Match is stale, or a conditional create matched several"),
     415: _outcome_doc("Body is not application/fhir+json or application/json"),
-    422: _outcome_doc("Not an acceptable resource of this profile; `expression` names the element"),
+    422: _outcome_doc(
+        "Not an acceptable resource of this profile, or a value out of its limits (a platelet "
+        "count, a WHO grade, a subject number, a string the server indexes); `expression` "
+        "names the element"
+    ),
 }
 _VERSION_HEADERS = {
     "ETag": {"description": 'Version, e.g. W/"1"', "schema": {"type": "string"}},
@@ -467,7 +474,10 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
                 "headers": {**_VERSION_HEADERS, **_LOCATION_HEADER},
             },
             **_WRITE_ERRORS,
-            409: _outcome_doc("No match, and the body's id names another resource"),
+            409: _outcome_doc(
+                "No match, and the body's id names another resource; or a Patient's subject "
+                "number is enrolled already"
+            ),
             412: _outcome_doc("The criteria match several resources, or If-Match is stale"),
         },
     )

@@ -40,6 +40,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from app import codes
+from app.services.limits import MAX_INDEXED_STRING
 
 # ---------------------------------------------------------------------------------------
 # Code sets (R4B value sets of the required bindings)
@@ -394,11 +395,16 @@ def _real_calendar_date(value: str) -> str:
     return value
 
 
-def _pattern(regex: str) -> StringConstraints:
-    return StringConstraints(min_length=1, pattern=f"^{regex}$")
+def _pattern(regex: str, max_length: int | None = None) -> StringConstraints:
+    return StringConstraints(min_length=1, max_length=max_length, pattern=f"^{regex}$")
 
 
 String = Annotated[str, _pattern(codes.STRING_PATTERN)]
+# What the server indexes for search (identifiers, codings, a quantity's unit, name parts):
+# at most MAX_INDEXED_STRING characters, the same limit on both databases (README).
+IndexedString = Annotated[str, _pattern(codes.STRING_PATTERN, MAX_INDEXED_STRING)]
+IndexedCode = Annotated[str, _pattern(codes.CODE_PATTERN, MAX_INDEXED_STRING)]
+IndexedUri = Annotated[str, _pattern(codes.URI_PATTERN, MAX_INDEXED_STRING)]
 Markdown = String
 Xhtml = Annotated[str, StringConstraints(min_length=1)]
 Code = Annotated[str, _pattern(codes.CODE_PATTERN)]
@@ -623,9 +629,9 @@ class Extension(Element):
 class Coding(Element):
     """A code from a code system."""
 
-    system: Uri | None = None
+    system: IndexedUri | None = None
     version: String | None = None
-    code: Code | None = None
+    code: IndexedCode | None = None
     display: String | None = None
     user_selected: Boolean | None = None
 
@@ -656,8 +662,8 @@ class Identifier(Element):
 
     use: IdentifierUse | None = None
     type: CodeableConcept | None = None
-    system: Uri | None = None
-    value: String | None = None
+    system: IndexedUri | None = None
+    value: IndexedString | None = None
     period: Period | None = None
     assigner: Reference | None = None
 
@@ -694,9 +700,9 @@ class SimpleQuantity(Element):
     """A Quantity without comparator (R4B profile SimpleQuantity, sqty-1)."""
 
     value: Decimal | None = None
-    unit: String | None = None
-    system: Uri | None = None
-    code: Code | None = None
+    unit: IndexedString | None = None
+    system: IndexedUri | None = None
+    code: IndexedCode | None = None
 
 
 class Quantity(SimpleQuantity):
@@ -790,11 +796,11 @@ class HumanName(Element):
     """A person's name."""
 
     use: NameUse | None = None
-    text: String | None = None
-    family: String | None = None
-    given: Repeated[String] | None = None
-    prefix: Repeated[String] | None = None
-    suffix: Repeated[String] | None = None
+    text: IndexedString | None = None
+    family: IndexedString | None = None
+    given: Repeated[IndexedString] | None = None
+    prefix: Repeated[IndexedString] | None = None
+    suffix: Repeated[IndexedString] | None = None
     period: Period | None = None
 
 

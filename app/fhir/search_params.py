@@ -208,6 +208,9 @@ CONTROL_PARAMETERS = frozenset(
         "_revinclude",
     }
 )
+# Controls that say one thing about the whole answer: given twice, which one counts is a
+# guess (the last used to win silently), so a repeat is a 400.
+SINGLE_CONTROLS = frozenset({"_count", "_summary", "_total", "_elements", "_sort"})
 # Controls whose documented schema admits no empty string (an integer, an enumeration): an
 # empty value is malformed, a 400, unlike an empty search parameter, which FHIR ignores.
 _EMPTY_IS_MALFORMED = frozenset({"_count", "_total", "_summary", "_include", "_revinclude"})
@@ -233,6 +236,12 @@ class ParsedSearch:
     applied: list[tuple[str, str]] = field(default_factory=list)
 
     @property
+    def count_only(self) -> bool:
+        """Only the number of matches: `_summary=count`, or `_count=0` (how fhirpy's
+        `count()` and others ask for `Bundle.total` alone)."""
+        return self.summary == "count" or self.count == 0
+
+    @property
     def has_criteria(self) -> bool:
         """Whether a parameter narrows the matches (not only `_count`, `_sort`, ...)."""
         return any(name not in CONTROL_PARAMETERS for name, _ in self.applied)
@@ -253,9 +262,18 @@ def parse_search(
 ) -> ParsedSearch:
     parsed = ParsedSearch(Criteria(resource_type), count=default_count)
     cursor = None
+    given: set[str] = set()
     for name, value in params:
         if "\x00" in name or "\x00" in value:
             raise BadRequest("Search parameters cannot contain NUL characters")
+        if name in SINGLE_CONTROLS:
+            if name in given:
+                raise BadRequest(
+                    f"{name} is given more than once; give it once (which one was meant "
+                    "cannot be told)",
+                    expression=[name],
+                )
+            given.add(name)
         try:
             if name in CONTROL_PARAMETERS:
                 if name == "_cursor":
@@ -347,7 +365,6 @@ def _control(
         if not (value.isascii() and value.isdigit()):
             raise BadRequest(f"_count={value!r} is not a whole number")
         parsed.count = min(int(value), max_count)
-        parsed.applied = [(n, v) for n, v in parsed.applied if n != "_count"]
         parsed.applied.append((name, str(parsed.count)))
         return
     if name == "_sort":
@@ -364,7 +381,7 @@ def _control(
         names = [part.strip() for part in value.split(",")]
         if not all(_ELEMENT_NAME.fullmatch(n) for n in names):
             raise BadRequest(f"_elements={value!r} is not a comma-separated list of elements")
-        parsed.elements = tuple(dict.fromkeys((*(parsed.elements or ()), *names)))
+        parsed.elements = tuple(dict.fromkeys(names))
     elif name in ("_include", "_revinclude"):
         _include(parsed, resource_type, name, value)
     else:
@@ -624,6 +641,8 @@ def decode_cursor(value: str, shape: tuple[type, ...]) -> tuple[Any, ...]:
             if kind is datetime:
                 decoded.append(datetime.fromisoformat(item) if item is not None else None)
             elif isinstance(item, kind) and not isinstance(item, bool):
+                if isinstance(item, str) and "\x00" in item:
+                    raise ValueError  # no id holds NUL, and PostgreSQL cannot compare one
                 decoded.append(item)
             else:
                 raise ValueError

@@ -80,7 +80,7 @@ async def _run_search(
         after=parsed.after,
         count=parsed.count,
         total=parsed.total,
-        count_only=parsed.summary == "count",
+        count_only=parsed.count_only,
         includes=parsed.includes,
         revincludes=parsed.revincludes,
         include_limit=settings.max_page_size,
@@ -190,7 +190,11 @@ def _controls(resource_type: str) -> dict[str, tuple[str, dict[str, Any]]]:
     enumerations admit no empty value, and the server refuses one."""
     keys = "|".join(re.escape(key) for key in SORT_KEYS[resource_type])
     controls: dict[str, tuple[str, dict[str, Any]]] = {
-        "_count": ("Page size", {"type": "integer", "minimum": 0}),
+        "_count": (
+            "Page size; 0: only Bundle.total, as _summary=count. Once at most, as every "
+            "result parameter but _include and _revinclude (a repeat is a 400)",
+            {"type": "integer", "minimum": 0},
+        ),
         "_cursor": (
             "Opaque paging cursor from a next link",
             {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},

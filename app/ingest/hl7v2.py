@@ -213,6 +213,8 @@ def read(body: bytes, charset: str | None = None) -> Any:
         if charset:
             raise Unreadable(f"The body is not valid {charset}") from None
         text = body.decode("latin-1")  # HL7's other common character set (8859/1)
+    if "\x00" in text:
+        raise Unreadable(_NUL_REFUSED)
     text = text.lstrip(LEADING_NOISE).rstrip()  # rstrip: also MLLP's end block 0x1C
     text = text.replace("\r\n", "\r").replace("\n", "\r")
     if not text.startswith("MSH"):
@@ -231,7 +233,24 @@ def read(body: bytes, charset: str | None = None) -> Any:
         ) from None
     if len(_text(message[0], 2)) != 4:  # MSH-2: component, repetition, escape, subcomponent
         raise Garbled("MSH-2 must hold the four encoding characters ^~\\&")
+    if _escapes_nul(text, message.esc):
+        raise Unreadable(_NUL_REFUSED)
     return message
+
+
+# NUL cannot be stored (PostgreSQL text refuses it), whether sent raw or as the hex escape
+# \X00\ that python-hl7 decodes: the message is refused whole, as a JSON body with \u0000 is.
+_NUL_REFUSED = "The message contains a NUL character (0x00, or the escape \\X00\\); remove it"
+
+
+def _escapes_nul(text: str, escape: str) -> bool:
+    """Whether a hex escape (HL7 2.10.5, `\\X0041\\`) in `text` decodes to NUL."""
+    pattern = re.escape(escape) + "X([0-9A-Fa-f]*)" + re.escape(escape)
+    for match in re.finditer(pattern, text):
+        digits = match.group(1)
+        if any(digits[i : i + 2] == "00" for i in range(0, len(digits), 2)):
+            return True
+    return False
 
 
 def garbled_ack(garbled: Garbled, now: datetime | None = None) -> tuple[Any, str]:

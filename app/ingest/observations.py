@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from app import codes
 from app.ingest.hl7v2 import Header, Location, Rejected, Result, parse_timestamp
+from app.services.limits import InputLimits, platelet_problem
 
 # HL7 table 0396: the coding system name of LOINC.
 LOINC_NAME = "LN"
@@ -115,6 +116,7 @@ def observation(
     header: Header,
     trial_zone: tzinfo,
     code_systems: codes.CodeSystems,
+    limits: InputLimits,
 ) -> dict[str, Any]:
     """The Observation this OBX becomes, with `status` (final, preliminary, corrected)."""
     order_system, result_system = identifier_systems(result, code_systems)
@@ -135,7 +137,7 @@ def observation(
         "code": code,
         "subject": {"reference": f"Patient/{patient_id}"},
         "effectiveDateTime": clinical_time(result, header.zone or trial_zone),
-        "valueQuantity": quantity(result),
+        "valueQuantity": quantity(result, limits),
     }
     if result.reference_range:
         document["referenceRange"] = [{"text": result.reference_range}]
@@ -171,9 +173,10 @@ def clinical_time(result: Result, zone: tzinfo) -> str:
     return moment.isoformat(timespec="microseconds" if moment.microsecond else "seconds")
 
 
-def quantity(result: Result) -> dict[str, Any]:
+def quantity(result: Result, limits: InputLimits) -> dict[str, Any]:
     """OBX-5 and OBX-6 as a Quantity. The unit stays as the lab wrote it; a UCUM code is
-    added when OBX-6 is UCUM. Unknown units are refused here, as the FHIR API refuses them."""
+    added when OBX-6 is UCUM. Unknown units and implausible counts are refused here, as the
+    FHIR API refuses them."""
     comparator, number = _value(result)
     units = result.units
     unit = units.identifier or units.text
@@ -191,7 +194,8 @@ def quantity(result: Result) -> dict[str, Any]:
         value.update(unit=units.text or units.identifier, system=codes.UCUM, code=units.identifier)
     else:
         value["unit"] = unit
-    if codes.platelet_factor(value.get("system"), value.get("code"), value["unit"]) is None:
+    factor = codes.platelet_factor(value.get("system"), value.get("code"), value["unit"])
+    if factor is None:
         accepted = ", ".join(codes.UCUM_PLATELET_FACTORS)
         raise Rejected.one(
             "AE",
@@ -200,6 +204,9 @@ def quantity(result: Result) -> dict[str, Any]:
             "lab spellings such as K/uL, x10^9/L, 10^9/L, x10E3/uL",
             result.location.at(6),
         )
+    problem = platelet_problem(float(number), factor, unit, limits)
+    if problem is not None:
+        raise Rejected.one("AE", "102", f"OBX-5: {problem}", result.location.at(5))
     return value
 
 
@@ -228,4 +235,12 @@ def _value(result: Result) -> tuple[str | None, int | float]:
         )
     if text.startswith("-"):
         raise Rejected.one("AE", "102", f"OBX-5 {text!r}: a count cannot be negative", where)
-    return comparator, (float(text) if "." in text else int(text))
+    number = float(text)  # inf for a number beyond a double: refused as not finite
+    if number == 0 and text.strip("+-.0"):
+        raise Rejected.one(
+            "AE", "102", f"OBX-5 {text[:40]!r} is too small to be stored as a number", where
+        )
+    # An integer stays one (the Observation shows what the lab sent), within a double's
+    # exact range: a longer one would not survive JSON as written.
+    exact = "." not in text and number.is_integer() and abs(number) < 2**53
+    return comparator, (int(text) if exact else number)

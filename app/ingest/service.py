@@ -42,7 +42,7 @@ from app.errors import BadRequest, FhirError, Forbidden, NotFound
 from app.ingest import hl7v2
 from app.ingest import observations as mapping
 from app.ingest.hl7v2 import AckCode, Location, Problem, Rejected, Result
-from app.services import resources
+from app.services import resources, subjects
 from app.services.context import ServiceContext
 from app.services.dates import utc_now
 from app.store import hl7_messages
@@ -50,7 +50,6 @@ from app.store import repository as repo
 from app.store.criteria import Criteria, TokenMatch
 from app.store.hl7_messages import MessageKey
 
-SUBJECT_IDENTIFIER_PATH = "/sid/subject"
 DEFAULT_CORRECTION_REASON = "corrected result from lab"
 
 
@@ -206,8 +205,8 @@ def _subject_systems(code_systems: codes.CodeSystems) -> list[str]:
     # Clients that use the default base must keep working under an override (codes.py).
     return sorted(
         {
-            code_systems.base + SUBJECT_IDENTIFIER_PATH,
-            codes.DEFAULT_CODE_SYSTEM_BASE + SUBJECT_IDENTIFIER_PATH,
+            code_systems.subject,
+            codes.DEFAULT_CODE_SYSTEM_BASE + codes.SUBJECT_IDENTIFIER_SYSTEM_PATH,
         }
     )
 
@@ -226,14 +225,16 @@ async def _patients(
             problems.append(Problem("101", f"{where} (patient identifier) is required", where))
             continue
         for identifier in group.identifiers:
-            systems = (
-                [f"urn:oid:{identifier.authority_oid}"]
-                if identifier.authority_oid
-                else _subject_systems(ctx.codes)
-            )
+            if identifier.authority_oid:
+                systems, number = [f"urn:oid:{identifier.authority_oid}"], identifier.value
+            else:  # stored normalised: a look-alike finds its patient (services/subjects.py)
+                systems, number = (
+                    _subject_systems(ctx.codes),
+                    subjects.comparison_key(identifier.value),
+                )
             criteria = Criteria(
                 "Patient",
-                tokens=[[TokenMatch("identifier", system, identifier.value) for system in systems]],
+                tokens=[[TokenMatch("identifier", system, number) for system in systems]],
                 sites=resources.visible_sites(principal),
             )
             matches = await repo.first_matches(conn, criteria, limit=2)
@@ -299,6 +300,7 @@ def _plan(
                 header=oru.header,
                 trial_zone=ctx.criteria.zone,
                 code_systems=ctx.codes,
+                limits=ctx.limits,
             )
         except Rejected as rejected:
             problems.extend(rejected.problems)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from app.audit.trail import AuditQueue
 from app.codes import CodeSystems
 from app.engine import Criteria
+from app.services.limits import InputLimits
 from app.store.db import Database
 
 
@@ -16,3 +17,4 @@ class ServiceContext:
     criteria: Criteria
     codes: CodeSystems
     audit: AuditQueue
+    limits: InputLimits = InputLimits()

@@ -21,6 +21,12 @@ from typing import Any
 from app import codes
 from app.errors import Unprocessable
 from app.services.dates import fhir_range
+from app.services.limits import (
+    InputLimits,
+    grade_problem,
+    normalised_platelets,
+    platelet_problem,
+)
 
 KIND_PLATELET = "platelet-count"
 KIND_BLEEDING_GRADE = "bleeding-grade"
@@ -123,7 +129,11 @@ def subject_patient_id(resource_type: str, raw: dict[str, Any]) -> str | None:
 
 
 def index_values(
-    resource_type: str, resource_id: str, raw: dict[str, Any], code_systems: codes.CodeSystems
+    resource_type: str,
+    resource_id: str,
+    raw: dict[str, Any],
+    code_systems: codes.CodeSystems,
+    limits: InputLimits,
 ) -> IndexValues:
     values = IndexValues()
     values.kind = record_kind(resource_type, raw, code_systems)
@@ -148,7 +158,7 @@ def index_values(
                 values.effective_start, values.effective_end = bounds
         break
     if values.kind == KIND_PLATELET:
-        values.value_norm = normalised_platelet_value(raw)
+        values.value_norm = normalised_platelet_value(raw, limits)
     elif values.kind == KIND_BLEEDING_GRADE:
         values.value_norm = _bleeding_grade(raw)
     search = search_values(resource_type, raw, code_systems, values.kind)
@@ -311,19 +321,31 @@ def patient_site(raw: dict[str, Any], code_systems: codes.CodeSystems) -> str:
     return str(identifier["value"])
 
 
+def _only_value(raw: dict[str, Any], element: str, what: str) -> None:
+    """A platelet count or a bleeding grade carries its value in `element` only: a value in
+    another `value[x]` would be stored but never assessed."""
+    for key in raw:
+        if key.startswith("value") and key != element:
+            raise Unprocessable(
+                f"{what} carries its value in Observation.{element}, not Observation.{key}",
+                expression=[f"Observation.{key}"],
+            )
+
+
 def _bleeding_grade(raw: dict[str, Any]) -> float | None:
+    _only_value(raw, "valueInteger", "A WHO bleeding grade")
     grade = raw.get("valueInteger")
     if grade is None:
         return None
-    if not 0 <= grade <= 4:
-        raise Unprocessable(
-            f"A WHO bleeding grade is 0 to 4, not {grade}",
-            expression=["Observation.valueInteger"],
-        )
+    problem = grade_problem(grade)
+    if problem is not None:
+        raise Unprocessable(problem, expression=["Observation.valueInteger"])
     return float(grade)
 
 
-def normalised_platelet_value(raw: dict[str, Any]) -> float | None:
+def normalised_platelet_value(raw: dict[str, Any], limits: InputLimits) -> float | None:
+    """The count in 10^9/L; refuses an unknown unit and an implausible value (limits.py)."""
+    _only_value(raw, "valueQuantity", "A platelet count")
     quantity = raw.get("valueQuantity")
     if quantity is None:
         return None  # no value (e.g. dataAbsentReason): nothing to normalise
@@ -344,7 +366,12 @@ def normalised_platelet_value(raw: dict[str, Any]) -> float | None:
                 else "Observation.valueQuantity.unit"
             ],
         )
-    return round(float(quantity["value"]) * factor, 6)
+    value = float(quantity["value"])
+    unit = quantity.get("code") or quantity.get("unit")
+    problem = platelet_problem(value, factor, unit, limits)
+    if problem is not None:
+        raise Unprocessable(problem, expression=["Observation.valueQuantity.value"])
+    return normalised_platelets(value, factor)
 
 
 def _tokens(param: str, element: Any) -> list[tuple[str, str, str]]:

@@ -25,6 +25,7 @@ import jsonpointer
 import orjson
 
 from app.errors import BadRequest, Unprocessable, UnsupportedMediaType
+from app.services.validation import load_json
 
 JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -54,7 +55,7 @@ def parse_patch(body: bytes, content_type: str | None) -> Patch:
     if not body.strip():
         raise BadRequest("The request body is empty; a patch document was expected")
     try:
-        document = orjson.loads(body)
+        document = load_json(body, root="patch")
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"The patch document is not valid JSON: {exc}") from None
     if kind == JSON_PATCH or (kind in _PLAIN_JSON and isinstance(document, list)):

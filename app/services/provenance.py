@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.auth.principal import Principal
 from app.errors import BadRequest, FhirError, Issue
 from app.services.dates import format_instant
-from app.services.validation import validate
+from app.services.validation import load_json, validate
 from app.store.tables import provenance_table as P
 
 
@@ -25,21 +25,43 @@ class ReasonRequired(FhirError):
     issue_code = "required"
 
 
+# What every message about the header shows: what it holds, and one that works.
+EXAMPLE = '{"resourceType":"Provenance","reason":[{"text":"transcription error"}]}'
+EXPECTED = (
+    "X-Provenance holds a Provenance resource in JSON whose reason has a text or a coding, "
+    f"in printable ASCII (other characters as JSON \\u escapes), e.g. X-Provenance: {EXAMPLE}"
+)
+MISSING = (
+    "An update, patch or delete of clinical data (a PUT that creates too) needs a reason "
+    f"for the change, and the X-Provenance header is missing. {EXPECTED}"
+)
+
+
+def header_problem(kind: str, context: dict[str, Any]) -> str | None:
+    """The message for a header FastAPI refused before the route ran (pydantic's error
+    `kind`), saying what the header must hold; None for a kind not about the header's form."""
+    if kind == "missing":
+        return MISSING
+    if kind == "string_too_long":
+        return f"X-Provenance is longer than {context.get('max_length')} characters. {EXPECTED}"
+    if kind == "string_pattern_mismatch":
+        return f"X-Provenance has no visible character or one outside printable ASCII. {EXPECTED}"
+    return None
+
+
 def _parse(header: str | None) -> dict[str, Any]:
     if header is None or not header.strip():
-        raise ReasonRequired(
-            "An update or delete of clinical data needs a reason: send an X-Provenance header "
-            'holding a Provenance with a reason, e.g. {"resourceType":"Provenance",'
-            '"reason":[{"text":"transcription error"}]}',
-            expression=["X-Provenance"],
-        )
+        raise ReasonRequired(MISSING, expression=["X-Provenance"])
     try:
-        provenance = orjson.loads(header)
-    except orjson.JSONDecodeError:
-        raise BadRequest("X-Provenance is not JSON", expression=["X-Provenance"]) from None
+        provenance = load_json(header, root="X-Provenance")
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(
+            f"X-Provenance is not JSON ({exc}). {EXPECTED}", expression=["X-Provenance"]
+        ) from None
     if not isinstance(provenance, dict) or provenance.get("resourceType") != "Provenance":
         raise BadRequest(
-            "X-Provenance must hold a Provenance resource", expression=["X-Provenance"]
+            f"X-Provenance does not hold a Provenance resource. {EXPECTED}",
+            expression=["X-Provenance"],
         )
     return provenance
 
@@ -59,14 +81,11 @@ def require_reason(header: str | None) -> str:
                 if isinstance(coding, dict) and coding.get("code"):
                     texts.append(str(coding.get("display") or coding["code"]))
     if not texts:
-        raise ReasonRequired(
-            "The X-Provenance has no reason (Provenance.reason with a text or a coding)",
-            issues=[
-                Issue(
-                    "required", "Provenance.reason is required for a change", ["Provenance.reason"]
-                )
-            ],
+        message = (
+            "The X-Provenance has no reason: Provenance.reason needs a text or a coding "
+            f"saying why. {EXPECTED}"
         )
+        raise ReasonRequired(message, issues=[Issue("required", message, ["Provenance.reason"])])
     return "; ".join(texts)
 
 

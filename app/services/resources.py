@@ -30,7 +30,7 @@ writers can deadlock whatever they write:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -57,7 +57,7 @@ from app.errors import (
     PreconditionFailed,
     Unprocessable,
 )
-from app.services import response
+from app.services import response, subjects
 from app.services.context import ServiceContext
 from app.services.dates import format_instant, utc_now
 from app.services.indexing import KIND_RESPONSE_STATUS, index_values, subject_patient_id
@@ -179,11 +179,15 @@ async def _accept(
     raw: dict[str, Any],
     principal: Principal,
     scope: Scope | None = None,
-) -> repo.IndexRow:
+) -> tuple[dict[str, Any], repo.IndexRow]:
     """Validate, derive index values, lock (and check) the subject Patient, and check that the
-    caller may write this record at this site."""
+    caller may write this record at this site. Returns the resource as it is stored (a
+    Patient's subject number normalised) and its index values."""
     validate(raw, resource_type)
-    values = index_values(resource_type, resource_id, raw, ctx.codes)
+    subject = None
+    if resource_type == "Patient":
+        raw, subject = subjects.normalise_patient(raw, ctx.codes)
+    values = index_values(resource_type, resource_id, raw, ctx.codes, ctx.limits)
     if resource_type == "Observation":
         authorize_observation_write(principal, values.kind)
     if resource_type == "Patient" and not may_access_site(principal, values.site):
@@ -201,7 +205,7 @@ async def _accept(
         values.site = patient.site
     if values.kind == KIND_RESPONSE_STATUS:
         raise _server_owned()
-    return repo.IndexRow(
+    return raw, repo.IndexRow(
         values.patient_id,
         values.effective_start,
         values.effective_end,
@@ -212,7 +216,61 @@ async def _accept(
         values.tokens,
         values.strings,
         values.quantities,
+        subject,
     )
+
+
+async def _check_subject(
+    conn: AsyncConnection,
+    raw: dict[str, Any],
+    index: repo.IndexRow,
+    resource_id: str,
+    principal: Principal,
+) -> None:
+    """409 when another live Patient has the subject number this one is written with."""
+    if index.subject is None:
+        return
+    holder = await repo.subject_holder(conn, index.subject)
+    if holder is not None and holder.id != resource_id:
+        raise _subject_taken(raw, index.subject, holder, principal)
+
+
+def _subject_taken(
+    raw: dict[str, Any], subject: str, holder: repo.Current | None, principal: Principal
+) -> Conflict:
+    """409 naming the Patient that has the number (at a site the caller does not hold: only
+    that it is taken, as uniqueness across the trial must say that much)."""
+    identifiers = raw.get("identifier") or []
+    index = next(
+        (
+            i
+            for i, identifier in enumerate(identifiers)
+            if isinstance(identifier, dict) and identifier.get("value") == subject
+        ),
+        0,
+    )
+    if holder is not None and may_access_site(principal, holder.site):
+        who = f"Patient/{holder.id}"
+        hint = "; update that Patient, or send a conditional create to get it"
+    else:
+        who, hint = "a Patient at a site you do not hold", ""
+    return Conflict(
+        f"Subject number {subject} is enrolled already, as {who}: one subject, one patient{hint}",
+        expression=[f"Patient.identifier[{index}].value"],
+    )
+
+
+def _matched(ctx: ServiceContext, principal: Principal, match: repo.Current) -> Change:
+    """A conditional create that found its resource: nothing written, the match read."""
+    ctx.audit.add(
+        _audit(
+            "read",
+            principal,
+            match,
+            description="If-None-Exist matched this resource; nothing was written",
+        )
+    )
+    return Change(_stored(match), created=False, record=None)
 
 
 def _wrote_patient(scope: Scope | None, resource_type: str, resource_id: str) -> None:
@@ -245,24 +303,28 @@ async def create_in(
     resource_id = resource_id or new_id()
     # Every check a create makes, also when a match will be returned: a client must not
     # learn that a body it may not write "worked".
-    index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
+    raw, index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
     if if_none_exist is not None:
         match = await single_match(conn, if_none_exist, principal, "If-None-Exist")
         if match is not None:
-            ctx.audit.add(
-                _audit(
-                    "read",
-                    principal,
-                    match,
-                    description="If-None-Exist matched this resource; nothing was written",
-                )
-            )
-            return Change(_stored(match), created=False, record=None)
+            return _matched(ctx, principal, match)
+    await _check_subject(conn, raw, index, resource_id, principal)
     content = _render(raw, resource_type, resource_id, 1, now)
     if pending is not None:
         pending.append(repo.NewResource(resource_type, resource_id, content, index))
     else:
-        await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+        try:
+            await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+        except repo.SubjectTaken as taken:
+            # A concurrent create committed the number first (PostgreSQL): its Patient is
+            # the match of a conditional create whose criteria it meets, else a conflict.
+            match = None
+            if if_none_exist is not None:
+                match = await single_match(conn, if_none_exist, principal, "If-None-Exist")
+            if match is not None:
+                return _matched(ctx, principal, match)
+            holder = await repo.subject_holder(conn, taken.subject)
+            raise _subject_taken(raw, taken.subject, holder, principal) from None
     _wrote_patient(scope, resource_type, resource_id)
     record = AuditRecord.of(
         principal,
@@ -315,7 +377,8 @@ async def update_in(
     if current is not None and resource_type == "Observation":
         authorize_observation_write(principal, current.kind)
     raw = {**raw, "id": resource_id}
-    index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
+    raw, index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
+    await _check_subject(conn, raw, index, resource_id, principal)
     record = AuditRecord.of(
         principal,
         "update",
@@ -327,7 +390,12 @@ async def update_in(
     )
     if current is None:
         content = _render(raw, resource_type, resource_id, 1, now)
-        await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
+        await _subject_guarded(
+            repo.insert_resource(conn, resource_type, resource_id, content, index, now),
+            conn,
+            raw,
+            principal,
+        )
         _wrote_patient(scope, resource_type, resource_id)
         record.version_after = 1
         stored = Stored(resource_type, resource_id, 1, now, content)
@@ -336,7 +404,12 @@ async def update_in(
         return change
     version = current.version_id + 1
     content = _render(raw, resource_type, resource_id, version, now)
-    await repo.update_resource(conn, current, version, content, index, now, "update")
+    await _subject_guarded(
+        repo.update_resource(conn, current, version, content, index, now, "update"),
+        conn,
+        raw,
+        principal,
+    )
     _wrote_patient(scope, resource_type, resource_id)
     if resource_type == "Patient" and current.site != index.site:
         authorize(principal, "Patient", Action.MOVE_SITE)
@@ -351,6 +424,20 @@ async def update_in(
     stored = Stored(resource_type, resource_id, version, now, content)
     # A record moved to another patient changes both patients' responses.
     return Change(stored, current.deleted, record, _ids(index.patient_id, current.patient_id))
+
+
+async def _subject_guarded(
+    write: Coroutine[Any, Any, None],
+    conn: AsyncConnection,
+    raw: dict[str, Any],
+    principal: Principal,
+) -> None:
+    """`write`, where a subject number a concurrent transaction took first is a 409."""
+    try:
+        await write
+    except repo.SubjectTaken as taken:
+        holder = await repo.subject_holder(conn, taken.subject)
+        raise _subject_taken(raw, taken.subject, holder, principal) from None
 
 
 async def store_reason(
@@ -557,6 +644,8 @@ async def create(
     if_none_exist_key: str | None = None,
 ) -> WriteResult:
     raw = parse_json(body)
+    if if_none_exist is not None:
+        if_none_exist = subjects.normalise_criteria(if_none_exist, ctx.codes)
     async with ctx.db.write() as conn:
         if if_none_exist is not None:
             assert if_none_exist_key is not None
@@ -746,6 +835,7 @@ async def conditional_update(
     require_reason(provenance)
     raw = parse_json(body)
     expected = parse_if_match(if_match)
+    criteria = subjects.normalise_criteria(criteria, ctx.codes)
     new_patient = None if resource_type == "Patient" else subject_patient_id(resource_type, raw)
     async with ctx.db.write() as conn:
         await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
@@ -790,6 +880,7 @@ async def conditional_delete(
     deleted; several are 412. The reason is required whichever happens, as for any delete."""
     require_reason(provenance)
     expected = parse_if_match(if_match)
+    criteria = subjects.normalise_criteria(criteria, ctx.codes)
     async with ctx.db.write() as conn:
         await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
         match = await single_match(conn, criteria, principal, "The conditional delete's criteria")

@@ -19,6 +19,7 @@ from app.audit.trail import AuditRecord
 from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal, Role
 from app.errors import Forbidden
+from app.services import subjects
 from app.services.context import ServiceContext
 from app.services.resources import Stored, visible_sites
 from app.store import repository as repo
@@ -59,7 +60,9 @@ async def search(
     """One page of matches (`count` at most). `count_only`: the total and nothing else.
     In a read transaction of its own, or in `conn` (a Bundle's, which sees its writes)."""
     _authorize(principal, criteria, includes, revincludes)
-    criteria = replace(criteria, sites=visible_sites(principal))
+    criteria = replace(
+        subjects.normalise_criteria(criteria, ctx.codes), sites=visible_sites(principal)
+    )
     async with _connection(ctx, conn) as conn:
         number = await repo.count(conn, criteria) if total or count_only else None
         if count_only:

@@ -41,7 +41,7 @@ from app.errors import (
     PreconditionFailed,
     database_unavailable,
 )
-from app.services import resources, search
+from app.services import resources, search, subjects
 from app.services.context import ServiceContext
 from app.services.dates import utc_now
 from app.services.indexing import subject_patient_id
@@ -214,6 +214,13 @@ async def _run(
     now: datetime,
 ) -> list[EntryResult]:
     plan = _Plan()
+    for entry in entries:  # subject numbers as stored (services/subjects.py)
+        if entry.criteria is not None:
+            entry.criteria = subjects.normalise_criteria(entry.criteria, ctx.codes)
+        entry.references = {
+            reference: subjects.normalise_criteria(criteria, ctx.codes)
+            for reference, criteria in entry.references.items()
+        }
     # 1. The criteria locks, then what the conditional entries and references mean.
     keys = {
         resources.conditional_lock_key(e.resource_type, e.criteria_key)

@@ -11,9 +11,13 @@ parseable.
 from __future__ import annotations
 
 import calendar
+import json
+import math
 import re
+import sys
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -30,6 +34,7 @@ from pydantic import ValidationError
 
 from app import codes
 from app.errors import BadRequest, Issue, Unprocessable
+from app.services.limits import MAX_INDEXED_STRING
 
 RESOURCE_CLASSES: dict[str, type[FHIRAbstractModel]] = {
     "Patient": Patient,
@@ -40,6 +45,16 @@ RESOURCE_CLASSES: dict[str, type[FHIRAbstractModel]] = {
 }
 
 _QUANTITY_COMPARATORS = frozenset({"<", "<=", ">=", ">"})
+# Quantity and the R4B types derived from it (fhir.resources names each class on its own).
+_QUANTITY_TYPES = (
+    "Quantity",
+    "Age",
+    "Count",
+    "Distance",
+    "Duration",
+    "SimpleQuantity",
+    "MoneyQuantity",
+)
 # Required bindings whose full code list fhir.resources does not carry (it truncates with
 # '+', or omits it); taken from the R4B value sets.
 _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
@@ -55,18 +70,16 @@ _REQUIRED_CODES: dict[tuple[str, str], frozenset[str]] = {
             "unknown",
         }
     ),
-    **{
-        (quantity, "comparator"): _QUANTITY_COMPARATORS
-        for quantity in (
-            "Quantity",
-            "Age",
-            "Count",
-            "Distance",
-            "Duration",
-            "SimpleQuantity",
-            "MoneyQuantity",
-        )
-    },
+    **{(quantity, "comparator"): _QUANTITY_COMPARATORS for quantity in _QUANTITY_TYPES},
+}
+
+# The strings stored in search indexes (limits.py): the same limit on both databases.
+_QUANTITY_STRINGS = frozenset({"unit", "system", "code"})
+_INDEXED_STRINGS: dict[str, frozenset[str]] = {
+    "Identifier": frozenset({"system", "value"}),
+    "Coding": frozenset({"system", "code"}),
+    "HumanName": frozenset({"text", "family", "given", "prefix", "suffix"}),
+    **{quantity: _QUANTITY_STRINGS for quantity in _QUANTITY_TYPES},
 }
 
 _ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -104,12 +117,139 @@ def parse_json(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise BadRequest("The request body is empty; a FHIR resource in JSON was expected")
     try:
-        data = orjson.loads(body)
+        data = load_json(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object (a FHIR resource)")
     return data
+
+
+# --- JSON from clients: what orjson reads, minus what no database can store -------------
+# NUL (U+0000) cannot be stored in PostgreSQL text, so it is refused (400) wherever a
+# client's JSON carries it, on both databases alike. A number literal beyond a double (1e400)
+# or so small it would be read as 0 (1e-400) is refused (422) where it is, instead of being
+# stored as something the client did not send. Both are rare, so the common path costs two
+# byte searches; the exact work runs only when one of them finds something.
+_NUL_ESCAPE = b"\\u0000"
+# A number literal (right after `:`, `[` or `,`) that could be read as 0 though it is not:
+# a negative exponent of two digits or more, or 250 zeros after the point (0.000...1 with
+# an exponent of one digit needs over 310 to reach 0).
+_SUSPECT_NUMBER = re.compile(rb"[:\[,]\s*-?(?:0\.0{250}|[0-9.]+[eE]-0*[1-9][0-9])")
+_OUT_OF_RANGE = "number is infinity"
+
+
+class _Unrepresentable:
+    """Stands for a number literal that has no double (`json` hooks below)."""
+
+    def __init__(self, literal: str) -> None:
+        self.literal = literal
+
+
+def load_json(data: bytes | str, root: str = "$") -> Any:
+    """`orjson.loads`, then: a NUL anywhere (a key or a string) is a 400, and a number
+    literal that does not fit a double (1e400, or a non-zero 1e-400 read as 0) a 422, each
+    with the `expression` of where it is (from the document's `resourceType`, else `root`).
+    Raises orjson.JSONDecodeError for what is not JSON."""
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if _OUT_OF_RANGE not in str(exc):
+            raise
+        value = _unrepresentable_numbers(raw, root)
+        if value is None:
+            raise
+    if _NUL_ESCAPE in raw:
+        for path, text in _strings(value, _root(value, root)):
+            if "\x00" in text:
+                raise BadRequest(
+                    "Text cannot contain the NUL character (\\u0000); remove it",
+                    expression=[path],
+                )
+    if _SUSPECT_NUMBER.search(raw):
+        _unrepresentable_numbers(raw, root)
+    return value
+
+
+def _root(value: Any, root: str) -> str:
+    kind = value.get("resourceType") if isinstance(value, dict) else None
+    return kind if isinstance(kind, str) and kind.isidentifier() else root
+
+
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Every key and string of a parsed JSON value, with its path."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{path}.{key}"
+            yield here, key
+            yield from _strings(item, here)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{path}[{index}]")
+
+
+def _number(literal: str) -> float | _Unrepresentable:
+    number = float(literal)
+    mantissa = literal.lower().partition("e")[0]
+    if math.isinf(number) or (number == 0 and mantissa.strip("-+.0")):
+        return _Unrepresentable(literal)
+    return number
+
+
+def _integer(literal: str) -> int | _Unrepresentable:
+    # orjson reads a long integer as a double; past a double's range it has none (and past
+    # 4,300 digits Python refuses to read it at all).
+    if len(literal) > 400:
+        return _Unrepresentable(literal)
+    number = int(literal)
+    return number if abs(number) <= sys.float_info.max else _Unrepresentable(literal)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unrepresentable_numbers(raw: bytes, root: str) -> Any:
+    """Read `raw` again with the standard library, whose hooks see each number literal as
+    written; raise a 422 at the first one that has no double. Returns the value (None when
+    the standard library cannot read it either)."""
+    try:
+        value = json.loads(
+            raw,
+            parse_float=_number,
+            parse_int=_integer,
+            parse_constant=_reject_constant,
+        )
+    except ValueError:
+        return None
+    found = _first_unrepresentable(value, _root(value, root))
+    if found is not None:
+        path, literal = found
+        shown = literal if len(literal) <= 40 else literal[:37] + "..."
+        raise Unprocessable(
+            f"The number {shown} cannot be stored: it is beyond the range of a double "
+            "(about 1e-308 to 1e308 in size, or 0)",
+            issues=[Issue("value", f"The number {shown} is out of range", [path])],
+        )
+    return value
+
+
+def _first_unrepresentable(value: Any, path: str) -> tuple[str, str] | None:
+    if isinstance(value, _Unrepresentable):
+        return path, value.literal
+    items: Any = ()
+    if isinstance(value, dict):
+        items = ((f"{path}.{key}", item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    for here, item in items:
+        found = _first_unrepresentable(item, here)
+        if found is not None:
+            return found
+    return None
 
 
 def check_resource_type(raw: dict[str, Any], expected: str) -> None:
@@ -147,7 +287,14 @@ def validate(raw: dict[str, Any], resource_type: str) -> Accepted:
     try:
         model = model_class.model_validate(raw)
     except ValidationError as exc:
-        issues.extend(_pydantic_issues(exc, resource_type))
+        # Where this module has said what is wrong, fhir.resources' own words about the same
+        # element ("DateTime value string does not match spec regex") only blur it.
+        said = {path for issue in issues for path in issue.expression}
+        issues.extend(
+            issue
+            for issue in _pydantic_issues(exc, resource_type)
+            if not said.intersection(issue.expression)
+        )
         model = None
     if issues or model is None:
         raise Unprocessable(_summary(issues), issues=_dedupe(issues))
@@ -256,6 +403,20 @@ def _check_value(
     if problem is not None:
         issues.append(Issue("value", problem, [path]))
         return
+    if (
+        isinstance(value, str)
+        and len(value) > MAX_INDEXED_STRING
+        and spec.name in _INDEXED_STRINGS.get(owner.__name__, ())
+    ):
+        issues.append(
+            Issue(
+                "too-long",
+                f"At most {MAX_INDEXED_STRING} characters (a value the server indexes for "
+                f"search), not {len(value)}",
+                [path],
+            )
+        )
+        return
     codes = _REQUIRED_CODES.get((owner.__name__, spec.name), spec.codes)
     if codes is not None and isinstance(value, str) and value not in codes:
         allowed = ", ".join(sorted(codes))
@@ -303,10 +464,29 @@ def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:  # noqa: PLR
     return None
 
 
+# A date and a time of day with neither a time zone nor, perhaps, seconds: the form people
+# write, and what FHIR does not take (a time is only meaningful with its zone).
+_ZONELESS_TIME = re.compile(r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2})(:\d{2}(?:\.\d+)?)?")
+_FORMS = {
+    "date": "YYYY, YYYY-MM or YYYY-MM-DD, e.g. 2025-03-10",
+    "dateTime": "YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm:ss with a time zone, "
+    "e.g. 2025-03-10 or 2025-03-10T09:00:00Z",
+    "instant": "YYYY-MM-DDThh:mm:ss with a time zone, e.g. 2025-03-10T09:00:00Z",
+}
+
+
 def _date_problem(value: str, pattern: re.Pattern[str], kind: str) -> str | None:
     match = pattern.fullmatch(value)
+    zoneless = _ZONELESS_TIME.fullmatch(value) if kind != "date" else None
+    if match is None and zoneless is not None:
+        day, minutes, seconds = zoneless.groups()
+        time = f"{day}T{minutes}{seconds or ':00'}"
+        return (
+            f"{value!r} has a time of day but no time zone: a FHIR {kind} with a time needs "
+            f"its zone (and seconds), e.g. {time}Z in UTC or {time}+01:00"
+        )
     if match is None:
-        return f"{value!r} is not a valid FHIR {kind}"
+        return f"{value!r} is not a valid FHIR {kind}: {_FORMS[kind]}"
     year, month, day = match.group(1), match.group(2), match.group(3)
     if int(year) == 0:
         return f"{value!r}: year 0000 does not exist"
@@ -314,8 +494,6 @@ def _date_problem(value: str, pattern: re.Pattern[str], kind: str) -> str | None
         return f"{value!r}: month {month} does not exist"
     if day is not None and not 1 <= int(day) <= calendar.monthrange(int(year), int(month))[1]:
         return f"{value!r}: day {day} does not exist in that month"
-    if kind != "date" and match.lastindex and match.lastindex >= 4 and match.group(8) is None:
-        return f"{value!r}: a time of day needs a time zone"
     return None
 
 

@@ -25,6 +25,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.store.criteria import (
@@ -83,6 +84,7 @@ class IndexRow:
     tokens: Sequence[tuple[str, str, str]]
     strings: Sequence[tuple[str, str, str]] = ()  # (param, value, normalised)
     quantities: Sequence[tuple[str, float, str, str, float | None]] = ()
+    subject: str | None = None  # a Patient's subject number (uq_resource_subject)
 
     def columns(self) -> dict[str, Any]:
         return {
@@ -93,6 +95,7 @@ class IndexRow:
             "kind": self.kind,
             "status": self.status,
             "site": self.site,
+            "subject": self.subject,
         }
 
 
@@ -182,6 +185,41 @@ _DELETE_SEARCH = {
 _UPDATE_RESOURCE = update(R).where(R.c.pk == bindparam("current_pk"))
 
 
+class SubjectTaken(Exception):
+    """The unique index refused a subject number another transaction committed meanwhile
+    (PostgreSQL). The transaction is usable: the write was undone to a savepoint."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(subject)
+        self.subject = subject
+
+
+async def _holding_subject(conn: AsyncConnection, index: IndexRow | None, write: Any) -> None:
+    """Run `write()`; a subject number taken by a concurrent transaction becomes
+    `SubjectTaken`. On SQLite writers are serial: the caller's check before is enough."""
+    if index is None or index.subject is None or conn.dialect.name != "postgresql":
+        await write()
+        return
+    try:
+        async with conn.begin_nested():
+            await write()
+    except IntegrityError as exc:
+        if "uq_resource_subject" not in str(exc.orig):
+            raise
+        raise SubjectTaken(index.subject) from None
+
+
+_SUBJECT_HOLDER = select(*_CURRENT_COLUMNS).where(
+    R.c.resource_type == "Patient", R.c.subject == bindparam("subject")
+)
+
+
+async def subject_holder(conn: AsyncConnection, subject: str) -> Current | None:
+    """The live Patient with this subject number (deleted ones hold none)."""
+    row = (await conn.execute(_SUBJECT_HOLDER, {"subject": subject})).first()
+    return _current(row) if row else None
+
+
 async def insert_resource(
     conn: AsyncConnection,
     resource_type: str,
@@ -190,7 +228,8 @@ async def insert_resource(
     index: IndexRow,
     now: datetime,
 ) -> None:
-    await insert_resources(conn, [NewResource(resource_type, resource_id, content, index)], now)
+    new = [NewResource(resource_type, resource_id, content, index)]
+    await _holding_subject(conn, index, lambda: insert_resources(conn, new, now))
 
 
 async def insert_resources(
@@ -254,7 +293,11 @@ async def update_resource(
     }
     if index is not None:
         values.update(index.columns())
-    await conn.execute(_UPDATE_RESOURCE, {**values, "current_pk": current.pk})
+    else:
+        values["subject"] = None  # a deleted Patient's subject number is free again
+    await _holding_subject(
+        conn, index, lambda: conn.execute(_UPDATE_RESOURCE, {**values, "current_pk": current.pk})
+    )
     await delete_search_values(conn, current.pk, tokens_only=current.kind in TOKEN_ONLY_KINDS)
     if index is not None:
         await insert_search_values(conn, current.pk, current.resource_type, index)

@@ -31,6 +31,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlmodel import Field, SQLModel
 
@@ -79,6 +80,15 @@ class ResourceRow(SQLModel, table=True):
             "kind",
             postgresql_include=FACT_COLUMNS,
         ),
+        # One subject, one patient: a live Patient's subject number is unique in the trial
+        # (migration 0007). Partial: the other rows, all without one, stay out of it.
+        Index(
+            "uq_resource_subject",
+            "subject",
+            unique=True,
+            sqlite_where=text("subject IS NOT NULL"),
+            postgresql_where=text("subject IS NOT NULL"),
+        ),
     )
 
     pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
@@ -108,6 +118,9 @@ class ResourceRow(SQLModel, table=True):
     # The trial site: a Patient's own, every other record's inherited from its subject.
     # Site isolation filters on it.
     site: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    # A live Patient's subject number, normalised (services/subjects.py); None on every
+    # other row, and on a deleted Patient's (its number is free again).
+    subject: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
 
 
 class ResponseAssessmentRow(SQLModel, table=True):

@@ -147,14 +147,15 @@ async def test_a_trial_through_fhirpy(kind: str, live_server: str) -> None:  # n
     assert not created and third_again.id == third.id
     assert third_again["birthDate"] == "1955-06-07" and third_again["meta"]["versionId"] == "2"
 
-    # Several match: a conditional update must not pick one.
-    for subject in ("S01-104", "S01-104"):
-        duplicate = builders.patient(subject)
-        await _done(client.resource("Patient", **duplicate).save())
+    # Several match: a conditional update must not pick one. (Two patients share a hospital
+    # record number; a subject number they could not share.)
+    for subject in ("S01-104", "S01-106"):
+        sharing = builders.with_mrn(builders.patient(subject), "H-104")
+        await _done(client.resource("Patient", **sharing).save())
     with pytest.raises(MultipleResourcesFound):
         await _done(
             client.resources("Patient")
-            .search(identifier=f"{SUBJECT}|S01-104")
+            .search(identifier=f"{builders.MRN_SYSTEM}|H-104")
             .update(client.resource("Patient", **builders.patient("S01-104")))
         )
 
@@ -180,6 +181,8 @@ async def test_a_trial_through_fhirpy(kind: str, live_server: str) -> None:  # n
     )
     counts = await _done(pages.fetch_all())
     assert len(counts) == 13 and len({c.id for c in counts}) == 13
+    # count() asks _count=0 and reads Bundle.total, unmodified.
+    assert await _done(pages.count()) == 13
     dates = [c["effectiveDateTime"] for c in counts]
     assert dates == sorted(dates, reverse=True)
     assert {c["subject"]["reference"] for c in counts} == {f"Patient/{patient.id}"}
@@ -204,3 +207,4 @@ async def test_a_trial_through_fhirpy(kind: str, live_server: str) -> None:  # n
         await _done(client.get("Observation", count.id))
     remaining = await _done(pages.fetch_all())
     assert count.id not in {c.id for c in remaining} and len(remaining) == 12
+    assert await _done(pages.count()) == 12
