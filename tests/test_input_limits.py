@@ -431,6 +431,18 @@ async def test_nul_in_a_bundle_a_patch_or_a_reason_is_400(app, client):
         headers={"Content-Type": "application/merge-patch+json"},
     )
     assert patch.status_code == 400
+    for operation in (
+        {"op": "add", "path": "/name", "value": [{"family": "\x00"}]},
+        {"op": "add", "path": "/name", "value": [{"fam\x00ily": "Doe"}]},
+        {"op": "remove", "path": "/name/0/fam\x00ily"},
+        {"op": "copy", "from": "/gen\x00der", "path": "/name/0/text"},
+    ):
+        json_patch = await client.patch(
+            path,
+            content=orjson.dumps([operation]),
+            headers={"Content-Type": "application/json-patch+json"},
+        )
+        assert json_patch.status_code == 400, (operation, json_patch.text)
     reason = '{"resourceType":"Provenance","reason":[{"text":"typo\\u0000"}]}'
     update = await client.put(path, json=patient, headers={"X-Provenance": reason})
     assert update.status_code == 400

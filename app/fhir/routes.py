@@ -328,7 +328,9 @@ def _json_patch_operation(ops: tuple[str, ...], required: list[str]) -> dict[str
             "description": "JSON Pointer",
         }
     if "value" in required:
-        properties["value"] = {"description": "Any JSON value"}
+        # Free-form, so no string in it can be declared NUL-free here: a schema saying so is
+        # recursive, and generated clients drop an operation whose body names one.
+        properties["value"] = {"description": "Any JSON value; no string in it may hold NUL"}
     return {
         "type": "object",
         "title": f"JsonPatch{''.join(op.title() for op in ops)}",

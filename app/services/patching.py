@@ -32,8 +32,9 @@ MERGE_PATCH = "application/merge-patch+json"
 _PLAIN_JSON = frozenset({"application/json", "application/fhir+json", "application/json+fhir"})
 PATCH_MEDIA_TYPES = (JSON_PATCH, MERGE_PATCH, *sorted(_PLAIN_JSON))
 JSON_PATCH_OPERATIONS = ("add", "remove", "replace", "move", "copy", "test")
-# An RFC 6901 JSON Pointer: "" (the whole document) or /-separated tokens, ~ escaped as ~0/~1.
-POINTER_PATTERN = r"^(/([^~/]|~[01])*)*$"
+# An RFC 6901 JSON Pointer: "" (the whole document) or /-separated tokens, ~ escaped as ~0/~1;
+# without NUL, which no text of a request may hold (400).
+POINTER_PATTERN = r"^(/([^~/\u0000]|~[01])*)*$"
 _POINTER = re.compile(POINTER_PATTERN)
 
 

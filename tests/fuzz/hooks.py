@@ -1,4 +1,4 @@
-"""Schemathesis hooks: five runtime rules that a JSON Schema cannot state, or that
+"""Schemathesis hooks: eight runtime rules that a JSON Schema cannot state, or that
 schemathesis cannot generate, taught to the generator so that its schema-valid requests are
 also valid for the server.
 
@@ -27,6 +27,12 @@ also valid for the server.
 7. A Bundle needs X-Provenance when an entry is a PUT, PATCH or DELETE; OpenAPI cannot make
    a header depend on the body, so a positive case with such an entry and no header gets
    one (rule 6's, with a fixed text).
+8. No text of a request may hold NUL (400, README "Input limits"). The document says so of
+   every string it types, JSON Pointers included, but a JSON Patch operation's `value` is
+   free-form JSON: a schema stating "no string at any depth holds NUL" is recursive, and
+   openapi-python-client drops an operation whose body names one. So a positive PATCH case
+   has NUL removed from the strings (member names too) of its values; everything else the
+   generator chose stays.
 
 It also adds one check, `deleted_resource_history_kept`: use_after_free as FHIR defines it
 for a versioned resource. The built-in use_after_free expects every GET under a deleted
@@ -152,6 +158,8 @@ def map_case(context: Any, case: Any) -> Any:
     elif path == "/fhir" and isinstance(case.body, dict) and _changes_something(case.body):
         headers["X-Provenance"] = provenance_header("fuzz: a Bundle that changes resources")
     case.headers = headers
+    if method == "PATCH" and isinstance(case.body, list):
+        case.body = [_without_nul(operation) for operation in case.body]
     if not isinstance(case.body, dict):
         return case
     if method == "POST" and (case.headers or {}).get("If-None-Exist") and case.query:
@@ -172,6 +180,17 @@ def map_case(context: Any, case: Any) -> Any:
         if isinstance(reference, str) and _PATIENT_REFERENCE.fullmatch(reference):
             subject["reference"] = _fuzz_patient()
     return case
+
+
+def _without_nul(value: Any) -> Any:
+    """`value` with every NUL removed from its strings and member names (rule 8)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
 
 
 def _count_request(variable: str = "FUZZ_COUNT_FILE") -> None:
