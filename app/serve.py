@@ -74,11 +74,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(options: dict[str, Any], host: str, port: int, backlog: int) -> None:
-    """One worker process (spawned, so it imports the app itself)."""
+def uvicorn_config(options: dict[str, Any], host: str, port: int, backlog: int) -> Any:
+    """A worker's uvicorn configuration."""
     import uvicorn
 
-    config = uvicorn.Config(
+    return uvicorn.Config(
         APP,
         host=host,
         port=port,
@@ -87,6 +87,13 @@ def _worker(options: dict[str, Any], host: str, port: int, backlog: int) -> None
         proxy_headers=True,
         **options,
     )
+
+
+def _worker(options: dict[str, Any], host: str, port: int, backlog: int) -> None:
+    """One worker process (spawned, so it imports the app itself)."""
+    import uvicorn
+
+    config = uvicorn_config(options, host, port, backlog)
     try:
         sock = listening_socket(host, port)
     except OSError as error:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 INSTALL_HINT = "`apt-get install -y pgbouncer haproxy` (Debian/Ubuntu)"
+SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "pgbouncer" / "pgbouncer.sh"
 
 
 class Missing(RuntimeError):
@@ -105,44 +107,41 @@ class _Daemon:
 
 
 class PgBouncer(_Daemon):
-    """PgBouncer in transaction pooling mode in front of the PostgreSQL of `server_url`
-    (trust authentication, as the test and benchmark server is set up): every database of
-    that server, by the same name, with at most `pool_size` server connections per
-    database and user however many clients connect."""
+    """PgBouncer in transaction pooling mode in front of the PostgreSQL of `server_url`, run
+    by the deployment's own script (`deploy/pgbouncer/pgbouncer.sh`, what the compose
+    profile's image runs): every database of that server by the same name, at most
+    `pool_size` server connections per database and user however many clients connect,
+    clients authenticated by SCRAM with a password made for this run."""
 
     name = "pgbouncer"
 
     def __init__(self, server_url: str, pool_size: int = 8) -> None:
         super().__init__()
-        self.executable = binary("pgbouncer")
         server = urlsplit(server_url)
         self.user = server.username or "postgres"
-        config = self.root / "pgbouncer.ini"
-        config.write_text(
-            "[databases]\n"
-            f"* = host={server.hostname or '127.0.0.1'} port={server.port or 5432}\n"
-            "[pgbouncer]\n"
-            "listen_addr = 127.0.0.1\n"
-            f"listen_port = {self.port}\n"
-            "unix_socket_dir =\n"
-            "auth_type = trust\n"
-            f"auth_file = {self.root / 'users.txt'}\n"
-            "pool_mode = transaction\n"
-            f"default_pool_size = {pool_size}\n"
-            "max_client_conn = 1000\n"
-            # What a client's startup packet may carry without a pooler-side meaning.
-            "ignore_startup_parameters = extra_float_digits,application_name\n"
-            f"pidfile = {self.root / 'pgbouncer.pid'}\n"
-        )
-        (self.root / "users.txt").write_text(f'"{self.user}" ""\n')
-        self.config = config
+        self.password = secrets.token_urlsafe(16)
+        self.environment = {
+            "DB_HOST": server.hostname or "127.0.0.1",
+            "DB_PORT": str(server.port or 5432),
+            "DB_USER": self.user,
+            "DB_PASSWORD": self.password,
+            "LISTEN_ADDR": "127.0.0.1",
+            "LISTEN_PORT": str(self.port),
+            "POOL_SIZE": str(pool_size),
+            "PGBOUNCER_DIR": str(self.root),
+            "PGBOUNCER": binary("pgbouncer"),
+        }
 
     def _command(self) -> list[str]:
-        return [self.executable, str(self.config)]
+        settings = [f"{name}={value}" for name, value in self.environment.items()]
+        return ["env", *settings, "sh", str(SCRIPT)]
 
     def url(self, database: str) -> str:
         """The app's `DATABASE_URL` for `database` through this pooler."""
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}?pgbouncer=true"
+        return (
+            f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+            "?pgbouncer=true"
+        )
 
 
 class HAProxy(_Daemon):
