@@ -40,6 +40,9 @@ RESTART_PAUSE_S = 1.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Another ASGI app served the same way: the benchmark's reference server, so that both
+    # sides of a ratio are started alike.
+    parser.add_argument("--app", default=APP, help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -78,8 +81,8 @@ def uvicorn_config(options: dict[str, Any], host: str, port: int, backlog: int) 
     """A worker's uvicorn configuration."""
     import uvicorn
 
+    options = {"app": APP, **options}
     return uvicorn.Config(
-        APP,
         host=host,
         port=port,
         backlog=backlog,
@@ -107,7 +110,8 @@ class Supervisor:
         self.host = args.host
         self.workers = args.workers
         self.backlog = args.backlog
-        self.options: dict[str, Any] = {}
+        self.app = args.app
+        self.options: dict[str, Any] = {"app": args.app}
         if args.log_config:
             self.options["log_config"] = args.log_config
         if args.log_level:
@@ -147,7 +151,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         print(
-            f"serving {APP} on {self.host}:{self.port}: {self.workers} workers, "
+            f"serving {self.app} on {self.host}:{self.port}: {self.workers} workers, "
             f"one SO_REUSEPORT socket each (parent {os.getpid()})",
             file=sys.stderr,
             flush=True,
