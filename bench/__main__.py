@@ -8,7 +8,6 @@ import os
 import platform
 import random
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -209,13 +208,7 @@ class Server:
         return workers.worker_pids(self.process.pid)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        proxies.stop_group(self.process, 20)
 
 
 def _create_bodies(loaded: datagen.Loaded, n: int, rng: random.Random) -> list[bytes]:

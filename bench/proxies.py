@@ -47,6 +47,21 @@ def binary(name: str) -> str:
     return found
 
 
+def stop_group(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM to the process group `process` leads (started with `start_new_session`),
+    SIGKILL if it has not ended after `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path, name: str) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -88,14 +103,8 @@ class _Daemon:
         _wait_for_port(self.port, self.process, self.log, self.name)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        if self.process is not None:
+            stop_group(self.process, 10)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> _Daemon:
@@ -116,6 +125,7 @@ class PgBouncer(_Daemon):
     name = "pgbouncer"
 
     def __init__(self, server_url: str, pool_size: int = 8) -> None:
+        executable = binary("pgbouncer")  # before the temporary directory: Missing leaves none
         super().__init__()
         server = urlsplit(server_url)
         self.user = server.username or "postgres"
@@ -129,7 +139,7 @@ class PgBouncer(_Daemon):
             "LISTEN_PORT": str(self.port),
             "POOL_SIZE": str(pool_size),
             "PGBOUNCER_DIR": str(self.root),
-            "PGBOUNCER": binary("pgbouncer"),
+            "PGBOUNCER": executable,
         }
 
     def _command(self) -> list[str]:
@@ -152,8 +162,8 @@ class HAProxy(_Daemon):
     name = "haproxy"
 
     def __init__(self, backends: list[str]) -> None:
-        super().__init__()
         self.executable = binary("haproxy")
+        super().__init__()
         servers = "".join(
             f"    server api{n} {urlsplit(b).hostname}:{urlsplit(b).port}\n"
             for n, b in enumerate(backends, start=1)

@@ -69,13 +69,23 @@ def worker_pids(parent: int) -> list[int]:
     return sorted(pids)
 
 
-def listening_sockets(port: int) -> int:
-    """How many sockets listen on `port` (IPv4, any address): with `python -m app serve`, one
-    per worker that serves; a worker still starting has none yet."""
+def _tcp_sockets(port: int, state: str, end: int) -> int:
+    """IPv4 TCP sockets in `state` (/proc/net/tcp's hex code) whose local (`end` 1) or
+    remote (`end` 2) port is `port`."""
     count = 0
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
-        local, state = fields[1], fields[3]
-        if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+        if fields[3] == state and int(fields[end].rsplit(":", 1)[1], 16) == port:
             count += 1
     return count
+
+
+def listening_sockets(port: int) -> int:
+    """How many sockets listen on `port` (IPv4, any address): with `python -m app serve`, one
+    per worker that serves; a worker still starting has none yet."""
+    return _tcp_sockets(port, "0A", 1)
+
+
+def connections_to(port: int) -> int:
+    """Established TCP connections whose far end is `port` (IPv4): a server's clients."""
+    return _tcp_sockets(port, "01", 2)

@@ -29,7 +29,6 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from pathlib import Path
 
 import asyncpg
 import httpx
@@ -39,6 +38,7 @@ from sqlalchemy.engine import make_url
 from app.errors import ConfigurationError
 from app.store.db import async_url, driver_arguments
 from bench.proxies import Missing, PgBouncer
+from bench.workers import connections_to
 from tests import builders
 from tests.conftest import (
     IN_CI,
@@ -302,16 +302,5 @@ async def test_the_audit_chain_verifies_after_concurrent_writes_through_both(rep
     assert chained >= writes
     # Transaction pooling, not a pass-through: the instances hold more connections to
     # PgBouncer than PostgreSQL has backends for this database.
-    assert _connections_to(replicas.bouncer.port) > SERVER_CONNECTIONS
+    assert connections_to(replicas.bouncer.port) > SERVER_CONNECTIONS
     assert 1 <= backends <= SERVER_CONNECTIONS
-
-
-def _connections_to(port: int) -> int:
-    """Established TCP connections whose far end is 127.0.0.1:`port` (IPv4)."""
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        remote, state = fields[2], fields[3]
-        if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
-            count += 1
-    return count
