@@ -26,8 +26,9 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2).status != 200)"
 # Migrate; `python -m app check` then says in one line why the server cannot start (bad
-# setting, no token key, database) and exits non-zero, where uvicorn's supervisor would stop
-# with status 0 (it runs without the metrics directory, which is then emptied for the
-# workers: a scrape must see only theirs). Logs: JSON lines,
-# uvicorn's access log off (it would log raw paths and query strings, which carry ids).
-CMD ["sh", "-c", "alembic upgrade head && env -u PROMETHEUS_MULTIPROC_DIR python -m app check && rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec uvicorn app.main:app --host 0.0.0.0 --port 8000 --workers ${WEB_CONCURRENCY} --proxy-headers --log-config app/logging.json --no-access-log"]
+# setting, no token key, database) and exits 2 (it runs without the metrics directory, which
+# is then emptied for the workers: a scrape must see only theirs). `python -m app serve`
+# starts WEB_CONCURRENCY uvicorn workers, each with a listening socket of its own, so
+# connections spread over them (README "Production start"). Logs: JSON lines, uvicorn's
+# access log off (it would log raw paths and query strings, which carry ids).
+CMD ["sh", "-c", "alembic upgrade head && env -u PROMETHEUS_MULTIPROC_DIR python -m app check && rm -rf \"$PROMETHEUS_MULTIPROC_DIR\" && mkdir -p \"$PROMETHEUS_MULTIPROC_DIR\" && exec python -m app serve --host 0.0.0.0 --port 8000 --log-config app/logging.json"]

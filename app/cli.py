@@ -292,6 +292,13 @@ def _export_ndjson(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from app.serve import add_arguments, serve
+
+    add_arguments(parser)
+    parser.set_defaults(handler=serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     # --debug is accepted before or after the command (`python -m app demo --debug`).
     debug = argparse.ArgumentParser(add_help=False)
@@ -363,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         "migrated (exit 2 with the cause and the fix)",
         parents=[debug],
     ).set_defaults(handler=_check)
+    serve = commands.add_parser(
+        "serve",
+        help="the production server: uvicorn workers, each with a listening socket of its own "
+        "(SO_REUSEPORT) so connections spread over them; exit 3 if a worker cannot start",
+        parents=[debug],
+    )
+    _serve_arguments(serve)
     export = commands.add_parser(
         "export", help="write the trial's data out (SDTM, NDJSON)", parents=[debug]
     )

@@ -8,7 +8,6 @@ import os
 import platform
 import random
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import asyncpg
 import httpx
 import orjson
 
-from bench import datagen, export, load, recompute, report
+from bench import datagen, export, load, proxies, recompute, report, workers
 from bench.load import Request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,10 +56,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--scenarios",
-        default="create,read,search,response-status,bundle,recompute,export",
+        default="create,read,search,response-status,bundle,recompute,export,topologies",
         help="comma-separated subset",
     )
     parser.add_argument("--label", default="", help="added to the result file names")
+    parser.add_argument(
+        "--start",
+        choices=["serve", "uvicorn"],
+        default="serve",
+        help="how the servers start: `python -m app serve` (a socket per worker, production) "
+        "or `uvicorn --workers` (one shared socket)",
+    )
+    parser.add_argument(
+        "--pgbouncer-pool",
+        type=int,
+        default=16,
+        help="server connections PgBouncer keeps per database (topologies)",
+    )
     return parser.parse_args(argv)
 
 
@@ -118,28 +130,47 @@ def _free_port() -> int:
 
 
 class Server:
-    """A uvicorn process group on loopback, its output in a log file."""
+    """A server's process group on loopback, its output in a log file. `start`: `serve`
+    (`python -m app serve`, a listening socket per worker, as in production) or `uvicorn`
+    (`uvicorn --workers`, one socket all workers accept from). With `metrics`, each worker
+    writes its Prometheus files there (the API only): `shares` reads them."""
 
-    def __init__(self, name: str, target: str, workers: int, env: dict[str, str], logs: Path):
+    def __init__(
+        self,
+        name: str,
+        target: str,
+        workers: int,
+        env: dict[str, str],
+        logs: Path,
+        start: str = "serve",
+        metrics: Path | None = None,
+    ):
         self.name = name
+        self.workers = workers
+        self.start = start
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = logs / f"{name}.log"
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.mkdir(parents=True, exist_ok=True)
+            env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+        server = ["app", "serve", "--app", target] if start == "serve" else ["uvicorn", target]
         command = [
             sys.executable,
             "-m",
-            "uvicorn",
-            target,
+            *server,
             "--host",
             "127.0.0.1",
             "--port",
             str(self.port),
             "--workers",
             str(workers),
-            "--no-access-log",
             "--log-level",
             "warning",
         ]
+        if start == "uvicorn":
+            command.append("--no-access-log")
         log_config = ROOT / "app" / "logging.json"
         if target.startswith("app.") and log_config.exists():
             command += ["--log-config", str(log_config)]  # production logging: JSON lines
@@ -158,21 +189,26 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited; see {self.log}:\n{self.log.read_text()}")
             try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                # Every worker serving: with a socket each, one that still starts has none.
+                expected = self.workers if self.start == "serve" else 1
+                if (
+                    httpx.get(self.url + path, timeout=2).status_code == 200
+                    and workers.listening_sockets(self.port) == expected
+                ):
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"{self.name} did not answer {path} in {timeout} s; see {self.log}")
 
+    def requests_by_pid(self) -> dict[int, float]:
+        return workers.requests_by_pid([self.metrics]) if self.metrics else {}
+
+    def worker_pids(self) -> list[int]:
+        return workers.worker_pids(self.process.pid)
+
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        proxies.stop_group(self.process, 20)
 
 
 def _create_bodies(loaded: datagen.Loaded, n: int, rng: random.Random) -> list[bytes]:
@@ -305,6 +341,121 @@ def _machine(dsn: str, loadgen: str) -> dict[str, Any]:
     }
 
 
+# Clients of the latency runs of create (issue 20's p99 target).
+FEW = 8
+
+
+class _Measure:
+    """One timed load run of a scenario, recorded under `label`, with each API worker's
+    share of its requests when `counted` names the API servers it went to."""
+
+    def __init__(
+        self,
+        runner: Any,
+        args: argparse.Namespace,
+        requests: dict[str, list[Request]],
+        results: dict[str, list[load.Result]],
+        extra: dict[str, Any],
+    ) -> None:
+        self.runner, self.args, self.requests = runner, args, requests
+        self.results, self.extra = results, extra
+
+    def __call__(
+        self,
+        run: int,
+        label: str,
+        scenario: str,
+        counted: list[Server],
+        url: str,
+        token: str,
+        connections: int | None = None,
+    ) -> None:
+        before = {pid: n for server in counted for pid, n in server.requests_by_pid().items()}
+        result = self.runner(
+            url,
+            self.requests[scenario],
+            token,
+            connections=connections or self.args.connections,
+            duration=self.args.duration,
+        )
+        self.results.setdefault(label, []).append(result)
+        line = (
+            f"run {run} {label:34} {result.rps:9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
+            f"p99 {result.p99_ms:7.2f} ms  errors {result.errors}"
+        )
+        if counted:
+            after = {pid: n for server in counted for pid, n in server.requests_by_pid().items()}
+            pids = [pid for server in counted for pid in server.worker_pids()]
+            seen = workers.shares(before, after, pids)
+            self.extra.setdefault("workers", {}).setdefault(label, []).append(seen)
+            line += f"  worker shares {sorted(seen['shares'].values())}"
+        _say(line)
+
+
+# Through PgBouncer (transaction pooling): (label, instances, workers each, behind HAProxy).
+TOPOLOGIES = [
+    ("pgbouncer 1x2", 1, 2, False),
+    ("pgbouncer 1x2 haproxy", 1, 2, True),
+    ("pgbouncer 2x1 haproxy", 2, 1, True),
+]
+
+
+def run_topologies(
+    args: argparse.Namespace,
+    dsn: str,
+    env: dict[str, str],
+    logs: Path,
+    reference: Server,
+    lab: str,
+    admin: str,
+    measure: _Measure,
+) -> None:
+    """Create and read through PgBouncer: one instance with two workers, with and without
+    HAProxy in front, and two instances with one worker each behind HAProxy, each beside
+    the ceilings of the same run. Every instance keeps its `--pool-size` x workers client
+    connections; PgBouncer lends them `--pgbouncer-pool` server connections."""
+    database = dsn.rpartition("/")[2]
+    with proxies.PgBouncer(args.admin_dsn, pool_size=args.pgbouncer_pool) as bouncer:
+        for label, instances, per_instance, balanced in TOPOLOGIES:
+            pooled = {**env, "DATABASE_URL": bouncer.url(database)}
+            servers = [
+                Server(
+                    f"{label.replace(' ', '-')}-{n}",
+                    "app.main:app",
+                    per_instance,
+                    pooled,
+                    logs,
+                    args.start,
+                    logs / f"metrics-{label.replace(' ', '-')}-{n}",
+                )
+                for n in range(instances)
+            ]
+            balancer = proxies.HAProxy([s.url for s in servers]) if balanced else None
+            try:
+                for server in servers:
+                    server.wait("/readyz")
+                if balancer is not None:
+                    balancer.start()
+                url = balancer.url if balancer is not None else servers[0].url
+                _say(f"{label}: {url}")
+                for scenario, token in (("create", lab), ("read", admin)):
+                    measure.runner(
+                        url, measure.requests[scenario], token, connections=2, duration=1
+                    )
+                for run in range(1, args.runs + 1):
+                    for scenario, ceiling, token in (
+                        ("create", "ceiling-create", lab),
+                        ("read", "ceiling-read", admin),
+                    ):
+                        measure(run, f"{ceiling} [{label}]", ceiling, [], reference.url, token)
+                        measure(run, f"{scenario} [{label}]", scenario, servers, url, token)
+            finally:
+                if balancer is not None:
+                    balancer.stop()
+                for server in servers:
+                    server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scenarios = set(args.scenarios.split(","))
@@ -347,17 +498,19 @@ def main(argv: list[str] | None = None) -> int:
             "APP_DB_POOL_SIZE": str(args.pool_size),
             "APP_DB_MAX_OVERFLOW": "0",
             "BENCH_POOL_SIZE": str(args.pool_size),
-            # As in production with several workers (README, "Production start").
-            "PROMETHEUS_MULTIPROC_DIR": str(logs / "metrics"),
         }
-        (logs / "metrics").mkdir()
-        api = Server("api", "app.main:app", args.workers, env, logs)
+        # As in production with several workers (README, "Production start"); each worker's
+        # requests are counted from its own files there.
+        api = Server("api", "app.main:app", args.workers, env, logs, args.start, logs / "metrics")
         servers.append(api)
-        reference = Server("reference", "bench.servers:app", args.workers, env, logs)
+        reference = Server("reference", "bench.servers:app", args.workers, env, logs, args.start)
         servers.append(reference)
         api.wait("/readyz")
         reference.wait("/hello")
-        _say(f"servers up: api {api.url}, reference {reference.url} ({args.workers} workers)")
+        _say(
+            f"servers up: api {api.url}, reference {reference.url} ({args.workers} workers, "
+            f"started by {args.start})"
+        )
         plan: list[tuple[str, Server, str]] = []
         if "create" in scenarios:
             plan += [("ceiling-create", reference, lab), ("create", api, lab)]
@@ -372,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         if "response-status" in scenarios:
             plan.append(("response-status", api, admin))
         runner = load.run_wrk if loadgen == "wrk" else load.run_python
+        measure = _Measure(runner, args, requests, results, extra)
         # Untimed first: each worker imports the R4B models it validates with on first use
         # (both servers do), and fills its pool and statement caches.
         for name, server, token in plan:
@@ -380,18 +534,13 @@ def main(argv: list[str] | None = None) -> int:
         # processes on the machine hits both sides of a ratio alike.
         for run in range(1, args.runs + 1):
             for name, server, token in plan:
-                result = runner(
-                    server.url,
-                    requests[name],
-                    token,
-                    connections=args.connections,
-                    duration=args.duration,
-                )
-                results.setdefault(name, []).append(result)
-                _say(
-                    f"run {run} {name:16} {result.rps:9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
-                    f"p99 {result.p99_ms:7.2f} ms  errors {result.errors}"
-                )
+                measure(run, name, name, [server] if server is api else [], server.url, token)
+            if "create" in scenarios:
+                # The latency target is set at 8 clients, against the ceiling's at 8.
+                for name, server in (("ceiling-create", reference), ("create", api)):
+                    label = f"{name} ({FEW} connections)"
+                    counted = [server] if server is api else []
+                    measure(run, label, name, counted, server.url, lab, connections=FEW)
         # Service time without queueing: with 32 clients a p50 is mostly the wait in line
         # (32 / throughput); one client at a time shows what one request costs.
         for name in ("create", "read", "search"):
@@ -405,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 results[f"{name} (1 connection)"] = [alone]
                 _say(f"{name} alone: p50 {alone.p50_ms:.2f} ms, p99 {alone.p99_ms:.2f} ms")
+        if "topologies" in scenarios:
+            run_topologies(args, dsn, env, logs, reference, lab, admin, measure)
         if "bundle" in scenarios:
             extra["bundle"] = run_bundles(api.url, admin, args)
             _say(f"transaction bundle: {extra['bundle']}")
@@ -425,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         "patients": args.patients,
         "counts": args.counts,
         "workers": args.workers,
+        "start": args.start,
         "connections": args.connections,
         "duration_s": args.duration,
         "runs": args.runs,

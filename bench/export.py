@@ -19,6 +19,8 @@ from typing import Any
 import asyncpg
 import httpx
 
+from bench.workers import worker_pids
+
 SDTM = [
     ("dm", "xpt"),
     ("ex", "xpt"),
@@ -28,21 +30,6 @@ SDTM = [
     ("ae", "xpt"),
     ("rs", "xpt"),
 ]
-
-
-def worker_pids(server_pid: int) -> list[int]:
-    """The uvicorn workers: the server process's children."""
-    children = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(
-                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
-            )
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(server_pid):
-            children.append(int(status.parent.name))
-    return sorted(children)
 
 
 def memory_mb(pid: int) -> dict[str, float]:

@@ -14,7 +14,7 @@ from sqlmodel import SQLModel
 
 import app.store.tables  # noqa: F401 - registers the tables on SQLModel.metadata
 from app.settings import get_settings
-from app.store.db import async_url
+from app.store.db import async_url, driver_arguments
 from app.store.failures import explain
 
 config = context.config
@@ -56,7 +56,7 @@ async def run_online() -> None:
     url = async_url(_database_url())
     if url.get_backend_name() == "sqlite" and url.database:
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url)
+    engine = create_async_engine(url, connect_args=driver_arguments(_database_url()))
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run_sync)

@@ -242,17 +242,23 @@ def _free_port() -> int:
 
 @contextmanager
 def uvicorn_server(
-    database_url: str, log_path: Path, workers: int = 2, env: dict[str, str] | None = None
+    database_url: str,
+    log_path: Path,
+    workers: int = 2,
+    env: dict[str, str] | None = None,
+    production_start: bool = False,
 ) -> Iterator[str]:
-    """A real uvicorn process (`workers` worker processes) on loopback; yields its base URL."""
+    """A real uvicorn process (`workers` worker processes) on loopback; yields its base URL.
+    `production_start`: started by `python -m app serve` (a socket per worker) instead of
+    `uvicorn --workers`."""
     port = _free_port()
+    server = ["app", "serve"] if production_start else ["uvicorn", "app.main:app"]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "uvicorn",
-                "app.main:app",
+                *server,
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -62,6 +62,19 @@ def test_the_harness_runs_at_a_tiny_scale(tmp_path) -> None:
         assert run["requests"] > 0, scenario
         assert set(run["statuses"]) <= {"200", "201"}, (scenario, run["statuses"])
     assert "ratio" in document["summary"]["create"]
+    assert document["summary"]["read"]["ceiling"] == "ceiling-read"
+    # Through PgBouncer: one instance of two workers, with and without HAProxy, and two
+    # instances of one behind it, each with its ceilings and each worker's share counted.
+    for topology in ("pgbouncer 1x2", "pgbouncer 1x2 haproxy", "pgbouncer 2x1 haproxy"):
+        for scenario in ("create", "read", "ceiling-create", "ceiling-read"):
+            [run] = document["runs"][f"{scenario} [{topology}]"]
+            assert run["requests"] > 0, (scenario, topology)
+            assert set(run["statuses"]) <= {"200", "201"}, (scenario, topology, run["statuses"])
+        for scenario in ("create", "read"):
+            [seen] = document["workers"][f"{scenario} [{topology}]"]
+            assert len(seen["requests"]) == 2 and sum(seen["requests"].values()) > 0, seen
+    [seen] = document["workers"]["read"]
+    assert len(seen["requests"]) == 1 and sum(seen["requests"].values()) > 0  # --workers=1
     assert document["recompute"]["counts"] > 0
     bundle = document["bundle"]
     assert bundle["resources_per_s"] > 0 and set(bundle["statuses"]) == {200}, bundle

@@ -119,11 +119,14 @@ def test_compose_file_parses_and_uses_the_settings_names():
         | {f"APP_{name.upper()}" for name in Settings.model_fields if name != "database_url"}
         | {f"APP_AUTH_{name.upper()}" for name in AuthSettings.model_fields}
     )
-    server_names = {"WEB_CONCURRENCY"}  # read by uvicorn in the image's command
-    for name in api["environment"]:
-        assert name in known | server_names, f"{name} is not a setting the app reads"
-    settings = Settings(**{"_env_file": None}, database_url=api["environment"]["DATABASE_URL"])
-    assert settings.database_url.startswith("postgresql://")
+    # Read by `python -m app serve` (and uvicorn) in the image's command.
+    server_names = {"WEB_CONCURRENCY", "FORWARDED_ALLOW_IPS"}
+    for service in ("api", "api-replica", "migrate"):
+        for name in compose["services"][service]["environment"]:
+            assert name in known | server_names, f"{service}: {name} is not a setting"
+        url = compose["services"][service]["environment"]["DATABASE_URL"]
+        settings = Settings(**{"_env_file": None}, database_url=url)
+        assert settings.database_url.startswith("postgresql://")
 
 
 def test_compose_file_holds_no_secret():
@@ -136,12 +139,20 @@ def test_compose_file_holds_no_secret():
         for name, value in service.get("environment", {}).items():
             if any(word in name for word in ("PASSWORD", "SECRET", "TOKEN", "KEY")):
                 secrets.append((name, value))
-    assert {name for name, _ in secrets} == {"POSTGRES_PASSWORD", "APP_AUTH_JWT_SECRET"}
+    # PgBouncer's DB_PASSWORD is the database password, passed on.
+    names = {"POSTGRES_PASSWORD", "APP_AUTH_JWT_SECRET", "DB_PASSWORD"}
+    assert {name for name, _ in secrets} == names
     for name, value in secrets:
         assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", str(value)), (name, value)
-    database_url = compose["services"]["api"]["environment"]["DATABASE_URL"]
-    interpolated = r"postgresql://itp:\$\{POSTGRES_PASSWORD:\?[^}]+\}@db:5432/itp"
-    assert re.fullmatch(interpolated, database_url), database_url
+    password = r"\$\{POSTGRES_PASSWORD:\?[^}]+\}"
+    expected = {
+        "api": rf"postgresql://itp:{password}@db:5432/itp",
+        "migrate": rf"postgresql://itp:{password}@db:5432/itp",
+        "api-replica": rf"postgresql://itp:{password}@pgbouncer:6432/itp\?pgbouncer=true",
+    }
+    for service, interpolated in expected.items():
+        database_url = compose["services"][service]["environment"]["DATABASE_URL"]
+        assert re.fullmatch(interpolated, database_url), database_url
 
 
 def test_dockerfile_runs_as_non_root_migrates_checks_then_serves():
@@ -155,10 +166,80 @@ def test_dockerfile_runs_as_non_root_migrates_checks_then_serves():
     assert steps[0] == "alembic upgrade head"
     assert steps[1].endswith("python -m app check")  # one line and a non-zero exit
     serve = steps[-1]
-    assert serve.startswith("exec uvicorn app.main:app ")
+    # The production start: a listening socket per worker (app/serve.py).
+    assert serve.startswith("exec python -m app serve ")
     # Production logs: JSON lines, and no uvicorn access log (raw paths and query strings).
-    assert "--log-config app/logging.json" in serve and "--no-access-log" in serve
+    assert "--log-config app/logging.json" in serve
+    from app.serve import uvicorn_config
+
+    config = uvicorn_config({}, "0.0.0.0", 8000, 2048)
+    assert config.access_log is False and config.proxy_headers is True
     assert "PROMETHEUS_MULTIPROC_DIR=" in dockerfile and 'mkdir -p "$PROMETHEUS' in script
+
+
+def test_the_replicas_profile_runs_replicas_behind_a_proxy_over_pgbouncer():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    profile = {
+        name for name, service in services.items() if "replicas" in service.get("profiles", [])
+    }
+    assert profile == {"migrate", "pgbouncer", "api-replica", "proxy"}
+    # The default `docker compose up` is unchanged: no profile on the database and the API.
+    assert "profiles" not in services["db"] and "profiles" not in services["api"]
+
+    replica = services["api-replica"]
+    assert replica["build"] == "."
+    assert re.fullmatch(r"\$\{API_REPLICAS:-\d+\}", str(replica["deploy"]["replicas"]))
+    assert "ports" not in replica  # reached through the proxy only
+    assert replica["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert replica["depends_on"]["pgbouncer"]["condition"] == "service_healthy"
+    # The image's command less the migration, which `migrate` runs once.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    [command] = [line for line in dockerfile.splitlines() if line.startswith("CMD ")]
+    image_steps = [step.strip() for step in json.loads(command[4:])[2].split("&&")]
+    replica_steps = [step.strip().replace("$$", "$") for step in replica["command"][2].split("&&")]
+    assert replica["command"][:2] == ["sh", "-c"]
+    assert replica_steps == image_steps[1:]
+    assert services["migrate"]["command"] == ["alembic", "upgrade", "head"]
+
+    pgbouncer = services["pgbouncer"]
+    assert (ROOT / pgbouncer["build"] / "Dockerfile").exists()
+    assert "pgbouncer.sh" in (ROOT / pgbouncer["build"] / "Dockerfile").read_text()
+    assert pgbouncer["environment"]["DB_HOST"] == "db"
+    assert "pool_mode = transaction" in (ROOT / pgbouncer["build"] / "pgbouncer.sh").read_text()
+
+    proxy = services["proxy"]
+    assert proxy["ports"] == ["127.0.0.1:8080:8000"]
+    [mount] = proxy["volumes"]
+    source, target, mode = mount.split(":")
+    assert mode == "ro" and target == "/usr/local/etc/haproxy/haproxy.cfg"
+    config = (ROOT / source).read_text()
+    # The proxy sends to the API service by its compose name, checking each on /readyz.
+    backend = re.search(r"^\s*server-template \S+ \S+ ([\w-]+):8000 check", config, re.M)
+    assert backend is not None and backend.group(1) == "api-replica"
+    assert "option httpchk GET /readyz" in config and "bind :8000" in config
+
+
+def test_the_proxy_config_is_valid_for_haproxy(tmp_path):
+    """haproxy itself checks the profile's config (`-c`): it installs from the system's
+    packages (scripts/test.sh); without it this fails in CI and is skipped elsewhere."""
+    from bench.proxies import Missing, binary
+
+    try:
+        haproxy = binary("haproxy")
+    except Missing as missing:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{missing} (CI=true: the proxy config must be checked)")
+        pytest.skip(str(missing))
+    checked = subprocess.run(
+        [haproxy, "-c", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
+        capture_output=True,
+        text=True,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    broken = tmp_path / "haproxy.cfg"
+    broken.write_text((ROOT / "deploy" / "haproxy.cfg").read_text().replace("balance", "balanse"))
+    assert subprocess.run([haproxy, "-c", "-f", str(broken)], capture_output=True).returncode != 0
 
 
 def test_the_build_context_leaves_out_secrets_data_and_caches():

@@ -2,6 +2,8 @@
 
 The app talks to the database through SQLAlchemy Core on async drivers it picks itself from
 `DATABASE_URL`: `sqlite:///PATH` runs on aiosqlite, `postgresql://USER@HOST:PORT/DB` on asyncpg.
+`?pgbouncer=true` on a PostgreSQL URL says it names PgBouncer in transaction pooling mode
+(`driver_arguments`).
 
 Transactions have one owner: `write()` / `read()` below, opened by the service layer once
 per request. A write transaction on SQLite starts with `BEGIN IMMEDIATE`, which takes the
@@ -26,23 +28,48 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from app.errors import ConfigurationError
 
 SQLITE_BUSY_TIMEOUT_S = 30
+PGBOUNCER_PARAMETER = "pgbouncer"
+
+
+def _parse(database_url: str) -> URL:
+    try:
+        return make_url(database_url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError with the raw text
+        raise ConfigurationError(f"DATABASE_URL is not a database URL: {exc}") from None
 
 
 def async_url(database_url: str) -> URL:
     """Map the public `DATABASE_URL` forms onto the async drivers the app ships with."""
-    try:
-        url = make_url(database_url)
-    except Exception as exc:  # sqlalchemy raises ArgumentError with the raw text
-        raise ConfigurationError(f"DATABASE_URL is not a database URL: {exc}") from None
+    url = _parse(database_url)
     backend = url.get_backend_name()
     if backend == "sqlite":
         return url.set(drivername="sqlite+aiosqlite")
     if backend in ("postgresql", "postgres"):
+        # The app's own parameter, not the driver's (`driver_arguments` reads it).
+        url = url.difference_update_query([PGBOUNCER_PARAMETER])
         return url.set(drivername="postgresql+asyncpg")
     raise ConfigurationError(
         f"DATABASE_URL scheme {url.drivername!r} is not supported: "
         "use sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
     )
+
+
+def driver_arguments(database_url: str) -> dict[str, Any]:
+    """`connect_args` for the engine of `database_url`: none, unless it ends in
+    `?pgbouncer=true`. A transaction pooler hands each transaction whichever server
+    connection is free, so a statement prepared by name in one transaction is missing from
+    (or already taken on) the server the next one gets. With both caches off (asyncpg's own
+    and SQLAlchemy's), asyncpg prepares every statement unnamed and parses it again with
+    its execution, within one transaction or one implicit one: nothing named outlives a
+    statement, so nothing can collide or pile up on PgBouncer's server connections."""
+    value = _parse(database_url).query.get(PGBOUNCER_PARAMETER, "false")
+    if value not in ("true", "false"):
+        raise ConfigurationError(
+            f"DATABASE_URL's {PGBOUNCER_PARAMETER}={value!r} is not true or false"
+        )
+    if value == "false":
+        return {}
+    return {"statement_cache_size": 0, "prepared_statement_cache_size": 0}
 
 
 def _sqlite_on_connect() -> Any:
@@ -60,7 +87,13 @@ def _sqlite_on_connect() -> Any:
 
 
 def _make_engine(
-    url: URL, *, immediate: bool, pool_size: int, max_overflow: int, pool_timeout: float
+    url: URL,
+    *,
+    immediate: bool,
+    pool_size: int,
+    max_overflow: int,
+    pool_timeout: float,
+    connect_args: dict[str, Any],
 ) -> AsyncEngine:
     # An error's message never carries the statement's parameters (resource bodies, subject
     # numbers): error logs hold no clinical data.
@@ -88,6 +121,7 @@ def _make_engine(
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,
         pool_pre_ping=True,
+        connect_args=connect_args,
         **common,
     )
 
@@ -118,6 +152,7 @@ class Database:
             pool_size=pool_size,
             max_overflow=max_overflow,
             pool_timeout=pool_timeout,
+            connect_args=driver_arguments(database_url),
         )
         writer = engine(immediate=True)
         # SQLite: a second engine whose transactions begin deferred, for reads.
