@@ -33,6 +33,15 @@ also valid for the server.
    openapi-python-client drops an operation whose body names one. So a positive PATCH case
    has NUL removed from the strings (member names too) of its values; everything else the
    generator chose stays.
+9. A history read is worth most about a resource that was deleted (FHIR keeps its history,
+   and that is what deleted_resource_history_kept checks); a schema cannot name one, and
+   the fuzzing phase judges each case on its own, so no DELETE it sends is tied to a later
+   read (only the stateful phase chains them, and in measured runs it seldom got that far:
+   most of its scenarios start with a DELETE of a random id, answered 404). So every other
+   positive history read of the fuzzing phase (the first, the third... of each operation)
+   names instead a resource of that type which these hooks stored and deleted before the
+   run; every other parameter stays as generated, and the other reads keep their generated
+   ids (schemathesis draws them from ids it has seen).
 
 It also adds one check, `deleted_resource_history_kept`: use_after_free as FHIR defines it
 for a versioned resource. The built-in use_after_free expects every GET under a deleted
@@ -51,7 +60,8 @@ tests/test_crud.py and test_validation.py.
 
 Environment: FUZZ_BASE_URL (the server), FUZZ_TOKEN (a bearer token that may write) and
 optionally FUZZ_COUNT_FILE (a file that gets one byte per request sent) and
-FUZZ_JUDGED_FILE (one byte per history read deleted_resource_history_kept judged).
+FUZZ_JUDGED_FILE (one line per history read deleted_resource_history_kept judged: the
+operation's path, then `stateful` when the stateful phase deleted the resource itself).
 """
 
 from __future__ import annotations
@@ -59,13 +69,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from collections import Counter
 from functools import cache
 from typing import Any
 
 import httpx
 import schemathesis
 
-from app.fhir.examples import EXAMPLE_PATIENT_ID
+from app.fhir.examples import EXAMPLE_PATIENT_ID, RESOURCE_EXAMPLES
 from app.fhir.routes import PROVENANCE_MAX_LENGTH
 
 FUZZ_PATIENT = "fuzz-subject"
@@ -90,27 +102,70 @@ def _fuzz_patient() -> str:
     return _enrolled(_fuzz_patients[-1])
 
 
-@cache
-def _enrolled(patient_id: str) -> str:
-    """Store a fixture Patient at the fuzzer's site, once per id."""
-    base = os.environ["FUZZ_BASE_URL"]
+def _fixture_request(method: str, url: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    """A request of the hooks' own (not the fuzzer's), as the fixture writer."""
     headers = {
         "Authorization": f"Bearer {os.environ['FUZZ_TOKEN']}",
         "Content-Type": "application/fhir+json",
         "X-Provenance": '{"resourceType":"Provenance","reason":[{"text":"fuzz fixture"}]}',
     }
-    patient = {
+    response = httpx.request(
+        method, f"{os.environ['FUZZ_BASE_URL']}/fhir/{url}", json=body, headers=headers, timeout=30
+    )
+    response.raise_for_status()
+    return response
+
+
+def _fixture_patient(patient_id: str) -> dict[str, Any]:
+    return {
         "resourceType": "Patient",
         "id": patient_id,
         "managingOrganization": {
             "identifier": {"system": "https://itp-trial.example/fhir/sid/site", "value": FUZZ_SITE}
         },
     }
-    response = httpx.put(
-        f"{base}/fhir/Patient/{patient_id}", json=patient, headers=headers, timeout=30
-    )
-    response.raise_for_status()
+
+
+@cache
+def _enrolled(patient_id: str) -> str:
+    """Store a fixture Patient at the fuzzer's site, once per id."""
+    _fixture_request("PUT", f"Patient/{patient_id}", _fixture_patient(patient_id))
     return f"Patient/{patient_id}"
+
+
+# Rule 9's resources, stored and deleted once (schemathesis runs its workers as threads),
+# and how many positive history reads of each operation the fuzzing phase generated.
+_deleted_lock = threading.Lock()
+_deleted: dict[str, int] = {}
+_history_reads: Counter[str] = Counter()
+
+
+def _takes_turn(operation_path: str) -> bool:
+    """Rule 9 takes the first, third, fifth... positive history read of each operation, so
+    every one that is generated at all reads a deleted resource at least once."""
+    with _deleted_lock:
+        _history_reads[operation_path] += 1
+        return _history_reads[operation_path] % 2 == 1
+
+
+def _deleted_fixture(resource_type: str) -> str:
+    """The id of a resource of `resource_type` at the fuzzer's site that was stored and then
+    deleted; its deletion's version is in _deleted."""
+    resource_id = f"fuzz-deleted-{resource_type.lower()}"
+    with _deleted_lock:
+        if f"{resource_type}/{resource_id}" not in _deleted:
+            if resource_type == "Patient":
+                body = _fixture_patient(resource_id)
+            else:
+                _enrolled(EXAMPLE_PATIENT_ID)  # the examples' subject
+                body = {**RESOURCE_EXAMPLES[resource_type], "id": resource_id}
+            _fixture_request("PUT", f"{resource_type}/{resource_id}", body)
+            deletion = _fixture_request("DELETE", f"{resource_type}/{resource_id}")
+            match = _WEAK_VERSION.fullmatch(deletion.headers.get("etag", ""))
+            if match is None:
+                raise RuntimeError(f"the fixture's DELETE gave no version: {deletion.headers}")
+            _deleted[f"{resource_type}/{resource_id}"] = int(match["version"])
+    return resource_id
 
 
 def provenance_header(text: str) -> str:
@@ -160,6 +215,9 @@ def map_case(context: Any, case: Any) -> Any:
     case.headers = headers
     if method == "PATCH" and isinstance(case.body, list):
         case.body = [_without_nul(operation) for operation in case.body]
+    history = HISTORY_OPERATION.match(path)
+    if history is not None and meta.phase.name == "fuzzing" and _takes_turn(path):
+        case.path_parameters["resource_id"] = _deleted_fixture(history["type"])
     if not isinstance(case.body, dict):
         return case
     if method == "POST" and (case.headers or {}).get("If-None-Exist") and case.query:
@@ -193,17 +251,27 @@ def _without_nul(value: Any) -> Any:
     return value
 
 
-def _count_request(variable: str = "FUZZ_COUNT_FILE") -> None:
-    """One byte per request sent (or, FUZZ_JUDGED_FILE, per history read judged after a
-    delete), for tests/test_fuzz.py to count (O_APPEND writes of one byte from several
-    worker threads never interleave)."""
+def _append(variable: str, data: bytes) -> None:
+    """Append `data` to the file the environment variable names, for tests/test_fuzz.py to
+    read (a single O_APPEND write from one of several worker threads never interleaves)."""
     path = os.environ.get(variable)
     if path:
         descriptor = os.open(path, os.O_WRONLY | os.O_APPEND)
         try:
-            os.write(descriptor, b".")
+            os.write(descriptor, data)
         finally:
             os.close(descriptor)
+
+
+def _count_request() -> None:
+    """One byte per request sent."""
+    _append("FUZZ_COUNT_FILE", b".")
+
+
+def _record_judgement(operation_path: str, deleted_by: str) -> None:
+    """One line per history read judged after a deletion: the operation and who deleted the
+    resource (`stateful`: the fuzzer's own scenario; `fixture`: rule 9's resource)."""
+    _append("FUZZ_JUDGED_FILE", f"{operation_path}\t{deleted_by}\n".encode())
 
 
 @schemathesis.hook
@@ -270,9 +338,12 @@ def deleted_resource_history_kept(ctx: Any, response: Any, case: Any) -> bool | 
         return None
     resource = f"{operation['type']}/{path_id}"
     deleted = _deletion_versions(ctx, case, resource)
-    if not deleted:
+    fixture = _deleted.get(resource)
+    if not deleted and fixture is None:
         return None
-    _count_request("FUZZ_JUDGED_FILE")
+    _record_judgement(str(case.operation.path), "stateful" if deleted else "fixture")
+    if fixture is not None:
+        deleted.add(fixture)
     if response.status_code in (404, 410) and operation["vread"] is None:
         raise AssertionError(
             f"The history of {resource}, deleted at version {max(deleted)}, answered "
