@@ -223,7 +223,7 @@ async def test_pictures_and_listing_negotiate_their_media_types(client):
     assert (
         await client.get("/fhir/$trial-report", headers={"Accept": "text/csv"})
     ).status_code == 406
-    enrolled_only = (await create(client, builders.patient("S01-002"))).json()["id"]
+    enrolled_only = (await create(client, builders.patient("S01-untreated"))).json()["id"]
     assert (await client.delete(f"/fhir/Patient/{enrolled_only}")).status_code == 204
     gone = await client.get(f"/fhir/Patient/{enrolled_only}/$platelet-chart")
     assert gone.status_code == 410
