@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app import codes
+from app.engine import Criteria
 from app.errors import Unprocessable
 from app.main import create_app
 from app.services.indexing import normalised_platelet_value
@@ -511,3 +512,36 @@ async def test_a_refusal_about_an_overlong_path_is_audited_on_both_databases(app
     refusals = await rows(app, "SELECT content FROM audit_event WHERE outcome = '4'")
     descriptions = [orjson.loads(content)["outcomeDesc"] for (content,) in refusals]
     assert len(descriptions) == 2 and all(d.startswith("404") for d in descriptions)
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York", "Asia/Shanghai"])
+async def test_dates_at_the_ends_of_the_calendar_are_stored_assessed_and_reported(settings, zone):
+    """FHIR's years run 0001 to 9999. On PostgreSQL a value that starts at the first
+    representable instant or ends at the last is stored as -infinity or infinity (asyncpg's
+    form of datetime.min and max), which the recompute's read got back without a time zone:
+    every write for that patient was a 500 (found by the fuzzer). In a trial zone west of
+    UTC, 0001-01-01T00:00Z falls before the calendar (and 9999-12-31T23:00Z after it east
+    of UTC): its local day is the calendar's first (last)."""
+    app = create_app(settings, criteria=Criteria(trial_timezone=zone), key_source=KEY)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://testserver", headers=bearer("admin")
+        ) as client:
+            for when in ("0001", "0001-01-01T00:00:00Z", "9999", "9999-12-31T23:00:00Z"):
+                patient_id = await new_patient(client, f"S01-{when[:4]}-{len(when)}")
+                await create(client, builders.administration(patient_id, when))
+                count = await create(client, builders.platelet_count(patient_id, when, 40))
+                status = await client.get(f"/fhir/Patient/{patient_id}/$response-status")
+                assert status.status_code == 200, (when, status.text)
+                found = await client.get(
+                    "/fhir/Observation",
+                    params={"patient": patient_id, "date": when[:4], "code": "777-3"},
+                )
+                assert found.status_code == 200, found.text
+                entries = found.json()["entry"]
+                assert [entry["resource"]["id"] for entry in entries] == [count.json()["id"]]
+                assert entries[0]["resource"]["effectiveDateTime"] == when
+            for report in ("/fhir/$trial-report", "/fhir/$response-listing", "/sdtm/lb.csv"):
+                answer = await client.get(report)
+                assert answer.status_code == 200, (report, answer.text)

@@ -27,6 +27,7 @@ from .rules import (
     NO_TREATMENT_START,
     VALID_OBSERVATION_STATUSES,
     assess,
+    local_day,
 )
 
 __all__ = [
@@ -53,4 +54,5 @@ __all__ = [
     "PlateletCount",
     "Timeline",
     "assess",
+    "local_day",
 ]

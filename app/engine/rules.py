@@ -161,7 +161,7 @@ class _Clock:
         self.in_utc = self.zone.key == "UTC"
 
     def day(self, time: datetime) -> date:
-        return time.date() if self.in_utc else time.astimezone(self.zone).date()
+        return time.date() if self.in_utc else local_day(time, self.zone)
 
     def position(self, time: datetime, day: date) -> int:
         if self.calendar:
@@ -254,7 +254,7 @@ def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessm
             )
     traces = _trace_episodes(evaluable, clock, criteria)
     episodes = tuple(_episode(trace, evaluable, criteria) for trace in traces)
-    start_day = _day(start, criteria.zone)
+    start_day = local_day(start, criteria.zone)
     response_date = episodes[0].start if episodes else None
     complete_response_date = next(
         (episode.cr_start for episode in episodes if episode.cr_start is not None), None
@@ -335,8 +335,14 @@ def _not_evaluable(
     )
 
 
-def _day(time: datetime, zone: ZoneInfo) -> date:
-    return time.astimezone(zone).date()
+def local_day(time: datetime, zone: ZoneInfo) -> date:
+    """The calendar day of `time` in `zone`. FHIR's years run 0001-9999, and a time on the
+    calendar's first or last day may fall outside it in the trial's zone (0001-01-01T00:00Z
+    in New York): that day is the calendar's first or last, the nearest one Python has."""
+    try:
+        return time.astimezone(zone).date()
+    except OverflowError:
+        return date.min if time.year == date.min.year else date.max
 
 
 def _days_between(start: date, end: date | None) -> int | None:
@@ -502,7 +508,9 @@ def _classify(
     """
     first_day = criteria.first_evaluable_day
     start_day = clock.day(start)
-    earliest = start + timedelta(days=first_day)  # the `instant` clock's first evaluable time
+    # The `instant` clock's first evaluable time, as a distance from the start: start + N days
+    # overflows for a start on the calendar's last days (FHIR allows 9999-12-31).
+    first_window = timedelta(days=first_day)
     not_evaluable = _before_day(first_day)
     window = criteria.rescue_window_days
     under_rescue = _after_rescue(window)
@@ -520,10 +528,12 @@ def _classify(
     new, observation = tuple.__new__, "Observation"
     for count in post_start:
         time = count.time
-        day = time.date() if in_utc else time.astimezone(zone).date()
+        day = time.date() if in_utc else local_day(time, zone)
         ident, value = count.id, count.value
         head = (observation, ident, time, day, value)  # the entry's first five fields
-        if first_day and ((day - start_day).days < first_day if calendar else time < earliest):
+        if first_day and (
+            (day - start_day).days < first_day if calendar else time - start < first_window
+        ):
             entry(new(_Entry, (*head, "not-evaluable", not_evaluable, None, ())))
             continue
         if rescues:

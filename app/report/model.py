@@ -14,6 +14,7 @@ from app.engine import (
     Criteria,
     PlateletCount,
     Timeline,
+    local_day,
 )
 
 
@@ -71,7 +72,7 @@ class PatientData:
         """Study day: calendar days (trial time zone) since the first study-drug dose, the
         day of the dose being 0, as the engine counts time to response."""
         origin = self.origin(criteria)
-        when = moment.astimezone(criteria.zone).date() if isinstance(moment, datetime) else moment
+        when = local_day(moment, criteria.zone) if isinstance(moment, datetime) else moment
         return (when - origin).days
 
     def origin(self, criteria: Criteria) -> date:
@@ -82,7 +83,7 @@ class PatientData:
                 a.time for a in self.timeline.administrations
             ]
             start = min(times) if times else None
-        return start.astimezone(criteria.zone).date() if start is not None else date.min
+        return local_day(start, criteria.zone) if start is not None else date.min
 
     def last_day(self, criteria: Criteria) -> int:
         """The last day with a valid count or an active administration: the follow-up."""

@@ -368,7 +368,10 @@ def dtc(value: str | None, zone: ZoneInfo) -> tuple[str | None, date | None]:
     if "T" not in value:
         return value, date.fromisoformat(value) if len(value) == 10 else None
     moment = datetime.fromisoformat(value)
-    local = moment.astimezone(zone)
+    try:
+        local = moment.astimezone(zone)
+    except OverflowError:  # the calendar's first or last hours, outside it in the trial's zone
+        local = moment
     with_seconds = len(value.split("T", 1)[1]) > 5 and value.split("T", 1)[1][5] == ":"
     return local.strftime("%Y-%m-%dT%H:%M:%S" if with_seconds else "%Y-%m-%dT%H:%M"), local.date()
 

@@ -487,6 +487,27 @@ _FACT_ROWS_SQL = (
 )
 
 
+def _finite(row: FactRow) -> bool:
+    """Whether a row's times came back aware. asyncpg writes a naive datetime.min or
+    datetime.max as -infinity or infinity, and reads those back naive whatever the query
+    asks: a FHIR value in year 0001 starts exactly at datetime.min (`fhir_range`), one in
+    9999 can end at datetime.max."""
+    start, end = row[3], row[5]
+    return (start is None or start.tzinfo is not None) and (end is None or end.tzinfo is not None)
+
+
+def _at_utc(row: FactRow) -> FactRow:
+    kind, ident, status, start, value, end = row
+    return (
+        kind,
+        ident,
+        status,
+        start.replace(tzinfo=UTC) if start is not None else None,
+        value,
+        end.replace(tzinfo=UTC) if end is not None else None,
+    )
+
+
 async def patient_fact_rows(
     conn: AsyncConnection, patient_id: str, kinds: Sequence[str]
 ) -> list[FactRow]:
@@ -498,7 +519,7 @@ async def patient_fact_rows(
         assert driver is not None
         # asyncpg's Records unpack like the tuples: no copy of 1,000 rows.
         rows = await driver.fetch(_FACT_ROWS_SQL, _ENGINE_TYPES, patient_id, list(kinds))
-        return rows  # type: ignore[no-any-return]
+        return [row if _finite(row) else _at_utc(row) for row in rows]
     facts = await patient_facts(conn, patient_id, kinds)
     return [
         (
