@@ -52,7 +52,12 @@ with open(target, "w") as file:
     file.write(table("tool.pytest.ini_options", project["tool"]["pytest"]["ini_options"]))
     file.write("\n" + table("tool.mutmut", mutmut))
 EOF
+    # One migrated SQLite template for the area's run (tests copy it, never write it): each
+    # mutant is a pytest session of its own, which would otherwise migrate one again.
+    rm -f "$work/template.db"
+    DATABASE_URL="sqlite:///$work/template.db" nice -n 10 python -m alembic upgrade head >/dev/null
     echo "== mutation testing: $area"
-    (cd "$work" && nice -n 10 "$ROOT/.venv/bin/mutmut" run --max-children "${MUTATION_MAX_CHILDREN:-1}")
+    (cd "$work" && ITP_TEST_SQLITE_TEMPLATE="$work/template.db" \
+        nice -n 10 "$ROOT/.venv/bin/mutmut" run --max-children "${MUTATION_MAX_CHILDREN:-1}")
     (cd "$work" && "$ROOT/.venv/bin/mutmut" results) || true
 done

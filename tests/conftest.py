@@ -80,6 +80,11 @@ def _migrate(database_url: str) -> None:
 
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # scripts/mutation.sh migrates one template for its whole run: each mutant is its own
+    # pytest session, and migrating per session cost more than most mutants' tests.
+    migrated = os.environ.get("ITP_TEST_SQLITE_TEMPLATE")
+    if migrated:
+        return Path(migrated)
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
     _migrate(f"sqlite:///{path}")
     return path

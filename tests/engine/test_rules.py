@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -902,6 +903,101 @@ def test_output_is_json_ready_and_reproducible() -> None:
     }
     assert Criteria(**data["criteria"]) == criteria
     assert data["criteria"]["trial_timezone"] == "Europe/Paris"
+
+
+def test_as_dict_spells_every_field_of_the_assessment() -> None:
+    """The stored and served form of an assessment, field by field: CR reached, lost while
+    R holds, then R lost to a count with bleeding; a count under rescue after it."""
+    timeline = story(
+        10,
+        count("03-10", 110),
+        count("03-17", 130),
+        count("04-07", 70),
+        count("04-21", 125),
+        count("04-29", 20),
+        administrations=(dose(), rescue(at(4, 28, 10))),
+        bleeding_assessments=(grade(at(4, 21), 2),),
+    )
+    criteria = Criteria(trial_timezone="Europe/Paris")
+    data = assess(timeline, criteria).as_dict()
+    bleed, rescued = "who-2025-04-21T09:00:00+00:00", "rescue-2025-04-28T10:00:00+00:00"
+
+    def row(
+        ident: str, when: str, value: float, code: str, detail: str | None = None, **more: Any
+    ) -> dict[str, Any]:
+        return {
+            "resource_type": "Observation",
+            "id": ident,
+            "time": f"{when}:00+00:00",
+            "date": when[:10],
+            "value": value,
+            "classification": code,
+            "detail": detail,
+            "rescue": more.get("rescue"),
+            "bleeding": more.get("bleeding", []),
+        }
+
+    assert data == {
+        "patient": "patient-1",
+        "status": "LOR",
+        "status_reason": None,
+        "best_response": "CR",
+        "pending_confirmation": False,
+        "baseline": {
+            "value": 10,
+            "observation": "baseline",
+            "observations": ["baseline"],
+            "date": "2025-03-03",
+        },
+        "treatment_start": "2025-03-03T08:00:00+00:00",
+        "response_date": "2025-03-10",
+        "complete_response_date": "2025-03-10",
+        "time_to_response_days": 7,
+        "time_to_complete_response_days": 7,
+        "episodes": [
+            {
+                "start": "2025-03-10",
+                "level": "CR",
+                "end": "2025-04-21",
+                "duration_of_response_days": 42,
+                "cr_start": "2025-03-10",
+                "cr_end": "2025-04-07",
+                "cr_periods": [{"start": "2025-03-10", "end": "2025-04-07"}],
+            }
+        ],
+        "evidence": {
+            "baseline": ["baseline"],
+            "response": ["c-03-10", "c-03-17"],
+            "complete_response": ["c-03-10", "c-03-17"],
+            "complete_response_loss": ["c-04-07", "c-04-21"],
+            "loss": ["c-04-21"],
+            "bleeding": [bleed],
+            "bleeding_events": [],
+        },
+        "classifications": [
+            row("baseline", "2025-03-03T07:00", 10, "baseline-candidate", "used as the baseline"),
+            row("c-03-10", "2025-03-10T09:00", 110, "qualifying-cr"),
+            row("c-03-17", "2025-03-17T09:00", 130, "qualifying-cr"),
+            row("c-04-07", "2025-04-07T09:00", 70, "qualifying-r"),
+            row(
+                "c-04-21",
+                "2025-04-21T09:00",
+                125,
+                "failing",
+                "with bleeding",
+                bleeding=[f"Observation/{bleed}"],
+            ),
+            row(
+                "c-04-29",
+                "2025-04-29T09:00",
+                20,
+                "under-rescue",
+                "within 56 days after a rescue",
+                rescue=rescued,
+            ),
+        ],
+        "criteria": criteria.as_dict(),
+    }
 
 
 def test_evidence_ids_come_from_the_input() -> None:
