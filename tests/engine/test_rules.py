@@ -590,6 +590,52 @@ def test_bleeding_on_another_day_does_not_mark_a_count() -> None:
     ]
 
 
+def _classified(timeline: Timeline, criteria: Criteria) -> list[tuple[str, str]]:
+    return [(c.id, c.classification) for c in assess(timeline, criteria).classifications]
+
+
+def test_only_bleeds_after_the_start_instant_are_occasions() -> None:
+    """On the dose day, with no count that day: a bleed before the dose and one at its very
+    instant are history, one after it is a failing occasion (every one of the day's bleeds is
+    looked at, not only those up to the first before the start)."""
+    baseline = PlateletCount("baseline", at(3, 1), 10)  # no count on the dose day, 03-03
+    timeline = Timeline(
+        patient="patient-1",
+        counts=(baseline, count("03-10", 40), count("03-17", 45)),
+        administrations=(dose(),),
+        bleeding_events=(
+            BleedingEvent("before", DOSE - timedelta(minutes=30)),
+            BleedingEvent("at-start", DOSE),
+            BleedingEvent("after", DOSE + timedelta(minutes=30)),
+        ),
+    )
+    assert _classified(timeline, INSTANT) == [
+        ("baseline", "baseline-candidate"),
+        ("after", "failing"),
+        ("c-03-10", "qualifying-r"),
+        ("c-03-17", "qualifying-r"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("clock", "moment", "classification"),
+    [
+        ("calendar", at(3, 4, 23, 59), "not-evaluable"),
+        ("calendar", at(3, 5, 0, 0), "failing"),
+        ("instant", at(3, 5, 7, 59, 59), "not-evaluable"),
+        ("instant", at(3, 5, 8), "failing"),
+    ],
+)
+def test_first_evaluable_day_of_a_bleed_without_a_count(
+    clock: str, moment: datetime, classification: str
+) -> None:
+    # Day 2 of treatment, as for counts: the second calendar day after the start's, or 48
+    # hours after it, ends included.
+    criteria = Criteria(first_evaluable_day=2, confirm_clock=clock)  # type: ignore[arg-type]
+    timeline = replace(R_STORY, bleeding_events=(BleedingEvent("bleed", moment),))
+    assert ("bleed", classification) in _classified(timeline, criteria)
+
+
 def test_bleeding_event_same_trial_day_where_utc_date_differs() -> None:
     tokyo = Criteria(trial_timezone="Asia/Tokyo")
     # 03-17 16:00 UTC is 03-18 01:00 in Tokyo; the event 03-18 02:00 UTC is 03-18 11:00 there.
