@@ -55,7 +55,7 @@ EOF
     # One migrated SQLite template for the area's run (tests copy it, never write it): each
     # mutant is a pytest session of its own, which would otherwise migrate one again.
     rm -f "$work/template.db"
-    DATABASE_URL="sqlite:///$work/template.db" nice -n 10 python -m alembic upgrade head >/dev/null
+    DATABASE_URL="sqlite:///$work/template.db" nice -n 10 python -m alembic upgrade head >/dev/null 2>&1
     echo "== mutation testing: $area"
     (cd "$work" && ITP_TEST_SQLITE_TEMPLATE="$work/template.db" \
         nice -n 10 "$ROOT/.venv/bin/mutmut" run --max-children "${MUTATION_MAX_CHILDREN:-1}")

@@ -913,22 +913,42 @@ def test_equal_timestamps_are_ordered_by_id(
         assert assess(story(10, count("03-10", 40), *tied)).status == status
 
 
-def test_naive_time_is_refused() -> None:
-    with pytest.raises(ValueError, match="timezone-aware"):
-        PlateletCount("naive", datetime(2025, 3, 10, 9), 40)
+NAIVE = datetime(2025, 3, 10, 9)
 
 
 @pytest.mark.parametrize(
-    "settings",
+    "build",
     [
-        {"baseline_rule": "median"},
-        {"response_date_anchor": "last"},
-        {"trial_timezone": "Mars/Olympus"},
-        {"confirm_days": -1},
+        lambda: PlateletCount("naive", NAIVE, 40),
+        lambda: BleedingAssessment("naive", NAIVE, 2),
+        lambda: BleedingEvent("naive", NAIVE),
+        lambda: Administration("naive", NAIVE, "study-drug"),
+    ],
+    ids=["PlateletCount", "BleedingAssessment", "BleedingEvent", "Administration"],
+)
+def test_naive_time_is_refused(build: Any, request: pytest.FixtureRequest) -> None:
+    # The message names the record, so a lab can find the one it sent without a zone.
+    kind = request.node.callspec.id
+    with pytest.raises(ValueError, match=f"^{kind} 'naive': time must be timezone-aware$"):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"baseline_rule": "median"},
+            r"baseline_rule must be one of \('last-before-start', 'mean-before-start'\)",
+        ),
+        ({"response_date_anchor": "last"}, r"response_date_anchor must be one of \('first', "),
+        ({"confirm_clock": "sundial"}, r"confirm_clock must be one of \('calendar', 'instant'\)"),
+        ({"trial_timezone": "Mars/Olympus"}, "unknown trial_timezone 'Mars/Olympus'"),
+        ({"confirm_days": -1}, "criteria must not be negative: confirm_days"),
     ],
 )
-def test_invalid_criteria_are_refused(settings: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
+def test_invalid_criteria_are_refused(settings: dict[str, object], message: str) -> None:
+    # The message names the setting and what it may be: it reaches whoever set ITP_*.
+    with pytest.raises(ValueError, match=message):
         Criteria(**settings)  # type: ignore[arg-type]
 
 
