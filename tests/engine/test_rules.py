@@ -52,6 +52,16 @@ def test_r_threshold() -> None:
     assert assess(timeline, Criteria(r_threshold=25)).status == "R"
 
 
+def test_a_failing_count_says_which_rule_it_fails() -> None:
+    """Exactly at the R threshold a count meets it (the rule is >= 30): with a baseline of
+    20 it fails on doubling alone, and says so; one just under fails on the threshold."""
+    result = assess(story(20, count("03-10", 30), count("03-17", 29.9)))
+    assert [(c.id, c.classification, c.detail) for c in result.classifications[1:]] == [
+        ("c-03-10", "failing", "below 2 x baseline"),
+        ("c-03-17", "failing", "below 30"),
+    ]
+
+
 def test_cr_threshold() -> None:
     timeline = story(10, count("03-10", 90), count("03-17", 95))
     assert assess(timeline).status == "R"
