@@ -4,6 +4,7 @@ version 2), plus the edges; version 1's behaviour where a setting keeps it reach
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -1100,3 +1101,21 @@ def test_times_in_other_zones_compare_as_instants() -> None:
         PlateletCount("b", at(3, 17).astimezone(ZoneInfo("America/Los_Angeles")), 45),
     )
     assert assess(timeline).time_to_response_days == 7
+
+
+def test_the_host_time_zone_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No local time is read: on a server 14 hours ahead of UTC, where counts taken at noon
+    UTC fall on the next local day, the result is the same as on a UTC server. The counts
+    come in Paris time, so the engine has to convert them (to UTC, not to the host's zone)."""
+    paris = ZoneInfo("Europe/Paris")
+    noon = [at(3, d, 12).astimezone(paris) for d in (10, 17)]
+    timeline = story(10, PlateletCount("a", noon[0], 40), PlateletCount("b", noon[1], 45))
+    on_utc_host = assess(timeline)
+    assert on_utc_host.response_date == day("03-10")
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")
+    time.tzset()
+    try:
+        assert assess(timeline) == on_utc_host
+    finally:
+        monkeypatch.undo()
+        time.tzset()
