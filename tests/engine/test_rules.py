@@ -955,6 +955,12 @@ def test_naive_time_is_refused(build: Any, request: pytest.FixtureRequest) -> No
         ({"confirm_clock": "sundial"}, r"confirm_clock must be one of \('calendar', 'instant'\)"),
         ({"trial_timezone": "Mars/Olympus"}, "unknown trial_timezone 'Mars/Olympus'"),
         ({"confirm_days": -1}, "criteria must not be negative: confirm_days"),
+        ({"rules_version": 3}, "rules_version must be 1 or 2"),
+        (
+            {"rules_version": 1},
+            "rules_version 1 needs confirm_clock 'instant', "
+            "baseline_rescue_exclusion_days 0 and first_evaluable_day 0",
+        ),
     ],
 )
 def test_invalid_criteria_are_refused(settings: dict[str, object], message: str) -> None:
