@@ -954,7 +954,10 @@ def test_naive_time_is_refused(build: Any, request: pytest.FixtureRequest) -> No
         ({"response_date_anchor": "last"}, r"response_date_anchor must be one of \('first', "),
         ({"confirm_clock": "sundial"}, r"confirm_clock must be one of \('calendar', 'instant'\)"),
         ({"trial_timezone": "Mars/Olympus"}, "unknown trial_timezone 'Mars/Olympus'"),
-        ({"confirm_days": -1}, "criteria must not be negative: confirm_days"),
+        (
+            {"confirm_days": -1, "loss_confirm_days": -2},
+            "criteria must not be negative: confirm_days, loss_confirm_days$",
+        ),
         ({"rules_version": 3}, "rules_version must be 1 or 2"),
         (
             {"rules_version": 1},
