@@ -1,6 +1,6 @@
 # One task runner, the same verbs everywhere. Each target calls the script CI and the README
 # use, so there is one way to do each thing.
-.PHONY: run test lint bench bench-smoke openapi
+.PHONY: run test lint bench bench-smoke openapi mutation
 
 run:
 	bash scripts/run.sh
@@ -26,3 +26,8 @@ bench-smoke:
 
 openapi:
 	.venv/bin/python -m app openapi
+
+# Mutation testing, by hand, never in CI (docs/mutation-testing.md): hours on two cores.
+# `make mutation AREAS=engine` runs one area; all four when AREAS is empty.
+mutation:
+	bash scripts/mutation.sh $(AREAS)

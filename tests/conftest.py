@@ -54,6 +54,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     gc.freeze()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under mutmut (scripts/mutation.sh), property tests run last: a mutant's run stops at
+    its first failing test, and a hypothesis test takes seconds where an example takes
+    milliseconds. The order is stable otherwise; outside mutmut nothing moves."""
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        items.sort(
+            key=lambda item: getattr(getattr(item, "obj", None), "is_hypothesis_test", False)
+        )
+
+
 def token(
     role: str = "admin",
     sites: tuple[str, ...] = ("S01",),
@@ -80,6 +90,11 @@ def _migrate(database_url: str) -> None:
 
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # scripts/mutation.sh migrates one template for its whole run: each mutant is its own
+    # pytest session, and migrating per session cost more than most mutants' tests.
+    migrated = os.environ.get("ITP_TEST_SQLITE_TEMPLATE")
+    if migrated:
+        return Path(migrated)
     path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
     _migrate(f"sqlite:///{path}")
     return path

@@ -436,6 +436,24 @@ async def test_summary_counts_and_response_rate(client):
     assert summary["overall_response_rate"] == pytest.approx(2 / 3, abs=1e-4)
 
 
+async def test_summary_adds_up_patients_of_one_status_with_different_best_responses(client):
+    """The database groups by status and best response together: two LOR patients (one
+    lost R, one lost CR) are one status in two rows, and R is the best response of an R and
+    of an LOR patient. The summary adds the rows up."""
+    for baseline, counts in [
+        (10, [("03-10", 40), ("03-17", 45)]),  # R, best R
+        (10, [("03-10", 40), ("03-17", 45), ("04-07", 25), ("04-08", 22)]),  # LOR, best R
+        (10, [("03-10", 110), ("03-17", 130), ("04-07", 25), ("04-08", 22)]),  # LOR, best CR
+    ]:
+        patient_id = await enrol_and_treat(client, (baseline, "10*9/L"))
+        for count in counts:
+            await post_count(client, patient_id, *count)
+    summary = (await client.get("/fhir/$response-summary")).json()
+    assert summary["by_status"] == {"CR": 0, "R": 1, "NR": 0, "LOR": 2, "NE": 0}
+    assert summary["by_best_response"] == {"CR": 1, "R": 2, "NR": 0, "NE": 0}
+    assert (summary["patients"], summary["evaluable"], summary["responders"]) == (3, 3, 3)
+
+
 async def test_concurrent_results_for_one_patient_end_in_the_sequential_status(live_server):
     """Many counts for one patient at once through a real uvicorn end in the same status as
     posting them one by one (no stale status from interleaved recomputes)."""

@@ -18,11 +18,16 @@ async def test_fact_rows_give_the_same_timeline(client, app) -> None:
     await create(client, builders.administration(patient_id, "2025-03-03T08:00:00Z"))
     await create(client, builders.platelet_count(patient_id, "2025-03-03T07:00:00Z", 12))
     await create(client, builders.platelet_count(patient_id, "2025-03-10", 60))  # a bare date
+    # Statuses other than each type's default, so both paths must carry them over.
+    amended = builders.platelet_count(patient_id, "2025-03-12T08:00:00Z", 65)
+    await create(client, {**amended, "status": "amended"})
     await create(client, builders.platelet_count(patient_id, "2025-03-17T09:00:00+05:30", 70))
     gone = (await create(client, builders.platelet_count(patient_id, "2025-03-18", 5))).json()
     await client.delete(f"/fhir/Observation/{gone['id']}", headers={"X-Provenance": REASON})
-    await create(client, builders.bleeding_grade(patient_id, "2025-03-10T10:00:00Z", 2))
-    await create(client, builders.adverse_event(patient_id, "2025-03-11", bleeding=True))
+    grade = builders.bleeding_grade(patient_id, "2025-03-10T10:00:00Z", 2)
+    await create(client, {**grade, "status": "corrected"})
+    event = builders.adverse_event(patient_id, "2025-03-11", bleeding=True)
+    await create(client, {**event, "actuality": "potential"})
     db = app.state.services.db
     for zone in (ZoneInfo("UTC"), ZoneInfo("America/New_York")):
         async with db.read() as conn:
@@ -33,7 +38,11 @@ async def test_fact_rows_give_the_same_timeline(client, app) -> None:
         key = lambda item: item.id  # noqa: E731 - the database returns rows in any order
         for field in ("counts", "bleeding_assessments", "bleeding_events", "administrations"):
             assert sorted(getattr(fast, field), key=key) == sorted(getattr(plain, field), key=key)
-        assert len(fast.counts) == 3 and len(fast.bleeding_events) == 1
+        assert fast.patient == plain.patient == patient_id
+        assert len(fast.counts) == 4 and len(fast.bleeding_events) == 1
+        assert {c.status for c in plain.counts} == {"final", "amended"}
+        assert [g.status for g in plain.bleeding_assessments] == ["corrected"]
+        assert [e.status for e in plain.bleeding_events] == ["potential"]
 
 
 async def _search_rows(db, pk: int) -> dict[str, list[tuple]]:

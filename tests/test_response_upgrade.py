@@ -119,9 +119,13 @@ async def test_the_upgrade_versions_changed_results_only_with_their_reason(clien
     await _stored_by_version_1(services)
     before = await _versions(client, patients)
 
-    report = await response.recompute_all(services)
+    progress: list[tuple[int, int, int]] = []
+    report = await response.recompute_all(services, lambda *done: progress.append(done))
 
     assert report.patients == 4
+    # After each patient: how many are done, of how many, and how many changed so far.
+    assert [(done, total) for done, total, _ in progress] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert progress[-1][2] == 3
     assert report.changed == [
         (patients["weekly"], "NR", "R"),
         (patients["untreated"], "NE", "NE"),
@@ -172,6 +176,9 @@ async def test_the_upgrade_versions_changed_results_only_with_their_reason(clien
             }
         ]
         assert provenance["agent"][-1]["who"] == {"identifier": {"value": "system/recompute"}}
+        assert provenance["activity"]["coding"] == [
+            {"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": "UPDATE"}
+        ]
         assert provenance["activity"]["text"].startswith(
             f"response status {expected[(target, version)]}"
         )
@@ -183,8 +190,17 @@ async def test_the_upgrade_versions_changed_results_only_with_their_reason(clien
         for e in await _events(client, app, entity=f"Observation/{weekly_status}")
         if _details(e).get("reason") == "response rules version 2"
     ]
-    assert event["outcomeDesc"].startswith("response status NR -> R (python -m app recompute")
-    assert _details(event)["version-after"] == str(after["weekly"])
+    criteria = ", ".join(f"{k}={v}" for k, v in Criteria().as_dict().items())
+    assert event["outcomeDesc"] == (
+        f"response status NR -> R (python -m app recompute under criteria {criteria})"
+    )
+    assert criteria.startswith("r_threshold=30.0, cr_threshold=100.0, ")
+    assert (event["action"], event["subtype"][0]["code"]) == ("U", "update")
+    assert event["agent"][0]["role"] == [{"text": "system"}]
+    details = _details(event)
+    assert details["version-after"] == str(after["weekly"])
+    assert details["version-before"] == str(after["weekly"] - 1)
+    assert details["site"] == "S01"
     by_agent = await _events(client, app, agent="system/recompute")
     upgraded = [e for e in by_agent if _details(e).get("reason") == "response rules version 2"]
     assert len(upgraded) == 3

@@ -4,12 +4,23 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, tzinfo
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.engine import Criteria, PlateletCount, Timeline, assess
+from app.engine import (
+    Administration,
+    BleedingAssessment,
+    BleedingEvent,
+    Criteria,
+    PlateletCount,
+    Timeline,
+    assess,
+)
 from bench.recompute import synthetic_timeline
 
 from . import reference_rules
@@ -58,3 +69,30 @@ def test_fast_constructors_build_equal_objects() -> None:
     for count in timeline.counts:
         fast = PlateletCount.fast(count.id, count.time, count.value, count.status)
         assert fast == count and hash(fast) == hash(count)
+
+
+# Each input type with a status other than its default: a field the fast constructor stored
+# under another name would otherwise read as the class default and still compare equal.
+INPUTS: list[tuple[Any, dict[str, Any]]] = [
+    (PlateletCount, {"id": "c", "value": 42.5, "status": "amended"}),
+    (BleedingAssessment, {"id": "g", "grade": 3, "status": "corrected"}),
+    (BleedingEvent, {"id": "e", "status": "potential"}),
+    (Administration, {"id": "a", "role": "rescue", "status": "not-done"}),
+]
+
+
+@pytest.mark.parametrize(("kind", "fields"), INPUTS, ids=[kind.__name__ for kind, _ in INPUTS])
+@pytest.mark.parametrize("zone", [UTC, ZoneInfo("Europe/Paris")], ids=str)
+def test_fast_constructors_build_what_the_constructors_build(
+    kind: Any, fields: dict[str, Any], zone: tzinfo
+) -> None:
+    time = datetime(2025, 3, 10, 9, tzinfo=zone)
+    fast, built = kind.fast(time=time, **fields), kind(time=time, **fields)
+    assert vars(fast) == vars(built)
+    assert fast == built and hash(fast) == hash(built)
+
+
+@pytest.mark.parametrize(("kind", "fields"), INPUTS, ids=[kind.__name__ for kind, _ in INPUTS])
+def test_fast_constructors_refuse_a_naive_time(kind: Any, fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=f"{kind.__name__} '{fields['id']}'.*timezone-aware"):
+        kind.fast(time=datetime(2025, 3, 10, 9), **fields)

@@ -4,8 +4,10 @@ version 2), plus the edges; version 1's behaviour where a setting keeps it reach
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -49,6 +51,16 @@ def test_r_threshold() -> None:
     timeline = story(10, count("03-10", 25), count("03-17", 26))
     assert assess(timeline).status == "NR"
     assert assess(timeline, Criteria(r_threshold=25)).status == "R"
+
+
+def test_a_failing_count_says_which_rule_it_fails() -> None:
+    """Exactly at the R threshold a count meets it (the rule is >= 30): with a baseline of
+    20 it fails on doubling alone, and says so; one just under fails on the threshold."""
+    result = assess(story(20, count("03-10", 30), count("03-17", 29.9)))
+    assert [(c.id, c.classification, c.detail) for c in result.classifications[1:]] == [
+        ("c-03-10", "failing", "below 2 x baseline"),
+        ("c-03-17", "failing", "below 30"),
+    ]
 
 
 def test_cr_threshold() -> None:
@@ -589,6 +601,52 @@ def test_bleeding_on_another_day_does_not_mark_a_count() -> None:
     ]
 
 
+def _classified(timeline: Timeline, criteria: Criteria) -> list[tuple[str, str]]:
+    return [(c.id, c.classification) for c in assess(timeline, criteria).classifications]
+
+
+def test_only_bleeds_after_the_start_instant_are_occasions() -> None:
+    """On the dose day, with no count that day: a bleed before the dose and one at its very
+    instant are history, one after it is a failing occasion (every one of the day's bleeds is
+    looked at, not only those up to the first before the start)."""
+    baseline = PlateletCount("baseline", at(3, 1), 10)  # no count on the dose day, 03-03
+    timeline = Timeline(
+        patient="patient-1",
+        counts=(baseline, count("03-10", 40), count("03-17", 45)),
+        administrations=(dose(),),
+        bleeding_events=(
+            BleedingEvent("before", DOSE - timedelta(minutes=30)),
+            BleedingEvent("at-start", DOSE),
+            BleedingEvent("after", DOSE + timedelta(minutes=30)),
+        ),
+    )
+    assert _classified(timeline, INSTANT) == [
+        ("baseline", "baseline-candidate"),
+        ("after", "failing"),
+        ("c-03-10", "qualifying-r"),
+        ("c-03-17", "qualifying-r"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("clock", "moment", "classification"),
+    [
+        ("calendar", at(3, 4, 23, 59), "not-evaluable"),
+        ("calendar", at(3, 5, 0, 0), "failing"),
+        ("instant", at(3, 5, 7, 59, 59), "not-evaluable"),
+        ("instant", at(3, 5, 8), "failing"),
+    ],
+)
+def test_first_evaluable_day_of_a_bleed_without_a_count(
+    clock: str, moment: datetime, classification: str
+) -> None:
+    # Day 2 of treatment, as for counts: the second calendar day after the start's, or 48
+    # hours after it, ends included.
+    criteria = Criteria(first_evaluable_day=2, confirm_clock=clock)  # type: ignore[arg-type]
+    timeline = replace(R_STORY, bleeding_events=(BleedingEvent("bleed", moment),))
+    assert ("bleed", classification) in _classified(timeline, criteria)
+
+
 def test_bleeding_event_same_trial_day_where_utc_date_differs() -> None:
     tokyo = Criteria(trial_timezone="Asia/Tokyo")
     # 03-17 16:00 UTC is 03-18 01:00 in Tokyo; the event 03-18 02:00 UTC is 03-18 11:00 there.
@@ -866,22 +924,51 @@ def test_equal_timestamps_are_ordered_by_id(
         assert assess(story(10, count("03-10", 40), *tied)).status == status
 
 
-def test_naive_time_is_refused() -> None:
-    with pytest.raises(ValueError, match="timezone-aware"):
-        PlateletCount("naive", datetime(2025, 3, 10, 9), 40)
+NAIVE = datetime(2025, 3, 10, 9)
 
 
 @pytest.mark.parametrize(
-    "settings",
+    "build",
     [
-        {"baseline_rule": "median"},
-        {"response_date_anchor": "last"},
-        {"trial_timezone": "Mars/Olympus"},
-        {"confirm_days": -1},
+        lambda: PlateletCount("naive", NAIVE, 40),
+        lambda: BleedingAssessment("naive", NAIVE, 2),
+        lambda: BleedingEvent("naive", NAIVE),
+        lambda: Administration("naive", NAIVE, "study-drug"),
+    ],
+    ids=["PlateletCount", "BleedingAssessment", "BleedingEvent", "Administration"],
+)
+def test_naive_time_is_refused(build: Any, request: pytest.FixtureRequest) -> None:
+    # The message names the record, so a lab can find the one it sent without a zone.
+    kind = request.node.callspec.id
+    with pytest.raises(ValueError, match=f"^{kind} 'naive': time must be timezone-aware$"):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"baseline_rule": "median"},
+            r"baseline_rule must be one of \('last-before-start', 'mean-before-start'\)",
+        ),
+        ({"response_date_anchor": "last"}, r"response_date_anchor must be one of \('first', "),
+        ({"confirm_clock": "sundial"}, r"confirm_clock must be one of \('calendar', 'instant'\)"),
+        ({"trial_timezone": "Mars/Olympus"}, "unknown trial_timezone 'Mars/Olympus'"),
+        (
+            {"confirm_days": -1, "loss_confirm_days": -2},
+            "criteria must not be negative: confirm_days, loss_confirm_days$",
+        ),
+        ({"rules_version": 3}, "rules_version must be 1 or 2"),
+        (
+            {"rules_version": 1},
+            "rules_version 1 needs confirm_clock 'instant', "
+            "baseline_rescue_exclusion_days 0 and first_evaluable_day 0",
+        ),
     ],
 )
-def test_invalid_criteria_are_refused(settings: dict[str, object]) -> None:
-    with pytest.raises(ValueError):
+def test_invalid_criteria_are_refused(settings: dict[str, object], message: str) -> None:
+    # The message names the setting and what it may be: it reaches whoever set ITP_*.
+    with pytest.raises(ValueError, match=message):
         Criteria(**settings)  # type: ignore[arg-type]
 
 
@@ -902,6 +989,101 @@ def test_output_is_json_ready_and_reproducible() -> None:
     }
     assert Criteria(**data["criteria"]) == criteria
     assert data["criteria"]["trial_timezone"] == "Europe/Paris"
+
+
+def test_as_dict_spells_every_field_of_the_assessment() -> None:
+    """The stored and served form of an assessment, field by field: CR reached, lost while
+    R holds, then R lost to a count with bleeding; a count under rescue after it."""
+    timeline = story(
+        10,
+        count("03-10", 110),
+        count("03-17", 130),
+        count("04-07", 70),
+        count("04-21", 125),
+        count("04-29", 20),
+        administrations=(dose(), rescue(at(4, 28, 10))),
+        bleeding_assessments=(grade(at(4, 21), 2),),
+    )
+    criteria = Criteria(trial_timezone="Europe/Paris")
+    data = assess(timeline, criteria).as_dict()
+    bleed, rescued = "who-2025-04-21T09:00:00+00:00", "rescue-2025-04-28T10:00:00+00:00"
+
+    def row(
+        ident: str, when: str, value: float, code: str, detail: str | None = None, **more: Any
+    ) -> dict[str, Any]:
+        return {
+            "resource_type": "Observation",
+            "id": ident,
+            "time": f"{when}:00+00:00",
+            "date": when[:10],
+            "value": value,
+            "classification": code,
+            "detail": detail,
+            "rescue": more.get("rescue"),
+            "bleeding": more.get("bleeding", []),
+        }
+
+    assert data == {
+        "patient": "patient-1",
+        "status": "LOR",
+        "status_reason": None,
+        "best_response": "CR",
+        "pending_confirmation": False,
+        "baseline": {
+            "value": 10,
+            "observation": "baseline",
+            "observations": ["baseline"],
+            "date": "2025-03-03",
+        },
+        "treatment_start": "2025-03-03T08:00:00+00:00",
+        "response_date": "2025-03-10",
+        "complete_response_date": "2025-03-10",
+        "time_to_response_days": 7,
+        "time_to_complete_response_days": 7,
+        "episodes": [
+            {
+                "start": "2025-03-10",
+                "level": "CR",
+                "end": "2025-04-21",
+                "duration_of_response_days": 42,
+                "cr_start": "2025-03-10",
+                "cr_end": "2025-04-07",
+                "cr_periods": [{"start": "2025-03-10", "end": "2025-04-07"}],
+            }
+        ],
+        "evidence": {
+            "baseline": ["baseline"],
+            "response": ["c-03-10", "c-03-17"],
+            "complete_response": ["c-03-10", "c-03-17"],
+            "complete_response_loss": ["c-04-07", "c-04-21"],
+            "loss": ["c-04-21"],
+            "bleeding": [bleed],
+            "bleeding_events": [],
+        },
+        "classifications": [
+            row("baseline", "2025-03-03T07:00", 10, "baseline-candidate", "used as the baseline"),
+            row("c-03-10", "2025-03-10T09:00", 110, "qualifying-cr"),
+            row("c-03-17", "2025-03-17T09:00", 130, "qualifying-cr"),
+            row("c-04-07", "2025-04-07T09:00", 70, "qualifying-r"),
+            row(
+                "c-04-21",
+                "2025-04-21T09:00",
+                125,
+                "failing",
+                "with bleeding",
+                bleeding=[f"Observation/{bleed}"],
+            ),
+            row(
+                "c-04-29",
+                "2025-04-29T09:00",
+                20,
+                "under-rescue",
+                "within 56 days after a rescue",
+                rescue=rescued,
+            ),
+        ],
+        "criteria": criteria.as_dict(),
+    }
 
 
 def test_evidence_ids_come_from_the_input() -> None:
@@ -928,3 +1110,21 @@ def test_times_in_other_zones_compare_as_instants() -> None:
         PlateletCount("b", at(3, 17).astimezone(ZoneInfo("America/Los_Angeles")), 45),
     )
     assert assess(timeline).time_to_response_days == 7
+
+
+def test_the_host_time_zone_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No local time is read: on a server 14 hours ahead of UTC, where counts taken at noon
+    UTC fall on the next local day, the result is the same as on a UTC server. The counts
+    come in Paris time, so the engine has to convert them (to UTC, not to the host's zone)."""
+    paris = ZoneInfo("Europe/Paris")
+    noon = [at(3, d, 12).astimezone(paris) for d in (10, 17)]
+    timeline = story(10, PlateletCount("a", noon[0], 40), PlateletCount("b", noon[1], 45))
+    on_utc_host = assess(timeline)
+    assert on_utc_host.response_date == day("03-10")
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")
+    time.tzset()
+    try:
+        assert assess(timeline) == on_utc_host
+    finally:
+        monkeypatch.undo()
+        time.tzset()
