@@ -248,7 +248,7 @@ def test_the_build_context_leaves_out_secrets_data_and_caches():
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    for entry in (".git", ".venv", "data", "**/jwt-secret", "**/__pycache__", ".env"):
+    for entry in (".git", ".venv", "data", "**/jwt-secret", "**/__pycache__", ".env", "mutants"):
         assert entry in ignored, entry
     # And nothing the image needs is left out.
     dockerfile = (ROOT / "Dockerfile").read_text()
