@@ -160,7 +160,7 @@ def _token(args: argparse.Namespace) -> int:
 
     from app.auth.settings import AuthSettings, load_key_source
     from app.auth.tokens import issue_token
-    from app.errors import ConfigurationError
+    from app.kit.errors import ConfigurationError
     from app.settings import get_settings
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")

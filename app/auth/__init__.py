@@ -34,9 +34,9 @@ from app.auth.tokens import (
     JwksKeySource,
     KeySource,
     SecretKeySource,
-    Unauthorized,
     issue_token,
 )
+from app.kit.errors import Unauthorized
 
 __all__ = [
     "AUDIT_EVENT",

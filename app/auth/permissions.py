@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 
 from app.auth.principal import DEFAULT_SCOPES, Principal, Role
-from app.auth.tokens import REALM
-from app.errors import Forbidden, NotFound
+from app.kit.errors import REALM, Forbidden, NotFound
 
 
 class Action(StrEnum):

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
-from app.errors import BadRequest
 from app.fhir.search_params import (
     SEARCH_ID,
     SEARCH_PARAMETERS,
@@ -23,6 +22,7 @@ from app.fhir.search_params import (
     reference_value_pattern,
 )
 from app.fhir.search_schema import value_schema
+from app.kit.errors import BadRequest
 from app.store.criteria import Criteria
 
 # Parameters that shape the answer, not the match: allowed beside the criteria in a URL.

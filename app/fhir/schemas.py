@@ -39,8 +39,8 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from app import codes
-from app.services.limits import MAX_INDEXED_STRING
+from app.kit import codes
+from app.kit.limits import MAX_INDEXED_STRING
 
 # ---------------------------------------------------------------------------------------
 # Code sets (R4B value sets of the required bindings)

@@ -19,9 +19,9 @@ from typing import Any
 
 import orjson
 
-from app import codes
-from app.errors import BadRequest, Issue
-from app.services.dates import fhir_range
+from app.kit import codes
+from app.kit.dates import fhir_range
+from app.kit.errors import BadRequest, Issue
 from app.services.indexing import normalise_text
 from app.store.criteria import (
     Criteria,

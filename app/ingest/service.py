@@ -33,18 +33,18 @@ import orjson
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app import codes
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
 from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal
-from app.errors import BadRequest, FhirError, Forbidden, NotFound
 from app.ingest import hl7v2
 from app.ingest import observations as mapping
 from app.ingest.hl7v2 import AckCode, Location, Problem, Rejected, Result
+from app.kit import codes
+from app.kit.dates import utc_now
+from app.kit.errors import BadRequest, FhirError, Forbidden, NotFound
 from app.services import resources, subjects
 from app.services.context import ServiceContext
-from app.services.dates import utc_now
 from app.store import hl7_messages
 from app.store import repository as repo
 from app.store.criteria import Criteria, TokenMatch

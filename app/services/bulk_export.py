@@ -37,9 +37,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.audit.trail import AuditRecord
 from app.auth.permissions import CLINICAL_RESOURCE_TYPES, Action, allowed_actions, authorize
 from app.auth.principal import Principal
-from app.errors import Forbidden, NotFound
+from app.kit.dates import utc_now
+from app.kit.errors import Forbidden, NotFound
 from app.services.context import ServiceContext
-from app.services.dates import utc_now
 from app.services.resources import visible_sites
 from app.store import exports as store
 from app.store.db import Database

@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from app import codes
 from app.auth.principal import Principal, Role, parse_scopes
+from app.kit import codes
 from app.services import resources, search
 from app.services.context import ServiceContext
 from app.store.criteria import Criteria, TokenMatch

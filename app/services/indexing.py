@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from app import codes
-from app.errors import Unprocessable
-from app.services.dates import fhir_range
-from app.services.limits import (
+from app.kit import codes
+from app.kit.dates import fhir_range
+from app.kit.errors import Unprocessable
+from app.kit.limits import (
     InputLimits,
     grade_problem,
     normalised_platelets,

@@ -48,7 +48,8 @@ from app.auth.permissions import (
     may_access_site,
 )
 from app.auth.principal import Principal
-from app.errors import (
+from app.kit.dates import format_instant, utc_now
+from app.kit.errors import (
     BadRequest,
     Conflict,
     Forbidden,
@@ -59,7 +60,6 @@ from app.errors import (
 )
 from app.services import response, subjects
 from app.services.context import ServiceContext
-from app.services.dates import format_instant, utc_now
 from app.services.indexing import KIND_RESPONSE_STATUS, index_values, subject_patient_id
 from app.services.patching import Patch, apply_patch
 from app.services.provenance import require_reason, store_provenance

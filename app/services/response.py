@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app import codes, metrics
+from app import metrics
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
 from app.auth.permissions import hidden, may_access_site, narrowed_sites
@@ -39,9 +39,10 @@ from app.engine import (
     Timeline,
     assess,
 )
-from app.errors import Gone, NotFound
+from app.kit import codes
+from app.kit.dates import format_instant, utc_now
+from app.kit.errors import Gone, NotFound
 from app.services.context import ServiceContext
-from app.services.dates import format_instant, utc_now
 from app.services.indexing import (
     KIND_BLEEDING_EVENT,
     KIND_BLEEDING_GRADE,

@@ -33,12 +33,12 @@ import pyreadstat
 from sqlalchemy import not_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app import codes
 from app.audit.trail import AuditRecord
 from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal
 from app.engine import EXPOSED_STATUSES
-from app.errors import NotFound
+from app.kit import codes
+from app.kit.errors import NotFound
 from app.services.context import ServiceContext
 from app.services.indexing import KIND_PLATELET
 from app.services.resources import visible_sites

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.audit.trail import AuditRecord
 from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal, Role
-from app.errors import Forbidden
+from app.kit.errors import Forbidden
 from app.services import subjects
 from app.services.context import ServiceContext
 from app.services.resources import Stored, visible_sites

@@ -15,8 +15,8 @@ import unicodedata
 from dataclasses import replace
 from typing import Any, Final
 
-from app.codes import CodeSystems
-from app.errors import Unprocessable
+from app.kit.codes import CodeSystems
+from app.kit.errors import Unprocessable
 from app.store.criteria import Criteria, TokenMatch
 
 # ASCII letters and digits, '-', '_' and '.', starting with a letter or digit: no spaces,

@@ -33,7 +33,8 @@ from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
 from app.auth.permissions import Action, authorize, hidden, may_access_site
 from app.auth.principal import Principal
-from app.errors import (
+from app.kit.dates import utc_now
+from app.kit.errors import (
     BadRequest,
     FhirError,
     Gone,
@@ -43,7 +44,6 @@ from app.errors import (
 )
 from app.services import resources, search, subjects
 from app.services.context import ServiceContext
-from app.services.dates import utc_now
 from app.services.indexing import subject_patient_id
 from app.services.patching import Patch
 from app.services.provenance import require_reason

@@ -32,9 +32,9 @@ from fhir_core import types as fhir_types
 from fhir_core.fhirabstractmodel import FHIRAbstractModel
 from pydantic import ValidationError
 
-from app import codes
-from app.errors import BadRequest, Issue, Unprocessable
-from app.services.limits import MAX_INDEXED_STRING
+from app.kit import codes
+from app.kit.errors import BadRequest, Issue, Unprocessable
+from app.kit.limits import MAX_INDEXED_STRING
 
 RESOURCE_CLASSES: dict[str, type[FHIRAbstractModel]] = {
     "Patient": Patient,

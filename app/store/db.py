@@ -25,7 +25,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from app.errors import ConfigurationError
+from app.kit.errors import ConfigurationError
 
 SQLITE_BUSY_TIMEOUT_S = 30
 PGBOUNCER_PARAMETER = "pgbouncer"
