@@ -61,7 +61,8 @@ async def test_status_writes_skip_the_tables_it_has_no_values_in(client, app) ->
     import orjson
     from sqlalchemy import event
 
-    from app.services.indexing import KIND_RESPONSE_STATUS, search_values
+    from app.kit.codes import KIND_RESPONSE_STATUS
+    from app.services.indexing import search_values
 
     assert KIND_RESPONSE_STATUS in repo.TOKEN_ONLY_KINDS
     db = app.state.services.db

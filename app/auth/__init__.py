@@ -6,10 +6,6 @@ say whether they may.
 """
 
 from app.auth.permissions import (
-    AUDIT_EVENT,
-    CLINICAL_RESOURCE_TYPES,
-    PLATELET_COUNT,
-    RESOURCE_TYPES,
     ROLE_MATRIX,
     SCOPE_LETTER,
     Action,
@@ -39,11 +35,7 @@ from app.auth.tokens import (
 from app.kit.errors import Unauthorized
 
 __all__ = [
-    "AUDIT_EVENT",
-    "CLINICAL_RESOURCE_TYPES",
     "DEFAULT_SCOPES",
-    "PLATELET_COUNT",
-    "RESOURCE_TYPES",
     "ROLE_MATRIX",
     "SCOPE_LETTER",
     "Action",

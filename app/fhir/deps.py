@@ -9,11 +9,12 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Path, Query, Request
 
 from app.fhir.openapi_docs import PROVENANCE_HEADER_SCHEMA_NAME
+from app.kit.codes import CLINICAL_RESOURCE_TYPES
 from app.kit.dates import DATE_TIME_PATTERN
 from app.services.context import ServiceContext
 from app.settings import Settings
 
-RESOURCE_TYPES = ("Patient", "Observation", "MedicationAdministration", "AdverseEvent")
+RESOURCE_TYPES = CLINICAL_RESOURCE_TYPES
 ID_PATTERN = r"^[A-Za-z0-9\-.]{1,64}$"
 
 

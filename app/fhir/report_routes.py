@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import StringConstraints
 
 from app.auth.deps import RequireAll
-from app.auth.permissions import CLINICAL_RESOURCE_TYPES, Action
+from app.auth.permissions import Action
 from app.auth.principal import Principal
 from app.fhir.deps import IdPath, ServicesDep
 from app.fhir.http import (
@@ -28,7 +28,7 @@ from app.fhir.http import (
 )
 from app.fhir.openapi_docs import ERRORS, outcome_docs
 from app.fhir.report_schemas import ResponseListing, TrialReport
-from app.kit.codes import SITE_CODE_PATTERN
+from app.kit.codes import CLINICAL_RESOURCE_TYPES, SITE_CODE_PATTERN
 from app.services import report
 
 router = APIRouter(prefix="/fhir", tags=["Report"])

@@ -35,8 +35,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.trail import AuditRecord
-from app.auth.permissions import CLINICAL_RESOURCE_TYPES, Action, allowed_actions, authorize
+from app.auth.permissions import Action, allowed_actions, authorize
 from app.auth.principal import Principal
+from app.kit.codes import CLINICAL_RESOURCE_TYPES
 from app.kit.dates import utc_now
 from app.kit.errors import Forbidden, NotFound
 from app.services.context import ServiceContext

@@ -19,6 +19,12 @@ from datetime import datetime
 from typing import Any
 
 from app.kit import codes
+from app.kit.codes import (
+    KIND_BLEEDING_EVENT,
+    KIND_BLEEDING_GRADE,
+    KIND_PLATELET,
+    KIND_RESPONSE_STATUS,
+)
 from app.kit.dates import fhir_range
 from app.kit.errors import Unprocessable
 from app.kit.limits import (
@@ -27,11 +33,6 @@ from app.kit.limits import (
     normalised_platelets,
     platelet_problem,
 )
-
-KIND_PLATELET = "platelet-count"
-KIND_BLEEDING_GRADE = "bleeding-grade"
-KIND_BLEEDING_EVENT = "bleeding-event"
-KIND_RESPONSE_STATUS = "response-status"
 
 SUBJECT_ELEMENT = {
     "Observation": "subject",

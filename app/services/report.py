@@ -26,11 +26,11 @@ from app.auth.permissions import narrowed_sites
 from app.auth.principal import Principal
 from app.engine import ACTUAL_EVENT, assess
 from app.kit import codes
+from app.kit.codes import KIND_BLEEDING_EVENT
 from app.kit.dates import format_instant, utc_now
 from app.report import plots, summary
 from app.report.model import AdverseEventFacts, PatientData
 from app.services.context import ServiceContext
-from app.services.indexing import KIND_BLEEDING_EVENT
 from app.services.response import ENGINE_KINDS, timeline_from_rows, visible_patient
 from app.store import repository as repo
 

@@ -48,6 +48,7 @@ from app.auth.permissions import (
     may_access_site,
 )
 from app.auth.principal import Principal
+from app.kit.codes import KIND_RESPONSE_STATUS
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import (
     BadRequest,
@@ -60,7 +61,7 @@ from app.kit.errors import (
 )
 from app.services import response, subjects
 from app.services.context import ServiceContext
-from app.services.indexing import KIND_RESPONSE_STATUS, index_values, subject_patient_id
+from app.services.indexing import index_values, subject_patient_id
 from app.services.patching import Patch, apply_patch
 from app.services.provenance import require_reason, store_provenance
 from app.services.response import RESERVED_ID_PREFIX

@@ -40,16 +40,16 @@ from app.engine import (
     assess,
 )
 from app.kit import codes
-from app.kit.dates import format_instant, utc_now
-from app.kit.errors import Gone, NotFound
-from app.services.context import ServiceContext
-from app.services.indexing import (
+from app.kit.codes import (
     KIND_BLEEDING_EVENT,
     KIND_BLEEDING_GRADE,
     KIND_PLATELET,
     KIND_RESPONSE_STATUS,
-    search_values,
 )
+from app.kit.dates import format_instant, utc_now
+from app.kit.errors import Gone, NotFound
+from app.services.context import ServiceContext
+from app.services.indexing import search_values
 from app.services.provenance import store_provenance
 from app.store import repository as repo
 

@@ -38,9 +38,9 @@ from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal
 from app.engine import EXPOSED_STATUSES
 from app.kit import codes
+from app.kit.codes import KIND_PLATELET
 from app.kit.errors import NotFound
 from app.services.context import ServiceContext
-from app.services.indexing import KIND_PLATELET
 from app.services.resources import visible_sites
 from app.services.response import response_observation_id
 from app.store.tables import assessment_table as A

@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.kit.codes import ENGINE_RESOURCE_TYPES, KIND_RESPONSE_STATUS
 from app.store.criteria import (
     Criteria,
     DateMatch,
@@ -114,13 +115,13 @@ _CURRENT_COLUMNS = (
 
 
 # Kinds whose records have token search values and never string or quantity ones. The status
-# Observation ("response-status", `services.indexing.KIND_RESPONSE_STATUS`) is written by the
+# Observation (`kit.codes.KIND_RESPONSE_STATUS`) is written by the
 # server only (`services.response`; clients are refused that kind), as an Observation without
 # `valueQuantity`, and Observations have no string parameters. Every write of one sets all its
 # search values anew and `insert_search_values` refuses string or quantity values for these
 # kinds, so a record whose current kind is one of them has none stored: its updates and its
 # deletion skip those two DELETEs (two statements fewer per create that changes a status).
-TOKEN_ONLY_KINDS = frozenset({"response-status"})
+TOKEN_ONLY_KINDS = frozenset({KIND_RESPONSE_STATUS})
 
 
 def _current(row: Sequence[Any]) -> Current:
@@ -423,7 +424,7 @@ async def has_live_references(conn: AsyncConnection, patient_id: str) -> bool:
             R.c.resource_type != "Patient",
             R.c.patient_id == patient_id,
             not_(R.c.deleted),
-            or_(R.c.kind.is_(None), R.c.kind != "response-status"),
+            or_(R.c.kind.is_(None), R.c.kind != KIND_RESPONSE_STATUS),
         )
     )
     return bool((await conn.execute(query)).scalar())
@@ -464,7 +465,7 @@ async def patient_facts(conn: AsyncConnection, patient_id: str, kinds: Sequence[
             R.c.value_norm,
             R.c.effective_end,
         ).where(
-            R.c.resource_type.in_(("Observation", "MedicationAdministration", "AdverseEvent")),
+            R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
             R.c.patient_id == patient_id,
             R.c.kind.in_(kinds),
             not_(R.c.deleted),
@@ -475,7 +476,6 @@ async def patient_facts(conn: AsyncConnection, patient_id: str, kinds: Sequence[
 
 # The engine's inputs as plain tuples: (kind, id, status, start, value, end), times aware UTC.
 FactRow = tuple[str, str, str | None, datetime | None, float | None, datetime | None]
-_ENGINE_TYPES = ["Observation", "MedicationAdministration", "AdverseEvent"]
 # On PostgreSQL the driver is asked directly (asyncpg prepares and caches the statement per
 # connection): a patient's 1,000 counts are read without SQLAlchemy building a statement or
 # wrapping each row, and PostgreSQL hands the times over already in UTC.
@@ -497,7 +497,9 @@ async def patient_fact_rows(
         driver = raw.driver_connection
         assert driver is not None
         # asyncpg's Records unpack like the tuples: no copy of 1,000 rows.
-        rows = await driver.fetch(_FACT_ROWS_SQL, _ENGINE_TYPES, patient_id, list(kinds))
+        rows = await driver.fetch(
+            _FACT_ROWS_SQL, list(ENGINE_RESOURCE_TYPES), patient_id, list(kinds)
+        )
         return rows  # type: ignore[no-any-return]
     facts = await patient_facts(conn, patient_id, kinds)
     return [
@@ -627,7 +629,7 @@ async def fact_rows_by_patient(
             R.c.value_norm,
             R.c.effective_end,
         ).where(
-            R.c.resource_type.in_(_ENGINE_TYPES),
+            R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
             R.c.kind.in_(kinds),
             *_scope(sites, patient_id),
         )
