@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, or_, select
 
+from app.auth.policy import access_policy
 from app.auth.principal import Principal
 from app.kit.dates import fhir_range
 from app.kit.errors import BadRequest, NotFound
+from app.store.criteria import site_condition
 from app.store.db import Database
 from app.store.tables import audit_table as AE
 from app.store.tables import disclosure_table as AD
@@ -28,7 +30,7 @@ class AuditHit:
 def _sites(principal: Principal) -> list[ColumnElement[bool]]:
     # A monitor sees its sites' records; events about no site (a failed login) are an
     # admin's to review.
-    return [] if principal.is_admin else [AE.c.site.in_(principal.sites)]
+    return site_condition(AE.c.site, access_policy(principal).sites)
 
 
 def _conditions(params: list[tuple[str, str]]) -> list[ColumnElement[bool]]:

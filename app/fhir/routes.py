@@ -15,7 +15,8 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
 
 from app.auth.deps import Require
-from app.auth.permissions import Action, authorize
+from app.auth.permissions import Action
+from app.auth.policy import access_policy
 from app.auth.principal import Principal
 from app.fhir import bundles, conditional, schemas
 from app.fhir.deps import (
@@ -173,9 +174,9 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         criteria = key = None
         in_query = conditional.from_query(request.query_params.multi_items())
         if if_none_exist is not None or in_query:
-            authorize(principal, resource_type, Action.CONDITIONAL_CREATE)
+            access_policy(principal).require(resource_type, Action.CONDITIONAL_CREATE)
             # A match is answered with the resource: the criteria are a search.
-            authorize(principal, resource_type, Action.SEARCH)
+            access_policy(principal).require(resource_type, Action.SEARCH)
             if if_none_exist is not None and in_query:
                 raise BadRequest(
                     "Conditional create criteria go in If-None-Exist or in the query, not both"
@@ -597,6 +598,6 @@ def _criteria_in_query(
     request: Request, resource_type: str, principal: Principal
 ) -> tuple[Any, str]:
     """The criteria of a conditional update or delete, which are a search too."""
-    authorize(principal, resource_type, Action.SEARCH)
+    access_policy(principal).require(resource_type, Action.SEARCH)
     pairs = conditional.from_query(request.query_params.multi_items())
     return conditional.criteria(resource_type, pairs, "The query")

@@ -35,7 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import Action, authorize
+from app.auth.permissions import Action
+from app.auth.policy import access_policy
 from app.auth.principal import Principal
 from app.ingest import hl7v2
 from app.ingest import observations as mapping
@@ -235,7 +236,7 @@ async def _patients(
             criteria = Criteria(
                 "Patient",
                 tokens=[[TokenMatch("identifier", system, number) for system in systems]],
-                sites=resources.visible_sites(principal),
+                access=access_policy(principal).sites,
             )
             matches = await repo.first_matches(conn, criteria, limit=2)
             if len(matches) > 1:
@@ -331,7 +332,7 @@ async def _stored_result(
     criteria = Criteria(
         "Observation",
         tokens=[[TokenMatch("identifier", system, value)]],
-        sites=resources.visible_sites(principal),
+        access=access_policy(principal).sites,
     )
     matches = await repo.first_matches(conn, criteria, limit=2)
     if len(matches) > 1:
@@ -443,7 +444,7 @@ async def _write(
             tally.created += 1
         else:
             # A correction is an update: the token must allow updates, not only HL7 ingestion.
-            authorize(principal, "Observation", Action.UPDATE)
+            access_policy(principal).require("Observation", Action.UPDATE)
             provenance = {
                 "resourceType": "Provenance",
                 "reason": [{"text": reason}],

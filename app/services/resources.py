@@ -42,11 +42,9 @@ from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
 from app.auth.permissions import (
     Action,
-    authorize,
-    authorize_observation_write,
     hidden,
-    may_access_site,
 )
+from app.auth.policy import access_policy
 from app.auth.principal import Principal
 from app.kit.codes import KIND_RESPONSE_STATUS
 from app.kit.dates import format_instant, utc_now
@@ -190,13 +188,17 @@ async def _accept(
         raw, subject = subjects.normalise_patient(raw, ctx.codes)
     values = index_values(resource_type, resource_id, raw, ctx.codes, ctx.limits)
     if resource_type == "Observation":
-        authorize_observation_write(principal, values.kind)
-    if resource_type == "Patient" and not may_access_site(principal, values.site):
+        access_policy(principal).require_observation_write(values.kind)
+    if resource_type == "Patient" and not access_policy(principal).sees_site(values.site):
         raise Forbidden(f"Site {values.site} is not one of the caller's sites")
     if resource_type != "Patient" and values.patient_id is not None:
         patient = await _patient_row(conn, values.patient_id, scope)
         # A patient at another site is answered exactly like a missing one: no existence leak.
-        if patient is None or patient.deleted or not may_access_site(principal, patient.site):
+        if (
+            patient is None
+            or patient.deleted
+            or not access_policy(principal).sees_site(patient.site)
+        ):
             raise Unprocessable(
                 f"{resource_type}.subject references Patient/{values.patient_id}, "
                 "which does not exist",
@@ -250,7 +252,7 @@ def _subject_taken(
         ),
         0,
     )
-    if holder is not None and may_access_site(principal, holder.site):
+    if holder is not None and access_policy(principal).sees_site(holder.site):
         who = f"Patient/{holder.id}"
         hint = "; update that Patient, or send a conditional create to get it"
     else:
@@ -369,14 +371,14 @@ async def update_in(
         )
     if resource_id.startswith(RESERVED_ID_PREFIX):
         raise _server_owned()
-    if current is not None and not may_access_site(principal, current.site):
+    if current is not None and not access_policy(principal).sees_site(current.site):
         raise hidden(resource_type, resource_id, current.site if current else None)
     if expected is not None and (current is None or current.version_id != expected):
         raise _stale(expected, current)
     if current is not None and current.kind == KIND_RESPONSE_STATUS:
         raise _server_owned()
     if current is not None and resource_type == "Observation":
-        authorize_observation_write(principal, current.kind)
+        access_policy(principal).require_observation_write(current.kind)
     raw = {**raw, "id": resource_id}
     raw, index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
     await _check_subject(conn, raw, index, resource_id, principal)
@@ -413,7 +415,7 @@ async def update_in(
     )
     _wrote_patient(scope, resource_type, resource_id)
     if resource_type == "Patient" and current.site != index.site:
-        authorize(principal, "Patient", Action.MOVE_SITE)
+        access_policy(principal).require("Patient", Action.MOVE_SITE)
         await repo.move_records(conn, resource_id, index.site)
     assert provenance is not None
     await store_provenance(conn, provenance, principal, resource_type, resource_id, version, now)
@@ -486,7 +488,7 @@ async def patch_in(
 ) -> Change:
     """A patch is an update of the patched resource: the same checks, reason and audit."""
     require_reason(provenance)  # first, as for every update: whatever is stored
-    if current is None or not may_access_site(principal, current.site):
+    if current is None or not access_policy(principal).sees_site(current.site):
         raise hidden(resource_type, resource_id, current.site if current else None)
     if expected is not None and current.version_id != expected:
         raise _stale(expected, current)
@@ -523,7 +525,7 @@ async def delete_in(
     """A delete of the locked row `current`; None when it was deleted already. Every
     delete needs the reason in `provenance`, even one that finds nothing left to delete."""
     reason = require_reason(provenance)
-    if current is None or not may_access_site(principal, current.site):
+    if current is None or not access_policy(principal).sees_site(current.site):
         raise hidden(resource_type, resource_id, current.site if current else None)
     if expected is not None and current.version_id != expected:
         raise _stale(expected, current)
@@ -589,7 +591,7 @@ async def single_match(
 ) -> repo.Current | None:
     """The one resource at the caller's sites matching conditional criteria, None when
     none does; 412 when several do (FHIR: the server cannot tell which one is meant)."""
-    visible = replace(criteria, sites=visible_sites(principal))
+    visible = replace(criteria, access=access_policy(principal).sites)
     matches = await repo.first_matches(conn, visible, limit=2)
     if len(matches) > 1:
         raise PreconditionFailed(
@@ -732,7 +734,7 @@ async def patch(
         # The patched subject decides which patients to lock; the id lock keeps the current
         # version from changing between this look and the row lock.
         new_patient = None
-        if current is not None and may_access_site(principal, current.site):
+        if current is not None and access_policy(principal).sees_site(current.site):
             raw = patched(resource_type, resource_id, current, document)
             if resource_type != "Patient":
                 new_patient = subject_patient_id(resource_type, raw)
@@ -806,7 +808,7 @@ async def conditional_target(
                 expression=[f"{resource_type}.id"],
             )
         return match.id, match
-    authorize(principal, resource_type, Action.CREATE)
+    access_policy(principal).require(resource_type, Action.CREATE)
     if body_id is None:
         return None, None
     if not isinstance(body_id, str):
@@ -951,17 +953,12 @@ def _stale(expected: int, current: repo.Current | None) -> PreconditionFailed:
     )
 
 
-def visible_sites(principal: Principal) -> frozenset[str] | None:
-    """The sites a caller may see, as a query filter (None: every site)."""
-    return None if principal.is_admin else principal.sites
-
-
 async def _visible_current(
     conn: AsyncConnection, resource_type: str, resource_id: str, principal: Principal
 ) -> repo.Current:
     """The current row, or 404 when it is missing or at another site (indistinguishable)."""
     current = await repo.get_current(conn, resource_type, resource_id)
-    if current is None or not may_access_site(principal, current.site):
+    if current is None or not access_policy(principal).sees_site(current.site):
         raise hidden(resource_type, resource_id, current.site if current else None)
     return current
 
@@ -1030,7 +1027,7 @@ async def history(
             since=since,
             after=after,
             limit=limit,
-            sites=visible_sites(principal),
+            access=access_policy(principal).sites,
         )
 
 

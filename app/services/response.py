@@ -25,7 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app import metrics
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import hidden, may_access_site, narrowed_sites
+from app.auth.permissions import hidden
+from app.auth.policy import access_policy
 from app.auth.principal import Principal, Role, parse_scopes
 from app.engine import (
     EVIDENCE_RESOURCE_TYPES,
@@ -356,7 +357,7 @@ async def visible_patient(
     """The Patient an operation on one patient is about: 404 when it is missing or at
     another site (indistinguishable), 410 when it was deleted."""
     patient = await repo.get_current(conn, "Patient", patient_id)
-    if patient is None or not may_access_site(principal, patient.site):
+    if patient is None or not access_policy(principal).sees_site(patient.site):
         raise hidden("Patient", patient_id, patient.site if patient else None)
     if patient.deleted:
         raise Gone(f"Patient/{patient_id} was deleted")
@@ -404,10 +405,10 @@ async def response_summary(
 ) -> dict[str, Any]:
     """Counts over the patients at the caller's sites only, narrowed to `requested` (as the
     trial report's `site=`: a site the caller does not hold is refused)."""
-    sites = narrowed_sites(principal, requested)
+    access = access_policy(principal).narrowed(requested)
     ctx.audit.add(AuditRecord.of(principal, "operation", description="$response-summary"))
     async with ctx.db.read() as conn:
-        rows = await repo.assessment_counts(conn, sites)
+        rows = await repo.assessment_counts(conn, access)
     by_status = {code: 0 for code in ("CR", "R", "NR", "LOR", "NE")}
     by_best = {code: 0 for code in ("CR", "R", "NR", "NE")}
     for status, best, count in rows:
@@ -424,7 +425,7 @@ async def response_summary(
         "by_best_response": by_best,
         "responders": responders,
         "overall_response_rate": round(responders / evaluable, 4) if evaluable else None,
-        "sites": sorted(sites) if sites is not None else None,
+        "sites": sorted(access.sites) if access.sites is not None else None,
         "criteria": ctx.criteria.as_dict(),
     }
 

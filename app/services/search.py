@@ -16,12 +16,13 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.trail import AuditRecord
-from app.auth.permissions import Action, authorize
+from app.auth.permissions import Action
+from app.auth.policy import SiteAccess, access_policy
 from app.auth.principal import Principal, Role
 from app.kit.errors import Forbidden
 from app.services import subjects
 from app.services.context import ServiceContext
-from app.services.resources import Stored, visible_sites
+from app.services.resources import Stored
 from app.store import repository as repo
 from app.store.criteria import Criteria, Include, SortKey
 
@@ -61,7 +62,8 @@ async def search(
     In a read transaction of its own, or in `conn` (a Bundle's, which sees its writes)."""
     _authorize(principal, criteria, includes, revincludes)
     criteria = replace(
-        subjects.normalise_criteria(criteria, ctx.codes), sites=visible_sites(principal)
+        subjects.normalise_criteria(criteria, ctx.codes),
+        access=access_policy(principal).sites,
     )
     async with _connection(ctx, conn) as conn:
         number = await repo.count(conn, criteria) if total or count_only else None
@@ -73,7 +75,7 @@ async def search(
         included, truncated = await _included(
             conn,
             [current for current, _ in page],
-            criteria.sites,
+            criteria.access,
             includes,
             revincludes,
             include_limit,
@@ -124,7 +126,7 @@ def _stored(current: repo.Current) -> Stored:
 async def _included(
     conn: AsyncConnection,
     page: list[repo.Current],
-    sites: frozenset[str] | None,
+    access: SiteAccess | None,
     includes: Sequence[Include],
     revincludes: Sequence[Include],
     limit: int,
@@ -134,11 +136,11 @@ async def _included(
     wanted: list[Criteria] = []
     if includes:
         subjects = sorted({c.patient_id for c in page if c.patient_id is not None})
-        wanted.append(Criteria("Patient", ids=subjects, sites=sites))
+        wanted.append(Criteria("Patient", ids=subjects, access=access))
     patients = [c.id for c in page]
     # Observation:subject and Observation:patient follow the same reference: one query.
     for source in dict.fromkeys(include.source for include in revincludes):
-        wanted.append(Criteria(source, patients=patients, sites=sites))
+        wanted.append(Criteria(source, patients=patients, access=access))
     found: dict[tuple[str, str], Stored] = {}
     for criteria in wanted:
         if not page or len(found) > limit:
@@ -156,9 +158,9 @@ def _authorize(
     revincludes: Sequence[Include],
 ) -> None:
     for include in includes:
-        authorize(principal, include.target, Action.READ)
+        access_policy(principal).require(include.target, Action.READ)
     for include in revincludes:
-        authorize(principal, include.source, Action.SEARCH)
+        access_policy(principal).require(include.source, Action.SEARCH)
     if principal.role is not Role.LAB:
         return
     # A lab looks up the patient of a result by identifier; it never browses the trial's

@@ -31,7 +31,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import Action, authorize, hidden, may_access_site
+from app.auth.permissions import Action, hidden
+from app.auth.policy import access_policy
 from app.auth.principal import Principal
 from app.kit.dates import utc_now
 from app.kit.errors import (
@@ -160,7 +161,7 @@ def _authorize(principal: Principal, entry: EntryRequest) -> None:
     kind = entry.resource_type
     if entry.method == "GET":
         action = Action.SEARCH if entry.search is not None else Action.READ
-        authorize(principal, kind, action)
+        access_policy(principal).require(kind, action)
         return
     action = {
         "POST": Action.CREATE,
@@ -168,14 +169,14 @@ def _authorize(principal: Principal, entry: EntryRequest) -> None:
         "PATCH": Action.UPDATE,
         "DELETE": Action.DELETE,
     }[entry.method]
-    authorize(principal, kind, action)
+    access_policy(principal).require(kind, action)
     if entry.criteria is not None:
         if entry.method == "POST":
-            authorize(principal, kind, Action.CONDITIONAL_CREATE)
-        authorize(principal, kind, Action.SEARCH)
+            access_policy(principal).require(kind, Action.CONDITIONAL_CREATE)
+        access_policy(principal).require(kind, Action.SEARCH)
         search.authorize_criteria(principal, entry.criteria)
     for criteria in entry.references.values():
-        authorize(principal, criteria.resource_type, Action.SEARCH)
+        access_policy(principal).require(criteria.resource_type, Action.SEARCH)
         search.authorize_criteria(principal, criteria)
 
 
@@ -385,7 +386,7 @@ def _refuse_duplicates(entries: Iterable[EntryRequest], plan: _Plan) -> None:
 async def _resolve(
     conn: AsyncConnection, reference: str, criteria: Criteria, principal: Principal
 ) -> str:
-    visible = replace(criteria, sites=resources.visible_sites(principal))
+    visible = replace(criteria, access=access_policy(principal).sites)
     matches = await repo.first_matches(conn, visible, limit=2)
     if len(matches) > 1:
         raise PreconditionFailed(
@@ -436,7 +437,7 @@ def _patients(
             patients.add(current.patient_id)
         body = entry.resource
         if entry.patch is not None and current is not None and target is not None:
-            if not may_access_site(principal, current.site):
+            if not access_policy(principal).sees_site(current.site):
                 continue
             try:
                 body = resources.patched(kind, target, current, entry.patch)
@@ -567,7 +568,7 @@ async def _read(
         return EntryResult(200, search=found)
     assert entry.resource_id is not None
     current = await repo.get_current(conn, kind, entry.resource_id)
-    if current is None or not may_access_site(principal, current.site):
+    if current is None or not access_policy(principal).sees_site(current.site):
         raise hidden(kind, entry.resource_id, current.site if current else None)
     if entry.version_id is None:
         ctx.audit.add(resources.audit_access("read", principal, current))

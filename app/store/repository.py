@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.auth.policy import SiteAccess
 from app.kit.codes import ENGINE_RESOURCE_TYPES, KIND_RESPONSE_STATUS
 from app.store.criteria import (
     Criteria,
@@ -37,6 +38,7 @@ from app.store.criteria import (
     SortKey,
     StringMatch,
     TokenMatch,
+    site_condition,
 )
 from app.store.tables import assessment_table as A
 from app.store.tables import quantity_table as Q
@@ -391,7 +393,7 @@ async def history(
     since: datetime | None,
     after: tuple[datetime, str, int] | None,
     limit: int,
-    sites: frozenset[str] | None = None,
+    access: SiteAccess,
 ) -> list[Version]:
     """Versions newest first; `after` is the (last_updated, id, version) keyset cursor."""
     query = select(
@@ -399,12 +401,11 @@ async def history(
     ).where(V.c.resource_type == resource_type)
     if resource_id is not None:
         query = query.where(V.c.id == resource_id)
-    if sites is not None:
+    at_sites = site_condition(R.c.site, access)
+    if at_sites:
         # Versions follow their resource's current site (a moved patient's history moves).
         query = query.where(
-            exists().where(
-                R.c.resource_type == V.c.resource_type, R.c.id == V.c.id, R.c.site.in_(sites)
-            )
+            exists().where(R.c.resource_type == V.c.resource_type, R.c.id == V.c.id, *at_sites)
         )
     if since is not None:
         query = query.where(V.c.last_updated >= since)
@@ -568,12 +569,11 @@ async def delete_assessment(conn: AsyncConnection, patient_id: str) -> None:
 
 
 async def assessment_counts(
-    conn: AsyncConnection, sites: frozenset[str] | None
+    conn: AsyncConnection, access: SiteAccess
 ) -> list[tuple[str, str | None, int]]:
-    """(status, best response, patients) over the live patients at `sites` (None: all)."""
+    """(status, best response, patients) over the live patients `access` sees."""
     conditions = [R.c.resource_type == "Patient", R.c.id == A.c.patient_id, not_(R.c.deleted)]
-    if sites is not None:
-        conditions.append(R.c.site.in_(sites))
+    conditions.extend(site_condition(R.c.site, access))
     live = exists().where(*conditions)
     rows = await conn.execute(
         select(A.c.status, A.c.best_response, func.count())
@@ -586,23 +586,20 @@ async def assessment_counts(
 # --- the trial report: every patient of some sites at once ------------------------------
 
 
-def _scope(sites: frozenset[str] | None, patient_id: str | None) -> list[ColumnElement[bool]]:
-    """Live records at `sites` (None: every site), of one patient when `patient_id` is given."""
-    conditions = [not_(R.c.deleted)]
-    if sites is not None:
-        conditions.append(R.c.site.in_(sites))
+def _live(access: SiteAccess, patient_id: str | None) -> list[ColumnElement[bool]]:
+    """Live records `access` sees, of one patient when `patient_id` is given."""
+    conditions = [not_(R.c.deleted), *site_condition(R.c.site, access)]
     if patient_id is not None:
         conditions.append(R.c.patient_id == patient_id)
     return conditions
 
 
 async def live_patients(
-    conn: AsyncConnection, sites: frozenset[str] | None, patient_id: str | None = None
+    conn: AsyncConnection, access: SiteAccess, patient_id: str | None = None
 ) -> list[tuple[str, int, str | None, str | None]]:
-    """(id, version, site, content) of the live Patients at `sites`, in enrolment order."""
+    """(id, version, site, content) of the live Patients `access` sees, in enrolment order."""
     conditions = [R.c.resource_type == "Patient", not_(R.c.deleted)]
-    if sites is not None:
-        conditions.append(R.c.site.in_(sites))
+    conditions.extend(site_condition(R.c.site, access))
     if patient_id is not None:
         conditions.append(R.c.id == patient_id)
     rows = await conn.execute(
@@ -614,10 +611,10 @@ async def live_patients(
 async def fact_rows_by_patient(
     conn: AsyncConnection,
     kinds: Sequence[str],
-    sites: frozenset[str] | None,
+    access: SiteAccess,
     patient_id: str | None = None,
 ) -> dict[str, list[FactRow]]:
-    """What `patient_fact_rows` reads, for every patient at `sites` in one query (or one
+    """What `patient_fact_rows` reads, for every patient `access` sees in one query (or one
     patient), keyed by patient id; times timezone-aware UTC."""
     rows = await conn.execute(
         select(
@@ -631,7 +628,7 @@ async def fact_rows_by_patient(
         ).where(
             R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
             R.c.kind.in_(kinds),
-            *_scope(sites, patient_id),
+            *_live(access, patient_id),
         )
     )
     by_patient: dict[str, list[FactRow]] = {}
@@ -650,12 +647,12 @@ async def fact_rows_by_patient(
 
 
 async def adverse_event_rows(
-    conn: AsyncConnection, sites: frozenset[str] | None, patient_id: str | None = None
+    conn: AsyncConnection, access: SiteAccess, patient_id: str | None = None
 ) -> list[tuple[str, str, str | None, datetime | None, str]]:
     """(patient id, id, kind, time (aware UTC), content) of the live AdverseEvents."""
     rows = await conn.execute(
         select(R.c.patient_id, R.c.id, R.c.kind, R.c.effective_start, R.c.content).where(
-            R.c.resource_type == "AdverseEvent", *_scope(sites, patient_id)
+            R.c.resource_type == "AdverseEvent", *_live(access, patient_id)
         )
     )
     return [
@@ -782,8 +779,7 @@ def _present(resource_type: str, t: Any, missing: Missing) -> ColumnElement[bool
 def _where(criteria: Criteria, t: Any = R) -> list[ColumnElement[bool]]:
     kind = criteria.resource_type
     where: list[ColumnElement[bool]] = [t.c.resource_type == kind, not_(t.c.deleted)]
-    if criteria.sites is not None:
-        where.append(t.c.site.in_(criteria.sites))
+    where.extend(site_condition(t.c.site, criteria.access))
     if criteria.ids is not None:
         where.append(t.c.id.in_(criteria.ids))
     if criteria.patients is not None:
@@ -813,7 +809,7 @@ def _where(criteria: Criteria, t: Any = R) -> list[ColumnElement[bool]]:
     for chain in criteria.chains or ():
         # The record's Patient must match: a subquery on the Patients the caller may see.
         patient = R.alias()
-        visible = replace(chain, sites=criteria.sites)
+        visible = replace(chain, access=criteria.access)
         where.append(t.c.patient_id.in_(select(patient.c.id).where(*_where(visible, patient))))
     return where
 
