@@ -109,7 +109,7 @@ def _location(stored: Stored) -> dict[str, str]:
     return {"Location": f"/fhir/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"}
 
 
-def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per interaction
+def _register(resource_type: str) -> None:
     model = schemas.RESOURCE_MODELS[resource_type]
 
     tags: list[str | Any] = [resource_type]
@@ -155,7 +155,7 @@ def _register(resource_type: str) -> None:  # noqa: PLR0915 - one closure per in
         # Header() as the default, not in Annotated: the text depends on resource_type,
         # which a postponed annotation cannot see. The pattern is documented only:
         # conditional.from_header applies it, with a message that names the parameters.
-        if_none_exist: str | None = Header(  # noqa: B008 - FastAPI's parameter declaration
+        if_none_exist: str | None = Header(
             None,
             alias="If-None-Exist",
             min_length=1,

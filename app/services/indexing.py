@@ -94,16 +94,6 @@ class SearchValues:
     quantities: list[Quantity]
 
 
-def patient_id_from_reference(reference: str) -> str | None:
-    """`Patient/123`, `https://host/fhir/Patient/123` or `Patient/123/_history/2` -> `123`."""
-    parts = reference.split("/")
-    if "_history" in parts:
-        parts = parts[: parts.index("_history")]
-    if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1]:
-        return parts[-1]
-    return None
-
-
 _PATIENT_REFERENCE = re.compile(codes.PATIENT_REFERENCE_PATTERN)
 
 

@@ -82,6 +82,24 @@ class Stored:
     def etag(self) -> str:
         return f'W/"{self.version_id}"'
 
+    @classmethod
+    def of_current(cls, current: repo.Current) -> Stored:
+        """The current version, as the store's row holds it."""
+        return cls(
+            current.resource_type,
+            current.id,
+            current.version_id,
+            current.last_updated,
+            current.content,
+        )
+
+    @classmethod
+    def of_version(cls, resource_type: str, resource_id: str, version: repo.Version) -> Stored:
+        """A version from the history (`vread`)."""
+        return cls(
+            resource_type, resource_id, version.version_id, version.last_updated, version.content
+        )
+
 
 @dataclass(frozen=True)
 class WriteResult:
@@ -129,15 +147,6 @@ def _render(
     body = {k: v for k, v in raw.items() if k not in ("resourceType", "id", "meta")}
     document = {"resourceType": resource_type, "id": resource_id, "meta": meta, **body}
     return orjson.dumps(document).decode()
-
-
-def stored_of(current: repo.Current) -> Stored:
-    return Stored(
-        current.resource_type, current.id, current.version_id, current.last_updated, current.content
-    )
-
-
-_stored = stored_of
 
 
 def parse_if_match(header: str | None) -> int | None:
@@ -266,14 +275,14 @@ def _subject_taken(
 def _matched(ctx: ServiceContext, principal: Principal, match: repo.Current) -> Change:
     """A conditional create that found its resource: nothing written, the match read."""
     ctx.audit.add(
-        _audit(
+        audit_access(
             "read",
             principal,
             match,
             description="If-None-Exist matched this resource; nothing was written",
         )
     )
-    return Change(_stored(match), created=False, record=None)
+    return Change(Stored.of_current(match), created=False, record=None)
 
 
 def _wrote_patient(scope: Scope | None, resource_type: str, resource_id: str) -> None:
@@ -916,7 +925,7 @@ async def conditional_delete(
     return change.stored
 
 
-def _audit(
+def audit_access(
     interaction: str,
     principal: Principal,
     current: repo.Current,
@@ -934,9 +943,6 @@ def _audit(
         version_after=version if version is not None else current.version_id,
         description=description,
     )
-
-
-audit_access = _audit
 
 
 def _server_owned() -> Forbidden:
@@ -968,14 +974,14 @@ async def read(
 ) -> Stored:
     async with ctx.db.read_statement() as conn:
         current = await _visible_current(conn, resource_type, resource_id, principal)
-    ctx.audit.add(_audit("read", principal, current))
+    ctx.audit.add(audit_access("read", principal, current))
     if current.deleted:
         raise Gone(
             f"{resource_type}/{resource_id} was deleted (version {current.version_id}); "
             "its history stays readable",
             headers={"ETag": f'W/"{current.version_id}"'},
         )
-    return _stored(current)
+    return Stored.of_current(current)
 
 
 async def vread(
@@ -988,14 +994,12 @@ async def vread(
     async with ctx.db.read() as conn:
         current = await _visible_current(conn, resource_type, resource_id, principal)
         version = await repo.get_version(conn, resource_type, resource_id, version_id)
-    ctx.audit.add(_audit("vread", principal, current, version=version_id))
+    ctx.audit.add(audit_access("vread", principal, current, version=version_id))
     if version is None:
         raise NotFound(f"{resource_type}/{resource_id}/_history/{version_id} does not exist")
     if version.content is None:
         raise Gone(f"{resource_type}/{resource_id}/_history/{version_id} is a deletion")
-    return Stored(
-        resource_type, resource_id, version.version_id, version.last_updated, version.content
-    )
+    return Stored.of_version(resource_type, resource_id, version)
 
 
 async def history(
@@ -1011,7 +1015,7 @@ async def history(
     async with ctx.db.read() as conn:
         if resource_id is not None:
             current = await _visible_current(conn, resource_type, resource_id, principal)
-            ctx.audit.add(_audit("history-instance", principal, current))
+            ctx.audit.add(audit_access("history-instance", principal, current))
         else:
             ctx.audit.add(
                 AuditRecord.of(

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -66,21 +66,14 @@ def response_observation_id(patient_id: str) -> str:
     return RESERVED_ID_PREFIX + uuid.uuid5(_RESPONSE_NAMESPACE, patient_id).hex
 
 
-def _clinical_time(fact: repo.Fact, zone: ZoneInfo) -> datetime:
-    """Stored times are UTC; a value that was a bare date (2025-03-10) means that calendar
-    day where the trial is, so it starts at midnight in the trial's time zone, not UTC's."""
-    assert fact.time is not None
-    if fact.time_end is not None and fact.time_end - fact.time == _WHOLE_DAY:
-        return datetime.combine(fact.time.date(), datetime.min.time(), tzinfo=zone)
-    return fact.time.replace(tzinfo=UTC)
-
-
 _WHOLE_DAY = timedelta(days=1) - timedelta(microseconds=1)
 
 
 def timeline_from_rows(patient_id: str, rows: list[repo.FactRow], zone: ZoneInfo) -> Timeline:
-    """`timeline` from `repo.patient_fact_rows` (times already aware UTC): the same Timeline,
-    built for the hot path (no intermediate objects, the engine's fast constructors)."""
+    """The patient's Timeline from `repo.patient_fact_rows` (times aware UTC), built for the
+    hot path (no intermediate objects, the engine's fast constructors). Stored times are
+    UTC; a value that was a bare date (2025-03-10) means that calendar day where the trial
+    is, so it starts at midnight in the trial's time zone, not UTC's."""
     counts, grades, events, administrations = [], [], [], []
     count, grade, event, administration = (
         PlateletCount.fast,
@@ -92,7 +85,7 @@ def timeline_from_rows(patient_id: str, rows: list[repo.FactRow], zone: ZoneInfo
         if start is None:
             continue  # a record without a clinical time cannot be placed on the timeline
         if end is not None and end - start == _WHOLE_DAY:
-            # A bare date: that calendar day where the trial is (see `_clinical_time`).
+            # A bare date: that calendar day where the trial is.
             start = datetime.combine(start.date(), datetime.min.time(), tzinfo=zone)
         status = status or "unknown"
         if kind == KIND_PLATELET:
@@ -105,26 +98,6 @@ def timeline_from_rows(patient_id: str, rows: list[repo.FactRow], zone: ZoneInfo
             events.append(event(ident, start, status))
         else:
             administrations.append(administration(ident, start, kind, status))  # type: ignore[arg-type]
-    return Timeline(patient_id, tuple(counts), tuple(grades), tuple(events), tuple(administrations))
-
-
-def timeline(patient_id: str, facts: list[repo.Fact], zone: ZoneInfo) -> Timeline:
-    counts, grades, events, administrations = [], [], [], []
-    for fact in facts:
-        if fact.time is None:
-            continue  # a record without a clinical time cannot be placed on the timeline
-        time = _clinical_time(fact, zone)
-        status = fact.status or "unknown"
-        if fact.kind == KIND_PLATELET:
-            if fact.value is not None:
-                counts.append(PlateletCount(fact.id, time, fact.value, status))
-        elif fact.kind == KIND_BLEEDING_GRADE:
-            if fact.value is not None:
-                grades.append(BleedingAssessment(fact.id, time, int(fact.value), status))
-        elif fact.kind == KIND_BLEEDING_EVENT:
-            events.append(BleedingEvent(fact.id, time, status))
-        else:
-            administrations.append(Administration(fact.id, time, fact.kind, status))  # type: ignore[arg-type]
     return Timeline(patient_id, tuple(counts), tuple(grades), tuple(events), tuple(administrations))
 
 

@@ -80,7 +80,7 @@ async def search(
             revincludes,
             include_limit,
         )
-    hits = [SearchHit(_stored(current), key) for current, key in page]
+    hits = [SearchHit(Stored.of_current(current), key) for current, key in page]
     shown = [hit.stored for hit in hits] + included
     ctx.audit.add(_searched(principal, criteria, query, shown))
     return SearchResult(hits, len(rows) > count, number, included, truncated)
@@ -117,12 +117,6 @@ def authorize_criteria(principal: Principal, criteria: Criteria) -> None:
     _authorize(principal, criteria, (), ())
 
 
-def _stored(current: repo.Current) -> Stored:
-    return Stored(
-        current.resource_type, current.id, current.version_id, current.last_updated, current.content
-    )
-
-
 async def _included(
     conn: AsyncConnection,
     page: list[repo.Current],
@@ -146,7 +140,7 @@ async def _included(
         if not page or len(found) > limit:
             break
         for current in await repo.first_matches(conn, criteria, limit + 1 - len(found)):
-            found.setdefault((current.resource_type, current.id), _stored(current))
+            found.setdefault((current.resource_type, current.id), Stored.of_current(current))
     included = list(found.values())
     return included[:limit], len(included) > limit
 

@@ -574,14 +574,12 @@ async def _read(
         ctx.audit.add(resources.audit_access("read", principal, current))
         if current.deleted:
             raise Gone(f"{kind}/{entry.resource_id} was deleted (version {current.version_id})")
-        return EntryResult(200, stored=resources.stored_of(current))
+        return EntryResult(200, stored=Stored.of_current(current))
     version = await repo.get_version(conn, kind, entry.resource_id, entry.version_id)
     ctx.audit.add(resources.audit_access("vread", principal, current, version=entry.version_id))
     if version is None:
         raise NotFound(f"{kind}/{entry.resource_id}/_history/{entry.version_id} does not exist")
     if version.content is None:
         raise Gone(f"{kind}/{entry.resource_id}/_history/{entry.version_id} is a deletion")
-    stored = Stored(
-        kind, entry.resource_id, version.version_id, version.last_updated, version.content
-    )
+    stored = Stored.of_version(kind, entry.resource_id, version)
     return EntryResult(200, stored=stored)

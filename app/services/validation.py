@@ -416,7 +416,7 @@ def _check_value(
         )
 
 
-def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:  # noqa: PLR0911
+def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:
     kind = spec.primitive
     if kind is None:
         return None

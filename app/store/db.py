@@ -9,7 +9,7 @@ Transactions have one owner: `write()` / `read()` below, opened by the service l
 per request. A write transaction on SQLite starts with `BEGIN IMMEDIATE`, which takes the
 database's write lock up front: check-then-insert sequences (conditional create) cannot
 interleave, and two writers never deadlock upgrading a shared lock. On PostgreSQL the
-equivalent guarantees come from explicit locks (`store.locks`).
+equivalent guarantees come from explicit locks (`store.repository.lock` and row locks).
 """
 
 from __future__ import annotations

@@ -440,41 +440,6 @@ async def move_records(conn: AsyncConnection, patient_id: str, site: str | None)
     )
 
 
-@dataclass
-class Fact:
-    """One record as the response engine reads it, from index columns only."""
-
-    resource_type: str
-    id: str
-    kind: str
-    status: str | None
-    time: datetime | None
-    value: float | None
-    time_end: datetime | None = None  # with `time`, tells a date-only value (a whole day)
-
-
-async def patient_facts(conn: AsyncConnection, patient_id: str, kinds: Sequence[str]) -> list[Fact]:
-    """The patient's live records the engine reads: one indexed query, the patient's
-    history only, whatever the size of the trial."""
-    rows = await conn.execute(
-        select(
-            R.c.resource_type,
-            R.c.id,
-            R.c.kind,
-            R.c.status,
-            R.c.effective_start,
-            R.c.value_norm,
-            R.c.effective_end,
-        ).where(
-            R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
-            R.c.patient_id == patient_id,
-            R.c.kind.in_(kinds),
-            not_(R.c.deleted),
-        )
-    )
-    return [Fact(*row) for row in rows]
-
-
 # The engine's inputs as plain tuples: (kind, id, status, start, value, end), times aware UTC.
 FactRow = tuple[str, str, str | None, datetime | None, float | None, datetime | None]
 # On PostgreSQL the driver is asked directly (asyncpg prepares and caches the statement per
@@ -491,8 +456,9 @@ _FACT_ROWS_SQL = (
 async def patient_fact_rows(
     conn: AsyncConnection, patient_id: str, kinds: Sequence[str]
 ) -> list[FactRow]:
-    """What `patient_facts` reads, in the form the recompute consumes, fast: the hot read
-    of every write (issue 8). Same rows, same index; times are timezone-aware UTC."""
+    """The patient's live records the engine reads, in the form the recompute consumes: the
+    hot read of every write (one indexed query, the patient's history only, whatever the
+    size of the trial). Times are timezone-aware UTC."""
     if conn.dialect.name == "postgresql":
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
@@ -502,17 +468,32 @@ async def patient_fact_rows(
             _FACT_ROWS_SQL, list(ENGINE_RESOURCE_TYPES), patient_id, list(kinds)
         )
         return rows  # type: ignore[no-any-return]
-    facts = await patient_facts(conn, patient_id, kinds)
+    rows = await conn.execute(
+        select(
+            R.c.kind,
+            R.c.id,
+            R.c.status,
+            R.c.effective_start,
+            R.c.value_norm,
+            R.c.effective_end,
+        ).where(
+            R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
+            R.c.patient_id == patient_id,
+            R.c.kind.in_(kinds),
+            not_(R.c.deleted),
+        )
+    )
+    # SQLite hands back naive datetimes, which the columns store as UTC.
     return [
         (
-            f.kind,
-            f.id,
-            f.status,
-            f.time.replace(tzinfo=UTC) if f.time is not None else None,
-            f.value,
-            f.time_end.replace(tzinfo=UTC) if f.time_end is not None else None,
+            kind,
+            ident,
+            status,
+            start.replace(tzinfo=UTC) if start is not None else None,
+            value,
+            end.replace(tzinfo=UTC) if end is not None else None,
         )
-        for f in facts
+        for kind, ident, status, start, value, end in rows
     ]
 
 
