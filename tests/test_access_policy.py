@@ -16,7 +16,7 @@ from app.auth.policy import SYSTEM_ACCESS, AccessPolicy, SiteAccess, access_poli
 from app.auth.principal import Principal, Role, parse_scopes
 from app.kit.errors import Forbidden
 from app.store import exports, repository
-from app.store.criteria import Criteria, MissingSiteAccess, site_condition
+from app.store.criteria import MissingSiteAccess, SearchFilter, site_condition
 from app.store.tables import resource_table
 
 APP = Path(__file__).resolve().parent.parent / "app"
@@ -76,7 +76,7 @@ class _NoConnection:
 @pytest.mark.parametrize("read", ["search", "count", "first_matches"])
 async def test_a_search_without_site_access_is_refused_before_any_sql(read: str) -> None:
     conn = cast(Any, _NoConnection())
-    unscoped = Criteria("Patient")
+    unscoped = SearchFilter("Patient")
     call = {
         "search": lambda: repository.search(conn, unscoped, sort=[], after=None, limit=1),
         "count": lambda: repository.count(conn, unscoped),
@@ -89,7 +89,7 @@ async def test_a_search_without_site_access_is_refused_before_any_sql(read: str)
 # Reads by key: the write path reads the record it locked, or the service reads the one
 # record asked for, then asks the policy (`sees_site`) and answers a record at another site
 # exactly like a missing one. Every other read of clinical data takes a SiteAccess (or a
-# Criteria, which cannot run without one).
+# SearchFilter, which cannot run without one).
 _READS_BY_KEY = {
     "get_current",  # one record by type and id
     "get_version",  # one version by type, id and number
@@ -123,7 +123,7 @@ def test_every_clinical_read_of_the_repository_takes_site_access() -> None:
         annotations = [
             p.annotation for p in inspect.signature(getattr(repository, name)).parameters.values()
         ]
-        if not any(a in ("SiteAccess", "Criteria") for a in annotations):
+        if not any(a in ("SiteAccess", "SearchFilter") for a in annotations):
             missing.append(name)
     assert missing == []
     assert set(_reads(repository)) >= _READS_BY_KEY  # the list names nothing that is gone

@@ -48,7 +48,7 @@ from app.services import resources, subjects
 from app.services.context import ServiceContext
 from app.store import hl7_messages
 from app.store import repository as repo
-from app.store.criteria import Criteria, TokenMatch
+from app.store.criteria import SearchFilter, TokenMatch
 from app.store.hl7_messages import MessageKey
 
 DEFAULT_CORRECTION_REASON = "corrected result from lab"
@@ -233,7 +233,7 @@ async def _patients(
                     _subject_systems(ctx.codes),
                     subjects.comparison_key(identifier.value),
                 )
-            criteria = Criteria(
+            criteria = SearchFilter(
                 "Patient",
                 tokens=[[TokenMatch("identifier", system, number) for system in systems]],
                 access=access_policy(principal).sites,
@@ -329,7 +329,7 @@ async def _stored_result(
     conn: AsyncConnection, item: _Planned, principal: Principal
 ) -> repo.Current | None:
     system, value = item.key
-    criteria = Criteria(
+    criteria = SearchFilter(
         "Observation",
         tokens=[[TokenMatch("identifier", system, value)]],
         access=access_policy(principal).sites,

@@ -65,7 +65,7 @@ from app.services.provenance import require_reason, store_provenance
 from app.services.response import RESERVED_ID_PREFIX
 from app.services.validation import parse_json, validate
 from app.store import repository as repo
-from app.store.criteria import Criteria
+from app.store.criteria import SearchFilter
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class Change:
 
 
 @dataclass
-class Scope:
+class LockedPatients:
     """What a transaction of several writes has locked up front: the Patient rows, so that
     each write does not fetch and lock them again. A write of a Patient drops its entry."""
 
@@ -166,7 +166,7 @@ def _ids(*patient_ids: str | None) -> frozenset[str]:
 
 
 async def _patient_row(
-    conn: AsyncConnection, patient_id: str, scope: Scope | None
+    conn: AsyncConnection, patient_id: str, scope: LockedPatients | None
 ) -> repo.Current | None:
     if scope is not None and patient_id in scope.patients:
         return scope.patients[patient_id]
@@ -186,7 +186,7 @@ async def _accept(
     resource_id: str,
     raw: dict[str, Any],
     principal: Principal,
-    scope: Scope | None = None,
+    scope: LockedPatients | None = None,
 ) -> tuple[dict[str, Any], repo.IndexRow]:
     """Validate, derive index values, lock (and check) the subject Patient, and check that the
     caller may write this record at this site. Returns the resource as it is stored (a
@@ -285,7 +285,7 @@ def _matched(ctx: ServiceContext, principal: Principal, match: repo.Current) -> 
     return Change(Stored.of_current(match), created=False, record=None)
 
 
-def _wrote_patient(scope: Scope | None, resource_type: str, resource_id: str) -> None:
+def _wrote_patient(scope: LockedPatients | None, resource_type: str, resource_id: str) -> None:
     if scope is not None and resource_type == "Patient":
         scope.patients.pop(resource_id, None)
 
@@ -302,9 +302,9 @@ async def create_in(
     now: datetime,
     *,
     resource_id: str | None = None,
-    if_none_exist: Criteria | None = None,
+    if_none_exist: SearchFilter | None = None,
     description: str | None = None,
-    scope: Scope | None = None,
+    scope: LockedPatients | None = None,
     pending: list[repo.NewResource] | None = None,
 ) -> Change:
     """A create (the server assigns the id; `resource_id` only when the caller assigned one
@@ -365,7 +365,7 @@ async def update_in(
     expected: int | None = None,
     provenance: str | None = None,
     description: str | None = None,
-    scope: Scope | None = None,
+    scope: LockedPatients | None = None,
 ) -> Change:
     """An update of the row `current` that the caller locked (None: a new id, an update as
     create). Every update needs the reason in `provenance`, whether or not the resource
@@ -493,7 +493,7 @@ async def patch_in(
     current: repo.Current | None,
     expected: int | None = None,
     provenance: str | None = None,
-    scope: Scope | None = None,
+    scope: LockedPatients | None = None,
 ) -> Change:
     """A patch is an update of the patched resource: the same checks, reason and audit."""
     require_reason(provenance)  # first, as for every update: whatever is stored
@@ -529,7 +529,7 @@ async def delete_in(
     current: repo.Current | None,
     expected: int | None = None,
     provenance: str | None = None,
-    scope: Scope | None = None,
+    scope: LockedPatients | None = None,
 ) -> Change | None:
     """A delete of the locked row `current`; None when it was deleted already. Every
     delete needs the reason in `provenance`, even one that finds nothing left to delete."""
@@ -573,7 +573,7 @@ async def recompute_changes(
 ) -> None:
     """Recompute each patient the changes touched, once, in the write's own transaction:
     data and status commit together. The Patient rows are locked already (`_accept`,
-    `lock_for_update`, or the caller's `Scope`)."""
+    `lock_for_update`, or the caller's `LockedPatients`)."""
     changes = list(changes)
     forgotten = {c.forgotten for c in changes if c.forgotten is not None}
     patients = set().union(*(c.patients for c in changes)) - forgotten
@@ -596,7 +596,7 @@ async def finish(
 
 
 async def single_match(
-    conn: AsyncConnection, criteria: Criteria, principal: Principal, what: str
+    conn: AsyncConnection, criteria: SearchFilter, principal: Principal, what: str
 ) -> repo.Current | None:
     """The one resource at the caller's sites matching conditional criteria, None when
     none does; 412 when several do (FHIR: the server cannot tell which one is meant)."""
@@ -652,7 +652,7 @@ async def create(
     body: bytes,
     principal: Principal,
     *,
-    if_none_exist: Criteria | None = None,
+    if_none_exist: SearchFilter | None = None,
     if_none_exist_key: str | None = None,
 ) -> WriteResult:
     raw = parse_json(body)
@@ -799,7 +799,7 @@ async def delete(
 async def conditional_target(
     conn: AsyncConnection,
     resource_type: str,
-    criteria: Criteria,
+    criteria: SearchFilter,
     raw: dict[str, Any],
     principal: Principal,
 ) -> tuple[str | None, repo.Current | None]:
@@ -833,7 +833,7 @@ async def conditional_target(
 async def conditional_update(
     ctx: ServiceContext,
     resource_type: str,
-    criteria: Criteria,
+    criteria: SearchFilter,
     criteria_key: str,
     body: bytes,
     principal: Principal,
@@ -881,7 +881,7 @@ async def conditional_update(
 async def conditional_delete(
     ctx: ServiceContext,
     resource_type: str,
-    criteria: Criteria,
+    criteria: SearchFilter,
     criteria_key: str,
     principal: Principal,
     *,

@@ -24,7 +24,7 @@ from app.services import subjects
 from app.services.context import ServiceContext
 from app.services.resources import Stored
 from app.store import repository as repo
-from app.store.criteria import Criteria, Include, SortKey
+from app.store.criteria import Include, SearchFilter, SortKey
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class SearchResult:
 
 async def search(
     ctx: ServiceContext,
-    criteria: Criteria,
+    criteria: SearchFilter,
     principal: Principal,
     *,
     sort: Sequence[SortKey] = (),
@@ -87,7 +87,7 @@ async def search(
 
 
 def _searched(
-    principal: Principal, criteria: Criteria, query: str | None, shown: Sequence[Stored]
+    principal: Principal, criteria: SearchFilter, query: str | None, shown: Sequence[Stored]
 ) -> AuditRecord:
     """The search's audit record, naming every resource version it showed the caller."""
     disclosed = {(s.resource_type, s.id): s.version_id for s in shown}
@@ -111,7 +111,7 @@ async def _connection(
             yield own
 
 
-def authorize_criteria(principal: Principal, criteria: Criteria) -> None:
+def authorize_criteria(principal: Principal, criteria: SearchFilter) -> None:
     """The checks a search makes of its criteria (a lab finds Patients by identifier only),
     for criteria used elsewhere: conditional writes and references."""
     _authorize(principal, criteria, (), ())
@@ -127,14 +127,14 @@ async def _included(
 ) -> tuple[list[Stored], bool]:
     """The page's subjects (`_include`) and the records of the page's Patients
     (`_revinclude`), each once, at the caller's sites, `limit` at most."""
-    wanted: list[Criteria] = []
+    wanted: list[SearchFilter] = []
     if includes:
         subjects = sorted({c.patient_id for c in page if c.patient_id is not None})
-        wanted.append(Criteria("Patient", ids=subjects, access=access))
+        wanted.append(SearchFilter("Patient", ids=subjects, access=access))
     patients = [c.id for c in page]
     # Observation:subject and Observation:patient follow the same reference: one query.
     for source in dict.fromkeys(include.source for include in revincludes):
-        wanted.append(Criteria(source, patients=patients, access=access))
+        wanted.append(SearchFilter(source, patients=patients, access=access))
     found: dict[tuple[str, str], Stored] = {}
     for criteria in wanted:
         if not page or len(found) > limit:
@@ -147,7 +147,7 @@ async def _included(
 
 def _authorize(
     principal: Principal,
-    criteria: Criteria,
+    criteria: SearchFilter,
     includes: Sequence[Include],
     revincludes: Sequence[Include],
 ) -> None:
@@ -167,7 +167,7 @@ def _authorize(
         raise Forbidden("role lab may not _include Patients; it looks them up by identifier")
 
 
-def _identifies(criteria: Criteria) -> bool:
+def _identifies(criteria: SearchFilter) -> bool:
     """Whether the criteria name the patient: an identifier value (`system|value` or
     `value`) that every match must have."""
     return any(

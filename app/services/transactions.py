@@ -48,9 +48,9 @@ from app.services.context import ServiceContext
 from app.services.indexing import subject_patient_id
 from app.services.patching import Patch
 from app.services.provenance import require_reason
-from app.services.resources import Change, Scope, Stored
+from app.services.resources import Change, LockedPatients, Stored
 from app.store import repository as repo
-from app.store.criteria import Criteria, Include, SortKey
+from app.store.criteria import Include, SearchFilter, SortKey
 from app.store.failures import is_transient
 
 # FHIR processing order of a transaction's entries.
@@ -60,7 +60,7 @@ _INTERACTION = {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "upda
 
 @dataclass(frozen=True)
 class SearchRequest:
-    criteria: Criteria
+    criteria: SearchFilter
     sort: Sequence[SortKey] = ()
     after: Sequence[Any] | None = None
     count: int = 50
@@ -81,7 +81,7 @@ class EntryRequest:
     resource_type: str
     resource_id: str | None = None  # Type/id
     version_id: int | None = None  # Type/id/_history/version (GET)
-    criteria: Criteria | None = None  # ifNoneExist, or Type?criteria
+    criteria: SearchFilter | None = None  # ifNoneExist, or Type?criteria
     criteria_key: str | None = None
     full_url: str | None = None
     resource: dict[str, Any] | None = None  # POST, PUT
@@ -89,7 +89,7 @@ class EntryRequest:
     if_match: int | None = None
     search: SearchRequest | None = None  # GET Type?...
     # Conditional references in `resource` (`Patient?identifier=...`) and their criteria.
-    references: dict[str, Criteria] = field(default_factory=dict)
+    references: dict[str, SearchFilter] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,7 @@ async def _run(
         currents[(resource_type, resource_id)] = await resources.lock_id(
             conn, resource_type, resource_id
         )
-    scope = Scope()
+    scope = LockedPatients()
     for patient_id in sorted(_patients(entries, plan, currents, principal)):
         row = await repo.get_current(conn, "Patient", patient_id, for_update=True)
         if row is not None:
@@ -384,7 +384,7 @@ def _refuse_duplicates(entries: Iterable[EntryRequest], plan: _Plan) -> None:
 
 
 async def _resolve(
-    conn: AsyncConnection, reference: str, criteria: Criteria, principal: Principal
+    conn: AsyncConnection, reference: str, criteria: SearchFilter, principal: Principal
 ) -> str:
     visible = replace(criteria, access=access_policy(principal).sites)
     matches = await repo.first_matches(conn, visible, limit=2)
@@ -459,7 +459,7 @@ async def _write(
     entry: EntryRequest,
     plan: _Plan,
     currents: dict[tuple[str, str], repo.Current | None],
-    scope: Scope,
+    scope: LockedPatients,
     principal: Principal,
     provenance: str | None,
     now: datetime,

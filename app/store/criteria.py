@@ -80,7 +80,7 @@ class Include:
 
 
 @dataclass
-class Criteria:
+class SearchFilter:
     resource_type: str
     ids: list[str] | None = None
     patients: list[str] | None = None
@@ -99,7 +99,7 @@ class Criteria:
     missing: list[Missing] | None = None
     # Chained parameters (`subject:Patient.identifier=...`): the record's Patient must
     # match each of these Patient criteria.
-    chains: list[Criteria] | None = None
+    chains: list[SearchFilter] | None = None
 
 
 class MissingSiteAccess(RuntimeError):

@@ -31,10 +31,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from app.auth.policy import SiteAccess
 from app.kit.codes import ENGINE_RESOURCE_TYPES, KIND_RESPONSE_STATUS
 from app.store.criteria import (
-    Criteria,
     DateMatch,
     Missing,
     NumberMatch,
+    SearchFilter,
     SortKey,
     StringMatch,
     TokenMatch,
@@ -757,7 +757,7 @@ def _present(resource_type: str, t: Any, missing: Missing) -> ColumnElement[bool
     return columns[missing.index].is_not(None)
 
 
-def _where(criteria: Criteria, t: Any = R) -> list[ColumnElement[bool]]:
+def _where(criteria: SearchFilter, t: Any = R) -> list[ColumnElement[bool]]:
     kind = criteria.resource_type
     where: list[ColumnElement[bool]] = [t.c.resource_type == kind, not_(t.c.deleted)]
     where.extend(site_condition(t.c.site, criteria.access))
@@ -820,7 +820,7 @@ def _after(order: list[tuple[ColumnElement[Any], bool]], key: Sequence[Any]) -> 
 
 async def search(
     conn: AsyncConnection,
-    criteria: Criteria,
+    criteria: SearchFilter,
     *,
     sort: Sequence[SortKey],
     after: Sequence[Any] | None,
@@ -844,12 +844,12 @@ async def search(
     return [(_current(row[:width]), (*row[width:], row[0])) for row in rows]
 
 
-async def count(conn: AsyncConnection, criteria: Criteria) -> int:
+async def count(conn: AsyncConnection, criteria: SearchFilter) -> int:
     query = select(func.count()).select_from(R).where(*_where(criteria))
     return int((await conn.execute(query)).scalar_one())
 
 
-async def first_matches(conn: AsyncConnection, criteria: Criteria, limit: int) -> list[Current]:
+async def first_matches(conn: AsyncConnection, criteria: SearchFilter, limit: int) -> list[Current]:
     rows = (
         await conn.execute(
             select(*_CURRENT_COLUMNS).where(*_where(criteria)).order_by(R.c.pk).limit(limit)
