@@ -8,6 +8,7 @@ and cost ~2x on the hot path); the schemas in `app.fhir.schemas` only document t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -64,6 +65,7 @@ from app.services.patching import (
 )
 from app.services.resources import Stored
 from app.settings import Settings
+from app.store.criteria import SearchFilter
 
 
 class _FhirIdConvertor(Convertor[str]):
@@ -109,22 +111,35 @@ def _location(stored: Stored) -> dict[str, str]:
     return {"Location": f"/fhir/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"}
 
 
-def _register(resource_type: str) -> None:
-    model = schemas.RESOURCE_MODELS[resource_type]
+@dataclass(frozen=True)
+class _TypeDocs:
+    """What the routes of one resource type share in their OpenAPI documentation."""
 
-    tags: list[str | Any] = [resource_type]
-    ok_resource = {"model": model, "content": {FHIR_JSON: {}}, "headers": VERSION_HEADERS}
+    tags: list[str | Any]
+    ok_resource: dict[str, Any]
     # OpenAPI links: what a client (and the fuzzer's stateful phase) can do next with the
     # resource a response names. After a delete its read answers 410 and its history, which
     # FHIR keeps, shows the deletion.
-    created_links = links(resource_type, "Created", "$response.body#/id", ("read", "delete"))
-    deleted_links = links(resource_type, "Deleted", "$request.path.resource_id", ("read",))
+    created_links: dict[str, Any]
+    deleted_links: dict[str, Any]
 
+    @classmethod
+    def of(cls, resource_type: str) -> _TypeDocs:
+        model = schemas.RESOURCE_MODELS[resource_type]
+        return cls(
+            tags=[resource_type],
+            ok_resource={"model": model, "content": {FHIR_JSON: {}}, "headers": VERSION_HEADERS},
+            created_links=links(resource_type, "Created", "$response.body#/id", ("read", "delete")),
+            deleted_links=links(resource_type, "Deleted", "$request.path.resource_id", ("read",)),
+        )
+
+
+def _register_create(resource_type: str, docs: _TypeDocs) -> None:
     @router.post(
         f"/{resource_type}",
         operation_id=f"create{resource_type}",
         summary=f"Create a {resource_type}",
-        tags=tags,
+        tags=docs.tags,
         description="Conditional create: criteria in If-None-Exist, or as query parameters "
         "(as fhirpy's create and get_or_create send them), not both. No match: created "
         "(201); one: returned as it is (200); several: 412.",
@@ -138,12 +153,12 @@ def _register(resource_type: str) -> None:
         },
         responses={
             201: {
-                **ok_resource,
+                **docs.ok_resource,
                 "description": "Created",
                 "headers": {**VERSION_HEADERS, **LOCATION_HEADER},
-                "links": created_links,
+                "links": docs.created_links,
             },
-            200: {**ok_resource, "description": "The criteria matched an existing resource"},
+            200: {**docs.ok_resource, "description": "The criteria matched an existing resource"},
             **WRITE_ERRORS,
         },
     )
@@ -171,20 +186,7 @@ def _register(resource_type: str) -> None:
     ) -> Response:
         require_json_body(request)
         body = await request.body()
-        criteria = key = None
-        in_query = conditional.from_query(request.query_params.multi_items())
-        if if_none_exist is not None or in_query:
-            access_policy(principal).require(resource_type, Action.CONDITIONAL_CREATE)
-            # A match is answered with the resource: the criteria are a search.
-            access_policy(principal).require(resource_type, Action.SEARCH)
-            if if_none_exist is not None and in_query:
-                raise BadRequest(
-                    "Conditional create criteria go in If-None-Exist or in the query, not both"
-                )
-            if if_none_exist is not None:
-                criteria, key = conditional.from_header(resource_type, if_none_exist)
-            else:
-                criteria, key = conditional.criteria(resource_type, in_query, "The query")
+        criteria, key = _create_criteria(request, resource_type, principal, if_none_exist)
         result = await service.create(
             ctx, resource_type, body, principal, if_none_exist=criteria, if_none_exist_key=key
         )
@@ -192,6 +194,28 @@ def _register(resource_type: str) -> None:
             return _resource_response(request, result.stored, 200)
         return _resource_response(request, result.stored, 201, _location(result.stored))
 
+
+def _create_criteria(
+    request: Request, resource_type: str, principal: Principal, if_none_exist: str | None
+) -> tuple[SearchFilter, str] | tuple[None, None]:
+    """A conditional create's criteria and their lock key, from If-None-Exist or the query
+    (not both); (None, None) for a plain create."""
+    in_query = conditional.from_query(request.query_params.multi_items())
+    if if_none_exist is None and not in_query:
+        return None, None
+    access_policy(principal).require(resource_type, Action.CONDITIONAL_CREATE)
+    # A match is answered with the resource: the criteria are a search.
+    access_policy(principal).require(resource_type, Action.SEARCH)
+    if if_none_exist is not None and in_query:
+        raise BadRequest(
+            "Conditional create criteria go in If-None-Exist or in the query, not both"
+        )
+    if if_none_exist is not None:
+        return conditional.from_header(resource_type, if_none_exist)
+    return conditional.criteria(resource_type, in_query, "The query")
+
+
+def _register_conditional_update(resource_type: str, docs: _TypeDocs) -> None:
     @router.put(
         f"/{resource_type}",
         operation_id=f"conditionalUpdate{resource_type}",
@@ -202,16 +226,16 @@ def _register(resource_type: str) -> None:
         "update, and stored with the version written. At least one "
         "criterion is required (400 without). Race-free: identical conditional requests are "
         "serialised on their criteria.",
-        tags=tags,
+        tags=docs.tags,
         response_class=FhirResponse,
         openapi_extra={
             **body_doc(resource_type),
             "parameters": conditional.query_documentation(resource_type, "Criterion"),
         },
         responses={
-            200: {**ok_resource, "description": "The match was updated"},
+            200: {**docs.ok_resource, "description": "The match was updated"},
             201: {
-                **ok_resource,
+                **docs.ok_resource,
                 "description": "No match: created",
                 "headers": {**VERSION_HEADERS, **LOCATION_HEADER},
             },
@@ -248,6 +272,8 @@ def _register(resource_type: str) -> None:
             return _resource_response(request, result.stored, 201, _location(result.stored))
         return _resource_response(request, result.stored)
 
+
+def _register_conditional_delete(resource_type: str, docs: _TypeDocs) -> None:
     @router.delete(
         f"/{resource_type}",
         operation_id=f"conditionalDelete{resource_type}",
@@ -256,7 +282,7 @@ def _register(resource_type: str) -> None:
         "deleted (single conditional delete). The X-Provenance reason is required whichever "
         "happens, as for any delete. At least one criterion is required: without, 400 (never "
         "a delete of every resource).",
-        tags=tags,
+        tags=docs.tags,
         status_code=204,
         # For the documentation: the 200 (Prefer: return=OperationOutcome) and every error
         # are application/fhir+json; a 204 has no body.
@@ -306,11 +332,13 @@ def _register(resource_type: str) -> None:
             return FhirResponse(information(message), headers=headers)
         return Response(status_code=204, headers=headers)
 
+
+def _register_type_history(resource_type: str, docs: _TypeDocs) -> None:
     @router.get(
         f"/{resource_type}/_history",
         operation_id=f"history{resource_type}Type",
         summary=f"All versions of every {resource_type}, newest first",
-        tags=tags,
+        tags=docs.tags,
         response_class=FhirResponse,
         responses={
             200: bundle_doc("history Bundle"),
@@ -331,14 +359,16 @@ def _register(resource_type: str) -> None:
             request, ctx, principal, settings, resource_type, None, count, since, cursor
         )
 
+
+def _register_read(resource_type: str, docs: _TypeDocs) -> None:
     @router.get(
         f"/{resource_type}/{{resource_id:fhirid}}",
         operation_id=f"read{resource_type}",
         summary=f"Read the current version of a {resource_type}",
-        tags=tags,
+        tags=docs.tags,
         response_class=FhirResponse,
         responses={
-            200: {**ok_resource, "description": "The current version"},
+            200: {**docs.ok_resource, "description": "The current version"},
             410: outcome_doc("Deleted; the history stays readable"),
             **ERRORS,
         },
@@ -353,14 +383,16 @@ def _register(resource_type: str) -> None:
         stored = await service.read(ctx, resource_type, resource_id, principal)
         return _resource_response(request, stored)
 
+
+def _register_vread(resource_type: str, docs: _TypeDocs) -> None:
     @router.get(
         f"/{resource_type}/{{resource_id:fhirid}}/_history/{{version_id}}",
         operation_id=f"vread{resource_type}",
         summary=f"Read one version of a {resource_type}",
-        tags=tags,
+        tags=docs.tags,
         response_class=FhirResponse,
         responses={
-            200: {**ok_resource, "description": "That version"},
+            200: {**docs.ok_resource, "description": "That version"},
             410: outcome_doc("That version is a deletion"),
             **ERRORS,
         },
@@ -376,17 +408,19 @@ def _register(resource_type: str) -> None:
         stored = await service.vread(ctx, resource_type, resource_id, version_id, principal)
         return _resource_response(request, stored)
 
+
+def _register_update(resource_type: str, docs: _TypeDocs) -> None:
     @router.put(
         f"/{resource_type}/{{resource_id:fhirid}}",
         operation_id=f"update{resource_type}",
         summary=f"Update a {resource_type} (creates it when the id is new)",
-        tags=tags,
+        tags=docs.tags,
         response_class=FhirResponse,
         openapi_extra=body_doc(resource_type, update=True),
         responses={
-            200: {**ok_resource, "description": "Updated"},
+            200: {**docs.ok_resource, "description": "Updated"},
             201: {
-                **ok_resource,
+                **docs.ok_resource,
                 "description": "Created (update as create)",
                 "headers": {**VERSION_HEADERS, **LOCATION_HEADER},
             },
@@ -417,6 +451,8 @@ def _register(resource_type: str) -> None:
             return _resource_response(request, result.stored, 201, _location(result.stored))
         return _resource_response(request, result.stored)
 
+
+def _register_patch(resource_type: str, docs: _TypeDocs) -> None:
     @router.patch(
         f"/{resource_type}/{{resource_id:fhirid}}",
         operation_id=f"patch{resource_type}",
@@ -424,11 +460,11 @@ def _register(resource_type: str) -> None:
         description="A patch is an update: the patched resource is validated as one, needs "
         "the X-Provenance reason, honours If-Match and is audited as an update. A failed "
         "JSON Patch test, or a path that does not exist, is a 422.",
-        tags=tags,
+        tags=docs.tags,
         response_class=FhirResponse,
         openapi_extra=patch_doc(resource_type),
         responses={
-            200: {**ok_resource, "description": "Patched"},
+            200: {**docs.ok_resource, "description": "Patched"},
             410: outcome_doc("Deleted; there is nothing to patch"),
             **WRITE_ERRORS,
             415: outcome_doc(f"Body is not {JSON_PATCH}, {MERGE_PATCH} or JSON"),
@@ -460,11 +496,13 @@ def _register(resource_type: str) -> None:
         )
         return _resource_response(request, result.stored)
 
+
+def _register_delete(resource_type: str, docs: _TypeDocs) -> None:
     @router.delete(
         f"/{resource_type}/{{resource_id:fhirid}}",
         operation_id=f"delete{resource_type}",
         summary=f"Delete a {resource_type} (its history stays readable)",
-        tags=tags,
+        tags=docs.tags,
         status_code=204,
         # For the documentation: the 200 (Prefer: return=OperationOutcome) and every error
         # are application/fhir+json; a 204 has no body.
@@ -478,7 +516,7 @@ def _register(resource_type: str) -> None:
                         "schema": {"type": "string"},
                     },
                 },
-                "links": deleted_links,
+                "links": docs.deleted_links,
             },
             200: {
                 "model": schemas.OperationOutcome,
@@ -511,11 +549,13 @@ def _register(resource_type: str) -> None:
             return FhirResponse(information(message), headers=headers)
         return Response(status_code=204, headers=headers)
 
+
+def _register_instance_history(resource_type: str, docs: _TypeDocs) -> None:
     @router.get(
         f"/{resource_type}/{{resource_id:fhirid}}/_history",
         operation_id=f"history{resource_type}Instance",
         summary=f"All versions of one {resource_type}, newest first",
-        tags=tags,
+        tags=docs.tags,
         response_class=FhirResponse,
         responses={
             200: bundle_doc("history Bundle"),
@@ -536,6 +576,24 @@ def _register(resource_type: str) -> None:
         return await _history(
             request, ctx, principal, settings, resource_type, resource_id, count, since, cursor
         )
+
+
+def _register(resource_type: str) -> None:
+    """The interactions of one resource type, in the order the OpenAPI document lists them."""
+    docs = _TypeDocs.of(resource_type)
+    for register in (
+        _register_create,
+        _register_conditional_update,
+        _register_conditional_delete,
+        _register_type_history,
+        _register_read,
+        _register_vread,
+        _register_update,
+        _register_patch,
+        _register_delete,
+        _register_instance_history,
+    ):
+        register(resource_type, docs)
 
 
 async def _history(
