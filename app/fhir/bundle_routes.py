@@ -17,7 +17,7 @@ import binascii
 import re
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -44,14 +44,14 @@ from app.fhir.http import (
 )
 from app.fhir.openapi_docs import ERRORS, outcome_doc
 from app.fhir.outcome import operation_outcome
-from app.fhir.search_params import parse_search
+from app.fhir.search_params import parse_search, search_request
 from app.fhir.search_routes import render_searchset
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import BadRequest, FhirError, Issue, PayloadTooLarge
 from app.services import transactions
 from app.services.patching import parse_patch
 from app.services.resources import parse_if_match
-from app.services.transactions import EntryRequest, EntryResult, SearchRequest
+from app.services.transactions import EntryRequest, EntryResult
 from app.services.validation import parse_json
 from app.settings import Settings
 
@@ -311,18 +311,7 @@ def _get(
             max_count=settings.max_page_size,
             strict=strict,
         )
-        result.search = SearchRequest(
-            parsed.criteria,
-            sort=parsed.sort,
-            after=parsed.after,
-            count=parsed.count,
-            total=parsed.total,
-            count_only=parsed.count_only,
-            includes=parsed.includes,
-            revincludes=parsed.revincludes,
-            include_limit=settings.max_page_size,
-            query=urlencode(pairs) or None,
-        )
+        result.search = search_request(parsed, pairs, settings.max_page_size)
         searches[result.index] = (parsed, pairs)
         return
     if pairs:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 
@@ -23,6 +24,7 @@ from app.kit import codes
 from app.kit.dates import fhir_range
 from app.kit.errors import BadRequest, Issue
 from app.services.indexing import normalise_text
+from app.services.search import SearchRequest
 from app.store.criteria import (
     DateMatch,
     Include,
@@ -649,6 +651,25 @@ def decode_cursor(value: str, shape: tuple[type, ...]) -> tuple[Any, ...]:
         return tuple(decoded)
     except (ValueError, TypeError, orjson.JSONDecodeError):
         raise BadRequest("_cursor is not a cursor this server issued") from None
+
+
+def search_request(
+    parsed: ParsedSearch, pairs: Sequence[tuple[str, str]], include_limit: int
+) -> SearchRequest:
+    """The search service's request for a parsed search; `pairs` are the query as the
+    client wrote it (for the audit record)."""
+    return SearchRequest(
+        parsed.criteria,
+        sort=parsed.sort,
+        after=parsed.after,
+        count=parsed.count,
+        total=parsed.total,
+        count_only=parsed.count_only,
+        includes=parsed.includes,
+        revincludes=parsed.revincludes,
+        include_limit=include_limit,
+        query=urlencode(pairs) or None,
+    )
 
 
 def criteria_key(criteria: SearchFilter) -> str:

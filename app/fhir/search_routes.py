@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Request, Response
 
@@ -36,6 +36,7 @@ from app.fhir.search_params import (
     ParsedSearch,
     encode_cursor,
     parse_search,
+    search_request,
 )
 from app.fhir.search_schema import NO_NUL, value_schema
 from app.kit.errors import BadRequest, Issue, UnsupportedMediaType
@@ -66,18 +67,7 @@ async def _run_search(
         strict=prefer_strict(request),
     )
     result = await service.search(
-        ctx,
-        parsed.criteria,
-        principal,
-        sort=parsed.sort,
-        after=parsed.after,
-        count=parsed.count,
-        total=parsed.total,
-        count_only=parsed.count_only,
-        includes=parsed.includes,
-        revincludes=parsed.revincludes,
-        include_limit=settings.max_page_size,
-        query=urlencode(params) or None,
+        ctx, search_request(parsed, params, settings.max_page_size), principal
     )
     text = render_searchset(
         fhir_base(request), resource_type, parsed, params, result, settings.max_page_size

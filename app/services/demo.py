@@ -74,12 +74,10 @@ LOADER = Principal("system:demo-loader", Role.ADMIN, frozenset(), parse_scopes("
 
 
 async def load(ctx: ServiceContext, progress: Callable[[str], None] = print) -> None:
-    existing = await search.search(
-        ctx,
-        SearchFilter("Patient", tokens=[[TokenMatch("identifier", SUBJECT_SYSTEM, "DEMO-01")]]),
-        LOADER,
-        count=1,
+    demo_01 = SearchFilter(
+        "Patient", tokens=[[TokenMatch("identifier", SUBJECT_SYSTEM, "DEMO-01")]]
     )
+    existing = await search.search(ctx, search.SearchRequest(demo_01, count=1), LOADER)
     if existing.hits:
         raise DemoAlreadyLoaded("The demo trial is already loaded (subject DEMO-01 exists)")
     rng = random.Random(6776510)

@@ -28,6 +28,23 @@ from app.store.criteria import Include, SearchFilter, SortKey
 
 
 @dataclass(frozen=True)
+class SearchRequest:
+    """What one search asks: the filter, the page (sort, cursor, count), the totals, the
+    included resources, and the query as the client wrote it (for the audit record)."""
+
+    criteria: SearchFilter
+    sort: Sequence[SortKey] = ()
+    after: Sequence[Any] | None = None
+    count: int = 50
+    total: bool = False
+    count_only: bool = False
+    includes: Sequence[Include] = ()
+    revincludes: Sequence[Include] = ()
+    include_limit: int = 1000
+    query: str | None = None
+
+
+@dataclass(frozen=True)
 class SearchHit:
     stored: Stored
     key: tuple[Any, ...]  # the row's keyset values, `pk` last: the next page's cursor
@@ -44,46 +61,40 @@ class SearchResult:
 
 async def search(
     ctx: ServiceContext,
-    criteria: SearchFilter,
+    request: SearchRequest,
     principal: Principal,
     *,
-    sort: Sequence[SortKey] = (),
-    after: Sequence[Any] | None = None,
-    count: int,
-    total: bool = False,
-    count_only: bool = False,
-    includes: Sequence[Include] = (),
-    revincludes: Sequence[Include] = (),
-    include_limit: int = 1000,
-    query: str | None = None,
     conn: AsyncConnection | None = None,
 ) -> SearchResult:
     """One page of matches (`count` at most). `count_only`: the total and nothing else.
     In a read transaction of its own, or in `conn` (a Bundle's, which sees its writes)."""
+    criteria, includes, revincludes = request.criteria, request.includes, request.revincludes
     _authorize(principal, criteria, includes, revincludes)
     criteria = replace(
         subjects.normalise_criteria(criteria, ctx.codes),
         access=access_policy(principal).sites,
     )
     async with _connection(ctx, conn) as conn:
-        number = await repo.count(conn, criteria) if total or count_only else None
-        if count_only:
-            ctx.audit.add(_searched(principal, criteria, query, ()))
+        number = await repo.count(conn, criteria) if request.total or request.count_only else None
+        if request.count_only:
+            ctx.audit.add(_searched(principal, criteria, request.query, ()))
             return SearchResult([], False, number, [], False)
-        rows = await repo.search(conn, criteria, sort=sort, after=after, limit=count + 1)
-        page = rows[:count]
+        rows = await repo.search(
+            conn, criteria, sort=request.sort, after=request.after, limit=request.count + 1
+        )
+        page = rows[: request.count]
         included, truncated = await _included(
             conn,
             [current for current, _ in page],
             criteria.access,
             includes,
             revincludes,
-            include_limit,
+            request.include_limit,
         )
     hits = [SearchHit(Stored.of_current(current), key) for current, key in page]
     shown = [hit.stored for hit in hits] + included
-    ctx.audit.add(_searched(principal, criteria, query, shown))
-    return SearchResult(hits, len(rows) > count, number, included, truncated)
+    ctx.audit.add(_searched(principal, criteria, request.query, shown))
+    return SearchResult(hits, len(rows) > request.count, number, included, truncated)
 
 
 def _searched(

@@ -49,27 +49,14 @@ from app.services.indexing import subject_patient_id
 from app.services.patching import Patch
 from app.services.provenance import require_reason
 from app.services.resources import Change, LockedPatients, Stored
+from app.services.search import SearchRequest
 from app.store import repository as repo
-from app.store.criteria import Include, SearchFilter, SortKey
+from app.store.criteria import SearchFilter
 from app.store.failures import is_transient
 
 # FHIR processing order of a transaction's entries.
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3}
 _INTERACTION = {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "update"}
-
-
-@dataclass(frozen=True)
-class SearchRequest:
-    criteria: SearchFilter
-    sort: Sequence[SortKey] = ()
-    after: Sequence[Any] | None = None
-    count: int = 50
-    total: bool = False
-    count_only: bool = False
-    includes: Sequence[Include] = ()
-    revincludes: Sequence[Include] = ()
-    include_limit: int = 1000
-    query: str | None = None
 
 
 @dataclass
@@ -549,22 +536,7 @@ async def _read(
 ) -> EntryResult:
     kind = entry.resource_type
     if entry.search is not None:
-        request = entry.search
-        found = await search.search(
-            ctx,
-            request.criteria,
-            principal,
-            sort=request.sort,
-            after=request.after,
-            count=request.count,
-            total=request.total,
-            count_only=request.count_only,
-            includes=request.includes,
-            revincludes=request.revincludes,
-            include_limit=request.include_limit,
-            query=request.query,
-            conn=conn,
-        )
+        found = await search.search(ctx, entry.search, principal, conn=conn)
         return EntryResult(200, search=found)
     assert entry.resource_id is not None
     current = await repo.get_current(conn, kind, entry.resource_id)
