@@ -609,10 +609,20 @@ async def single_match(
     return matches[0] if matches else None
 
 
+# The lock order, the one every write takes its locks in (a single write, and a transaction
+# Bundle for all its entries at once), so that no two writes can deadlock:
+#   1. the criteria of conditional interactions (`conditional_lock_key`), sorted;
+#   2. the ids updated, patched or deleted (`lock_id`), sorted;
+#   3. every Patient involved, by id (`lock_for_update`);
+#   4. the records' rows (`lock_for_update`);
+#   5. the audit chain's lock, last, held only until the commit (`audit.trail.append`).
+# SQLite needs none of them: its write transactions begin IMMEDIATE, one at a time.
+
+
 async def lock_id(
     conn: AsyncConnection, resource_type: str, resource_id: str
 ) -> repo.Current | None:
-    """Step 2 of the lock order: the id. Returns its current row, which cannot change while
+    """Step 2 of the lock order (above): the id. Returns its current row, which cannot change while
     the lock is held (every write of it takes the lock), but is not row-locked yet."""
     await repo.lock(conn, f"id:{resource_type}:{resource_id}")
     return await repo.get_current(conn, resource_type, resource_id)
@@ -625,9 +635,9 @@ async def lock_for_update(
     current: repo.Current | None,
     new_patient: str | None = None,
 ) -> repo.Current | None:
-    """Steps 3 and 4 after `lock_id`: the patients involved sorted by id (so two writes moving
-    records between the same patients cannot deadlock), then the record's row. Returns the
-    locked current row, or None for a new id."""
+    """Steps 3 and 4 of the lock order (above), after `lock_id`: the patients involved
+    sorted by id (so two writes moving records between the same patients cannot deadlock),
+    then the record's row. Returns the locked current row, or None for a new id."""
     if resource_type != "Patient":
         # The record's patient cannot change meanwhile: changing it needs the id lock we hold.
         patients = {new_patient, current.patient_id if current else None}

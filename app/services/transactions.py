@@ -7,8 +7,9 @@ A transaction (FHIR http.html#trules):
    (`Patient?identifier=...`) points at (none: 400, several: 412);
 2. give every created resource its id and rewrite each `fullUrl` (`urn:uuid:...`) wherever
    another entry references it to `Type/id`;
-3. lock the ids it updates, patches or deletes, then every Patient involved, then the rows
-   (each sorted: the order of a single write, so a Bundle cannot deadlock with one);
+3. lock the ids it updates, patches or deletes, then every Patient involved, then the rows,
+   in the lock order of a single write (`services.resources`, above `lock_id`), so a Bundle
+   cannot deadlock with one;
 4. process the entries DELETE, then POST, then PUT and PATCH, then GET (each group in the
    Bundle's order, but Patients written before the records that refer to them and deleted
    after them), recomputing each patient's response once, before the reads;
