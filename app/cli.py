@@ -160,7 +160,7 @@ def _token(args: argparse.Namespace) -> int:
 
     from app.auth.settings import AuthSettings, load_key_source
     from app.auth.tokens import issue_token
-    from app.errors import ConfigurationError
+    from app.kit.errors import ConfigurationError
     from app.settings import get_settings
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -232,6 +232,7 @@ def _cli_audit(description: str) -> Any:
 def _export_sdtm(args: argparse.Namespace) -> int:
     from tqdm import tqdm  # type: ignore[import-untyped]
 
+    from app.auth.policy import SYSTEM_ACCESS
     from app.services import sdtm
     from app.settings import get_settings
 
@@ -243,13 +244,13 @@ def _export_sdtm(args: argparse.Namespace) -> int:
     study_id = get_settings().study_id
 
     async def run(ctx: Any) -> list[str]:
-        patients = await sdtm.patient_count(ctx, None)
+        patients = await sdtm.patient_count(ctx, SYSTEM_ACCESS)
         written = []
         for code in sdtm.DOMAINS:
             for fmt in formats:
                 with tqdm(total=patients, desc=f"{code}.{fmt}", unit="subject") as bar:
                     path, rows = await sdtm.write_dataset(
-                        ctx, code, fmt, directory, None, study_id, bar.update
+                        ctx, code, fmt, directory, SYSTEM_ACCESS, study_id, bar.update
                     )
                 written.append(f"{path} ({rows} rows)")
                 ctx.audit.add(_cli_audit(f"SDTM {code}.{fmt}: {rows} rows to {path}"))

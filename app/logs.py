@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from app.audit.context import current_request
+from app.kit.request_context import current_request
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged too.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {

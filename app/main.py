@@ -21,7 +21,6 @@ from app.audit.trail import AuditQueue
 from app.auth.settings import AuthSettings, load_key_source
 from app.auth.tokens import KeySource
 from app.engine import Criteria
-from app.errors import Issue
 from app.fhir import (
     audit_routes,
     bundle_routes,
@@ -36,9 +35,17 @@ from app.fhir import (
     search_routes,
 )
 from app.fhir.capability import capability_statement
+from app.fhir.deps import fhir_base
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
-from app.fhir.routes import PROVENANCE_HEADER_SCHEMA, PROVENANCE_HEADER_SCHEMA_NAME
+from app.fhir.openapi_docs import (
+    PROVENANCE_HEADER_SCHEMA,
+    PROVENANCE_HEADER_SCHEMA_NAME,
+    outcome_docs,
+)
 from app.ingest import routes as hl7_routes
+from app.kit.dates import format_instant, utc_now
+from app.kit.errors import Issue
+from app.kit.limits import InputLimits
 from app.middleware import (
     BodyLimitMiddleware,
     NulRefusalMiddleware,
@@ -48,8 +55,6 @@ from app.middleware import (
 )
 from app.services.bulk_export import ExportRunner
 from app.services.context import ServiceContext
-from app.services.dates import format_instant, utc_now
-from app.services.limits import InputLimits
 from app.settings import Settings, get_criteria_settings, get_settings
 from app.startup import check_database_now, explain
 from app.store.db import Database
@@ -188,7 +193,7 @@ def create_app(
                 "content": {FHIR_JSON: {}},
                 "description": "CapabilityStatement",
             },
-            **routes.outcome_docs(
+            **outcome_docs(
                 {
                     406: {"description": "Only JSON can be produced"},
                     500: {"description": "Unexpected error; the outcome carries a correlation id"},
@@ -199,7 +204,7 @@ def create_app(
     async def metadata(request: Request) -> FhirResponse:
         await negotiate(request)
         statement = capability_statement(
-            routes.fhir_base(request), SOFTWARE_VERSION, format_instant(utc_now())
+            fhir_base(request), SOFTWARE_VERSION, format_instant(utc_now())
         )
         return pretty(request, orjson.dumps(statement))
 
@@ -233,7 +238,7 @@ def create_app(
         summary="The database answers and its schema is at the migrations' head",
         tags=["Health"],
         response_class=JSONResponse,
-        responses=routes.outcome_docs({503: {"description": "Not ready"}}),
+        responses=outcome_docs({503: {"description": "Not ready"}}),
     )
     async def readyz(request: Request) -> Any:
         db: Database = request.app.state.services.db

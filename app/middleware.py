@@ -10,8 +10,17 @@ import uuid
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.audit.context import RequestContext, current_request
 from app.audit.trail import AuditRecord
+from app.fhir.http import (
+    API_CSP,
+    DOCS_CSP,
+    REPORT_CSP,
+    SECURITY_HEADERS,
+    call_catching,
+)
+from app.fhir.outcome import operation_outcome
+from app.kit.errors import Issue
+from app.kit.request_context import RequestContext, current_request
 
 
 class RequestIdMiddleware:
@@ -57,38 +66,6 @@ def _resource_type(path: str) -> str | None:
 
 class BodyTooLarge(Exception):
     pass
-
-
-async def call_catching(
-    app: ASGIApp,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    errors: type[Exception] | tuple[type[Exception], ...],
-) -> tuple[Exception | None, bool]:
-    """Call `app`; return the exception of `errors` it raised (None if it raised none) and
-    whether its answer had started by then (once it has, no other answer can be sent)."""
-    started = False
-
-    async def tracking_send(message: Message) -> None:
-        nonlocal started
-        started = started or message["type"] == "http.response.start"
-        await send(message)
-
-    try:
-        await app(scope, receive, tracking_send)
-    except errors as error:
-        return error, started
-    return None, started
-
-
-def _outcome(code: str, message: str) -> bytes:
-    return orjson.dumps(
-        {
-            "resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": code, "diagnostics": message}],
-        }
-    )
 
 
 class BodyLimitMiddleware:
@@ -153,7 +130,7 @@ async def refuse(
                 entity_type=_resource_type(scope["path"]),
             )
         )
-    body = _outcome(code, message)
+    body = orjson.dumps(operation_outcome([Issue(code, message)]))
     await send(
         {
             "type": "http.response.start",
@@ -205,39 +182,6 @@ class NulRefusalMiddleware:
         await self.app(scope, receive, send)
 
 
-# Health data: nothing cached, nothing framed, nothing sniffed. The interactive docs and
-# the report page need their own scripts and styles, so they get policies that allow those.
-_SECURITY_HEADERS = [
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"cache-control", b"no-store"),
-    (b"strict-transport-security", b"max-age=31536000; includeSubDomains"),
-]
-_API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
-_DOCS_CSP = (
-    b"content-security-policy",
-    b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-    b"script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
-)
-
-
-# The report page: its own script and style sheet only, and fetches to this origin only.
-# Styles may also be inline: the page inserts the server's SVG pictures into itself (so it
-# can find a lane or a count's marker by id), and matplotlib writes their styles as `style`
-# attributes and a `<style>` element. Scripts stay strictly the page's own file.
-_REPORT_CSP = (
-    b"content-security-policy",
-    b"default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-    b"img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-    b"frame-ancestors 'none'",
-)
-
-
-def api_security_headers() -> list[tuple[bytes, bytes]]:
-    return [*_SECURITY_HEADERS, _API_CSP]
-
-
 class SecurityHeadersMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -248,12 +192,12 @@ class SecurityHeadersMiddleware:
             return
         path = scope["path"]
         if path in ("/docs", "/redoc") or path.startswith("/static"):
-            policy = _DOCS_CSP
+            policy = DOCS_CSP
         elif path == "/report" or path.startswith("/report/"):
-            policy = _REPORT_CSP
+            policy = REPORT_CSP
         else:
-            policy = _API_CSP
-        extra = [*_SECURITY_HEADERS, policy]
+            policy = API_CSP
+        extra = [*SECURITY_HEADERS, policy]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

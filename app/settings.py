@@ -15,10 +15,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.codes import DEFAULT_BLEEDING_EVENT_CODES, PLATELET_CODES, CodeSystems
 from app.engine import Criteria
-from app.errors import ConfigurationError
-from app.services.limits import PLATELET_MAX_DEFAULT, InputLimits
+from app.kit.codes import DEFAULT_BLEEDING_EVENT_CODES, PLATELET_CODES, CodeSystems
+from app.kit.errors import ConfigurationError
+from app.kit.limits import PLATELET_MAX_DEFAULT, InputLimits
 
 DEFAULT_DATABASE_URL = "sqlite:///data/itp-trial.db"
 

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsError
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
 
-from app.errors import ConfigurationError
+from app.kit.errors import ConfigurationError
 from app.store import failures
 
 

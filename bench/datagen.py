@@ -23,9 +23,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from app import codes
+from app.kit import codes
+from app.kit.limits import InputLimits
 from app.services.indexing import index_values
-from app.services.limits import InputLimits
 from app.services.subjects import normalise_patient
 
 SUBJECT_SYSTEM = codes.DEFAULT_CODE_SYSTEM_BASE + "/sid/subject"
@@ -392,9 +392,9 @@ async def assess_all(dsn: str, progress: Callable[[str], None]) -> None:
     recompute, many patients per transaction (a seed, not user writes)."""
     from app.audit.trail import AuditQueue
     from app.engine import Criteria
+    from app.kit.dates import utc_now
     from app.services import response
     from app.services.context import ServiceContext
-    from app.services.dates import utc_now
     from app.store import repository as repo
     from app.store.db import Database
 

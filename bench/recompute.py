@@ -58,10 +58,10 @@ class _Rollback(Exception):
 async def database_timings(dsn: str, patient_id: str, repeat: int = 30) -> dict[str, Any]:
     """The on-write recompute of one patient, split into its parts, median µs each."""
     from app.audit.trail import AuditQueue
-    from app.codes import DEFAULT_BLEEDING_EVENT_CODES, DEFAULT_CODE_SYSTEM_BASE, CodeSystems
+    from app.kit.codes import DEFAULT_BLEEDING_EVENT_CODES, DEFAULT_CODE_SYSTEM_BASE, CodeSystems
+    from app.kit.dates import utc_now
     from app.services import response
     from app.services.context import ServiceContext
-    from app.services.dates import utc_now
     from app.store import repository as repo
     from app.store.db import Database
 

@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 from schemathesis.config._checks import _BUILTIN_CHECK_NAMES
 
-from app.fhir.routes import PROVENANCE_MAX_LENGTH, PROVENANCE_PATTERN
+from app.fhir.deps import PROVENANCE_MAX_LENGTH, PROVENANCE_PATTERN
 from app.services.provenance import require_reason
 from tests.conftest import PROJECT_ROOT, bearer, token
 from tests.fuzz import hooks

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from app.codes import CodeSystems
 from app.ingest import hl7v2, service
 from app.ingest import observations as mapping
+from app.kit.codes import CodeSystems
 from app.services.response import response_observation_id
 from app.settings import Settings
 from tests import builders

@@ -17,16 +17,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app import codes
 from app.engine import Criteria
-from app.errors import Unprocessable
-from app.main import create_app
-from app.services.indexing import normalised_platelet_value
-from app.services.limits import (
+from app.kit import codes
+from app.kit.errors import Unprocessable
+from app.kit.limits import (
     MAX_INDEXED_STRING,
     InputLimits,
     platelet_problem,
 )
+from app.main import create_app
+from app.services.indexing import normalised_platelet_value
 from app.settings import CriteriaSettings
 from tests import builders
 from tests.conftest import KEY, REASON, bearer

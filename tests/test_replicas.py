@@ -35,7 +35,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.errors import ConfigurationError
+from app.kit.errors import ConfigurationError
 from app.store.db import async_url, driver_arguments
 from bench.proxies import Missing, PgBouncer
 from bench.workers import connections_to

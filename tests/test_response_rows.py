@@ -1,8 +1,9 @@
-"""The recompute's fast read path (issue 8) gives the engine exactly the timeline the plain
-one does, on both databases: same rows, same times (bare dates in the trial's zone)."""
+"""The recompute's read path (issue 8) gives the engine the patient's timeline on both
+databases: the live rows, their instants, bare dates as that day in the trial's zone."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from app.services import response
@@ -13,7 +14,7 @@ from tests.conftest import REASON
 from tests.test_crud import create
 
 
-async def test_fact_rows_give_the_same_timeline(client, app) -> None:
+async def test_fact_rows_give_the_timeline(client, app) -> None:
     patient_id = (await create(client, builders.patient())).json()["id"]
     await create(client, builders.administration(patient_id, "2025-03-03T08:00:00Z"))
     await create(client, builders.platelet_count(patient_id, "2025-03-03T07:00:00Z", 12))
@@ -31,18 +32,27 @@ async def test_fact_rows_give_the_same_timeline(client, app) -> None:
     db = app.state.services.db
     for zone in (ZoneInfo("UTC"), ZoneInfo("America/New_York")):
         async with db.read() as conn:
-            facts = await repo.patient_facts(conn, patient_id, ENGINE_KINDS)
             rows = await repo.patient_fact_rows(conn, patient_id, ENGINE_KINDS)
-        plain = response.timeline(patient_id, facts, zone)
-        fast = response.timeline_from_rows(patient_id, rows, zone)
-        key = lambda item: item.id  # noqa: E731 - the database returns rows in any order
-        for field in ("counts", "bleeding_assessments", "bleeding_events", "administrations"):
-            assert sorted(getattr(fast, field), key=key) == sorted(getattr(plain, field), key=key)
-        assert fast.patient == plain.patient == patient_id
-        assert len(fast.counts) == 4 and len(fast.bleeding_events) == 1
-        assert {c.status for c in plain.counts} == {"final", "amended"}
-        assert [g.status for g in plain.bleeding_assessments] == ["corrected"]
-        assert [e.status for e in plain.bleeding_events] == ["potential"]
+        timeline = response.timeline_from_rows(patient_id, rows, zone)
+        assert timeline.patient == patient_id
+        # Times with a time of day are those instants; a bare date is that calendar day
+        # where the trial is, from midnight in its zone. The deleted count is not read, and
+        # each record's own status comes along.
+        assert sorted((c.time, c.value, c.status) for c in timeline.counts) == [
+            (datetime(2025, 3, 3, 7, tzinfo=UTC), 12, "final"),
+            (datetime(2025, 3, 10, tzinfo=zone), 60, "final"),
+            (datetime(2025, 3, 12, 8, tzinfo=UTC), 65, "amended"),
+            (datetime(2025, 3, 17, 3, 30, tzinfo=UTC), 70, "final"),
+        ]
+        assert [(b.time, b.grade, b.status) for b in timeline.bleeding_assessments] == [
+            (datetime(2025, 3, 10, 10, tzinfo=UTC), 2, "corrected")
+        ]
+        assert [(e.time, e.status) for e in timeline.bleeding_events] == [
+            (datetime(2025, 3, 11, tzinfo=zone), "potential")
+        ]
+        assert [(a.time, a.role) for a in timeline.administrations] == [
+            (datetime(2025, 3, 3, 8, tzinfo=UTC), "study-drug")
+        ]
 
 
 async def _search_rows(db, pk: int) -> dict[str, list[tuple]]:
@@ -70,7 +80,8 @@ async def test_status_writes_skip_the_tables_it_has_no_values_in(client, app) ->
     import orjson
     from sqlalchemy import event
 
-    from app.services.indexing import KIND_RESPONSE_STATUS, search_values
+    from app.kit.codes import KIND_RESPONSE_STATUS
+    from app.services.indexing import search_values
 
     assert KIND_RESPONSE_STATUS in repo.TOKEN_ONLY_KINDS
     db = app.state.services.db

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.engine import Administration, PlateletCount, Timeline, assess
+from app.kit.limits import InputLimits
 from app.services.indexing import normalised_platelet_value
-from app.services.limits import InputLimits
 
 LIMITS = InputLimits()
 

@@ -7,7 +7,7 @@ import re
 import pytest
 from sqlalchemy import select
 
-from app import codes
+from app.kit import codes
 from app.store.tables import resource_table
 from tests import builders
 from tests.conftest import without_reason

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, or_, select
 
+from app.auth.policy import access_policy
 from app.auth.principal import Principal
-from app.errors import BadRequest, NotFound
-from app.services.context import ServiceContext
-from app.services.dates import fhir_range
+from app.kit.dates import fhir_range
+from app.kit.errors import BadRequest, NotFound
+from app.store.criteria import site_condition
+from app.store.db import Database
 from app.store.tables import audit_table as AE
 from app.store.tables import disclosure_table as AD
 
@@ -28,7 +30,7 @@ class AuditHit:
 def _sites(principal: Principal) -> list[ColumnElement[bool]]:
     # A monitor sees its sites' records; events about no site (a failed login) are an
     # admin's to review.
-    return [] if principal.is_admin else [AE.c.site.in_(principal.sites)]
+    return site_condition(AE.c.site, access_policy(principal).sites)
 
 
 def _conditions(params: list[tuple[str, str]]) -> list[ColumnElement[bool]]:
@@ -86,7 +88,7 @@ def _conditions(params: list[tuple[str, str]]) -> list[ColumnElement[bool]]:
 
 
 async def search(
-    ctx: ServiceContext,
+    db: Database,
     principal: Principal,
     params: list[tuple[str, str]],
     *,
@@ -97,14 +99,14 @@ async def search(
     query = select(AE.c.seq, AE.c.id, AE.c.content).where(*_conditions(params), *_sites(principal))
     if after is not None:
         query = query.where(AE.c.seq > after)
-    async with ctx.db.read() as conn:
+    async with db.read() as conn:
         rows = (await conn.execute(query.order_by(AE.c.seq).limit(limit))).all()
     return [AuditHit(*row) for row in rows]
 
 
-async def read(ctx: ServiceContext, principal: Principal, audit_id: str) -> AuditHit:
+async def read(db: Database, principal: Principal, audit_id: str) -> AuditHit:
     query = select(AE.c.seq, AE.c.id, AE.c.content).where(AE.c.id == audit_id, *_sites(principal))
-    async with ctx.db.read() as conn:
+    async with db.read() as conn:
         row = (await conn.execute(query)).first()
     if row is None:
         raise NotFound(f"AuditEvent/{audit_id} does not exist")

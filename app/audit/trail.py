@@ -32,10 +32,10 @@ import orjson
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.audit.context import current_request
 from app.auth.principal import Principal
-from app.errors import ServiceUnavailable, fhir_string
-from app.services.dates import format_instant, utc_now
+from app.kit.dates import format_instant, utc_now
+from app.kit.errors import ServiceUnavailable, fhir_string
+from app.kit.request_context import current_request
 from app.store import repository as repo
 from app.store.db import Database
 from app.store.failures import is_transient

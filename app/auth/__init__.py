@@ -6,10 +6,6 @@ say whether they may.
 """
 
 from app.auth.permissions import (
-    AUDIT_EVENT,
-    CLINICAL_RESOURCE_TYPES,
-    PLATELET_COUNT,
-    RESOURCE_TYPES,
     ROLE_MATRIX,
     SCOPE_LETTER,
     Action,
@@ -34,16 +30,12 @@ from app.auth.tokens import (
     JwksKeySource,
     KeySource,
     SecretKeySource,
-    Unauthorized,
     issue_token,
 )
+from app.kit.errors import Unauthorized
 
 __all__ = [
-    "AUDIT_EVENT",
-    "CLINICAL_RESOURCE_TYPES",
     "DEFAULT_SCOPES",
-    "PLATELET_COUNT",
-    "RESOURCE_TYPES",
     "ROLE_MATRIX",
     "SCOPE_LETTER",
     "Action",

@@ -10,7 +10,8 @@ from starlette.concurrency import run_in_threadpool
 
 from app.auth.permissions import Action, authorize
 from app.auth.principal import Principal, principal_from_claims
-from app.auth.tokens import KeySource, Unauthorized
+from app.auth.tokens import KeySource
+from app.kit.errors import Unauthorized
 
 # Documents the bearer scheme in the OpenAPI file; the checks below give the FHIR answers.
 bearer = HTTPBearer(

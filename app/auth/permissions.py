@@ -17,8 +17,16 @@ from collections.abc import Mapping
 from enum import StrEnum
 
 from app.auth.principal import DEFAULT_SCOPES, Principal, Role
-from app.auth.tokens import REALM
-from app.errors import Forbidden, NotFound
+from app.kit.codes import (
+    ADVERSE_EVENT,
+    AUDIT_EVENT,
+    KIND_PLATELET,
+    MEDICATION_ADMINISTRATION,
+    OBSERVATION,
+    PATIENT,
+    RESOURCE_TYPES,
+)
+from app.kit.errors import REALM, Forbidden, NotFound
 
 
 class Action(StrEnum):
@@ -34,22 +42,6 @@ class Action(StrEnum):
     MOVE_SITE = "move_site"
     EXPORT = "export"  # Bulk Data $export and the SDTM datasets: every record of a type at once
 
-
-PATIENT = "Patient"
-OBSERVATION = "Observation"
-MEDICATION_ADMINISTRATION = "MedicationAdministration"
-ADVERSE_EVENT = "AdverseEvent"
-AUDIT_EVENT = "AuditEvent"
-CLINICAL_RESOURCE_TYPES: tuple[str, ...] = (
-    PATIENT,
-    OBSERVATION,
-    MEDICATION_ADMINISTRATION,
-    ADVERSE_EVENT,
-)
-RESOURCE_TYPES: tuple[str, ...] = (*CLINICAL_RESOURCE_TYPES, AUDIT_EVENT)
-
-# The one kind of Observation a lab may create or correct.
-PLATELET_COUNT = "platelet-count"
 
 _C, _R, _U, _D, _S = Action.CREATE, Action.READ, Action.UPDATE, Action.DELETE, Action.SEARCH
 _CC, _AR, _HL7, _MOVE, _EX = (
@@ -145,7 +137,7 @@ def authorize(principal: Principal, resource_type: str, action: Action) -> None:
 def lab_may_write_observation(kind: str | None) -> bool:
     """A lab reports platelet counts and nothing else; bleeding scores, response
     assessments and the rest are the investigator's to record."""
-    return kind == PLATELET_COUNT
+    return kind == KIND_PLATELET
 
 
 def authorize_observation_write(principal: Principal, kind: str | None) -> None:
@@ -154,7 +146,7 @@ def authorize_observation_write(principal: Principal, kind: str | None) -> None:
     one's, so a lab can neither turn a platelet count into something else nor the reverse."""
     if principal.role is Role.LAB and not lab_may_write_observation(kind):
         raise Forbidden(
-            f"role lab may only create or correct {PLATELET_COUNT} Observations, "
+            f"role lab may only create or correct {KIND_PLATELET} Observations, "
             f"not {kind or 'unclassified'} ones"
         )
 

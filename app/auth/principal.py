@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
-from app.auth.tokens import Unauthorized
-from app.errors import BadRequest, Forbidden
+from app.kit.errors import BadRequest, Forbidden, Unauthorized
 
 # `sub` is the agent of every audit record and of every stored HL7 message: at most the
 # length of the columns that index it (the README's "Input limits").

@@ -28,7 +28,7 @@ from app.auth.tokens import (
     KeySource,
     SecretKeySource,
 )
-from app.errors import ConfigurationError
+from app.kit.errors import ConfigurationError
 
 Environment = Literal["development", "test", "production"]
 

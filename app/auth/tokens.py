@@ -22,45 +22,18 @@ from typing import Any
 import jwt
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
-from app.errors import ConfigurationError, FhirError
+from app.auth.principal import DEFAULT_SCOPES, Role, principal_from_claims
+from app.kit.errors import ConfigurationError, FhirError, Unauthorized
 
 SYMMETRIC_ALGORITHMS: tuple[str, ...] = ("HS256",)
 ASYMMETRIC_ALGORITHMS: tuple[str, ...] = ("RS256", "ES256")
 # A token without these is refused even if its signature is good: one without `exp` would be
 # valid forever, one without `aud`/`iss` could have been meant for another service.
 REQUIRED_CLAIMS: tuple[str, ...] = ("exp", "iss", "aud", "sub")
-REALM = "itp-trial"
 # Real tokens are a few hundred bytes; refusing huge ones early keeps parsing cheap.
 MAX_TOKEN_LENGTH = 8192
 
 log = logging.getLogger("app.auth")
-
-
-class Unauthorized(FhirError):
-    """401: no token, or one the server cannot accept.
-
-    Carries the RFC 6750 challenge. A request that sent no token at all gets the bare
-    challenge (`error=None`), as RFC 6750 §3.1 asks; a bad token gets `invalid_token`.
-    """
-
-    status_code = 401
-    issue_code = "login"
-
-    def __init__(self, description: str, *, error: str | None = "invalid_token") -> None:
-        challenge = f'Bearer realm="{REALM}"'
-        if error is not None:
-            challenge += f', error="{error}", error_description="{_header_safe(description)}"'
-        super().__init__(description, headers={"WWW-Authenticate": challenge})
-
-    @classmethod
-    def missing_token(cls) -> Unauthorized:
-        """The error for a request without `Authorization: Bearer ...`."""
-        return cls("a bearer token is required", error=None)
-
-
-def _header_safe(text: str) -> str:
-    # error_description is a quoted-string limited to printable ASCII without `"` and `\`.
-    return "".join(c for c in text if 0x20 <= ord(c) < 0x7F and c not in '"\\')
 
 
 # Most specific first: several of these subclass DecodeError or InvalidTokenError.
@@ -227,9 +200,6 @@ def issue_token(
     command never hands out a token the server would then refuse; a bad argument is a
     `ValueError` whose message says which.
     """
-    # Imported here: principal.py imports Unauthorized from this module.
-    from app.auth.principal import DEFAULT_SCOPES, Role, principal_from_claims
-
     if minutes < 1:
         raise ValueError("minutes must be at least 1")
     if role not in {r.value for r in Role}:

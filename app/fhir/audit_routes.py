@@ -10,18 +10,13 @@ from app.audit import queries
 from app.auth.deps import Require
 from app.auth.permissions import Action
 from app.auth.principal import Principal
-from app.errors import BadRequest
 from app.fhir import bundles, schemas
+from app.fhir.deps import ID_PATTERN, ServicesDep, SettingsDep, fhir_base
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
-from app.fhir.routes import (
-    ERRORS,
-    ID_PATTERN,
-    ServicesDep,
-    SettingsDep,
-    fhir_base,
-)
+from app.fhir.openapi_docs import ERRORS
 from app.fhir.search_schema import NO_NUL
-from app.services.dates import DATE_TIME_PATTERN
+from app.kit.dates import DATE_TIME_PATTERN
+from app.kit.errors import BadRequest
 from app.services.resources import Stored
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["AuditEvent"])
@@ -91,7 +86,7 @@ async def search_audit(
             if not (value.isascii() and value.isdigit() and len(value) <= 18):
                 raise BadRequest(f"_cursor={value!r} is not a chain sequence number")
             cursor = int(value)
-    hits = await queries.search(ctx, principal, params, after=cursor, limit=count + 1)
+    hits = await queries.search(ctx.db, principal, params, after=cursor, limit=count + 1)
     page = hits[:count]
     criteria = [(k, v) for k, v in params if k not in ("_cursor", "_count")]
     next_params = None
@@ -127,5 +122,5 @@ async def read_audit(
     principal: Annotated[Principal, Depends(Require("AuditEvent", Action.AUDIT_READ))],
     audit_id: Annotated[str, Path(pattern=ID_PATTERN)],
 ) -> Response:
-    hit = await queries.read(ctx, principal, audit_id)
+    hit = await queries.read(ctx.db, principal, audit_id)
     return pretty(request, hit.content)

@@ -17,15 +17,23 @@ import binascii
 import re
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from app.auth.deps import current_principal
 from app.auth.principal import Principal
-from app.errors import BadRequest, FhirError, Issue, PayloadTooLarge
 from app.fhir import conditional, schemas
+from app.fhir.deps import (
+    ID_PATTERN,
+    RESOURCE_TYPES,
+    OptionalXProvenance,
+    Prefer,
+    ServicesDep,
+    SettingsDep,
+    fhir_base,
+)
 from app.fhir.http import (
     FHIR_JSON,
     FhirResponse,
@@ -34,25 +42,16 @@ from app.fhir.http import (
     prefer_strict,
     require_json_body,
 )
+from app.fhir.openapi_docs import ERRORS, outcome_doc
 from app.fhir.outcome import operation_outcome
-from app.fhir.routes import (
-    ERRORS,
-    ID_PATTERN,
-    RESOURCE_TYPES,
-    OptionalXProvenance,
-    Prefer,
-    ServicesDep,
-    SettingsDep,
-    _outcome_doc,
-    fhir_base,
-)
-from app.fhir.search_params import parse_search
+from app.fhir.search_params import parse_search, search_request
 from app.fhir.search_routes import render_searchset
+from app.kit.dates import format_instant, utc_now
+from app.kit.errors import BadRequest, FhirError, Issue, PayloadTooLarge
 from app.services import transactions
-from app.services.dates import format_instant, utc_now
 from app.services.patching import parse_patch
 from app.services.resources import parse_if_match
-from app.services.transactions import EntryRequest, EntryResult, SearchRequest
+from app.services.transactions import EntryRequest, EntryResult
 from app.services.validation import parse_json
 from app.settings import Settings
 
@@ -114,12 +113,12 @@ def _process_doc() -> dict[str, Any]:
             "description": "transaction-response or batch-response Bundle",
         },
         **ERRORS,
-        409: _outcome_doc("A transaction entry conflicts with the current state"),
-        410: _outcome_doc("A transaction entry reads or patches a deleted resource"),
-        412: _outcome_doc("A transaction entry's If-Match is stale, or its criteria match several"),
-        413: _outcome_doc("More entries, or a larger body, than the server accepts"),
-        415: _outcome_doc("Body is not application/fhir+json or application/json"),
-        422: _outcome_doc("A transaction entry is not an acceptable resource of this profile"),
+        409: outcome_doc("A transaction entry conflicts with the current state"),
+        410: outcome_doc("A transaction entry reads or patches a deleted resource"),
+        412: outcome_doc("A transaction entry's If-Match is stale, or its criteria match several"),
+        413: outcome_doc("More entries, or a larger body, than the server accepts"),
+        415: outcome_doc("Body is not application/fhir+json or application/json"),
+        422: outcome_doc("A transaction entry is not an acceptable resource of this profile"),
     },
 )
 async def process_bundle(
@@ -312,18 +311,7 @@ def _get(
             max_count=settings.max_page_size,
             strict=strict,
         )
-        result.search = SearchRequest(
-            parsed.criteria,
-            sort=parsed.sort,
-            after=parsed.after,
-            count=parsed.count,
-            total=parsed.total,
-            count_only=parsed.count_only,
-            includes=parsed.includes,
-            revincludes=parsed.revincludes,
-            include_limit=settings.max_page_size,
-            query=urlencode(pairs) or None,
-        )
+        result.search = search_request(parsed, pairs, settings.max_page_size)
         searches[result.index] = (parsed, pairs)
         return
     if pairs:

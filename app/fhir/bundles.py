@@ -8,9 +8,9 @@ from urllib.parse import urlencode
 
 import orjson
 
-from app.errors import Issue
 from app.fhir.outcome import operation_outcome
-from app.services.dates import format_instant, utc_now
+from app.kit.dates import format_instant, utc_now
+from app.kit.errors import Issue
 from app.services.resources import Stored
 from app.store.repository import Version
 

@@ -8,13 +8,14 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Path, Request, Response
 
-from app import codes
 from app.auth.deps import current_principal
-from app.codes import CodeSystems
-from app.errors import NotFound
 from app.fhir import bundles
+from app.fhir.deps import fhir_base
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
-from app.fhir.routes import ERRORS, fhir_base
+from app.fhir.openapi_docs import ERRORS
+from app.kit import codes
+from app.kit.codes import CodeSystems
+from app.kit.errors import NotFound
 from app.services.resources import Stored
 
 router = APIRouter(

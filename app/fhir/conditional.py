@@ -1,4 +1,4 @@
-"""Criteria of the conditional interactions: conditional create (`If-None-Exist`, or the
+"""SearchFilter of the conditional interactions: conditional create (`If-None-Exist`, or the
 criteria in the query), conditional update and delete (`PUT`/`DELETE /Type?criteria`), and a
 Bundle's conditional entries and references (`Patient?identifier=...`).
 
@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl
 
-from app.errors import BadRequest
 from app.fhir.search_params import (
     SEARCH_ID,
     SEARCH_PARAMETERS,
@@ -23,7 +22,8 @@ from app.fhir.search_params import (
     reference_value_pattern,
 )
 from app.fhir.search_schema import value_schema
-from app.store.criteria import Criteria
+from app.kit.errors import BadRequest
+from app.store.criteria import SearchFilter
 
 # Parameters that shape the answer, not the match: allowed beside the criteria in a URL.
 FORMAT_PARAMETERS = frozenset({"_format", "_pretty"})
@@ -64,8 +64,8 @@ def header_pattern(resource_type: str) -> str:
 
 def criteria(
     resource_type: str, pairs: Sequence[tuple[str, str]], source: str
-) -> tuple[Criteria, str]:
-    """Criteria from name=value pairs, and the key that makes equal criteria share a lock."""
+) -> tuple[SearchFilter, str]:
+    """SearchFilter from name=value pairs, and the key that makes equal criteria share a lock."""
     allowed = conditional_parameters(resource_type)
     for name, value in pairs:
         if name not in allowed:
@@ -84,7 +84,7 @@ def criteria(
     return parsed.criteria, criteria_key(parsed.criteria)
 
 
-def from_header(resource_type: str, header: str) -> tuple[Criteria, str]:
+def from_header(resource_type: str, header: str) -> tuple[SearchFilter, str]:
     """If-None-Exist holds token or patient criteria: name=value pairs joined by &."""
     if not re.fullmatch(header_pattern(resource_type), header):
         raise BadRequest(

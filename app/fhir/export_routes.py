@@ -21,14 +21,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth.deps import current_principal
 from app.auth.principal import Principal
-from app.errors import BadRequest, ExportFailed, NotAcceptable
+from app.fhir.deps import ServicesDep, SettingsDep, fhir_base
 from app.fhir.http import FHIR_JSON, FhirResponse, http_date, media_type, negotiate
+from app.fhir.openapi_docs import ERRORS, outcome_doc, outcome_docs
 from app.fhir.outcome import information
 from app.fhir.response_schemas import ExportManifest
-from app.fhir.routes import ERRORS, ServicesDep, SettingsDep, _outcome_doc, fhir_base, outcome_docs
+from app.kit.dates import INSTANT_PATTERN, fhir_range
+from app.kit.errors import BadRequest, ExportFailed, NotAcceptable
 from app.services import bulk_export as service
 from app.services.context import ServiceContext
-from app.services.dates import INSTANT_PATTERN, fhir_range
 from app.settings import Settings
 from app.store import exports as store
 
@@ -284,7 +285,7 @@ async def export_status(
             "description": "Cancelled: the job and its files are gone (its status URL is 404)",
             "content": {FHIR_JSON: {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}},
         },
-        **{**ERRORS, 404: _outcome_doc("No such job of the caller's")},
+        **{**ERRORS, 404: outcome_doc("No such job of the caller's")},
     },
     dependencies=[Depends(negotiate)],
 )

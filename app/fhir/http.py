@@ -10,8 +10,9 @@ from typing import Any
 import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import BadRequest, NotAcceptable, UnsupportedMediaType
+from app.kit.errors import BadRequest, NotAcceptable, UnsupportedMediaType
 
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = frozenset({FHIR_JSON, "application/json", "application/json+fhir"})
@@ -172,3 +173,59 @@ def choose_media_type(
         f"Accept {accept!r} asks for a format this operation does not produce; it answers "
         f"{' or '.join(offered)}"
     )
+
+
+async def call_catching(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    errors: type[Exception] | tuple[type[Exception], ...],
+) -> tuple[Exception | None, bool]:
+    """Call `app`; return the exception of `errors` it raised (None if it raised none) and
+    whether its answer had started by then (once it has, no other answer can be sent)."""
+    started = False
+
+    async def tracking_send(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, tracking_send)
+    except errors as error:
+        return error, started
+    return None, started
+
+
+# Health data: nothing cached, nothing framed, nothing sniffed. The interactive docs and
+# the report page need their own scripts and styles, so they get policies that allow those.
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+    (b"strict-transport-security", b"max-age=31536000; includeSubDomains"),
+]
+API_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+DOCS_CSP = (
+    b"content-security-policy",
+    b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    b"script-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+)
+
+
+# The report page: its own script and style sheet only, and fetches to this origin only.
+# Styles may also be inline: the page inserts the server's SVG pictures into itself (so it
+# can find a lane or a count's marker by id), and matplotlib writes their styles as `style`
+# attributes and a `<style>` element. Scripts stay strictly the page's own file.
+REPORT_CSP = (
+    b"content-security-policy",
+    b"default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    b"img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    b"frame-ancestors 'none'",
+)
+
+
+def api_security_headers() -> list[tuple[bytes, bytes]]:
+    return [*SECURITY_HEADERS, API_CSP]

@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse
 from app.auth.deps import Require
 from app.auth.permissions import Action
 from app.auth.principal import Principal
+from app.fhir.deps import IdPath, ServicesDep
 from app.fhir.http import negotiate, pretty, refuse_unknown_parameters
+from app.fhir.openapi_docs import ERRORS, outcome_docs
 from app.fhir.report_routes import Sites, requested_sites
 from app.fhir.response_schemas import ResponseAssessment, ResponseSummary
-from app.fhir.routes import ERRORS, IdPath, ServicesDep, outcome_docs
 from app.services import response
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["Response"])

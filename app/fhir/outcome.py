@@ -23,9 +23,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.audit.trail import AuditRecord
-from app.errors import FhirError, Issue, database_unavailable
-from app.fhir.http import FhirResponse
-from app.middleware import api_security_headers, call_catching
+from app.fhir.http import FhirResponse, api_security_headers, call_catching
+from app.kit.errors import FhirError, Issue, database_unavailable
 from app.services.provenance import header_problem
 from app.store.failures import is_transient
 

@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse
 from pydantic import StringConstraints
 
 from app.auth.deps import RequireAll
-from app.auth.permissions import CLINICAL_RESOURCE_TYPES, Action
+from app.auth.permissions import Action
 from app.auth.principal import Principal
-from app.codes import SITE_CODE_PATTERN
+from app.fhir.deps import IdPath, ServicesDep
 from app.fhir.http import (
     FHIR_JSON,
     choose_media_type,
@@ -26,8 +26,9 @@ from app.fhir.http import (
     pretty,
     refuse_unknown_parameters,
 )
+from app.fhir.openapi_docs import ERRORS, outcome_docs
 from app.fhir.report_schemas import ResponseListing, TrialReport
-from app.fhir.routes import ERRORS, IdPath, ServicesDep, outcome_docs
+from app.kit.codes import CLINICAL_RESOURCE_TYPES, SITE_CODE_PATTERN
 from app.services import report
 
 router = APIRouter(prefix="/fhir", tags=["Report"])

@@ -21,7 +21,6 @@ What shapes them:
 
 from __future__ import annotations
 
-import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
@@ -39,8 +38,15 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from app import codes
-from app.services.limits import MAX_INDEXED_STRING
+from app.kit import codes
+from app.kit.dates import (
+    DATE_ELEMENT_PATTERN,
+    DATE_TIME_ELEMENT_PATTERN,
+    INSTANT_ELEMENT_PATTERN,
+    TIME,
+    real_calendar_date,
+)
+from app.kit.limits import MAX_INDEXED_STRING
 
 # ---------------------------------------------------------------------------------------
 # Code sets (R4B value sets of the required bindings)
@@ -388,13 +394,6 @@ class SearchParamType(StrEnum):
 # ---------------------------------------------------------------------------------------
 
 
-def _real_calendar_date(value: str) -> str:
-    # The R4B regexes accept 2023-02-31; FHIR requires valid dates and the server refuses it.
-    if len(value) >= 10:
-        datetime.date.fromisoformat(value[:10])
-    return value
-
-
 def _pattern(regex: str, max_length: int | None = None) -> StringConstraints:
     return StringConstraints(min_length=1, max_length=max_length, pattern=f"^{regex}$")
 
@@ -419,23 +418,10 @@ Uuid = Annotated[
 # The R4B regex leaves out "/", which is part of the base64 alphabet (corrected in R5).
 Base64Binary = Annotated[str, _pattern(r"(\s*([0-9a-zA-Z\+/=]){4}\s*)+")]
 
-_YEAR = r"([0-9]([0-9]([0-9][1-9]|[1-9]0)|[1-9]00)|[1-9]000)"
-_MONTH = r"(0[1-9]|1[0-2])"
-_DAY = r"(0[1-9]|[1-2][0-9]|3[0-1])"
-_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]+)?"
-_ZONE = r"(Z|(\+|-)((0[0-9]|1[0-3]):[0-5][0-9]|14:00))"
-Date = Annotated[
-    str, _pattern(f"{_YEAR}(-{_MONTH}(-{_DAY})?)?"), AfterValidator(_real_calendar_date)
-]
-DateTime = Annotated[
-    str,
-    _pattern(f"{_YEAR}(-{_MONTH}(-{_DAY}(T{_TIME}{_ZONE})?)?)?"),
-    AfterValidator(_real_calendar_date),
-]
-Instant = Annotated[
-    str, _pattern(f"{_YEAR}-{_MONTH}-{_DAY}T{_TIME}{_ZONE}"), AfterValidator(_real_calendar_date)
-]
-Time = Annotated[str, _pattern(_TIME)]
+Date = Annotated[str, _pattern(DATE_ELEMENT_PATTERN), AfterValidator(real_calendar_date)]
+DateTime = Annotated[str, _pattern(DATE_TIME_ELEMENT_PATTERN), AfterValidator(real_calendar_date)]
+Instant = Annotated[str, _pattern(INSTANT_ELEMENT_PATTERN), AfterValidator(real_calendar_date)]
+Time = Annotated[str, _pattern(TIME)]
 
 Boolean = Annotated[bool, Strict()]
 Integer = Annotated[int, Strict(), Field(ge=-2147483648, le=2147483647)]

@@ -16,7 +16,8 @@ from starlette.background import BackgroundTask
 
 from app.auth.deps import current_principal
 from app.auth.principal import Principal
-from app.fhir.routes import ERRORS, ServicesDep, SettingsDep, outcome_docs
+from app.fhir.deps import ServicesDep, SettingsDep
+from app.fhir.openapi_docs import ERRORS, outcome_docs
 from app.services import sdtm
 
 router = APIRouter(prefix="/sdtm", tags=["SDTM"])

@@ -1,4 +1,4 @@
-"""Search parameters: from a query string to `Criteria`, per resource type.
+"""Search parameters: from a query string to `SearchFilter`, per resource type.
 
 What each type supports is declared once in `SEARCH_PARAMETERS`; the CapabilityStatement and
 the OpenAPI documentation are built from the same table, so neither can list a parameter
@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 
-from app import codes
-from app.errors import BadRequest, Issue
-from app.services.dates import fhir_range
+from app.kit import codes
+from app.kit.dates import fhir_range
+from app.kit.errors import BadRequest, Issue
 from app.services.indexing import normalise_text
+from app.services.search import SearchRequest
 from app.store.criteria import (
-    Criteria,
     DateMatch,
     Include,
     Missing,
     NumberMatch,
+    SearchFilter,
     SortKey,
     StringMatch,
     TokenMatch,
@@ -222,7 +224,7 @@ _ESCAPED = re.compile(r"\\([\\,|$])")
 
 @dataclass
 class ParsedSearch:
-    criteria: Criteria
+    criteria: SearchFilter
     sort: list[SortKey] = field(default_factory=list)
     count: int = 50
     after: tuple[Any, ...] | None = None
@@ -260,7 +262,7 @@ def parse_search(
     max_count: int,
     strict: bool,
 ) -> ParsedSearch:
-    parsed = ParsedSearch(Criteria(resource_type), count=default_count)
+    parsed = ParsedSearch(SearchFilter(resource_type), count=default_count)
     cursor = None
     given: set[str] = set()
     for name, value in params:
@@ -289,7 +291,7 @@ def parse_search(
             if chain is None:
                 _apply(parsed.criteria, parameter, modifier, value)
             else:
-                patient = Criteria("Patient")
+                patient = SearchFilter("Patient")
                 _apply(patient, *chain, value)
                 parsed.criteria.chains = [*(parsed.criteria.chains or []), patient]
             parsed.applied.append((name, value))
@@ -456,7 +458,7 @@ def _unescape(value: str) -> str:
     return _ESCAPED.sub(r"\1", value)
 
 
-def _apply(criteria: Criteria, parameter: SearchParameter, modifier: str, value: str) -> None:
+def _apply(criteria: SearchFilter, parameter: SearchParameter, modifier: str, value: str) -> None:
     if modifier == "missing":
         if value not in ("true", "false"):
             raise BadRequest(f"{parameter.name}:missing={value!r} must be true or false")
@@ -651,6 +653,25 @@ def decode_cursor(value: str, shape: tuple[type, ...]) -> tuple[Any, ...]:
         raise BadRequest("_cursor is not a cursor this server issued") from None
 
 
-def criteria_key(criteria: Criteria) -> str:
+def search_request(
+    parsed: ParsedSearch, pairs: Sequence[tuple[str, str]], include_limit: int
+) -> SearchRequest:
+    """The search service's request for a parsed search; `pairs` are the query as the
+    client wrote it (for the audit record)."""
+    return SearchRequest(
+        parsed.criteria,
+        sort=parsed.sort,
+        after=parsed.after,
+        count=parsed.count,
+        total=parsed.total,
+        count_only=parsed.count_only,
+        includes=parsed.includes,
+        revincludes=parsed.revincludes,
+        include_limit=include_limit,
+        query=urlencode(pairs) or None,
+    )
+
+
+def criteria_key(criteria: SearchFilter) -> str:
     """A canonical text of criteria, so equal conditional creates share one lock."""
     return orjson.dumps(criteria).decode()

@@ -14,26 +14,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Request, Response
 
 from app.auth.deps import Require
 from app.auth.permissions import Action
 from app.auth.principal import Principal
-from app.errors import BadRequest, Issue, UnsupportedMediaType
 from app.fhir import bundles
+from app.fhir.deps import RESOURCE_TYPES, ServicesDep, SettingsDep, fhir_base
 from app.fhir.elements import subset
 from app.fhir.http import FhirResponse, media_type, negotiate, prefer_strict, pretty
-from app.fhir.routes import (
-    ERRORS,
-    RESOURCE_TYPES,
-    ServicesDep,
-    SettingsDep,
-    _bundle_doc,
-    _outcome_doc,
-    fhir_base,
-)
+from app.fhir.openapi_docs import ERRORS, bundle_doc, outcome_doc
 from app.fhir.search_params import (
     INCLUDES,
     REVINCLUDES,
@@ -44,8 +36,10 @@ from app.fhir.search_params import (
     ParsedSearch,
     encode_cursor,
     parse_search,
+    search_request,
 )
 from app.fhir.search_schema import NO_NUL, value_schema
+from app.kit.errors import BadRequest, Issue, UnsupportedMediaType
 from app.services import search as service
 from app.services.context import ServiceContext
 from app.settings import Settings
@@ -73,18 +67,7 @@ async def _run_search(
         strict=prefer_strict(request),
     )
     result = await service.search(
-        ctx,
-        parsed.criteria,
-        principal,
-        sort=parsed.sort,
-        after=parsed.after,
-        count=parsed.count,
-        total=parsed.total,
-        count_only=parsed.count_only,
-        includes=parsed.includes,
-        revincludes=parsed.revincludes,
-        include_limit=settings.max_page_size,
-        query=urlencode(params) or None,
+        ctx, search_request(parsed, params, settings.max_page_size), principal
     )
     text = render_searchset(
         fhir_base(request), resource_type, parsed, params, result, settings.max_page_size
@@ -300,7 +283,7 @@ def form_body(resource_type: str) -> dict[str, Any]:
 def _register(resource_type: str) -> None:
     tags: list[str | Any] = [resource_type]
     responses: dict[int | str, dict[str, Any]] = {
-        200: _bundle_doc("searchset Bundle"),
+        200: bundle_doc("searchset Bundle"),
         **ERRORS,
     }
     summary = f"Search {resource_type} resources (keyset-paged searchset Bundle)"
@@ -334,7 +317,7 @@ def _register(resource_type: str) -> None:
         tags=tags,
         response_class=FhirResponse,
         openapi_extra=form_body(resource_type),
-        responses={**responses, 415: _outcome_doc(f"The body is not {FORM}")},
+        responses={**responses, 415: outcome_doc(f"The body is not {FORM}")},
     )
     async def search_post(
         *,

@@ -7,18 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from app.fhir.search_params import SEARCH_ID, SEARCH_PARAMETERS, reference_value_pattern
+from app.kit.dates import SEARCH_DATE_PATTERN
 
 NO_NUL = {"type": "string", "pattern": "^[^\\u0000]*$"}
-_YEAR = "[1-8][0-9]{3}"  # years whose instants exist whatever the time zone
-_MONTH_DAY = (
-    "((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
-    "|02-(0[1-9]|1[0-9]|2[0-8]))"
-)
-_TIME = (
-    "T([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\\.[0-9]{1,6})?)?"
-    "(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9]|[+-]14:00)?"
-)
-_DATE = f"(eq|ne|lt|le|gt|ge|sa|eb)?{_YEAR}(-(0[1-9]|1[0-2])|-{_MONTH_DAY}({_TIME})?)?"
 _NUMBER = "(eq|ne|lt|le|gt|ge|sa|eb|ap)?-?[0-9]{1,12}(\\.[0-9]{1,6})?"
 _UNIT = "(\\|[^|,\\\\\\u0000]*\\|[^|,\\\\\\u0000]*)?"
 
@@ -31,7 +22,7 @@ def list_of(value: str) -> dict[str, Any]:
 def value_schema(resource_type: str, name: str) -> dict[str, Any]:
     parameter = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}[name]
     if parameter.type == "date":
-        return list_of(_DATE)
+        return list_of(SEARCH_DATE_PATTERN)
     if parameter.type == "number":
         return list_of(_NUMBER)
     if parameter.type == "quantity":

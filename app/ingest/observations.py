@@ -12,9 +12,9 @@ from datetime import tzinfo
 from typing import Any
 from urllib.parse import quote
 
-from app import codes
 from app.ingest.hl7v2 import Header, Location, Rejected, Result, parse_timestamp
-from app.services.limits import InputLimits, platelet_problem
+from app.kit import codes
+from app.kit.limits import InputLimits, platelet_problem
 
 # HL7 table 0396: the coding system name of LOINC.
 LOINC_NAME = "LN"

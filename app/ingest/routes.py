@@ -18,11 +18,10 @@ from fastapi import APIRouter, Depends, Request, Response
 from app.auth.deps import Require
 from app.auth.permissions import Action
 from app.auth.principal import Principal
-from app.errors import UnsupportedMediaType
+from app.fhir.deps import ServicesDep, SettingsDep
 from app.ingest.hl7v2 import LEADING_NOISE
 from app.ingest.service import receive
-from app.services.context import ServiceContext
-from app.settings import Settings
+from app.kit.errors import UnsupportedMediaType
 
 HL7_ER7 = "x-application/hl7-v2+er7"
 ACCEPTED_TYPES = (HL7_ER7, "text/plain")
@@ -89,6 +88,8 @@ _EXAMPLE = (
 )
 async def receive_message(
     request: Request,
+    services: ServicesDep,
+    settings: SettingsDep,
     principal: Principal = Depends(Require("Observation", Action.INGEST_HL7)),
 ) -> Response:
     content_type = request.headers.get("content-type", "")
@@ -98,8 +99,6 @@ async def receive_message(
             f"Content-Type {content_type!r} is not supported; send one ER7 message as "
             f"{HL7_ER7} or text/plain"
         )
-    services: ServiceContext = request.app.state.services
-    settings: Settings = request.app.state.settings
     reply = await receive(
         services,
         await request.body(),

@@ -33,21 +33,22 @@ import orjson
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app import codes
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import Action, authorize
+from app.auth.permissions import Action
+from app.auth.policy import access_policy
 from app.auth.principal import Principal
-from app.errors import BadRequest, FhirError, Forbidden, NotFound
 from app.ingest import hl7v2
 from app.ingest import observations as mapping
 from app.ingest.hl7v2 import AckCode, Location, Problem, Rejected, Result
+from app.kit import codes
+from app.kit.dates import utc_now
+from app.kit.errors import BadRequest, FhirError, Forbidden, NotFound
 from app.services import resources, subjects
 from app.services.context import ServiceContext
-from app.services.dates import utc_now
 from app.store import hl7_messages
 from app.store import repository as repo
-from app.store.criteria import Criteria, TokenMatch
+from app.store.criteria import SearchFilter, TokenMatch
 from app.store.hl7_messages import MessageKey
 
 DEFAULT_CORRECTION_REASON = "corrected result from lab"
@@ -232,10 +233,10 @@ async def _patients(
                     _subject_systems(ctx.codes),
                     subjects.comparison_key(identifier.value),
                 )
-            criteria = Criteria(
+            criteria = SearchFilter(
                 "Patient",
                 tokens=[[TokenMatch("identifier", system, number) for system in systems]],
-                sites=resources.visible_sites(principal),
+                access=access_policy(principal).sites,
             )
             matches = await repo.first_matches(conn, criteria, limit=2)
             if len(matches) > 1:
@@ -328,10 +329,10 @@ async def _stored_result(
     conn: AsyncConnection, item: _Planned, principal: Principal
 ) -> repo.Current | None:
     system, value = item.key
-    criteria = Criteria(
+    criteria = SearchFilter(
         "Observation",
         tokens=[[TokenMatch("identifier", system, value)]],
-        sites=resources.visible_sites(principal),
+        access=access_policy(principal).sites,
     )
     matches = await repo.first_matches(conn, criteria, limit=2)
     if len(matches) > 1:
@@ -443,7 +444,7 @@ async def _write(
             tally.created += 1
         else:
             # A correction is an update: the token must allow updates, not only HL7 ingestion.
-            authorize(principal, "Observation", Action.UPDATE)
+            access_policy(principal).require("Observation", Action.UPDATE)
             provenance = {
                 "resourceType": "Provenance",
                 "reason": [{"text": reason}],

@@ -35,12 +35,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.trail import AuditRecord
-from app.auth.permissions import CLINICAL_RESOURCE_TYPES, Action, allowed_actions, authorize
+from app.auth.permissions import Action
+from app.auth.policy import SiteAccess, access_policy
 from app.auth.principal import Principal
-from app.errors import Forbidden, NotFound
+from app.kit.codes import CLINICAL_RESOURCE_TYPES
+from app.kit.dates import utc_now
+from app.kit.errors import NotFound
 from app.services.context import ServiceContext
-from app.services.dates import utc_now
-from app.services.resources import visible_sites
 from app.store import exports as store
 from app.store.db import Database
 
@@ -89,18 +90,12 @@ def export_types(principal: Principal, requested: tuple[str, ...] | None) -> tup
     authorization", IG); 403 when that is none."""
     if requested is not None:
         for resource_type in requested:
-            authorize(principal, resource_type, Action.EXPORT)
+            access_policy(principal).require(resource_type, Action.EXPORT)
         return tuple(t for t in EXPORT_TYPES if t in requested)
-    allowed = []
-    for resource_type in EXPORT_TYPES:
-        if Action.EXPORT not in allowed_actions(principal.role, resource_type):
-            continue
-        with contextlib.suppress(Forbidden):
-            authorize(principal, resource_type, Action.EXPORT)
-            allowed.append(resource_type)
+    allowed = [t for t in EXPORT_TYPES if access_policy(principal).allows(t, Action.EXPORT)]
     if not allowed:
         # Raises the role's or the scope's refusal, with its WWW-Authenticate challenge.
-        authorize(principal, EXPORT_TYPES[0], Action.EXPORT)
+        access_policy(principal).require(EXPORT_TYPES[0], Action.EXPORT)
     return tuple(allowed)
 
 
@@ -113,7 +108,7 @@ async def kick_off(
 ) -> str:
     """Store the job and return its id; a runner does the work."""
     types = export_types(principal, request.types)
-    sites = visible_sites(principal)
+    sites = access_policy(principal).visible_sites
     job_id = str(uuid.uuid4())
     async with ctx.db.write() as conn:
         # Inside the write transaction: on SQLite every earlier writer has committed.
@@ -232,7 +227,9 @@ async def resource_lines(
     transaction: nothing is held open while the caller writes."""
     while True:
         async with db.read() as conn:
-            rows = await store.resource_batch(conn, resource_type, after_pk, sites, batch)
+            rows = await store.resource_batch(
+                conn, resource_type, after_pk, SiteAccess.recorded(sites), batch
+            )
             changed = [row.id for row in rows if row.last_updated > moment]
             older = await store.versions_at(conn, resource_type, changed, moment) if changed else {}
         if not rows:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.audit.trail import AuditQueue
-from app.codes import CodeSystems
 from app.engine import Criteria
-from app.services.limits import InputLimits
+from app.kit.codes import CodeSystems
+from app.kit.limits import InputLimits
 from app.store.db import Database
 
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import orjson
 
-from app import codes
 from app.auth.principal import Principal, Role, parse_scopes
+from app.kit import codes
 from app.services import resources, search
 from app.services.context import ServiceContext
-from app.store.criteria import Criteria, TokenMatch
+from app.store.criteria import SearchFilter, TokenMatch
 
 SUBJECT_SYSTEM = codes.DEFAULT_CODE_SYSTEM_BASE + "/sid/subject"
 FIRST_DOSE = datetime(2025, 3, 3, 8, 0)
@@ -74,12 +74,10 @@ LOADER = Principal("system:demo-loader", Role.ADMIN, frozenset(), parse_scopes("
 
 
 async def load(ctx: ServiceContext, progress: Callable[[str], None] = print) -> None:
-    existing = await search.search(
-        ctx,
-        Criteria("Patient", tokens=[[TokenMatch("identifier", SUBJECT_SYSTEM, "DEMO-01")]]),
-        LOADER,
-        count=1,
+    demo_01 = SearchFilter(
+        "Patient", tokens=[[TokenMatch("identifier", SUBJECT_SYSTEM, "DEMO-01")]]
     )
+    existing = await search.search(ctx, search.SearchRequest(demo_01, count=1), LOADER)
     if existing.hits:
         raise DemoAlreadyLoaded("The demo trial is already loaded (subject DEMO-01 exists)")
     rng = random.Random(6776510)

@@ -18,20 +18,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from app import codes
-from app.errors import Unprocessable
-from app.services.dates import fhir_range
-from app.services.limits import (
+from app.kit import codes
+from app.kit.codes import (
+    KIND_BLEEDING_EVENT,
+    KIND_BLEEDING_GRADE,
+    KIND_PLATELET,
+    KIND_RESPONSE_STATUS,
+)
+from app.kit.dates import fhir_range
+from app.kit.errors import Unprocessable
+from app.kit.limits import (
     InputLimits,
     grade_problem,
     normalised_platelets,
     platelet_problem,
 )
-
-KIND_PLATELET = "platelet-count"
-KIND_BLEEDING_GRADE = "bleeding-grade"
-KIND_BLEEDING_EVENT = "bleeding-event"
-KIND_RESPONSE_STATUS = "response-status"
 
 SUBJECT_ELEMENT = {
     "Observation": "subject",
@@ -91,16 +92,6 @@ class SearchValues:
     tokens: list[tuple[str, str, str]]
     strings: list[tuple[str, str, str]]
     quantities: list[Quantity]
-
-
-def patient_id_from_reference(reference: str) -> str | None:
-    """`Patient/123`, `https://host/fhir/Patient/123` or `Patient/123/_history/2` -> `123`."""
-    parts = reference.split("/")
-    if "_history" in parts:
-        parts = parts[: parts.index("_history")]
-    if len(parts) >= 2 and parts[-2] == "Patient" and parts[-1]:
-        return parts[-1]
-    return None
 
 
 _PATIENT_REFERENCE = re.compile(codes.PATIENT_REFERENCE_PATTERN)

@@ -24,7 +24,7 @@ import jsonpatch
 import jsonpointer
 import orjson
 
-from app.errors import BadRequest, Unprocessable, UnsupportedMediaType
+from app.kit.errors import BadRequest, Unprocessable, UnsupportedMediaType
 from app.services.validation import load_json
 
 JSON_PATCH = "application/json-patch+json"

@@ -14,8 +14,8 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.auth.principal import Principal
-from app.errors import BadRequest, FhirError, Issue
-from app.services.dates import format_instant
+from app.kit.dates import format_instant
+from app.kit.errors import BadRequest, FhirError, Issue
 from app.services.validation import load_json, validate
 from app.store.tables import provenance_table as P
 

@@ -21,16 +21,16 @@ from typing import Any, TypeVar
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app import codes
 from app.audit.trail import AuditRecord
-from app.auth.permissions import narrowed_sites
+from app.auth.policy import SiteAccess, access_policy
 from app.auth.principal import Principal
 from app.engine import ACTUAL_EVENT, assess
+from app.kit import codes
+from app.kit.codes import KIND_BLEEDING_EVENT
+from app.kit.dates import format_instant, utc_now
 from app.report import plots, summary
 from app.report.model import AdverseEventFacts, PatientData
 from app.services.context import ServiceContext
-from app.services.dates import format_instant, utc_now
-from app.services.indexing import KIND_BLEEDING_EVENT
 from app.services.response import ENGINE_KINDS, timeline_from_rows, visible_patient
 from app.store import repository as repo
 
@@ -99,7 +99,8 @@ async def swimmer_plot(
 async def platelet_chart(ctx: ServiceContext, principal: Principal, patient_id: str) -> bytes:
     async with ctx.db.read() as conn:
         current = await visible_patient(conn, principal, patient_id)
-        records = await _read(conn, None, patient_id)
+        # The patient is visible (checked above), and its records are where it is.
+        records = await _read(conn, access_policy(principal).sites, patient_id)
     (patient,) = await _patients(ctx, records)
     ctx.audit.add(
         AuditRecord.of(
@@ -129,11 +130,13 @@ def _record(
 
 
 async def _trial(ctx: ServiceContext, principal: Principal, requested: frozenset[str]) -> Trial:
-    sites = narrowed_sites(principal, requested)
+    access = access_policy(principal).narrowed(requested)
     async with ctx.db.read() as conn:
-        records = await _read(conn, sites, None)
+        records = await _read(conn, access, None)
     patients = await _patients(ctx, records)
-    listed = sites if sites is not None else {p.site for p in patients if p.site is not None}
+    listed = access.sites
+    if listed is None:
+        listed = frozenset(p.site for p in patients if p.site is not None)
     return Trial(tuple(sorted(listed)), patients)
 
 
@@ -146,13 +149,11 @@ class _Records:
     adverse_events: list[tuple[str, str, str | None, datetime | None, str]]
 
 
-async def _read(
-    conn: AsyncConnection, sites: frozenset[str] | None, patient_id: str | None
-) -> _Records:
+async def _read(conn: AsyncConnection, access: SiteAccess, patient_id: str | None) -> _Records:
     return _Records(
-        await repo.live_patients(conn, sites, patient_id),
-        await repo.fact_rows_by_patient(conn, ENGINE_KINDS, sites, patient_id),
-        await repo.adverse_event_rows(conn, sites, patient_id),
+        await repo.live_patients(conn, access, patient_id),
+        await repo.fact_rows_by_patient(conn, ENGINE_KINDS, access, patient_id),
+        await repo.adverse_event_rows(conn, access, patient_id),
     )
 
 

@@ -42,13 +42,13 @@ from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
 from app.auth.permissions import (
     Action,
-    authorize,
-    authorize_observation_write,
     hidden,
-    may_access_site,
 )
+from app.auth.policy import access_policy
 from app.auth.principal import Principal
-from app.errors import (
+from app.kit.codes import KIND_RESPONSE_STATUS
+from app.kit.dates import format_instant, utc_now
+from app.kit.errors import (
     BadRequest,
     Conflict,
     Forbidden,
@@ -59,14 +59,13 @@ from app.errors import (
 )
 from app.services import response, subjects
 from app.services.context import ServiceContext
-from app.services.dates import format_instant, utc_now
-from app.services.indexing import KIND_RESPONSE_STATUS, index_values, subject_patient_id
+from app.services.indexing import index_values, subject_patient_id
 from app.services.patching import Patch, apply_patch
 from app.services.provenance import require_reason, store_provenance
 from app.services.response import RESERVED_ID_PREFIX
 from app.services.validation import parse_json, validate
 from app.store import repository as repo
-from app.store.criteria import Criteria
+from app.store.criteria import SearchFilter
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,24 @@ class Stored:
     @property
     def etag(self) -> str:
         return f'W/"{self.version_id}"'
+
+    @classmethod
+    def of_current(cls, current: repo.Current) -> Stored:
+        """The current version, as the store's row holds it."""
+        return cls(
+            current.resource_type,
+            current.id,
+            current.version_id,
+            current.last_updated,
+            current.content,
+        )
+
+    @classmethod
+    def of_version(cls, resource_type: str, resource_id: str, version: repo.Version) -> Stored:
+        """A version from the history (`vread`)."""
+        return cls(
+            resource_type, resource_id, version.version_id, version.last_updated, version.content
+        )
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,7 @@ class Change:
 
 
 @dataclass
-class Scope:
+class LockedPatients:
     """What a transaction of several writes has locked up front: the Patient rows, so that
     each write does not fetch and lock them again. A write of a Patient drops its entry."""
 
@@ -132,15 +149,6 @@ def _render(
     return orjson.dumps(document).decode()
 
 
-def stored_of(current: repo.Current) -> Stored:
-    return Stored(
-        current.resource_type, current.id, current.version_id, current.last_updated, current.content
-    )
-
-
-_stored = stored_of
-
-
 def parse_if_match(header: str | None) -> int | None:
     if header is None:
         return None
@@ -158,7 +166,7 @@ def _ids(*patient_ids: str | None) -> frozenset[str]:
 
 
 async def _patient_row(
-    conn: AsyncConnection, patient_id: str, scope: Scope | None
+    conn: AsyncConnection, patient_id: str, scope: LockedPatients | None
 ) -> repo.Current | None:
     if scope is not None and patient_id in scope.patients:
         return scope.patients[patient_id]
@@ -178,7 +186,7 @@ async def _accept(
     resource_id: str,
     raw: dict[str, Any],
     principal: Principal,
-    scope: Scope | None = None,
+    scope: LockedPatients | None = None,
 ) -> tuple[dict[str, Any], repo.IndexRow]:
     """Validate, derive index values, lock (and check) the subject Patient, and check that the
     caller may write this record at this site. Returns the resource as it is stored (a
@@ -189,13 +197,17 @@ async def _accept(
         raw, subject = subjects.normalise_patient(raw, ctx.codes)
     values = index_values(resource_type, resource_id, raw, ctx.codes, ctx.limits)
     if resource_type == "Observation":
-        authorize_observation_write(principal, values.kind)
-    if resource_type == "Patient" and not may_access_site(principal, values.site):
+        access_policy(principal).require_observation_write(values.kind)
+    if resource_type == "Patient" and not access_policy(principal).sees_site(values.site):
         raise Forbidden(f"Site {values.site} is not one of the caller's sites")
     if resource_type != "Patient" and values.patient_id is not None:
         patient = await _patient_row(conn, values.patient_id, scope)
         # A patient at another site is answered exactly like a missing one: no existence leak.
-        if patient is None or patient.deleted or not may_access_site(principal, patient.site):
+        if (
+            patient is None
+            or patient.deleted
+            or not access_policy(principal).sees_site(patient.site)
+        ):
             raise Unprocessable(
                 f"{resource_type}.subject references Patient/{values.patient_id}, "
                 "which does not exist",
@@ -249,7 +261,7 @@ def _subject_taken(
         ),
         0,
     )
-    if holder is not None and may_access_site(principal, holder.site):
+    if holder is not None and access_policy(principal).sees_site(holder.site):
         who = f"Patient/{holder.id}"
         hint = "; update that Patient, or send a conditional create to get it"
     else:
@@ -263,17 +275,17 @@ def _subject_taken(
 def _matched(ctx: ServiceContext, principal: Principal, match: repo.Current) -> Change:
     """A conditional create that found its resource: nothing written, the match read."""
     ctx.audit.add(
-        _audit(
+        audit_access(
             "read",
             principal,
             match,
             description="If-None-Exist matched this resource; nothing was written",
         )
     )
-    return Change(_stored(match), created=False, record=None)
+    return Change(Stored.of_current(match), created=False, record=None)
 
 
-def _wrote_patient(scope: Scope | None, resource_type: str, resource_id: str) -> None:
+def _wrote_patient(scope: LockedPatients | None, resource_type: str, resource_id: str) -> None:
     if scope is not None and resource_type == "Patient":
         scope.patients.pop(resource_id, None)
 
@@ -290,9 +302,9 @@ async def create_in(
     now: datetime,
     *,
     resource_id: str | None = None,
-    if_none_exist: Criteria | None = None,
+    if_none_exist: SearchFilter | None = None,
     description: str | None = None,
-    scope: Scope | None = None,
+    scope: LockedPatients | None = None,
     pending: list[repo.NewResource] | None = None,
 ) -> Change:
     """A create (the server assigns the id; `resource_id` only when the caller assigned one
@@ -353,7 +365,7 @@ async def update_in(
     expected: int | None = None,
     provenance: str | None = None,
     description: str | None = None,
-    scope: Scope | None = None,
+    scope: LockedPatients | None = None,
 ) -> Change:
     """An update of the row `current` that the caller locked (None: a new id, an update as
     create). Every update needs the reason in `provenance`, whether or not the resource
@@ -368,14 +380,14 @@ async def update_in(
         )
     if resource_id.startswith(RESERVED_ID_PREFIX):
         raise _server_owned()
-    if current is not None and not may_access_site(principal, current.site):
+    if current is not None and not access_policy(principal).sees_site(current.site):
         raise hidden(resource_type, resource_id, current.site if current else None)
     if expected is not None and (current is None or current.version_id != expected):
         raise _stale(expected, current)
     if current is not None and current.kind == KIND_RESPONSE_STATUS:
         raise _server_owned()
     if current is not None and resource_type == "Observation":
-        authorize_observation_write(principal, current.kind)
+        access_policy(principal).require_observation_write(current.kind)
     raw = {**raw, "id": resource_id}
     raw, index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
     await _check_subject(conn, raw, index, resource_id, principal)
@@ -412,7 +424,7 @@ async def update_in(
     )
     _wrote_patient(scope, resource_type, resource_id)
     if resource_type == "Patient" and current.site != index.site:
-        authorize(principal, "Patient", Action.MOVE_SITE)
+        access_policy(principal).require("Patient", Action.MOVE_SITE)
         await repo.move_records(conn, resource_id, index.site)
     assert provenance is not None
     await store_provenance(conn, provenance, principal, resource_type, resource_id, version, now)
@@ -481,11 +493,11 @@ async def patch_in(
     current: repo.Current | None,
     expected: int | None = None,
     provenance: str | None = None,
-    scope: Scope | None = None,
+    scope: LockedPatients | None = None,
 ) -> Change:
     """A patch is an update of the patched resource: the same checks, reason and audit."""
     require_reason(provenance)  # first, as for every update: whatever is stored
-    if current is None or not may_access_site(principal, current.site):
+    if current is None or not access_policy(principal).sees_site(current.site):
         raise hidden(resource_type, resource_id, current.site if current else None)
     if expected is not None and current.version_id != expected:
         raise _stale(expected, current)
@@ -517,12 +529,12 @@ async def delete_in(
     current: repo.Current | None,
     expected: int | None = None,
     provenance: str | None = None,
-    scope: Scope | None = None,
+    scope: LockedPatients | None = None,
 ) -> Change | None:
     """A delete of the locked row `current`; None when it was deleted already. Every
     delete needs the reason in `provenance`, even one that finds nothing left to delete."""
     reason = require_reason(provenance)
-    if current is None or not may_access_site(principal, current.site):
+    if current is None or not access_policy(principal).sees_site(current.site):
         raise hidden(resource_type, resource_id, current.site if current else None)
     if expected is not None and current.version_id != expected:
         raise _stale(expected, current)
@@ -561,7 +573,7 @@ async def recompute_changes(
 ) -> None:
     """Recompute each patient the changes touched, once, in the write's own transaction:
     data and status commit together. The Patient rows are locked already (`_accept`,
-    `lock_for_update`, or the caller's `Scope`)."""
+    `lock_for_update`, or the caller's `LockedPatients`)."""
     changes = list(changes)
     forgotten = {c.forgotten for c in changes if c.forgotten is not None}
     patients = set().union(*(c.patients for c in changes)) - forgotten
@@ -584,11 +596,11 @@ async def finish(
 
 
 async def single_match(
-    conn: AsyncConnection, criteria: Criteria, principal: Principal, what: str
+    conn: AsyncConnection, criteria: SearchFilter, principal: Principal, what: str
 ) -> repo.Current | None:
     """The one resource at the caller's sites matching conditional criteria, None when
     none does; 412 when several do (FHIR: the server cannot tell which one is meant)."""
-    visible = replace(criteria, sites=visible_sites(principal))
+    visible = replace(criteria, access=access_policy(principal).sites)
     matches = await repo.first_matches(conn, visible, limit=2)
     if len(matches) > 1:
         raise PreconditionFailed(
@@ -597,10 +609,20 @@ async def single_match(
     return matches[0] if matches else None
 
 
+# The lock order, the one every write takes its locks in (a single write, and a transaction
+# Bundle for all its entries at once), so that no two writes can deadlock:
+#   1. the criteria of conditional interactions (`conditional_lock_key`), sorted;
+#   2. the ids updated, patched or deleted (`lock_id`), sorted;
+#   3. every Patient involved, by id (`lock_for_update`);
+#   4. the records' rows (`lock_for_update`);
+#   5. the audit chain's lock, last, held only until the commit (`audit.trail.append`).
+# SQLite needs none of them: its write transactions begin IMMEDIATE, one at a time.
+
+
 async def lock_id(
     conn: AsyncConnection, resource_type: str, resource_id: str
 ) -> repo.Current | None:
-    """Step 2 of the lock order: the id. Returns its current row, which cannot change while
+    """Step 2 of the lock order (above): the id. Returns its current row, which cannot change while
     the lock is held (every write of it takes the lock), but is not row-locked yet."""
     await repo.lock(conn, f"id:{resource_type}:{resource_id}")
     return await repo.get_current(conn, resource_type, resource_id)
@@ -613,9 +635,9 @@ async def lock_for_update(
     current: repo.Current | None,
     new_patient: str | None = None,
 ) -> repo.Current | None:
-    """Steps 3 and 4 after `lock_id`: the patients involved sorted by id (so two writes moving
-    records between the same patients cannot deadlock), then the record's row. Returns the
-    locked current row, or None for a new id."""
+    """Steps 3 and 4 of the lock order (above), after `lock_id`: the patients involved
+    sorted by id (so two writes moving records between the same patients cannot deadlock),
+    then the record's row. Returns the locked current row, or None for a new id."""
     if resource_type != "Patient":
         # The record's patient cannot change meanwhile: changing it needs the id lock we hold.
         patients = {new_patient, current.patient_id if current else None}
@@ -640,7 +662,7 @@ async def create(
     body: bytes,
     principal: Principal,
     *,
-    if_none_exist: Criteria | None = None,
+    if_none_exist: SearchFilter | None = None,
     if_none_exist_key: str | None = None,
 ) -> WriteResult:
     raw = parse_json(body)
@@ -731,7 +753,7 @@ async def patch(
         # The patched subject decides which patients to lock; the id lock keeps the current
         # version from changing between this look and the row lock.
         new_patient = None
-        if current is not None and may_access_site(principal, current.site):
+        if current is not None and access_policy(principal).sees_site(current.site):
             raw = patched(resource_type, resource_id, current, document)
             if resource_type != "Patient":
                 new_patient = subject_patient_id(resource_type, raw)
@@ -787,7 +809,7 @@ async def delete(
 async def conditional_target(
     conn: AsyncConnection,
     resource_type: str,
-    criteria: Criteria,
+    criteria: SearchFilter,
     raw: dict[str, Any],
     principal: Principal,
 ) -> tuple[str | None, repo.Current | None]:
@@ -805,7 +827,7 @@ async def conditional_target(
                 expression=[f"{resource_type}.id"],
             )
         return match.id, match
-    authorize(principal, resource_type, Action.CREATE)
+    access_policy(principal).require(resource_type, Action.CREATE)
     if body_id is None:
         return None, None
     if not isinstance(body_id, str):
@@ -821,7 +843,7 @@ async def conditional_target(
 async def conditional_update(
     ctx: ServiceContext,
     resource_type: str,
-    criteria: Criteria,
+    criteria: SearchFilter,
     criteria_key: str,
     body: bytes,
     principal: Principal,
@@ -869,7 +891,7 @@ async def conditional_update(
 async def conditional_delete(
     ctx: ServiceContext,
     resource_type: str,
-    criteria: Criteria,
+    criteria: SearchFilter,
     criteria_key: str,
     principal: Principal,
     *,
@@ -913,7 +935,7 @@ async def conditional_delete(
     return change.stored
 
 
-def _audit(
+def audit_access(
     interaction: str,
     principal: Principal,
     current: repo.Current,
@@ -933,9 +955,6 @@ def _audit(
     )
 
 
-audit_access = _audit
-
-
 def _server_owned() -> Forbidden:
     return Forbidden(
         "The ITP response-status Observation is written by the server only; it is "
@@ -950,17 +969,12 @@ def _stale(expected: int, current: repo.Current | None) -> PreconditionFailed:
     )
 
 
-def visible_sites(principal: Principal) -> frozenset[str] | None:
-    """The sites a caller may see, as a query filter (None: every site)."""
-    return None if principal.is_admin else principal.sites
-
-
 async def _visible_current(
     conn: AsyncConnection, resource_type: str, resource_id: str, principal: Principal
 ) -> repo.Current:
     """The current row, or 404 when it is missing or at another site (indistinguishable)."""
     current = await repo.get_current(conn, resource_type, resource_id)
-    if current is None or not may_access_site(principal, current.site):
+    if current is None or not access_policy(principal).sees_site(current.site):
         raise hidden(resource_type, resource_id, current.site if current else None)
     return current
 
@@ -970,14 +984,14 @@ async def read(
 ) -> Stored:
     async with ctx.db.read_statement() as conn:
         current = await _visible_current(conn, resource_type, resource_id, principal)
-    ctx.audit.add(_audit("read", principal, current))
+    ctx.audit.add(audit_access("read", principal, current))
     if current.deleted:
         raise Gone(
             f"{resource_type}/{resource_id} was deleted (version {current.version_id}); "
             "its history stays readable",
             headers={"ETag": f'W/"{current.version_id}"'},
         )
-    return _stored(current)
+    return Stored.of_current(current)
 
 
 async def vread(
@@ -990,14 +1004,12 @@ async def vread(
     async with ctx.db.read() as conn:
         current = await _visible_current(conn, resource_type, resource_id, principal)
         version = await repo.get_version(conn, resource_type, resource_id, version_id)
-    ctx.audit.add(_audit("vread", principal, current, version=version_id))
+    ctx.audit.add(audit_access("vread", principal, current, version=version_id))
     if version is None:
         raise NotFound(f"{resource_type}/{resource_id}/_history/{version_id} does not exist")
     if version.content is None:
         raise Gone(f"{resource_type}/{resource_id}/_history/{version_id} is a deletion")
-    return Stored(
-        resource_type, resource_id, version.version_id, version.last_updated, version.content
-    )
+    return Stored.of_version(resource_type, resource_id, version)
 
 
 async def history(
@@ -1013,7 +1025,7 @@ async def history(
     async with ctx.db.read() as conn:
         if resource_id is not None:
             current = await _visible_current(conn, resource_type, resource_id, principal)
-            ctx.audit.add(_audit("history-instance", principal, current))
+            ctx.audit.add(audit_access("history-instance", principal, current))
         else:
             ctx.audit.add(
                 AuditRecord.of(
@@ -1029,7 +1041,7 @@ async def history(
             since=since,
             after=after,
             limit=limit,
-            sites=visible_sites(principal),
+            access=access_policy(principal).sites,
         )
 
 

@@ -15,17 +15,18 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app import codes, metrics
+from app import metrics
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import hidden, may_access_site, narrowed_sites
+from app.auth.permissions import hidden
+from app.auth.policy import access_policy
 from app.auth.principal import Principal, Role, parse_scopes
 from app.engine import (
     EVIDENCE_RESOURCE_TYPES,
@@ -39,16 +40,17 @@ from app.engine import (
     Timeline,
     assess,
 )
-from app.errors import Gone, NotFound
-from app.services.context import ServiceContext
-from app.services.dates import format_instant, utc_now
-from app.services.indexing import (
+from app.kit import codes
+from app.kit.codes import (
     KIND_BLEEDING_EVENT,
     KIND_BLEEDING_GRADE,
     KIND_PLATELET,
     KIND_RESPONSE_STATUS,
-    search_values,
 )
+from app.kit.dates import format_instant, utc_now
+from app.kit.errors import Gone, NotFound
+from app.services.context import ServiceContext
+from app.services.indexing import search_values
 from app.services.provenance import store_provenance
 from app.store import repository as repo
 
@@ -64,21 +66,14 @@ def response_observation_id(patient_id: str) -> str:
     return RESERVED_ID_PREFIX + uuid.uuid5(_RESPONSE_NAMESPACE, patient_id).hex
 
 
-def _clinical_time(fact: repo.Fact, zone: ZoneInfo) -> datetime:
-    """Stored times are UTC; a value that was a bare date (2025-03-10) means that calendar
-    day where the trial is, so it starts at midnight in the trial's time zone, not UTC's."""
-    assert fact.time is not None
-    if fact.time_end is not None and fact.time_end - fact.time == _WHOLE_DAY:
-        return datetime.combine(fact.time.date(), datetime.min.time(), tzinfo=zone)
-    return fact.time.replace(tzinfo=UTC)
-
-
 _WHOLE_DAY = timedelta(days=1) - timedelta(microseconds=1)
 
 
 def timeline_from_rows(patient_id: str, rows: list[repo.FactRow], zone: ZoneInfo) -> Timeline:
-    """`timeline` from `repo.patient_fact_rows` (times already aware UTC): the same Timeline,
-    built for the hot path (no intermediate objects, the engine's fast constructors)."""
+    """The patient's Timeline from `repo.patient_fact_rows` (times aware UTC), built for the
+    hot path (no intermediate objects, the engine's fast constructors). Stored times are
+    UTC; a value that was a bare date (2025-03-10) means that calendar day where the trial
+    is, so it starts at midnight in the trial's time zone, not UTC's."""
     counts, grades, events, administrations = [], [], [], []
     count, grade, event, administration = (
         PlateletCount.fast,
@@ -90,7 +85,7 @@ def timeline_from_rows(patient_id: str, rows: list[repo.FactRow], zone: ZoneInfo
         if start is None:
             continue  # a record without a clinical time cannot be placed on the timeline
         if end is not None and end - start == _WHOLE_DAY:
-            # A bare date: that calendar day where the trial is (see `_clinical_time`).
+            # A bare date: that calendar day where the trial is.
             start = datetime.combine(start.date(), datetime.min.time(), tzinfo=zone)
         status = status or "unknown"
         if kind == KIND_PLATELET:
@@ -103,26 +98,6 @@ def timeline_from_rows(patient_id: str, rows: list[repo.FactRow], zone: ZoneInfo
             events.append(event(ident, start, status))
         else:
             administrations.append(administration(ident, start, kind, status))  # type: ignore[arg-type]
-    return Timeline(patient_id, tuple(counts), tuple(grades), tuple(events), tuple(administrations))
-
-
-def timeline(patient_id: str, facts: list[repo.Fact], zone: ZoneInfo) -> Timeline:
-    counts, grades, events, administrations = [], [], [], []
-    for fact in facts:
-        if fact.time is None:
-            continue  # a record without a clinical time cannot be placed on the timeline
-        time = _clinical_time(fact, zone)
-        status = fact.status or "unknown"
-        if fact.kind == KIND_PLATELET:
-            if fact.value is not None:
-                counts.append(PlateletCount(fact.id, time, fact.value, status))
-        elif fact.kind == KIND_BLEEDING_GRADE:
-            if fact.value is not None:
-                grades.append(BleedingAssessment(fact.id, time, int(fact.value), status))
-        elif fact.kind == KIND_BLEEDING_EVENT:
-            events.append(BleedingEvent(fact.id, time, status))
-        else:
-            administrations.append(Administration(fact.id, time, fact.kind, status))  # type: ignore[arg-type]
     return Timeline(patient_id, tuple(counts), tuple(grades), tuple(events), tuple(administrations))
 
 
@@ -355,7 +330,7 @@ async def visible_patient(
     """The Patient an operation on one patient is about: 404 when it is missing or at
     another site (indistinguishable), 410 when it was deleted."""
     patient = await repo.get_current(conn, "Patient", patient_id)
-    if patient is None or not may_access_site(principal, patient.site):
+    if patient is None or not access_policy(principal).sees_site(patient.site):
         raise hidden("Patient", patient_id, patient.site if patient else None)
     if patient.deleted:
         raise Gone(f"Patient/{patient_id} was deleted")
@@ -403,10 +378,10 @@ async def response_summary(
 ) -> dict[str, Any]:
     """Counts over the patients at the caller's sites only, narrowed to `requested` (as the
     trial report's `site=`: a site the caller does not hold is refused)."""
-    sites = narrowed_sites(principal, requested)
+    access = access_policy(principal).narrowed(requested)
     ctx.audit.add(AuditRecord.of(principal, "operation", description="$response-summary"))
     async with ctx.db.read() as conn:
-        rows = await repo.assessment_counts(conn, sites)
+        rows = await repo.assessment_counts(conn, access)
     by_status = {code: 0 for code in ("CR", "R", "NR", "LOR", "NE")}
     by_best = {code: 0 for code in ("CR", "R", "NR", "NE")}
     for status, best, count in rows:
@@ -423,7 +398,7 @@ async def response_summary(
         "by_best_response": by_best,
         "responders": responders,
         "overall_response_rate": round(responders / evaluable, 4) if evaluable else None,
-        "sites": sorted(sites) if sites is not None else None,
+        "sites": sorted(access.sites) if access.sites is not None else None,
         "criteria": ctx.criteria.as_dict(),
     }
 

@@ -33,16 +33,17 @@ import pyreadstat
 from sqlalchemy import not_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app import codes
 from app.audit.trail import AuditRecord
-from app.auth.permissions import Action, authorize
+from app.auth.permissions import Action
+from app.auth.policy import SiteAccess, access_policy
 from app.auth.principal import Principal
 from app.engine import EXPOSED_STATUSES
-from app.errors import NotFound
+from app.kit import codes
+from app.kit.codes import KIND_PLATELET
+from app.kit.errors import NotFound
 from app.services.context import ServiceContext
-from app.services.indexing import KIND_PLATELET
-from app.services.resources import visible_sites
 from app.services.response import response_observation_id
+from app.store.criteria import site_condition
 from app.store.tables import assessment_table as A
 from app.store.tables import resource_table as R
 from app.store.tables import version_table as V
@@ -281,15 +282,14 @@ def subject_number(patient: dict[str, Any], code_systems: codes.CodeSystems) -> 
 
 
 async def _patients(
-    conn: AsyncConnection, sites: frozenset[str] | None, code_systems: codes.CodeSystems
+    conn: AsyncConnection, access: SiteAccess, code_systems: codes.CodeSystems
 ) -> list[tuple[str, str, str | None, str]]:
-    """(subject number, patient id, site, content) of every live patient at `sites`, in
+    """(subject number, patient id, site, content) of every live patient `access` sees, in
     subject-number order. Held for the run: a few hundred bytes per patient, never records."""
     query = select(R.c.id, R.c.site, R.c.content).where(
         R.c.resource_type == "Patient", not_(R.c.deleted)
     )
-    if sites is not None:
-        query = query.where(R.c.site.in_(sites))
+    query = query.where(*site_condition(R.c.site, access))
     patients = []
     for patient_id, site, content in await conn.execute(query):
         number = subject_number(orjson.loads(content), code_systems) or patient_id
@@ -300,15 +300,15 @@ async def _patients(
 
 async def subjects(
     ctx: ServiceContext,
-    sites: frozenset[str] | None,
+    access: SiteAccess,
     record_types: Sequence[str],
     statuses: bool = False,
 ) -> AsyncIterator[Subject]:
-    """Every live patient at `sites`, in USUBJID order, with their live records of
+    """Every live patient `access` sees, in USUBJID order, with their live records of
     `record_types`, their assessment, and (`statuses`) their status Observation's history.
     Records are read for SUBJECTS_PER_READ patients at a time."""
     async with ctx.db.read() as conn:
-        patients = await _patients(conn, sites, ctx.codes)
+        patients = await _patients(conn, access, ctx.codes)
     for start in range(0, len(patients), SUBJECTS_PER_READ):
         batch = patients[start : start + SUBJECTS_PER_READ]
         ids = [patient_id for _, patient_id, _, _ in batch]
@@ -735,28 +735,28 @@ def domain(code: str) -> Domain:
 
 def authorize_domain(principal: Principal, dataset: Domain) -> None:
     for resource_type in dataset.sources:
-        authorize(principal, resource_type, Action.EXPORT)
+        access_policy(principal).require(resource_type, Action.EXPORT)
 
 
 async def domain_rows(
     ctx: ServiceContext,
     code: str,
-    sites: frozenset[str] | None,
+    access: SiteAccess,
     study_id: str,
     progress: Callable[[int], None] | None = None,
 ) -> AsyncIterator[list[Row]]:
     """The domain's rows, subject by subject in USUBJID order (--SEQ within each)."""
     build, record_types, statuses = _BUILDERS[code]
     study = Study(study_id, ctx.criteria.zone)
-    async for subject in subjects(ctx, sites, record_types, statuses):
+    async for subject in subjects(ctx, access, record_types, statuses):
         yield build(subject, study)
         if progress is not None:
             progress(1)
 
 
-async def patient_count(ctx: ServiceContext, sites: frozenset[str] | None) -> int:
+async def patient_count(ctx: ServiceContext, access: SiteAccess) -> int:
     async with ctx.db.read() as conn:
-        return len(await _patients(conn, sites, ctx.codes))
+        return len(await _patients(conn, access, ctx.codes))
 
 
 # --- writing ------------------------------------------------------------------------------
@@ -843,7 +843,7 @@ async def write_dataset(
     code: str,
     fmt: Format,
     directory: Path,
-    sites: frozenset[str] | None,
+    access: SiteAccess,
     study_id: str,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Path, int]:
@@ -851,7 +851,7 @@ async def write_dataset(
     dataset = domain(code)
     writer = DatasetWriter(dataset, directory / f"{code}.{fmt}", fmt)
     try:
-        async for batch in domain_rows(ctx, code, sites, study_id, progress):
+        async for batch in domain_rows(ctx, code, access, study_id, progress):
             writer.add(batch)
     except BaseException:
         writer.discard()
@@ -872,7 +872,9 @@ async def dataset_file(
     `directory` (the caller streams it, then removes it); audited like a read."""
     dataset = domain(code)
     authorize_domain(principal, dataset)
-    path, count = await write_dataset(ctx, code, fmt, directory, visible_sites(principal), study_id)
+    path, count = await write_dataset(
+        ctx, code, fmt, directory, access_policy(principal).sites, study_id
+    )
     ctx.audit.add(
         AuditRecord.of(
             principal,

@@ -16,14 +16,32 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.trail import AuditRecord
-from app.auth.permissions import Action, authorize
+from app.auth.permissions import Action
+from app.auth.policy import SiteAccess, access_policy
 from app.auth.principal import Principal, Role
-from app.errors import Forbidden
+from app.kit.errors import Forbidden
 from app.services import subjects
 from app.services.context import ServiceContext
-from app.services.resources import Stored, visible_sites
+from app.services.resources import Stored
 from app.store import repository as repo
-from app.store.criteria import Criteria, Include, SortKey
+from app.store.criteria import Include, SearchFilter, SortKey
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """What one search asks: the filter, the page (sort, cursor, count), the totals, the
+    included resources, and the query as the client wrote it (for the audit record)."""
+
+    criteria: SearchFilter
+    sort: Sequence[SortKey] = ()
+    after: Sequence[Any] | None = None
+    count: int = 50
+    total: bool = False
+    count_only: bool = False
+    includes: Sequence[Include] = ()
+    revincludes: Sequence[Include] = ()
+    include_limit: int = 1000
+    query: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,49 +61,44 @@ class SearchResult:
 
 async def search(
     ctx: ServiceContext,
-    criteria: Criteria,
+    request: SearchRequest,
     principal: Principal,
     *,
-    sort: Sequence[SortKey] = (),
-    after: Sequence[Any] | None = None,
-    count: int,
-    total: bool = False,
-    count_only: bool = False,
-    includes: Sequence[Include] = (),
-    revincludes: Sequence[Include] = (),
-    include_limit: int = 1000,
-    query: str | None = None,
     conn: AsyncConnection | None = None,
 ) -> SearchResult:
     """One page of matches (`count` at most). `count_only`: the total and nothing else.
     In a read transaction of its own, or in `conn` (a Bundle's, which sees its writes)."""
+    criteria, includes, revincludes = request.criteria, request.includes, request.revincludes
     _authorize(principal, criteria, includes, revincludes)
     criteria = replace(
-        subjects.normalise_criteria(criteria, ctx.codes), sites=visible_sites(principal)
+        subjects.normalise_criteria(criteria, ctx.codes),
+        access=access_policy(principal).sites,
     )
     async with _connection(ctx, conn) as conn:
-        number = await repo.count(conn, criteria) if total or count_only else None
-        if count_only:
-            ctx.audit.add(_searched(principal, criteria, query, ()))
+        number = await repo.count(conn, criteria) if request.total or request.count_only else None
+        if request.count_only:
+            ctx.audit.add(_searched(principal, criteria, request.query, ()))
             return SearchResult([], False, number, [], False)
-        rows = await repo.search(conn, criteria, sort=sort, after=after, limit=count + 1)
-        page = rows[:count]
+        rows = await repo.search(
+            conn, criteria, sort=request.sort, after=request.after, limit=request.count + 1
+        )
+        page = rows[: request.count]
         included, truncated = await _included(
             conn,
             [current for current, _ in page],
-            criteria.sites,
+            criteria.access,
             includes,
             revincludes,
-            include_limit,
+            request.include_limit,
         )
-    hits = [SearchHit(_stored(current), key) for current, key in page]
+    hits = [SearchHit(Stored.of_current(current), key) for current, key in page]
     shown = [hit.stored for hit in hits] + included
-    ctx.audit.add(_searched(principal, criteria, query, shown))
-    return SearchResult(hits, len(rows) > count, number, included, truncated)
+    ctx.audit.add(_searched(principal, criteria, request.query, shown))
+    return SearchResult(hits, len(rows) > request.count, number, included, truncated)
 
 
 def _searched(
-    principal: Principal, criteria: Criteria, query: str | None, shown: Sequence[Stored]
+    principal: Principal, criteria: SearchFilter, query: str | None, shown: Sequence[Stored]
 ) -> AuditRecord:
     """The search's audit record, naming every resource version it showed the caller."""
     disclosed = {(s.resource_type, s.id): s.version_id for s in shown}
@@ -109,56 +122,50 @@ async def _connection(
             yield own
 
 
-def authorize_criteria(principal: Principal, criteria: Criteria) -> None:
+def authorize_criteria(principal: Principal, criteria: SearchFilter) -> None:
     """The checks a search makes of its criteria (a lab finds Patients by identifier only),
     for criteria used elsewhere: conditional writes and references."""
     _authorize(principal, criteria, (), ())
 
 
-def _stored(current: repo.Current) -> Stored:
-    return Stored(
-        current.resource_type, current.id, current.version_id, current.last_updated, current.content
-    )
-
-
 async def _included(
     conn: AsyncConnection,
     page: list[repo.Current],
-    sites: frozenset[str] | None,
+    access: SiteAccess | None,
     includes: Sequence[Include],
     revincludes: Sequence[Include],
     limit: int,
 ) -> tuple[list[Stored], bool]:
     """The page's subjects (`_include`) and the records of the page's Patients
     (`_revinclude`), each once, at the caller's sites, `limit` at most."""
-    wanted: list[Criteria] = []
+    wanted: list[SearchFilter] = []
     if includes:
         subjects = sorted({c.patient_id for c in page if c.patient_id is not None})
-        wanted.append(Criteria("Patient", ids=subjects, sites=sites))
+        wanted.append(SearchFilter("Patient", ids=subjects, access=access))
     patients = [c.id for c in page]
     # Observation:subject and Observation:patient follow the same reference: one query.
     for source in dict.fromkeys(include.source for include in revincludes):
-        wanted.append(Criteria(source, patients=patients, sites=sites))
+        wanted.append(SearchFilter(source, patients=patients, access=access))
     found: dict[tuple[str, str], Stored] = {}
     for criteria in wanted:
         if not page or len(found) > limit:
             break
         for current in await repo.first_matches(conn, criteria, limit + 1 - len(found)):
-            found.setdefault((current.resource_type, current.id), _stored(current))
+            found.setdefault((current.resource_type, current.id), Stored.of_current(current))
     included = list(found.values())
     return included[:limit], len(included) > limit
 
 
 def _authorize(
     principal: Principal,
-    criteria: Criteria,
+    criteria: SearchFilter,
     includes: Sequence[Include],
     revincludes: Sequence[Include],
 ) -> None:
     for include in includes:
-        authorize(principal, include.target, Action.READ)
+        access_policy(principal).require(include.target, Action.READ)
     for include in revincludes:
-        authorize(principal, include.source, Action.SEARCH)
+        access_policy(principal).require(include.source, Action.SEARCH)
     if principal.role is not Role.LAB:
         return
     # A lab looks up the patient of a result by identifier; it never browses the trial's
@@ -171,7 +178,7 @@ def _authorize(
         raise Forbidden("role lab may not _include Patients; it looks them up by identifier")
 
 
-def _identifies(criteria: Criteria) -> bool:
+def _identifies(criteria: SearchFilter) -> bool:
     """Whether the criteria name the patient: an identifier value (`system|value` or
     `value`) that every match must have."""
     return any(

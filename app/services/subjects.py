@@ -15,9 +15,9 @@ import unicodedata
 from dataclasses import replace
 from typing import Any, Final
 
-from app.codes import CodeSystems
-from app.errors import Unprocessable
-from app.store.criteria import Criteria, TokenMatch
+from app.kit.codes import CodeSystems
+from app.kit.errors import Unprocessable
+from app.store.criteria import SearchFilter, TokenMatch
 
 # ASCII letters and digits, '-', '_' and '.', starting with a letter or digit: no spaces,
 # controls or format characters (zero-width spaces, bidi controls). 64 at most: the column.
@@ -88,8 +88,8 @@ def normalise_patient(
     return {**raw, "identifier": rewritten}, next(iter(numbers))
 
 
-def normalise_criteria(criteria: Criteria, code_systems: CodeSystems) -> Criteria:
-    """Criteria whose subject numbers (Patient `identifier` on the subject system, also in
+def normalise_criteria(criteria: SearchFilter, code_systems: CodeSystems) -> SearchFilter:
+    """SearchFilter whose subject numbers (Patient `identifier` on the subject system, also in
     chains) are compared as stored (`comparison_key`): `S01-001 ` finds `S01-001`."""
     chains = criteria.chains
     if chains:

@@ -7,8 +7,9 @@ A transaction (FHIR http.html#trules):
    (`Patient?identifier=...`) points at (none: 400, several: 412);
 2. give every created resource its id and rewrite each `fullUrl` (`urn:uuid:...`) wherever
    another entry references it to `Type/id`;
-3. lock the ids it updates, patches or deletes, then every Patient involved, then the rows
-   (each sorted: the order of a single write, so a Bundle cannot deadlock with one);
+3. lock the ids it updates, patches or deletes, then every Patient involved, then the rows,
+   in the lock order of a single write (`services.resources`, above `lock_id`), so a Bundle
+   cannot deadlock with one;
 4. process the entries DELETE, then POST, then PUT and PATCH, then GET (each group in the
    Bundle's order, but Patients written before the records that refer to them and deleted
    after them), recomputing each patient's response once, before the reads;
@@ -31,9 +32,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import Action, authorize, hidden, may_access_site
+from app.auth.permissions import Action, hidden
+from app.auth.policy import access_policy
 from app.auth.principal import Principal
-from app.errors import (
+from app.kit.dates import utc_now
+from app.kit.errors import (
     BadRequest,
     FhirError,
     Gone,
@@ -43,32 +46,18 @@ from app.errors import (
 )
 from app.services import resources, search, subjects
 from app.services.context import ServiceContext
-from app.services.dates import utc_now
 from app.services.indexing import subject_patient_id
 from app.services.patching import Patch
 from app.services.provenance import require_reason
-from app.services.resources import Change, Scope, Stored
+from app.services.resources import Change, LockedPatients, Stored
+from app.services.search import SearchRequest
 from app.store import repository as repo
-from app.store.criteria import Criteria, Include, SortKey
+from app.store.criteria import SearchFilter
 from app.store.failures import is_transient
 
 # FHIR processing order of a transaction's entries.
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3}
 _INTERACTION = {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "update"}
-
-
-@dataclass(frozen=True)
-class SearchRequest:
-    criteria: Criteria
-    sort: Sequence[SortKey] = ()
-    after: Sequence[Any] | None = None
-    count: int = 50
-    total: bool = False
-    count_only: bool = False
-    includes: Sequence[Include] = ()
-    revincludes: Sequence[Include] = ()
-    include_limit: int = 1000
-    query: str | None = None
 
 
 @dataclass
@@ -80,7 +69,7 @@ class EntryRequest:
     resource_type: str
     resource_id: str | None = None  # Type/id
     version_id: int | None = None  # Type/id/_history/version (GET)
-    criteria: Criteria | None = None  # ifNoneExist, or Type?criteria
+    criteria: SearchFilter | None = None  # ifNoneExist, or Type?criteria
     criteria_key: str | None = None
     full_url: str | None = None
     resource: dict[str, Any] | None = None  # POST, PUT
@@ -88,7 +77,7 @@ class EntryRequest:
     if_match: int | None = None
     search: SearchRequest | None = None  # GET Type?...
     # Conditional references in `resource` (`Patient?identifier=...`) and their criteria.
-    references: dict[str, Criteria] = field(default_factory=dict)
+    references: dict[str, SearchFilter] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -160,7 +149,7 @@ def _authorize(principal: Principal, entry: EntryRequest) -> None:
     kind = entry.resource_type
     if entry.method == "GET":
         action = Action.SEARCH if entry.search is not None else Action.READ
-        authorize(principal, kind, action)
+        access_policy(principal).require(kind, action)
         return
     action = {
         "POST": Action.CREATE,
@@ -168,14 +157,14 @@ def _authorize(principal: Principal, entry: EntryRequest) -> None:
         "PATCH": Action.UPDATE,
         "DELETE": Action.DELETE,
     }[entry.method]
-    authorize(principal, kind, action)
+    access_policy(principal).require(kind, action)
     if entry.criteria is not None:
         if entry.method == "POST":
-            authorize(principal, kind, Action.CONDITIONAL_CREATE)
-        authorize(principal, kind, Action.SEARCH)
+            access_policy(principal).require(kind, Action.CONDITIONAL_CREATE)
+        access_policy(principal).require(kind, Action.SEARCH)
         search.authorize_criteria(principal, entry.criteria)
     for criteria in entry.references.values():
-        authorize(principal, criteria.resource_type, Action.SEARCH)
+        access_policy(principal).require(criteria.resource_type, Action.SEARCH)
         search.authorize_criteria(principal, criteria)
 
 
@@ -262,7 +251,7 @@ async def _run(
         currents[(resource_type, resource_id)] = await resources.lock_id(
             conn, resource_type, resource_id
         )
-    scope = Scope()
+    scope = LockedPatients()
     for patient_id in sorted(_patients(entries, plan, currents, principal)):
         row = await repo.get_current(conn, "Patient", patient_id, for_update=True)
         if row is not None:
@@ -383,9 +372,9 @@ def _refuse_duplicates(entries: Iterable[EntryRequest], plan: _Plan) -> None:
 
 
 async def _resolve(
-    conn: AsyncConnection, reference: str, criteria: Criteria, principal: Principal
+    conn: AsyncConnection, reference: str, criteria: SearchFilter, principal: Principal
 ) -> str:
-    visible = replace(criteria, sites=resources.visible_sites(principal))
+    visible = replace(criteria, access=access_policy(principal).sites)
     matches = await repo.first_matches(conn, visible, limit=2)
     if len(matches) > 1:
         raise PreconditionFailed(
@@ -436,7 +425,7 @@ def _patients(
             patients.add(current.patient_id)
         body = entry.resource
         if entry.patch is not None and current is not None and target is not None:
-            if not may_access_site(principal, current.site):
+            if not access_policy(principal).sees_site(current.site):
                 continue
             try:
                 body = resources.patched(kind, target, current, entry.patch)
@@ -458,7 +447,7 @@ async def _write(
     entry: EntryRequest,
     plan: _Plan,
     currents: dict[tuple[str, str], repo.Current | None],
-    scope: Scope,
+    scope: LockedPatients,
     principal: Principal,
     provenance: str | None,
     now: datetime,
@@ -548,39 +537,22 @@ async def _read(
 ) -> EntryResult:
     kind = entry.resource_type
     if entry.search is not None:
-        request = entry.search
-        found = await search.search(
-            ctx,
-            request.criteria,
-            principal,
-            sort=request.sort,
-            after=request.after,
-            count=request.count,
-            total=request.total,
-            count_only=request.count_only,
-            includes=request.includes,
-            revincludes=request.revincludes,
-            include_limit=request.include_limit,
-            query=request.query,
-            conn=conn,
-        )
+        found = await search.search(ctx, entry.search, principal, conn=conn)
         return EntryResult(200, search=found)
     assert entry.resource_id is not None
     current = await repo.get_current(conn, kind, entry.resource_id)
-    if current is None or not may_access_site(principal, current.site):
+    if current is None or not access_policy(principal).sees_site(current.site):
         raise hidden(kind, entry.resource_id, current.site if current else None)
     if entry.version_id is None:
         ctx.audit.add(resources.audit_access("read", principal, current))
         if current.deleted:
             raise Gone(f"{kind}/{entry.resource_id} was deleted (version {current.version_id})")
-        return EntryResult(200, stored=resources.stored_of(current))
+        return EntryResult(200, stored=Stored.of_current(current))
     version = await repo.get_version(conn, kind, entry.resource_id, entry.version_id)
     ctx.audit.add(resources.audit_access("vread", principal, current, version=entry.version_id))
     if version is None:
         raise NotFound(f"{kind}/{entry.resource_id}/_history/{entry.version_id} does not exist")
     if version.content is None:
         raise Gone(f"{kind}/{entry.resource_id}/_history/{entry.version_id} is a deletion")
-    stored = Stored(
-        kind, entry.resource_id, version.version_id, version.last_updated, version.content
-    )
+    stored = Stored.of_version(kind, entry.resource_id, version)
     return EntryResult(200, stored=stored)

@@ -10,7 +10,6 @@ parseable.
 
 from __future__ import annotations
 
-import calendar
 import json
 import math
 import re
@@ -32,9 +31,10 @@ from fhir_core import types as fhir_types
 from fhir_core.fhirabstractmodel import FHIRAbstractModel
 from pydantic import ValidationError
 
-from app import codes
-from app.errors import BadRequest, Issue, Unprocessable
-from app.services.limits import MAX_INDEXED_STRING
+from app.kit import codes
+from app.kit.dates import date_problem
+from app.kit.errors import BadRequest, Issue, Unprocessable
+from app.kit.limits import MAX_INDEXED_STRING
 
 RESOURCE_CLASSES: dict[str, type[FHIRAbstractModel]] = {
     "Patient": Patient,
@@ -83,15 +83,6 @@ _INDEXED_STRINGS: dict[str, frozenset[str]] = {
 }
 
 _ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_DATE_RE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
-_DATETIME_RE = re.compile(
-    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T([01]\d|2[0-3]):([0-5]\d):([0-5]\d|60)(\.\d+)?"
-    r"(Z|[+-](?:(?:0\d|1[0-3]):[0-5]\d|14:00)))?)?)?"
-)
-_INSTANT_RE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})T([01]\d|2[0-3]):([0-5]\d):([0-5]\d|60)(\.\d+)?"
-    r"(Z|[+-](?:(?:0\d|1[0-3]):[0-5]\d|14:00))"
-)
 _CODE_RE = re.compile(codes.CODE_PATTERN)
 _STRING_RE = re.compile(codes.STRING_PATTERN)
 
@@ -425,7 +416,7 @@ def _check_value(
         )
 
 
-def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:  # noqa: PLR0911
+def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:
     kind = spec.primitive
     if kind is None:
         return None
@@ -448,11 +439,11 @@ def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:  # noqa: PLR
     if value == "":
         return "An empty string is not a FHIR value"
     if kind == "date":
-        return _date_problem(value, _DATE_RE, "date")
+        return date_problem(value, "date")
     if kind == "dateTime":
-        return _date_problem(value, _DATETIME_RE, "dateTime")
+        return date_problem(value, "dateTime")
     if kind == "instant":
-        return _date_problem(value, _INSTANT_RE, "instant")
+        return date_problem(value, "instant")
     if kind in ("uri", "url", "canonical", "oid", "uuid") and any(c.isspace() for c in value):
         return f"A FHIR {kind} must not contain white space"
     if kind in ("string", "markdown") and not _STRING_RE.fullmatch(value):
@@ -461,39 +452,6 @@ def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:  # noqa: PLR
         return "A code must not have leading, trailing or repeated white space"
     if kind == "id" and not _ID_RE.fullmatch(value):
         return "An id is 1-64 of A-Z, a-z, 0-9, '-' and '.'"
-    return None
-
-
-# A date and a time of day with neither a time zone nor, perhaps, seconds: the form people
-# write, and what FHIR does not take (a time is only meaningful with its zone).
-_ZONELESS_TIME = re.compile(r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2})(:\d{2}(?:\.\d+)?)?")
-_FORMS = {
-    "date": "YYYY, YYYY-MM or YYYY-MM-DD, e.g. 2025-03-10",
-    "dateTime": "YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm:ss with a time zone, "
-    "e.g. 2025-03-10 or 2025-03-10T09:00:00Z",
-    "instant": "YYYY-MM-DDThh:mm:ss with a time zone, e.g. 2025-03-10T09:00:00Z",
-}
-
-
-def _date_problem(value: str, pattern: re.Pattern[str], kind: str) -> str | None:
-    match = pattern.fullmatch(value)
-    zoneless = _ZONELESS_TIME.fullmatch(value) if kind != "date" else None
-    if match is None and zoneless is not None:
-        day, minutes, seconds = zoneless.groups()
-        time = f"{day}T{minutes}{seconds or ':00'}"
-        return (
-            f"{value!r} has a time of day but no time zone: a FHIR {kind} with a time needs "
-            f"its zone (and seconds), e.g. {time}Z in UTC or {time}+01:00"
-        )
-    if match is None:
-        return f"{value!r} is not a valid FHIR {kind}: {_FORMS[kind]}"
-    year, month, day = match.group(1), match.group(2), match.group(3)
-    if int(year) == 0:
-        return f"{value!r}: year 0000 does not exist"
-    if month is not None and not 1 <= int(month) <= 12:
-        return f"{value!r}: month {month} does not exist"
-    if day is not None and not 1 <= int(day) <= calendar.monthrange(int(year), int(month))[1]:
-        return f"{value!r}: day {day} does not exist in that month"
     return None
 
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement
+
+from app.auth.policy import SiteAccess
 
 
 @dataclass
@@ -75,13 +80,15 @@ class Include:
 
 
 @dataclass
-class Criteria:
+class SearchFilter:
     resource_type: str
     ids: list[str] | None = None
     patients: list[str] | None = None
     tokens: list[list[TokenMatch]] | None = None
     dates: list[list[DateMatch]] | None = None  # on the effective range (clinical time)
-    sites: frozenset[str] | None = None  # the caller's sites; None: every site
+    # Whose sites the search may return: the caller's policy, or the server's own access.
+    # Unset, the search is refused (MissingSiteAccess): a query cannot forget it.
+    access: SiteAccess | None = None
     # Site codes asked for (Patient `organization`), intersected like `ids`.
     organizations: list[str] | None = None
     # `:not`: a row matches when it has none of the tokens of each inner list.
@@ -92,4 +99,16 @@ class Criteria:
     missing: list[Missing] | None = None
     # Chained parameters (`subject:Patient.identifier=...`): the record's Patient must
     # match each of these Patient criteria.
-    chains: list[Criteria] | None = None
+    chains: list[SearchFilter] | None = None
+
+
+class MissingSiteAccess(RuntimeError):
+    """A query of clinical data built without saying whose sites it may return: a bug."""
+
+
+def site_condition(column: Any, access: SiteAccess | None) -> list[ColumnElement[bool]]:
+    """The one place "which sites" becomes SQL: rows of `column` at the access's sites (no
+    condition for every-site access). Every read of clinical data goes through here."""
+    if access is None:
+        raise MissingSiteAccess("a query of clinical data needs a SiteAccess")
+    return [] if access.sites is None else [column.in_(access.sites)]

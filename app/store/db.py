@@ -9,7 +9,7 @@ Transactions have one owner: `write()` / `read()` below, opened by the service l
 per request. A write transaction on SQLite starts with `BEGIN IMMEDIATE`, which takes the
 database's write lock up front: check-then-insert sequences (conditional create) cannot
 interleave, and two writers never deadlock upgrading a shared lock. On PostgreSQL the
-equivalent guarantees come from explicit locks (`store.locks`).
+equivalent guarantees come from explicit locks (`store.repository.lock` and row locks).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from app.errors import ConfigurationError
+from app.kit.errors import ConfigurationError
 
 SQLITE_BUSY_TIMEOUT_S = 30
 PGBOUNCER_PARAMETER = "pgbouncer"

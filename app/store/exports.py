@@ -15,6 +15,8 @@ from typing import Any
 from sqlalchemy import and_, delete, func, insert, not_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.auth.policy import SiteAccess
+from app.store.criteria import site_condition
 from app.store.tables import export_chunk_table as C
 from app.store.tables import export_file_table as F
 from app.store.tables import export_job_table as J
@@ -244,16 +246,14 @@ async def resource_batch(
     conn: AsyncConnection,
     resource_type: str,
     after_pk: int,
-    sites: frozenset[str] | None,
+    access: SiteAccess,
     limit: int,
 ) -> list[ExportRow]:
     """The next `limit` current rows of the type after `after_pk`, in key order (an index
-    range scan of ix_resource_type_pk), at `sites` (None: every site)."""
+    range scan of ix_resource_type_pk), that `access` sees."""
     query = select(R.c.pk, R.c.id, R.c.last_updated, R.c.deleted, R.c.content).where(
-        R.c.resource_type == resource_type, R.c.pk > after_pk
+        R.c.resource_type == resource_type, R.c.pk > after_pk, *site_condition(R.c.site, access)
     )
-    if sites is not None:
-        query = query.where(R.c.site.in_(sites))
     rows = await conn.execute(query.order_by(R.c.pk).limit(limit))
     return [ExportRow(*row) for row in rows]
 

@@ -28,14 +28,17 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.auth.policy import SiteAccess
+from app.kit.codes import ENGINE_RESOURCE_TYPES, KIND_RESPONSE_STATUS
 from app.store.criteria import (
-    Criteria,
     DateMatch,
     Missing,
     NumberMatch,
+    SearchFilter,
     SortKey,
     StringMatch,
     TokenMatch,
+    site_condition,
 )
 from app.store.tables import assessment_table as A
 from app.store.tables import quantity_table as Q
@@ -114,13 +117,13 @@ _CURRENT_COLUMNS = (
 
 
 # Kinds whose records have token search values and never string or quantity ones. The status
-# Observation ("response-status", `services.indexing.KIND_RESPONSE_STATUS`) is written by the
+# Observation (`kit.codes.KIND_RESPONSE_STATUS`) is written by the
 # server only (`services.response`; clients are refused that kind), as an Observation without
 # `valueQuantity`, and Observations have no string parameters. Every write of one sets all its
 # search values anew and `insert_search_values` refuses string or quantity values for these
 # kinds, so a record whose current kind is one of them has none stored: its updates and its
 # deletion skip those two DELETEs (two statements fewer per create that changes a status).
-TOKEN_ONLY_KINDS = frozenset({"response-status"})
+TOKEN_ONLY_KINDS = frozenset({KIND_RESPONSE_STATUS})
 
 
 def _current(row: Sequence[Any]) -> Current:
@@ -390,7 +393,7 @@ async def history(
     since: datetime | None,
     after: tuple[datetime, str, int] | None,
     limit: int,
-    sites: frozenset[str] | None = None,
+    access: SiteAccess,
 ) -> list[Version]:
     """Versions newest first; `after` is the (last_updated, id, version) keyset cursor."""
     query = select(
@@ -398,12 +401,11 @@ async def history(
     ).where(V.c.resource_type == resource_type)
     if resource_id is not None:
         query = query.where(V.c.id == resource_id)
-    if sites is not None:
+    at_sites = site_condition(R.c.site, access)
+    if at_sites:
         # Versions follow their resource's current site (a moved patient's history moves).
         query = query.where(
-            exists().where(
-                R.c.resource_type == V.c.resource_type, R.c.id == V.c.id, R.c.site.in_(sites)
-            )
+            exists().where(R.c.resource_type == V.c.resource_type, R.c.id == V.c.id, *at_sites)
         )
     if since is not None:
         query = query.where(V.c.last_updated >= since)
@@ -423,7 +425,7 @@ async def has_live_references(conn: AsyncConnection, patient_id: str) -> bool:
             R.c.resource_type != "Patient",
             R.c.patient_id == patient_id,
             not_(R.c.deleted),
-            or_(R.c.kind.is_(None), R.c.kind != "response-status"),
+            or_(R.c.kind.is_(None), R.c.kind != KIND_RESPONSE_STATUS),
         )
     )
     return bool((await conn.execute(query)).scalar())
@@ -438,44 +440,8 @@ async def move_records(conn: AsyncConnection, patient_id: str, site: str | None)
     )
 
 
-@dataclass
-class Fact:
-    """One record as the response engine reads it, from index columns only."""
-
-    resource_type: str
-    id: str
-    kind: str
-    status: str | None
-    time: datetime | None
-    value: float | None
-    time_end: datetime | None = None  # with `time`, tells a date-only value (a whole day)
-
-
-async def patient_facts(conn: AsyncConnection, patient_id: str, kinds: Sequence[str]) -> list[Fact]:
-    """The patient's live records the engine reads: one indexed query, the patient's
-    history only, whatever the size of the trial."""
-    rows = await conn.execute(
-        select(
-            R.c.resource_type,
-            R.c.id,
-            R.c.kind,
-            R.c.status,
-            R.c.effective_start,
-            R.c.value_norm,
-            R.c.effective_end,
-        ).where(
-            R.c.resource_type.in_(("Observation", "MedicationAdministration", "AdverseEvent")),
-            R.c.patient_id == patient_id,
-            R.c.kind.in_(kinds),
-            not_(R.c.deleted),
-        )
-    )
-    return [Fact(*row) for row in rows]
-
-
 # The engine's inputs as plain tuples: (kind, id, status, start, value, end), times aware UTC.
 FactRow = tuple[str, str, str | None, datetime | None, float | None, datetime | None]
-_ENGINE_TYPES = ["Observation", "MedicationAdministration", "AdverseEvent"]
 # On PostgreSQL the driver is asked directly (asyncpg prepares and caches the statement per
 # connection): a patient's 1,000 counts are read without SQLAlchemy building a statement or
 # wrapping each row, and PostgreSQL hands the times over already in UTC.
@@ -511,27 +477,35 @@ def _at_utc(row: FactRow) -> FactRow:
 async def patient_fact_rows(
     conn: AsyncConnection, patient_id: str, kinds: Sequence[str]
 ) -> list[FactRow]:
-    """What `patient_facts` reads, in the form the recompute consumes, fast: the hot read
-    of every write (issue 8). Same rows, same index; times are timezone-aware UTC."""
+    """The patient's live records the engine reads, in the form the recompute consumes: the
+    hot read of every write (one indexed query, the patient's history only, whatever the
+    size of the trial). Times are timezone-aware UTC."""
     if conn.dialect.name == "postgresql":
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         assert driver is not None
-        # asyncpg's Records unpack like the tuples: no copy of 1,000 rows.
-        rows = await driver.fetch(_FACT_ROWS_SQL, _ENGINE_TYPES, patient_id, list(kinds))
-        return [row if _finite(row) else _at_utc(row) for row in rows]
-    facts = await patient_facts(conn, patient_id, kinds)
-    return [
-        (
-            f.kind,
-            f.id,
-            f.status,
-            f.time.replace(tzinfo=UTC) if f.time is not None else None,
-            f.value,
-            f.time_end.replace(tzinfo=UTC) if f.time_end is not None else None,
+        # asyncpg's Records unpack like the tuples; only a row at the calendar's ends is rebuilt.
+        rows = await driver.fetch(
+            _FACT_ROWS_SQL, list(ENGINE_RESOURCE_TYPES), patient_id, list(kinds)
         )
-        for f in facts
-    ]
+        return [row if _finite(row) else _at_utc(row) for row in rows]
+    result = await conn.execute(
+        select(
+            R.c.kind,
+            R.c.id,
+            R.c.status,
+            R.c.effective_start,
+            R.c.value_norm,
+            R.c.effective_end,
+        ).where(
+            R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
+            R.c.patient_id == patient_id,
+            R.c.kind.in_(kinds),
+            not_(R.c.deleted),
+        )
+    )
+    # SQLite hands back naive datetimes, which the columns store as UTC.
+    return [_at_utc(tuple(row)) for row in result]
 
 
 _FINGERPRINTS = select(A.c.fingerprint, A.c.decision_fingerprint, A.c.status).where(
@@ -587,12 +561,11 @@ async def delete_assessment(conn: AsyncConnection, patient_id: str) -> None:
 
 
 async def assessment_counts(
-    conn: AsyncConnection, sites: frozenset[str] | None
+    conn: AsyncConnection, access: SiteAccess
 ) -> list[tuple[str, str | None, int]]:
-    """(status, best response, patients) over the live patients at `sites` (None: all)."""
+    """(status, best response, patients) over the live patients `access` sees."""
     conditions = [R.c.resource_type == "Patient", R.c.id == A.c.patient_id, not_(R.c.deleted)]
-    if sites is not None:
-        conditions.append(R.c.site.in_(sites))
+    conditions.extend(site_condition(R.c.site, access))
     live = exists().where(*conditions)
     rows = await conn.execute(
         select(A.c.status, A.c.best_response, func.count())
@@ -605,23 +578,20 @@ async def assessment_counts(
 # --- the trial report: every patient of some sites at once ------------------------------
 
 
-def _scope(sites: frozenset[str] | None, patient_id: str | None) -> list[ColumnElement[bool]]:
-    """Live records at `sites` (None: every site), of one patient when `patient_id` is given."""
-    conditions = [not_(R.c.deleted)]
-    if sites is not None:
-        conditions.append(R.c.site.in_(sites))
+def _live(access: SiteAccess, patient_id: str | None) -> list[ColumnElement[bool]]:
+    """Live records `access` sees, of one patient when `patient_id` is given."""
+    conditions = [not_(R.c.deleted), *site_condition(R.c.site, access)]
     if patient_id is not None:
         conditions.append(R.c.patient_id == patient_id)
     return conditions
 
 
 async def live_patients(
-    conn: AsyncConnection, sites: frozenset[str] | None, patient_id: str | None = None
+    conn: AsyncConnection, access: SiteAccess, patient_id: str | None = None
 ) -> list[tuple[str, int, str | None, str | None]]:
-    """(id, version, site, content) of the live Patients at `sites`, in enrolment order."""
+    """(id, version, site, content) of the live Patients `access` sees, in enrolment order."""
     conditions = [R.c.resource_type == "Patient", not_(R.c.deleted)]
-    if sites is not None:
-        conditions.append(R.c.site.in_(sites))
+    conditions.extend(site_condition(R.c.site, access))
     if patient_id is not None:
         conditions.append(R.c.id == patient_id)
     rows = await conn.execute(
@@ -633,10 +603,10 @@ async def live_patients(
 async def fact_rows_by_patient(
     conn: AsyncConnection,
     kinds: Sequence[str],
-    sites: frozenset[str] | None,
+    access: SiteAccess,
     patient_id: str | None = None,
 ) -> dict[str, list[FactRow]]:
-    """What `patient_fact_rows` reads, for every patient at `sites` in one query (or one
+    """What `patient_fact_rows` reads, for every patient `access` sees in one query (or one
     patient), keyed by patient id; times timezone-aware UTC."""
     rows = await conn.execute(
         select(
@@ -648,9 +618,9 @@ async def fact_rows_by_patient(
             R.c.value_norm,
             R.c.effective_end,
         ).where(
-            R.c.resource_type.in_(_ENGINE_TYPES),
+            R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
             R.c.kind.in_(kinds),
-            *_scope(sites, patient_id),
+            *_live(access, patient_id),
         )
     )
     by_patient: dict[str, list[FactRow]] = {}
@@ -669,12 +639,12 @@ async def fact_rows_by_patient(
 
 
 async def adverse_event_rows(
-    conn: AsyncConnection, sites: frozenset[str] | None, patient_id: str | None = None
+    conn: AsyncConnection, access: SiteAccess, patient_id: str | None = None
 ) -> list[tuple[str, str, str | None, datetime | None, str]]:
     """(patient id, id, kind, time (aware UTC), content) of the live AdverseEvents."""
     rows = await conn.execute(
         select(R.c.patient_id, R.c.id, R.c.kind, R.c.effective_start, R.c.content).where(
-            R.c.resource_type == "AdverseEvent", *_scope(sites, patient_id)
+            R.c.resource_type == "AdverseEvent", *_live(access, patient_id)
         )
     )
     return [
@@ -798,11 +768,10 @@ def _present(resource_type: str, t: Any, missing: Missing) -> ColumnElement[bool
     return columns[missing.index].is_not(None)
 
 
-def _where(criteria: Criteria, t: Any = R) -> list[ColumnElement[bool]]:
+def _where(criteria: SearchFilter, t: Any = R) -> list[ColumnElement[bool]]:
     kind = criteria.resource_type
     where: list[ColumnElement[bool]] = [t.c.resource_type == kind, not_(t.c.deleted)]
-    if criteria.sites is not None:
-        where.append(t.c.site.in_(criteria.sites))
+    where.extend(site_condition(t.c.site, criteria.access))
     if criteria.ids is not None:
         where.append(t.c.id.in_(criteria.ids))
     if criteria.patients is not None:
@@ -832,7 +801,7 @@ def _where(criteria: Criteria, t: Any = R) -> list[ColumnElement[bool]]:
     for chain in criteria.chains or ():
         # The record's Patient must match: a subquery on the Patients the caller may see.
         patient = R.alias()
-        visible = replace(chain, sites=criteria.sites)
+        visible = replace(chain, access=criteria.access)
         where.append(t.c.patient_id.in_(select(patient.c.id).where(*_where(visible, patient))))
     return where
 
@@ -862,7 +831,7 @@ def _after(order: list[tuple[ColumnElement[Any], bool]], key: Sequence[Any]) -> 
 
 async def search(
     conn: AsyncConnection,
-    criteria: Criteria,
+    criteria: SearchFilter,
     *,
     sort: Sequence[SortKey],
     after: Sequence[Any] | None,
@@ -886,12 +855,12 @@ async def search(
     return [(_current(row[:width]), (*row[width:], row[0])) for row in rows]
 
 
-async def count(conn: AsyncConnection, criteria: Criteria) -> int:
+async def count(conn: AsyncConnection, criteria: SearchFilter) -> int:
     query = select(func.count()).select_from(R).where(*_where(criteria))
     return int((await conn.execute(query)).scalar_one())
 
 
-async def first_matches(conn: AsyncConnection, criteria: Criteria, limit: int) -> list[Current]:
+async def first_matches(conn: AsyncConnection, criteria: SearchFilter, limit: int) -> list[Current]:
     rows = (
         await conn.execute(
             select(*_CURRENT_COLUMNS).where(*_where(criteria)).order_by(R.c.pk).limit(limit)

@@ -115,7 +115,7 @@ def _backfill() -> None:
     if written now: new tokens (category, status, gender, ...), names, quantities, grades,
     and a Patient's birth date in its date range. The values come from the app's indexing
     rules (pure functions of the stored JSON), the rows go to the tables above."""
-    from app.services.dates import fhir_range
+    from app.kit.dates import fhir_range
     from app.services.indexing import search_values
     from app.settings import get_settings
 

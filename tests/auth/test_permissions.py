@@ -26,7 +26,7 @@ from app.auth import (
     parse_scopes,
     principal_from_claims,
 )
-from app.errors import Forbidden
+from app.kit.errors import Forbidden
 
 ROLES = ["lab", "investigator", "monitor", "admin"]
 RESOURCES = [

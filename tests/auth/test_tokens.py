@@ -35,7 +35,7 @@ from app.auth import (
     load_key_source,
     principal_from_claims,
 )
-from app.errors import ConfigurationError
+from app.kit.errors import ConfigurationError
 
 ISSUER = "itp-trial-api"
 AUDIENCE = "itp-trial-api"

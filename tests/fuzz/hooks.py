@@ -77,8 +77,8 @@ from typing import Any
 import httpx
 import schemathesis
 
+from app.fhir.deps import PROVENANCE_MAX_LENGTH
 from app.fhir.examples import EXAMPLE_PATIENT_ID, RESOURCE_EXAMPLES
-from app.fhir.routes import PROVENANCE_MAX_LENGTH
 
 FUZZ_PATIENT = "fuzz-subject"
 FUZZ_SITE = "S01"

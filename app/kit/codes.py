@@ -6,6 +6,34 @@ from typing import Final
 
 DEFAULT_CODE_SYSTEM_BASE: Final = "https://itp-trial.example/fhir"
 
+# The resource types the trial stores; AuditEvents are the server's own record of access.
+PATIENT: Final = "Patient"
+OBSERVATION: Final = "Observation"
+MEDICATION_ADMINISTRATION: Final = "MedicationAdministration"
+ADVERSE_EVENT: Final = "AdverseEvent"
+AUDIT_EVENT: Final = "AuditEvent"
+CLINICAL_RESOURCE_TYPES: Final[tuple[str, ...]] = (
+    PATIENT,
+    OBSERVATION,
+    MEDICATION_ADMINISTRATION,
+    ADVERSE_EVENT,
+)
+RESOURCE_TYPES: Final[tuple[str, ...]] = (*CLINICAL_RESOURCE_TYPES, AUDIT_EVENT)
+# The types the response engine reads facts from.
+ENGINE_RESOURCE_TYPES: Final[tuple[str, ...]] = (
+    OBSERVATION,
+    MEDICATION_ADMINISTRATION,
+    ADVERSE_EVENT,
+)
+
+# What a stored record is to the response engine (its `kind` column): the kinds of
+# Observation and AdverseEvent it reads, and the status Observation it writes. A
+# MedicationAdministration's kind is its role (MEDICATION_ROLES).
+KIND_PLATELET: Final = "platelet-count"
+KIND_BLEEDING_GRADE: Final = "bleeding-grade"
+KIND_BLEEDING_EVENT: Final = "bleeding-event"
+KIND_RESPONSE_STATUS: Final = "response-status"
+
 LOINC: Final = "http://loinc.org"
 UCUM: Final = "http://unitsofmeasure.org"
 SNOMED: Final = "http://snomed.info/sct"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from app.codes import FORBIDDEN_STRING_CHARACTERS
+from app.kit.codes import FORBIDDEN_STRING_CHARACTERS
 
 _FORBIDDEN = re.compile(f"[{FORBIDDEN_STRING_CHARACTERS}]")
 
@@ -54,6 +54,37 @@ class FhirError(Exception):
         # that site's monitor sees the attempt, while the caller is answered as if the
         # resource did not exist.
         self.audit_site = audit_site
+
+
+# The realm of the bearer challenge a 401 answers with (RFC 6750).
+REALM = "itp-trial"
+
+
+class Unauthorized(FhirError):
+    """401: no token, or one the server cannot accept.
+
+    Carries the RFC 6750 challenge. A request that sent no token at all gets the bare
+    challenge (`error=None`), as RFC 6750 §3.1 asks; a bad token gets `invalid_token`.
+    """
+
+    status_code = 401
+    issue_code = "login"
+
+    def __init__(self, description: str, *, error: str | None = "invalid_token") -> None:
+        challenge = f'Bearer realm="{REALM}"'
+        if error is not None:
+            challenge += f', error="{error}", error_description="{_header_safe(description)}"'
+        super().__init__(description, headers={"WWW-Authenticate": challenge})
+
+    @classmethod
+    def missing_token(cls) -> Unauthorized:
+        """The error for a request without `Authorization: Bearer ...`."""
+        return cls("a bearer token is required", error=None)
+
+
+def _header_safe(text: str) -> str:
+    # error_description is a quoted-string limited to printable ASCII without `"` and `\`.
+    return "".join(c for c in text if 0x20 <= ord(c) < 0x7F and c not in '"\\')
 
 
 class BadRequest(FhirError):
