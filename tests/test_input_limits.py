@@ -243,6 +243,28 @@ async def test_a_bleeding_grade_outside_0_to_4_is_422(app, client, grade):
     assert await stored_state(app) == before
 
 
+async def test_a_whole_number_with_a_fraction_is_the_integer_it_is(app, client):
+    """JSON Schema's `integer` (the OpenAPI file's) takes 2.0, and a client that writes
+    numbers as doubles sends it: it is stored and answered as 2 (found by the fuzzer: the
+    schema took it and the server answered 422). 2.5 is still no integer."""
+    patient_id = await new_patient(client)
+    grade = {**builders.bleeding_grade(patient_id, WHEN, 2), "valueInteger": 2.0}
+    created = await client.post("/fhir/Observation", content=orjson.dumps(grade), headers=FHIR)
+    assert created.status_code == 201, created.text
+    assert b'"valueInteger":2,' in created.content or created.content.endswith(b'"valueInteger":2}')
+    read = await client.get(f"/fhir/Observation/{created.json()['id']}")
+    assert read.json()["valueInteger"] == 2 and isinstance(read.json()["valueInteger"], int)
+    before = await stored_state(app)
+    refused = await client.post(
+        "/fhir/Observation",
+        content=orjson.dumps({**grade, "valueInteger": 2.5}),
+        headers=FHIR,
+    )
+    assert refused.status_code == 422
+    assert _expressions(refused) == ["Observation.valueInteger"]
+    assert await stored_state(app) == before
+
+
 async def test_a_value_in_another_value_x_is_422(app, client):
     patient_id = await new_patient(client)
     before = await stored_state(app)

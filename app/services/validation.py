@@ -370,9 +370,24 @@ def _check(
                         Issue("required", "null is not allowed in FHIR JSON", [item_path])
                     )
                 else:
+                    value[index] = item = _integral(item, spec)
                     _check_value(item, spec, model, item_path, issues)
         else:
+            node[key] = value = _integral(value, spec)
             _check_value(value, spec, model, here, issues)
+
+
+_INTEGER_KINDS = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
+
+
+def _integral(value: Any, spec: _FieldSpec) -> Any:
+    """A whole number written with a fraction (`2.0`) where FHIR wants an integer, as the
+    integer it is, stored and answered so. JSON Schema's `integer` (the OpenAPI file's)
+    takes it, and a client that serialises numbers as doubles sends it; any other fraction
+    is still refused."""
+    if spec.primitive in _INTEGER_KINDS and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _check_primitive_extension(value: Any, path: str, issues: list[Issue]) -> None:
@@ -422,7 +437,7 @@ def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:
         return None
     if kind == "boolean":
         return None if isinstance(value, bool) else "A boolean must be JSON true or false"
-    if kind in ("integer", "positiveInt", "unsignedInt", "integer64"):
+    if kind in _INTEGER_KINDS:
         if isinstance(value, bool) or not isinstance(value, int):
             return f"A FHIR {kind} must be a JSON integer"
         if kind == "positiveInt" and value < 1:
