@@ -48,6 +48,11 @@ def cluster():
         server.remove()
 
 
+WORKERS = 2
+# What each worker logs once its lifespan has started (uvicorn, INFO, in app/logging.json).
+_STARTED = '"message":"Application startup complete."'
+
+
 class Server:
     """`uvicorn app.main:app --workers 2` with the production log configuration."""
 
@@ -62,23 +67,29 @@ class Server:
             "APP_AUTH_JWT_SECRET": TEST_SECRET,
             "APP_AUDIT_SPILL_DIR": str(spill_dir),
         }
+        # The log is appended to across restarts: this start's lines come after `offset`.
+        offset = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
                     sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                    "--port", str(self.port), "--workers", "2",
+                    "--port", str(self.port), "--workers", str(WORKERS),
                     "--log-config", "app/logging.json", "--no-access-log",
                 ],
                 cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             assert self.process.poll() is None, log_path.read_text()
             try:
-                if httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200:
-                    return
+                ready = httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200
             except httpx.TransportError:
-                pass
+                ready = False
+            # Both workers, not just the one that answered: under load the second one
+            # started 11 s after the first, after the test had crashed PostgreSQL; it could
+            # not start, and uvicorn stopped the whole server (a CI run).
+            if ready and log_path.read_bytes()[offset:].decode().count(_STARTED) == WORKERS:
+                return
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
 
