@@ -61,6 +61,13 @@ async def run_online() -> None:
         async with engine.connect() as connection:
             await connection.run_sync(_run_sync)
             await connection.commit()
+            if url.get_backend_name() == "sqlite":
+                # WAL is a property of the file: set here, once, while nothing else has it
+                # open. Left to the server, each new database was switched by its first
+                # connection, which needs the file to itself, while its other connections
+                # (writer, readers, audit queue) opened too: now and then a first request
+                # got "database is locked" (503).
+                await connection.exec_driver_sql("PRAGMA journal_mode=WAL")
     except Exception as error:
         # An unreachable, missing or refusing database: alembic prints this one line
         # ("FAILED: ...", exit 1) instead of a traceback.
