@@ -6,12 +6,23 @@ import asyncio
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import jsonschema
 import pytest
 from sqlalchemy import event, text
 
-from app.audit.trail import AuditQueue, AuditRecord, chain_hash, verify
+from app.audit.trail import (
+    AuditQueue,
+    AuditRecord,
+    VerifyResult,
+    chain_hash,
+    parse_anchor,
+    read_spill,
+    spill,
+    to_fhir,
+    verify,
+)
 from app.fhir import schemas
 from tests import builders
 from tests.conftest import PROJECT_ROOT, bearer
@@ -579,3 +590,189 @@ async def test_batches_append_in_chain_order_under_concurrency(app, client):
     for before, after in zip(rows, rows[1:], strict=False):
         assert after.prev_hash == before.hash
         assert after.hash == chain_hash(before.hash, after.id, after.content)
+
+
+def test_an_audit_record_as_a_fhir_audit_event_field_by_field():
+    """The stored and served form of a record, every field: the event's type, subtype and
+    observer, the agent's identity, role and network address, the entity's versioned
+    reference, query and details, and the entities a search showed."""
+    recorded = datetime(2025, 3, 10, 9, 0, tzinfo=UTC)
+    record = AuditRecord(
+        "search-type",
+        outcome="4",
+        description="refused",
+        agent="dr-who",
+        role="monitor",
+        site="S01",
+        entity_type="Observation",
+        entity_id="obs-1",
+        version_before=1,
+        version_after=2,
+        query="patient=p-1",
+        reason="typo",
+        recorded=recorded,
+        request_id="req-1",
+        client_address="10.0.0.1",
+        disclosed=(("Patient", "p-1", 3),),
+    )
+    assert to_fhir(record, "audit-1") == {
+        "resourceType": "AuditEvent",
+        "id": "audit-1",
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation",
+        },
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "search-type"}],
+        "action": "E",
+        "recorded": "2025-03-10T09:00:00.000000Z",
+        "outcome": "4",
+        "outcomeDesc": "refused",
+        "agent": [
+            {
+                "requestor": True,
+                "who": {"identifier": {"value": "dr-who"}},
+                "role": [{"text": "monitor"}],
+                "network": {"address": "10.0.0.1", "type": "2"},
+            }
+        ],
+        "source": {"observer": {"display": "itp-trial-api"}},
+        "entity": [
+            {
+                "what": {"reference": "Observation/obs-1/_history/2"},
+                "query": "patient=p-1",
+                "detail": [
+                    {"type": "version-before", "valueString": "1"},
+                    {"type": "version-after", "valueString": "2"},
+                    {"type": "site", "valueString": "S01"},
+                    {"type": "request-id", "valueString": "req-1"},
+                    {"type": "reason", "valueString": "typo"},
+                ],
+            },
+            {
+                "what": {"reference": "Patient/p-1/_history/3"},
+                "role": {
+                    "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                    "code": "4",
+                    "display": "Domain Resource",
+                },
+            },
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("interaction", "action"),
+    [
+        ("create", "C"),
+        ("update", "U"),
+        ("delete", "D"),
+        ("read", "R"),
+        ("vread", "R"),
+        ("history-instance", "R"),
+        ("history-type", "R"),
+        ("search-type", "E"),
+        ("operation", "E"),
+        ("login", "E"),
+        ("capabilities", "E"),  # any other interaction: execute
+    ],
+)
+def test_each_interaction_has_its_audit_action(interaction, action):
+    assert AuditRecord(interaction).action == action
+
+
+def test_a_record_keeps_only_what_its_columns_can_hold():
+    long = AuditRecord("read", agent="a" * 300, entity_type="Patient", entity_id="x" * 65)
+    assert long.agent == "a" * 255
+    assert (long.entity_type, long.entity_id) == ("Patient", None)
+    fits = AuditRecord("read", agent="a" * 255, entity_type="P" * 40, entity_id="A-z.9" * 12)
+    assert (fits.agent, fits.entity_type, fits.entity_id) == ("a" * 255, "P" * 40, "A-z.9" * 12)
+    # No type that a column holds: neither is kept, not even an id that would fit.
+    assert AuditRecord("read", entity_type="P" * 41, entity_id="p-1").entity_id is None
+    assert AuditRecord("read", entity_type="Pat/ient", entity_id="p-1").entity_type is None
+    assert AuditRecord("read", agent="").agent == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "anchor"),
+    [("12:abc", (12, "abc")), (" 7:" + "f" * 64 + "\n", (7, "f" * 64))],
+)
+def test_an_anchor_is_seq_and_hash(text, anchor):
+    assert parse_anchor(text) == anchor
+
+
+@pytest.mark.parametrize("text", ["12", "12:", ":abc", "x1:abc", "-1:abc", "\u0661:abc"])
+def test_a_malformed_anchor_is_refused(text):
+    with pytest.raises(ValueError, match=r"an anchor is SEQ:HASH as `audit verify` prints it"):
+        parse_anchor(text)
+
+
+def test_a_spill_file_gives_back_every_field_of_its_records(tmp_path):
+    """A spill directory that does not exist yet, parents included, is made; each record
+    comes back equal, in order, the resources a search showed included."""
+    shown = AuditRecord(
+        "search-type",
+        agent="dr-who",
+        site="S01",
+        query="patient=p-1",
+        recorded=datetime(2025, 3, 10, 9, 0, tzinfo=UTC),
+        disclosed=(("Patient", "p-1", 3), ("Observation", "o-1", 1)),
+    )
+    records = [shown, AuditRecord("read", outcome="4", entity_type="Patient", entity_id="p-2")]
+    path = spill(tmp_path / "not" / "yet", records)
+    assert path.parent == tmp_path / "not" / "yet"
+    assert read_spill(path) == records
+
+
+async def test_an_audit_event_is_read_by_its_id_within_the_callers_sites(app, client, anonymous):
+    await create(client, builders.patient("S01-1", site="S01"))
+    await create(client, builders.patient("S02-1", site="S02"))
+    events = await _events(client, app, action="C")
+    s01, s02 = events[-2], events[-1]
+    assert _details(s02)["site"] == "S02"
+    for record in (s01, s02):  # not merely the first record of the trail
+        assert (await client.get(f"/fhir/AuditEvent/{record['id']}")).json() == record
+    monitor = bearer("monitor", ("S01",))
+    assert (await anonymous.get(f"/fhir/AuditEvent/{s01['id']}", headers=monitor)).json() == s01
+    for missing in (s02["id"], "no-such-event"):
+        response = await anonymous.get(f"/fhir/AuditEvent/{missing}", headers=monitor)
+        assert response.status_code == 404
+        outcome = response.json()
+        assert outcome["issue"][0]["diagnostics"] == f"AuditEvent/{missing} does not exist"
+
+
+async def test_verify_walks_the_whole_chain_batch_by_batch(app, client):
+    """In process (the `audit verify` tests run it in a subprocess): every record counted
+    across batches, the head it reports, and each way it names the first broken record."""
+    await _write_records(app, client)
+    db = app.state.services.db
+    async with db.read() as conn:
+        rows = (
+            await conn.execute(text("SELECT seq, id, content, hash FROM audit_event ORDER BY seq"))
+        ).all()
+    assert len(rows) >= 4
+    intact = VerifyResult(len(rows), head_seq=rows[-1].seq, head_hash=rows[-1].hash)
+    for batch in (1, 3, 1000):
+        assert await verify(db, batch=batch) == intact, batch
+    anchors = {rows[1].seq: rows[1].hash, rows[-1].seq: rows[-1].hash}
+    assert await verify(db, batch=2, anchors=anchors) == intact
+    assert await verify(db, batch=2, anchors={rows[1].seq: "f" * 64}) == VerifyResult(
+        1, rows[1].seq, rows[1].id, "its hash is not the anchored one (replaced)"
+    )
+    beyond = rows[-1].seq + 5
+    assert await verify(db, batch=2, anchors={beyond + 1: "a", beyond: "b"}) == VerifyResult(
+        len(rows),
+        beyond,
+        None,
+        f"the anchored record seq={beyond} is not in the chain, which ends at "
+        f"seq={rows[-1].seq} (records were cut off)",
+    )
+    changed = "UPDATE audit_event SET content = :content WHERE seq = :seq"
+    async with db.write() as conn:
+        await _as_owner(conn, changed, {"content": rows[2].content + " ", "seq": rows[2].seq})
+    assert await verify(db, batch=2) == VerifyResult(
+        2, rows[2].seq, rows[2].id, "its content does not match its hash (changed)"
+    )
+    async with db.write() as conn:  # back as it was, for the teardown's check
+        await _as_owner(conn, changed, {"content": rows[2].content, "seq": rows[2].seq})
+    assert await verify(db) == intact
