@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
 from datetime import UTC, datetime
 
 import jsonschema
+import orjson
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import event, text
 
+from app.audit import trail
 from app.audit.trail import (
     AuditQueue,
     AuditRecord,
@@ -26,6 +30,7 @@ from app.audit.trail import (
 from app.fhir import schemas
 from tests import builders
 from tests.conftest import PROJECT_ROOT, bearer
+from tests.test_audit_outage import Flaky
 from tests.test_crud import create
 
 
@@ -776,3 +781,67 @@ async def test_verify_walks_the_whole_chain_batch_by_batch(app, client):
     async with db.write() as conn:  # back as it was, for the teardown's check
         await _as_owner(conn, changed, {"content": rows[2].content, "seq": rows[2].seq})
     assert await verify(db) == intact
+
+
+async def test_a_record_the_database_refuses_for_good_is_logged_and_the_rest_written(
+    app, caplog, monkeypatch
+):
+    """A batch the database refuses for a lasting reason (not an outage) is written one
+    record at a time: the refused one goes to the error log in full, the others to the
+    trail, in order, and none stays queued."""
+    db = app.state.services.db
+    original = trail.append
+
+    async def refusing(conn, records):
+        if any(record.agent == "refused" for record in records):
+            raise sa.IntegrityError("INSERT", None, Exception("a lasting refusal"))
+        await original(conn, records)
+
+    monkeypatch.setattr(trail, "append", refusing)
+    queue = AuditQueue(db)
+    refused = AuditRecord("read", agent="refused", entity_type="Patient", entity_id="x")
+    for record in (
+        AuditRecord("read", agent="one-by-one", entity_type="Patient", entity_id="1"),
+        refused,
+        AuditRecord("read", agent="one-by-one", entity_type="Patient", entity_id="2"),
+    ):
+        queue.add(record)
+    await queue.flush()
+    assert len(queue) == 0
+    async with db.read() as conn:
+        rows = await conn.execute(
+            text("SELECT entity_id FROM audit_event WHERE agent = 'one-by-one' ORDER BY seq")
+        )
+        assert list(rows.scalars()) == ["1", "2"]
+    (logged,) = [r for r in caplog.records if r.name == "app.audit" and r.levelno >= 40]
+    assert logged.getMessage() == (
+        "audit record refused by the database, logged instead: "
+        + orjson.dumps(to_fhir(refused, refused.audit_id)).decode()
+    )
+    assert (await verify(db)).problem is None
+
+
+async def test_the_flush_loop_reports_an_outage_once_and_its_end(app, caplog):
+    db = app.state.services.db
+    flaky = Flaky(db)
+    queue = AuditQueue(flaky, interval_seconds=0.01)  # type: ignore[arg-type]
+    queue.add(AuditRecord("read", agent="loop", entity_type="Patient", entity_id="1"))
+    flaky.refuse = 3
+    caplog.set_level(logging.WARNING, logger="app.audit")
+    queue.start()
+    try:
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if not len(queue):
+                break
+    finally:
+        await queue.stop()
+    assert len(queue) == 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.audit"]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(
+        "audit trail unreachable (DBAPIError: (asyncpg.exceptions.CannotConnectNowError) "
+        "the database system is starting up); 1 records kept in order, retried every 0.01s"
+    ), messages[0]
+    assert messages[1].startswith("audit trail reachable again; the records queued since ")
+    assert messages[1].endswith(" are written")
