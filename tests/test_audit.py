@@ -845,3 +845,61 @@ async def test_the_flush_loop_reports_an_outage_once_and_its_end(app, caplog):
     ), messages[0]
     assert messages[1].startswith("audit trail reachable again; the records queued since ")
     assert messages[1].endswith(" are written")
+
+
+async def test_each_audit_search_parameter_selects_what_it_names(app, client):
+    db = app.state.services.db
+    queue = AuditQueue(db)
+    days = {  # naive UTC, as the columns store it
+        "a": datetime(2020, 1, 1, 12, 0),
+        "b": datetime(2020, 1, 2, 0, 0),  # the very start of the day searched
+        "c": datetime(2020, 1, 3, 12, 0),
+    }
+    records = {
+        name: AuditRecord(
+            "read", agent="dated", entity_type="Patient", entity_id=f"p-{name}", recorded=when
+        )
+        for name, when in days.items()
+    }
+    for record in records.values():
+        queue.add(record)
+    await queue.flush()
+    ids = {record.audit_id: name for name, record in records.items()}
+
+    async def found(*params: tuple[str, str]) -> str:
+        response = await client.get(
+            "/fhir/AuditEvent", params=[*params, ("agent", "dated"), ("_count", "100")]
+        )
+        assert response.status_code == 200, response.text
+        return "".join(ids[e["resource"]["id"]] for e in response.json().get("entry", []))
+
+    assert await found() == "abc"
+    assert await found(("action", "")) == "abc"  # no value: ignored, the rest still applies
+    assert await found(("_id", f"{records['a'].audit_id},{records['c'].audit_id}")) == "ac"
+    assert await found(("entity", "Patient/p-b")) == "b"
+    assert await found(("entity", "p-a,Patient/p-c")) == "ac"
+    assert await found(("entity", "Observation/p-b")) == ""
+    assert await found(("action", "C,R,U,D,E")) == "abc"
+    assert await found(("action", "C")) == ""
+    for value, expected in [
+        ("2020-01-02", "b"),
+        ("eq2020-01-02", "b"),
+        ("lt2020-01-02", "a"),
+        ("le2020-01-02", "ab"),
+        ("gt2020-01-02", "c"),
+        ("ge2020-01-02", "bc"),
+        ("ge2020-01-01T12:00:00Z", "abc"),
+    ]:
+        assert await found(("date", value)) == expected, value
+    for params, message in [
+        ([("action", "X")], "action='X': one of C, R, U, D, E"),
+        ([("date", "eq2020-13-45")], "date='eq2020-13-45' is not a FHIR date or dateTime"),
+        (
+            [("subject", "x")],
+            "Unknown AuditEvent search parameter 'subject'; supported: "
+            "_id, entity, agent, date, action",
+        ),
+    ]:
+        response = await client.get("/fhir/AuditEvent", params=params)
+        assert response.status_code == 400, params
+        assert response.json()["issue"][0]["diagnostics"] == message
