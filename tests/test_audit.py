@@ -874,7 +874,8 @@ async def test_each_audit_search_parameter_selects_what_it_names(app, client):
         return "".join(ids[e["resource"]["id"]] for e in response.json().get("entry", []))
 
     assert await found() == "abc"
-    assert await found(("action", "")) == "abc"  # no value: ignored, the rest still applies
+    # No value: that parameter is ignored, the ones after it still apply.
+    assert await found(("action", ""), ("entity", "Patient/p-b")) == "b"
     assert await found(("_id", f"{records['a'].audit_id},{records['c'].audit_id}")) == "ac"
     assert await found(("entity", "Patient/p-b")) == "b"
     assert await found(("entity", "p-a,Patient/p-c")) == "ac"
