@@ -28,6 +28,7 @@ from app.audit.trail import (
     verify,
 )
 from app.fhir import schemas
+from app.kit.errors import ServiceUnavailable
 from tests import builders
 from tests.conftest import PROJECT_ROOT, bearer
 from tests.test_audit_outage import Flaky
@@ -904,3 +905,43 @@ async def test_each_audit_search_parameter_selects_what_it_names(app, client):
         response = await client.get("/fhir/AuditEvent", params=params)
         assert response.status_code == 400, params
         assert response.json()["issue"][0]["diagnostics"] == message
+
+
+async def test_a_full_queue_refuses_a_read_and_sums_up_the_refusals_it_could_not_queue(app):
+    queue = AuditQueue(app.state.services.db, max_records=1)
+    queue.add(AuditRecord("read", agent="full"))
+    with pytest.raises(ServiceUnavailable) as refused:
+        queue.add(AuditRecord("read", agent="full"))
+    assert str(refused.value.diagnostics) == (
+        "The audit trail cannot keep up (its queue is full while the database is "
+        "unavailable): the request was not served; retry later"
+    )
+    first, last = datetime(2025, 3, 10, 9, 0), datetime(2025, 3, 10, 9, 5)
+    for when in (first, datetime(2025, 3, 10, 9, 1), last):
+        queue.add(AuditRecord("read", outcome="4", agent="full", recorded=when))
+    assert len(queue) == 1
+    await queue.flush()
+    async with app.state.services.db.read() as conn:
+        rows = await conn.execute(text("SELECT content FROM audit_event ORDER BY seq"))
+        summary = orjson.loads(list(rows.scalars())[-1])
+    assert summary["outcome"] == "8"
+    assert summary["outcomeDesc"] == (
+        "503: 3 requests refused between 2025-03-10T09:00:00.000000Z and "
+        "2025-03-10T09:05:00.000000Z while the audit queue was full; their own records "
+        "could not be kept"
+    )
+
+
+async def test_audit_search_pages_follow_the_chain_without_gap_or_repeat(app, client):
+    queue = AuditQueue(app.state.services.db)
+    for number in range(5):
+        queue.add(AuditRecord("read", agent="paged", entity_type="Patient", entity_id=f"{number}"))
+    await queue.flush()
+    seen: list[str] = []
+    url: str | None = "/fhir/AuditEvent?agent=paged&_count=2"
+    while url is not None:
+        page = (await client.get(url)).json()
+        assert page["resourceType"] == "Bundle", page
+        seen += [e["resource"]["entity"][0]["what"]["reference"] for e in page.get("entry", [])]
+        url = next((link["url"] for link in page["link"] if link["relation"] == "next"), None)
+    assert seen == [f"Patient/{number}" for number in range(5)]
