@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import jsonschema
@@ -945,3 +946,27 @@ async def test_audit_search_pages_follow_the_chain_without_gap_or_repeat(app, cl
         seen += [e["resource"]["entity"][0]["what"]["reference"] for e in page.get("entry", [])]
         url = next((link["url"] for link in page["link"] if link["relation"] == "next"), None)
     assert seen == [f"Patient/{number}" for number in range(5)]
+
+
+class _Hanging:
+    """A database whose write transactions never begin: a connect that hangs."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+
+    @asynccontextmanager
+    async def write(self):
+        await asyncio.Event().wait()
+        yield None
+
+    def __getattr__(self, name: str):
+        return getattr(self.db, name)
+
+
+async def test_a_flush_that_hangs_at_shutdown_is_cut_short_and_spilled(app, tmp_path):
+    queue = AuditQueue(_Hanging(app.state.services.db), spill_dir=tmp_path)  # type: ignore[arg-type]
+    queue.add(AuditRecord("read", agent="hung", entity_type="Patient", entity_id="1"))
+    await asyncio.wait_for(queue.stop(timeout_seconds=0.2), 30)
+    assert len(queue) == 0
+    [spilled] = tmp_path.glob("*.jsonl")
+    assert [record.agent for record in read_spill(spilled)] == ["hung"]
