@@ -970,3 +970,23 @@ async def test_a_flush_that_hangs_at_shutdown_is_cut_short_and_spilled(app, tmp_
     assert len(queue) == 0
     [spilled] = tmp_path.glob("*.jsonl")
     assert [record.agent for record in read_spill(spilled)] == ["hung"]
+
+
+async def test_an_audit_date_search_covers_its_days_last_microsecond(app, client):
+    queue = AuditQueue(app.state.services.db)
+    last = AuditRecord("read", agent="edge", recorded=datetime(2020, 1, 2, 23, 59, 59, 999999))
+    after = AuditRecord("read", agent="edge", recorded=datetime(2020, 1, 3))
+    for record in (last, after):
+        queue.add(record)
+    await queue.flush()
+    names = {last.audit_id: "last", after.audit_id: "after"}
+    for value, expected in [
+        ("2020-01-02", ["last"]),
+        ("le2020-01-02", ["last"]),
+        ("gt2020-01-02", ["after"]),
+    ]:
+        params = {"agent": "edge", "date": value, "_format": "json", "_pretty": "true"}
+        response = await client.get("/fhir/AuditEvent", params=params)
+        assert response.status_code == 200, response.text
+        found = [names[e["resource"]["id"]] for e in response.json().get("entry", [])]
+        assert found == expected, value
