@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import jsonschema
+import orjson
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import event, text
 
-from app.audit.trail import AuditQueue, AuditRecord, chain_hash, verify
+from app.audit import trail
+from app.audit.trail import (
+    AuditQueue,
+    AuditRecord,
+    VerifyResult,
+    chain_hash,
+    parse_anchor,
+    read_spill,
+    spill,
+    to_fhir,
+    verify,
+)
 from app.fhir import schemas
+from app.kit.errors import ServiceUnavailable
 from tests import builders
 from tests.conftest import PROJECT_ROOT, bearer
+from tests.test_audit_outage import Flaky
 from tests.test_crud import create
 
 
@@ -579,3 +597,396 @@ async def test_batches_append_in_chain_order_under_concurrency(app, client):
     for before, after in zip(rows, rows[1:], strict=False):
         assert after.prev_hash == before.hash
         assert after.hash == chain_hash(before.hash, after.id, after.content)
+
+
+def test_an_audit_record_as_a_fhir_audit_event_field_by_field():
+    """The stored and served form of a record, every field: the event's type, subtype and
+    observer, the agent's identity, role and network address, the entity's versioned
+    reference, query and details, and the entities a search showed."""
+    recorded = datetime(2025, 3, 10, 9, 0, tzinfo=UTC)
+    record = AuditRecord(
+        "search-type",
+        outcome="4",
+        description="refused",
+        agent="dr-who",
+        role="monitor",
+        site="S01",
+        entity_type="Observation",
+        entity_id="obs-1",
+        version_before=1,
+        version_after=2,
+        query="patient=p-1",
+        reason="typo",
+        recorded=recorded,
+        request_id="req-1",
+        client_address="10.0.0.1",
+        disclosed=(("Patient", "p-1", 3),),
+    )
+    assert to_fhir(record, "audit-1") == {
+        "resourceType": "AuditEvent",
+        "id": "audit-1",
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation",
+        },
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "search-type"}],
+        "action": "E",
+        "recorded": "2025-03-10T09:00:00.000000Z",
+        "outcome": "4",
+        "outcomeDesc": "refused",
+        "agent": [
+            {
+                "requestor": True,
+                "who": {"identifier": {"value": "dr-who"}},
+                "role": [{"text": "monitor"}],
+                "network": {"address": "10.0.0.1", "type": "2"},
+            }
+        ],
+        "source": {"observer": {"display": "itp-trial-api"}},
+        "entity": [
+            {
+                "what": {"reference": "Observation/obs-1/_history/2"},
+                "query": "patient=p-1",
+                "detail": [
+                    {"type": "version-before", "valueString": "1"},
+                    {"type": "version-after", "valueString": "2"},
+                    {"type": "site", "valueString": "S01"},
+                    {"type": "request-id", "valueString": "req-1"},
+                    {"type": "reason", "valueString": "typo"},
+                ],
+            },
+            {
+                "what": {"reference": "Patient/p-1/_history/3"},
+                "role": {
+                    "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                    "code": "4",
+                    "display": "Domain Resource",
+                },
+            },
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("interaction", "action"),
+    [
+        ("create", "C"),
+        ("update", "U"),
+        ("delete", "D"),
+        ("read", "R"),
+        ("vread", "R"),
+        ("history-instance", "R"),
+        ("history-type", "R"),
+        ("search-type", "E"),
+        ("operation", "E"),
+        ("login", "E"),
+        ("capabilities", "E"),  # any other interaction: execute
+    ],
+)
+def test_each_interaction_has_its_audit_action(interaction, action):
+    assert AuditRecord(interaction).action == action
+
+
+def test_a_record_keeps_only_what_its_columns_can_hold():
+    long = AuditRecord("read", agent="a" * 300, entity_type="Patient", entity_id="x" * 65)
+    assert long.agent == "a" * 255
+    assert (long.entity_type, long.entity_id) == ("Patient", None)
+    fits = AuditRecord("read", agent="a" * 255, entity_type="P" * 40, entity_id="A-z.9" * 12)
+    assert (fits.agent, fits.entity_type, fits.entity_id) == ("a" * 255, "P" * 40, "A-z.9" * 12)
+    # No type that a column holds: neither is kept, not even an id that would fit.
+    assert AuditRecord("read", entity_type="P" * 41, entity_id="p-1").entity_id is None
+    assert AuditRecord("read", entity_type="Pat/ient", entity_id="p-1").entity_type is None
+    assert AuditRecord("read", agent="").agent == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "anchor"),
+    [("12:abc", (12, "abc")), (" 7:" + "f" * 64 + "\n", (7, "f" * 64))],
+)
+def test_an_anchor_is_seq_and_hash(text, anchor):
+    assert parse_anchor(text) == anchor
+
+
+@pytest.mark.parametrize("text", ["12", "12:", ":abc", "x1:abc", "-1:abc", "\u0661:abc"])
+def test_a_malformed_anchor_is_refused(text):
+    with pytest.raises(ValueError, match=r"an anchor is SEQ:HASH as `audit verify` prints it"):
+        parse_anchor(text)
+
+
+def test_a_spill_file_gives_back_every_field_of_its_records(tmp_path):
+    """A spill directory that does not exist yet, parents included, is made; each record
+    comes back equal, in order, the resources a search showed included."""
+    shown = AuditRecord(
+        "search-type",
+        agent="dr-who",
+        site="S01",
+        query="patient=p-1",
+        recorded=datetime(2025, 3, 10, 9, 0, tzinfo=UTC),
+        disclosed=(("Patient", "p-1", 3), ("Observation", "o-1", 1)),
+    )
+    records = [shown, AuditRecord("read", outcome="4", entity_type="Patient", entity_id="p-2")]
+    path = spill(tmp_path / "not" / "yet", records)
+    assert path.parent == tmp_path / "not" / "yet"
+    assert read_spill(path) == records
+
+
+async def test_an_audit_event_is_read_by_its_id_within_the_callers_sites(app, client, anonymous):
+    await create(client, builders.patient("S01-1", site="S01"))
+    await create(client, builders.patient("S02-1", site="S02"))
+    events = await _events(client, app, action="C")
+    s01, s02 = events[-2], events[-1]
+    assert _details(s02)["site"] == "S02"
+    for record in (s01, s02):  # not merely the first record of the trail
+        assert (await client.get(f"/fhir/AuditEvent/{record['id']}")).json() == record
+    monitor = bearer("monitor", ("S01",))
+    assert (await anonymous.get(f"/fhir/AuditEvent/{s01['id']}", headers=monitor)).json() == s01
+    for missing in (s02["id"], "no-such-event"):
+        response = await anonymous.get(f"/fhir/AuditEvent/{missing}", headers=monitor)
+        assert response.status_code == 404
+        outcome = response.json()
+        assert outcome["issue"][0]["diagnostics"] == f"AuditEvent/{missing} does not exist"
+
+
+async def test_verify_walks_the_whole_chain_batch_by_batch(app, client):
+    """In process (the `audit verify` tests run it in a subprocess): every record counted
+    across batches, the head it reports, and each way it names the first broken record."""
+    await _write_records(app, client)
+    db = app.state.services.db
+    async with db.read() as conn:
+        rows = (
+            await conn.execute(text("SELECT seq, id, content, hash FROM audit_event ORDER BY seq"))
+        ).all()
+    assert len(rows) >= 4
+    intact = VerifyResult(len(rows), head_seq=rows[-1].seq, head_hash=rows[-1].hash)
+    for batch in (1, 3, 1000):
+        assert await verify(db, batch=batch) == intact, batch
+    anchors = {rows[1].seq: rows[1].hash, rows[-1].seq: rows[-1].hash}
+    assert await verify(db, batch=2, anchors=anchors) == intact
+    assert await verify(db, batch=2, anchors={rows[1].seq: "f" * 64}) == VerifyResult(
+        1, rows[1].seq, rows[1].id, "its hash is not the anchored one (replaced)"
+    )
+    beyond = rows[-1].seq + 5
+    assert await verify(db, batch=2, anchors={beyond + 1: "a", beyond: "b"}) == VerifyResult(
+        len(rows),
+        beyond,
+        None,
+        f"the anchored record seq={beyond} is not in the chain, which ends at "
+        f"seq={rows[-1].seq} (records were cut off)",
+    )
+    changed = "UPDATE audit_event SET content = :content WHERE seq = :seq"
+    async with db.write() as conn:
+        await _as_owner(conn, changed, {"content": rows[2].content + " ", "seq": rows[2].seq})
+    assert await verify(db, batch=2) == VerifyResult(
+        2, rows[2].seq, rows[2].id, "its content does not match its hash (changed)"
+    )
+    async with db.write() as conn:  # back as it was, for the teardown's check
+        await _as_owner(conn, changed, {"content": rows[2].content, "seq": rows[2].seq})
+    assert await verify(db) == intact
+
+
+async def test_a_record_the_database_refuses_for_good_is_logged_and_the_rest_written(
+    app, caplog, monkeypatch
+):
+    """A batch the database refuses for a lasting reason (not an outage) is written one
+    record at a time: the refused one goes to the error log in full, the others to the
+    trail, in order, and none stays queued."""
+    db = app.state.services.db
+    original = trail.append
+
+    async def refusing(conn, records):
+        if any(record.agent == "refused" for record in records):
+            raise sa.IntegrityError("INSERT", None, Exception("a lasting refusal"))
+        await original(conn, records)
+
+    monkeypatch.setattr(trail, "append", refusing)
+    queue = AuditQueue(db)
+    refused = AuditRecord("read", agent="refused", entity_type="Patient", entity_id="x")
+    for record in (
+        AuditRecord("read", agent="one-by-one", entity_type="Patient", entity_id="1"),
+        refused,
+        AuditRecord("read", agent="one-by-one", entity_type="Patient", entity_id="2"),
+    ):
+        queue.add(record)
+    await queue.flush()
+    assert len(queue) == 0
+    async with db.read() as conn:
+        rows = await conn.execute(
+            text("SELECT entity_id FROM audit_event WHERE agent = 'one-by-one' ORDER BY seq")
+        )
+        assert list(rows.scalars()) == ["1", "2"]
+    (logged,) = [r for r in caplog.records if r.name == "app.audit" and r.levelno >= 40]
+    assert logged.getMessage() == (
+        "audit record refused by the database, logged instead: "
+        + orjson.dumps(to_fhir(refused, refused.audit_id)).decode()
+    )
+    assert (await verify(db)).problem is None
+
+
+async def test_the_flush_loop_reports_an_outage_once_and_its_end(app, caplog):
+    db = app.state.services.db
+    flaky = Flaky(db)
+    queue = AuditQueue(flaky, interval_seconds=0.01)  # type: ignore[arg-type]
+    queue.add(AuditRecord("read", agent="loop", entity_type="Patient", entity_id="1"))
+    flaky.refuse = 3
+    caplog.set_level(logging.WARNING, logger="app.audit")
+    queue.start()
+    try:
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if not len(queue):
+                break
+    finally:
+        await queue.stop()
+    assert len(queue) == 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.audit"]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(
+        "audit trail unreachable (DBAPIError: (asyncpg.exceptions.CannotConnectNowError) "
+        "the database system is starting up); 1 records kept in order, retried every 0.01s"
+    ), messages[0]
+    assert messages[1].startswith("audit trail reachable again; the records queued since ")
+    assert messages[1].endswith(" are written")
+
+
+async def test_each_audit_search_parameter_selects_what_it_names(app, client):
+    db = app.state.services.db
+    queue = AuditQueue(db)
+    days = {  # naive UTC, as the columns store it
+        "a": datetime(2020, 1, 1, 12, 0),
+        "b": datetime(2020, 1, 2, 0, 0),  # the very start of the day searched
+        "c": datetime(2020, 1, 3, 12, 0),
+    }
+    records = {
+        name: AuditRecord(
+            "read", agent="dated", entity_type="Patient", entity_id=f"p-{name}", recorded=when
+        )
+        for name, when in days.items()
+    }
+    for record in records.values():
+        queue.add(record)
+    await queue.flush()
+    ids = {record.audit_id: name for name, record in records.items()}
+
+    async def found(*params: tuple[str, str]) -> str:
+        response = await client.get(
+            "/fhir/AuditEvent", params=[*params, ("agent", "dated"), ("_count", "100")]
+        )
+        assert response.status_code == 200, response.text
+        return "".join(ids[e["resource"]["id"]] for e in response.json().get("entry", []))
+
+    assert await found() == "abc"
+    # No value: that parameter is ignored, the ones after it still apply.
+    assert await found(("action", ""), ("entity", "Patient/p-b")) == "b"
+    assert await found(("_id", f"{records['a'].audit_id},{records['c'].audit_id}")) == "ac"
+    assert await found(("entity", "Patient/p-b")) == "b"
+    assert await found(("entity", "p-a,Patient/p-c")) == "ac"
+    assert await found(("entity", "Observation/p-b")) == ""
+    assert await found(("action", "C,R,U,D,E")) == "abc"
+    assert await found(("action", "C")) == ""
+    for value, expected in [
+        ("2020-01-02", "b"),
+        ("eq2020-01-02", "b"),
+        ("lt2020-01-02", "a"),
+        ("le2020-01-02", "ab"),
+        ("gt2020-01-02", "c"),
+        ("ge2020-01-02", "bc"),
+        ("ge2020-01-01T12:00:00Z", "abc"),
+    ]:
+        assert await found(("date", value)) == expected, value
+    for params, message in [
+        ([("action", "X")], "action='X': one of C, R, U, D, E"),
+        ([("date", "eq2020-13-45")], "date='eq2020-13-45' is not a FHIR date or dateTime"),
+        (
+            [("subject", "x")],
+            "Unknown AuditEvent search parameter 'subject'; supported: "
+            "_id, entity, agent, date, action",
+        ),
+    ]:
+        response = await client.get("/fhir/AuditEvent", params=params)
+        assert response.status_code == 400, params
+        assert response.json()["issue"][0]["diagnostics"] == message
+
+
+async def test_a_full_queue_refuses_a_read_and_sums_up_the_refusals_it_could_not_queue(app):
+    queue = AuditQueue(app.state.services.db, max_records=1)
+    queue.add(AuditRecord("read", agent="full"))
+    with pytest.raises(ServiceUnavailable) as refused:
+        queue.add(AuditRecord("read", agent="full"))
+    assert str(refused.value.diagnostics) == (
+        "The audit trail cannot keep up (its queue is full while the database is "
+        "unavailable): the request was not served; retry later"
+    )
+    first, last = datetime(2025, 3, 10, 9, 0), datetime(2025, 3, 10, 9, 5)
+    for when in (first, datetime(2025, 3, 10, 9, 1), last):
+        queue.add(AuditRecord("read", outcome="4", agent="full", recorded=when))
+    assert len(queue) == 1
+    await queue.flush()
+    async with app.state.services.db.read() as conn:
+        rows = await conn.execute(text("SELECT content FROM audit_event ORDER BY seq"))
+        summary = orjson.loads(list(rows.scalars())[-1])
+    assert summary["outcome"] == "8"
+    assert summary["outcomeDesc"] == (
+        "503: 3 requests refused between 2025-03-10T09:00:00.000000Z and "
+        "2025-03-10T09:05:00.000000Z while the audit queue was full; their own records "
+        "could not be kept"
+    )
+
+
+async def test_audit_search_pages_follow_the_chain_without_gap_or_repeat(app, client):
+    queue = AuditQueue(app.state.services.db)
+    for number in range(5):
+        queue.add(AuditRecord("read", agent="paged", entity_type="Patient", entity_id=f"{number}"))
+    await queue.flush()
+    seen: list[str] = []
+    url: str | None = "/fhir/AuditEvent?agent=paged&_count=2"
+    while url is not None:
+        page = (await client.get(url)).json()
+        assert page["resourceType"] == "Bundle", page
+        seen += [e["resource"]["entity"][0]["what"]["reference"] for e in page.get("entry", [])]
+        url = next((link["url"] for link in page["link"] if link["relation"] == "next"), None)
+    assert seen == [f"Patient/{number}" for number in range(5)]
+
+
+class _Hanging:
+    """A database whose write transactions never begin: a connect that hangs."""
+
+    def __init__(self, db) -> None:
+        self.db = db
+
+    @asynccontextmanager
+    async def write(self):
+        await asyncio.Event().wait()
+        yield None
+
+    def __getattr__(self, name: str):
+        return getattr(self.db, name)
+
+
+async def test_a_flush_that_hangs_at_shutdown_is_cut_short_and_spilled(app, tmp_path):
+    queue = AuditQueue(_Hanging(app.state.services.db), spill_dir=tmp_path)  # type: ignore[arg-type]
+    queue.add(AuditRecord("read", agent="hung", entity_type="Patient", entity_id="1"))
+    await asyncio.wait_for(queue.stop(timeout_seconds=0.2), 30)
+    assert len(queue) == 0
+    [spilled] = tmp_path.glob("*.jsonl")
+    assert [record.agent for record in read_spill(spilled)] == ["hung"]
+
+
+async def test_an_audit_date_search_covers_its_days_last_microsecond(app, client):
+    queue = AuditQueue(app.state.services.db)
+    last = AuditRecord("read", agent="edge", recorded=datetime(2020, 1, 2, 23, 59, 59, 999999))
+    after = AuditRecord("read", agent="edge", recorded=datetime(2020, 1, 3))
+    for record in (last, after):
+        queue.add(record)
+    await queue.flush()
+    names = {last.audit_id: "last", after.audit_id: "after"}
+    for value, expected in [
+        ("2020-01-02", ["last"]),
+        ("le2020-01-02", ["last"]),
+        ("gt2020-01-02", ["after"]),
+    ]:
+        params = {"agent": "edge", "date": value, "_format": "json", "_pretty": "true"}
+        response = await client.get("/fhir/AuditEvent", params=params)
+        assert response.status_code == 200, response.text
+        found = [names[e["resource"]["id"]] for e in response.json().get("entry", [])]
+        assert found == expected, value
