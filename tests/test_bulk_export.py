@@ -461,3 +461,34 @@ async def test_two_server_processes_share_the_job(database_url, tmp_path) -> Non
                 assert sorted(r["id"] for r in found[resource_type]) == sorted(
                     await searched_ids(two, resource_type)
                 )
+
+
+async def test_an_outage_is_one_warning_in_the_runners_log_not_an_error(app, settings, caplog):
+    """A pass that meets a database outage logs one WARNING line and is retried; any other
+    failure is still an ERROR with its traceback (the outage test forbids ERROR lines)."""
+    from app.fhir.export_routes import export_settings
+
+    runner = bulk_export.ExportRunner(app.state.services, export_settings(settings))
+    failures = [ConnectionRefusedError(111, "Connection refused"), RuntimeError("a bug")]
+
+    async def failing_pass() -> int:
+        if failures:
+            raise failures.pop(0)
+        return 0
+
+    runner.run_pending = failing_pass  # type: ignore[method-assign]
+    runner.poll_seconds = 0.01
+    caplog.set_level("WARNING", logger="app.exports")
+    runner.start()
+    for _ in range(500):
+        await asyncio.sleep(0.01)
+        if not failures:
+            break
+    await asyncio.sleep(0.05)
+    await runner.stop()
+    records = [r for r in caplog.records if r.name == "app.exports"]
+    assert [(r.levelname, r.exc_info is not None) for r in records] == [
+        ("WARNING", False),
+        ("ERROR", True),
+    ]
+    assert "database unavailable (ConnectionRefusedError" in records[0].getMessage()

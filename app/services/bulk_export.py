@@ -44,6 +44,7 @@ from app.kit.errors import NotFound
 from app.services.context import ServiceContext
 from app.store import exports as store
 from app.store.db import Database
+from app.store.failures import is_transient
 
 log = logging.getLogger("app.exports")
 _T = TypeVar("_T")
@@ -339,8 +340,18 @@ class ExportRunner:
         while True:
             try:
                 await self.run_pending()
-            except Exception:
-                log.exception("export runner: a pass failed; retrying in %ss", self.poll_seconds)
+            except Exception as error:
+                if is_transient(error):  # an outage: one line, as the audit queue reports it
+                    log.warning(
+                        "export runner: database unavailable (%s: %s); retrying in %ss",
+                        type(error).__name__,
+                        error,
+                        self.poll_seconds,
+                    )
+                else:
+                    log.exception(
+                        "export runner: a pass failed; retrying in %ss", self.poll_seconds
+                    )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
             self._wake.clear()
