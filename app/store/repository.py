@@ -453,6 +453,17 @@ _FACT_ROWS_SQL = (
 )
 
 
+# A FactRow's columns, in its order (the SQLAlchemy reads; _FACT_ROWS_SQL is the same).
+_FACT_COLUMNS = (
+    R.c.kind,
+    R.c.id,
+    R.c.status,
+    R.c.effective_start,
+    R.c.value_norm,
+    R.c.effective_end,
+)
+
+
 def _finite(row: FactRow) -> bool:
     """Whether a row's times came back aware. asyncpg writes a naive datetime.min or
     datetime.max as -infinity or infinity, and reads those back naive whatever the query
@@ -490,14 +501,7 @@ async def patient_fact_rows(
         )
         return [row if _finite(row) else _at_utc(row) for row in rows]
     result = await conn.execute(
-        select(
-            R.c.kind,
-            R.c.id,
-            R.c.status,
-            R.c.effective_start,
-            R.c.value_norm,
-            R.c.effective_end,
-        ).where(
+        select(*_FACT_COLUMNS).where(
             R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
             R.c.patient_id == patient_id,
             R.c.kind.in_(kinds),
@@ -609,32 +613,15 @@ async def fact_rows_by_patient(
     """What `patient_fact_rows` reads, for every patient `access` sees in one query (or one
     patient), keyed by patient id; times timezone-aware UTC."""
     rows = await conn.execute(
-        select(
-            R.c.patient_id,
-            R.c.kind,
-            R.c.id,
-            R.c.status,
-            R.c.effective_start,
-            R.c.value_norm,
-            R.c.effective_end,
-        ).where(
+        select(R.c.patient_id, *_FACT_COLUMNS).where(
             R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
             R.c.kind.in_(kinds),
             *_live(access, patient_id),
         )
     )
     by_patient: dict[str, list[FactRow]] = {}
-    for owner, kind, ident, status, start, value, end in rows:
-        by_patient.setdefault(owner, []).append(
-            (
-                kind,
-                ident,
-                status,
-                start.replace(tzinfo=UTC) if start is not None else None,
-                value,
-                end.replace(tzinfo=UTC) if end is not None else None,
-            )
-        )
+    for owner, *fact in rows:
+        by_patient.setdefault(owner, []).append(_at_utc(tuple(fact)))
     return by_patient
 
 
