@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
 from app import metrics
+from app.audit.chain import ChainSequencer
 from app.audit.trail import AuditQueue
 from app.auth.settings import AuthSettings, load_key_source
 from app.auth.tokens import KeySource
@@ -104,7 +105,9 @@ def create_app(
         # Every worker runs export jobs; any of them may take a job another one queued.
         exports = ExportRunner(app.state.services, export_routes.export_settings(settings))
         app.state.exports = exports
+        chain = ChainSequencer(db, settings.audit_chain_delay_ms)
         audit.start()
+        chain.start()
         exports.start()
         if settings.freezes_gc:
             gc.collect()  # what startup left as garbage is freed, not kept forever
@@ -115,6 +118,7 @@ def create_app(
             await exports.stop()  # a running job is handed back for another worker to resume
             # The last reads' records are written (or spilled) before the pool closes.
             await audit.stop()
+            await chain.stop()  # and every record committed so far is chained
             await db.dispose()
 
     # FastAPIOffline serves Swagger UI and ReDoc from files in the package: /docs and /redoc

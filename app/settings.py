@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # Where a worker that stops during an outage leaves its queued audit records; the next
     # start writes them to the trail before serving.
     audit_spill_dir: Path = Path("data/audit-spill")
+    # Within this many milliseconds of its commit a record is in the hash chain (the
+    # sequencer, app.audit.chain); `audit verify` reports a record older than this that is
+    # still unchained.
+    audit_chain_delay_ms: int = Field(default=1000, ge=1)
     # Exports (Bulk Data $export, SDTM). STUDYID of every SDTM dataset.
     study_id: str = Field(default="NCT06776510", min_length=1, max_length=200)
     # A Bulk export's files, kept in the database, are deleted this long after the job ends

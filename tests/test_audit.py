@@ -17,17 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy import event, text
 
 from app.audit import trail
-from app.audit.trail import (
-    AuditQueue,
-    AuditRecord,
-    VerifyResult,
-    chain_hash,
-    parse_anchor,
-    read_spill,
-    spill,
-    to_fhir,
-    verify,
-)
+from app.audit.chain import ChainSequencer, VerifyResult, chain_hash, parse_anchor, verify
+from app.audit.trail import AuditQueue, AuditRecord, read_spill, spill, to_fhir
 from app.fhir import schemas
 from app.kit.errors import ServiceUnavailable
 from tests import builders
@@ -323,10 +314,17 @@ def _verify(database_url: str, *anchors: str) -> subprocess.CompletedProcess[str
     )
 
 
+async def _chained(app) -> None:
+    """Queued records written and every record chained, now rather than at the sequencer's
+    next pass: a test that changes a chained record must find it chained."""
+    await app.state.services.audit.flush()
+    await ChainSequencer(app.state.services.db).chain_all()
+
+
 async def test_audit_verify_detects_tampering(app, client, database_url):
     for number in range(3):
         await create(client, builders.patient(f"S01-00{number}"))
-    await app.state.services.audit.flush()
+    await _chained(app)
     intact = _verify(database_url)
     assert intact.returncode == 0, intact.stderr
     assert "intact" in intact.stdout
@@ -355,10 +353,10 @@ async def _write_records(app, client) -> list[int]:
     """Four creates: four records in the chain, none referenced by a disclosure row."""
     for number in range(1, 5):
         await create(client, builders.patient(f"S01-00{number}"))
-    await app.state.services.audit.flush()
+    await _chained(app)
     async with app.state.services.db.read() as conn:
         return list(
-            (await conn.execute(text("SELECT seq FROM audit_event ORDER BY seq"))).scalars()
+            (await conn.execute(text("SELECT seq FROM audit_event ORDER BY chain_seq"))).scalars()
         )
 
 
@@ -392,7 +390,8 @@ async def test_audit_verify_detects_records_swapped_in_the_middle(app, client, d
         async with app.state.services.db.write() as conn:
             a = dict((await conn.execute(row, {"s": first})).mappings().one())
             b = dict((await conn.execute(row, {"s": second})).mappings().one())
-            moved = [name for name in a if name != "seq"]
+            # Their places in the table and in the chain stay; everything else trades.
+            moved = [name for name in a if name not in ("seq", "chain_seq")]
             assignments = ", ".join(f"{name} = :{name}" for name in moved)
             statement = f"UPDATE audit_event SET {assignments} WHERE seq = :seq"
             # The id is unique: park one record's under another name while they trade.
@@ -420,11 +419,11 @@ async def test_audit_verify_anchor_detects_a_cut_off_tail(app, client, database_
     """The chain alone cannot show that its newest records were removed; a head printed by
     an earlier run and kept elsewhere can."""
     await create(client, builders.patient("S01-001"))
-    await app.state.services.audit.flush()
+    await _chained(app)
     anchor = _head(_verify(database_url))
     seq, digest = anchor.split(":")
     await create(client, builders.patient("S01-002"))
-    await app.state.services.audit.flush()
+    await _chained(app)
     later = _head(_verify(database_url, anchor))
     assert int(later.split(":")[0]) > int(seq)
     # A wrong hash for the anchored record: a replaced record (or a forged anchor).
@@ -432,10 +431,10 @@ async def test_audit_verify_anchor_detects_a_cut_off_tail(app, client, database_
     assert replaced.returncode == 1
     assert f"seq={seq}" in replaced.stderr and "anchored" in replaced.stderr
     assert _verify(database_url, "12x").returncode == 2
-    tail = text("SELECT * FROM audit_event WHERE seq >= :s ORDER BY seq")
+    tail = text("SELECT * FROM audit_event WHERE chain_seq >= :s ORDER BY chain_seq")
     async with app.state.services.db.write() as conn:
         removed = [dict(row) for row in (await conn.execute(tail, {"s": int(seq)})).mappings()]
-        await _as_owner(conn, "DELETE FROM audit_event WHERE seq >= :s", {"s": int(seq)})
+        await _as_owner(conn, "DELETE FROM audit_event WHERE chain_seq >= :s", {"s": int(seq)})
     # What is left is a valid chain: without an anchor the cut goes unseen...
     assert _verify(database_url).returncode == 0
     # ...with the anchor it does not.
@@ -581,13 +580,14 @@ async def test_batches_append_in_chain_order_under_concurrency(app, client):
     assert batches == [(True, 150), (True, 150)]
     assert all("), (" not in statement for statement, _, _ in inserts)  # one row per execution
 
+    await ChainSequencer(db).chain_all()
     assert (await verify(db)).problem is None
     async with db.read() as conn:
         rows = (
             await conn.execute(
                 text(
                     "SELECT id, agent, entity_id, content, prev_hash, hash "
-                    "FROM audit_event ORDER BY seq"
+                    "FROM audit_event ORDER BY chain_seq"
                 )
             )
         ).all()
@@ -755,24 +755,26 @@ async def test_verify_walks_the_whole_chain_batch_by_batch(app, client):
     db = app.state.services.db
     async with db.read() as conn:
         rows = (
-            await conn.execute(text("SELECT seq, id, content, hash FROM audit_event ORDER BY seq"))
+            await conn.execute(
+                text("SELECT seq, chain_seq, id, content, hash FROM audit_event ORDER BY chain_seq")
+            )
         ).all()
     assert len(rows) >= 4
-    intact = VerifyResult(len(rows), head_seq=rows[-1].seq, head_hash=rows[-1].hash)
+    intact = VerifyResult(len(rows), head_seq=rows[-1].chain_seq, head_hash=rows[-1].hash)
     for batch in (1, 3, 1000):
         assert await verify(db, batch=batch) == intact, batch
-    anchors = {rows[1].seq: rows[1].hash, rows[-1].seq: rows[-1].hash}
+    anchors = {rows[1].chain_seq: rows[1].hash, rows[-1].chain_seq: rows[-1].hash}
     assert await verify(db, batch=2, anchors=anchors) == intact
-    assert await verify(db, batch=2, anchors={rows[1].seq: "f" * 64}) == VerifyResult(
+    assert await verify(db, batch=2, anchors={rows[1].chain_seq: "f" * 64}) == VerifyResult(
         1, rows[1].seq, rows[1].id, "its hash is not the anchored one (replaced)"
     )
-    beyond = rows[-1].seq + 5
+    beyond = rows[-1].chain_seq + 5
     assert await verify(db, batch=2, anchors={beyond + 1: "a", beyond: "b"}) == VerifyResult(
         len(rows),
         beyond,
         None,
         f"the anchored record seq={beyond} is not in the chain, which ends at "
-        f"seq={rows[-1].seq} (records were cut off)",
+        f"seq={rows[-1].chain_seq} (records were cut off)",
     )
     changed = "UPDATE audit_event SET content = :content WHERE seq = :seq"
     async with db.write() as conn:

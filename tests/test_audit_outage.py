@@ -17,7 +17,8 @@ import pytest
 from sqlalchemy import exc as sa
 from sqlalchemy import text
 
-from app.audit.trail import AuditQueue, AuditRecord, read_spill, verify
+from app.audit.chain import verify
+from app.audit.trail import AuditQueue, AuditRecord, read_spill
 from app.main import create_app
 from app.store.failures import is_transient
 from tests import builders

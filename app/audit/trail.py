@@ -1,13 +1,11 @@
-"""Append AuditEvents to the hash-chained `audit_event` table, and verify the chain.
+"""Append AuditEvents to the `audit_event` table.
 
 Writes are audited inside the write's own transaction (no write without its record).
 Reads, searches and refusals go through `AuditQueue`: batched off the request path and
 flushed at least once a second and at shutdown, so reading stays fast.
 
-The chain: each row stores `prev_hash` (the previous row's `hash`, or 64 zeros for the
-first) and `hash = sha256(prev_hash | id | content)`. Appends take one lock for the chain
-(PostgreSQL advisory lock; SQLite write transactions are serial anyway), so `seq` order is
-chain order. The lock is taken last in a write transaction and held only until its commit.
+A record is inserted unchained, with its digest; the hash chain is built after commit by
+the sequencer and verified there (`app.audit.chain`), so no write waits for another's commit.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -32,11 +29,11 @@ import orjson
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.audit.chain import record_digest
 from app.auth.principal import Principal
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import ServiceUnavailable, fhir_string
 from app.kit.request_context import current_request
-from app.store import repository as repo
 from app.store.db import Database
 from app.store.failures import is_transient
 from app.store.tables import audit_table as AE
@@ -44,10 +41,8 @@ from app.store.tables import disclosure_table
 
 log = logging.getLogger("app.audit")
 
-GENESIS = "0" * 64
 _ENTITY_TYPE = re.compile(r"[A-Za-z]{1,40}")
 _ENTITY_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_CHAIN_LOCK = "audit-chain"
 _INTERACTION_ACTION = {
     "create": "C",
     "update": "U",
@@ -185,28 +180,20 @@ _RESULT_ROLE = {
 }
 
 
-def chain_hash(prev_hash: str, audit_id: str, content: str) -> str:
-    return hashlib.sha256(f"{prev_hash}|{audit_id}|{content}".encode()).hexdigest()
-
-
 async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
-    """Append records in the caller's transaction (commits or rolls back with it)."""
+    """Append records in the caller's transaction (commits or rolls back with it).
+
+    Unchained: no lock and no read of the chain's head, so concurrent writes do not wait for
+    each other's commit here; the sequencer links them after it (`app.audit.chain`)."""
     if not records:
         return
-    # A record's id and content do not depend on the chain: built before the chain's lock,
-    # so that under it only the previous hash is read and the rows hashed and inserted.
-    built = [
-        (record, record.audit_id, orjson.dumps(to_fhir(record, record.audit_id)).decode())
-        for record in records
-    ]
-    await repo.lock(conn, _CHAIN_LOCK)
-    previous = (await conn.execute(_CHAIN_HEAD)).scalar_one_or_none() or GENESIS
+    appended = utc_now()
     rows = []
-    for record, audit_id, content in built:
-        digest = chain_hash(previous, audit_id, content)
+    for record in records:
+        content = orjson.dumps(to_fhir(record, record.audit_id)).decode()
         rows.append(
             {
-                "id": audit_id,
+                "id": record.audit_id,
                 "recorded": record.recorded,
                 "action": record.action,
                 "outcome": record.outcome,
@@ -215,19 +202,17 @@ async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
                 "entity_type": record.entity_type,
                 "entity_id": record.entity_id,
                 "content": content,
-                "prev_hash": previous,
-                "hash": digest,
+                "digest": record_digest(record.audit_id, content),
+                "appended": appended,
             }
         )
-        previous = digest
-    # One INSERT executed once per row, in chain order (an executemany: asyncpg pipelines
-    # the executions in one round trip, sqlite3 runs them one after the other), so each row
-    # takes its `seq` after the one before it, as with one statement per row. A multi-row
-    # VALUES list is not used: nothing documents the order it draws `seq` values in.
+    # One INSERT executed once per row (an executemany: asyncpg pipelines the executions in
+    # one round trip, sqlite3 runs them one after the other), so the records of one call take
+    # consecutive `seq` values in their order, which is the order the sequencer chains them.
     await conn.execute(_INSERT_RECORD, rows)
     disclosures = [
-        {"audit_id": audit_id, "entity_type": kind, "entity_id": ident, "version": version}
-        for record, audit_id, _ in built
+        {"audit_id": record.audit_id, "entity_type": kind, "entity_id": ident, "version": version}
+        for record in records
         for kind, ident, version in record.disclosed
     ]
     if disclosures:
@@ -236,7 +221,6 @@ async def append(conn: AsyncConnection, records: Sequence[AuditRecord]) -> None:
 
 _INSERT_RECORD = insert(AE)
 _INSERT_DISCLOSURE = insert(disclosure_table)
-_CHAIN_HEAD = select(AE.c.hash).order_by(AE.c.seq.desc()).limit(1)
 
 
 class AuditQueue:
@@ -470,74 +454,3 @@ def _spill_lock(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-@dataclass
-class VerifyResult:
-    checked: int
-    broken_seq: int | None = None
-    broken_id: str | None = None
-    problem: str | None = None
-    # The newest record verified: an anchor to keep outside the database (see verify).
-    head_seq: int | None = None
-    head_hash: str | None = None
-
-
-def parse_anchor(text: str) -> tuple[int, str]:
-    """`SEQ:HASH`, as `audit verify` prints the head, into (seq, hash)."""
-    seq, separator, digest = text.strip().partition(":")
-    if not separator or not seq.isascii() or not seq.isdigit() or not digest:
-        raise ValueError(f"an anchor is SEQ:HASH as `audit verify` prints it, not {text!r}")
-    return int(seq), digest
-
-
-async def verify(
-    db: Database, batch: int = 1000, anchors: dict[int, str] | None = None
-) -> VerifyResult:
-    """Walk the chain in `seq` order; name the first record whose links do not hold.
-
-    The chain alone cannot show that its newest records were cut off: what remains is a
-    valid chain. `anchors` closes that gap: heads printed by earlier runs (seq -> hash) and
-    kept outside the database; each must still be in the chain with the same hash."""
-    anchors = dict(anchors or {})
-    previous, checked, after = GENESIS, 0, 0
-    async with db.read() as conn:
-        while True:
-            rows = (
-                await conn.execute(
-                    select(AE.c.seq, AE.c.id, AE.c.content, AE.c.prev_hash, AE.c.hash)
-                    .where(AE.c.seq > after)
-                    .order_by(AE.c.seq)
-                    .limit(batch)
-                )
-            ).all()
-            if not rows:
-                if anchors:
-                    seq = min(anchors)
-                    return VerifyResult(
-                        checked,
-                        seq,
-                        None,
-                        f"the anchored record seq={seq} is not in the chain, which ends at "
-                        f"seq={after} (records were cut off)",
-                    )
-                return VerifyResult(checked, head_seq=after or None, head_hash=previous)
-            for seq, audit_id, content, prev_hash, digest in rows:
-                if prev_hash != previous:
-                    return VerifyResult(
-                        checked,
-                        seq,
-                        audit_id,
-                        "its prev_hash is not the previous record's hash "
-                        "(a record before it was removed or changed)",
-                    )
-                if chain_hash(prev_hash, audit_id, content) != digest:
-                    return VerifyResult(
-                        checked, seq, audit_id, "its content does not match its hash (changed)"
-                    )
-                expected = anchors.pop(seq, digest)
-                if expected != digest:
-                    return VerifyResult(
-                        checked, seq, audit_id, "its hash is not the anchored one (replaced)"
-                    )
-                previous, checked, after = digest, checked + 1, seq

@@ -174,3 +174,8 @@ RESPONSE_DISPLAY: Final[dict[str, str]] = {
     "NE": "Not evaluable",
     "LOR": "Loss of response",
 }
+
+# Ids of the server's own records (the response-status Observations) start with it: clients
+# cannot write an id that does, so no client record can ever sit where a patient's status
+# will be written, and `audit verify` knows which versions no client wrote.
+RESERVED_ID_PREFIX: Final = "rs-"

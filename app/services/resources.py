@@ -46,7 +46,7 @@ from app.auth.permissions import (
 )
 from app.auth.policy import access_policy
 from app.auth.principal import Principal
-from app.kit.codes import KIND_RESPONSE_STATUS
+from app.kit.codes import KIND_RESPONSE_STATUS, RESERVED_ID_PREFIX
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import (
     BadRequest,
@@ -62,7 +62,6 @@ from app.services.context import ServiceContext
 from app.services.indexing import index_values, subject_patient_id
 from app.services.patching import Patch, apply_patch
 from app.services.provenance import require_reason, store_provenance
-from app.services.response import RESERVED_ID_PREFIX
 from app.services.validation import parse_json, validate
 from app.store import repository as repo
 from app.store.criteria import SearchFilter

@@ -46,6 +46,7 @@ from app.kit.codes import (
     KIND_BLEEDING_GRADE,
     KIND_PLATELET,
     KIND_RESPONSE_STATUS,
+    RESERVED_ID_PREFIX,
 )
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import Gone, NotFound
@@ -56,10 +57,8 @@ from app.store import repository as repo
 
 ENGINE_KINDS = (KIND_PLATELET, KIND_BLEEDING_GRADE, KIND_BLEEDING_EVENT, *codes.MEDICATION_ROLES)
 # Response-status Observation ids derive from the patient id: one per patient, found without
-# a search. The `rs-` prefix is reserved: clients cannot write an id that starts with it, so
-# no client record can ever sit where a patient's status will be written.
+# a search, under the reserved prefix (kit.codes.RESERVED_ID_PREFIX).
 _RESPONSE_NAMESPACE = uuid.UUID("2f1d7c4e-6a53-4d59-9a0e-5b0c1f7e3a11")
-RESERVED_ID_PREFIX = "rs-"
 
 
 def response_observation_id(patient_id: str) -> str:

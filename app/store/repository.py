@@ -159,11 +159,25 @@ async def lock(conn: AsyncConnection, key: str) -> None:
     """
     if conn.dialect.name != "postgresql":
         return
+    await conn.execute(_ADVISORY_LOCK, {"k": _advisory_key(key)})
+
+
+async def try_lock(conn: AsyncConnection, key: str) -> bool:
+    """`lock` without waiting: False when another transaction holds `key`.
+
+    SQLite: always True (this write transaction is the only one)."""
+    if conn.dialect.name != "postgresql":
+        return True
+    return bool((await conn.execute(_TRY_ADVISORY_LOCK, {"k": _advisory_key(key)})).scalar_one())
+
+
+def _advisory_key(key: str) -> int:
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    await conn.execute(_ADVISORY_LOCK, {"k": int.from_bytes(digest, "big", signed=True)})
+    return int.from_bytes(digest, "big", signed=True)
 
 
 _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_TRY_ADVISORY_LOCK = text("SELECT pg_try_advisory_xact_lock(:k)")
 
 
 @dataclass(frozen=True)

@@ -238,11 +238,15 @@ class SearchQuantity(SQLModel, table=True):
 
 
 class AuditEventRow(SQLModel, table=True):
-    """The append-only audit trail: one FHIR AuditEvent per row, hash-chained in `seq` order.
+    """The append-only audit trail: one FHIR AuditEvent per row, hash-chained in `chain_seq`
+    order.
 
-    `hash` = sha256(prev_hash, seq, content): editing or removing a row breaks the chain at
-    that row (`python -m app audit verify`). On PostgreSQL a trigger refuses UPDATE and
-    DELETE; no API route changes a row.
+    A write inserts its record unchained (`digest` = sha256(id, content) only); the audit
+    sequencer (`app.audit.chain`) gives it `chain_seq`, `prev_hash` and `hash` =
+    sha256(prev_hash, id, content) after the commit. Editing or removing a row breaks the
+    chain at that row, or its digest before it is chained (`python -m app audit verify`).
+    On PostgreSQL a trigger refuses DELETE and every UPDATE but the sequencer's (migration
+    0010); no API route changes a row.
     """
 
     __tablename__ = "audit_event"
@@ -250,6 +254,13 @@ class AuditEventRow(SQLModel, table=True):
         Index("ix_audit_event_entity", "entity_type", "entity_id"),
         Index("ix_audit_event_agent", "agent", "recorded"),
         Index("ix_audit_event_recorded", "recorded"),
+        Index("uq_audit_event_chain_seq", "chain_seq", unique=True),
+        Index(
+            "ix_audit_event_unchained",
+            "seq",
+            sqlite_where=text("chain_seq IS NULL"),
+            postgresql_where=text("chain_seq IS NULL"),
+        ),
     )
 
     seq: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
@@ -262,8 +273,13 @@ class AuditEventRow(SQLModel, table=True):
     entity_type: str | None = Field(default=None, sa_column=Column(String(40), nullable=True))
     entity_id: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     content: str = Field(sa_column=Column(Text, nullable=False))
-    prev_hash: str = Field(sa_column=Column(String(64), nullable=False))
-    hash: str = Field(sa_column=Column(String(64), nullable=False))
+    # NULL on the records stored before migration 0010 (chained already, in `seq` order).
+    digest: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    appended: datetime | None = Field(default=None, sa_column=Column(DateTime(), nullable=True))
+    # Set by the sequencer, once; NULL until the record is chained.
+    chain_seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    prev_hash: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    hash: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
 
 
 class AuditDisclosureRow(SQLModel, table=True):

@@ -1,0 +1,351 @@
+"""The audit trail's hash chain: built after commit by one sequencer, and verified.
+
+A write inserts its AuditEvent in its own transaction, unchained: with `digest` =
+sha256(id | content) but no place in the chain (`trail.append`). No write waits for another
+write's commit. The sequencer links committed records afterwards: each pass takes the
+records not chained yet, in `seq` order, and gives each the next `chain_seq`, `prev_hash`
+(the previous record's `hash`, or 64 zeros for the first) and `hash` = sha256(prev_hash |
+id | content).
+
+The chain's order is therefore the order in which the sequencer found the records
+committed, and within one pass their `seq` (insert) order: a total order, written into the
+chain itself (`chain_seq`), which `audit verify` walks. Every worker of every replica runs a
+sequencer loop; a pass runs under a PostgreSQL advisory lock it only tries to take, so one
+pass at a time chains and the others skip (SQLite write transactions are serial anyway). A
+pass is one short transaction, so this works through PgBouncer's transaction pooling.
+
+What the chain proves, and what it cannot: a chained record changed or removed breaks the
+chain at that record; one changed before it was chained no longer matches its digest (the
+sequencer refuses to chain it, and verify names it); one removed before it was chained left
+no trace in the chain, so verify also checks that every version a client wrote has its
+write record. Anchors kept outside the database (`--anchor`) catch a cut-off tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import orjson
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.kit.codes import RESERVED_ID_PREFIX
+from app.kit.dates import utc_now
+from app.store import repository as repo
+from app.store.db import Database
+from app.store.failures import is_transient
+from app.store.tables import audit_table as AE
+from app.store.tables import version_table
+
+log = logging.getLogger("app.audit")
+
+GENESIS = "0" * 64
+DEFAULT_CHAIN_DELAY_MS = 1000
+_CHAIN_LOCK = "audit-chain"
+_WRITE_ACTIONS = ("C", "U", "D")
+
+
+def chain_hash(prev_hash: str, audit_id: str, content: str) -> str:
+    return hashlib.sha256(f"{prev_hash}|{audit_id}|{content}".encode()).hexdigest()
+
+
+def record_digest(audit_id: str, content: str) -> str:
+    """Fixed when a record is inserted: what the sequencer checks before chaining it."""
+    return hashlib.sha256(f"{audit_id}|{content}".encode()).hexdigest()
+
+
+_HEAD = (
+    select(AE.c.chain_seq, AE.c.hash)
+    .where(AE.c.chain_seq.is_not(None))
+    .order_by(AE.c.chain_seq.desc())
+    .limit(1)
+)
+_ANY_UNCHAINED = select(AE.c.seq).where(AE.c.chain_seq.is_(None)).limit(1)
+_LINK = (
+    update(AE)
+    .where(AE.c.seq == bindparam("row_seq"), AE.c.chain_seq.is_(None))
+    .values(
+        chain_seq=bindparam("new_chain_seq"),
+        prev_hash=bindparam("new_prev_hash"),
+        hash=bindparam("new_hash"),
+    )
+)
+
+
+class ChainSequencer:
+    """Links committed records into the chain, in the background and at shutdown.
+
+    `delay_ms` is the promise (`APP_AUDIT_CHAIN_DELAY_MS`): a record is chained within it of
+    its commit under load. A pass runs every quarter of it."""
+
+    def __init__(
+        self, db: Database, delay_ms: int = DEFAULT_CHAIN_DELAY_MS, batch_size: int = 5000
+    ) -> None:
+        self.db = db
+        self.interval = delay_ms / 4000
+        self.batch_size = batch_size
+        self._task: asyncio.Task[None] | None = None
+        # Records refused for a wrong digest: reported once each, not once a pass.
+        self._refused: set[int] = set()
+
+    async def chain_pending(self) -> int:
+        """One pass: chain what is committed and unchained (up to `batch_size` records);
+        returns how many were chained. 0 also when another sequencer holds the chain."""
+        async with self.db.read_statement() as conn:
+            if (await conn.execute(_ANY_UNCHAINED)).first() is None:
+                return 0
+        async with self.db.write() as conn:
+            if not await repo.try_lock(conn, _CHAIN_LOCK):
+                return 0
+            return await self._link(conn)
+
+    async def chain_all(self) -> int:
+        """Chain until nothing is left (or what is left is refused); returns how many."""
+        total = 0
+        while chained := await self.chain_pending():
+            total += chained
+        return total
+
+    async def _link(self, conn: AsyncConnection) -> int:
+        head = (await conn.execute(_HEAD)).first()
+        position, previous = (head[0], head[1]) if head else (0, GENESIS)
+        pending = (
+            await conn.execute(
+                select(AE.c.seq, AE.c.id, AE.c.content, AE.c.digest)
+                .where(AE.c.chain_seq.is_(None))
+                .order_by(AE.c.seq)
+                .limit(self.batch_size)
+            )
+        ).all()
+        links = []
+        for seq, audit_id, content, digest in pending:
+            if digest != record_digest(audit_id, content):
+                self._refuse(seq, audit_id)
+                break  # the chain must not pass a record that was changed: it stops here
+            position += 1
+            digest_of_link = chain_hash(previous, audit_id, content)
+            links.append(
+                {
+                    "row_seq": seq,
+                    "new_chain_seq": position,
+                    "new_prev_hash": previous,
+                    "new_hash": digest_of_link,
+                }
+            )
+            previous = digest_of_link
+        if links:
+            await conn.execute(_LINK, links)
+        return len(links)
+
+    def _refuse(self, seq: int, audit_id: str) -> None:
+        if seq in self._refused:
+            return
+        self._refused.add(seq)
+        log.error(
+            "audit record seq=%d id=%s does not match the digest it was stored with (changed "
+            "after its commit): the chain stops before it; `audit verify` names it",
+            seq,
+            audit_id,
+        )
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.chain_pending()
+            except Exception as error:
+                if is_transient(error):  # the outage is reported by the requests and queue
+                    continue
+                log.exception("audit chain pass failed; retrying in %ss", self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-chain")
+
+    async def stop(self) -> None:
+        """Stop the loop, then chain what the last requests committed."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # What is left unchained is chained by the next start (any worker's sequencer), so
+        # nothing here may keep the shutdown from closing the pool.
+        try:
+            await self.chain_all()
+        except Exception as error:
+            if not is_transient(error):
+                log.exception("audit chain pass at shutdown failed; the next start chains")
+                return
+            log.warning("database unavailable at shutdown: the next start chains the rest")
+
+
+@dataclass
+class VerifyResult:
+    checked: int
+    broken_seq: int | None = None
+    broken_id: str | None = None
+    problem: str | None = None
+    # The newest record verified: an anchor to keep outside the database (see verify).
+    head_seq: int | None = None
+    head_hash: str | None = None
+    # Records not chained yet but within the sequencer's delay: not a problem, said.
+    unchained: int = 0
+
+
+def parse_anchor(text: str) -> tuple[int, str]:
+    """`SEQ:HASH`, as `audit verify` prints the head, into (chain position, hash)."""
+    seq, separator, digest = text.strip().partition(":")
+    if not separator or not seq.isascii() or not seq.isdigit() or not digest:
+        raise ValueError(f"an anchor is SEQ:HASH as `audit verify` prints it, not {text!r}")
+    return int(seq), digest
+
+
+async def verify(
+    db: Database,
+    batch: int = 1000,
+    anchors: dict[int, str] | None = None,
+    *,
+    chain_delay_ms: int = DEFAULT_CHAIN_DELAY_MS,
+) -> VerifyResult:
+    """Check the trail; name the first record that does not hold.
+
+    1. The chain, in `chain_seq` order: each record's link to the one before and its hash.
+       The chain alone cannot show that its newest records were cut off: what remains is a
+       valid chain. `anchors` closes that gap: heads printed by earlier runs (position ->
+       hash) and kept outside the database; each must still be in the chain, unchanged.
+    2. The records not chained yet: each must match its digest, and none may be older than
+       `chain_delay_ms` (the sequencer would be stopped or behind).
+    3. Every version a client wrote has its write record (the server's own response-status
+       versions ride on the write that caused them): a write record removed before it was
+       chained left no gap in the chain, but it leaves its version unaudited."""
+    walk = _ChainWalk(dict(anchors or {}))
+    async with db.read() as conn:
+        result = await walk.chained(conn, batch)
+        if result.problem is None:
+            result = await walk.unchained(conn, result, timedelta(milliseconds=chain_delay_ms))
+        if result.problem is None:
+            result = await walk.unaudited_versions(conn, result)
+    return result
+
+
+class _ChainWalk:
+    def __init__(self, anchors: dict[int, str]) -> None:
+        self.anchors = anchors
+        # "Type/id/_history/N" of each successful write record seen.
+        self.audited: set[str] = set()
+
+    def _note_write(self, action: str, outcome: str, content: str) -> None:
+        if action in _WRITE_ACTIONS and outcome == "0":
+            self.audited.add(orjson.loads(content)["entity"][0]["what"]["reference"])
+
+    async def chained(self, conn: AsyncConnection, batch: int) -> VerifyResult:
+        previous, checked, after = GENESIS, 0, 0
+        columns = (AE.c.chain_seq, AE.c.seq, AE.c.id, AE.c.content, AE.c.prev_hash, AE.c.hash)
+        while True:
+            rows = (
+                await conn.execute(
+                    select(*columns, AE.c.action, AE.c.outcome)
+                    .where(AE.c.chain_seq > after)
+                    .order_by(AE.c.chain_seq)
+                    .limit(batch)
+                )
+            ).all()
+            if not rows:
+                return self._end(checked, after, previous)
+            for position, seq, audit_id, content, prev_hash, digest, action, outcome in rows:
+                problem = self._link_problem(
+                    position, previous, audit_id, content, prev_hash, digest
+                )
+                if problem:
+                    return VerifyResult(checked, seq, audit_id, problem)
+                self._note_write(action, outcome, content)
+                previous, checked, after = digest, checked + 1, position
+
+    def _link_problem(
+        self,
+        position: int,
+        previous: str,
+        audit_id: str,
+        content: str,
+        prev_hash: str,
+        digest: str,
+    ) -> str | None:
+        if prev_hash != previous:
+            return (
+                "its prev_hash is not the previous record's hash "
+                "(a record before it was removed or changed)"
+            )
+        if chain_hash(prev_hash, audit_id, content) != digest:
+            return "its content does not match its hash (changed)"
+        if self.anchors.pop(position, digest) != digest:
+            return "its hash is not the anchored one (replaced)"
+        return None
+
+    def _end(self, checked: int, after: int, previous: str) -> VerifyResult:
+        if self.anchors:
+            position = min(self.anchors)
+            return VerifyResult(
+                checked,
+                position,
+                None,
+                f"the anchored record seq={position} is not in the chain, which ends at "
+                f"seq={after} (records were cut off)",
+            )
+        return VerifyResult(checked, head_seq=after or None, head_hash=previous)
+
+    async def unchained(
+        self, conn: AsyncConnection, result: VerifyResult, delay: timedelta
+    ) -> VerifyResult:
+        overdue_before = utc_now() - delay
+        rows = await conn.execute(
+            select(
+                AE.c.seq,
+                AE.c.id,
+                AE.c.content,
+                AE.c.digest,
+                AE.c.appended,
+                AE.c.action,
+                AE.c.outcome,
+            )
+            .where(AE.c.chain_seq.is_(None))
+            .order_by(AE.c.seq)
+        )
+        for seq, audit_id, content, digest, appended, action, outcome in rows:
+            if digest != record_digest(audit_id, content):
+                result.broken_seq, result.broken_id = seq, audit_id
+                result.problem = (
+                    "it is not chained yet and its content does not match its digest "
+                    "(changed after it was stored)"
+                )
+                return result
+            if appended is None or appended < overdue_before:
+                result.broken_seq, result.broken_id = seq, audit_id
+                result.problem = (
+                    f"it is still not chained {delay.total_seconds() * 1000:.0f} ms after it "
+                    "was stored: the audit sequencer is not running or is behind (a server "
+                    "chains records while it runs and at shutdown)"
+                )
+                return result
+            self._note_write(action, outcome, content)
+            result.unchained += 1
+        return result
+
+    async def unaudited_versions(self, conn: AsyncConnection, result: VerifyResult) -> VerifyResult:
+        versions = await conn.stream(
+            select(version_table.c.resource_type, version_table.c.id, version_table.c.version_id)
+        )
+        async for resource_type, resource_id, version in versions:
+            if resource_id.startswith(RESERVED_ID_PREFIX):
+                continue
+            reference = f"{resource_type}/{resource_id}/_history/{version}"
+            if reference not in self.audited:
+                result.problem = (
+                    f"{reference} has no write record: it was written without one, or its "
+                    "record was removed"
+                )
+                return result
+        return result

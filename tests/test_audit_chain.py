@@ -1,0 +1,301 @@
+"""The audit chain built after commit (issue 20, part 1; both databases).
+
+A write inserts its record unchained, with a digest; the sequencer links committed records
+into the hash chain. These tests hold the sequencer still where they need records unchained
+(a chain delay of an hour: its passes run every quarter of the delay) and run passes
+themselves (`ChainSequencer.chain_all`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import orjson
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from app.audit import trail
+from app.audit.chain import GENESIS, ChainSequencer, VerifyResult, chain_hash, verify
+from app.audit.trail import AuditRecord
+from app.settings import Settings
+from app.store.db import Database, async_url
+from tests import builders
+from tests.conftest import PROJECT_ROOT, client_for, running_app
+from tests.test_audit import _as_owner
+from tests.test_crud import create
+from tests.test_search_migration import _alembic, empty_database  # noqa: F401 (a fixture)
+
+AN_HOUR_MS = 3_600_000
+
+
+def _held(settings: Settings) -> Settings:
+    """The server's sequencer makes no pass while the test runs (it chains at shutdown)."""
+    return settings.model_copy(update={"audit_chain_delay_ms": AN_HOUR_MS})
+
+
+async def _rows(db) -> list:
+    async with db.read() as conn:
+        return (
+            await conn.execute(
+                text(
+                    "SELECT seq, id, content, chain_seq, prev_hash, hash, digest, appended "
+                    "FROM audit_event ORDER BY seq"
+                )
+            )
+        ).all()
+
+
+async def test_a_write_stores_its_record_unchained_and_the_sequencer_chains_it(settings):
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        for number in range(3):
+            await create(client, builders.patient(f"S01-00{number}"))
+        rows = await _rows(db)
+        assert len(rows) == 3
+        assert all(row.chain_seq is None and row.hash is None for row in rows)
+        assert all(row.digest and row.appended for row in rows)
+        # Unchained but within the delay: nothing is wrong yet, and verify says how many.
+        result = await verify(db, chain_delay_ms=AN_HOUR_MS)
+        assert (result.problem, result.checked, result.unchained) == (None, 0, 3)
+
+        assert await ChainSequencer(db).chain_all() == 3
+        rows = await _rows(db)
+        assert [row.chain_seq for row in rows] == [1, 2, 3]
+        assert rows[0].prev_hash == "0" * 64
+        assert [row.prev_hash for row in rows[1:]] == [row.hash for row in rows[:-1]]
+        result = await verify(db, chain_delay_ms=AN_HOUR_MS)
+        assert (result.problem, result.checked, result.unchained) == (None, 3, 0)
+        assert (result.head_seq, result.head_hash) == (3, rows[-1].hash)
+        assert await ChainSequencer(db).chain_all() == 0  # each record is chained once
+
+
+async def test_a_record_changed_before_it_is_chained_is_detected(settings, caplog):
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        for number in range(3):
+            await create(client, builders.patient(f"S01-00{number}"))
+        target = (await _rows(db))[1]
+        changed = "UPDATE audit_event SET content = :content WHERE seq = :seq"
+        async with db.write() as conn:
+            await _as_owner(conn, changed, {"content": target.content + " ", "seq": target.seq})
+
+        result = await verify(db, chain_delay_ms=AN_HOUR_MS)
+        assert (result.broken_seq, result.broken_id) == (target.seq, target.id)
+        assert "does not match its digest" in (result.problem or "")
+        # The sequencer chains what comes before it and stops there, saying why.
+        assert await ChainSequencer(db).chain_all() == 1
+        assert f"seq={target.seq}" in caplog.text and "digest" in caplog.text
+        assert [row.chain_seq for row in await _rows(db)] == [1, None, None]
+
+        async with db.write() as conn:  # back as it was: the chain goes on
+            await _as_owner(conn, changed, {"content": target.content, "seq": target.seq})
+        assert await ChainSequencer(db).chain_all() == 2
+        assert (await verify(db)).problem is None
+
+
+async def test_a_write_record_removed_before_it_is_chained_is_detected(settings):
+    """A record removed before it was chained leaves no gap in the chain; the version it
+    recorded is left without a write record, and verify names that version."""
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        patient = (await create(client, builders.patient("S01-001"))).json()
+        await create(client, builders.patient("S01-002"))
+        (row,) = [r for r in await _rows(db) if f"Patient/{patient['id']}/" in r.content]
+        async with db.write() as conn:
+            removed = dict(
+                (
+                    await conn.execute(
+                        text("SELECT * FROM audit_event WHERE seq = :s"), {"s": row.seq}
+                    )
+                )
+                .mappings()
+                .one()
+            )
+            await _as_owner(conn, "DELETE FROM audit_event WHERE seq = :s", {"s": row.seq})
+        await ChainSequencer(db).chain_all()
+        result = await verify(db)
+        assert result.problem == (
+            f"Patient/{patient['id']}/_history/1 has no write record: it was written without "
+            "one, or its record was removed"
+        )
+        columns, values = ", ".join(removed), ", ".join(f":{name}" for name in removed)
+        async with db.write() as conn:  # put back (unchained) for the teardown's check
+            await conn.execute(
+                text(f"INSERT INTO audit_event ({columns}) VALUES ({values})"), removed
+            )
+        await ChainSequencer(db).chain_all()
+        assert (await verify(db)).problem is None
+
+
+async def test_verify_reports_a_record_left_unchained_beyond_the_delay(settings, database_url):
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        await create(client, builders.patient("S01-001"))
+        await asyncio.sleep(0.01)
+        result = await verify(app.state.services.db, chain_delay_ms=1)
+        assert "still not chained 1 ms after it was stored" in (result.problem or "")
+        cli = subprocess.run(
+            [sys.executable, "-m", "app", "audit", "verify"],
+            cwd=PROJECT_ROOT,
+            env={**os.environ, "DATABASE_URL": database_url, "APP_AUDIT_CHAIN_DELAY_MS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 1, cli.stdout
+        assert "the audit sequencer is not running or is behind" in cli.stderr
+    # The server's shutdown chained it.
+    async with running_app(_held(settings)) as app:
+        assert (await verify(app.state.services.db, chain_delay_ms=1)).problem is None
+
+
+async def test_the_server_chains_records_while_it_runs(settings):
+    """Liveness, not timing: with the default cadence every record written by concurrent
+    requests ends up chained, once, in one unbroken chain."""
+    fast = settings.model_copy(update={"audit_chain_delay_ms": 200})
+    async with running_app(fast) as app, client_for(app) as client:
+        db = app.state.services.db
+        await asyncio.gather(*(create(client, builders.patient(f"S01-{n:03}")) for n in range(20)))
+        for _ in range(300):
+            if all(row.chain_seq is not None for row in await _rows(db)):
+                break
+            await asyncio.sleep(0.1)
+        rows = await _rows(db)
+        assert sorted(row.chain_seq for row in rows) == list(range(1, len(rows) + 1))
+        assert (await verify(db, chain_delay_ms=200)).problem is None
+
+
+async def test_sequencers_racing_chain_each_record_once(settings):
+    """Every worker of every replica runs a sequencer: passes racing each other and the
+    writes still give each record one place in one chain."""
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        sequencers = [ChainSequencer(db, batch_size=3) for _ in range(3)]
+
+        async def keep_chaining() -> None:
+            for _ in range(20):
+                await asyncio.gather(*(s.chain_pending() for s in sequencers))
+
+        await asyncio.gather(
+            keep_chaining(),
+            *(create(client, builders.patient(f"S01-{n:03}")) for n in range(12)),
+        )
+        await ChainSequencer(db).chain_all()
+        rows = await _rows(db)
+        assert sorted(row.chain_seq for row in rows) == list(range(1, len(rows) + 1))
+        assert (await verify(db)).problem is None
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_write_does_not_wait_for_another_writes_commit(settings):
+    """Before the sequencer, every write took the chain's lock and held it to its commit: a
+    write whose transaction stayed open stopped all others."""
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        async with db.write() as conn:
+            await trail.append(conn, [AuditRecord("operation", description="held open")])
+            await asyncio.wait_for(create(client, builders.patient("S01-001")), 30)
+        await ChainSequencer(db).chain_all()
+        assert (await verify(db)).problem is None
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_the_trigger_lets_only_the_sequencers_update_through(settings):
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        await create(client, builders.patient("S01-001"))
+        await create(client, builders.patient("S01-002"))
+        first, second = await _rows(db)
+        link = "chain_seq = 7, prev_hash = repeat('0', 64), hash = repeat('1', 64)"
+        for statement in (
+            # Chaining and changing the content at once.
+            f"UPDATE audit_event SET {link}, content = content || ' ' WHERE seq = {first.seq}",
+            f"UPDATE audit_event SET {link}, digest = NULL WHERE seq = {first.seq}",
+            # A half link.
+            f"UPDATE audit_event SET chain_seq = 7 WHERE seq = {first.seq}",
+        ):
+            with pytest.raises(Exception, match="append-only"):
+                async with db.write() as conn:
+                    await conn.execute(text(statement))
+        await ChainSequencer(db).chain_all()
+        # Once chained, a record's link is fixed too.
+        for statement in (
+            f"UPDATE audit_event SET chain_seq = 9 WHERE seq = {second.seq}",
+            f"UPDATE audit_event SET hash = repeat('2', 64) WHERE seq = {second.seq}",
+        ):
+            with pytest.raises(Exception, match="append-only"):
+                async with db.write() as conn:
+                    await conn.execute(text(statement))
+        assert (await verify(db)).problem is None
+
+
+async def _store_chain_as_revision_0009_did(url: str) -> list[tuple[int, str]]:
+    """Three records chained as the code before the sequencer chained them: in `seq` order,
+    under the lock; returns each (seq, hash), an anchor an auditor may have kept."""
+    engine = create_async_engine(async_url(url))
+    previous, anchors = GENESIS, []
+    try:
+        async with engine.begin() as conn:
+            for _ in range(3):
+                record = AuditRecord("read", agent="before", entity_type="Patient", entity_id="p")
+                content = orjson.dumps(trail.to_fhir(record, record.audit_id)).decode()
+                digest = chain_hash(previous, record.audit_id, content)
+                seq = (
+                    await conn.execute(
+                        text(
+                            "INSERT INTO audit_event (id, recorded, action, outcome, agent, "
+                            "content, prev_hash, hash) VALUES (:id, :recorded, 'R', '0', "
+                            "'before', :content, :prev_hash, :hash) RETURNING seq"
+                        ),
+                        {
+                            "id": record.audit_id,
+                            "recorded": record.recorded,
+                            "content": content,
+                            "prev_hash": previous,
+                            "hash": digest,
+                        },
+                    )
+                ).scalar_one()
+                previous = digest
+                anchors.append((seq, digest))
+    finally:
+        await engine.dispose()
+    return anchors
+
+
+async def _verified(url: str, anchors: dict[int, str]) -> VerifyResult:
+    db = Database.from_url(url)
+    try:
+        return await verify(db, anchors=anchors)
+    finally:
+        await db.dispose()
+
+
+async def test_the_migration_keeps_the_chain_and_its_anchors(empty_database):  # noqa: F811
+    """Records chained before the sequencer keep their place (`chain_seq = seq`) and hashes,
+    so anchors printed before the upgrade still verify; downgrading is refused while a
+    record is unchained."""
+    url = empty_database
+    _alembic(url, "upgrade", "0009")
+    anchors = await _store_chain_as_revision_0009_did(url)
+    _alembic(url, "upgrade", "head")
+    result = await _verified(url, dict(anchors))
+    assert (result.problem, result.checked, result.head_seq) == (None, 3, 3)
+    assert result.head_hash == anchors[-1][1]
+
+    db = Database.from_url(url)
+    try:
+        async with db.write() as conn:
+            await trail.append(conn, [AuditRecord("read", agent="after")])
+        with pytest.raises(subprocess.CalledProcessError) as refused:
+            _alembic(url, "downgrade", "0009")
+        assert b"1 audit records are not chained yet" in refused.value.stderr
+        assert await ChainSequencer(db).chain_all() == 1
+    finally:
+        await db.dispose()
+    _alembic(url, "downgrade", "0009")
+    _alembic(url, "upgrade", "head")
+    result = await _verified(url, dict(anchors))
+    assert (result.problem, result.checked) == (None, 4)
