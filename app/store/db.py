@@ -23,11 +23,14 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from app.kit.errors import ConfigurationError
 
 SQLITE_BUSY_TIMEOUT_S = 30
+# An execution option of ours: the SQLite `begin` listener sends no BEGIN (`read_statement`).
+_SQLITE_AUTOCOMMIT = "itp_sqlite_autocommit"
 PGBOUNCER_PARAMETER = "pgbouncer"
 
 
@@ -113,17 +116,36 @@ def _make_engine(
         )
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect())
         begin_sql = "BEGIN IMMEDIATE" if immediate else "BEGIN"
-        event.listen(engine.sync_engine, "begin", lambda conn: conn.exec_driver_sql(begin_sql))
+
+        def begin(conn: Any) -> None:
+            if not conn.get_execution_options().get(_SQLITE_AUTOCOMMIT):
+                conn.exec_driver_sql(begin_sql)
+
+        event.listen(engine.sync_engine, "begin", begin)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,
-        pool_pre_ping=True,
+        # No ping: it cost three round trips (BEGIN, `;`, ROLLBACK) on every checkout.
+        pool_pre_ping=False,
         connect_args=connect_args,
         **common,
     )
+    event.listen(engine.sync_engine, "checkout", _replace_if_closed)
+    return engine
+
+
+def _replace_if_closed(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """A pooled connection the server closed (a restart, `pg_terminate_backend`, an idle
+    timeout) is replaced before anything is sent on it: asyncpg learns of the closed socket
+    from the event loop, so the check costs no round trip. The pool then takes another
+    connection or opens one. A connection that dies without the server closing it is
+    found by the request's first statement, and that request is answered 503 (transient);
+    the pool discards every connection opened before (SQLAlchemy's disconnect handling)."""
+    if record.driver_connection.is_closed():
+        raise DisconnectionError("the server closed this pooled connection")
 
 
 @dataclass
@@ -187,14 +209,14 @@ class Database:
     async def read_statement(self) -> AsyncIterator[AsyncConnection]:
         """For a read that is one statement: on PostgreSQL without BEGIN and COMMIT (a
         statement runs in its own snapshot anyway), two round trips fewer. Not for several
-        statements that must see one snapshot: use `read`. SQLite keeps `read` (its
-        connection is local, and its engine's BEGIN listener would start one anyway)."""
-        if self.reader.dialect.name != "postgresql":
-            async with self.read() as conn:
-                yield conn
-            return
+        statements that must see one snapshot: use `read`. On SQLite likewise: its driver is
+        in autocommit mode (`_sqlite_on_connect`), so without the BEGIN its engine's listener
+        would send, the statement is a transaction of its own."""
         async with self.reader.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            if self.reader.dialect.name == "postgresql":
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                await conn.execution_options(**{_SQLITE_AUTOCOMMIT: True})
             yield conn
 
     async def dispose(self) -> None:
