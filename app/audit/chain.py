@@ -27,11 +27,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Select, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.kit.codes import RESERVED_ID_PREFIX
@@ -235,12 +237,6 @@ async def verify(
 class _ChainWalk:
     def __init__(self, anchors: dict[int, str]) -> None:
         self.anchors = anchors
-        # "Type/id/_history/N" of each successful write record seen.
-        self.audited: set[str] = set()
-
-    def _note_write(self, action: str, outcome: str, content: str) -> None:
-        if action in _WRITE_ACTIONS and outcome == "0":
-            self.audited.add(orjson.loads(content)["entity"][0]["what"]["reference"])
 
     async def chained(self, conn: AsyncConnection, batch: int) -> VerifyResult:
         previous, checked, after = GENESIS, 0, 0
@@ -248,7 +244,7 @@ class _ChainWalk:
         while True:
             rows = (
                 await conn.execute(
-                    select(*columns, AE.c.action, AE.c.outcome)
+                    select(*columns)
                     .where(AE.c.chain_seq > after)
                     .order_by(AE.c.chain_seq)
                     .limit(batch)
@@ -256,13 +252,12 @@ class _ChainWalk:
             ).all()
             if not rows:
                 return self._end(checked, after, previous)
-            for position, seq, audit_id, content, prev_hash, digest, action, outcome in rows:
+            for position, seq, audit_id, content, prev_hash, digest in rows:
                 problem = self._link_problem(
                     position, previous, audit_id, content, prev_hash, digest
                 )
                 if problem:
                     return VerifyResult(checked, seq, audit_id, problem)
-                self._note_write(action, outcome, content)
                 previous, checked, after = digest, checked + 1, position
 
     def _link_problem(
@@ -302,19 +297,11 @@ class _ChainWalk:
     ) -> VerifyResult:
         overdue_before = utc_now() - delay
         rows = await conn.execute(
-            select(
-                AE.c.seq,
-                AE.c.id,
-                AE.c.content,
-                AE.c.digest,
-                AE.c.appended,
-                AE.c.action,
-                AE.c.outcome,
-            )
+            select(AE.c.seq, AE.c.id, AE.c.content, AE.c.digest, AE.c.appended)
             .where(AE.c.chain_seq.is_(None))
             .order_by(AE.c.seq)
         )
-        for seq, audit_id, content, digest, appended, action, outcome in rows:
+        for seq, audit_id, content, digest, appended in rows:
             if digest != record_digest(audit_id, content):
                 result.broken_seq, result.broken_id = seq, audit_id
                 result.problem = (
@@ -330,22 +317,80 @@ class _ChainWalk:
                     "chains records while it runs and at shutdown)"
                 )
                 return result
-            self._note_write(action, outcome, content)
             result.unchained += 1
         return result
 
     async def unaudited_versions(self, conn: AsyncConnection, result: VerifyResult) -> VerifyResult:
-        versions = await conn.stream(
-            select(version_table.c.resource_type, version_table.c.id, version_table.c.version_id)
+        """A merge of two streams in (type, id) order, each resource's versions against the
+        versions its write records name: memory holds one resource's, not the trail's."""
+        byte_order = _byte_order(conn)
+        written = _by_resource(
+            await conn.stream(_client_versions(byte_order)), lambda row: (row[0], row[1], row[2])
         )
-        async for resource_type, resource_id, version in versions:
-            if resource_id.startswith(RESERVED_ID_PREFIX):
-                continue
-            reference = f"{resource_type}/{resource_id}/_history/{version}"
-            if reference not in self.audited:
+        audited = _by_resource(await conn.stream(_write_records(byte_order)), _recorded_version)
+        current = await anext(audited, None)
+        async for resource, stored in written:
+            while current is not None and current[0] < resource:
+                current = await anext(audited, None)
+            recorded: set[int] = set()
+            if current is not None and current[0] == resource:
+                recorded = current[1]
+            missing = sorted(stored - recorded)
+            if missing:
+                reference = f"{resource[0]}/{resource[1]}/_history/{missing[0]}"
                 result.problem = (
                     f"{reference} has no write record: it was written without one, or its "
                     "record was removed"
                 )
                 return result
         return result
+
+
+def _byte_order(conn: AsyncConnection) -> Callable[[Any], Any]:
+    """Strings sorted by their bytes, the order Python compares the keys of the merge in (a
+    locale's collation could put "a-b" and "ab" the other way round). SQLite's default
+    collation is bytewise already."""
+    if conn.dialect.name == "postgresql":
+        return lambda column: column.collate("C")
+    return lambda column: column
+
+
+def _client_versions(byte_order: Callable[[Any], Any]) -> Select[Any]:
+    versions = version_table.c
+    return (
+        select(versions.resource_type, versions.id, versions.version_id)
+        .where(~versions.id.startswith(RESERVED_ID_PREFIX, autoescape=True))
+        .order_by(byte_order(versions.resource_type), byte_order(versions.id))
+    )
+
+
+def _write_records(byte_order: Callable[[Any], Any]) -> Select[Any]:
+    return (
+        select(AE.c.entity_type, AE.c.entity_id, AE.c.content)
+        .where(AE.c.action.in_(_WRITE_ACTIONS), AE.c.outcome == "0")
+        .order_by(byte_order(AE.c.entity_type), byte_order(AE.c.entity_id))
+    )
+
+
+def _recorded_version(row: Any) -> tuple[str, str, int]:
+    """(type, id, version) a successful write record names: `Type/id/_history/N`."""
+    reference = orjson.loads(row[2])["entity"][0]["what"]["reference"]
+    resource_type, resource_id, _, version = reference.split("/")
+    return resource_type, resource_id, int(version)
+
+
+async def _by_resource(
+    rows: AsyncIterator[Any], version_of: Callable[[Any], tuple[str, str, int]]
+) -> AsyncIterator[tuple[tuple[str, str], set[int]]]:
+    """Consecutive rows of one resource, as ((type, id), {versions})."""
+    key: tuple[str, str] | None = None
+    versions: set[int] = set()
+    async for row in rows:
+        resource_type, resource_id, version = version_of(row)
+        if (resource_type, resource_id) != key:
+            if key is not None:
+                yield key, versions
+            key, versions = (resource_type, resource_id), set()
+        versions.add(version)
+    if key is not None:
+        yield key, versions
