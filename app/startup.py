@@ -17,8 +17,8 @@ from pydantic_settings import BaseSettings, SettingsError
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
 
+from app.kit import failures
 from app.kit.errors import ConfigurationError
-from app.store import failures
 
 
 class StartupError(Exception):
