@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -306,6 +307,34 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return _run(_parser().parse_args(argv))
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Commands:
+    """Subcommands that each take --debug too, before or after the command."""
+
+    def __init__(
+        self, parser: argparse.ArgumentParser, dest: str, debug: argparse.ArgumentParser
+    ) -> None:
+        self._commands = parser.add_subparsers(dest=dest, required=True)
+        self._debug = debug
+
+    def add(
+        self, name: str, summary: str, handler: Handler | None = None
+    ) -> argparse.ArgumentParser:
+        command = self._commands.add_parser(name, help=summary, parents=[self._debug])
+        if handler is not None:
+            command.set_defaults(handler=handler)
+        return command
+
+    def group(self, name: str, summary: str, dest: str) -> _Commands:
+        return _Commands(self.add(name, summary), dest, self._debug)
+
+
+def _parser() -> argparse.ArgumentParser:
     # --debug is accepted before or after the command (`python -m app demo --debug`).
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument(
@@ -315,22 +344,41 @@ def main(argv: list[str] | None = None) -> int:
         help="on an error, print the traceback instead of the one-line explanation",
     )
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__, parents=[debug])
-    commands = parser.add_subparsers(dest="command", required=True)
-    openapi = commands.add_parser(
-        "openapi", help="write openapi/openapi.json from the app", parents=[debug]
+    commands = _Commands(parser, "command", debug)
+    _openapi_command(commands)
+    _audit_commands(commands)
+    _token_command(commands)
+    _recompute_command(commands)
+    commands.add("demo", "load a synthetic 20-patient trial (needs migrated DATABASE_URL)", _demo)
+    commands.add(
+        "check",
+        "what the server checks at start: settings, token key, database reachable and "
+        "migrated (exit 2 with the cause and the fix)",
+        _check,
     )
+    serve = commands.add(
+        "serve",
+        "the production server: uvicorn workers, each with a listening socket of its own "
+        "(SO_REUSEPORT) so connections spread over them; exit 3 if a worker cannot start",
+    )
+    _serve_arguments(serve)
+    _export_commands(commands)
+    return parser
+
+
+def _openapi_command(commands: _Commands) -> None:
+    openapi = commands.add("openapi", "write openapi/openapi.json from the app", _openapi)
     openapi.add_argument(
         "--check",
         action="store_true",
         help="exit 1 if the file differs from what the app generates",
     )
-    openapi.set_defaults(handler=_openapi)
-    audit = commands.add_parser("audit", help="audit trail tools", parents=[debug])
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_commands.add_parser(
-        "verify",
-        help="check the hash chain; names the first broken record (exit 1)",
-        parents=[debug],
+
+
+def _audit_commands(commands: _Commands) -> None:
+    audit = commands.group("audit", "audit trail tools", "audit_command")
+    verify = audit.add(
+        "verify", "check the hash chain; names the first broken record (exit 1)", _audit
     )
     verify.add_argument(
         "--anchor",
@@ -340,23 +388,25 @@ def main(argv: list[str] | None = None) -> int:
         help="a head an earlier run printed, kept elsewhere: it must still be in the chain "
         "(detects records cut off the end); may be repeated",
     )
-    verify.set_defaults(handler=_audit)
-    token = commands.add_parser(
-        "token",
-        help="print a bearer token signed with the configured secret (APP_AUTH_*)",
-        parents=[debug],
+
+
+def _token_command(commands: _Commands) -> None:
+    token = commands.add(
+        "token", "print a bearer token signed with the configured secret (APP_AUTH_*)", _token
     )
     token.add_argument("--role", required=True, choices=["lab", "investigator", "monitor", "admin"])
     token.add_argument("--sites", default="", help="comma-separated site codes, e.g. S01,S02")
     token.add_argument("--sub", default="cli-user", help="who the token is for")
     token.add_argument("--scope", default=None, help="SMART v2 scopes (default: the role's)")
     token.add_argument("--minutes", type=int, default=None, help="lifetime (default 60)")
-    token.set_defaults(handler=_token)
-    recompute = commands.add_parser(
+
+
+def _recompute_command(commands: _Commands) -> None:
+    recompute = commands.add(
         "recompute",
-        help="re-evaluate every patient under the current ITP_* criteria; lists each changed "
+        "re-evaluate every patient under the current ITP_* criteria; lists each changed "
         "status (a new version with a Provenance giving the reason)",
-        parents=[debug],
+        _recompute,
     )
     recompute.add_argument(
         "--reason",
@@ -364,40 +414,16 @@ def main(argv: list[str] | None = None) -> int:
         help="the reason for change of each new status version "
         '(default: "response rules version 2")',
     )
-    recompute.set_defaults(handler=_recompute)
-    commands.add_parser(
-        "demo",
-        help="load a synthetic 20-patient trial (needs migrated DATABASE_URL)",
-        parents=[debug],
-    ).set_defaults(handler=_demo)
-    commands.add_parser(
-        "check",
-        help="what the server checks at start: settings, token key, database reachable and "
-        "migrated (exit 2 with the cause and the fix)",
-        parents=[debug],
-    ).set_defaults(handler=_check)
-    serve = commands.add_parser(
-        "serve",
-        help="the production server: uvicorn workers, each with a listening socket of its own "
-        "(SO_REUSEPORT) so connections spread over them; exit 3 if a worker cannot start",
-        parents=[debug],
-    )
-    _serve_arguments(serve)
-    export = commands.add_parser(
-        "export", help="write the trial's data out (SDTM, NDJSON)", parents=[debug]
-    )
-    export_commands = export.add_subparsers(dest="export_command", required=True)
-    sdtm = export_commands.add_parser(
-        "sdtm", help="CDISC SDTM datasets DM EX CM LB AE RS into DIR (every site)", parents=[debug]
+
+
+def _export_commands(commands: _Commands) -> None:
+    export = commands.group("export", "write the trial's data out (SDTM, NDJSON)", "export_command")
+    sdtm = export.add(
+        "sdtm", "CDISC SDTM datasets DM EX CM LB AE RS into DIR (every site)", _export_sdtm
     )
     sdtm.add_argument("directory", metavar="DIR")
     sdtm.add_argument("--format", choices=["xpt", "csv", "both"], default="xpt")
-    sdtm.set_defaults(handler=_export_sdtm)
-    ndjson = export_commands.add_parser(
-        "ndjson",
-        help="what a Bulk Data export writes (every type, every site) into DIR",
-        parents=[debug],
+    ndjson = export.add(
+        "ndjson", "what a Bulk Data export writes (every type, every site) into DIR", _export_ndjson
     )
     ndjson.add_argument("directory", metavar="DIR")
-    ndjson.set_defaults(handler=_export_ndjson)
-    return _run(parser.parse_args(argv))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -44,8 +44,10 @@ from app.fhir.openapi_docs import (
     outcome_docs,
 )
 from app.ingest import routes as hl7_routes
+from app.kit.asgi import HttpMiddleware
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import Issue
+from app.kit.failures import is_transient
 from app.kit.limits import InputLimits
 from app.middleware import (
     BodyLimitMiddleware,
@@ -59,7 +61,6 @@ from app.services.context import ServiceContext
 from app.settings import Settings, get_criteria_settings, get_settings
 from app.startup import check_database_now, explain
 from app.store.db import Database
-from app.store.failures import is_transient
 from app.store.migrations import current_revision, head_revision
 from app.web import report_page
 
@@ -82,10 +83,43 @@ def create_app(
     # before it serves anything.
     criteria = criteria or get_criteria_settings().to_criteria()
     limits = limits or get_criteria_settings().input_limits()
-    code_systems = settings.code_systems()
     key_source = key_source or load_key_source(
         AuthSettings(environment=settings.environment), log=log
     )
+    # FastAPIOffline serves Swagger UI and ReDoc from files in the package: /docs and /redoc
+    # work on a network without a CDN.
+    app = FastAPIOffline(
+        static_url="/static/docs",
+        title="ITP trial data API",
+        version=SOFTWARE_VERSION,
+        description=_DESCRIPTION,
+        lifespan=_lifespan(settings, criteria, limits),
+        default_response_class=FhirResponse,
+    )
+    app.state.settings = settings
+    app.state.key_source = key_source
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    outcome.install(app)
+    _add_middleware(app, settings)
+    for router in _ROUTERS:
+        app.include_router(router)
+    return app
+
+
+_DESCRIPTION = (
+    "FHIR R4B (4.3.0) API of the NCT06776510 trial: NAD+ and NMN in refractory primary "
+    "immune thrombocytopenia. Resources: Patient, MedicationAdministration, "
+    "Observation (platelet counts, WHO bleeding grade), AdverseEvent. Every error is "
+    "an OperationOutcome."
+)
+
+
+def _lifespan(
+    settings: Settings, criteria: Criteria, limits: InputLimits
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """What each worker starts before it serves and stops after: the database, the audit
+    queue, the audit chain's sequencer and the export runner."""
+    code_systems = settings.code_systems()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -121,25 +155,11 @@ def create_app(
             await chain.stop()  # and every record committed so far is chained
             await db.dispose()
 
-    # FastAPIOffline serves Swagger UI and ReDoc from files in the package: /docs and /redoc
-    # work on a network without a CDN.
-    app = FastAPIOffline(
-        static_url="/static/docs",
-        title="ITP trial data API",
-        version=SOFTWARE_VERSION,
-        description=(
-            "FHIR R4B (4.3.0) API of the NCT06776510 trial: NAD+ and NMN in refractory primary "
-            "immune thrombocytopenia. Resources: Patient, MedicationAdministration, "
-            "Observation (platelet counts, WHO bleeding grade), AdverseEvent. Every error is "
-            "an OperationOutcome."
-        ),
-        lifespan=lifespan,
-        default_response_class=FhirResponse,
-    )
-    app.state.settings = settings
-    app.state.key_source = key_source
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    outcome.install(app)
+    return lifespan
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    """Each one added wraps those added before it: the last one added runs first."""
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -163,115 +183,120 @@ def create_app(
         max_bytes=settings.max_body_bytes,
         path_limits={path: settings.max_bundle_bytes for path in ("/fhir", "/fhir/")},
     )
-    # Every exception a handler did not take ends here (503, 499 or 500), so none reaches
-    # uvicorn, which would close the connection; its answer still gets the request id,
-    # the security headers and its metrics from the middleware outside it.
-    app.add_middleware(outcome.ErrorMiddleware)
-    app.add_middleware(NulRefusalMiddleware)
-    app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(SecurityHeadersMiddleware)
-    # Added last, so outermost: every answer is counted and timed, a 413 from the limit too,
-    # and every answer gets the security headers.
-    app.add_middleware(metrics.MetricsMiddleware)
-    app.include_router(routes.router)
-    app.include_router(bundle_routes.router)
-    app.include_router(search_routes.router)
-    app.include_router(operations.router)
-    app.include_router(report_routes.router)
-    app.include_router(report_page.router)
-    app.include_router(audit_routes.router)
-    app.include_router(export_routes.router)
-    app.include_router(sdtm_routes.router)
-    app.include_router(codesystems.router)
-    app.include_router(hl7_routes.router)
+    for middleware in _OUTER_MIDDLEWARE:
+        app.add_middleware(middleware)
 
-    @app.get(
-        "/fhir/metadata",
-        operation_id="capabilities",
-        summary="The CapabilityStatement: exactly what this server implements",
-        tags=["Server"],
-        response_class=FhirResponse,
-        responses={
-            200: {
-                "model": schemas.CapabilityStatement,
-                "content": {FHIR_JSON: {}},
-                "description": "CapabilityStatement",
-            },
-            **outcome_docs(
-                {
-                    406: {"description": "Only JSON can be produced"},
-                    500: {"description": "Unexpected error; the outcome carries a correlation id"},
-                }
-            ),
+
+# Innermost first. Every exception a handler did not take ends in ErrorMiddleware (503, 499
+# or 500), so none reaches uvicorn, which would close the connection; its answer still gets
+# the request id, the security headers and its metrics from the middleware outside it.
+# MetricsMiddleware last, so outermost: every answer is counted and timed, a 413 from the
+# limit too, and every answer gets the security headers.
+_OUTER_MIDDLEWARE: tuple[type[HttpMiddleware], ...] = (
+    outcome.ErrorMiddleware,
+    NulRefusalMiddleware,
+    RequestIdMiddleware,
+    SecurityHeadersMiddleware,
+    metrics.MetricsMiddleware,
+)
+
+# The server's own routes: the CapabilityStatement; health, readiness and metrics.
+_server = APIRouter()
+_health = APIRouter(tags=["Health"], default_response_class=JSONResponse)
+
+
+@_server.get(
+    "/fhir/metadata",
+    operation_id="capabilities",
+    summary="The CapabilityStatement: exactly what this server implements",
+    tags=["Server"],
+    response_class=FhirResponse,
+    responses={
+        200: {
+            "model": schemas.CapabilityStatement,
+            "content": {FHIR_JSON: {}},
+            "description": "CapabilityStatement",
         },
+        **outcome_docs(
+            {
+                406: {"description": "Only JSON can be produced"},
+                500: {"description": "Unexpected error; the outcome carries a correlation id"},
+            }
+        ),
+    },
+)
+async def metadata(request: Request) -> FhirResponse:
+    await negotiate(request)
+    statement = capability_statement(
+        fhir_base(request), SOFTWARE_VERSION, format_instant(utc_now())
     )
-    async def metadata(request: Request) -> FhirResponse:
-        await negotiate(request)
-        statement = capability_statement(
-            fhir_base(request), SOFTWARE_VERSION, format_instant(utc_now())
+    return pretty(request, orjson.dumps(statement))
+
+
+@_health.get("/healthz", operation_id="healthz", summary="The process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@_health.get(
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics: requests, latency, recompute time, database pool",
+    description="Text exposition format. Labels are route templates, never paths or ids: "
+    "no patient data, so no token is needed; scrape it from inside the deployment.",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def prometheus_metrics() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@_health.get(
+    "/readyz",
+    operation_id="readyz",
+    summary="The database answers and its schema is at the migrations' head",
+    responses=outcome_docs({503: {"description": "Not ready"}}),
+)
+async def readyz(request: Request) -> Any:
+    db: Database = request.app.state.services.db
+    head = request.app.state.head_revision
+    try:
+        current = await current_revision(db)
+    except Exception as error:  # any failure means "not ready"; the cause: the log only
+        if is_transient(error):  # an outage, probed every few seconds: one line each
+            log.warning("not ready: the database is unavailable (%s)", type(error).__name__)
+        else:
+            log.exception("readiness check failed")
+        return _not_ready("The database is unreachable or has no migrations applied")
+    if current != head:
+        return _not_ready(
+            f"The database schema is at {current}, the code expects {head}; "
+            "run `alembic upgrade head`"
         )
-        return pretty(request, orjson.dumps(statement))
+    return {"status": "ready", "database": db.dialect, "revision": current}
 
-    @app.get(
-        "/healthz",
-        operation_id="healthz",
-        summary="The process is up",
-        tags=["Health"],
-        response_class=JSONResponse,
-    )
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
-    @app.get(
-        "/metrics",
-        operation_id="metrics",
-        summary="Prometheus metrics: requests, latency, recompute time, database pool",
-        description="Text exposition format. Labels are route templates, never paths or ids: "
-        "no patient data, so no token is needed; scrape it from inside the deployment.",
-        tags=["Health"],
-        response_class=Response,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
-    )
-    async def prometheus_metrics() -> Response:
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
+def _not_ready(diagnostics: str) -> FhirResponse:
+    return outcome.outcome_response(503, [Issue("transient", diagnostics)])
 
-    @app.get(
-        "/readyz",
-        operation_id="readyz",
-        summary="The database answers and its schema is at the migrations' head",
-        tags=["Health"],
-        response_class=JSONResponse,
-        responses=outcome_docs({503: {"description": "Not ready"}}),
-    )
-    async def readyz(request: Request) -> Any:
-        db: Database = request.app.state.services.db
-        head = request.app.state.head_revision
-        try:
-            current = await current_revision(db)
-        except Exception as error:  # any failure means "not ready"; the cause: the log only
-            if is_transient(error):  # an outage, probed every few seconds: one line each
-                log.warning("not ready: the database is unavailable (%s)", type(error).__name__)
-            else:
-                log.exception("readiness check failed")
-            return outcome.outcome_response(
-                503,
-                [Issue("transient", "The database is unreachable or has no migrations applied")],
-            )
-        if current != head:
-            return outcome.outcome_response(
-                503,
-                [
-                    Issue(
-                        "transient",
-                        f"The database schema is at {current}, the code expects {head}; "
-                        "run `alembic upgrade head`",
-                    )
-                ],
-            )
-        return {"status": "ready", "database": db.dialect, "revision": current}
 
-    return app
+# In the order their routes are matched and documented.
+_ROUTERS: tuple[APIRouter, ...] = (
+    routes.router,
+    bundle_routes.router,
+    search_routes.router,
+    operations.router,
+    report_routes.router,
+    report_page.router,
+    audit_routes.router,
+    export_routes.router,
+    sdtm_routes.router,
+    codesystems.router,
+    hl7_routes.router,
+    _server,
+    _health,
+)
 
 
 def _drop_null(parameter: dict[str, Any]) -> None:

@@ -28,7 +28,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from app.kit.asgi import HttpMiddleware
 
 _MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 # Buckets around what the API answers in: sub-millisecond reads to second-long Bundles.
@@ -90,16 +92,10 @@ def _record_pool(pool: Any) -> None:
         POOL.labels("size").set(size())
 
 
-class MetricsMiddleware:
-    """Counts and times every HTTP request; pure ASGI, no per-request objects."""
+class MetricsMiddleware(HttpMiddleware):
+    """Counts and times every HTTP request."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500  # an exception that escapes the app is answered 500 by the server
 

@@ -18,22 +18,17 @@ from app.fhir.http import (
     SECURITY_HEADERS,
     call_catching,
 )
-from app.fhir.outcome import operation_outcome
+from app.fhir.outcome import operation_outcome, resource_type_of
+from app.kit.asgi import HttpMiddleware, adding_headers
 from app.kit.errors import Issue
 from app.kit.request_context import RequestContext, current_request
 
 
-class RequestIdMiddleware:
+class RequestIdMiddleware(HttpMiddleware):
     """Gives every request an id (the client's X-Request-Id if it sent a sane one) and
     returns it, so a client's report and the server log can be matched."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
@@ -50,25 +45,14 @@ class RequestIdMiddleware:
             )
         )
         header = (b"x-request-id", request_id.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-def _resource_type(path: str) -> str | None:
-    parts = [part for part in path.split("/") if part]
-    return parts[1] if len(parts) > 1 and parts[0] == "fhir" else None
+        await self.app(scope, receive, adding_headers(send, [header]))
 
 
 class BodyTooLarge(Exception):
     pass
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HttpMiddleware):
     """Refuses bodies over the limit with 413 before they are read into memory: by the
     declared Content-Length, and by counting what actually arrives (chunked uploads).
     `path_limits` gives some paths their own limit (the Bundle endpoint)."""
@@ -76,14 +60,11 @@ class BodyLimitMiddleware:
     def __init__(
         self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None
     ) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
         self.path_limits = path_limits or {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.path_limits.get(scope["path"], self.max_bytes)
         for name, value in scope["headers"]:
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):
@@ -127,7 +108,7 @@ async def refuse(
                 interaction,
                 outcome="4",
                 description=f"{status}: {message}",
-                entity_type=_resource_type(scope["path"]),
+                entity_type=resource_type_of(scope["path"]),
             )
         )
     body = orjson.dumps(operation_outcome([Issue(code, message)]))
@@ -147,49 +128,42 @@ async def refuse(
 _INTERACTIONS = {"GET": "read", "POST": "create", "PUT": "update", "PATCH": "update"}
 
 
-class NulRefusalMiddleware:
+class NulRefusalMiddleware(HttpMiddleware):
     """Refuses NUL (U+0000) in the path, the query string or a header value with 400.
 
     PostgreSQL stores no NUL in text and cannot compare a value holding one: without this a
     search or a token subject with NUL failed there (500) and worked on SQLite. Bodies are
     checked where they are parsed (`services.validation.load_json`, the HL7 reader)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            where = None
-            if "\x00" in scope["path"]:
-                where = "the path"
-            elif b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]:
-                where = "the query string"
-            else:
-                for name, value in scope["headers"]:
-                    if b"\x00" in value:
-                        where = f"the {name.decode('latin-1')} header"
-                        break
-            if where is not None:
-                await refuse(
-                    scope,
-                    send,
-                    400,
-                    "invalid",
-                    f"NUL (U+0000, %00) is not allowed in {where}; remove it",
-                    _INTERACTIONS.get(scope["method"], "delete"),
-                )
-                return
-        await self.app(scope, receive, send)
-
-
-class SecurityHeadersMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        where = _nul_in(scope)
+        if where is None:
             await self.app(scope, receive, send)
             return
+        await refuse(
+            scope,
+            send,
+            400,
+            "invalid",
+            f"NUL (U+0000, %00) is not allowed in {where}; remove it",
+            _INTERACTIONS.get(scope["method"], "delete"),
+        )
+
+
+def _nul_in(scope: Scope) -> str | None:
+    """Where the request line or a header holds a NUL, in words; None if nowhere."""
+    if "\x00" in scope["path"]:
+        return "the path"
+    if b"%00" in scope["query_string"] or b"\x00" in scope["query_string"]:
+        return "the query string"
+    for name, value in scope["headers"]:
+        if b"\x00" in value:
+            return f"the {name.decode('latin-1')} header"
+    return None
+
+
+class SecurityHeadersMiddleware(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         if path in ("/docs", "/redoc") or path.startswith("/static"):
             policy = DOCS_CSP
@@ -197,20 +171,13 @@ class SecurityHeadersMiddleware:
             policy = REPORT_CSP
         else:
             policy = API_CSP
-        extra = [*SECURITY_HEADERS, policy]
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *extra]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        await self.app(scope, receive, adding_headers(send, [*SECURITY_HEADERS, policy]))
 
 
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-class WriteLimitMiddleware:
+class WriteLimitMiddleware(HttpMiddleware):
     """At most `limit` write requests of this worker run at once; the others wait their turn
     (in arrival order) before anything of theirs starts.
 
@@ -224,16 +191,12 @@ class WriteLimitMiddleware:
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.limit = limit
         self._slots: asyncio.Semaphore | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] not in _WRITE_METHODS
-            or scope["path"].endswith("/_search")
-        ):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in _WRITE_METHODS or scope["path"].endswith("/_search"):
             await self.app(scope, receive, send)
             return
         if self._slots is None:  # created in the worker's own event loop

@@ -17,8 +17,8 @@ from pydantic_settings import BaseSettings, SettingsError
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
 
+from app.kit import failures
 from app.kit.errors import ConfigurationError
-from app.store import failures
 
 
 class StartupError(Exception):
@@ -75,9 +75,9 @@ def _unparsable_setting(error: SettingsError) -> str:
     for model in _settings_classes().values():
         info = model.model_fields.get(field)
         if info is not None:
-            kind = get_origin(info.annotation)
+            origin = get_origin(info.annotation)
             form = {list: 'a JSON list, e.g. ["a", "b"]', dict: 'a JSON object, e.g. {"a": "b"}'}
-            expected = form.get(kind, "JSON") if kind else "JSON"
+            expected = form.get(origin, "JSON") if origin else "JSON"
             return f"{_variable(model, field)} is not a valid setting: expected {expected}"
     return str(error)
 

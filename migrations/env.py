@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlmodel import SQLModel
 
 import app.store.tables  # noqa: F401 - registers the tables on SQLModel.metadata
+from app.kit.failures import explain
 from app.settings import get_settings
 from app.store.db import async_url, driver_arguments
-from app.store.failures import explain
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

@@ -19,8 +19,8 @@ from sqlalchemy import text
 
 from app.audit.chain import verify
 from app.audit.trail import AuditQueue, AuditRecord, read_spill
+from app.kit.failures import is_transient
 from app.main import create_app
-from app.store.failures import is_transient
 from tests import builders
 from tests.conftest import KEY, bearer
 from tests.test_crud import create

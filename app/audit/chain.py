@@ -38,9 +38,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.kit.codes import RESERVED_ID_PREFIX
 from app.kit.dates import utc_now
+from app.kit.failures import is_transient
 from app.store import repository as repo
 from app.store.db import Database
-from app.store.failures import is_transient
 from app.store.tables import audit_table as AE
 from app.store.tables import version_table
 

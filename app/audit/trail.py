@@ -33,9 +33,9 @@ from app.audit.chain import record_digest
 from app.auth.principal import Principal
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import ServiceUnavailable, fhir_string
+from app.kit.failures import is_transient
 from app.kit.request_context import current_request
 from app.store.db import Database
-from app.store.failures import is_transient
 from app.store.tables import audit_table as AE
 from app.store.tables import disclosure_table
 
@@ -227,7 +227,7 @@ class AuditQueue:
     """Reads, searches and refusals, written in batches off the request path.
 
     No record is lost to a database outage: a batch the database could not take for a
-    transient reason (`store.failures`) stays at the head of the queue, in order, and is
+    transient reason (`kit.failures`) stays at the head of the queue, in order, and is
     retried every `interval` until the database is back. At shutdown what is still queued
     is spilled to a file in `spill_dir`, which the next start replays before serving
     (`replay`). A record keeps its id from creation on, so a batch whose commit outcome was

@@ -30,7 +30,7 @@ async def current_principal(request: Request, credentials: Credentials) -> Princ
         raise Unauthorized("Authorization must be 'Bearer <token>'", error="invalid_request")
     token = credentials.credentials
     key_source: KeySource = request.app.state.key_source
-    if key_source.kind == "jwks":
+    if key_source.scheme == "jwks":
         # A JWKS lookup may block on the identity provider: keep it off the event loop.
         claims = await run_in_threadpool(key_source.decode, token.strip())
     else:

@@ -1,6 +1,6 @@
 """Bearer tokens: checking them (PyJWT, never by hand) and, for development, issuing them.
 
-A `KeySource` knows exactly one kind of key and the algorithms that go with it: a shared
+A `KeySource` knows exactly one scheme of key and the algorithms that go with it: a shared
 secret accepts HS256 only, an identity provider's JWKS accepts RS256/ES256 only. Pinning the
 algorithm to the key is what defeats `alg: none` and the classic confusion attack, where a
 token is HMAC-signed with the provider's *public* key (which anyone can download) and the
@@ -59,17 +59,17 @@ _FAILURES: tuple[tuple[type[Exception], str], ...] = (
 def _describe(exc: jwt.PyJWTError) -> str:
     if isinstance(exc, jwt.MissingRequiredClaimError):
         return f"token lacks the {exc.claim} claim"
-    for kind, description in _FAILURES:
-        if isinstance(exc, kind):
+    for failure, description in _FAILURES:
+        if isinstance(exc, failure):
             return description
     return "token invalid"
 
 
 class KeySource(ABC):
-    """One kind of verification key plus the issuer, audience and clock leeway to check."""
+    """One scheme of verification key plus the issuer, audience and clock leeway to check."""
 
     algorithms: tuple[str, ...]
-    kind: str
+    scheme: str  # "secret" or "jwks"
 
     def __init__(self, *, issuer: str, audience: str, leeway_seconds: int = 30) -> None:
         self.issuer = issuer
@@ -129,7 +129,7 @@ class SecretKeySource(KeySource):
     """A shared secret, HS256 only: for development, tests and the token command."""
 
     algorithms = SYMMETRIC_ALGORITHMS
-    kind = "secret"
+    scheme = "secret"
 
     def __init__(
         self, secret: str, *, issuer: str, audience: str, leeway_seconds: int = 30
@@ -159,7 +159,7 @@ class JwksKeySource(KeySource):
     algorithm, which PyJWT requires the token's `alg` to equal."""
 
     algorithms = ASYMMETRIC_ALGORITHMS
-    kind = "jwks"
+    scheme = "jwks"
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ evaluable even when every such count is under rescue.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from operator import attrgetter
 from statistics import fmean
@@ -124,22 +124,22 @@ def _is_below_cr(count: _Count) -> bool:
     return not count.cr_qualifying
 
 
-@dataclass(frozen=True)
-class _Pair:
-    """Indices of a decision's two occasions (equal for a loss by a single bleeding one)."""
+class _Pair(NamedTuple):
+    """Indices of a decision's two occasions (equal for a loss by a single bleeding one).
+
+    Tuples, this and the traces below, like `_Count`: plain records of where decisions fell.
+    """
 
     first: int
     second: int
 
 
-@dataclass(frozen=True)
-class _CrTrace:
+class _CrTrace(NamedTuple):
     confirmed: _Pair
     lost: _Pair | None
 
 
-@dataclass(frozen=True)
-class _EpisodeTrace:
+class _EpisodeTrace(NamedTuple):
     onset: _Pair
     loss: _Pair | None
     cr: tuple[_CrTrace, ...]
@@ -202,6 +202,16 @@ def _covering_rescue(
     return None
 
 
+class _Course(NamedTuple):
+    """What every step after the treatment start judges a record against: the start, the
+    rescues (time, id) in order, the confirm clock and the criteria."""
+
+    start: datetime
+    rescues: Sequence[_Rescue]
+    clock: _Clock
+    criteria: Criteria
+
+
 # Clinical-time order, ties broken by id, then value and status (a C-level key: 1,000 counts
 # are sorted on every recompute).
 _COUNT_ORDER = attrgetter("time", "id", "value", "status")
@@ -211,62 +221,75 @@ def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessm
     """Classify one patient's response from the whole timeline (recomputed, never patched)."""
     timeline = _in_utc(timeline)
     version_1 = criteria.rules_version == 1
+    patient = timeline.patient
+    start = _treatment_start(timeline.administrations, version_1)
+    if start is None:
+        reason = "no study-drug administration" if version_1 else NO_TREATMENT_START
+        return _not_evaluable(patient, criteria, reason, None, None, [])
     counts = sorted(
         (count for count in timeline.counts if count.status in VALID_OBSERVATION_STATUSES),
         key=_COUNT_ORDER,
     )
-    start = _treatment_start(timeline.administrations, version_1)
-    if start is None:
-        reason = "no study-drug administration" if version_1 else NO_TREATMENT_START
-        return _not_evaluable(timeline.patient, criteria, reason, None, None, [])
-    clock = _Clock(criteria)
     rescues = _rescues(timeline.administrations, version_1)
+    course = _Course(start, rescues, _Clock(criteria), criteria)
     pre_start = [count for count in counts if count.time <= start]
-    baseline, window, classified = _baseline(pre_start, start, rescues, clock, criteria)
+    baseline, window, classified = _baseline(pre_start, course)
     if baseline is None:
-        if version_1:
-            reason = (
-                "no platelet count in the "
-                f"{criteria.baseline_lookback_days} days up to the treatment start"
-            )
-        else:
-            reason = BASELINE_ONLY_UNDER_RESCUE if window else NO_BASELINE
-        return _not_evaluable(timeline.patient, criteria, reason, start, None, classified)
+        reason = _no_baseline_reason(criteria, window)
+        return _not_evaluable(patient, criteria, reason, start, None, classified)
     post_start = counts[len(pre_start) :]
     if version_1 and not post_start:
         reason = "no platelet count after the treatment start"
-        return _not_evaluable(timeline.patient, criteria, reason, start, baseline, classified)
-
+        return _not_evaluable(patient, criteria, reason, start, baseline, classified)
     bleeding = _bleeding_by_day(
-        timeline.bleeding_assessments, timeline.bleeding_events, clock, criteria
+        timeline.bleeding_assessments, timeline.bleeding_events, course.clock, criteria
     )
-    evaluable = _classify(
-        post_start, start, baseline.value, bleeding, rescues, clock, criteria, classified
-    )
+    evaluable = _classify(post_start, baseline.value, bleeding, course, classified)
     if not version_1:
         any_count = bool(evaluable)  # bleeding occasions alone make no response
-        evaluable = _with_bleeding_occasions(
-            evaluable, start, bleeding, rescues, clock, criteria, classified
-        )
+        evaluable = _with_bleeding_occasions(evaluable, bleeding, course, classified)
         if not any_count:
             return _not_evaluable(
-                timeline.patient, criteria, NO_EVALUABLE_COUNT, start, baseline, classified
+                patient, criteria, NO_EVALUABLE_COUNT, start, baseline, classified
             )
-    traces = _trace_episodes(evaluable, clock, criteria)
+    return _evaluated(patient, course, baseline, evaluable, bleeding, classified)
+
+
+def _no_baseline_reason(criteria: Criteria, window: bool) -> str:
+    """Why there is no baseline; `window`: whether the lookback window held any count."""
+    if criteria.rules_version == 1:
+        return (
+            f"no platelet count in the {criteria.baseline_lookback_days} days up to the "
+            "treatment start"
+        )
+    return BASELINE_ONLY_UNDER_RESCUE if window else NO_BASELINE
+
+
+def _evaluated(
+    patient: str,
+    course: _Course,
+    baseline: Baseline,
+    evaluable: list[_Count],
+    bleeding: _Bleeding,
+    classified: list[Classification],
+) -> Assessment:
+    """The assessment of an evaluable patient, from its evaluated occasions."""
+    criteria = course.criteria
+    traces = _trace_episodes(evaluable, course.clock, criteria)
     episodes = tuple(_episode(trace, evaluable, criteria) for trace in traces)
-    start_day = local_day(start, criteria.zone)
+    start_day = local_day(course.start, criteria.zone)
     response_date = episodes[0].start if episodes else None
     complete_response_date = next(
         (episode.cr_start for episode in episodes if episode.cr_start is not None), None
     )
     return Assessment(
-        patient=timeline.patient,
+        patient=patient,
         status=_status(episodes),
         status_reason=None,
         best_response=_best_response(episodes),
         pending_confirmation=_pending(evaluable, episodes),
         baseline=baseline,
-        treatment_start=start,
+        treatment_start=course.start,
         response_date=response_date,
         complete_response_date=complete_response_date,
         time_to_response_days=_days_between(start_day, response_date),
@@ -395,11 +418,7 @@ def _count_entry(
 
 
 def _baseline(
-    pre_start: Sequence[PlateletCount],
-    start: datetime,
-    rescues: Sequence[_Rescue],
-    clock: _Clock,
-    criteria: Criteria,
+    pre_start: Sequence[PlateletCount], course: _Course
 ) -> tuple[Baseline | None, bool, list[Classification]]:
     """The baseline, whether the lookback window held any count, and how each count at or
     before the start was classified.
@@ -408,6 +427,7 @@ def _baseline(
     count within `baseline_rescue_exclusion_days` after a rescue is no candidate (0: none
     is excluded).
     """
+    start, rescues, clock, criteria = course
     lookback = criteria.baseline_lookback_days
     exclusion = criteria.baseline_rescue_exclusion_days
     in_window = False
@@ -491,14 +511,33 @@ def _references(bleeds: Iterable[tuple[str, str, datetime]]) -> tuple[str, ...]:
     return tuple(f"{_BLEEDING_TYPES[key]}/{ident}" for key, ident, _ in bleeds)
 
 
+class _Levels(NamedTuple):
+    """The response levels a count after the start is held against, and the words for why
+    it misses the R rule."""
+
+    r_floor: float  # the R threshold, or twice the baseline where that is higher
+    r_threshold: float
+    cr_threshold: float
+    below_r: str
+    below_doubling: str
+
+
+def _levels(criteria: Criteria, baseline: float) -> _Levels:
+    r_threshold = criteria.r_threshold
+    return _Levels(
+        r_floor=max(r_threshold, criteria.doubling_factor * baseline),
+        r_threshold=r_threshold,
+        cr_threshold=criteria.cr_threshold,
+        below_r=f"below {r_threshold:g}",
+        below_doubling=f"below {criteria.doubling_factor:g} x baseline",
+    )
+
+
 def _classify(
     post_start: Sequence[PlateletCount],
-    start: datetime,
     baseline: float,
     bleeding: _Bleeding,
-    rescues: Sequence[_Rescue],
-    clock: _Clock,
-    criteria: Criteria,
+    course: _Course,
     classified: list[Classification],
 ) -> list[_Count]:
     """Classify each count after the start; return the evaluable ones.
@@ -506,20 +545,14 @@ def _classify(
     A count on a day that is not evaluable yet, or under rescue, is neither qualifying nor
     failing: it is left out of the evaluation (and said so in `classified`).
     """
-    first_day = criteria.first_evaluable_day
+    start, rescues, clock, criteria = course
+    first_day, window = criteria.first_evaluable_day, criteria.rescue_window_days
     start_day = clock.day(start)
     # The `instant` clock's first evaluable time, as a distance from the start: start + N days
     # overflows for a start on the calendar's last days (FHIR allows 9999-12-31).
     first_window = timedelta(days=first_day)
-    not_evaluable = _before_day(first_day)
-    window = criteria.rescue_window_days
-    under_rescue = _after_rescue(window)
-    cr_threshold = criteria.cr_threshold
-    r_threshold = criteria.r_threshold
-    doubled = criteria.doubling_factor * baseline
-    r_floor = max(r_threshold, doubled)
-    below_r = f"below {r_threshold:g}"
-    below_doubling = f"below {criteria.doubling_factor:g} x baseline"
+    not_evaluable, under_rescue = _before_day(first_day), _after_rescue(window)
+    r_floor, r_threshold, cr_threshold, below_r, below_doubling = _levels(criteria, baseline)
     calendar, zone, in_utc = clock.calendar, clock.zone, clock.in_utc
     evaluable: list[_Count] = []
     append, entry = evaluable.append, classified.append
@@ -563,11 +596,8 @@ _Entry = Classification
 
 def _with_bleeding_occasions(
     evaluable: list[_Count],
-    start: datetime,
     bleeding: _Bleeding,
-    rescues: Sequence[_Rescue],
-    clock: _Clock,
-    criteria: Criteria,
+    course: _Course,
     classified: list[Classification],
 ) -> list[_Count]:
     """Add each qualifying bleed after the start on a day without any count: a failing
@@ -576,8 +606,8 @@ def _with_bleeding_occasions(
     The classifications are merged in clinical order too: no count shares an occasion's day,
     so no count shares its time.
     """
-    first_day = criteria.first_evaluable_day
-    window = criteria.rescue_window_days
+    start, rescues, clock, criteria = course
+    first_day, window = criteria.first_evaluable_day, criteria.rescue_window_days
     occasions: list[_Count] = []
     entries: list[Classification] = []
     after_start = sorted(day for day, bleeds in bleeding.items() if bleeds[-1][2] > start)
@@ -667,7 +697,7 @@ def _onset(counts: Sequence[_Count], lo: int, gap: int) -> _Pair | None:
         )
         if pair is not None
     ]
-    return min(candidates, key=lambda pair: (pair.first, pair.second), default=None)
+    return min(candidates, default=None)  # the earlier first occasion, then second
 
 
 def _trace_episodes(

@@ -1,7 +1,7 @@
 """OperationOutcome: every error (and some informational answers) leaves the server as one.
 
 The handlers here are the only place an exception becomes an HTTP response. A database
-that cannot serve now (down, starting, out of connections: `store.failures`) answers 503
+that cannot serve now (down, starting, out of connections: `kit.failures`) answers 503
 `transient` with `Retry-After`; a client that went away is logged as 499; any other
 unexpected error answers 500 with a correlation id, its traceback in the log, never sent.
 """
@@ -20,13 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from app.audit.trail import AuditRecord
 from app.fhir.http import FhirResponse, api_security_headers, call_catching
+from app.kit.asgi import HttpMiddleware
 from app.kit.errors import FhirError, Issue, database_unavailable
+from app.kit.failures import is_transient
 from app.services.provenance import header_problem
-from app.store.failures import is_transient
 
 log = logging.getLogger("app.errors")
 
@@ -80,6 +81,12 @@ _METHOD_INTERACTION = {
 }
 
 
+def resource_type_of(path: str) -> str | None:
+    """The resource type a FHIR path is about (`/fhir/Observation/1`: Observation)."""
+    parts = [part for part in path.split("/") if part]
+    return parts[1] if len(parts) > 1 and parts[0] == "fhir" else None
+
+
 def _audit_refusal(
     request: Request, status_code: int, diagnostics: str, site: str | None = None
 ) -> None:
@@ -90,7 +97,6 @@ def _audit_refusal(
         return
     principal = getattr(request.state, "principal", None)
     parts = [p for p in request.url.path.split("/") if p]
-    entity_type = parts[1] if len(parts) > 1 and parts[0] == "fhir" else None
     entity_id = parts[2] if len(parts) > 2 and not parts[2].startswith(("_", "$")) else None
     services.audit.add(
         AuditRecord(
@@ -100,7 +106,7 @@ def _audit_refusal(
             agent=principal.sub if principal else None,
             role=principal.role if principal else None,
             site=site,
-            entity_type=entity_type,
+            entity_type=resource_type_of(request.url.path),
             entity_id=entity_id,
             query=request.url.query or None,
         )
@@ -216,7 +222,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return response
 
 
-class ErrorMiddleware:
+class ErrorMiddleware(HttpMiddleware):
     """Answers every exception the route handlers did not, and does not let it escape.
 
     Starlette's outermost error middleware answers an exception and then re-raises it, and
@@ -226,13 +232,7 @@ class ErrorMiddleware:
     and metrics middleware like any other, and the connection stays open. Installed inside
     those and outside the body limit (whose own exception it must not see)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         error, started = await call_catching(self.app, scope, receive, send, Exception)
         if error is None:
             return

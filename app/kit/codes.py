@@ -147,20 +147,21 @@ class CodeSystems:
         self.itp_response = base + ITP_RESPONSE_PATH
 
     def is_trial_codes(self, system: str | None) -> bool:
-        # Clients that use the default base must always work, even under an override.
-        return system in (self.trial_codes, DEFAULT_CODE_SYSTEM_BASE + TRIAL_CODES_PATH)
+        return self._names(system, TRIAL_CODES_PATH)
 
     def is_medication_role(self, system: str | None) -> bool:
-        return system in (self.medication_role, DEFAULT_CODE_SYSTEM_BASE + MEDICATION_ROLE_PATH)
+        return self._names(system, MEDICATION_ROLE_PATH)
 
     def is_site(self, system: str | None) -> bool:
-        return system in (self.site, DEFAULT_CODE_SYSTEM_BASE + SITE_IDENTIFIER_SYSTEM_PATH)
+        return self._names(system, SITE_IDENTIFIER_SYSTEM_PATH)
 
     def is_subject(self, system: str | None) -> bool:
-        return system in (
-            self.subject,
-            DEFAULT_CODE_SYSTEM_BASE + SUBJECT_IDENTIFIER_SYSTEM_PATH,
-        )
+        return self._names(system, SUBJECT_IDENTIFIER_SYSTEM_PATH)
+
+    def _names(self, system: str | None, path: str) -> bool:
+        """Whether `system` is the code system at `path`, under this base or the default one:
+        clients that use the default base must always work, even under an override."""
+        return system in (self.base + path, DEFAULT_CODE_SYSTEM_BASE + path)
 
 
 # Components of the server's response-status Observation (codes in trial-codes).

@@ -81,19 +81,20 @@ _FORMS = {
 }
 
 
-def date_problem(value: str, kind: str) -> str | None:
-    """Why `value` is not a FHIR `kind` (date, dateTime or instant) element; None if it is."""
-    match = _ELEMENT_PARTS[kind].fullmatch(value)
-    zoneless = _ZONELESS_TIME.fullmatch(value) if kind != "date" else None
+def date_problem(value: str, element_type: str) -> str | None:
+    """Why `value` is not a FHIR `element_type` (date, dateTime or instant) element; None if
+    it is."""
+    match = _ELEMENT_PARTS[element_type].fullmatch(value)
+    zoneless = _ZONELESS_TIME.fullmatch(value) if element_type != "date" else None
     if match is None and zoneless is not None:
         day, minutes, seconds = zoneless.groups()
         time = f"{day}T{minutes}{seconds or ':00'}"
         return (
-            f"{value!r} has a time of day but no time zone: a FHIR {kind} with a time needs "
-            f"its zone (and seconds), e.g. {time}Z in UTC or {time}+01:00"
+            f"{value!r} has a time of day but no time zone: a FHIR {element_type} with a time "
+            f"needs its zone (and seconds), e.g. {time}Z in UTC or {time}+01:00"
         )
     if match is None:
-        return f"{value!r} is not a valid FHIR {kind}: {_FORMS[kind]}"
+        return f"{value!r} is not a valid FHIR {element_type}: {_FORMS[element_type]}"
     year, month, day = match.group(1), match.group(2), match.group(3)
     if int(year) == 0:
         return f"{value!r}: year 0000 does not exist"

@@ -94,13 +94,31 @@ def platelet_chart(patient: PatientData, criteria: Criteria) -> bytes:
     changes the assessment dates."""
     figure = Figure(figsize=(8, 4.2))
     ax = figure.add_subplot()
-    a = patient.assessment
     counts = patient.counts()
     days = [patient.day(c.time, criteria) for c in counts]
     values = [max(c.value, 1.0) for c in counts]  # a log axis has no 0
     ax.set_yscale("log")
     floor = min([5.0, *(v / 1.5 for v in values)])
     ax.set_ylim(floor, max([400.0, *(v * 1.5 for v in values)]))
+    _draw_levels(ax, patient, criteria)
+    _shade_rescues(ax, patient, criteria)
+    if counts:
+        ax.plot(days, values, color="#444444", linewidth=1, zorder=2)
+    for count, day, value in zip(counts, days, values, strict=True):
+        (marker,) = ax.plot(
+            [day], [value], marker="o", markersize=5, color="#252525", linestyle="", zorder=3
+        )
+        marker.set_gid(count.id)
+    _tick_doses(ax, patient, criteria, floor * 1.12)
+    _mark_bleeding(ax, patient, criteria)
+    _annotate_status(ax, patient, criteria)
+    _label_chart(ax, patient)
+    figure.tight_layout()
+    return _svg(figure)
+
+
+def _draw_levels(ax: Axes, patient: PatientData, criteria: Criteria) -> None:
+    """The R and CR thresholds, and the patient's baseline."""
     for threshold, label in ((criteria.r_threshold, "R"), (criteria.cr_threshold, "CR")):
         line = ax.axhline(threshold, color="#636363", linestyle=":", linewidth=1)
         line.set_gid(f"threshold-{label}")
@@ -113,29 +131,30 @@ def platelet_chart(patient: PatientData, criteria: Criteria) -> bytes:
             va="center",
             color="#636363",
         )
-    if a.baseline is not None:
+    baseline = patient.assessment.baseline
+    if baseline is not None:
         line = ax.axhline(
-            a.baseline.value, color="#3182bd", linestyle="--", linewidth=1, label="Baseline"
+            baseline.value, color="#3182bd", linestyle="--", linewidth=1, label="Baseline"
         )
         line.set_gid("baseline")
+
+
+def _shade_rescues(ax: Axes, patient: PatientData, criteria: Criteria) -> None:
     for rescue in patient.administrations("rescue"):
         first = patient.day(rescue.time, criteria)
         span = ax.axvspan(
             first, first + criteria.rescue_window_days, color=_RESCUE, alpha=0.5, linewidth=0
         )
         span.set_gid(f"rescue-{rescue.id}")
-    if counts:
-        ax.plot(days, values, color="#444444", linewidth=1, zorder=2)
-    for count, day, value in zip(counts, days, values, strict=True):
-        (marker,) = ax.plot(
-            [day], [value], marker="o", markersize=5, color="#252525", linestyle="", zorder=3
-        )
-        marker.set_gid(count.id)
+
+
+def _tick_doses(ax: Axes, patient: PatientData, criteria: Criteria, height: float) -> None:
+    """Each study-drug dose as a tick at `height`, just above the chart's floor."""
     doses = patient.administrations("study-drug")
     if doses:
         (ticks,) = ax.plot(
             [patient.day(d.time, criteria) for d in doses],
-            [floor * 1.12] * len(doses),
+            [height] * len(doses),
             marker="|",
             markersize=8,
             linestyle="",
@@ -143,8 +162,11 @@ def platelet_chart(patient: PatientData, criteria: Criteria) -> bytes:
             label="Study-drug dose",
         )
         ticks.set_gid("doses")
-    _mark_bleeding(ax, patient, criteria)
-    _annotate_status(ax, patient, criteria)
+
+
+def _label_chart(ax: Axes, patient: PatientData) -> None:
+    """Title, axis labels, grid and legend."""
+    a = patient.assessment
     title = f"{patient.label} ({patient.site or 'no site'}): {a.status}"
     if a.best_response:
         title += f", best response {a.best_response}"
@@ -157,8 +179,6 @@ def platelet_chart(patient: PatientData, criteria: Criteria) -> bytes:
         handles.append(Patch(color=_RESCUE, label="Rescue window"))
     if handles:
         ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.8)
-    figure.tight_layout()
-    return _svg(figure)
 
 
 def _mark_bleeding(ax: Axes, patient: PatientData, criteria: Criteria) -> None:

@@ -41,10 +41,10 @@ from app.auth.principal import Principal
 from app.kit.codes import CLINICAL_RESOURCE_TYPES
 from app.kit.dates import utc_now
 from app.kit.errors import NotFound
+from app.kit.failures import is_transient
 from app.services.context import ServiceContext
 from app.store import exports as store
 from app.store.db import Database
-from app.store.failures import is_transient
 
 log = logging.getLogger("app.exports")
 _T = TypeVar("_T")

@@ -44,6 +44,7 @@ from app.kit.errors import (
     PreconditionFailed,
     database_unavailable,
 )
+from app.kit.failures import is_transient
 from app.services import resources, search, subjects
 from app.services.context import ServiceContext
 from app.services.indexing import subject_patient_id
@@ -53,7 +54,6 @@ from app.services.resources import Change, LockedPatients, Stored
 from app.services.search import SearchRequest
 from app.store import repository as repo
 from app.store.criteria import SearchFilter
-from app.store.failures import is_transient
 
 # FHIR processing order of a transaction's entries.
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3}

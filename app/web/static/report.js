@@ -92,6 +92,20 @@ function statusBadge(row, code) {
   }
 }
 
+// The status codes in the order the tables' columns list them.
+const STATUS_CODES = ["CR", "R", "NR", "LOR", "NE"];
+
+// Replaces the rows of table `id` with one row per item, which `fill(row, item)` fills.
+function fillTable(id, items, fill) {
+  const body = $(id).tBodies[0];
+  body.replaceChildren();
+  for (const item of items) fill(body.insertRow(), item);
+}
+
+function statusCells(row, counts) {
+  for (const code of STATUS_CODES) cell(row, counts[code]);
+}
+
 function renderSummary(report) {
   $("scope").textContent = report.sites.length
     ? "sites " + report.sites.join(", ")
@@ -114,35 +128,27 @@ function renderSummary(report) {
     `${num(platelets.baseline_median, 1)} / ${num(platelets.peak_median, 1)} ×10⁹/L`;
   const ae = report.adverse_events;
   $("aes").textContent = `${ae.events} (${ae.patients}); serious ${ae.serious}, related ${ae.related}`;
-  const body = $("status-counts").tBodies[0];
-  body.replaceChildren();
-  for (const [label, counts] of [["Current status", report.status], ["Best response", report.best_response]]) {
-    const row = body.insertRow();
+  const statuses = [["Current status", report.status], ["Best response", report.best_response]];
+  fillTable("status-counts", statuses, (row, [label, counts]) => {
     cell(row, label);
-    for (const code of ["CR", "R", "NR", "LOR", "NE"]) cell(row, counts[code]);
-  }
+    statusCells(row, counts);
+  });
 }
 
 function renderSites(report) {
-  const body = $("sites").tBodies[0];
-  body.replaceChildren();
-  for (const site of report.by_site) {
-    const row = body.insertRow();
+  fillTable("sites", report.by_site, (row, site) => {
     row.dataset.site = site.site;
     cell(row, site.site);
     cell(row, site.n_enrolled);
     cell(row, site.n_treated);
-    for (const code of ["CR", "R", "NR", "LOR", "NE"]) cell(row, site.status[code]);
+    statusCells(row, site.status);
     cell(row, proportionText(site.orr));
     cell(row, site.adverse_events.events);
-  }
+  });
 }
 
 function renderListing(listing) {
-  const body = $("listing").tBodies[0];
-  body.replaceChildren();
-  for (const patient of listing.rows) {
-    const row = body.insertRow();
+  fillTable("listing", listing.rows, (row, patient) => {
     row.dataset.patient = patient.patient;
     row.title = "Show the platelet counts of " + (patient.subject || patient.patient);
     cell(row, patient.subject || patient.patient);
@@ -164,7 +170,7 @@ function renderListing(listing) {
     button.textContent = "Chart";
     action.appendChild(button);
     row.addEventListener("click", () => openChart(patient.patient, patient.subject));
-  }
+  });
 }
 
 // The server's SVG, parsed as XML and adopted into the page (never as HTML): the page can
