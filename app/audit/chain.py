@@ -23,8 +23,6 @@ write record. Anchors kept outside the database (`--anchor`) catch a cut-off tai
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +34,7 @@ import orjson
 from sqlalchemy import Select, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.kit.background import Periodic
 from app.kit.codes import RESERVED_ID_PREFIX
 from app.kit.dates import utc_now
 from app.kit.failures import is_transient
@@ -89,9 +88,8 @@ class ChainSequencer:
         self, db: Database, delay_ms: int = DEFAULT_CHAIN_DELAY_MS, batch_size: int = 5000
     ) -> None:
         self.db = db
-        self.interval = delay_ms / 4000
         self.batch_size = batch_size
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("audit-chain", delay_ms / 4000, self.chain_pending, _pass_failed)
         # Records refused for a wrong digest: reported once each, not once a pass.
         self._refused: set[int] = set()
 
@@ -155,25 +153,12 @@ class ChainSequencer:
             audit_id,
         )
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.chain_pending()
-            except Exception as error:
-                if is_transient(error):  # the outage is reported by the requests and queue
-                    continue
-                log.exception("audit chain pass failed; retrying in %ss", self.interval)
-
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-chain")
+        self._loop.start()
 
     async def stop(self) -> None:
         """Stop the loop, then chain what the last requests committed."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
         # What is left unchained is chained by the next start (any worker's sequencer), so
         # nothing here may keep the shutdown from closing the pool.
         try:
@@ -183,6 +168,11 @@ class ChainSequencer:
                 log.exception("audit chain pass at shutdown failed; the next start chains")
                 return
             log.warning("database unavailable at shutdown: the next start chains the rest")
+
+
+def _pass_failed(error: Exception) -> None:
+    if not is_transient(error):  # an outage is reported by the requests and the audit queue
+        log.exception("audit chain pass failed; the next pass retries")
 
 
 @dataclass

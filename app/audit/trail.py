@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.chain import record_digest
 from app.auth.principal import Principal
+from app.kit.background import Periodic
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import ServiceUnavailable, fhir_string
 from app.kit.failures import is_transient
@@ -253,7 +254,9 @@ class AuditQueue:
         self.spill_dir = spill_dir
         self.batch_size = batch_size
         self._pending: list[AuditRecord] = []
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic(
+            "audit-flush", interval_seconds, self._flush_and_report, self._note_failure
+        )
         self._flushing = asyncio.Lock()
         # Set after an attempt that failed: its batch may have been committed after all.
         self._uncertain = False
@@ -340,20 +343,14 @@ class AuditQueue:
                 )
             del self._pending[0]
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.flush()
-            except Exception as error:
-                self._note_failure(error)
-            else:
-                if self._failing_since is not None:
-                    log.warning(
-                        "audit trail reachable again; the records queued since %s are written",
-                        format_instant(self._failing_since),
-                    )
-                    self._failing_since = None
+    async def _flush_and_report(self) -> None:
+        await self.flush()
+        if self._failing_since is not None:
+            log.warning(
+                "audit trail reachable again; the records queued since %s are written",
+                format_instant(self._failing_since),
+            )
+            self._failing_since = None
 
     def _note_failure(self, error: Exception) -> None:
         if not is_transient(error):
@@ -369,14 +366,11 @@ class AuditQueue:
             )
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-flush")
+        self._loop.start()
 
     async def stop(self, timeout_seconds: float = 10.0) -> None:
         """Write what is queued; what the database cannot take now goes to the spill file."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._loop.stop()
         try:
             await asyncio.wait_for(self.flush(), timeout_seconds)
         except Exception as error:  # a timeout counts as transient too
