@@ -24,7 +24,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from app.auth.deps import current_principal
 from app.auth.principal import Principal
-from app.fhir import conditional, schemas
+from app.fhir import schemas
 from app.fhir.deps import (
     ID_PATTERN,
     RESOURCE_TYPES,
@@ -44,13 +44,13 @@ from app.fhir.http import (
 )
 from app.fhir.openapi_docs import ERRORS, outcome_doc
 from app.fhir.outcome import operation_outcome
-from app.fhir.search_params import parse_search, search_request
 from app.fhir.search_routes import render_searchset
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import BadRequest, FhirError, Issue, PayloadTooLarge
-from app.services import transactions
+from app.services import conditional, transactions
 from app.services.patching import parse_patch
 from app.services.resources import parse_if_match
+from app.services.search_params import parse_search, search_request
 from app.services.transactions import EntryRequest, EntryResult
 from app.services.validation import parse_json
 from app.settings import Settings

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
 from urllib.parse import urlencode
 
 import orjson
@@ -12,7 +14,23 @@ from app.fhir.outcome import operation_outcome
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import Issue
 from app.services.resources import Stored
-from app.store.repository import Version
+
+
+class HistoryVersion(Protocol):
+    """What a history entry shows of one version: the wire needs its shape, not its table."""
+
+    @property
+    def resource_type(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def version_id(self) -> int: ...
+    @property
+    def last_updated(self) -> datetime: ...
+    @property
+    def method(self) -> str: ...  # create, update or delete
+    @property
+    def content(self) -> str | None: ...
 
 
 def _dumps(value: object) -> str:
@@ -71,7 +89,7 @@ def _search_entry(base_url: str, stored: Stored, mode: str) -> str:
 def history(
     base_url: str,
     resource_type: str,
-    versions: Sequence[Version],
+    versions: Sequence[HistoryVersion],
     *,
     self_url: str,
     next_url: str | None,
@@ -82,7 +100,7 @@ def history(
     return _bundle("history", links, [_history_entry(base_url, v) for v in versions])
 
 
-def _history_entry(base_url: str, version: Version) -> str:
+def _history_entry(base_url: str, version: HistoryVersion) -> str:
     full_url = f"{base_url}/{version.resource_type}/{version.id}"
     method = {"create": "POST", "update": "PUT", "delete": "DELETE"}[version.method]
     request_url = (

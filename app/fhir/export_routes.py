@@ -27,11 +27,11 @@ from app.fhir.openapi_docs import ERRORS, outcome_doc, outcome_docs
 from app.fhir.outcome import information
 from app.fhir.response_schemas import ExportManifest
 from app.kit.dates import INSTANT_PATTERN, fhir_range
-from app.kit.errors import BadRequest, ExportFailed, NotAcceptable
+from app.kit.errors import BadRequest, NotAcceptable
 from app.services import bulk_export as service
 from app.services.context import ServiceContext
+from app.services.export_progress import progress
 from app.settings import Settings
-from app.store import exports as store
 
 router = APIRouter(prefix="/fhir", tags=["Bulk Data"])
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
@@ -258,19 +258,16 @@ async def export_status(
     request: Request, ctx: ServicesDep, principal: CurrentPrincipal, job_id: JobId
 ) -> Response:
     view = await service.status(ctx, principal, job_id)
-    job = view.job
-    if job.status == store.FAILED:
-        raise ExportFailed(job.error or "the export failed")
-    if job.status != store.COMPLETED:
-        progress = job.progress or ("queued" if job.status == store.QUEUED else "in progress")
+    how_far = progress(view.job)
+    if how_far is not None:
         return Response(
             status_code=202,
-            headers={"X-Progress": progress, "Retry-After": str(service.RETRY_AFTER_SECONDS)},
+            headers={"X-Progress": how_far, "Retry-After": str(service.RETRY_AFTER_SECONDS)},
         )
     return Response(
         orjson.dumps(manifest(fhir_base(request), view)),
         media_type="application/json",
-        headers={"Expires": http_date(job.expires)},
+        headers={"Expires": http_date(view.job.expires)},
     )
 
 

@@ -17,9 +17,8 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from app.auth.deps import Require
 from app.auth.permissions import Action
-from app.auth.policy import access_policy
 from app.auth.principal import Principal
-from app.fhir import bundles, conditional, schemas
+from app.fhir import bundles, schemas
 from app.fhir.deps import (
     ID_PATTERN,
     RESOURCE_TYPES,
@@ -54,8 +53,10 @@ from app.fhir.openapi_docs import (
     patch_doc,
 )
 from app.fhir.outcome import information
+from app.fhir.search_schema import criteria_parameters
 from app.kit.dates import fhir_range
 from app.kit.errors import BadRequest
+from app.services import conditional
 from app.services import resources as service
 from app.services.context import ServiceContext
 from app.services.patching import (
@@ -65,7 +66,6 @@ from app.services.patching import (
 )
 from app.services.resources import Stored
 from app.settings import Settings
-from app.store.criteria import SearchFilter
 
 
 class _FhirIdConvertor(Convertor[str]):
@@ -147,9 +147,7 @@ def _register_create(resource_type: str, docs: _TypeDocs) -> None:
         response_class=FhirResponse,
         openapi_extra={
             **body_doc(resource_type, example=True),
-            "parameters": conditional.query_documentation(
-                resource_type, "Conditional create criterion"
-            ),
+            "parameters": criteria_parameters(resource_type, "Conditional create criterion"),
         },
         responses={
             201: {
@@ -186,33 +184,15 @@ def _register_create(resource_type: str, docs: _TypeDocs) -> None:
     ) -> Response:
         require_json_body(request)
         body = await request.body()
-        criteria, key = _create_criteria(request, resource_type, principal, if_none_exist)
+        criteria, key = conditional.create_criteria(
+            resource_type, request.query_params.multi_items(), if_none_exist, principal
+        )
         result = await service.create(
             ctx, resource_type, body, principal, if_none_exist=criteria, if_none_exist_key=key
         )
         if not result.created:
             return _resource_response(request, result.stored, 200)
         return _resource_response(request, result.stored, 201, _location(result.stored))
-
-
-def _create_criteria(
-    request: Request, resource_type: str, principal: Principal, if_none_exist: str | None
-) -> tuple[SearchFilter, str] | tuple[None, None]:
-    """A conditional create's criteria and their lock key, from If-None-Exist or the query
-    (not both); (None, None) for a plain create."""
-    in_query = conditional.from_query(request.query_params.multi_items())
-    if if_none_exist is None and not in_query:
-        return None, None
-    access_policy(principal).require(resource_type, Action.CONDITIONAL_CREATE)
-    # A match is answered with the resource: the criteria are a search.
-    access_policy(principal).require(resource_type, Action.SEARCH)
-    if if_none_exist is not None and in_query:
-        raise BadRequest(
-            "Conditional create criteria go in If-None-Exist or in the query, not both"
-        )
-    if if_none_exist is not None:
-        return conditional.from_header(resource_type, if_none_exist)
-    return conditional.criteria(resource_type, in_query, "The query")
 
 
 def _register_conditional_update(resource_type: str, docs: _TypeDocs) -> None:
@@ -230,7 +210,7 @@ def _register_conditional_update(resource_type: str, docs: _TypeDocs) -> None:
         response_class=FhirResponse,
         openapi_extra={
             **body_doc(resource_type),
-            "parameters": conditional.query_documentation(resource_type, "Criterion"),
+            "parameters": criteria_parameters(resource_type, "Criterion"),
         },
         responses={
             200: {**docs.ok_resource, "description": "The match was updated"},
@@ -257,7 +237,9 @@ def _register_conditional_update(resource_type: str, docs: _TypeDocs) -> None:
         provenance: XProvenance,
     ) -> Response:
         require_json_body(request)
-        criteria, key = _criteria_in_query(request, resource_type, principal)
+        criteria, key = conditional.query_criteria(
+            resource_type, request.query_params.multi_items(), principal
+        )
         result = await service.conditional_update(
             ctx,
             resource_type,
@@ -288,7 +270,7 @@ def _register_conditional_delete(resource_type: str, docs: _TypeDocs) -> None:
         # are application/fhir+json; a 204 has no body.
         response_class=FhirResponse,
         openapi_extra={
-            "parameters": conditional.query_documentation(resource_type, "Criterion"),
+            "parameters": criteria_parameters(resource_type, "Criterion"),
         },
         responses={
             204: {
@@ -318,7 +300,9 @@ def _register_conditional_delete(resource_type: str, docs: _TypeDocs) -> None:
         prefer: Prefer = None,
         provenance: XProvenance,
     ) -> Response:
-        criteria, key = _criteria_in_query(request, resource_type, principal)
+        criteria, key = conditional.query_criteria(
+            resource_type, request.query_params.multi_items(), principal
+        )
         deletion = await service.conditional_delete(
             ctx, resource_type, criteria, key, principal, if_match=if_match, provenance=provenance
         )
@@ -650,12 +634,3 @@ def _decode_history_cursor(cursor: str) -> tuple[datetime, str, int]:
 
 for _resource_type in RESOURCE_TYPES:
     _register(_resource_type)
-
-
-def _criteria_in_query(
-    request: Request, resource_type: str, principal: Principal
-) -> tuple[Any, str]:
-    """The criteria of a conditional update or delete, which are a search too."""
-    access_policy(principal).require(resource_type, Action.SEARCH)
-    pairs = conditional.from_query(request.query_params.multi_items())
-    return conditional.criteria(resource_type, pairs, "The query")

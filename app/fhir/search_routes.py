@@ -26,7 +26,11 @@ from app.fhir.deps import RESOURCE_TYPES, ServicesDep, SettingsDep, fhir_base
 from app.fhir.elements import subset
 from app.fhir.http import FhirResponse, media_type, negotiate, prefer_strict, pretty
 from app.fhir.openapi_docs import ERRORS, bundle_doc, outcome_doc
-from app.fhir.search_params import (
+from app.fhir.search_schema import NO_NUL, value_schema
+from app.kit.errors import BadRequest, Issue, UnsupportedMediaType
+from app.services import search as service
+from app.services.context import ServiceContext
+from app.services.search_params import (
     INCLUDES,
     REVINCLUDES,
     SEARCH_PARAMETERS,
@@ -38,10 +42,6 @@ from app.fhir.search_params import (
     parse_search,
     search_request,
 )
-from app.fhir.search_schema import NO_NUL, value_schema
-from app.kit.errors import BadRequest, Issue, UnsupportedMediaType
-from app.services import search as service
-from app.services.context import ServiceContext
 from app.settings import Settings
 
 FORM = "application/x-www-form-urlencoded"
