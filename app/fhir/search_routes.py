@@ -228,13 +228,13 @@ _MODIFIERS_DOC = (
 def query_parameters(resource_type: str) -> list[dict[str, Any]]:
     parameters = [
         {
-            "name": p.name,
+            "name": declared.name,
             "in": "query",
             "required": False,
-            "description": p.documentation,
-            "schema": value_schema(resource_type, p.name),
+            "description": declared.documentation,
+            "schema": value_schema(resource_type, declared.name),
         }
-        for p in SEARCH_PARAMETERS[resource_type]
+        for declared in SEARCH_PARAMETERS[resource_type]
     ]
     for name, (description, schema) in _controls(resource_type).items():
         parameter = {
@@ -252,8 +252,11 @@ def query_parameters(resource_type: str) -> list[dict[str, Any]]:
 
 def form_body(resource_type: str) -> dict[str, Any]:
     properties = {
-        p.name: {**value_schema(resource_type, p.name), "description": p.documentation}
-        for p in SEARCH_PARAMETERS[resource_type]
+        declared.name: {
+            **value_schema(resource_type, declared.name),
+            "description": declared.documentation,
+        }
+        for declared in SEARCH_PARAMETERS[resource_type]
     }
     for name, (description, schema) in _controls(resource_type).items():
         properties[name] = {**schema, "description": description}

@@ -21,7 +21,7 @@ def list_of(value: str) -> dict[str, Any]:
 
 
 def value_schema(resource_type: str, name: str) -> dict[str, Any]:
-    parameter = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}[name]
+    parameter = {parameter.name: parameter for parameter in SEARCH_PARAMETERS[resource_type]}[name]
     if parameter.type == "date":
         return list_of(SEARCH_DATE_PATTERN)
     if parameter.type == "number":
@@ -40,7 +40,7 @@ def value_schema(resource_type: str, name: str) -> dict[str, Any]:
 def criteria_parameters(resource_type: str, what: str) -> list[dict[str, Any]]:
     """A conditional interaction's criteria as optional query parameters, so a generated
     client can send them."""
-    documented = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}
+    documented = {parameter.name: parameter for parameter in SEARCH_PARAMETERS[resource_type]}
     parameters = []
     for name in conditional_parameters(resource_type):
         parameter = documented[name]
