@@ -8,7 +8,7 @@ from typing import Any
 
 from app.kit.dates import SEARCH_DATE_PATTERN
 from app.services.conditional import conditional_parameters
-from app.services.search_params import SEARCH_ID, SEARCH_PARAMETERS, reference_value_pattern
+from app.services.search_params import SEARCH_ID, reference_value_pattern, search_parameter
 
 NO_NUL = {"type": "string", "pattern": "^[^\\u0000]*$"}
 _NUMBER = "(eq|ne|lt|le|gt|ge|sa|eb|ap)?-?[0-9]{1,12}(\\.[0-9]{1,6})?"
@@ -21,7 +21,7 @@ def list_of(value: str) -> dict[str, Any]:
 
 
 def value_schema(resource_type: str, name: str) -> dict[str, Any]:
-    parameter = {parameter.name: parameter for parameter in SEARCH_PARAMETERS[resource_type]}[name]
+    parameter = search_parameter(resource_type, name)
     if parameter.type == "date":
         return list_of(SEARCH_DATE_PATTERN)
     if parameter.type == "number":
@@ -40,10 +40,9 @@ def value_schema(resource_type: str, name: str) -> dict[str, Any]:
 def criteria_parameters(resource_type: str, what: str) -> list[dict[str, Any]]:
     """A conditional interaction's criteria as optional query parameters, so a generated
     client can send them."""
-    documented = {parameter.name: parameter for parameter in SEARCH_PARAMETERS[resource_type]}
     parameters = []
     for name in conditional_parameters(resource_type):
-        parameter = documented[name]
+        parameter = search_parameter(resource_type, name)
         # The search grammar, not empty: an empty value is ignored, and criteria that are
         # all empty are no criteria (400).
         schema = {**value_schema(resource_type, name), "minLength": 1}

@@ -23,6 +23,7 @@ from app.services.search_params import (
     criteria_key,
     parse_search,
     reference_value_pattern,
+    search_parameter,
 )
 from app.store.criteria import SearchFilter
 
@@ -31,7 +32,11 @@ FORMAT_PARAMETERS = frozenset({"_format", "_pretty"})
 
 
 def conditional_parameters(resource_type: str) -> list[str]:
-    return [p.name for p in SEARCH_PARAMETERS[resource_type] if p.type in ("token", "reference")]
+    return [
+        parameter.name
+        for parameter in SEARCH_PARAMETERS[resource_type]
+        if parameter.type in ("token", "reference")
+    ]
 
 
 # A value in If-None-Exist: printable ASCII without the pair separator `&`, the OR separator
@@ -42,7 +47,7 @@ _HEADER_URL_PREFIX = r"(https?://[!-$'-*\--~]+/)?"
 
 def _header_value(resource_type: str, name: str) -> str:
     """The grammar of one criterion's value list, as the search parser reads it."""
-    parameter = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}[name]
+    parameter = search_parameter(resource_type, name)
     if parameter.index == "id":
         value = SEARCH_ID
     elif parameter.type == "reference":

@@ -171,6 +171,12 @@ _BY_NAME = {
     for resource_type, params in SEARCH_PARAMETERS.items()
 }
 
+
+def search_parameter(resource_type: str, name: str) -> SearchParameter:
+    """A parameter `SEARCH_PARAMETERS` declares for the type (KeyError for another name)."""
+    return _BY_NAME[resource_type][name]
+
+
 # `_sort` keys: the id, the last update, and the type's date (clinical time, birth date).
 SORT_KEYS: dict[str, dict[str, str]] = {
     resource_type: {
