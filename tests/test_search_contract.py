@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.cli import OPENAPI_PATH
-from app.fhir.search_params import SORT_KEYS
+from app.services.search_params import SORT_KEYS
 from tests import builders
 from tests.conftest import bearer
 from tests.test_crud import create

@@ -13,11 +13,11 @@ from app.auth.principal import Principal
 from app.fhir import bundles, schemas
 from app.fhir.deps import ID_PATTERN, ServicesDep, SettingsDep, fhir_base
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
-from app.fhir.openapi_docs import ERRORS
+from app.fhir.openapi_docs import ERRORS, NO_404_ERRORS, bundle_doc
 from app.fhir.search_schema import NO_NUL
 from app.kit.dates import DATE_TIME_PATTERN
 from app.kit.errors import BadRequest
-from app.services.resources import Stored
+from app.settings import Settings
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["AuditEvent"])
 _SEARCH_DOC: dict[str, Any] = {
@@ -49,24 +49,13 @@ _SEARCH_DOC: dict[str, Any] = {
 }
 
 
-def _stored(hit: queries.AuditHit) -> Stored:
-    return Stored("AuditEvent", hit.id, 1, None, hit.content)  # type: ignore[arg-type]
-
-
 @router.get(
     "/AuditEvent",
     operation_id="searchAuditEvent",
     summary="Search the audit trail (oldest first, in chain order)",
     response_class=FhirResponse,
     openapi_extra=_SEARCH_DOC,
-    responses={
-        200: {
-            "model": schemas.Bundle,
-            "content": {FHIR_JSON: {}},
-            "description": "searchset Bundle of AuditEvents",
-        },
-        **{code: doc for code, doc in ERRORS.items() if code != 404},
-    },
+    responses={200: bundle_doc("searchset Bundle of AuditEvents"), **NO_404_ERRORS},
 )
 async def search_audit(
     request: Request,
@@ -74,7 +63,23 @@ async def search_audit(
     settings: SettingsDep,
     principal: Annotated[Principal, Depends(Require("AuditEvent", Action.AUDIT_READ))],
 ) -> Response:
-    params = [(k, v) for k, v in request.query_params.multi_items()]
+    params = request.query_params.multi_items()
+    count, cursor = _page(params, settings)
+    hits = await queries.search(ctx.db, principal, params, after=cursor, limit=count + 1)
+    page = hits[:count]
+    next_params = None
+    if len(hits) > count and page:
+        criteria = [(name, value) for name, value in params if name not in ("_cursor", "_count")]
+        next_params = [*criteria, ("_count", str(count)), ("_cursor", str(page[-1].seq))]
+    entries = [bundles.Unversioned("AuditEvent", hit.id, hit.content) for hit in page]
+    text = bundles.searchset(
+        fhir_base(request), "AuditEvent", entries, self_params=params, next_params=next_params
+    )
+    return pretty(request, text)
+
+
+def _page(params: list[tuple[str, str]], settings: Settings) -> tuple[int, int | None]:
+    """The page size (`_count`) and the chain sequence a page starts after (`_cursor`)."""
     count = settings.default_page_size
     cursor = None
     for name, value in params:
@@ -86,20 +91,7 @@ async def search_audit(
             if not (value.isascii() and value.isdigit() and len(value) <= 18):
                 raise BadRequest(f"_cursor={value!r} is not a chain sequence number")
             cursor = int(value)
-    hits = await queries.search(ctx.db, principal, params, after=cursor, limit=count + 1)
-    page = hits[:count]
-    criteria = [(k, v) for k, v in params if k not in ("_cursor", "_count")]
-    next_params = None
-    if len(hits) > count and page:
-        next_params = [*criteria, ("_count", str(count)), ("_cursor", str(page[-1].seq))]
-    text = bundles.searchset(
-        fhir_base(request),
-        "AuditEvent",
-        [_stored(h) for h in page],
-        self_params=params,
-        next_params=next_params,
-    )
-    return pretty(request, text)
+    return count, cursor
 
 
 @router.get(

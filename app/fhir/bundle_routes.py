@@ -24,7 +24,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from app.auth.deps import current_principal
 from app.auth.principal import Principal
-from app.fhir import conditional, schemas
+from app.fhir import schemas
 from app.fhir.deps import (
     ID_PATTERN,
     RESOURCE_TYPES,
@@ -44,13 +44,13 @@ from app.fhir.http import (
 )
 from app.fhir.openapi_docs import ERRORS, outcome_doc
 from app.fhir.outcome import operation_outcome
-from app.fhir.search_params import parse_search, search_request
 from app.fhir.search_routes import render_searchset
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import BadRequest, FhirError, Issue, PayloadTooLarge
-from app.services import transactions
+from app.services import conditional, transactions
 from app.services.patching import parse_patch
 from app.services.resources import parse_if_match
+from app.services.search_params import ParsedSearch, parse_search, search_request
 from app.services.transactions import EntryRequest, EntryResult
 from app.services.validation import parse_json
 from app.settings import Settings
@@ -131,15 +131,42 @@ async def process_bundle(
     provenance: OptionalXProvenance = None,
 ) -> Response:
     require_json_body(request)
-    bundle = parse_json(await request.body())
+    bundle_type, entries = _bundle_entries(parse_json(await request.body()), settings)
+    base = fhir_base(request)
+    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]] = {}
+    parsed = _entries(bundle_type, entries, base, settings, prefer_strict(request), searches)
+    if bundle_type == "transaction":
+        requests = [entry for entry in parsed if isinstance(entry, EntryRequest)]
+        results = await transactions.transaction(ctx, requests, principal, provenance)
+    else:
+        results = await transactions.batch(ctx, parsed, principal, provenance)
+    methods = [entry.method if isinstance(entry, EntryRequest) else None for entry in parsed]
+    answer = _response_bundle(
+        f"{bundle_type}-response",
+        results,
+        methods,
+        base,
+        prefer_return(request),
+        searches,
+        settings,
+    )
+    return FhirResponse(answer)
+
+
+# The same handler at the base URL with a trailing slash, left out of the OpenAPI file.
+router.add_api_route("/", process_bundle, methods=["POST"], include_in_schema=False)
+
+
+def _bundle_entries(bundle: dict[str, Any], settings: Settings) -> tuple[str, list[Any]]:
+    """The type of a Bundle to process (transaction or batch) and its entries."""
     if bundle.get("resourceType") != "Bundle":
         raise BadRequest(
             "POST /fhir takes a Bundle (transaction or batch)", expression=["Bundle.resourceType"]
         )
-    kind = bundle.get("type")
-    if kind not in ("transaction", "batch"):
+    bundle_type = bundle.get("type")
+    if bundle_type not in ("transaction", "batch"):
         raise BadRequest(
-            f"Bundle.type {kind!r} is not processed here: send a transaction or a batch",
+            f"Bundle.type {bundle_type!r} is not processed here: send a transaction or a batch",
             expression=["Bundle.type"],
         )
     entries = bundle.get("entry", [])
@@ -150,47 +177,28 @@ async def process_bundle(
             f"The Bundle has {len(entries)} entries; this server takes at most "
             f"{settings.max_bundle_entries} per Bundle: split it"
         )
-    base = fhir_base(request)
-    strict = prefer_strict(request)
+    return bundle_type, entries
+
+
+def _entries(
+    bundle_type: str,
+    entries: list[Any],
+    base: str,
+    settings: Settings,
+    strict: bool,
+    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]],
+) -> list[EntryRequest | FhirError]:
+    """Each entry's request; in a batch, an entry that cannot be parsed is its own error,
+    while in a transaction it fails the whole Bundle."""
     parsed: list[EntryRequest | FhirError] = []
-    searches: dict[int, tuple[Any, list[tuple[str, str]]]] = {}
     for index, entry in enumerate(entries):
         try:
             parsed.append(_entry(index, entry, base, settings, strict, searches))
         except FhirError as error:
-            if kind == "transaction":
+            if bundle_type == "transaction":
                 raise transactions.located(error, index) from None
             parsed.append(transactions.located(error, index))
-    if kind == "transaction":
-        requests = [e for e in parsed if isinstance(e, EntryRequest)]
-        results = await transactions.transaction(ctx, requests, principal, provenance)
-    else:
-        results = await transactions.batch(ctx, parsed, principal, provenance)
-    methods = [e.method if isinstance(e, EntryRequest) else None for e in parsed]
-    answer = _response_bundle(
-        f"{kind}-response", results, methods, base, prefer_return(request), searches, settings
-    )
-    return FhirResponse(answer)
-
-
-@router.post("/", include_in_schema=False)
-async def process_bundle_at_slash(
-    *,
-    request: Request,
-    ctx: ServicesDep,
-    settings: SettingsDep,
-    principal: Principal = Depends(current_principal),
-    prefer: Prefer = None,
-    provenance: OptionalXProvenance = None,
-) -> Response:
-    return await process_bundle(
-        request=request,
-        ctx=ctx,
-        settings=settings,
-        principal=principal,
-        prefer=prefer,
-        provenance=provenance,
-    )
+    return parsed
 
 
 def _entry(
@@ -199,13 +207,34 @@ def _entry(
     base: str,
     settings: Settings,
     strict: bool,
-    searches: dict[int, tuple[Any, list[tuple[str, str]]]],
+    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]],
 ) -> EntryRequest:
     if not isinstance(entry, dict):
         raise BadRequest("An entry must be an object")
     request = entry.get("request")
     if not isinstance(request, dict):
         raise BadRequest("An entry of a transaction or batch needs a request")
+    method, url = _method_and_url(request, base)
+    path, _, query = url.partition("?")
+    parts = _path_parts(path, url)
+    pairs = parse_qsl(query, keep_blank_values=True)
+    full_url = entry.get("fullUrl")
+    result = EntryRequest(
+        index,
+        method,
+        parts[0],
+        full_url=full_url if isinstance(full_url, str) and full_url else None,
+        if_match=_if_match(request.get("ifMatch")),
+    )
+    if method == "GET":
+        _get(result, parts, pairs, url, settings, strict, searches)
+    else:
+        _write(result, entry, request, parts, pairs, url)
+    return result
+
+
+def _method_and_url(request: dict[str, Any], base: str) -> tuple[str, str]:
+    """request.method, and request.url relative to the base (`Type...`)."""
     method, url = request.get("method"), request.get("url")
     if method not in _METHODS:
         raise BadRequest(f"request.method {method!r}: use one of {', '.join(_METHODS)}")
@@ -213,28 +242,32 @@ def _entry(
         raise BadRequest("request.url is required")
     for prefix in (base + "/", "/"):
         url = url.removeprefix(prefix)
-    path, _, query = url.partition("?")
+    return method, url
+
+
+def _path_parts(path: str, url: str) -> list[str]:
+    """The segments of request.url's path: a resource type of the trial, then an id."""
     parts = path.split("/")
-    kind = parts[0]
-    if kind not in RESOURCE_TYPES:
+    if parts[0] not in RESOURCE_TYPES:
         raise BadRequest(
             f"request.url {url!r}: entries are about {', '.join(RESOURCE_TYPES)} "
             "(nested Bundles and other types are not processed)"
         )
     if len(parts) > 1 and not _ID.fullmatch(parts[1]):
         raise BadRequest(f"request.url {url!r}: {parts[1]!r} is not a resource id")
-    pairs = parse_qsl(query, keep_blank_values=True)
-    full_url = entry.get("fullUrl")
-    result = EntryRequest(
-        index,
-        method,
-        kind,
-        full_url=full_url if isinstance(full_url, str) and full_url else None,
-        if_match=_if_match(request.get("ifMatch")),
-    )
-    if method == "GET":
-        _get(result, parts, pairs, url, settings, strict, searches)
-        return result
+    return parts
+
+
+def _write(
+    result: EntryRequest,
+    entry: dict[str, Any],
+    request: dict[str, Any],
+    parts: list[str],
+    pairs: list[tuple[str, str]],
+    url: str,
+) -> None:
+    """A POST, PUT, PATCH or DELETE entry: its target, criteria, and resource or patch."""
+    method = result.method
     bare = len(parts) == 1 and not pairs
     if (
         len(parts) > 2
@@ -247,42 +280,47 @@ def _entry(
         )
     if len(parts) == 2:
         result.resource_id = parts[1]
-    if method == "POST":
-        if_none_exist = request.get("ifNoneExist")
-        if if_none_exist is not None and pairs:
-            raise BadRequest("Conditional create criteria go in ifNoneExist or the url, not both")
-        if if_none_exist is not None:
-            if not isinstance(if_none_exist, str):
-                raise BadRequest("request.ifNoneExist must be a string")
-            result.criteria, result.criteria_key = conditional.from_header(kind, if_none_exist)
-        elif pairs:
-            result.criteria, result.criteria_key = conditional.criteria(kind, pairs, "request.url")
-    elif pairs:
-        if method == "PATCH":
-            raise BadRequest("Conditional patch is not supported: PATCH Type/id")
-        result.criteria, result.criteria_key = conditional.criteria(kind, pairs, "request.url")
-    if method == "DELETE":
-        return result
-    resource = entry.get("resource")
+    _write_criteria(result, request.get("ifNoneExist"), pairs)
     if method == "PATCH":
-        result.patch = _patch(resource)
-        return result
+        result.patch = _patch(entry.get("resource"))
+    elif method != "DELETE":
+        result.resource = _entry_resource(result, entry.get("resource"))
+        result.references = _conditional_references(result.resource)
+
+
+def _write_criteria(result: EntryRequest, if_none_exist: Any, pairs: list[tuple[str, str]]) -> None:
+    """A conditional create's (ifNoneExist or the url's), update's or delete's criteria."""
+    resource_type = result.resource_type
+    if result.method == "POST" and if_none_exist is not None:
+        if pairs:
+            raise BadRequest("Conditional create criteria go in ifNoneExist or the url, not both")
+        if not isinstance(if_none_exist, str):
+            raise BadRequest("request.ifNoneExist must be a string")
+        result.criteria, result.criteria_key = conditional.from_header(resource_type, if_none_exist)
+    elif pairs:
+        if result.method == "PATCH":
+            raise BadRequest("Conditional patch is not supported: PATCH Type/id")
+        result.criteria, result.criteria_key = conditional.criteria(
+            resource_type, pairs, "request.url"
+        )
+
+
+def _entry_resource(result: EntryRequest, resource: Any) -> dict[str, Any]:
+    """The resource of a POST or PUT entry, of the type its url names (and id, for a PUT)."""
     if not isinstance(resource, dict):
-        raise BadRequest(f"A {method} entry needs a resource")
-    if resource.get("resourceType") != kind:
+        raise BadRequest(f"A {result.method} entry needs a resource")
+    if resource.get("resourceType") != result.resource_type:
         raise BadRequest(
             f"The entry's resource is a {resource.get('resourceType')!r}, its request.url is "
-            f"about {kind}"
+            f"about {result.resource_type}"
         )
-    if method == "PUT" and result.resource_id is not None:
+    if result.method == "PUT" and result.resource_id is not None:
         body_id = resource.get("id")
         if body_id is not None and body_id != result.resource_id:
             raise BadRequest(
                 f"The resource's id {body_id!r} does not match request.url's {result.resource_id!r}"
             )
-    result.resource = resource
-    result.references = _conditional_references(resource)
-    return result
+    return resource
 
 
 def _if_match(value: Any) -> int | None:
@@ -300,12 +338,11 @@ def _get(
     url: str,
     settings: Settings,
     strict: bool,
-    searches: dict[int, tuple[Any, list[tuple[str, str]]]],
+    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]],
 ) -> None:
-    kind = result.resource_type
     if len(parts) == 1:
         parsed = parse_search(
-            kind,
+            result.resource_type,
             pairs,
             default_count=settings.default_page_size,
             max_count=settings.max_page_size,
@@ -373,43 +410,27 @@ def _status(code: int) -> str:
 
 
 def _response_bundle(
-    kind: str,
+    bundle_type: str,
     results: list[EntryResult],
     methods: list[str | None],
     base: str,
     prefer: str,
-    searches: dict[int, tuple[Any, list[tuple[str, str]]]],
+    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]],
     settings: Settings,
 ) -> bytes:
     entries = []
     for index, (result, method) in enumerate(zip(results, methods, strict=True)):
         response: dict[str, Any] = {"status": _status(result.status)}
         entry: dict[str, Any] = {}
-        stored = result.stored
         if result.error is not None:
             response["outcome"] = operation_outcome(result.error.issues)
-        elif stored is not None:
-            reference = f"{stored.resource_type}/{stored.id}"
-            if stored.content is not None:
-                entry["fullUrl"] = f"{base}/{reference}"
-                if method != "GET":
-                    response["location"] = f"{reference}/_history/{stored.version_id}"
-            response["etag"] = stored.etag
-            response["lastModified"] = format_instant(stored.last_updated)
-            if stored.content is not None and prefer == "representation":
-                entry["resource"] = orjson.Fragment(stored.content)
-            if prefer == "OperationOutcome" and result.note is None:
-                done = f"{_status(result.status)}: {reference} version {stored.version_id}"
-                response["outcome"] = operation_outcome([_information(done)])
+        elif result.stored is not None:
+            _stored_entry(entry, response, result, method, base, prefer)
         elif result.search is not None:
             parsed, params = searches[index]
+            resource_type = parsed.criteria.resource_type
             text = render_searchset(
-                base,
-                parsed.criteria.resource_type,
-                parsed,
-                params,
-                result.search,
-                settings.max_page_size,
+                base, resource_type, parsed, params, result.search, settings.max_page_size
             )
             entry["resource"] = orjson.Fragment(text)
         if result.note is not None:
@@ -418,12 +439,38 @@ def _response_bundle(
         entries.append(entry)
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
-        "type": kind,
+        "type": bundle_type,
         "timestamp": format_instant(utc_now()),
     }
     if entries:
         bundle["entry"] = entries
     return orjson.dumps(bundle)
+
+
+def _stored_entry(
+    entry: dict[str, Any],
+    response: dict[str, Any],
+    result: EntryResult,
+    method: str | None,
+    base: str,
+    prefer: str,
+) -> None:
+    """The entry of a version written or read: where it is, its version, and the resource
+    or an outcome as Prefer: return= asks."""
+    stored = result.stored
+    assert stored is not None
+    reference = f"{stored.resource_type}/{stored.id}"
+    if stored.content is not None:
+        entry["fullUrl"] = f"{base}/{reference}"
+        if method != "GET":
+            response["location"] = f"{reference}/_history/{stored.version_id}"
+    response["etag"] = stored.etag
+    response["lastModified"] = format_instant(stored.last_updated)
+    if stored.content is not None and prefer == "representation":
+        entry["resource"] = orjson.Fragment(stored.content)
+    if prefer == "OperationOutcome" and result.note is None:
+        done = f"{_status(result.status)}: {reference} version {stored.version_id}"
+        response["outcome"] = operation_outcome([_information(done)])
 
 
 def _information(message: str) -> Issue:

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
 from urllib.parse import urlencode
 
 import orjson
@@ -11,8 +14,37 @@ import orjson
 from app.fhir.outcome import operation_outcome
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import Issue
-from app.services.resources import Stored
-from app.store.repository import Version
+
+
+class SearchEntry(Protocol):
+    """What a searchset shows of one resource: a stored version, or an `Unversioned` one."""
+
+    @property
+    def resource_type(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def content(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class Unversioned:
+    """A resource kept outside the versioned store (an AuditEvent, a CodeSystem)."""
+
+    resource_type: str
+    id: str
+    content: str
+
+
+class HistoryVersion(SearchEntry, Protocol):
+    """What a history entry shows of one version: the wire needs its shape, not its table."""
+
+    @property
+    def version_id(self) -> int: ...
+    @property
+    def last_updated(self) -> datetime: ...
+    @property
+    def method(self) -> str: ...  # create, update or delete
 
 
 def _dumps(value: object) -> str:
@@ -20,11 +52,11 @@ def _dumps(value: object) -> str:
 
 
 def _bundle(
-    kind: str, links: list[dict[str, str]], entries: Sequence[str], total: int | None = None
+    bundle_type: str, links: list[dict[str, str]], entries: Sequence[str], total: int | None = None
 ) -> str:
     bundle: dict[str, object] = {
         "resourceType": "Bundle",
-        "type": kind,
+        "type": bundle_type,
         "timestamp": format_instant(utc_now()),
     }
     if total is not None:
@@ -42,36 +74,36 @@ def page_url(base: str, params: Sequence[tuple[str, str]]) -> str:
 def searchset(
     base_url: str,
     resource_type: str,
-    page: Sequence[Stored],
+    page: Sequence[SearchEntry],
     *,
     self_params: Sequence[tuple[str, str]],
-    next_params: Sequence[tuple[str, str]] | None,
+    next_params: Sequence[tuple[str, str]] | None = None,
     warnings: Sequence[Issue] = (),
     total: int | None = None,
-    included: Sequence[Stored] = (),
+    included: Sequence[SearchEntry] = (),
 ) -> str:
     """`page` are the matches; `included` what `_include`/`_revinclude` added to them."""
     search_url = f"{base_url}/{resource_type}"
     links = [{"relation": "self", "url": page_url(search_url, self_params)}]
     if next_params is not None:
         links.append({"relation": "next", "url": page_url(search_url, next_params)})
-    entries = [_search_entry(base_url, s, "match") for s in page]
-    entries += [_search_entry(base_url, s, "include") for s in included]
+    entries = [_search_entry(base_url, entry, "match") for entry in page]
+    entries += [_search_entry(base_url, entry, "include") for entry in included]
     if warnings:
         outcome = _dumps(operation_outcome(warnings))
         entries.append(f'{{"resource":{outcome},"search":{{"mode":"outcome"}}}}')
     return _bundle("searchset", links, entries, total)
 
 
-def _search_entry(base_url: str, stored: Stored, mode: str) -> str:
-    full_url = _dumps(f"{base_url}/{stored.resource_type}/{stored.id}")
-    return f'{{"fullUrl":{full_url},"resource":{stored.content},"search":{{"mode":"{mode}"}}}}'
+def _search_entry(base_url: str, entry: SearchEntry, mode: str) -> str:
+    full_url = _dumps(f"{base_url}/{entry.resource_type}/{entry.id}")
+    return f'{{"fullUrl":{full_url},"resource":{entry.content},"search":{{"mode":"{mode}"}}}}'
 
 
 def history(
     base_url: str,
     resource_type: str,
-    versions: Sequence[Version],
+    versions: Sequence[HistoryVersion],
     *,
     self_url: str,
     next_url: str | None,
@@ -79,10 +111,10 @@ def history(
     links = [{"relation": "self", "url": self_url}]
     if next_url is not None:
         links.append({"relation": "next", "url": next_url})
-    return _bundle("history", links, [_history_entry(base_url, v) for v in versions])
+    return _bundle("history", links, [_history_entry(base_url, version) for version in versions])
 
 
-def _history_entry(base_url: str, version: Version) -> str:
+def _history_entry(base_url: str, version: HistoryVersion) -> str:
     full_url = f"{base_url}/{version.resource_type}/{version.id}"
     method = {"create": "POST", "update": "PUT", "delete": "DELETE"}[version.method]
     request_url = (

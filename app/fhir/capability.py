@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from app import __doc__ as app_doc
-from app.fhir.conditional import conditional_parameters
-from app.fhir.search_params import INCLUDES, REVINCLUDES, SEARCH_PARAMETERS, SORT_KEYS
+from app.services.conditional import conditional_parameters
 from app.services.patching import JSON_PATCH, MERGE_PATCH
+from app.services.search_params import INCLUDES, REVINCLUDES, SEARCH_PARAMETERS, SORT_KEYS
 
 BULK_DATA = "http://hl7.org/fhir/uv/bulkdata"
 _INTERACTIONS = (

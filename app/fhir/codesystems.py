@@ -10,13 +10,12 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 
 from app.auth.deps import current_principal
 from app.fhir import bundles
-from app.fhir.deps import fhir_base
+from app.fhir.deps import ServicesDep, fhir_base
 from app.fhir.http import FHIR_JSON, FhirResponse, negotiate, pretty
 from app.fhir.openapi_docs import ERRORS
 from app.kit import codes
 from app.kit.codes import CodeSystems
 from app.kit.errors import NotFound
-from app.services.resources import Stored
 
 router = APIRouter(
     prefix="/fhir",
@@ -91,22 +90,17 @@ def code_system(code_systems: CodeSystems, system_id: str) -> dict[str, Any]:
         **ERRORS,
     },
 )
-async def search_code_systems(request: Request) -> Response:
-    code_systems: CodeSystems = request.app.state.services.codes
+async def search_code_systems(request: Request, ctx: ServicesDep) -> Response:
+    code_systems = ctx.codes
     url = request.query_params.get("url")
     found = [code_system(code_systems, system_id) for system_id in _CONCEPTS]
     found = [system for system in found if url is None or system["url"] == url]
-    page = [
-        Stored("CodeSystem", s["id"], 1, None, orjson.dumps(s).decode())  # type: ignore[arg-type]
-        for s in found
+    entries = [
+        bundles.Unversioned("CodeSystem", system["id"], orjson.dumps(system).decode())
+        for system in found
     ]
-    text = bundles.searchset(
-        fhir_base(request),
-        "CodeSystem",
-        page,
-        self_params=request.query_params.multi_items(),
-        next_params=None,
-    )
+    self_params = request.query_params.multi_items()
+    text = bundles.searchset(fhir_base(request), "CodeSystem", entries, self_params=self_params)
     return pretty(request, text)
 
 
@@ -119,6 +113,7 @@ async def search_code_systems(request: Request) -> Response:
 )
 async def read_code_system(
     request: Request,
+    ctx: ServicesDep,
     system_id: Annotated[
         str,
         # The code systems are fixed: the enum lists them for clients (and for the fuzzer,
@@ -128,4 +123,4 @@ async def read_code_system(
 ) -> Response:
     if system_id not in _CONCEPTS:
         raise NotFound(f"CodeSystem/{system_id} does not exist")
-    return pretty(request, orjson.dumps(code_system(request.app.state.services.codes, system_id)))
+    return pretty(request, orjson.dumps(code_system(ctx.codes, system_id)))

@@ -11,6 +11,7 @@ from fastapi import Depends, Header, Path, Query, Request
 from app.fhir.openapi_docs import PROVENANCE_HEADER_SCHEMA_NAME
 from app.kit.codes import CLINICAL_RESOURCE_TYPES
 from app.kit.dates import DATE_TIME_PATTERN
+from app.services.bulk_export import ExportRunner
 from app.services.context import ServiceContext
 from app.settings import Settings
 
@@ -30,8 +31,15 @@ async def request_settings(request: Request) -> Settings:
     return settings
 
 
+async def request_exports(request: Request) -> ExportRunner:
+    exports: ExportRunner = request.app.state.exports
+    return exports
+
+
 ServicesDep = Annotated[ServiceContext, Depends(request_services)]
 SettingsDep = Annotated[Settings, Depends(request_settings)]
+# The export runner of this worker, told when a job is queued.
+ExportsDep = Annotated[ExportRunner, Depends(request_exports)]
 IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="Logical id")]
 IfMatch = Annotated[
     str | None,

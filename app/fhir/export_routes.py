@@ -21,17 +21,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.auth.deps import current_principal
 from app.auth.principal import Principal
-from app.fhir.deps import ServicesDep, SettingsDep, fhir_base
+from app.fhir.deps import ExportsDep, ServicesDep, SettingsDep, fhir_base
 from app.fhir.http import FHIR_JSON, FhirResponse, http_date, media_type, negotiate
 from app.fhir.openapi_docs import ERRORS, outcome_doc, outcome_docs
 from app.fhir.outcome import information
 from app.fhir.response_schemas import ExportManifest
 from app.kit.dates import INSTANT_PATTERN, fhir_range
-from app.kit.errors import BadRequest, ExportFailed, NotAcceptable
+from app.kit.errors import BadRequest, NotAcceptable
 from app.services import bulk_export as service
-from app.services.context import ServiceContext
+from app.services.export_progress import progress
 from app.settings import Settings
-from app.store import exports as store
 
 router = APIRouter(prefix="/fhir", tags=["Bulk Data"])
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
@@ -161,15 +160,16 @@ _KICK_OFF_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _kick_off(
+async def kick_off(
     request: Request,
-    ctx: ServiceContext,
-    settings: Settings,
-    principal: Principal,
+    ctx: ServicesDep,
+    settings: SettingsDep,
+    principal: CurrentPrincipal,
+    exports: ExportsDep,
 ) -> Response:
     parsed = parse_kick_off(request)
     job_id = await service.kick_off(ctx, export_settings(settings), principal, parsed)
-    request.app.state.exports.notify()
+    exports.notify()
     location = f"{fhir_base(request)}/$export-status/{job_id}"
     return FhirResponse(
         information(f"Export {job_id} accepted; poll {location}"),
@@ -178,38 +178,29 @@ async def _kick_off(
     )
 
 
-@router.get(
-    "/$export",
-    operation_id="exportSystem",
-    summary="Bulk Data export of the whole trial (kick-off)",
-    status_code=202,
-    response_class=FhirResponse,
-    openapi_extra=_kick_off_doc("every resource"),
-    responses=_KICK_OFF_RESPONSES,
-    dependencies=[Depends(negotiate)],
-)
-async def export_system(
-    request: Request, ctx: ServicesDep, settings: SettingsDep, principal: CurrentPrincipal
-) -> Response:
-    return await _kick_off(request, ctx, settings, principal)
-
-
-@router.get(
-    "/Patient/$export",
-    operation_id="exportPatients",
-    summary="Bulk Data export of every patient's compartment (kick-off)",
-    status_code=202,
-    response_class=FhirResponse,
-    openapi_extra=_kick_off_doc(
-        "every patient and their records (the same set: every record has a Patient subject)"
+# The two kick-offs differ only in what they document: every record has a Patient subject,
+# so a patient-level export is the whole trial too.
+for _path, _operation_id, _summary, _scope in (
+    ("/$export", "exportSystem", "Bulk Data export of the whole trial", "every resource"),
+    (
+        "/Patient/$export",
+        "exportPatients",
+        "Bulk Data export of every patient's compartment",
+        "every patient and their records (the same set: every record has a Patient subject)",
     ),
-    responses=_KICK_OFF_RESPONSES,
-    dependencies=[Depends(negotiate)],
-)
-async def export_patients(
-    request: Request, ctx: ServicesDep, settings: SettingsDep, principal: CurrentPrincipal
-) -> Response:
-    return await _kick_off(request, ctx, settings, principal)
+):
+    router.add_api_route(
+        _path,
+        kick_off,
+        methods=["GET"],
+        operation_id=_operation_id,
+        summary=f"{_summary} (kick-off)",
+        status_code=202,
+        response_class=FhirResponse,
+        openapi_extra=_kick_off_doc(_scope),
+        responses=_KICK_OFF_RESPONSES,
+        dependencies=[Depends(negotiate)],
+    )
 
 
 def manifest(base: str, view: service.JobView) -> dict[str, Any]:
@@ -220,11 +211,11 @@ def manifest(base: str, view: service.JobView) -> dict[str, Any]:
         "requiresAccessToken": True,
         "output": [
             {
-                "type": f.resource_type,
-                "url": f"{base}/$export-files/{job.id}/{service.file_name(f)}",
-                "count": f.count,
+                "type": file.resource_type,
+                "url": f"{base}/$export-files/{job.id}/{service.file_name(file)}",
+                "count": file.count,
             }
-            for f in view.files
+            for file in view.files
         ],
         "error": [],
     }
@@ -245,11 +236,11 @@ def manifest(base: str, view: service.JobView) -> dict[str, Any]:
             },
         },
         **outcome_docs(
+            ERRORS,
             {
-                **ERRORS,
-                404: {"description": "No such job of the caller's (or cancelled, or expired)"},
-                500: {"description": "The export failed, or an unexpected error"},
-            }
+                404: "No such job of the caller's (or cancelled, or expired)",
+                500: "The export failed, or an unexpected error",
+            },
         ),
     },
     dependencies=[Depends(negotiate)],
@@ -258,19 +249,16 @@ async def export_status(
     request: Request, ctx: ServicesDep, principal: CurrentPrincipal, job_id: JobId
 ) -> Response:
     view = await service.status(ctx, principal, job_id)
-    job = view.job
-    if job.status == store.FAILED:
-        raise ExportFailed(job.error or "the export failed")
-    if job.status != store.COMPLETED:
-        progress = job.progress or ("queued" if job.status == store.QUEUED else "in progress")
+    how_far = progress(view.job)
+    if how_far is not None:
         return Response(
             status_code=202,
-            headers={"X-Progress": progress, "Retry-After": str(service.RETRY_AFTER_SECONDS)},
+            headers={"X-Progress": how_far, "Retry-After": str(service.RETRY_AFTER_SECONDS)},
         )
     return Response(
         orjson.dumps(manifest(fhir_base(request), view)),
         media_type="application/json",
-        headers={"Expires": http_date(job.expires)},
+        headers={"Expires": http_date(view.job.expires)},
     )
 
 
@@ -311,7 +299,7 @@ def _accepts_ndjson(request: Request) -> None:
             "description": "One current resource per line",
             "content": {service.NDJSON: {"schema": {"type": "string", "format": "binary"}}},
         },
-        **outcome_docs({**ERRORS, 404: {"description": "No such file of the caller's jobs"}}),
+        **outcome_docs(ERRORS, {404: "No such file of the caller's jobs"}),
     },
 )
 async def export_file(

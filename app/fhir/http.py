@@ -77,10 +77,10 @@ async def negotiate(request: Request) -> None:
     if not accept:
         return
     for part in accept.split(","):
-        kind = media_type(part)
+        wanted = media_type(part)
         if _refused(part):
             continue
-        if kind in _ACCEPTABLE or kind.endswith("+json") or not kind:
+        if wanted in _ACCEPTABLE or wanted.endswith("+json") or not wanted:
             return
     raise NotAcceptable(
         f"Accept {accept!r} asks for a format this server does not produce; it answers {FHIR_JSON}"
@@ -145,12 +145,10 @@ def _matches(media_range: str, offer: str) -> bool:
     return json_offer and (media_range in JSON_TYPES or media_range.endswith("+json"))
 
 
-def choose_media_type(
-    request: Request, offered: tuple[str, ...], formats: Mapping[str, str]
-) -> str:
-    """Which of `offered` to answer with: `_format` (a key of `formats`) if given, else the
+def choose_media_type(request: Request, wanted: tuple[str, ...], formats: Mapping[str, str]) -> str:
+    """Which of `wanted` to answer with: `_format` (a key of `formats`) if given, else the
     first media range of Accept, in the client's order, that one of them matches; no
-    Accept, the first offered. 406 when nothing matches."""
+    Accept, the first wanted. 406 when nothing matches."""
     requested = request.query_params.get("_format")
     if requested is not None:
         chosen = formats.get(requested.strip().lower())
@@ -162,16 +160,16 @@ def choose_media_type(
         return chosen
     accept = request.headers.get("accept")
     if not accept:
-        return offered[0]
+        return wanted[0]
     for part in accept.split(","):
         if _refused(part):
             continue
-        for offer in offered:
+        for offer in wanted:
             if _matches(media_type(part), offer):
                 return offer
     raise NotAcceptable(
         f"Accept {accept!r} asks for a format this operation does not produce; it answers "
-        f"{' or '.join(offered)}"
+        f"{' or '.join(wanted)}"
     )
 
 

@@ -60,15 +60,18 @@ def outcome_doc(description: str) -> dict[str, Any]:
     }
 
 
-def outcome_docs(docs: dict[int | str, dict[str, Any]]) -> dict[int | str, dict[str, Any]]:
+def outcome_docs(
+    docs: dict[int | str, dict[str, Any]], descriptions: dict[int | str, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
     """The same errors for a route whose success is another media type (application/json):
     there FastAPI would document the model as application/json, which errors never are;
     they are application/fhir+json, named here by reference (the component exists: the
-    FhirResponse routes' `model` registers it)."""
+    FhirResponse routes' `model` registers it). `descriptions` add codes or reword them."""
     outcome = {"$ref": "#/components/schemas/OperationOutcome"}
+    described = {code: doc["description"] for code, doc in docs.items()} | (descriptions or {})
     return {
-        code: {"description": doc["description"], "content": {FHIR_JSON: {"schema": outcome}}}
-        for code, doc in docs.items()
+        code: {"description": text, "content": {FHIR_JSON: {"schema": outcome}}}
+        for code, text in described.items()
     }
 
 
@@ -86,6 +89,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     500: outcome_doc("Unexpected error; the outcome carries a correlation id"),
     503: outcome_doc(UNAVAILABLE),
 }
+# A route that names no resource (a search, a summary) has no 404.
+NO_404_ERRORS = {code: doc for code, doc in ERRORS.items() if code != 404}
+# A JSON route about one patient.
+PATIENT_JSON_ERRORS = outcome_docs(
+    ERRORS,
+    {404: "No such patient (or one at another site)", 410: "The patient was deleted"},
+)
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     409: outcome_doc(

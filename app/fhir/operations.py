@@ -13,12 +13,14 @@ from app.auth.permissions import Action
 from app.auth.principal import Principal
 from app.fhir.deps import IdPath, ServicesDep
 from app.fhir.http import negotiate, pretty, refuse_unknown_parameters
-from app.fhir.openapi_docs import ERRORS, outcome_docs
+from app.fhir.openapi_docs import NO_404_ERRORS, PATIENT_JSON_ERRORS, outcome_docs
 from app.fhir.report_routes import Sites, requested_sites
 from app.fhir.response_schemas import ResponseAssessment, ResponseSummary
 from app.services import response
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["Response"])
+_ASSESSMENT = {"model": ResponseAssessment, "description": "The stored assessment"}
+_SUMMARY = {"model": ResponseSummary, "description": "The trial's summary"}
 
 
 @router.get(
@@ -27,16 +29,7 @@ router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)], tags=["Res
     summary="The patient's current ITP response assessment: evidence, the classification of "
     "every count and bleed, criteria",
     response_class=JSONResponse,
-    responses={
-        200: {"model": ResponseAssessment, "description": "The stored assessment"},
-        **outcome_docs(
-            {
-                **ERRORS,
-                404: {"description": "No such patient (or one at another site)"},
-                410: {"description": "The patient was deleted"},
-            }
-        ),
-    },
+    responses={200: _ASSESSMENT, **PATIENT_JSON_ERRORS},
 )
 async def response_status(
     request: Request,
@@ -53,10 +46,7 @@ async def response_status(
     operation_id="getResponseSummary",
     summary="Patients by current status and best response; overall response rate",
     response_class=JSONResponse,
-    responses={
-        200: {"model": ResponseSummary, "description": "The trial's summary"},
-        **outcome_docs({code: doc for code, doc in ERRORS.items() if code != 404}),
-    },
+    responses={200: _SUMMARY, **outcome_docs(NO_404_ERRORS)},
 )
 async def response_summary(
     request: Request,

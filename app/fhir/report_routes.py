@@ -26,7 +26,7 @@ from app.fhir.http import (
     pretty,
     refuse_unknown_parameters,
 )
-from app.fhir.openapi_docs import ERRORS, outcome_docs
+from app.fhir.openapi_docs import NO_404_ERRORS, PATIENT_JSON_ERRORS, outcome_docs
 from app.fhir.report_schemas import ResponseListing, TrialReport
 from app.kit.codes import CLINICAL_RESOURCE_TYPES, SITE_CODE_PATTERN
 from app.services import report
@@ -57,7 +57,7 @@ _LISTING_FORMATS = {
     "csv": CSV,
     CSV: CSV,
 }
-_NO_404 = outcome_docs({code: doc for code, doc in ERRORS.items() if code != 404})
+_NO_404 = outcome_docs(NO_404_ERRORS)
 
 
 def requested_sites(values: list[str] | None) -> frozenset[str]:
@@ -132,13 +132,7 @@ def _svg_response(description: str) -> dict[int | str, dict[str, Any]]:
     response_class=Response,
     responses={
         **_svg_response("The chart"),
-        **outcome_docs(
-            {
-                **ERRORS,
-                404: {"description": "No such patient (or one at another site)"},
-                410: {"description": "The patient was deleted"},
-            }
-        ),
+        **PATIENT_JSON_ERRORS,
     },
 )
 async def platelet_chart(

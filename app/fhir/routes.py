@@ -8,18 +8,18 @@ and cost ~2x on the hot path); the schemas in `app.fhir.schemas` only document t
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, TypedDict
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
 
 from app.auth.deps import Require
 from app.auth.permissions import Action
-from app.auth.policy import access_policy
 from app.auth.principal import Principal
-from app.fhir import bundles, conditional, schemas
+from app.fhir import bundles
 from app.fhir.deps import (
     ID_PATTERN,
     RESOURCE_TYPES,
@@ -34,7 +34,6 @@ from app.fhir.deps import (
     fhir_base,
 )
 from app.fhir.http import (
-    FHIR_JSON,
     FhirResponse,
     negotiate,
     prefer_return,
@@ -42,30 +41,15 @@ from app.fhir.http import (
     require_json_body,
     version_headers,
 )
-from app.fhir.openapi_docs import (
-    ERRORS,
-    LOCATION_HEADER,
-    VERSION_HEADERS,
-    WRITE_ERRORS,
-    body_doc,
-    bundle_doc,
-    links,
-    outcome_doc,
-    patch_doc,
-)
 from app.fhir.outcome import information
+from app.fhir.resource_docs import TypeDocs
 from app.kit.dates import fhir_range
 from app.kit.errors import BadRequest
+from app.services import conditional
 from app.services import resources as service
 from app.services.context import ServiceContext
-from app.services.patching import (
-    JSON_PATCH,
-    MERGE_PATCH,
-    parse_patch,
-)
-from app.services.resources import Stored
-from app.settings import Settings
-from app.store.criteria import SearchFilter
+from app.services.patching import parse_patch
+from app.services.resources import Stored, WriteResult
 
 
 class _FhirIdConvertor(Convertor[str]):
@@ -111,62 +95,101 @@ def _location(stored: Stored) -> dict[str, str]:
     return {"Location": f"/fhir/{stored.resource_type}/{stored.id}/_history/{stored.version_id}"}
 
 
+async def _json_body(request: Request) -> bytes:
+    require_json_body(request)
+    return await request.body()
+
+
+def _written(request: Request, result: WriteResult) -> Response:
+    """A write's answer: 201 with its Location when it created the resource, else 200."""
+    if result.created:
+        return _resource_response(request, result.stored, 201, _location(result.stored))
+    return _resource_response(request, result.stored)
+
+
+def _deleted(request: Request, deletion: Stored | None, done: str, nothing: str) -> Response:
+    """A delete's answer: 204, or with Prefer: return=OperationOutcome what was done (`done`
+    when a version was deleted, else `nothing`)."""
+    headers = {"ETag": deletion.etag} if deletion else {}
+    if prefer_return(request) == "OperationOutcome":
+        return FhirResponse(information(done if deletion else nothing), headers=headers)
+    return Response(status_code=204, headers=headers)
+
+
+_Handler = Callable[..., Awaitable[Response]]
+
+
 @dataclass(frozen=True)
-class _TypeDocs:
-    """What the routes of one resource type share in their OpenAPI documentation."""
+class _Call:
+    """One interaction's request, the services, and the caller, whose role and scopes allow
+    the interaction."""
 
-    tags: list[str | Any]
-    ok_resource: dict[str, Any]
-    # OpenAPI links: what a client (and the fuzzer's stateful phase) can do next with the
-    # resource a response names. After a delete its read answers 410 and its history, which
-    # FHIR keeps, shows the deletion.
-    created_links: dict[str, Any]
-    deleted_links: dict[str, Any]
-
-    @classmethod
-    def of(cls, resource_type: str) -> _TypeDocs:
-        model = schemas.RESOURCE_MODELS[resource_type]
-        return cls(
-            tags=[resource_type],
-            ok_resource={"model": model, "content": {FHIR_JSON: {}}, "headers": VERSION_HEADERS},
-            created_links=links(resource_type, "Created", "$response.body#/id", ("read", "delete")),
-            deleted_links=links(resource_type, "Deleted", "$request.path.resource_id", ("read",)),
-        )
+    request: Request
+    ctx: ServiceContext
+    principal: Principal
 
 
-def _register_create(resource_type: str, docs: _TypeDocs) -> None:
-    @router.post(
-        f"/{resource_type}",
-        operation_id=f"create{resource_type}",
-        summary=f"Create a {resource_type}",
-        tags=docs.tags,
-        description="Conditional create: criteria in If-None-Exist, or as query parameters "
-        "(as fhirpy's create and get_or_create send them), not both. No match: created "
-        "(201); one: returned as it is (200); several: 412.",
-        status_code=201,
-        response_class=FhirResponse,
-        openapi_extra={
-            **body_doc(resource_type, example=True),
-            "parameters": conditional.query_documentation(
-                resource_type, "Conditional create criterion"
-            ),
-        },
-        responses={
-            201: {
-                **docs.ok_resource,
-                "description": "Created",
-                "headers": {**VERSION_HEADERS, **LOCATION_HEADER},
-                "links": docs.created_links,
-            },
-            200: {**docs.ok_resource, "description": "The criteria matched an existing resource"},
-            **WRITE_ERRORS,
-        },
-    )
-    async def create(
-        *,
+def _caller(resource_type: str, action: Action) -> Callable[..., Awaitable[_Call]]:
+    """The dependency giving a handler its `_Call`."""
+
+    async def call(
         request: Request,
         ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.CREATE)),
+        principal: Principal = Depends(Require(resource_type, action)),
+    ) -> _Call:
+        return _Call(request, ctx, principal)
+
+    return call
+
+
+class _Change(TypedDict):
+    """What an update, patch or delete states beside its body, as the keywords its service
+    takes: the version it applies to and the reason (Prefer is read where the answer is
+    shaped)."""
+
+    if_match: str | None
+    provenance: str
+
+
+async def _change(
+    if_match: IfMatch = None, prefer: Prefer = None, *, provenance: XProvenance
+) -> _Change:
+    return _Change(if_match=if_match, provenance=provenance)
+
+
+ChangeDep = Annotated[_Change, Depends(_change)]
+VersionPath = Annotated[int, Path(ge=1, le=2_147_483_647)]
+
+
+@dataclass(frozen=True)
+class _HistoryPage:
+    """A page of history as asked: its size within the server's limits, `_since`, and the
+    `_cursor` it starts after."""
+
+    limit: int
+    since: str | None
+    cursor: str | None
+
+
+async def _history_page(
+    settings: SettingsDep,
+    count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
+    since: Since = None,
+    cursor: HistoryCursor = None,
+) -> _HistoryPage:
+    limit = min(count or settings.default_page_size, settings.max_page_size)
+    return _HistoryPage(limit, since, cursor)
+
+
+HistoryPageDep = Annotated[_HistoryPage, Depends(_history_page)]
+
+
+def _create(resource_type: str) -> _Handler:
+    caller = Depends(_caller(resource_type, Action.CREATE))
+
+    async def create(
+        *,
+        call: _Call = caller,
         # Header() as the default, not in Annotated: the text depends on resource_type,
         # which a postponed annotation cannot see. The pattern is documented only:
         # conditional.from_header applies it, with a message that names the parameters.
@@ -184,455 +207,196 @@ def _register_create(resource_type: str, docs: _TypeDocs) -> None:
         ),
         prefer: Prefer = None,
     ) -> Response:
-        require_json_body(request)
-        body = await request.body()
-        criteria, key = _create_criteria(request, resource_type, principal, if_none_exist)
+        body = await _json_body(call.request)
+        query = call.request.query_params.multi_items()
+        criteria, key = conditional.create_criteria(
+            resource_type, query, if_none_exist, call.principal
+        )
         result = await service.create(
-            ctx, resource_type, body, principal, if_none_exist=criteria, if_none_exist_key=key
+            call.ctx,
+            resource_type,
+            body,
+            call.principal,
+            if_none_exist=criteria,
+            if_none_exist_key=key,
         )
-        if not result.created:
-            return _resource_response(request, result.stored, 200)
-        return _resource_response(request, result.stored, 201, _location(result.stored))
+        return _written(call.request, result)
+
+    return create
 
 
-def _create_criteria(
-    request: Request, resource_type: str, principal: Principal, if_none_exist: str | None
-) -> tuple[SearchFilter, str] | tuple[None, None]:
-    """A conditional create's criteria and their lock key, from If-None-Exist or the query
-    (not both); (None, None) for a plain create."""
-    in_query = conditional.from_query(request.query_params.multi_items())
-    if if_none_exist is None and not in_query:
-        return None, None
-    access_policy(principal).require(resource_type, Action.CONDITIONAL_CREATE)
-    # A match is answered with the resource: the criteria are a search.
-    access_policy(principal).require(resource_type, Action.SEARCH)
-    if if_none_exist is not None and in_query:
-        raise BadRequest(
-            "Conditional create criteria go in If-None-Exist or in the query, not both"
-        )
-    if if_none_exist is not None:
-        return conditional.from_header(resource_type, if_none_exist)
-    return conditional.criteria(resource_type, in_query, "The query")
+def _conditional_update(resource_type: str) -> _Handler:
+    caller = Depends(_caller(resource_type, Action.UPDATE))
 
-
-def _register_conditional_update(resource_type: str, docs: _TypeDocs) -> None:
-    @router.put(
-        f"/{resource_type}",
-        operation_id=f"conditionalUpdate{resource_type}",
-        summary=f"Conditional update of a {resource_type}: the resource the criteria match",
-        description="No match: the body is created (201; with an id in the body that names no "
-        "resource yet, at that id). One match: it is updated (200; a body id must be its id, "
-        "else 400). Several: 412. Either way the X-Provenance reason is required, as for any "
-        "update, and stored with the version written. At least one "
-        "criterion is required (400 without). Race-free: identical conditional requests are "
-        "serialised on their criteria.",
-        tags=docs.tags,
-        response_class=FhirResponse,
-        openapi_extra={
-            **body_doc(resource_type),
-            "parameters": conditional.query_documentation(resource_type, "Criterion"),
-        },
-        responses={
-            200: {**docs.ok_resource, "description": "The match was updated"},
-            201: {
-                **docs.ok_resource,
-                "description": "No match: created",
-                "headers": {**VERSION_HEADERS, **LOCATION_HEADER},
-            },
-            **WRITE_ERRORS,
-            409: outcome_doc(
-                "No match, and the body's id names another resource; or a Patient's subject "
-                "number is enrolled already"
-            ),
-            412: outcome_doc("The criteria match several resources, or If-Match is stale"),
-        },
-    )
-    async def conditional_update(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.UPDATE)),
-        if_match: IfMatch = None,
-        prefer: Prefer = None,
-        provenance: XProvenance,
-    ) -> Response:
-        require_json_body(request)
-        criteria, key = _criteria_in_query(request, resource_type, principal)
+    async def conditional_update(*, call: _Call = caller, change: ChangeDep) -> Response:
+        body = await _json_body(call.request)
+        query = call.request.query_params.multi_items()
+        criteria, key = conditional.query_criteria(resource_type, query, call.principal)
         result = await service.conditional_update(
-            ctx,
-            resource_type,
-            criteria,
-            key,
-            await request.body(),
-            principal,
-            if_match=if_match,
-            provenance=provenance,
+            call.ctx, resource_type, criteria, key, body, call.principal, **change
         )
-        if result.created:
-            return _resource_response(request, result.stored, 201, _location(result.stored))
-        return _resource_response(request, result.stored)
+        return _written(call.request, result)
+
+    return conditional_update
 
 
-def _register_conditional_delete(resource_type: str, docs: _TypeDocs) -> None:
-    @router.delete(
-        f"/{resource_type}",
-        operation_id=f"conditionalDelete{resource_type}",
-        summary=f"Conditional delete of the one {resource_type} the criteria match",
-        description="One match: deleted. None: nothing to do (204). Several: 412, nothing "
-        "deleted (single conditional delete). The X-Provenance reason is required whichever "
-        "happens, as for any delete. At least one criterion is required: without, 400 (never "
-        "a delete of every resource).",
-        tags=docs.tags,
-        status_code=204,
-        # For the documentation: the 200 (Prefer: return=OperationOutcome) and every error
-        # are application/fhir+json; a 204 has no body.
-        response_class=FhirResponse,
-        openapi_extra={
-            "parameters": conditional.query_documentation(resource_type, "Criterion"),
-        },
-        responses={
-            204: {
-                "description": "Deleted, or nothing matched",
-                "headers": {
-                    "ETag": {
-                        "description": "Version of the deletion (when one was deleted)",
-                        "schema": {"type": "string"},
-                    },
-                },
-            },
-            200: {
-                "model": schemas.OperationOutcome,
-                "content": {FHIR_JSON: {}},
-                "description": "With Prefer: return=OperationOutcome, what was done",
-            },
-            **WRITE_ERRORS,
-            412: outcome_doc("The criteria match several resources, or If-Match is stale"),
-        },
-    )
-    async def conditional_delete(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.DELETE)),
-        if_match: IfMatch = None,
-        prefer: Prefer = None,
-        provenance: XProvenance,
-    ) -> Response:
-        criteria, key = _criteria_in_query(request, resource_type, principal)
+def _conditional_delete(resource_type: str) -> _Handler:
+    caller = Depends(_caller(resource_type, Action.DELETE))
+
+    async def conditional_delete(*, call: _Call = caller, change: ChangeDep) -> Response:
+        query = call.request.query_params.multi_items()
+        criteria, key = conditional.query_criteria(resource_type, query, call.principal)
         deletion = await service.conditional_delete(
-            ctx, resource_type, criteria, key, principal, if_match=if_match, provenance=provenance
+            call.ctx, resource_type, criteria, key, call.principal, **change
         )
-        headers = {"ETag": deletion.etag} if deletion else {}
-        if prefer_return(request) == "OperationOutcome":
-            message = (
-                f"Deleted {resource_type}/{deletion.id}"
-                if deletion
-                else f"No {resource_type} matched the criteria; nothing was deleted"
-            )
-            return FhirResponse(information(message), headers=headers)
-        return Response(status_code=204, headers=headers)
+        done = f"Deleted {resource_type}/{deletion.id}" if deletion else ""
+        nothing = f"No {resource_type} matched the criteria; nothing was deleted"
+        return _deleted(call.request, deletion, done, nothing)
+
+    return conditional_delete
 
 
-def _register_type_history(resource_type: str, docs: _TypeDocs) -> None:
-    @router.get(
-        f"/{resource_type}/_history",
-        operation_id=f"history{resource_type}Type",
-        summary=f"All versions of every {resource_type}, newest first",
-        tags=docs.tags,
-        response_class=FhirResponse,
-        responses={
-            200: bundle_doc("history Bundle"),
-            **ERRORS,
-        },
-    )
-    async def type_history(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.HISTORY)),
-        settings: SettingsDep,
-        count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
-        since: Since = None,
-        cursor: HistoryCursor = None,
-    ) -> Response:
-        return await _history(
-            request, ctx, principal, settings, resource_type, None, count, since, cursor
-        )
+def _type_history(resource_type: str) -> _Handler:
+    caller = Depends(_caller(resource_type, Action.HISTORY))
+
+    async def type_history(*, call: _Call = caller, page: HistoryPageDep) -> Response:
+        return await _history(call, resource_type, None, page)
+
+    return type_history
 
 
-def _register_read(resource_type: str, docs: _TypeDocs) -> None:
-    @router.get(
-        f"/{resource_type}/{{resource_id:fhirid}}",
-        operation_id=f"read{resource_type}",
-        summary=f"Read the current version of a {resource_type}",
-        tags=docs.tags,
-        response_class=FhirResponse,
-        responses={
-            200: {**docs.ok_resource, "description": "The current version"},
-            410: outcome_doc("Deleted; the history stays readable"),
-            **ERRORS,
-        },
-    )
-    async def read(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.READ)),
-        resource_id: IdPath,
-    ) -> Response:
-        stored = await service.read(ctx, resource_type, resource_id, principal)
-        return _resource_response(request, stored)
+def _read(resource_type: str) -> _Handler:
+    caller = Depends(_caller(resource_type, Action.READ))
+
+    async def read(*, call: _Call = caller, resource_id: IdPath) -> Response:
+        stored = await service.read(call.ctx, resource_type, resource_id, call.principal)
+        return _resource_response(call.request, stored)
+
+    return read
 
 
-def _register_vread(resource_type: str, docs: _TypeDocs) -> None:
-    @router.get(
-        f"/{resource_type}/{{resource_id:fhirid}}/_history/{{version_id}}",
-        operation_id=f"vread{resource_type}",
-        summary=f"Read one version of a {resource_type}",
-        tags=docs.tags,
-        response_class=FhirResponse,
-        responses={
-            200: {**docs.ok_resource, "description": "That version"},
-            410: outcome_doc("That version is a deletion"),
-            **ERRORS,
-        },
-    )
+def _vread(resource_type: str) -> _Handler:
+    caller = Depends(_caller(resource_type, Action.HISTORY))
+
     async def vread(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.HISTORY)),
-        resource_id: IdPath,
-        version_id: Annotated[int, Path(ge=1, le=2_147_483_647)],
+        *, call: _Call = caller, resource_id: IdPath, version_id: VersionPath
     ) -> Response:
-        stored = await service.vread(ctx, resource_type, resource_id, version_id, principal)
-        return _resource_response(request, stored)
-
-
-def _register_update(resource_type: str, docs: _TypeDocs) -> None:
-    @router.put(
-        f"/{resource_type}/{{resource_id:fhirid}}",
-        operation_id=f"update{resource_type}",
-        summary=f"Update a {resource_type} (creates it when the id is new)",
-        tags=docs.tags,
-        response_class=FhirResponse,
-        openapi_extra=body_doc(resource_type, update=True),
-        responses={
-            200: {**docs.ok_resource, "description": "Updated"},
-            201: {
-                **docs.ok_resource,
-                "description": "Created (update as create)",
-                "headers": {**VERSION_HEADERS, **LOCATION_HEADER},
-            },
-            **WRITE_ERRORS,
-        },
-    )
-    async def update(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.UPDATE)),
-        resource_id: IdPath,
-        if_match: IfMatch = None,
-        prefer: Prefer = None,
-        provenance: XProvenance,
-    ) -> Response:
-        require_json_body(request)
-        result = await service.update(
-            ctx,
-            resource_type,
-            resource_id,
-            await request.body(),
-            principal,
-            if_match=if_match,
-            provenance=provenance,
+        stored = await service.vread(
+            call.ctx, resource_type, resource_id, version_id, call.principal
         )
-        if result.created:
-            return _resource_response(request, result.stored, 201, _location(result.stored))
-        return _resource_response(request, result.stored)
+        return _resource_response(call.request, stored)
+
+    return vread
 
 
-def _register_patch(resource_type: str, docs: _TypeDocs) -> None:
-    @router.patch(
-        f"/{resource_type}/{{resource_id:fhirid}}",
-        operation_id=f"patch{resource_type}",
-        summary=f"Patch a {resource_type} (JSON Patch or JSON Merge Patch)",
-        description="A patch is an update: the patched resource is validated as one, needs "
-        "the X-Provenance reason, honours If-Match and is audited as an update. A failed "
-        "JSON Patch test, or a path that does not exist, is a 422.",
-        tags=docs.tags,
-        response_class=FhirResponse,
-        openapi_extra=patch_doc(resource_type),
-        responses={
-            200: {**docs.ok_resource, "description": "Patched"},
-            410: outcome_doc("Deleted; there is nothing to patch"),
-            **WRITE_ERRORS,
-            415: outcome_doc(f"Body is not {JSON_PATCH}, {MERGE_PATCH} or JSON"),
-            422: outcome_doc(
-                "The patch cannot be applied (a failed test, a missing path), or its result "
-                "is not an acceptable resource; `expression` names the element"
-            ),
-        },
-    )
-    async def patch(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.UPDATE)),
-        resource_id: IdPath,
-        if_match: IfMatch = None,
-        prefer: Prefer = None,
-        provenance: XProvenance,
-    ) -> Response:
+def _update(resource_type: str) -> _Handler:
+    caller = Depends(_caller(resource_type, Action.UPDATE))
+
+    async def update(*, call: _Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
+        body = await _json_body(call.request)
+        result = await service.update(
+            call.ctx, resource_type, resource_id, body, call.principal, **change
+        )
+        return _written(call.request, result)
+
+    return update
+
+
+def _patch(resource_type: str) -> _Handler:
+    caller = Depends(_caller(resource_type, Action.UPDATE))
+
+    async def patch(*, call: _Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
+        request = call.request
         document = parse_patch(await request.body(), request.headers.get("content-type"))
         result = await service.patch(
-            ctx,
-            resource_type,
-            resource_id,
-            document,
-            principal,
-            if_match=if_match,
-            provenance=provenance,
+            call.ctx, resource_type, resource_id, document, call.principal, **change
         )
         return _resource_response(request, result.stored)
 
+    return patch
 
-def _register_delete(resource_type: str, docs: _TypeDocs) -> None:
-    @router.delete(
-        f"/{resource_type}/{{resource_id:fhirid}}",
-        operation_id=f"delete{resource_type}",
-        summary=f"Delete a {resource_type} (its history stays readable)",
-        tags=docs.tags,
-        status_code=204,
-        # For the documentation: the 200 (Prefer: return=OperationOutcome) and every error
-        # are application/fhir+json; a 204 has no body.
-        response_class=FhirResponse,
-        responses={
-            204: {
-                "description": "Deleted (or already deleted)",
-                "headers": {
-                    "ETag": {
-                        "description": "Version of the deletion",
-                        "schema": {"type": "string"},
-                    },
-                },
-                "links": docs.deleted_links,
-            },
-            200: {
-                "model": schemas.OperationOutcome,
-                "content": {FHIR_JSON: {}},
-                "description": "Deleted, with Prefer: return=OperationOutcome",
-            },
-            **WRITE_ERRORS,
-        },
-    )
-    async def delete(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.DELETE)),
-        resource_id: IdPath,
-        if_match: IfMatch = None,
-        prefer: Prefer = None,
-        provenance: XProvenance,
-    ) -> Response:
+
+def _delete(resource_type: str) -> _Handler:
+    caller = Depends(_caller(resource_type, Action.DELETE))
+
+    async def delete(*, call: _Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
         deletion = await service.delete(
-            ctx, resource_type, resource_id, principal, if_match=if_match, provenance=provenance
+            call.ctx, resource_type, resource_id, call.principal, **change
         )
-        headers = {"ETag": deletion.etag} if deletion else {}
-        if prefer_return(request) == "OperationOutcome":
-            message = (
-                f"Deleted {resource_type}/{resource_id}"
-                if deletion
-                else f"{resource_type}/{resource_id} was already deleted"
-            )
-            return FhirResponse(information(message), headers=headers)
-        return Response(status_code=204, headers=headers)
+        done = f"Deleted {resource_type}/{resource_id}"
+        nothing = f"{resource_type}/{resource_id} was already deleted"
+        return _deleted(call.request, deletion, done, nothing)
+
+    return delete
 
 
-def _register_instance_history(resource_type: str, docs: _TypeDocs) -> None:
-    @router.get(
-        f"/{resource_type}/{{resource_id:fhirid}}/_history",
-        operation_id=f"history{resource_type}Instance",
-        summary=f"All versions of one {resource_type}, newest first",
-        tags=docs.tags,
-        response_class=FhirResponse,
-        responses={
-            200: bundle_doc("history Bundle"),
-            **ERRORS,
-        },
-    )
+def _instance_history(resource_type: str) -> _Handler:
+    caller = Depends(_caller(resource_type, Action.HISTORY))
+
     async def instance_history(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.HISTORY)),
-        settings: SettingsDep,
-        resource_id: IdPath,
-        count: Annotated[int | None, Query(alias="_count", ge=1)] = None,
-        since: Since = None,
-        cursor: HistoryCursor = None,
+        *, call: _Call = caller, resource_id: IdPath, page: HistoryPageDep
     ) -> Response:
-        return await _history(
-            request, ctx, principal, settings, resource_type, resource_id, count, since, cursor
-        )
+        return await _history(call, resource_type, resource_id, page)
+
+    return instance_history
 
 
 def _register(resource_type: str) -> None:
     """The interactions of one resource type, in the order the OpenAPI document lists them."""
-    docs = _TypeDocs.of(resource_type)
-    for register in (
-        _register_create,
-        _register_conditional_update,
-        _register_conditional_delete,
-        _register_type_history,
-        _register_read,
-        _register_vread,
-        _register_update,
-        _register_patch,
-        _register_delete,
-        _register_instance_history,
+    docs = TypeDocs(resource_type)
+    type_path = f"/{resource_type}"
+    instance_path = f"/{resource_type}/{{resource_id:fhirid}}"
+    for method, path, handler, documentation in (
+        ("POST", type_path, _create, docs.create),
+        ("PUT", type_path, _conditional_update, docs.conditional_update),
+        ("DELETE", type_path, _conditional_delete, docs.conditional_delete),
+        ("GET", f"{type_path}/_history", _type_history, docs.type_history),
+        ("GET", instance_path, _read, docs.read),
+        ("GET", f"{instance_path}/_history/{{version_id}}", _vread, docs.vread),
+        ("PUT", instance_path, _update, docs.update),
+        ("PATCH", instance_path, _patch, docs.patch),
+        ("DELETE", instance_path, _delete, docs.delete),
+        ("GET", f"{instance_path}/_history", _instance_history, docs.instance_history),
     ):
-        register(resource_type, docs)
+        router.add_api_route(path, handler(resource_type), methods=[method], **documentation())
 
 
 async def _history(
-    request: Request,
-    ctx: ServiceContext,
-    principal: Principal,
-    settings: Settings,
-    resource_type: str,
-    resource_id: str | None,
-    count: int | None,
-    since: str | None,
-    cursor: str | None,
+    call: _Call, resource_type: str, resource_id: str | None, page: _HistoryPage
 ) -> Response:
-    limit = min(count or settings.default_page_size, settings.max_page_size)
-    since_at = None
-    if since is not None:
-        bounds = fhir_range(since)
-        if bounds is None:
-            raise BadRequest(f"_since={since!r} is not a FHIR instant")
-        since_at = bounds[0]
-    after = _decode_history_cursor(cursor) if cursor else None
+    request = call.request
+    limit = page.limit
     versions = await service.history(
-        ctx, resource_type, resource_id, principal, since=since_at, after=after, limit=limit + 1
+        call.ctx,
+        resource_type,
+        resource_id,
+        call.principal,
+        since=_since(page.since),
+        after=_decode_history_cursor(page.cursor) if page.cursor else None,
+        limit=limit + 1,
     )
-    page = versions[:limit]
+    shown = versions[:limit]
     base = fhir_base(request)
     path = f"{base}/{resource_type}" + (f"/{resource_id}" if resource_id else "") + "/_history"
-    params = [("_count", str(limit))] + ([("_since", since)] if since else [])
+    params = [("_count", str(limit))] + ([("_since", page.since)] if page.since else [])
     next_url = None
     if len(versions) > limit:
-        last = page[-1]
-        next_url = bundles.page_url(
-            path,
-            [*params, ("_cursor", _history_cursor(last.last_updated, last.id, last.version_id))],
-        )
+        last = shown[-1]
+        cursor = _history_cursor(last.last_updated, last.id, last.version_id)
+        next_url = bundles.page_url(path, [*params, ("_cursor", cursor)])
     self_url = bundles.page_url(path, request.query_params.multi_items())
     return pretty(
-        request, bundles.history(base, resource_type, page, self_url=self_url, next_url=next_url)
+        request, bundles.history(base, resource_type, shown, self_url=self_url, next_url=next_url)
     )
+
+
+def _since(since: str | None) -> datetime | None:
+    if since is None:
+        return None
+    bounds = fhir_range(since)
+    if bounds is None:
+        raise BadRequest(f"_since={since!r} is not a FHIR instant")
+    return bounds[0]
 
 
 _EPOCH = datetime(1970, 1, 1)
@@ -650,12 +414,3 @@ def _decode_history_cursor(cursor: str) -> tuple[datetime, str, int]:
 
 for _resource_type in RESOURCE_TYPES:
     _register(_resource_type)
-
-
-def _criteria_in_query(
-    request: Request, resource_type: str, principal: Principal
-) -> tuple[Any, str]:
-    """The criteria of a conditional update or delete, which are a search too."""
-    access_policy(principal).require(resource_type, Action.SEARCH)
-    pairs = conditional.from_query(request.query_params.multi_items())
-    return conditional.criteria(resource_type, pairs, "The query")

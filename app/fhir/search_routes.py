@@ -26,7 +26,11 @@ from app.fhir.deps import RESOURCE_TYPES, ServicesDep, SettingsDep, fhir_base
 from app.fhir.elements import subset
 from app.fhir.http import FhirResponse, media_type, negotiate, prefer_strict, pretty
 from app.fhir.openapi_docs import ERRORS, bundle_doc, outcome_doc
-from app.fhir.search_params import (
+from app.fhir.search_schema import NO_NUL, value_schema
+from app.kit.errors import BadRequest, Issue, UnsupportedMediaType
+from app.services import search as service
+from app.services.context import ServiceContext
+from app.services.search_params import (
     INCLUDES,
     REVINCLUDES,
     SEARCH_PARAMETERS,
@@ -38,10 +42,6 @@ from app.fhir.search_params import (
     parse_search,
     search_request,
 )
-from app.fhir.search_schema import NO_NUL, value_schema
-from app.kit.errors import BadRequest, Issue, UnsupportedMediaType
-from app.services import search as service
-from app.services.context import ServiceContext
 from app.settings import Settings
 
 FORM = "application/x-www-form-urlencoded"
@@ -228,13 +228,13 @@ _MODIFIERS_DOC = (
 def query_parameters(resource_type: str) -> list[dict[str, Any]]:
     parameters = [
         {
-            "name": p.name,
+            "name": declared.name,
             "in": "query",
             "required": False,
-            "description": p.documentation,
-            "schema": value_schema(resource_type, p.name),
+            "description": declared.documentation,
+            "schema": value_schema(resource_type, declared.name),
         }
-        for p in SEARCH_PARAMETERS[resource_type]
+        for declared in SEARCH_PARAMETERS[resource_type]
     ]
     for name, (description, schema) in _controls(resource_type).items():
         parameter = {
@@ -252,8 +252,11 @@ def query_parameters(resource_type: str) -> list[dict[str, Any]]:
 
 def form_body(resource_type: str) -> dict[str, Any]:
     properties = {
-        p.name: {**value_schema(resource_type, p.name), "description": p.documentation}
-        for p in SEARCH_PARAMETERS[resource_type]
+        declared.name: {
+            **value_schema(resource_type, declared.name),
+            "description": declared.documentation,
+        }
+        for declared in SEARCH_PARAMETERS[resource_type]
     }
     for name, (description, schema) in _controls(resource_type).items():
         properties[name] = {**schema, "description": description}

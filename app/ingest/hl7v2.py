@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any, Literal
@@ -344,14 +345,24 @@ def header(message: Any) -> Header:
 
 def parse_oru(message: Any) -> OruMessage:
     """The message's patients, orders and results, in order. AR on a malformed structure."""
-    head = header(message)
-    patients: list[PatientGroup] = []
-    results: list[Result] = []
+    reading = _OruReading(header(message))
+    for where, segment in _segments(message):
+        reading.take(where, segment)
+    if not reading.patients:
+        raise Rejected.one("AR", "100", "The message has no PID segment")
+    content = "\r".join(str(segment) for segment in message[1:])
+    return OruMessage(
+        reading.head,
+        reading.patients,
+        reading.results,
+        hashlib.sha256(content.encode()).hexdigest(),
+    )
+
+
+def _segments(message: Any) -> Iterator[tuple[Location, Any]]:
+    """The segments after MSH with where each is (its id and occurrence); empty lines are
+    skipped, anything else that is not a segment, or a second MSH, is an AR."""
     counts: dict[str, int] = {}
-    patient: PatientGroup | None = None
-    order: Order | None = None
-    pending_orc: Any = None
-    last: Result | Order | None = None  # what an NTE comments on
     for position, segment in enumerate(message[1:], start=2):
         segment_id = _segment_id(segment)
         if not segment_id and not str(segment).strip():
@@ -370,39 +381,56 @@ def parse_oru(message: Any) -> OruMessage:
             raise Rejected.one(
                 "AR", "100", "One message per request: a second MSH was found", where
             )
+        yield where, segment
+
+
+@dataclass
+class _OruReading:
+    """What `parse_oru` has read so far, and where it is: the current patient and order, an
+    ORC waiting for its OBR, and the result or order an NTE comments on."""
+
+    head: Header
+    patients: list[PatientGroup] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+    patient: PatientGroup | None = None
+    order: Order | None = None
+    pending_orc: Any = None
+    last: Result | Order | None = None
+
+    def take(self, where: Location, segment: Any) -> None:
+        segment_id = where.segment
         if segment_id == "PID":
-            patient = PatientGroup(where, _patient_identifiers(segment))
-            patients.append(patient)
-            order, pending_orc, last = None, None, None
+            self.patient = PatientGroup(where, _patient_identifiers(segment))
+            self.patients.append(self.patient)
+            self.order, self.pending_orc, self.last = None, None, None
         elif segment_id == "ORC":
-            pending_orc, last = segment, None
+            self.pending_orc, self.last = segment, None
         elif segment_id == "OBR":
-            if patient is None:
+            if self.patient is None:
                 raise Rejected.one(
                     "AR", "100", "OBR before any PID: whose results are these?", where
                 )
-            order = _order(segment, where, pending_orc, head)
-            pending_orc, last = None, order
+            self.order = _order(segment, where, self.pending_orc, self.head)
+            self.pending_orc, self.last = None, self.order
         elif segment_id == "OBX":
-            if order is None or patient is None:
+            if self.order is None or self.patient is None:
                 raise Rejected.one(
                     "AR", "100", "OBX outside an order: an OBR must precede it", where
                 )
-            last = _result(segment, where, patient, order)
-            results.append(last)
-        elif segment_id == "NTE" and last is not None:
-            comment = "\n".join(
-                _text(segment, 3, repetition)
-                for repetition in range(1, _repetitions(segment, 3) + 1)
-            ).replace("\r", "\n")
-            if comment.strip():
-                last.notes.append(comment.strip())
+            self.last = _result(segment, where, self.patient, self.order)
+            self.results.append(self.last)
+        elif segment_id == "NTE" and self.last is not None:
+            self._comment(segment, self.last)
         else:
-            last = None  # a comment after another segment is not about a result
-    if not patients:
-        raise Rejected.one("AR", "100", "The message has no PID segment")
-    content = "\r".join(str(segment) for segment in message[1:])
-    return OruMessage(head, patients, results, hashlib.sha256(content.encode()).hexdigest())
+            self.last = None  # a comment after another segment is not about a result
+
+    @staticmethod
+    def _comment(nte: Any, about: Result | Order) -> None:
+        comment = "\n".join(
+            _text(nte, 3, repetition) for repetition in range(1, _repetitions(nte, 3) + 1)
+        ).replace("\r", "\n")
+        if comment.strip():
+            about.notes.append(comment.strip())
 
 
 def _patient_identifiers(pid: Any) -> list[PatientIdentifier]:

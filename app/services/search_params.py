@@ -25,16 +25,7 @@ from app.kit.dates import fhir_range
 from app.kit.errors import BadRequest, Issue
 from app.services.indexing import normalise_text
 from app.services.search import SearchRequest
-from app.store.criteria import (
-    DateMatch,
-    Include,
-    Missing,
-    NumberMatch,
-    SearchFilter,
-    SortKey,
-    StringMatch,
-    TokenMatch,
-)
+from app.store import criteria as filters
 
 
 @dataclass(frozen=True)
@@ -175,21 +166,32 @@ SEARCH_PARAMETERS: dict[str, tuple[SearchParameter, ...]] = {
         ),
     ),
 }
-_BY_NAME = {kind: {p.name: p for p in params} for kind, params in SEARCH_PARAMETERS.items()}
+_BY_NAME = {
+    resource_type: {parameter.name: parameter for parameter in params}
+    for resource_type, params in SEARCH_PARAMETERS.items()
+}
+
+
+def search_parameter(resource_type: str, name: str) -> SearchParameter:
+    """A parameter `SEARCH_PARAMETERS` declares for the type (KeyError for another name)."""
+    return _BY_NAME[resource_type][name]
+
 
 # `_sort` keys: the id, the last update, and the type's date (clinical time, birth date).
 SORT_KEYS: dict[str, dict[str, str]] = {
-    kind: {
+    resource_type: {
         "_id": "id",
         "_lastUpdated": "last-updated",
-        **{p.name: "effective" for p in params if p.index == "effective"},
+        **{parameter.name: "effective" for parameter in params if parameter.index == "effective"},
     }
-    for kind, params in SEARCH_PARAMETERS.items()
+    for resource_type, params in SEARCH_PARAMETERS.items()
 }
 # `_include` along each type's subject; `_revinclude` of those records on a Patient search.
 INCLUDES: dict[str, tuple[str, ...]] = {
-    kind: tuple(f"{kind}:{p.name}" for p in params if p.index == "patient")
-    for kind, params in SEARCH_PARAMETERS.items()
+    resource_type: tuple(
+        f"{resource_type}:{parameter.name}" for parameter in params if parameter.index == "patient"
+    )
+    for resource_type, params in SEARCH_PARAMETERS.items()
 }
 REVINCLUDES: dict[str, tuple[str, ...]] = {
     "Patient": tuple(value for values in INCLUDES.values() for value in values)
@@ -224,15 +226,15 @@ _ESCAPED = re.compile(r"\\([\\,|$])")
 
 @dataclass
 class ParsedSearch:
-    criteria: SearchFilter
-    sort: list[SortKey] = field(default_factory=list)
+    criteria: filters.SearchFilter
+    sort: list[filters.SortKey] = field(default_factory=list)
     count: int = 50
     after: tuple[Any, ...] | None = None
     total: bool = False  # _total=accurate (or estimate, answered accurately)
     summary: str | None = None  # _summary: count, true, text or data (false: None)
     elements: tuple[str, ...] | None = None  # _elements
-    includes: list[Include] = field(default_factory=list)
-    revincludes: list[Include] = field(default_factory=list)
+    includes: list[filters.Include] = field(default_factory=list)
+    revincludes: list[filters.Include] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
     # The parameters that were applied, for the Bundle's next link.
     applied: list[tuple[str, str]] = field(default_factory=list)
@@ -262,75 +264,89 @@ def parse_search(
     max_count: int,
     strict: bool,
 ) -> ParsedSearch:
-    parsed = ParsedSearch(SearchFilter(resource_type), count=default_count)
+    parsed = ParsedSearch(filters.SearchFilter(resource_type), count=default_count)
     cursor = None
     given: set[str] = set()
     for name, value in params:
-        if "\x00" in name or "\x00" in value:
-            raise BadRequest("Search parameters cannot contain NUL characters")
-        if name in SINGLE_CONTROLS:
-            if name in given:
-                raise BadRequest(
-                    f"{name} is given more than once; give it once (which one was meant "
-                    "cannot be told)",
-                    expression=[name],
-                )
-            given.add(name)
+        _refuse_malformed(name, value, given)
+        if name == "_cursor":
+            cursor = value
+            continue
         try:
-            if name in CONTROL_PARAMETERS:
-                if name == "_cursor":
-                    cursor = value
-                elif value != "" or name in _EMPTY_IS_MALFORMED:
-                    _control(parsed, resource_type, name, value, max_count)
-                continue
-            if name.partition(":")[0] in ("_include", "_revinclude"):
-                raise _Unsupported(f"{name} (iterate and recurse are not supported)")
-            parameter, modifier, chain = _resolve(resource_type, name)
-            if value == "":
-                continue  # FHIR: an empty parameter value is ignored
-            if chain is None:
-                _apply(parsed.criteria, parameter, modifier, value)
-            else:
-                patient = SearchFilter("Patient")
-                _apply(patient, *chain, value)
-                parsed.criteria.chains = [*(parsed.criteria.chains or []), patient]
-            parsed.applied.append((name, value))
+            _parameter(parsed, resource_type, name, value, max_count)
         except _Unsupported as unsupported:
             message = f"Search parameter {unsupported} is not supported for {resource_type}"
             if strict:
                 raise BadRequest(message) from None
-            parsed.warnings.append(
-                Issue("not-supported", message + "; it was ignored", severity="warning")
-            )
+            parsed.warnings.append(_warning(message + "; it was ignored"))
     if cursor is not None:
-        shape = tuple(str if key.column == "id" else datetime for key in parsed.sort)
-        if not _CURSOR_FORM.fullmatch(cursor):
-            raise BadRequest(f"_cursor={cursor!r} is not a cursor: letters, digits, - and _")
-        try:
-            parsed.after = decode_cursor(cursor, (*shape, int))
-        except BadRequest as unusable:
-            # Handled like an unknown parameter: a client that mangled a next link (or
-            # changed _sort under it) gets the first page and a warning, or with
-            # Prefer: handling=strict the 400.
-            if strict:
-                raise
-            parsed.warnings.append(
-                Issue(
-                    "not-supported",
-                    f"{unusable.diagnostics}; it was ignored and this is the first page",
-                    severity="warning",
-                )
-            )
+        _resume(parsed, cursor, strict)
     if parsed.elements is not None and parsed.summary in ("true", "text", "data"):
         parsed.warnings.append(
-            Issue(
-                "not-supported",
-                f"_summary={parsed.summary} was ignored: _elements says which elements to return",
-                severity="warning",
+            _warning(
+                f"_summary={parsed.summary} was ignored: _elements says which elements to return"
             )
         )
         parsed.summary = None
     return parsed
+
+
+def _warning(message: str) -> Issue:
+    return Issue("not-supported", message, severity="warning")
+
+
+def _refuse_malformed(name: str, value: str, given: set[str]) -> None:
+    """NUL anywhere, or a second value of a control that takes one (`given`: those seen)."""
+    if "\x00" in name or "\x00" in value:
+        raise BadRequest("Search parameters cannot contain NUL characters")
+    if name in SINGLE_CONTROLS:
+        if name in given:
+            raise BadRequest(
+                f"{name} is given more than once; give it once (which one was meant "
+                "cannot be told)",
+                expression=[name],
+            )
+        given.add(name)
+
+
+def _parameter(
+    parsed: ParsedSearch, resource_type: str, name: str, value: str, max_count: int
+) -> None:
+    """One parameter other than `_cursor`: a control, or a criterion added to the filter."""
+    if name in CONTROL_PARAMETERS:
+        if value != "" or name in _EMPTY_IS_MALFORMED:
+            _control(parsed, resource_type, name, value, max_count)
+        return
+    if name.partition(":")[0] in ("_include", "_revinclude"):
+        raise _Unsupported(f"{name} (iterate and recurse are not supported)")
+    parameter, modifier, chain = _resolve(resource_type, name)
+    if value == "":
+        return  # FHIR: an empty parameter value is ignored
+    if chain is None:
+        _apply(parsed.criteria, parameter, modifier, value)
+    else:
+        patient = filters.SearchFilter("Patient")
+        _apply(patient, *chain, value)
+        parsed.criteria.chains = [*(parsed.criteria.chains or []), patient]
+    parsed.applied.append((name, value))
+
+
+def _resume(parsed: ParsedSearch, cursor: str, strict: bool) -> None:
+    """Where the page starts: after the row a `_cursor` names, in the order of `_sort`."""
+    shape = tuple(str if key.column == "id" else datetime for key in parsed.sort)
+    if not _CURSOR_FORM.fullmatch(cursor):
+        raise BadRequest(f"_cursor={cursor!r} is not a cursor: letters, digits, - and _")
+    try:
+        parsed.after = decode_cursor(cursor, (*shape, int))
+    except BadRequest as unusable:
+        # Handled like an unknown parameter: a client that mangled a next link (or
+        # changed _sort under it) gets the first page and a warning, or with
+        # Prefer: handling=strict the 400.
+        if strict:
+            raise
+        parsed.warnings.append(
+            _warning(f"{unusable.diagnostics}; it was ignored and this is the first page")
+        )
 
 
 def _resolve(
@@ -404,7 +420,7 @@ def _sort(parsed: ParsedSearch, resource_type: str, value: str) -> None:
         column = keys[name]
         # A key already sorted on decides nothing more; dropping it keeps the cursor short.
         if all(key.column != column for key in parsed.sort):
-            parsed.sort.append(SortKey(column, descending=item.strip().startswith("-")))
+            parsed.sort.append(filters.SortKey(column, descending=item.strip().startswith("-")))
 
 
 def _include(parsed: ParsedSearch, resource_type: str, name: str, value: str) -> None:
@@ -422,7 +438,7 @@ def _include(parsed: ParsedSearch, resource_type: str, name: str, value: str) ->
             f"supported: {', '.join(supported)}",
             expression=[name],
         )
-    include = Include(source, param)
+    include = filters.Include(source, param)
     chosen = parsed.includes if name == "_include" else parsed.revincludes
     if include not in chosen:
         chosen.append(include)
@@ -458,11 +474,13 @@ def _unescape(value: str) -> str:
     return _ESCAPED.sub(r"\1", value)
 
 
-def _apply(criteria: SearchFilter, parameter: SearchParameter, modifier: str, value: str) -> None:
+def _apply(
+    criteria: filters.SearchFilter, parameter: SearchParameter, modifier: str, value: str
+) -> None:
     if modifier == "missing":
         if value not in ("true", "false"):
             raise BadRequest(f"{parameter.name}:missing={value!r} must be true or false")
-        missing = Missing(parameter.index, parameter.name, value == "true")
+        missing = filters.Missing(parameter.index, parameter.name, value == "true")
         criteria.missing = [*(criteria.missing or []), missing]
         return
     values = _values(value)
@@ -550,21 +568,21 @@ def _site(name: str, value: str) -> str:
     return _referenced_id(name, value, "Organization")
 
 
-def _token(name: str, value: str) -> TokenMatch:
+def _token(name: str, value: str) -> filters.TokenMatch:
     parts = [_unescape(part) for part in _split(value, "|", maxsplit=1)]
     if len(parts) == 1:
-        return TokenMatch(name, None, parts[0])
+        return filters.TokenMatch(name, None, parts[0])
     system, code = parts
-    return TokenMatch(name, system, code or None)
+    return filters.TokenMatch(name, system, code or None)
 
 
-def _string(name: str, modifier: str, value: str) -> StringMatch:
+def _string(name: str, modifier: str, value: str) -> filters.StringMatch:
     if modifier == "exact":
-        return StringMatch(name, "exact", value)
-    return StringMatch(name, modifier or "start", normalise_text(value))
+        return filters.StringMatch(name, "exact", value)
+    return filters.StringMatch(name, modifier or "start", normalise_text(value))
 
 
-def _date_match(name: str, value: str) -> DateMatch:
+def _date_match(name: str, value: str) -> filters.DateMatch:
     prefix = "eq"
     if value[:2] in _DATE_PREFIXES:
         prefix, value = value[:2], value[2:]
@@ -575,10 +593,10 @@ def _date_match(name: str, value: str) -> DateMatch:
             "(e.g. 2025-03-10 or 2025-03-10T09:00:00Z, optionally with a prefix "
             "eq, ne, lt, le, gt, ge, sa, eb)"
         )
-    return DateMatch(prefix, *bounds)
+    return filters.DateMatch(prefix, *bounds)
 
 
-def _number(parameter: SearchParameter, value: str) -> NumberMatch:
+def _number(parameter: SearchParameter, value: str) -> filters.NumberMatch:
     text = value
     prefix = "eq"
     if value[:2] in _NUMBER_PREFIXES:
@@ -601,7 +619,7 @@ def _number(parameter: SearchParameter, value: str) -> NumberMatch:
         margin = Decimal(5).scaleb(int(exponent) - 1)
     factor = _count_factor(system, code) if code is not None else None
     scale = factor if factor is not None else 1.0
-    return NumberMatch(
+    return filters.NumberMatch(
         parameter.name,
         prefix,
         float(number) * scale,
@@ -639,10 +657,10 @@ def decode_cursor(value: str, shape: tuple[type, ...]) -> tuple[Any, ...]:
         if not isinstance(values, list) or len(values) != len(shape):
             raise ValueError
         decoded: list[Any] = []
-        for item, kind in zip(values, shape, strict=True):
-            if kind is datetime:
+        for item, expected in zip(values, shape, strict=True):
+            if expected is datetime:
                 decoded.append(datetime.fromisoformat(item) if item is not None else None)
-            elif isinstance(item, kind) and not isinstance(item, bool):
+            elif isinstance(item, expected) and not isinstance(item, bool):
                 if isinstance(item, str) and "\x00" in item:
                     raise ValueError  # no id holds NUL, and PostgreSQL cannot compare one
                 decoded.append(item)
@@ -672,6 +690,6 @@ def search_request(
     )
 
 
-def criteria_key(criteria: SearchFilter) -> str:
+def criteria_key(criteria: filters.SearchFilter) -> str:
     """A canonical text of criteria, so equal conditional creates share one lock."""
     return orjson.dumps(criteria).decode()

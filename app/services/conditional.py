@@ -1,4 +1,4 @@
-"""SearchFilter of the conditional interactions: conditional create (`If-None-Exist`, or the
+"""The criteria of the conditional interactions: conditional create (`If-None-Exist`, or the
 criteria in the query), conditional update and delete (`PUT`/`DELETE /Type?criteria`), and a
 Bundle's conditional entries and references (`Patient?identifier=...`).
 
@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
 from urllib.parse import parse_qsl
 
-from app.fhir.search_params import (
+from app.auth.permissions import Action
+from app.auth.policy import access_policy
+from app.auth.principal import Principal
+from app.kit.errors import BadRequest
+from app.services.search_params import (
     SEARCH_ID,
     SEARCH_PARAMETERS,
     criteria_key,
     parse_search,
     reference_value_pattern,
+    search_parameter,
 )
-from app.fhir.search_schema import value_schema
-from app.kit.errors import BadRequest
 from app.store.criteria import SearchFilter
 
 # Parameters that shape the answer, not the match: allowed beside the criteria in a URL.
@@ -30,7 +32,11 @@ FORMAT_PARAMETERS = frozenset({"_format", "_pretty"})
 
 
 def conditional_parameters(resource_type: str) -> list[str]:
-    return [p.name for p in SEARCH_PARAMETERS[resource_type] if p.type in ("token", "reference")]
+    return [
+        parameter.name
+        for parameter in SEARCH_PARAMETERS[resource_type]
+        if parameter.type in ("token", "reference")
+    ]
 
 
 # A value in If-None-Exist: printable ASCII without the pair separator `&`, the OR separator
@@ -41,7 +47,7 @@ _HEADER_URL_PREFIX = r"(https?://[!-$'-*\--~]+/)?"
 
 def _header_value(resource_type: str, name: str) -> str:
     """The grammar of one criterion's value list, as the search parser reads it."""
-    parameter = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}[name]
+    parameter = search_parameter(resource_type, name)
     if parameter.index == "id":
         value = SEARCH_ID
     elif parameter.type == "reference":
@@ -100,22 +106,32 @@ def from_query(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(name, value) for name, value in pairs if name not in FORMAT_PARAMETERS]
 
 
-def query_documentation(resource_type: str, what: str) -> list[dict[str, Any]]:
-    """The criteria as optional query parameters, so a generated client can send them."""
-    documented = {p.name: p for p in SEARCH_PARAMETERS[resource_type]}
-    parameters = []
-    for name in conditional_parameters(resource_type):
-        parameter = documented[name]
-        # The search grammar, not empty: an empty value is ignored, and criteria that are
-        # all empty are no criteria (400).
-        schema = {**value_schema(resource_type, name), "minLength": 1}
-        parameters.append(
-            {
-                "name": name,
-                "in": "query",
-                "required": False,
-                "description": f"{what}: {parameter.documentation}",
-                "schema": schema,
-            }
+def create_criteria(
+    resource_type: str,
+    query: Sequence[tuple[str, str]],
+    if_none_exist: str | None,
+    principal: Principal,
+) -> tuple[SearchFilter, str] | tuple[None, None]:
+    """A conditional create's criteria and their lock key, from If-None-Exist or the query
+    (not both); (None, None) for a plain create."""
+    in_query = from_query(query)
+    if if_none_exist is None and not in_query:
+        return None, None
+    access_policy(principal).require(resource_type, Action.CONDITIONAL_CREATE)
+    # A match is answered with the resource: the criteria are a search.
+    access_policy(principal).require(resource_type, Action.SEARCH)
+    if if_none_exist is not None and in_query:
+        raise BadRequest(
+            "Conditional create criteria go in If-None-Exist or in the query, not both"
         )
-    return parameters
+    if if_none_exist is not None:
+        return from_header(resource_type, if_none_exist)
+    return criteria(resource_type, in_query, "The query")
+
+
+def query_criteria(
+    resource_type: str, query: Sequence[tuple[str, str]], principal: Principal
+) -> tuple[SearchFilter, str]:
+    """The criteria of a conditional update or delete, which are a search too."""
+    access_policy(principal).require(resource_type, Action.SEARCH)
+    return criteria(resource_type, from_query(query), "The query")
