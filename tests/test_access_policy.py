@@ -100,6 +100,7 @@ _READS_BY_KEY = {
     "get_assessment",  # one visible patient's assessment
     "all_patient_ids",  # the CLI's recomputation of every response (the server's own work)
     "lock",
+    "try_lock",  # an advisory lock, no data (the audit chain's sequencer)
 }
 # Writes take no access: the service checked it on the record before writing.
 _WRITE_PREFIXES = ("insert_", "update_", "delete_", "save_", "move_")
