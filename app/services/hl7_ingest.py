@@ -38,9 +38,9 @@ from app.audit.trail import append as append_audit
 from app.auth.permissions import Action
 from app.auth.policy import access_policy
 from app.auth.principal import Principal
-from app.ingest import hl7v2
-from app.ingest import observations as mapping
-from app.ingest.hl7v2 import AckCode, Location, Problem, Rejected, Result
+from app.hl7 import hl7v2
+from app.hl7 import observations as mapping
+from app.hl7.hl7v2 import AckCode, Location, Problem, Rejected, Result
 from app.kit import codes
 from app.kit.dates import utc_now
 from app.kit.errors import BadRequest, FhirError, Forbidden, NotFound

@@ -8,7 +8,7 @@ AuditRecord and the patients whose response must be recomputed. `finish` then re
 each patient once and appends every audit record at once. The public `create`, `update`,
 `patch`, `delete` and the conditional forms are thin wrappers doing exactly that for one
 request; a transaction Bundle (`app.services.transactions`) and an HL7 v2 message
-(`app.ingest`) do it for many writes in one transaction.
+(`app.services.hl7_ingest`) do it for many writes in one transaction.
 
 Create and update: parse -> validate (R4B + the stricter FHIR checks) -> derive index values
 (platelet normalisation, subject) -> lock -> store. Locks, PostgreSQL only (SQLite write
