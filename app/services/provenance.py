@@ -35,14 +35,14 @@ MISSING = (
 )
 
 
-def header_problem(kind: str, context: dict[str, Any]) -> str | None:
+def header_problem(error_type: str, context: dict[str, Any]) -> str | None:
     """The message for a header FastAPI refused before the route ran (pydantic's error
-    `kind`), saying what the header must hold; None for a kind not about the header's form."""
-    if kind == "missing":
+    `type`), saying what the header must hold; None for an error not about the header's form."""
+    if error_type == "missing":
         return MISSING
-    if kind == "string_too_long":
+    if error_type == "string_too_long":
         return f"X-Provenance is longer than {context.get('max_length')} characters. {EXPECTED}"
-    if kind == "string_pattern_mismatch":
+    if error_type == "string_pattern_mismatch":
         return f"X-Provenance has no visible character or one outside printable ASCII. {EXPECTED}"
     return None
 

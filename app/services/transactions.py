@@ -314,7 +314,7 @@ async def _process(
 
 
 def _deferrable(entry: EntryRequest) -> bool:
-    """A create whose processing reads nothing that earlier creates of its kind write: not a
+    """A create whose processing reads nothing that earlier creates of its type write: not a
     Patient (records read their Patient's row), not conditional (its criteria search)."""
     return entry.method == "POST" and entry.criteria is None and entry.resource_type != "Patient"
 
