@@ -337,21 +337,27 @@ async def visible_patient(
     return patient
 
 
+def patient_operation(
+    principal: Principal, patient: repo.Current, operation: str, **fields: Any
+) -> AuditRecord:
+    """The audit record of an operation on one patient (`visible_patient`)."""
+    return AuditRecord.of(
+        principal,
+        "operation",
+        site=patient.site,
+        entity_type="Patient",
+        entity_id=patient.id,
+        description=operation,
+        **fields,
+    )
+
+
 async def response_status(ctx: ServiceContext, patient_id: str, principal: Principal) -> str:
     """The stored assessment of a patient, as JSON text."""
     async with ctx.db.read() as conn:
         patient = await visible_patient(conn, principal, patient_id)
         row = await repo.get_assessment(conn, patient_id)
-    ctx.audit.add(
-        AuditRecord.of(
-            principal,
-            "operation",
-            site=patient.site,
-            entity_type="Patient",
-            entity_id=patient_id,
-            description="$response-status",
-        )
-    )
+    ctx.audit.add(patient_operation(principal, patient, "$response-status"))
     if row is None:  # written with the Patient; only a database edited by hand lacks it
         raise NotFound(f"Patient/{patient_id} has no assessment; run `python -m app recompute`")
     return as_served(row.content)
