@@ -255,10 +255,9 @@ def _concept(system: str, code: str, display: str | None = None) -> dict[str, An
     return {"coding": [coding]}
 
 
-def _observation(
-    ctx: ServiceContext, observation_id: str, version: int, assessment: Assessment, now: datetime
-) -> dict[str, Any]:
-    trial, response = ctx.codes.trial_codes, ctx.codes.itp_response
+def _components(code_systems: codes.CodeSystems, assessment: Assessment) -> list[dict[str, Any]]:
+    """The baseline, the time to response and the best response, those the patient has."""
+    trial, response = code_systems.trial_codes, code_systems.itp_response
     components: list[dict[str, Any]] = []
     if assessment.baseline is not None:
         components.append(
@@ -295,6 +294,14 @@ def _observation(
                 ),
             }
         )
+    return components
+
+
+def _observation(
+    ctx: ServiceContext, observation_id: str, version: int, assessment: Assessment, now: datetime
+) -> dict[str, Any]:
+    trial, response = ctx.codes.trial_codes, ctx.codes.itp_response
+    components = _components(ctx.codes, assessment)
     evidence = sorted(
         {
             f"{EVIDENCE_RESOURCE_TYPES[key]}/{i}"

@@ -323,25 +323,7 @@ async def subjects(
         }
         async with ctx.db.read() as conn:
             if record_types:
-                rows = await conn.execute(
-                    select(
-                        resource_table.c.patient_id,
-                        resource_table.c.resource_type,
-                        resource_table.c.id,
-                        resource_table.c.kind,
-                        resource_table.c.status,
-                        resource_table.c.value_norm,
-                        resource_table.c.content,
-                    ).where(
-                        resource_table.c.patient_id.in_(ids),
-                        resource_table.c.resource_type.in_(record_types),
-                        not_(resource_table.c.deleted),
-                    )
-                )
-                for patient_id, resource_type, ident, kind, status, value, content in rows:
-                    found[patient_id].records.append(
-                        Record(resource_type, ident, kind, status, value, orjson.loads(content))
-                    )
+                await _read_records(conn, found, record_types)
             assessments = await conn.execute(
                 select(assessment_table.c.patient_id, assessment_table.c.content).where(
                     assessment_table.c.patient_id.in_(ids)
@@ -350,20 +332,50 @@ async def subjects(
             for patient_id, content in assessments:
                 found[patient_id].assessment = orjson.loads(content)
             if statuses:
-                owners = {response_observation_id(p): p for p in ids}
-                versions = await conn.execute(
-                    select(version_table.c.id, version_table.c.version_id, version_table.c.content)
-                    .where(
-                        version_table.c.resource_type == "Observation",
-                        version_table.c.id.in_(list(owners)),
-                    )
-                    .order_by(version_table.c.id, version_table.c.version_id)
-                )
-                for ident, version, content in versions:
-                    if content is not None:
-                        found[owners[ident]].statuses.append((version, orjson.loads(content)))
+                await _read_statuses(conn, found)
         for patient_id in ids:
             yield found[patient_id]
+
+
+async def _read_records(
+    conn: AsyncConnection, found: dict[str, Subject], record_types: Sequence[str]
+) -> None:
+    """The subjects' live records of `record_types`."""
+    rows = await conn.execute(
+        select(
+            resource_table.c.patient_id,
+            resource_table.c.resource_type,
+            resource_table.c.id,
+            resource_table.c.kind,
+            resource_table.c.status,
+            resource_table.c.value_norm,
+            resource_table.c.content,
+        ).where(
+            resource_table.c.patient_id.in_(list(found)),
+            resource_table.c.resource_type.in_(record_types),
+            not_(resource_table.c.deleted),
+        )
+    )
+    for patient_id, resource_type, ident, kind, status, value, content in rows:
+        found[patient_id].records.append(
+            Record(resource_type, ident, kind, status, value, orjson.loads(content))
+        )
+
+
+async def _read_statuses(conn: AsyncConnection, found: dict[str, Subject]) -> None:
+    """Every version of the subjects' status Observations, oldest first."""
+    owners = {response_observation_id(p): p for p in found}
+    versions = await conn.execute(
+        select(version_table.c.id, version_table.c.version_id, version_table.c.content)
+        .where(
+            version_table.c.resource_type == "Observation",
+            version_table.c.id.in_(list(owners)),
+        )
+        .order_by(version_table.c.id, version_table.c.version_id)
+    )
+    for ident, version, content in versions:
+        if content is not None:
+            found[owners[ident]].statuses.append((version, orjson.loads(content)))
 
 
 # --- values -------------------------------------------------------------------------------
