@@ -688,18 +688,26 @@ async def update(
         )
     command = UpdateCommand(resource_type, resource_id, raw, parse_if_match(if_match), provenance)
     _check_body_id(command)
+    new_patient = _new_patient(resource_type, raw)
     async with ctx.db.write() as conn:
-        change = await _update_locked(ctx, conn, principal, command)
+        change = await _update_locked(ctx, conn, principal, command, new_patient)
     return WriteResult(change.stored, change.created)
 
 
+def _new_patient(resource_type: str, raw: dict[str, Any]) -> str | None:
+    """The Patient a record is written for, to lock; found (or refused) before any lookup."""
+    return None if resource_type == "Patient" else subject_patient_id(resource_type, raw)
+
+
 async def _update_locked(
-    ctx: ServiceContext, conn: AsyncConnection, principal: Principal, command: UpdateCommand
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    principal: Principal,
+    command: UpdateCommand,
+    new_patient: str | None,
 ) -> Change:
     """Lock (the lock order, from the id on), update, recompute and audit."""
-    resource_type, raw = command.resource_type, command.body
-    new_patient = None if resource_type == "Patient" else subject_patient_id(resource_type, raw)
-    current = await _lock_current(conn, resource_type, command.resource_id, new_patient)
+    current = await _lock_current(conn, command.resource_type, command.resource_id, new_patient)
     tx = WriteTransaction(ctx, conn, principal, utc_now())
     change = await update_in(tx, command, current)
     await finish(tx, [change])
@@ -816,6 +824,7 @@ async def conditional_update(
     raw = parse_json(body)
     expected = parse_if_match(if_match)
     criteria = subjects.normalise_criteria(criteria, ctx.codes)
+    new_patient = _new_patient(resource_type, raw)
     async with ctx.db.write() as conn:
         await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
         target_id, _ = await conditional_target(conn, resource_type, criteria, raw, principal)
@@ -823,7 +832,7 @@ async def conditional_update(
             if target_id.startswith(RESERVED_ID_PREFIX):
                 raise _server_owned()
             command = UpdateCommand(resource_type, target_id, raw, expected, provenance)
-            change = await _update_locked(ctx, conn, principal, command)
+            change = await _update_locked(ctx, conn, principal, command, new_patient)
         else:
             if expected is not None:
                 raise _stale(expected, None)
