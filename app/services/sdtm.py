@@ -532,6 +532,12 @@ def _timing_values(
     }
 
 
+def _dated(domain: str, value: str | None, study: Study, reference: date | None) -> Row:
+    """--DTC and --DY: when, as SDTM text, and on which study day."""
+    when, day = dtc(value, study.zone)
+    return {f"{domain}DTC": when, f"{domain}DY": study_day(day, reference)}
+
+
 def _numbered(prefix: str, rows: list[Row]) -> list[Row]:
     for number, row in enumerate(rows, start=1):
         row[f"{prefix}SEQ"] = float(number)
@@ -590,7 +596,6 @@ def lb_rows(subject: Subject, study: Study) -> list[Row]:
         reported = None
         if isinstance(value, int | float) and not isinstance(value, bool):
             reported = quantity.get("comparator", "") + _number_text(float(value))
-        when, day = dtc(_period(record.resource)[0], study.zone)
         norm = record.value_norm
         rows.append(
             {
@@ -605,8 +610,7 @@ def lb_rows(subject: Subject, study: Study) -> list[Row]:
                 "LBSTRESN": norm,
                 "LBSTRESU": "10^9/L" if norm is not None else None,
                 "LBBLFL": "Y" if record.id == baseline else None,
-                "LBDTC": when,
-                "LBDY": study_day(day, reference),
+                **_dated("LB", _period(record.resource)[0], study, reference),
             }
         )
     return _numbered("LB", rows)
@@ -676,6 +680,7 @@ def rs_rows(subject: Subject, study: Study) -> list[Row]:
     version that kept the value, e.g. a new baseline, is no change); BESTRESP: the current
     assessment's best response (NE when there is none)."""
     _, reference = _reference_date(subject, study)
+    keys = _keys(study, "RS", subject)
     rows: list[Row] = []
     previous = None
     for version, observation in subject.statuses:
@@ -683,52 +688,20 @@ def rs_rows(subject: Subject, study: Study) -> list[Row]:
         if code is None or code == previous:
             continue
         previous = code
-        when, day = dtc(observation.get("effectiveDateTime"), study.zone)
-        rows.append(
-            _rs(
-                subject,
-                study,
-                "OVRLRESP",
-                "Overall Response",
-                code,
-                when,
-                day,
-                reference,
-                f"Observation/{observation.get('id')}/_history/{version}",
-            )
-        )
+        source = f"Observation/{observation.get('id')}/_history/{version}"
+        when = _dated("RS", observation.get("effectiveDateTime"), study, reference)
+        rows.append({**keys, **_rs(("OVRLRESP", "Overall Response"), code, source), **when})
     if subject.assessment is not None:
-        when, day = dtc(subject.assessment.get("computed_at"), study.zone)
         best = subject.assessment.get("best_response") or "NE"
-        rows.append(
-            _rs(
-                subject,
-                study,
-                "BESTRESP",
-                "Best Overall Response",
-                best,
-                when,
-                day,
-                reference,
-                subject.assessment.get("observation"),
-            )
-        )
+        status = subject.assessment.get("observation")
+        when = _dated("RS", subject.assessment.get("computed_at"), study, reference)
+        rows.append({**keys, **_rs(("BESTRESP", "Best Overall Response"), best, status), **when})
     return _numbered("RS", rows)
 
 
-def _rs(
-    subject: Subject,
-    study: Study,
-    code: str,
-    name: str,
-    result: str,
-    when: str | None,
-    day: date | None,
-    reference: date | None,
-    source: str | None,
-) -> Row:
+def _rs(test: tuple[str, str], result: str, source: str | None) -> Row:
+    code, name = test
     return {
-        **_keys(study, "RS", subject),
         "RSSPID": source,
         "RSTESTCD": code,
         "RSTEST": name,
@@ -736,8 +709,6 @@ def _rs(
         "RSORRES": result,
         "RSSTRESC": result,
         "RSEVAL": "COMPUTED",
-        "RSDTC": when,
-        "RSDY": study_day(day, reference),
     }
 
 
