@@ -22,8 +22,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("wire", ("app.fhir", "app.ingest", "app.web", "app.middleware", "app.auth.deps")),
     # The use cases: one write path for REST, Bundles and HL7, searches, reports, exports.
     ("services", ("app.services",)),
-    # The database, the response engine and its report model, the audit trail, settings.
-    ("domain", ("app.store", "app.engine", "app.report", "app.audit", "app.settings")),
+    # The database, the response engine and its report model, the HL7 v2 codec, the audit
+    # trail, settings.
+    ("domain", ("app.store", "app.engine", "app.hl7", "app.report", "app.audit", "app.settings")),
     # Who is asking and what they may do: tokens, principals, roles, the access policy.
     ("auth", ("app.auth",)),
     # The leaf: dates, errors, codes, limits, the request's identity, metrics and logging.

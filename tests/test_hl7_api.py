@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from app.ingest import hl7v2, service
-from app.ingest import observations as mapping
+from app.hl7 import hl7v2
+from app.hl7 import observations as mapping
 from app.kit.codes import CodeSystems
+from app.services import hl7_ingest
 from app.services.response import response_observation_id
 from app.settings import Settings
 from tests import builders
@@ -233,7 +234,7 @@ async def test_the_unique_key_holds_when_deliveries_are_not_serialised(client, a
     async def no_lock(conn: Any, key: Any) -> None:
         return None
 
-    monkeypatch.setattr(service, "serialise_deliveries", no_lock)
+    monkeypatch.setattr(hl7_ingest, "serialise_deliveries", no_lock)
     await enrol(client, "S01-001")
     body = oru()
     replies = await asyncio.gather(*(send(client, body) for _ in range(6)))

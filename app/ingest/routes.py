@@ -19,9 +19,9 @@ from app.auth.deps import Require
 from app.auth.permissions import Action
 from app.auth.principal import Principal
 from app.fhir.deps import ServicesDep, SettingsDep
-from app.ingest.hl7v2 import LEADING_NOISE
-from app.ingest.service import receive
+from app.hl7.hl7v2 import LEADING_NOISE
 from app.kit.errors import UnsupportedMediaType
+from app.services.hl7_ingest import receive
 
 HL7_ER7 = "x-application/hl7-v2+er7"
 ACCEPTED_TYPES = (HL7_ER7, "text/plain")

@@ -446,16 +446,8 @@ class ExportRunner:
         """The job ends; its files are kept for the retention time from now."""
         now = utc_now()
         async with self.ctx.db.write() as conn:
-            await store.finish(
-                conn,
-                job.id,
-                self.worker,
-                status,
-                now,
-                now + self.settings.retention,
-                error=error,
-                progress=progress,
-            )
+            outcome = store.Outcome(status, now + self.settings.retention, error, progress)
+            await store.finish(conn, job.id, self.worker, now, outcome)
 
     async def _generate(self, job: store.Job) -> int:
         await self._settle(job.transaction_time)

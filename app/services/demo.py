@@ -17,7 +17,7 @@ import orjson
 
 from app.auth.principal import Principal, Role, parse_scopes
 from app.kit import codes
-from app.services import resources, search
+from app.services import resource_bodies, resources, search
 from app.services.context import ServiceContext
 from app.store.criteria import SearchFilter, TokenMatch
 
@@ -33,28 +33,33 @@ PROFILES: dict[str, Callable[[random.Random, int], float]] = {
     "LOR": lambda rng, week: (15 + week * 15 if week <= 4 else 18) + rng.uniform(-3, 3),
 }
 # 20 subjects: intended outcome, site, and what else happens to them.
+_PLAN = """
+CR  S01
+CR  S01 bleeding
+CR  S02
+CR  S02 ae
+CR  S01
+R   S01
+R   S02 ae
+R   S02
+R   S01
+R   S02 bleeding
+NR  S01
+NR  S02 rescue
+NR  S01 ae
+NR  S02
+LOR S01
+LOR S02 bleeding
+LOR S01
+NE  S02 not-treated
+NE  S01 no-counts
+NE  S02 no-baseline
+"""
 PLAN: list[tuple[str, str, set[str]]] = [
-    ("CR", "S01", set()),
-    ("CR", "S01", {"bleeding"}),
-    ("CR", "S02", set()),
-    ("CR", "S02", {"ae"}),
-    ("CR", "S01", set()),
-    ("R", "S01", set()),
-    ("R", "S02", {"ae"}),
-    ("R", "S02", set()),
-    ("R", "S01", set()),
-    ("R", "S02", {"bleeding"}),
-    ("NR", "S01", set()),
-    ("NR", "S02", {"rescue"}),
-    ("NR", "S01", {"ae"}),
-    ("NR", "S02", set()),
-    ("LOR", "S01", set()),
-    ("LOR", "S02", {"bleeding"}),
-    ("LOR", "S01", set()),
-    ("NE", "S02", {"not-treated"}),
-    ("NE", "S01", {"no-counts"}),
-    ("NE", "S02", {"no-baseline"}),
+    (outcome, site, set(events))
+    for outcome, site, *events in (line.split() for line in _PLAN.strip().splitlines())
 ]
+TREATMENT_WEEKS = 8
 
 
 def _rescue_only(rng: random.Random, week: int) -> float:
@@ -111,50 +116,15 @@ def _birth_date(rng: random.Random) -> str:
 
 
 def _count(patient_id: str, moment: datetime, value: float) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "status": "final",
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                        "code": "laboratory",
-                    }
-                ]
-            }
-        ],
-        "code": {
-            "coding": [
-                {
-                    "system": codes.LOINC,
-                    "code": "777-3",
-                    "display": "Platelets [#/volume] in Blood by Automated count",
-                }
-            ]
-        },
-        "subject": {"reference": f"Patient/{patient_id}"},
-        "effectiveDateTime": _iso(moment),
-        "valueQuantity": {
-            "value": round(value, 1),
-            "unit": "10*9/L",
-            "system": codes.UCUM,
-            "code": "10*9/L",
-        },
-    }
+    return resource_bodies.platelet_count(f"Patient/{patient_id}", _iso(moment), round(value, 1))
 
 
 def _dose(
     ctx: ServiceContext, patient_id: str, moment: datetime, role: str, drug: str
 ) -> dict[str, Any]:
-    return {
-        "resourceType": "MedicationAdministration",
-        "status": "completed",
-        "category": {"coding": [{"system": ctx.codes.medication_role, "code": role}]},
-        "medicationCodeableConcept": {"text": drug},
-        "subject": {"reference": f"Patient/{patient_id}"},
-        "effectiveDateTime": _iso(moment),
-    }
+    return resource_bodies.administration(
+        f"Patient/{patient_id}", _iso(moment), ctx.codes.medication_role, role, drug
+    )
 
 
 async def _subject_story(
@@ -165,30 +135,7 @@ async def _subject_story(
         await _post(ctx, _count(patient_id, FIRST_DOSE - timedelta(hours=1), baseline))
     if "not-treated" in events:
         return
-    for day in range(WEEKS * 7):
-        moment = FIRST_DOSE + timedelta(days=day)
-        if day % 7 == 0 and day < 8 * 7:
-            await _post(
-                ctx,
-                _dose(
-                    ctx,
-                    patient_id,
-                    moment,
-                    "study-drug",
-                    "NAD+ (Coenzyme I for Injection) 500 mg IV",
-                ),
-            )
-        if day < 8 * 7:
-            await _post(
-                ctx,
-                _dose(
-                    ctx, patient_id, moment + timedelta(hours=2), "study-drug", "NMN 1000 mg oral"
-                ),
-            )
-    if "rescue" in events:
-        await _post(
-            ctx, _dose(ctx, patient_id, FIRST_DOSE + timedelta(days=9), "rescue", "IVIg 1 g/kg")
-        )
+    await _treat(ctx, patient_id, rescue="rescue" in events)
     if "no-counts" in events:
         return
     profile = PROFILES[outcome if outcome in PROFILES else "NR"]
@@ -199,36 +146,35 @@ async def _subject_story(
         moment = FIRST_DOSE + timedelta(weeks=week, hours=1)
         await _post(ctx, _count(patient_id, moment, max(profile(rng, week), 1)))
     if "bleeding" in events:
-        await _post(
-            ctx,
-            {
-                "resourceType": "Observation",
-                "status": "final",
-                "code": {
-                    "coding": [{"system": ctx.codes.trial_codes, "code": codes.WHO_BLEEDING_GRADE}]
-                },
-                "subject": {"reference": f"Patient/{patient_id}"},
-                "effectiveDateTime": _iso(FIRST_DOSE + timedelta(weeks=1, hours=3)),
-                "valueInteger": 1,
-            },
-        )
+        await _post(ctx, _bleeding(ctx, patient_id))
     if "ae" in events:
+        date = _iso(FIRST_DOSE + timedelta(days=rng.randint(0, 20)))
+        subject = f"Patient/{patient_id}"
         await _post(
-            ctx,
-            {
-                "resourceType": "AdverseEvent",
-                "actuality": "actual",
-                "event": {"text": "Flushing during infusion"},
-                "subject": {"reference": f"Patient/{patient_id}"},
-                "date": _iso(FIRST_DOSE + timedelta(days=rng.randint(0, 20))),
-                "seriousness": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/adverse-event-seriousness",
-                            "code": "non-serious",
-                        }
-                    ]
-                },
-                "extension": [{"url": codes.AE_GRADE_EXTENSION, "valueInteger": 1}],
-            },
+            ctx, resource_bodies.adverse_event(subject, date, "Flushing during infusion", 1)
         )
+
+
+async def _treat(ctx: ServiceContext, patient_id: str, *, rescue: bool) -> None:
+    """NAD+ infusions weekly and NMN daily for the treatment weeks; IVIg on day 9 as rescue."""
+    for day in range(TREATMENT_WEEKS * 7):
+        moment = FIRST_DOSE + timedelta(days=day)
+        if day % 7 == 0:
+            infusion = "NAD+ (Coenzyme I for Injection) 500 mg IV"
+            await _post(ctx, _dose(ctx, patient_id, moment, "study-drug", infusion))
+        oral = _dose(ctx, patient_id, moment + timedelta(hours=2), "study-drug", "NMN 1000 mg oral")
+        await _post(ctx, oral)
+    if rescue:
+        moment = FIRST_DOSE + timedelta(days=9)
+        await _post(ctx, _dose(ctx, patient_id, moment, "rescue", "IVIg 1 g/kg"))
+
+
+def _bleeding(ctx: ServiceContext, patient_id: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": ctx.codes.trial_codes, "code": codes.WHO_BLEEDING_GRADE}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": _iso(FIRST_DOSE + timedelta(weeks=1, hours=3)),
+        "valueInteger": 1,
+    }

@@ -47,8 +47,8 @@ class Patch:
 def parse_patch(body: bytes, content_type: str | None) -> Patch:
     """The patch document of a request: its media type decides the format; plain JSON
     media types (and none) are read by shape, a list as JSON Patch, an object as Merge Patch."""
-    kind = (content_type or "application/json").split(";", 1)[0].strip().lower()
-    if kind not in PATCH_MEDIA_TYPES:
+    media_type = (content_type or "application/json").split(";", 1)[0].strip().lower()
+    if media_type not in PATCH_MEDIA_TYPES:
         raise UnsupportedMediaType(
             f"Content-Type {content_type!r} is not a patch format of this server: send "
             f"{JSON_PATCH} (RFC 6902) or {MERGE_PATCH} (RFC 7386)"
@@ -59,7 +59,7 @@ def parse_patch(body: bytes, content_type: str | None) -> Patch:
         document = load_json(body, root="patch")
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"The patch document is not valid JSON: {exc}") from None
-    if kind == JSON_PATCH or (kind in _PLAIN_JSON and isinstance(document, list)):
+    if media_type == JSON_PATCH or (media_type in _PLAIN_JSON and isinstance(document, list)):
         _check_json_patch(document)
         return Patch(JSON_PATCH, document)
     if not isinstance(document, dict):

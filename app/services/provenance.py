@@ -6,18 +6,16 @@ it (target = the new version, recorded, the signer from the token) and stores it
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 
 import orjson
 from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.auth.principal import Principal
 from app.kit.dates import format_instant
 from app.kit.errors import BadRequest, FhirError, Issue
+from app.services.context import WriteTransaction
 from app.services.validation import load_json, validate
-from app.store.tables import provenance_table as P
+from app.store.tables import provenance_table
 
 
 class ReasonRequired(FhirError):
@@ -37,14 +35,14 @@ MISSING = (
 )
 
 
-def header_problem(kind: str, context: dict[str, Any]) -> str | None:
+def header_problem(error_type: str, context: dict[str, Any]) -> str | None:
     """The message for a header FastAPI refused before the route ran (pydantic's error
-    `kind`), saying what the header must hold; None for a kind not about the header's form."""
-    if kind == "missing":
+    `type`), saying what the header must hold; None for an error not about the header's form."""
+    if error_type == "missing":
         return MISSING
-    if kind == "string_too_long":
+    if error_type == "string_too_long":
         return f"X-Provenance is longer than {context.get('max_length')} characters. {EXPECTED}"
-    if kind == "string_pattern_mismatch":
+    if error_type == "string_pattern_mismatch":
         return f"X-Provenance has no visible character or one outside printable ASCII. {EXPECTED}"
     return None
 
@@ -90,13 +88,7 @@ def require_reason(header: str | None) -> str:
 
 
 async def store_provenance(
-    conn: AsyncConnection,
-    header: str,
-    principal: Principal,
-    resource_type: str,
-    resource_id: str,
-    version: int,
-    now: datetime,
+    tx: WriteTransaction, header: str, resource_type: str, resource_id: str, version: int
 ) -> None:
     provenance = _parse(header)
     provenance_id = str(uuid.uuid4())
@@ -105,7 +97,7 @@ async def store_provenance(
         "resourceType": "Provenance",
         "id": provenance_id,
         "target": [{"reference": f"{resource_type}/{resource_id}/_history/{version}"}],
-        "recorded": format_instant(now),
+        "recorded": format_instant(tx.now),
         "agent": [
             *(provenance.get("agent") or []),
             {
@@ -117,18 +109,18 @@ async def store_provenance(
                         }
                     ]
                 },
-                "who": {"identifier": {"value": principal.sub}},
+                "who": {"identifier": {"value": tx.principal.sub}},
             },
         ],
     }
     validate(completed, "Provenance")
-    await conn.execute(
-        insert(P).values(
+    await tx.conn.execute(
+        insert(provenance_table).values(
             id=provenance_id,
             target_type=resource_type,
             target_id=resource_id,
             target_version=version,
-            recorded=now,
+            recorded=tx.now,
             content=orjson.dumps(completed).decode(),
         )
     )

@@ -31,7 +31,12 @@ from app.kit.dates import format_instant, utc_now
 from app.report import plots, summary
 from app.report.model import AdverseEventFacts, PatientData
 from app.services.context import ServiceContext
-from app.services.response import ENGINE_KINDS, timeline_from_rows, visible_patient
+from app.services.response import (
+    ENGINE_KINDS,
+    patient_operation,
+    timeline_from_rows,
+    visible_patient,
+)
 from app.store import repository as repo
 
 _T = TypeVar("_T")
@@ -102,17 +107,10 @@ async def platelet_chart(ctx: ServiceContext, principal: Principal, patient_id: 
         # The patient is visible (checked above), and its records are where it is.
         records = await _read(conn, access_policy(principal).sites, patient_id)
     (patient,) = await _patients(ctx, records)
-    ctx.audit.add(
-        AuditRecord.of(
-            principal,
-            "operation",
-            site=current.site,
-            entity_type="Patient",
-            entity_id=patient_id,
-            version_after=current.version_id,
-            description="$platelet-chart",
-        )
+    operation = patient_operation(
+        principal, current, "$platelet-chart", version_after=current.version_id
     )
+    ctx.audit.add(operation)
     return await _off_loop(plots.platelet_chart, patient, ctx.criteria)
 
 

@@ -8,7 +8,7 @@ AuditRecord and the patients whose response must be recomputed. `finish` then re
 each patient once and appends every audit record at once. The public `create`, `update`,
 `patch`, `delete` and the conditional forms are thin wrappers doing exactly that for one
 request; a transaction Bundle (`app.services.transactions`) and an HL7 v2 message
-(`app.ingest`) do it for many writes in one transaction.
+(`app.services.hl7_ingest`) do it for many writes in one transaction.
 
 Create and update: parse -> validate (R4B + the stricter FHIR checks) -> derive index values
 (platelet normalisation, subject) -> lock -> store. Locks, PostgreSQL only (SQLite write
@@ -30,8 +30,8 @@ writers can deadlock whatever they write:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -58,7 +58,7 @@ from app.kit.errors import (
     Unprocessable,
 )
 from app.services import response, subjects
-from app.services.context import ServiceContext
+from app.services.context import ServiceContext, WriteTransaction
 from app.services.indexing import index_values, subject_patient_id
 from app.services.patching import Patch, apply_patch
 from app.services.provenance import require_reason, store_provenance
@@ -117,12 +117,42 @@ class Change:
     forgotten: str | None = None  # a deleted Patient: its response status went with it
 
 
-@dataclass
-class LockedPatients:
-    """What a transaction of several writes has locked up front: the Patient rows, so that
-    each write does not fetch and lock them again. A write of a Patient drops its entry."""
+@dataclass(frozen=True)
+class CreateCommand:
+    """A create. The server assigns the id unless the caller assigned it in advance
+    (`resource_id`: a Bundle's `urn:uuid` entries). With `if_none_exist`, whose criteria
+    lock the caller holds, an existing match is returned instead and nothing is written."""
 
-    patients: dict[str, repo.Current] = field(default_factory=dict)
+    resource_type: str
+    body: dict[str, Any]
+    resource_id: str | None = None
+    if_none_exist: SearchFilter | None = None
+    description: str | None = None  # the audit record's: what sent the write (HL7 v2)
+
+
+@dataclass(frozen=True)
+class UpdateCommand:
+    """An update of `resource_type/resource_id` with `body` (a create when the id names
+    nothing yet). `if_match`: the version If-Match expects; `provenance`: the X-Provenance
+    header, the reason for the change."""
+
+    resource_type: str
+    resource_id: str
+    body: dict[str, Any]
+    if_match: int | None = None
+    provenance: str | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteTarget:
+    """The existing resource a patch or a delete writes, the version If-Match expects, and
+    the X-Provenance header (the reason for the change)."""
+
+    resource_type: str
+    resource_id: str
+    if_match: int | None = None
+    provenance: str | None = None
 
 
 def new_id() -> str:
@@ -164,28 +194,21 @@ def _ids(*patient_ids: str | None) -> frozenset[str]:
     return frozenset(p for p in patient_ids if p is not None)
 
 
-async def _patient_row(
-    conn: AsyncConnection, patient_id: str, scope: LockedPatients | None
-) -> repo.Current | None:
-    if scope is not None and patient_id in scope.patients:
-        return scope.patients[patient_id]
-    row = await repo.get_current(conn, "Patient", patient_id, for_update=True)
-    if scope is not None and row is not None:
+async def _patient_row(tx: WriteTransaction, patient_id: str) -> repo.Current | None:
+    locked = tx.locked
+    if locked is not None and patient_id in locked.patients:
+        return locked.patients[patient_id]
+    row = await repo.get_current(tx.conn, "Patient", patient_id, for_update=True)
+    if locked is not None and row is not None:
         # Locked (or created) by this transaction: it stays as read until a write of this
         # Patient drops it (_wrote_patient). A Bundle's records of a Patient it creates
         # would otherwise each read it again.
-        scope.patients[patient_id] = row
+        locked.patients[patient_id] = row
     return row
 
 
 async def _accept(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
-    resource_type: str,
-    resource_id: str,
-    raw: dict[str, Any],
-    principal: Principal,
-    scope: LockedPatients | None = None,
+    tx: WriteTransaction, resource_type: str, resource_id: str, raw: dict[str, Any]
 ) -> tuple[dict[str, Any], repo.IndexRow]:
     """Validate, derive index values, lock (and check) the subject Patient, and check that the
     caller may write this record at this site. Returns the resource as it is stored (a
@@ -193,19 +216,19 @@ async def _accept(
     validate(raw, resource_type)
     subject = None
     if resource_type == "Patient":
-        raw, subject = subjects.normalise_patient(raw, ctx.codes)
-    values = index_values(resource_type, resource_id, raw, ctx.codes, ctx.limits)
+        raw, subject = subjects.normalise_patient(raw, tx.ctx.codes)
+    values = index_values(resource_type, resource_id, raw, tx.ctx.codes, tx.ctx.limits)
     if resource_type == "Observation":
-        access_policy(principal).require_observation_write(values.kind)
-    if resource_type == "Patient" and not access_policy(principal).sees_site(values.site):
+        access_policy(tx.principal).require_observation_write(values.kind)
+    if resource_type == "Patient" and not access_policy(tx.principal).sees_site(values.site):
         raise Forbidden(f"Site {values.site} is not one of the caller's sites")
     if resource_type != "Patient" and values.patient_id is not None:
-        patient = await _patient_row(conn, values.patient_id, scope)
+        patient = await _patient_row(tx, values.patient_id)
         # A patient at another site is answered exactly like a missing one: no existence leak.
         if (
             patient is None
             or patient.deleted
-            or not access_policy(principal).sees_site(patient.site)
+            or not access_policy(tx.principal).sees_site(patient.site)
         ):
             raise Unprocessable(
                 f"{resource_type}.subject references Patient/{values.patient_id}, "
@@ -232,18 +255,14 @@ async def _accept(
 
 
 async def _check_subject(
-    conn: AsyncConnection,
-    raw: dict[str, Any],
-    index: repo.IndexRow,
-    resource_id: str,
-    principal: Principal,
+    tx: WriteTransaction, raw: dict[str, Any], index: repo.IndexRow, resource_id: str
 ) -> None:
     """409 when another live Patient has the subject number this one is written with."""
     if index.subject is None:
         return
-    holder = await repo.subject_holder(conn, index.subject)
+    holder = await repo.subject_holder(tx.conn, index.subject)
     if holder is not None and holder.id != resource_id:
-        raise _subject_taken(raw, index.subject, holder, principal)
+        raise _subject_taken(raw, index.subject, holder, tx.principal)
 
 
 def _subject_taken(
@@ -271,12 +290,12 @@ def _subject_taken(
     )
 
 
-def _matched(ctx: ServiceContext, principal: Principal, match: repo.Current) -> Change:
+def _matched(tx: WriteTransaction, match: repo.Current) -> Change:
     """A conditional create that found its resource: nothing written, the match read."""
-    ctx.audit.add(
+    tx.ctx.audit.add(
         audit_access(
             "read",
-            principal,
+            tx.principal,
             match,
             description="If-None-Exist matched this resource; nothing was written",
         )
@@ -284,189 +303,185 @@ def _matched(ctx: ServiceContext, principal: Principal, match: repo.Current) -> 
     return Change(Stored.of_current(match), created=False, record=None)
 
 
-def _wrote_patient(scope: LockedPatients | None, resource_type: str, resource_id: str) -> None:
-    if scope is not None and resource_type == "Patient":
-        scope.patients.pop(resource_id, None)
+def _wrote_patient(tx: WriteTransaction, resource_type: str, resource_id: str) -> None:
+    if tx.locked is not None and resource_type == "Patient":
+        tx.locked.patients.pop(resource_id, None)
 
 
 # --- The primitives: one write each, in the caller's locked transaction ---------------------
 
 
 async def create_in(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
-    resource_type: str,
-    raw: dict[str, Any],
-    principal: Principal,
-    now: datetime,
-    *,
-    resource_id: str | None = None,
-    if_none_exist: SearchFilter | None = None,
-    description: str | None = None,
-    scope: LockedPatients | None = None,
-    pending: list[repo.NewResource] | None = None,
+    tx: WriteTransaction, command: CreateCommand, pending: list[repo.NewResource] | None = None
 ) -> Change:
-    """A create (the server assigns the id; `resource_id` only when the caller assigned one
-    in advance, as a Bundle does for its `urn:uuid` entries). With `if_none_exist`, whose
-    criteria lock the caller holds, an existing match is returned instead and nothing is
-    written. With `pending`, the new rows are appended to it instead of inserted: the
-    caller inserts them (`repo.insert_resources`) before anything reads them."""
-    resource_id = resource_id or new_id()
+    """A create (`CreateCommand`). With `pending`, the new rows are appended to it instead of
+    inserted: the caller inserts them (`repo.insert_resources`) before anything reads them."""
+    resource_type = command.resource_type
+    resource_id = command.resource_id or new_id()
     # Every check a create makes, also when a match will be returned: a client must not
     # learn that a body it may not write "worked".
-    raw, index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
-    if if_none_exist is not None:
-        match = await single_match(conn, if_none_exist, principal, "If-None-Exist")
+    raw, index = await _accept(tx, resource_type, resource_id, command.body)
+    if command.if_none_exist is not None:
+        match = await single_match(tx.conn, command.if_none_exist, tx.principal, "If-None-Exist")
         if match is not None:
-            return _matched(ctx, principal, match)
-    await _check_subject(conn, raw, index, resource_id, principal)
-    content = _render(raw, resource_type, resource_id, 1, now)
+            return _matched(tx, match)
+    await _check_subject(tx, raw, index, resource_id)
+    content = _render(raw, resource_type, resource_id, 1, tx.now)
+    new = repo.NewResource(resource_type, resource_id, content, index)
     if pending is not None:
-        pending.append(repo.NewResource(resource_type, resource_id, content, index))
-    else:
-        try:
-            await repo.insert_resource(conn, resource_type, resource_id, content, index, now)
-        except repo.SubjectTaken as taken:
-            # A concurrent create committed the number first (PostgreSQL): its Patient is
-            # the match of a conditional create whose criteria it meets, else a conflict.
-            match = None
-            if if_none_exist is not None:
-                match = await single_match(conn, if_none_exist, principal, "If-None-Exist")
-            if match is not None:
-                return _matched(ctx, principal, match)
-            holder = await repo.subject_holder(conn, taken.subject)
-            raise _subject_taken(raw, taken.subject, holder, principal) from None
-    _wrote_patient(scope, resource_type, resource_id)
-    record = AuditRecord.of(
-        principal,
-        "create",
-        site=index.site,
-        entity_type=resource_type,
-        entity_id=resource_id,
-        version_after=1,
-        recorded=now,
-        description=description,
-    )
-    stored = Stored(resource_type, resource_id, 1, now, content)
+        pending.append(new)
+    elif (match := await _insert_created(tx, command, raw, new)) is not None:
+        return _matched(tx, match)
+    _wrote_patient(tx, resource_type, resource_id)
+    stored = Stored(resource_type, resource_id, 1, tx.now, content)
+    record = _record(tx, "create", index.site, stored, description=command.description)
     return Change(stored, True, record, _ids(index.patient_id))
 
 
+def _record(
+    tx: WriteTransaction, interaction: str, site: str | None, stored: Stored, **fields: Any
+) -> AuditRecord:
+    """The audit record of a version written."""
+    return AuditRecord.of(
+        tx.principal,
+        interaction,
+        site=site,
+        entity_type=stored.resource_type,
+        entity_id=stored.id,
+        version_after=stored.version_id,
+        recorded=tx.now,
+        **fields,
+    )
+
+
+async def _insert_created(
+    tx: WriteTransaction, command: CreateCommand, raw: dict[str, Any], new: repo.NewResource
+) -> repo.Current | None:
+    """Insert the created resource. A concurrent create that committed its subject number
+    first (PostgreSQL) makes this a conflict, or, when its Patient meets the conditional
+    create's criteria, the match returned instead (None: inserted)."""
+    try:
+        await repo.insert_resource(
+            tx.conn, new.resource_type, new.resource_id, new.content, new.index, tx.now
+        )
+    except repo.SubjectTaken as taken:
+        match = None
+        if command.if_none_exist is not None:
+            match = await single_match(
+                tx.conn, command.if_none_exist, tx.principal, "If-None-Exist"
+            )
+        if match is not None:
+            return match
+        holder = await repo.subject_holder(tx.conn, taken.subject)
+        raise _subject_taken(raw, taken.subject, holder, tx.principal) from None
+    return None
+
+
 async def update_in(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
-    resource_type: str,
-    resource_id: str,
-    raw: dict[str, Any],
-    principal: Principal,
-    now: datetime,
-    *,
-    current: repo.Current | None,
-    expected: int | None = None,
-    provenance: str | None = None,
-    description: str | None = None,
-    scope: LockedPatients | None = None,
+    tx: WriteTransaction, command: UpdateCommand, current: repo.Current | None
 ) -> Change:
     """An update of the row `current` that the caller locked (None: a new id, an update as
     create). Every update needs the reason in `provenance`, whether or not the resource
     exists: whether a PUT creates depends on state the client may not know, and a request's
     validity must not."""
-    reason = require_reason(provenance)
-    body_id = raw.get("id")
-    if body_id is not None and body_id != resource_id:
-        raise BadRequest(
-            f"The body's id {body_id!r} does not match the URL's {resource_id!r}",
-            expression=[f"{resource_type}.id"],
-        )
-    if resource_id.startswith(RESERVED_ID_PREFIX):
-        raise _server_owned()
-    if current is not None and not access_policy(principal).sees_site(current.site):
-        raise hidden(resource_type, resource_id, current.site if current else None)
-    if expected is not None and (current is None or current.version_id != expected):
-        raise _stale(expected, current)
-    if current is not None and current.kind == KIND_RESPONSE_STATUS:
-        raise _server_owned()
-    if current is not None and resource_type == "Observation":
-        access_policy(principal).require_observation_write(current.kind)
-    raw = {**raw, "id": resource_id}
-    raw, index = await _accept(ctx, conn, resource_type, resource_id, raw, principal, scope)
-    await _check_subject(conn, raw, index, resource_id, principal)
-    record = AuditRecord.of(
-        principal,
-        "update",
-        site=index.site,
-        entity_type=resource_type,
-        entity_id=resource_id,
-        recorded=now,
-        description=description,
-    )
+    reason = require_reason(command.provenance)
+    _check_update(tx, command, current)
+    resource_type, resource_id = command.resource_type, command.resource_id
+    raw, index = await _accept(tx, resource_type, resource_id, {**command.body, "id": resource_id})
+    await _check_subject(tx, raw, index, resource_id)
+    stored = await _store_version(tx, command, raw, index, current)
     if current is None:
-        content = _render(raw, resource_type, resource_id, 1, now)
-        await _subject_guarded(
-            repo.insert_resource(conn, resource_type, resource_id, content, index, now),
-            conn,
-            raw,
-            principal,
-        )
-        _wrote_patient(scope, resource_type, resource_id)
-        record.version_after = 1
-        stored = Stored(resource_type, resource_id, 1, now, content)
+        record = _record(tx, "update", index.site, stored, description=command.description)
         change = Change(stored, True, record, _ids(index.patient_id))
-        await store_reason(conn, change, provenance, principal, now)
+        await store_reason(tx, change, command.provenance)
         return change
-    version = current.version_id + 1
-    content = _render(raw, resource_type, resource_id, version, now)
-    await _subject_guarded(
-        repo.update_resource(conn, current, version, content, index, now, "update"),
-        conn,
-        raw,
-        principal,
-    )
-    _wrote_patient(scope, resource_type, resource_id)
     if resource_type == "Patient" and current.site != index.site:
-        access_policy(principal).require("Patient", Action.MOVE_SITE)
-        await repo.move_records(conn, resource_id, index.site)
-    assert provenance is not None
-    await store_provenance(conn, provenance, principal, resource_type, resource_id, version, now)
-    record.version_before, record.version_after, record.reason = (
-        current.version_id,
-        version,
-        reason,
+        access_policy(tx.principal).require("Patient", Action.MOVE_SITE)
+        await repo.move_records(tx.conn, resource_id, index.site)
+    assert command.provenance is not None
+    await store_provenance(tx, command.provenance, resource_type, resource_id, stored.version_id)
+    record = _record(
+        tx,
+        "update",
+        index.site,
+        stored,
+        description=command.description,
+        version_before=current.version_id,
+        reason=reason,
     )
-    stored = Stored(resource_type, resource_id, version, now, content)
     # A record moved to another patient changes both patients' responses.
     return Change(stored, current.deleted, record, _ids(index.patient_id, current.patient_id))
 
 
-async def _subject_guarded(
-    write: Coroutine[Any, Any, None],
-    conn: AsyncConnection,
-    raw: dict[str, Any],
-    principal: Principal,
+def _check_body_id(command: UpdateCommand) -> None:
+    body_id = command.body.get("id")
+    if body_id is not None and body_id != command.resource_id:
+        raise BadRequest(
+            f"The body's id {body_id!r} does not match the URL's {command.resource_id!r}",
+            expression=[f"{command.resource_type}.id"],
+        )
+    if command.resource_id.startswith(RESERVED_ID_PREFIX):
+        raise _server_owned()
+
+
+def _check_update(
+    tx: WriteTransaction, command: UpdateCommand, current: repo.Current | None
 ) -> None:
-    """`write`, where a subject number a concurrent transaction took first is a 409."""
+    """What an update checks before it reads the body: the ids, the caller's sites,
+    `If-Match`, and who may write the stored record."""
+    _check_body_id(command)
+    if current is not None:
+        _check_visible(tx, command.resource_type, command.resource_id, current)
+    if command.if_match is not None and (current is None or current.version_id != command.if_match):
+        raise _stale(command.if_match, current)
+    if current is not None and current.kind == KIND_RESPONSE_STATUS:
+        raise _server_owned()
+    if current is not None and command.resource_type == "Observation":
+        access_policy(tx.principal).require_observation_write(current.kind)
+
+
+def _check_visible(
+    tx: WriteTransaction, resource_type: str, resource_id: str, current: repo.Current | None
+) -> repo.Current:
+    """The locked row, or 404 when it is missing or at another site (indistinguishable)."""
+    if current is None or not access_policy(tx.principal).sees_site(current.site):
+        raise hidden(resource_type, resource_id, current.site if current else None)
+    return current
+
+
+async def _store_version(
+    tx: WriteTransaction,
+    command: UpdateCommand,
+    raw: dict[str, Any],
+    index: repo.IndexRow,
+    current: repo.Current | None,
+) -> Stored:
+    """Version 1 of a new id, or the next version of `current`; a subject number that a
+    concurrent transaction took first is a 409."""
+    resource_type, resource_id = command.resource_type, command.resource_id
+    version = 1 if current is None else current.version_id + 1
+    content = _render(raw, resource_type, resource_id, version, tx.now)
+    if current is None:
+        write = repo.insert_resource(tx.conn, resource_type, resource_id, content, index, tx.now)
+    else:
+        write = repo.update_resource(tx.conn, current, version, content, index, tx.now, "update")
     try:
         await write
     except repo.SubjectTaken as taken:
-        holder = await repo.subject_holder(conn, taken.subject)
-        raise _subject_taken(raw, taken.subject, holder, principal) from None
+        holder = await repo.subject_holder(tx.conn, taken.subject)
+        raise _subject_taken(raw, taken.subject, holder, tx.principal) from None
+    _wrote_patient(tx, resource_type, resource_id)
+    return Stored(resource_type, resource_id, version, tx.now, content)
 
 
-async def store_reason(
-    conn: AsyncConnection,
-    change: Change,
-    provenance: str | None,
-    principal: Principal,
-    now: datetime,
-) -> None:
+async def store_reason(tx: WriteTransaction, change: Change, provenance: str | None) -> None:
     """The reason of a PUT that created its resource: stored with version 1, as an update's
     is with the version it writes."""
     stored, reason = change.stored, require_reason(provenance)
     if provenance is None or change.record is None:  # a conditional create that matched
         raise ValueError(f"{stored.resource_type}/{stored.id}: no version was written")
     change.record.reason = reason
-    await store_provenance(
-        conn, provenance, principal, stored.resource_type, stored.id, stored.version_id, now
-    )
+    await store_provenance(tx, provenance, stored.resource_type, stored.id, stored.version_id)
 
 
 def patched(
@@ -480,96 +495,69 @@ def patched(
     return apply_patch(patch, orjson.loads(current.content), resource_type, resource_id)
 
 
-async def patch_in(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
+def _check_current(
+    tx: WriteTransaction,
     resource_type: str,
     resource_id: str,
-    patch: Patch,
-    principal: Principal,
-    now: datetime,
-    *,
     current: repo.Current | None,
-    expected: int | None = None,
-    provenance: str | None = None,
-    scope: LockedPatients | None = None,
+    if_match: int | None,
+) -> repo.Current:
+    """The locked row of a patch or delete: 404 as a read, 412 when `If-Match` is stale."""
+    current = _check_visible(tx, resource_type, resource_id, current)
+    if if_match is not None and current.version_id != if_match:
+        raise _stale(if_match, current)
+    return current
+
+
+async def patch_in(
+    tx: WriteTransaction, command: WriteTarget, patch: Patch, current: repo.Current | None
 ) -> Change:
     """A patch is an update of the patched resource: the same checks, reason and audit."""
-    require_reason(provenance)  # first, as for every update: whatever is stored
-    if current is None or not access_policy(principal).sees_site(current.site):
-        raise hidden(resource_type, resource_id, current.site if current else None)
-    if expected is not None and current.version_id != expected:
-        raise _stale(expected, current)
-    raw = patched(resource_type, resource_id, current, patch)
-    return await update_in(
-        ctx,
-        conn,
+    require_reason(command.provenance)  # first, as for every update: whatever is stored
+    resource_type, resource_id = command.resource_type, command.resource_id
+    current = _check_current(tx, resource_type, resource_id, current, command.if_match)
+    update = UpdateCommand(
         resource_type,
         resource_id,
-        raw,
-        principal,
-        now,
-        current=current,
-        expected=expected,
-        provenance=provenance,
+        patched(resource_type, resource_id, current, patch),
+        command.if_match,
+        command.provenance,
         description=f"patch ({patch.media_type})",
-        scope=scope,
     )
+    return await update_in(tx, update, current)
 
 
 async def delete_in(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
-    resource_type: str,
-    resource_id: str,
-    principal: Principal,
-    now: datetime,
-    *,
-    current: repo.Current | None,
-    expected: int | None = None,
-    provenance: str | None = None,
-    scope: LockedPatients | None = None,
+    tx: WriteTransaction, command: WriteTarget, current: repo.Current | None
 ) -> Change | None:
     """A delete of the locked row `current`; None when it was deleted already. Every
     delete needs the reason in `provenance`, even one that finds nothing left to delete."""
-    reason = require_reason(provenance)
-    if current is None or not access_policy(principal).sees_site(current.site):
-        raise hidden(resource_type, resource_id, current.site if current else None)
-    if expected is not None and current.version_id != expected:
-        raise _stale(expected, current)
+    reason = require_reason(command.provenance)
+    resource_type, resource_id = command.resource_type, command.resource_id
+    current = _check_current(tx, resource_type, resource_id, current, command.if_match)
     if current.kind == KIND_RESPONSE_STATUS:
         raise _server_owned()
     if current.deleted:
         return None
-    if resource_type == "Patient" and await repo.has_live_references(conn, resource_id):
+    if resource_type == "Patient" and await repo.has_live_references(tx.conn, resource_id):
         raise Conflict(f"Patient/{resource_id} still has records; delete or move them first")
     version = current.version_id + 1
-    await repo.update_resource(conn, current, version, None, None, now, "delete")
-    _wrote_patient(scope, resource_type, resource_id)
+    await repo.update_resource(tx.conn, current, version, None, None, tx.now, "delete")
+    _wrote_patient(tx, resource_type, resource_id)
     patients, forgotten = _ids(current.patient_id), None
     if resource_type == "Patient":
-        await response.forget(conn, resource_id, now)
+        await response.forget(tx.conn, resource_id, tx.now)
         patients, forgotten = frozenset(), resource_id
-    assert provenance is not None
-    await store_provenance(conn, provenance, principal, resource_type, resource_id, version, now)
-    record = AuditRecord.of(
-        principal,
-        "delete",
-        site=current.site,
-        entity_type=resource_type,
-        entity_id=resource_id,
-        version_before=current.version_id,
-        version_after=version,
-        reason=reason,
-        recorded=now,
+    assert command.provenance is not None
+    await store_provenance(tx, command.provenance, resource_type, resource_id, version)
+    stored = Stored(resource_type, resource_id, version, tx.now, None)
+    record = _record(
+        tx, "delete", current.site, stored, version_before=current.version_id, reason=reason
     )
-    stored = Stored(resource_type, resource_id, version, now, None)
     return Change(stored, False, record, patients, forgotten)
 
 
-async def recompute_changes(
-    ctx: ServiceContext, conn: AsyncConnection, changes: Iterable[Change], now: datetime
-) -> None:
+async def recompute_changes(tx: WriteTransaction, changes: Iterable[Change]) -> None:
     """Recompute each patient the changes touched, once, in the write's own transaction:
     data and status commit together. The Patient rows are locked already (`_accept`,
     `lock_for_update`, or the caller's `LockedPatients`)."""
@@ -577,21 +565,14 @@ async def recompute_changes(
     forgotten = {c.forgotten for c in changes if c.forgotten is not None}
     patients = set().union(*(c.patients for c in changes)) - forgotten
     for patient_id in sorted(patients):
-        await response.recompute(ctx, conn, patient_id, now)
+        await response.recompute(tx.ctx, tx.conn, patient_id, tx.now)
 
 
-async def finish(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
-    changes: Sequence[Change],
-    now: datetime,
-    extra_records: Sequence[AuditRecord] = (),
-) -> None:
+async def finish(tx: WriteTransaction, changes: Sequence[Change]) -> None:
     """Recompute, then append every audit record in one go: the audit chain's lock is the
     last a write takes."""
-    await recompute_changes(ctx, conn, changes, now)
-    records = [c.record for c in changes if c.record is not None]
-    await append_audit(conn, [*records, *extra_records])
+    await recompute_changes(tx, changes)
+    await append_audit(tx.conn, [c.record for c in changes if c.record is not None])
 
 
 async def single_match(
@@ -671,12 +652,22 @@ async def create(
         if if_none_exist is not None:
             assert if_none_exist_key is not None
             await repo.lock(conn, conditional_lock_key(resource_type, if_none_exist_key))
-        now = utc_now()
-        change = await create_in(
-            ctx, conn, resource_type, raw, principal, now, if_none_exist=if_none_exist
-        )
-        await finish(ctx, conn, [change], now)
+        tx = WriteTransaction(ctx, conn, principal, utc_now())
+        command = CreateCommand(resource_type, raw, if_none_exist=if_none_exist)
+        change = await _create_finished(tx, command)
     return WriteResult(change.stored, change.created)
+
+
+async def _create_finished(
+    tx: WriteTransaction, command: CreateCommand, provenance: str | None = None
+) -> Change:
+    """Create, recompute and audit, the locks held. With `provenance`, a PUT that creates:
+    its reason is stored with version 1."""
+    change = await create_in(tx, command)
+    if provenance is not None:
+        await store_reason(tx, change, provenance)
+    await finish(tx, [change])
+    return change
 
 
 async def update(
@@ -694,44 +685,32 @@ async def update(
         raise BadRequest(
             "An update must carry the resource id in the body", expression=[f"{resource_type}.id"]
         )
-    expected = parse_if_match(if_match)
-    return await _update(ctx, resource_type, resource_id, raw, principal, expected, provenance)
-
-
-async def _update(
-    ctx: ServiceContext,
-    resource_type: str,
-    resource_id: str,
-    raw: dict[str, Any],
-    principal: Principal,
-    expected: int | None,
-    provenance: str | None,
-) -> WriteResult:
-    if raw.get("id") not in (None, resource_id):
-        raise BadRequest(
-            f"The body's id {raw['id']!r} does not match the URL's {resource_id!r}",
-            expression=[f"{resource_type}.id"],
-        )
-    if resource_id.startswith(RESERVED_ID_PREFIX):
-        raise _server_owned()
-    new_patient = None if resource_type == "Patient" else subject_patient_id(resource_type, raw)
+    command = UpdateCommand(resource_type, resource_id, raw, parse_if_match(if_match), provenance)
+    _check_body_id(command)
+    new_patient = _new_patient(resource_type, raw)
     async with ctx.db.write() as conn:
-        current = await _lock_current(conn, resource_type, resource_id, new_patient)
-        now = utc_now()
-        change = await update_in(
-            ctx,
-            conn,
-            resource_type,
-            resource_id,
-            raw,
-            principal,
-            now,
-            current=current,
-            expected=expected,
-            provenance=provenance,
-        )
-        await finish(ctx, conn, [change], now)
+        change = await _update_locked(ctx, conn, principal, command, new_patient)
     return WriteResult(change.stored, change.created)
+
+
+def _new_patient(resource_type: str, raw: dict[str, Any]) -> str | None:
+    """The Patient a record is written for, to lock; found (or refused) before any lookup."""
+    return None if resource_type == "Patient" else subject_patient_id(resource_type, raw)
+
+
+async def _update_locked(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    principal: Principal,
+    command: UpdateCommand,
+    new_patient: str | None,
+) -> Change:
+    """Lock (the lock order, from the id on), update, recompute and audit."""
+    current = await _lock_current(conn, command.resource_type, command.resource_id, new_patient)
+    tx = WriteTransaction(ctx, conn, principal, utc_now())
+    change = await update_in(tx, command, current)
+    await finish(tx, [change])
+    return change
 
 
 async def patch(
@@ -744,7 +723,7 @@ async def patch(
     if_match: str | None,
     provenance: str | None = None,
 ) -> WriteResult:
-    expected = parse_if_match(if_match)
+    command = WriteTarget(resource_type, resource_id, parse_if_match(if_match), provenance)
     if resource_id.startswith(RESERVED_ID_PREFIX):
         raise _server_owned()
     async with ctx.db.write() as conn:
@@ -757,20 +736,9 @@ async def patch(
             if resource_type != "Patient":
                 new_patient = subject_patient_id(resource_type, raw)
         current = await lock_for_update(conn, resource_type, resource_id, current, new_patient)
-        now = utc_now()
-        change = await patch_in(
-            ctx,
-            conn,
-            resource_type,
-            resource_id,
-            document,
-            principal,
-            now,
-            current=current,
-            expected=expected,
-            provenance=provenance,
-        )
-        await finish(ctx, conn, [change], now)
+        tx = WriteTransaction(ctx, conn, principal, utc_now())
+        change = await patch_in(tx, command, document, current)
+        await finish(tx, [change])
     return WriteResult(change.stored, change.created)
 
 
@@ -784,24 +752,22 @@ async def delete(
     provenance: str | None = None,
 ) -> Stored | None:
     """Delete; returns the deletion version, or None when it was already deleted."""
-    expected = parse_if_match(if_match)
+    command = WriteTarget(resource_type, resource_id, parse_if_match(if_match), provenance)
     async with ctx.db.write() as conn:
-        current = await _lock_current(conn, resource_type, resource_id)
-        now = utc_now()
-        change = await delete_in(
-            ctx,
-            conn,
-            resource_type,
-            resource_id,
-            principal,
-            now,
-            current=current,
-            expected=expected,
-            provenance=provenance,
-        )
-        if change is None:
-            return None
-        await finish(ctx, conn, [change], now)
+        return await _delete_locked(ctx, conn, principal, command)
+
+
+async def _delete_locked(
+    ctx: ServiceContext, conn: AsyncConnection, principal: Principal, command: WriteTarget
+) -> Stored | None:
+    """Lock (the lock order, from the id on), delete, recompute and audit; None when it was
+    deleted already."""
+    current = await _lock_current(conn, command.resource_type, command.resource_id)
+    tx = WriteTransaction(ctx, conn, principal, utc_now())
+    change = await delete_in(tx, command, current)
+    if change is None:
+        return None
+    await finish(tx, [change])
     return change.stored
 
 
@@ -857,33 +823,20 @@ async def conditional_update(
     raw = parse_json(body)
     expected = parse_if_match(if_match)
     criteria = subjects.normalise_criteria(criteria, ctx.codes)
-    new_patient = None if resource_type == "Patient" else subject_patient_id(resource_type, raw)
+    new_patient = _new_patient(resource_type, raw)
     async with ctx.db.write() as conn:
         await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
         target_id, _ = await conditional_target(conn, resource_type, criteria, raw, principal)
-        now = utc_now()
-        if target_id is None:
-            if expected is not None:
-                raise _stale(expected, None)
-            change = await create_in(ctx, conn, resource_type, raw, principal, now)
-            await store_reason(conn, change, provenance, principal, now)
-        else:
+        if target_id is not None:
             if target_id.startswith(RESERVED_ID_PREFIX):
                 raise _server_owned()
-            current = await _lock_current(conn, resource_type, target_id, new_patient)
-            change = await update_in(
-                ctx,
-                conn,
-                resource_type,
-                target_id,
-                raw,
-                principal,
-                now,
-                current=current,
-                expected=expected,
-                provenance=provenance,
-            )
-        await finish(ctx, conn, [change], now)
+            command = UpdateCommand(resource_type, target_id, raw, expected, provenance)
+            change = await _update_locked(ctx, conn, principal, command, new_patient)
+        else:
+            if expected is not None:
+                raise _stale(expected, None)
+            tx = WriteTransaction(ctx, conn, principal, utc_now())
+            change = await _create_finished(tx, CreateCommand(resource_type, raw), provenance)
     return WriteResult(change.stored, change.created)
 
 
@@ -915,23 +868,8 @@ async def conditional_delete(
                 )
             )
             return None
-        current = await _lock_current(conn, resource_type, match.id)
-        now = utc_now()
-        change = await delete_in(
-            ctx,
-            conn,
-            resource_type,
-            match.id,
-            principal,
-            now,
-            current=current,
-            expected=expected,
-            provenance=provenance,
-        )
-        if change is None:
-            return None
-        await finish(ctx, conn, [change], now)
-    return change.stored
+        command = WriteTarget(resource_type, match.id, expected, provenance)
+        return await _delete_locked(ctx, conn, principal, command)
 
 
 def audit_access(
@@ -968,7 +906,7 @@ def _stale(expected: int, current: repo.Current | None) -> PreconditionFailed:
     )
 
 
-async def _visible_current(
+async def visible_current(
     conn: AsyncConnection, resource_type: str, resource_id: str, principal: Principal
 ) -> repo.Current:
     """The current row, or 404 when it is missing or at another site (indistinguishable)."""
@@ -982,7 +920,7 @@ async def read(
     ctx: ServiceContext, resource_type: str, resource_id: str, principal: Principal
 ) -> Stored:
     async with ctx.db.read_statement() as conn:
-        current = await _visible_current(conn, resource_type, resource_id, principal)
+        current = await visible_current(conn, resource_type, resource_id, principal)
     ctx.audit.add(audit_access("read", principal, current))
     if current.deleted:
         raise Gone(
@@ -1001,8 +939,20 @@ async def vread(
     principal: Principal,
 ) -> Stored:
     async with ctx.db.read() as conn:
-        current = await _visible_current(conn, resource_type, resource_id, principal)
-        version = await repo.get_version(conn, resource_type, resource_id, version_id)
+        current = await visible_current(conn, resource_type, resource_id, principal)
+        return await read_version(ctx, conn, principal, current, version_id)
+
+
+async def read_version(
+    ctx: ServiceContext,
+    conn: AsyncConnection,
+    principal: Principal,
+    current: repo.Current,
+    version_id: int,
+) -> Stored:
+    """A version of the visible resource `current` (`vread`, also in a Bundle)."""
+    resource_type, resource_id = current.resource_type, current.id
+    version = await repo.get_version(conn, resource_type, resource_id, version_id)
     ctx.audit.add(audit_access("vread", principal, current, version=version_id))
     if version is None:
         raise NotFound(f"{resource_type}/{resource_id}/_history/{version_id} does not exist")
@@ -1023,7 +973,7 @@ async def history(
 ) -> list[repo.Version]:
     async with ctx.db.read() as conn:
         if resource_id is not None:
-            current = await _visible_current(conn, resource_type, resource_id, principal)
+            current = await visible_current(conn, resource_type, resource_id, principal)
             ctx.audit.add(audit_access("history-instance", principal, current))
         else:
             ctx.audit.add(

@@ -50,7 +50,7 @@ from app.kit.codes import (
 )
 from app.kit.dates import format_instant, utc_now
 from app.kit.errors import Gone, NotFound
-from app.services.context import ServiceContext
+from app.services.context import ServiceContext, WriteTransaction
 from app.services.indexing import search_values
 from app.services.provenance import store_provenance
 from app.store import repository as repo
@@ -254,10 +254,9 @@ def _concept(system: str, code: str, display: str | None = None) -> dict[str, An
     return {"coding": [coding]}
 
 
-def _observation(
-    ctx: ServiceContext, observation_id: str, version: int, assessment: Assessment, now: datetime
-) -> dict[str, Any]:
-    trial, response = ctx.codes.trial_codes, ctx.codes.itp_response
+def _components(code_systems: codes.CodeSystems, assessment: Assessment) -> list[dict[str, Any]]:
+    """The baseline, the time to response and the best response, those the patient has."""
+    trial, response = code_systems.trial_codes, code_systems.itp_response
     components: list[dict[str, Any]] = []
     if assessment.baseline is not None:
         components.append(
@@ -294,6 +293,14 @@ def _observation(
                 ),
             }
         )
+    return components
+
+
+def _observation(
+    ctx: ServiceContext, observation_id: str, version: int, assessment: Assessment, now: datetime
+) -> dict[str, Any]:
+    trial, response = ctx.codes.trial_codes, ctx.codes.itp_response
+    components = _components(ctx.codes, assessment)
     evidence = sorted(
         {
             f"{EVIDENCE_RESOURCE_TYPES[key]}/{i}"
@@ -336,21 +343,27 @@ async def visible_patient(
     return patient
 
 
+def patient_operation(
+    principal: Principal, patient: repo.Current, operation: str, **fields: Any
+) -> AuditRecord:
+    """The audit record of an operation on one patient (`visible_patient`)."""
+    return AuditRecord.of(
+        principal,
+        "operation",
+        site=patient.site,
+        entity_type="Patient",
+        entity_id=patient.id,
+        description=operation,
+        **fields,
+    )
+
+
 async def response_status(ctx: ServiceContext, patient_id: str, principal: Principal) -> str:
     """The stored assessment of a patient, as JSON text."""
     async with ctx.db.read() as conn:
         patient = await visible_patient(conn, principal, patient_id)
         row = await repo.get_assessment(conn, patient_id)
-    ctx.audit.add(
-        AuditRecord.of(
-            principal,
-            "operation",
-            site=patient.site,
-            entity_type="Patient",
-            entity_id=patient_id,
-            description="$response-status",
-        )
-    )
+    ctx.audit.add(patient_operation(principal, patient, "$response-status"))
     if row is None:  # written with the Patient; only a database edited by hand lacks it
         raise NotFound(f"Patient/{patient_id} has no assessment; run `python -m app recompute`")
     return as_served(row.content)
@@ -425,16 +438,22 @@ async def _recompute_one(
     patient = await repo.get_current(conn, "Patient", patient_id, for_update=True)
     if patient is None or patient.deleted:
         return None
-    now = utc_now()
-    change = await recompute(ctx, conn, patient_id, now)
+    tx = WriteTransaction(ctx, conn, RECOMPUTE_AGENT, utc_now())
+    change = await recompute(ctx, conn, patient_id, tx.now)
     if change is None or not change.versioned:
         return change
     status = await repo.get_current(conn, "Observation", response_observation_id(patient_id))
     assert status is not None
-    criteria = ", ".join(f"{k}={v}" for k, v in ctx.criteria.as_dict().items())
     transition = f"{change.before or 'none'} -> {change.after}"
     # The server changed a record: a reason for change like any other (Provenance, target =
     # the new version, the one it revises named), and an audit record.
+    provenance = _recompute_provenance(status, transition, reason)
+    await store_provenance(tx, provenance, "Observation", status.id, status.version_id)
+    await append_audit(conn, [_recompute_record(tx, patient.site, status, transition, reason)])
+    return change
+
+
+def _recompute_provenance(status: repo.Current, transition: str, reason: str) -> str:
     provenance: dict[str, Any] = {
         "resourceType": "Provenance",
         "reason": [{"text": reason}],
@@ -451,35 +470,27 @@ async def _recompute_one(
     if status.version_id > 1:
         previous = f"Observation/{status.id}/_history/{status.version_id - 1}"
         provenance["entity"] = [{"role": "revision", "what": {"reference": previous}}]
-    await store_provenance(
-        conn,
-        orjson.dumps(provenance).decode(),
-        RECOMPUTE_AGENT,
-        "Observation",
-        status.id,
-        status.version_id,
-        now,
+    return orjson.dumps(provenance).decode()
+
+
+def _recompute_record(
+    tx: WriteTransaction, site: str | None, status: repo.Current, transition: str, reason: str
+) -> AuditRecord:
+    criteria = ", ".join(f"{k}={v}" for k, v in tx.ctx.criteria.as_dict().items())
+    return AuditRecord(
+        "update",
+        description=f"response status {transition} (python -m app recompute under "
+        f"criteria {criteria})",
+        agent=tx.principal.sub,
+        role="system",
+        site=site,
+        entity_type="Observation",
+        entity_id=status.id,
+        version_before=status.version_id - 1 or None,
+        version_after=status.version_id,
+        recorded=tx.now,
+        reason=reason,
     )
-    await append_audit(
-        conn,
-        [
-            AuditRecord(
-                "update",
-                description=f"response status {transition} (python -m app recompute under "
-                f"criteria {criteria})",
-                agent=RECOMPUTE_AGENT.sub,
-                role="system",
-                site=patient.site,
-                entity_type="Observation",
-                entity_id=status.id,
-                version_before=status.version_id - 1 or None,
-                version_after=status.version_id,
-                recorded=now,
-                reason=reason,
-            )
-        ],
-    )
-    return change
 
 
 async def recompute_all(

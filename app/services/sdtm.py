@@ -44,9 +44,11 @@ from app.kit.errors import NotFound
 from app.services.context import ServiceContext
 from app.services.response import response_observation_id
 from app.store.criteria import site_condition
-from app.store.tables import assessment_table as A
-from app.store.tables import resource_table as R
-from app.store.tables import version_table as V
+from app.store.tables import (
+    assessment_table,
+    resource_table,
+    version_table,
+)
 
 Format = Literal["xpt", "csv"]
 Value = str | float | None
@@ -97,6 +99,28 @@ _KEYS = (
     _v("DOMAIN", "Domain Abbreviation"),
     _v("USUBJID", "Unique Subject Identifier"),
 )
+
+
+def _record_keys(domain: str) -> tuple[Variable, ...]:
+    """The keys of one of a subject's records: --SEQ numbers it within the subject, --SPID
+    is the FHIR resource it came from."""
+    return (
+        *_KEYS,
+        _v(f"{domain}SEQ", "Sequence Number", numeric=True),
+        _v(f"{domain}SPID", "Sponsor-Defined Identifier"),
+    )
+
+
+def _timing(domain: str, of: str) -> tuple[Variable, ...]:
+    """When something began and ended (--STDTC, --ENDTC), and on which study days."""
+    return (
+        _v(f"{domain}STDTC", f"Start Date/Time of {of}"),
+        _v(f"{domain}ENDTC", f"End Date/Time of {of}"),
+        _v(f"{domain}STDY", f"Study Day of Start of {of}", numeric=True),
+        _v(f"{domain}ENDY", f"Study Day of End of {of}", numeric=True),
+    )
+
+
 DOMAINS: dict[str, Domain] = {
     "dm": Domain(
         "DM",
@@ -125,17 +149,12 @@ DOMAINS: dict[str, Domain] = {
         "EX",
         "Exposure",
         (
-            *_KEYS,
-            _v("EXSEQ", "Sequence Number", numeric=True),
-            _v("EXSPID", "Sponsor-Defined Identifier"),
+            *_record_keys("EX"),
             _v("EXTRT", "Name of Treatment"),
             _v("EXDOSE", "Dose", numeric=True),
             _v("EXDOSU", "Dose Units"),
             _v("EXROUTE", "Route of Administration"),
-            _v("EXSTDTC", "Start Date/Time of Treatment"),
-            _v("EXENDTC", "End Date/Time of Treatment"),
-            _v("EXSTDY", "Study Day of Start of Treatment", numeric=True),
-            _v("EXENDY", "Study Day of End of Treatment", numeric=True),
+            *_timing("EX", "Treatment"),
         ),
         ("Patient", "MedicationAdministration"),
     ),
@@ -143,19 +162,14 @@ DOMAINS: dict[str, Domain] = {
         "CM",
         "Concomitant/Concurrent Medications",
         (
-            *_KEYS,
-            _v("CMSEQ", "Sequence Number", numeric=True),
-            _v("CMSPID", "Sponsor-Defined Identifier"),
+            *_record_keys("CM"),
             _v("CMTRT", "Reported Name of Drug, Med, or Therapy"),
             _v("CMDECOD", "Standardized Medication Name"),
             _v("CMCAT", "Category for Medication"),
             _v("CMDOSE", "Dose per Administration", numeric=True),
             _v("CMDOSU", "Dose Units"),
             _v("CMROUTE", "Route of Administration"),
-            _v("CMSTDTC", "Start Date/Time of Medication"),
-            _v("CMENDTC", "End Date/Time of Medication"),
-            _v("CMSTDY", "Study Day of Start of Medication", numeric=True),
-            _v("CMENDY", "Study Day of End of Medication", numeric=True),
+            *_timing("CM", "Medication"),
         ),
         ("Patient", "MedicationAdministration"),
     ),
@@ -163,9 +177,7 @@ DOMAINS: dict[str, Domain] = {
         "LB",
         "Laboratory Test Results",
         (
-            *_KEYS,
-            _v("LBSEQ", "Sequence Number", numeric=True),
-            _v("LBSPID", "Sponsor-Defined Identifier"),
+            *_record_keys("LB"),
             _v("LBTESTCD", "Lab Test or Examination Short Name"),
             _v("LBTEST", "Lab Test or Examination Name"),
             _v("LBCAT", "Category for Lab Test"),
@@ -184,19 +196,14 @@ DOMAINS: dict[str, Domain] = {
         "AE",
         "Adverse Events",
         (
-            *_KEYS,
-            _v("AESEQ", "Sequence Number", numeric=True),
-            _v("AESPID", "Sponsor-Defined Identifier"),
+            *_record_keys("AE"),
             _v("AETERM", "Reported Term for the Adverse Event"),
             _v("AEDECOD", "Dictionary-Derived Term"),
             _v("AESER", "Serious Event"),
             _v("AEREL", "Causality"),
             _v("AEOUT", "Outcome of Adverse Event"),
             _v("AETOXGR", "Standard Toxicity Grade"),
-            _v("AESTDTC", "Start Date/Time of Adverse Event"),
-            _v("AEENDTC", "End Date/Time of Adverse Event"),
-            _v("AESTDY", "Study Day of Start of Adverse Event", numeric=True),
-            _v("AEENDY", "Study Day of End of Adverse Event", numeric=True),
+            *_timing("AE", "Adverse Event"),
         ),
         ("Patient", "AdverseEvent", "MedicationAdministration"),
     ),
@@ -204,9 +211,7 @@ DOMAINS: dict[str, Domain] = {
         "RS",
         "Disease Response and Clin Classification",
         (
-            *_KEYS,
-            _v("RSSEQ", "Sequence Number", numeric=True),
-            _v("RSSPID", "Sponsor-Defined Identifier"),
+            *_record_keys("RS"),
             _v("RSTESTCD", "Assessment Short Name"),
             _v("RSTEST", "Assessment Name"),
             _v("RSCAT", "Category for Assessment"),
@@ -286,10 +291,10 @@ async def _patients(
 ) -> list[tuple[str, str, str | None, str]]:
     """(subject number, patient id, site, content) of every live patient `access` sees, in
     subject-number order. Held for the run: a few hundred bytes per patient, never records."""
-    query = select(R.c.id, R.c.site, R.c.content).where(
-        R.c.resource_type == "Patient", not_(R.c.deleted)
+    query = select(resource_table.c.id, resource_table.c.site, resource_table.c.content).where(
+        resource_table.c.resource_type == "Patient", not_(resource_table.c.deleted)
     )
-    query = query.where(*site_condition(R.c.site, access))
+    query = query.where(*site_condition(resource_table.c.site, access))
     patients = []
     for patient_id, site, content in await conn.execute(query):
         number = subject_number(orjson.loads(content), code_systems) or patient_id
@@ -318,42 +323,59 @@ async def subjects(
         }
         async with ctx.db.read() as conn:
             if record_types:
-                rows = await conn.execute(
-                    select(
-                        R.c.patient_id,
-                        R.c.resource_type,
-                        R.c.id,
-                        R.c.kind,
-                        R.c.status,
-                        R.c.value_norm,
-                        R.c.content,
-                    ).where(
-                        R.c.patient_id.in_(ids),
-                        R.c.resource_type.in_(record_types),
-                        not_(R.c.deleted),
-                    )
-                )
-                for patient_id, kind_type, ident, kind, status, value, content in rows:
-                    found[patient_id].records.append(
-                        Record(kind_type, ident, kind, status, value, orjson.loads(content))
-                    )
+                await _read_records(conn, found, record_types)
             assessments = await conn.execute(
-                select(A.c.patient_id, A.c.content).where(A.c.patient_id.in_(ids))
+                select(assessment_table.c.patient_id, assessment_table.c.content).where(
+                    assessment_table.c.patient_id.in_(ids)
+                )
             )
             for patient_id, content in assessments:
                 found[patient_id].assessment = orjson.loads(content)
             if statuses:
-                owners = {response_observation_id(p): p for p in ids}
-                versions = await conn.execute(
-                    select(V.c.id, V.c.version_id, V.c.content)
-                    .where(V.c.resource_type == "Observation", V.c.id.in_(list(owners)))
-                    .order_by(V.c.id, V.c.version_id)
-                )
-                for ident, version, content in versions:
-                    if content is not None:
-                        found[owners[ident]].statuses.append((version, orjson.loads(content)))
+                await _read_statuses(conn, found)
         for patient_id in ids:
             yield found[patient_id]
+
+
+async def _read_records(
+    conn: AsyncConnection, found: dict[str, Subject], record_types: Sequence[str]
+) -> None:
+    """The subjects' live records of `record_types`."""
+    rows = await conn.execute(
+        select(
+            resource_table.c.patient_id,
+            resource_table.c.resource_type,
+            resource_table.c.id,
+            resource_table.c.kind,
+            resource_table.c.status,
+            resource_table.c.value_norm,
+            resource_table.c.content,
+        ).where(
+            resource_table.c.patient_id.in_(list(found)),
+            resource_table.c.resource_type.in_(record_types),
+            not_(resource_table.c.deleted),
+        )
+    )
+    for patient_id, resource_type, ident, kind, status, value, content in rows:
+        found[patient_id].records.append(
+            Record(resource_type, ident, kind, status, value, orjson.loads(content))
+        )
+
+
+async def _read_statuses(conn: AsyncConnection, found: dict[str, Subject]) -> None:
+    """Every version of the subjects' status Observations, oldest first."""
+    owners = {response_observation_id(p): p for p in found}
+    versions = await conn.execute(
+        select(version_table.c.id, version_table.c.version_id, version_table.c.content)
+        .where(
+            version_table.c.resource_type == "Observation",
+            version_table.c.id.in_(list(owners)),
+        )
+        .order_by(version_table.c.id, version_table.c.version_id)
+    )
+    for ident, version, content in versions:
+        if content is not None:
+            found[owners[ident]].statuses.append((version, orjson.loads(content)))
 
 
 # --- values -------------------------------------------------------------------------------
@@ -497,6 +519,25 @@ def _dose(resource: dict[str, Any]) -> tuple[float | None, str | None, str | Non
     )
 
 
+def _timing_values(
+    domain: str, period: tuple[str | None, str | None], study: Study, reference: date | None
+) -> Row:
+    """The values of `_timing`'s variables for a FHIR (start, end)."""
+    (start, start_day), (end, end_day) = (dtc(value, study.zone) for value in period)
+    return {
+        f"{domain}STDTC": start,
+        f"{domain}ENDTC": end,
+        f"{domain}STDY": study_day(start_day, reference),
+        f"{domain}ENDY": study_day(end_day, reference),
+    }
+
+
+def _dated(domain: str, value: str | None, study: Study, reference: date | None) -> Row:
+    """--DTC and --DY: when, as SDTM text, and on which study day."""
+    when, day = dtc(value, study.zone)
+    return {f"{domain}DTC": when, f"{domain}DY": study_day(day, reference)}
+
+
 def _numbered(prefix: str, rows: list[Row]) -> list[Row]:
     for number, row in enumerate(rows, start=1):
         row[f"{prefix}SEQ"] = float(number)
@@ -510,8 +551,6 @@ def _medication_rows(
     rows = []
     for record in _administrations(subject, kinds):
         start, end = _period(record.resource)
-        start_dtc, start_day = dtc(start, study.zone)
-        end_dtc, end_day = dtc(end, study.zone)
         dose, unit, route = _dose(record.resource)
         medication = record.resource.get("medicationCodeableConcept")
         row: Row = {
@@ -521,10 +560,7 @@ def _medication_rows(
             f"{domain}DOSE": dose,
             f"{domain}DOSU": unit,
             f"{domain}ROUTE": route,
-            f"{domain}STDTC": start_dtc,
-            f"{domain}ENDTC": end_dtc,
-            f"{domain}STDY": study_day(start_day, reference),
-            f"{domain}ENDY": study_day(end_day, reference),
+            **_timing_values(domain, (start, end), study, reference),
         }
         if domain == "CM":
             row["CMDECOD"] = _coded(medication)
@@ -560,7 +596,6 @@ def lb_rows(subject: Subject, study: Study) -> list[Row]:
         reported = None
         if isinstance(value, int | float) and not isinstance(value, bool):
             reported = quantity.get("comparator", "") + _number_text(float(value))
-        when, day = dtc(_period(record.resource)[0], study.zone)
         norm = record.value_norm
         rows.append(
             {
@@ -575,8 +610,7 @@ def lb_rows(subject: Subject, study: Study) -> list[Row]:
                 "LBSTRESN": norm,
                 "LBSTRESU": "10^9/L" if norm is not None else None,
                 "LBBLFL": "Y" if record.id == baseline else None,
-                "LBDTC": when,
-                "LBDY": study_day(day, reference),
+                **_dated("LB", _period(record.resource)[0], study, reference),
             }
         )
     return _numbered("LB", rows)
@@ -598,9 +632,8 @@ def ae_rows(subject: Subject, study: Study) -> list[Row]:
     rows = []
     for record in events:
         resource = record.resource
-        start, start_day = dtc(resource.get("date"), study.zone)
         resolved = _extension(resource, RESOLVE_DATE_EXTENSION) or {}
-        end, end_day = dtc(resolved.get("valueDateTime") or resolved.get("valueDate"), study.zone)
+        period = resource.get("date"), resolved.get("valueDateTime") or resolved.get("valueDate")
         grade = (_extension(resource, codes.AE_GRADE_EXTENSION) or {}).get("valueInteger")
         seriousness = {c.get("code") for c in (resource.get("seriousness") or {}).get("coding", ())}
         causality = next(
@@ -629,10 +662,7 @@ def ae_rows(subject: Subject, study: Study) -> list[Row]:
                 "AEREL": causality.upper() if causality else None,
                 "AEOUT": _OUTCOMES.get(outcome or ""),
                 "AETOXGR": str(grade) if isinstance(grade, int) else None,
-                "AESTDTC": start,
-                "AEENDTC": end,
-                "AESTDY": study_day(start_day, reference),
-                "AEENDY": study_day(end_day, reference),
+                **_timing_values("AE", period, study, reference),
             }
         )
     return _numbered("AE", rows)
@@ -650,6 +680,7 @@ def rs_rows(subject: Subject, study: Study) -> list[Row]:
     version that kept the value, e.g. a new baseline, is no change); BESTRESP: the current
     assessment's best response (NE when there is none)."""
     _, reference = _reference_date(subject, study)
+    keys = _keys(study, "RS", subject)
     rows: list[Row] = []
     previous = None
     for version, observation in subject.statuses:
@@ -657,52 +688,20 @@ def rs_rows(subject: Subject, study: Study) -> list[Row]:
         if code is None or code == previous:
             continue
         previous = code
-        when, day = dtc(observation.get("effectiveDateTime"), study.zone)
-        rows.append(
-            _rs(
-                subject,
-                study,
-                "OVRLRESP",
-                "Overall Response",
-                code,
-                when,
-                day,
-                reference,
-                f"Observation/{observation.get('id')}/_history/{version}",
-            )
-        )
+        source = f"Observation/{observation.get('id')}/_history/{version}"
+        when = _dated("RS", observation.get("effectiveDateTime"), study, reference)
+        rows.append({**keys, **_rs(("OVRLRESP", "Overall Response"), code, source), **when})
     if subject.assessment is not None:
-        when, day = dtc(subject.assessment.get("computed_at"), study.zone)
         best = subject.assessment.get("best_response") or "NE"
-        rows.append(
-            _rs(
-                subject,
-                study,
-                "BESTRESP",
-                "Best Overall Response",
-                best,
-                when,
-                day,
-                reference,
-                subject.assessment.get("observation"),
-            )
-        )
+        status = subject.assessment.get("observation")
+        when = _dated("RS", subject.assessment.get("computed_at"), study, reference)
+        rows.append({**keys, **_rs(("BESTRESP", "Best Overall Response"), best, status), **when})
     return _numbered("RS", rows)
 
 
-def _rs(
-    subject: Subject,
-    study: Study,
-    code: str,
-    name: str,
-    result: str,
-    when: str | None,
-    day: date | None,
-    reference: date | None,
-    source: str | None,
-) -> Row:
+def _rs(test: tuple[str, str], result: str, source: str | None) -> Row:
+    code, name = test
     return {
-        **_keys(study, "RS", subject),
         "RSSPID": source,
         "RSTESTCD": code,
         "RSTEST": name,
@@ -710,8 +709,6 @@ def _rs(
         "RSORRES": result,
         "RSSTRESC": result,
         "RSEVAL": "COMPUTED",
-        "RSDTC": when,
-        "RSDY": study_day(day, reference),
     }
 
 

@@ -107,7 +107,7 @@ def _searched(
         "search-type",
         entity_type=criteria.resource_type,
         query=query,
-        disclosed=tuple((kind, ident, version) for (kind, ident), version in disclosed.items()),
+        disclosed=tuple((*key, version) for key, version in disclosed.items()),
     )
 
 

@@ -23,16 +23,16 @@ answers every entry with its own status; one failing changes nothing of the othe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.audit.trail import AuditRecord
 from app.audit.trail import append as append_audit
-from app.auth.permissions import Action, hidden
+from app.auth.permissions import Action
 from app.auth.policy import access_policy
 from app.auth.principal import Principal
 from app.kit.dates import utc_now
@@ -40,17 +40,22 @@ from app.kit.errors import (
     BadRequest,
     FhirError,
     Gone,
-    NotFound,
     PreconditionFailed,
     database_unavailable,
 )
 from app.kit.failures import is_transient
 from app.services import resources, search, subjects
-from app.services.context import ServiceContext
+from app.services.context import LockedPatients, ServiceContext, WriteTransaction
 from app.services.indexing import subject_patient_id
 from app.services.patching import Patch
 from app.services.provenance import require_reason
-from app.services.resources import Change, LockedPatients, Stored
+from app.services.resources import (
+    Change,
+    CreateCommand,
+    Stored,
+    UpdateCommand,
+    WriteTarget,
+)
 from app.services.search import SearchRequest
 from app.store import repository as repo
 from app.store.criteria import SearchFilter
@@ -96,13 +101,15 @@ async def transaction(
     provenance: str | None,
 ) -> list[EntryResult]:
     for entry in entries:
-        _at(entry, _authorize, principal, entry)
+        with _about(entry.index):
+            _authorize(principal, entry)
     if any(entry.method in ("PUT", "PATCH", "DELETE") for entry in entries):
         # Before anything is looked up: whether the Bundle needs a reason depends on its
         # entries only, never on what they find.
         require_reason(provenance)
     async with ctx.db.write() as conn:
-        return await _run(ctx, conn, entries, principal, provenance, utc_now())
+        tx = WriteTransaction(ctx, conn, principal, utc_now(), LockedPatients())
+        return await _run(tx, entries, provenance)
 
 
 async def batch(
@@ -122,34 +129,39 @@ async def batch(
             _authorize(principal, entry)
             try:
                 async with ctx.db.write() as conn:
-                    [result] = await _run(ctx, conn, [entry], principal, provenance, utc_now())
+                    tx = WriteTransaction(ctx, conn, principal, utc_now(), LockedPatients())
+                    [result] = await _run(tx, [entry], provenance)
             except Exception as failure:
                 if not is_transient(failure):
                     raise
                 outage = database_unavailable(entry.method)
                 raise outage from None
         except FhirError as error:
-            method = entry.method if isinstance(entry, EntryRequest) else None
-            ctx.audit.add(
-                AuditRecord.of(
-                    principal,
-                    _INTERACTION.get(method or "", "delete" if method else "operation"),
-                    outcome="4",
-                    description=f"batch entry: {error.status_code}: {error.diagnostics}"[:1000],
-                    site=error.audit_site,
-                    entity_type=entry.resource_type if isinstance(entry, EntryRequest) else None,
-                )
-            )
+            ctx.audit.add(_failed_entry(principal, entry, error))
             result = EntryResult(error.status_code, error=error)
         results.append(result)
     return results
 
 
+def _failed_entry(
+    principal: Principal, entry: EntryRequest | FhirError, error: FhirError
+) -> AuditRecord:
+    method = entry.method if isinstance(entry, EntryRequest) else None
+    return AuditRecord.of(
+        principal,
+        _INTERACTION.get(method or "", "delete" if method else "operation"),
+        outcome="4",
+        description=f"batch entry: {error.status_code}: {error.diagnostics}"[:1000],
+        site=error.audit_site,
+        entity_type=entry.resource_type if isinstance(entry, EntryRequest) else None,
+    )
+
+
 def _authorize(principal: Principal, entry: EntryRequest) -> None:
-    kind = entry.resource_type
+    resource_type = entry.resource_type
     if entry.method == "GET":
         action = Action.SEARCH if entry.search is not None else Action.READ
-        access_policy(principal).require(kind, action)
+        access_policy(principal).require(resource_type, action)
         return
     action = {
         "POST": Action.CREATE,
@@ -157,23 +169,24 @@ def _authorize(principal: Principal, entry: EntryRequest) -> None:
         "PATCH": Action.UPDATE,
         "DELETE": Action.DELETE,
     }[entry.method]
-    access_policy(principal).require(kind, action)
+    access_policy(principal).require(resource_type, action)
     if entry.criteria is not None:
         if entry.method == "POST":
-            access_policy(principal).require(kind, Action.CONDITIONAL_CREATE)
-        access_policy(principal).require(kind, Action.SEARCH)
+            access_policy(principal).require(resource_type, Action.CONDITIONAL_CREATE)
+        access_policy(principal).require(resource_type, Action.SEARCH)
         search.authorize_criteria(principal, entry.criteria)
     for criteria in entry.references.values():
         access_policy(principal).require(criteria.resource_type, Action.SEARCH)
         search.authorize_criteria(principal, criteria)
 
 
-def _at(entry: EntryRequest, function: Any, *args: Any) -> Any:
-    """Call `function`; an error names the entry it is about."""
+@contextmanager
+def _about(index: int) -> Iterator[None]:
+    """An error raised inside names the entry it is about."""
     try:
-        return function(*args)
+        yield
     except FhirError as error:
-        raise located(error, entry.index) from None
+        raise located(error, index) from None
 
 
 def located(error: FhirError, index: int) -> FhirError:
@@ -187,57 +200,64 @@ def located(error: FhirError, index: int) -> FhirError:
 
 @dataclass
 class _Plan:
-    """What step 1 and 2 decided for each entry."""
+    """What steps 1 to 3 decided for each entry."""
 
     targets: dict[int, str | None] = field(default_factory=dict)  # entry -> id (None: none)
     creates: set[int] = field(default_factory=set)  # entries that create at their target
     references: dict[str, str] = field(default_factory=dict)  # fullUrl or Type?... -> Type/id
+    # The rows written by PUT, PATCH and DELETE, locked (None: a new id).
+    currents: dict[tuple[str, str], repo.Current | None] = field(default_factory=dict)
 
 
 async def _run(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
-    entries: Sequence[EntryRequest],
-    principal: Principal,
-    provenance: str | None,
-    now: datetime,
+    tx: WriteTransaction, entries: Sequence[EntryRequest], provenance: str | None
 ) -> list[EntryResult]:
-    plan = _Plan()
     for entry in entries:  # subject numbers as stored (services/subjects.py)
         if entry.criteria is not None:
-            entry.criteria = subjects.normalise_criteria(entry.criteria, ctx.codes)
+            entry.criteria = subjects.normalise_criteria(entry.criteria, tx.ctx.codes)
         entry.references = {
-            reference: subjects.normalise_criteria(criteria, ctx.codes)
+            reference: subjects.normalise_criteria(criteria, tx.ctx.codes)
             for reference, criteria in entry.references.items()
         }
-    # 1. The criteria locks, then what the conditional entries and references mean.
+    plan = await _decide(tx, entries)
+    await _lock_writes(tx, entries, plan)
+    results, changes = await _process(tx, entries, plan, provenance)
+    # 5. The audit records, all at once: the chain's lock is the last one taken.
+    await append_audit(tx.conn, [c.record for c in changes if c.record is not None])
+    return [results[entry.index] for entry in entries]
+
+
+async def _decide(tx: WriteTransaction, entries: Sequence[EntryRequest]) -> _Plan:
+    """Steps 1 and 2: the criteria locks, what the conditional entries and references
+    mean, then references to other entries and conditional references as Type/id."""
+    plan = _Plan()
     keys = {
         resources.conditional_lock_key(e.resource_type, e.criteria_key)
         for e in entries
         if e.criteria is not None and e.criteria_key is not None and e.method != "GET"
     }
     for key in sorted(keys):
-        await repo.lock(conn, key)
+        await repo.lock(tx.conn, key)
     for entry in entries:
-        try:
-            await _target(conn, entry, principal, plan)
-        except FhirError as error:
-            raise located(error, entry.index) from None
+        with _about(entry.index):
+            await _target(tx, entry, plan)
     _refuse_duplicates(entries, plan)
     for entry in entries:
         for reference, criteria in entry.references.items():
             if reference not in plan.references:
-                try:
+                with _about(entry.index):
                     plan.references[reference] = await _resolve(
-                        conn, reference, criteria, principal
+                        tx.conn, reference, criteria, tx.principal
                     )
-                except FhirError as error:
-                    raise located(error, entry.index) from None
-    # 2. References to other entries and conditional references become Type/id.
     for entry in entries:
         if entry.resource is not None and plan.references:
             entry.resource = _rewrite(entry.resource, plan.references)
-    # 3. The ids, the patients, the rows.
+    return plan
+
+
+async def _lock_writes(tx: WriteTransaction, entries: Sequence[EntryRequest], plan: _Plan) -> None:
+    """Step 3: the ids, the patients (into `tx.locked`), the rows (into `plan.currents`)."""
+    assert tx.locked is not None
     written = sorted(
         {
             (e.resource_type, target)
@@ -246,21 +266,24 @@ async def _run(
             and (target := plan.targets.get(e.index)) is not None
         }
     )
-    currents: dict[tuple[str, str], repo.Current | None] = {}
     for resource_type, resource_id in written:
-        currents[(resource_type, resource_id)] = await resources.lock_id(
-            conn, resource_type, resource_id
+        plan.currents[(resource_type, resource_id)] = await resources.lock_id(
+            tx.conn, resource_type, resource_id
         )
-    scope = LockedPatients()
-    for patient_id in sorted(_patients(entries, plan, currents, principal)):
-        row = await repo.get_current(conn, "Patient", patient_id, for_update=True)
+    for patient_id in sorted(_patients(entries, plan, tx.principal)):
+        row = await repo.get_current(tx.conn, "Patient", patient_id, for_update=True)
         if row is not None:
-            scope.patients[patient_id] = row
+            tx.locked.patients[patient_id] = row
     for resource_type, resource_id in written:
-        currents[(resource_type, resource_id)] = await repo.get_current(
-            conn, resource_type, resource_id, for_update=True
+        plan.currents[(resource_type, resource_id)] = await repo.get_current(
+            tx.conn, resource_type, resource_id, for_update=True
         )
-    # 4. The entries in FHIR's order; every patient recomputed once, before the reads.
+
+
+async def _process(
+    tx: WriteTransaction, entries: Sequence[EntryRequest], plan: _Plan, provenance: str | None
+) -> tuple[dict[int, EntryResult], list[Change]]:
+    """Step 4: the entries in FHIR's order; every patient recomputed once, before the reads."""
     results: dict[int, EntryResult] = {}
     changes: list[Change] = []
     reads = []
@@ -274,38 +297,24 @@ async def _run(
             continue
         deferred = _deferrable(entry)
         if not deferred:
-            await repo.insert_resources(conn, pending, now)
+            await repo.insert_resources(tx.conn, pending, tx.now)
             pending.clear()
-        try:
-            results[entry.index] = await _write(
-                ctx,
-                conn,
-                entry,
-                plan,
-                currents,
-                scope,
-                principal,
-                provenance,
-                now,
-                changes,
-                pending if deferred else None,
+        with _about(entry.index):
+            results[entry.index], change = await _write(
+                tx, entry, plan, provenance, pending if deferred else None
             )
-        except FhirError as error:
-            raise located(error, entry.index) from None
-    await repo.insert_resources(conn, pending, now)
-    await resources.recompute_changes(ctx, conn, changes, now)
+        if change is not None:
+            changes.append(change)
+    await repo.insert_resources(tx.conn, pending, tx.now)
+    await resources.recompute_changes(tx, changes)
     for entry in reads:
-        try:
-            results[entry.index] = await _read(ctx, conn, entry, principal)
-        except FhirError as error:
-            raise located(error, entry.index) from None
-    # 5. The audit records, all at once: the chain's lock is the last one taken.
-    await append_audit(conn, [c.record for c in changes if c.record is not None])
-    return [results[entry.index] for entry in entries]
+        with _about(entry.index):
+            results[entry.index] = await _read(tx, entry)
+    return results, changes
 
 
 def _deferrable(entry: EntryRequest) -> bool:
-    """A create whose processing reads nothing that earlier creates of its kind write: not a
+    """A create whose processing reads nothing that earlier creates of its type write: not a
     Patient (records read their Patient's row), not conditional (its criteria search)."""
     return entry.method == "POST" and entry.criteria is None and entry.resource_type != "Patient"
 
@@ -319,11 +328,9 @@ def _processing_order(entry: EntryRequest) -> tuple[int, int, int]:
     return _ORDER[entry.method], patient_first, entry.index
 
 
-async def _target(
-    conn: AsyncConnection, entry: EntryRequest, principal: Principal, plan: _Plan
-) -> None:
+async def _target(tx: WriteTransaction, entry: EntryRequest, plan: _Plan) -> None:
     """Which resource the entry writes, under its criteria lock."""
-    kind = entry.resource_type
+    conn, principal = tx.conn, tx.principal
     if entry.method == "POST":
         target = None
         if entry.criteria is not None:
@@ -339,7 +346,7 @@ async def _target(
     elif entry.method == "PUT":
         assert entry.resource is not None
         target, _ = await resources.conditional_target(
-            conn, kind, entry.criteria, entry.resource, principal
+            conn, entry.resource_type, entry.criteria, entry.resource, principal
         )
         if target is None:
             target = resources.new_id()
@@ -349,7 +356,7 @@ async def _target(
         target = match.id if match is not None else None
     plan.targets[entry.index] = target
     if entry.full_url and target is not None:
-        plan.references[entry.full_url] = f"{kind}/{target}"
+        plan.references[entry.full_url] = f"{entry.resource_type}/{target}"
 
 
 def _refuse_duplicates(entries: Iterable[EntryRequest], plan: _Plan) -> None:
@@ -404,155 +411,127 @@ def _rewrite(value: Any, references: dict[str, str]) -> Any:
     return value
 
 
-def _patients(
-    entries: Iterable[EntryRequest],
-    plan: _Plan,
-    currents: dict[tuple[str, str], repo.Current | None],
-    principal: Principal,
-) -> set[str]:
+def _patients(entries: Iterable[EntryRequest], plan: _Plan, principal: Principal) -> set[str]:
     """Every Patient the writes touch: subjects before and after, Patients written."""
     patients: set[str] = set()
     for entry in entries:
         if entry.method == "GET":
             continue
-        kind, target = entry.resource_type, plan.targets.get(entry.index)
-        current = currents.get((kind, target)) if target is not None else None
-        if kind == "Patient":
+        resource_type, target = entry.resource_type, plan.targets.get(entry.index)
+        current = plan.currents.get((resource_type, target)) if target is not None else None
+        if resource_type == "Patient":
             if target is not None and entry.method != "POST":
                 patients.add(target)
             continue
         if current is not None and current.patient_id is not None:
             patients.add(current.patient_id)
-        body = entry.resource
-        if entry.patch is not None and current is not None and target is not None:
-            if not access_policy(principal).sees_site(current.site):
-                continue
-            try:
-                body = resources.patched(kind, target, current, entry.patch)
-            except FhirError:
-                continue  # refused again, with its entry, when the patch is applied
-        if body is not None:
-            try:
-                subject = subject_patient_id(kind, body)
-            except FhirError:
-                continue  # refused again when the entry is validated
-            if subject is not None:
-                patients.add(subject)
+        subject = _subject_after(entry, target, current, principal)
+        if subject is not None:
+            patients.add(subject)
     return patients
 
 
+def _subject_after(
+    entry: EntryRequest, target: str | None, current: repo.Current | None, principal: Principal
+) -> str | None:
+    """The Patient the entry's record refers to once written; None when it refers to none,
+    or when the entry will be refused anyway (then with its entry, when it is processed)."""
+    body = entry.resource
+    if entry.patch is not None and current is not None and target is not None:
+        if not access_policy(principal).sees_site(current.site):
+            return None
+        try:
+            body = resources.patched(entry.resource_type, target, current, entry.patch)
+        except FhirError:
+            return None
+    if body is None:
+        return None
+    try:
+        return subject_patient_id(entry.resource_type, body)
+    except FhirError:
+        return None
+
+
 async def _write(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
+    tx: WriteTransaction,
     entry: EntryRequest,
     plan: _Plan,
-    currents: dict[tuple[str, str], repo.Current | None],
-    scope: LockedPatients,
-    principal: Principal,
     provenance: str | None,
-    now: datetime,
-    changes: list[Change],
     pending: list[repo.NewResource] | None,
-) -> EntryResult:
-    kind, target = entry.resource_type, plan.targets.get(entry.index)
+) -> tuple[EntryResult, Change | None]:
     if entry.method != "POST":
         # Every PUT, PATCH and DELETE entry needs the reason, whatever it finds (as over REST).
         require_reason(provenance)
     if entry.method == "DELETE":
-        if target is None:
-            return EntryResult(204, note=f"No {kind} matched the criteria; nothing was deleted")
-        change = await resources.delete_in(
-            ctx,
-            conn,
-            kind,
-            target,
-            principal,
-            now,
-            current=currents[(kind, target)],
-            expected=entry.if_match,
-            provenance=provenance,
-            scope=scope,
-        )
-        if change is None:
-            return EntryResult(204, note=f"{kind}/{target} was already deleted")
-        changes.append(change)
-        return EntryResult(204, stored=change.stored)
+        return await _delete(tx, entry, plan, provenance)
+    resource_type, target = entry.resource_type, plan.targets.get(entry.index)
     assert target is not None
     if entry.method == "POST" or entry.index in plan.creates:
-        assert entry.resource is not None
-        if entry.method == "PUT" and entry.if_match is not None:
-            raise PreconditionFailed(
-                f"If-Match expected version {entry.if_match}, but nothing matches the criteria"
-            )
-        change = await resources.create_in(
-            ctx,
-            conn,
-            kind,
-            entry.resource,
-            principal,
-            now,
-            resource_id=target if entry.index in plan.creates else None,
-            if_none_exist=entry.criteria if entry.method == "POST" else None,
-            scope=scope,
-            pending=pending,
-        )
-        if entry.method == "PUT":
-            await resources.store_reason(conn, change, provenance, principal, now)
+        change = await _create(tx, entry, plan, provenance, pending)
     elif entry.method == "PATCH":
         assert entry.patch is not None
-        change = await resources.patch_in(
-            ctx,
-            conn,
-            kind,
-            target,
-            entry.patch,
-            principal,
-            now,
-            current=currents[(kind, target)],
-            expected=entry.if_match,
-            provenance=provenance,
-            scope=scope,
-        )
+        command = WriteTarget(resource_type, target, entry.if_match, provenance)
+        current = plan.currents[(resource_type, target)]
+        change = await resources.patch_in(tx, command, entry.patch, current)
     else:  # PUT
         assert entry.resource is not None
-        change = await resources.update_in(
-            ctx,
-            conn,
-            kind,
-            target,
-            entry.resource,
-            principal,
-            now,
-            current=currents[(kind, target)],
-            expected=entry.if_match,
-            provenance=provenance,
-            scope=scope,
+        update = UpdateCommand(resource_type, target, entry.resource, entry.if_match, provenance)
+        change = await resources.update_in(tx, update, plan.currents[(resource_type, target)])
+    return EntryResult(201 if change.created else 200, stored=change.stored), change
+
+
+async def _delete(
+    tx: WriteTransaction, entry: EntryRequest, plan: _Plan, provenance: str | None
+) -> tuple[EntryResult, Change | None]:
+    resource_type, target = entry.resource_type, plan.targets.get(entry.index)
+    if target is None:
+        note = f"No {resource_type} matched the criteria; nothing was deleted"
+        return EntryResult(204, note=note), None
+    command = WriteTarget(resource_type, target, entry.if_match, provenance)
+    change = await resources.delete_in(tx, command, plan.currents[(resource_type, target)])
+    if change is None:
+        return EntryResult(204, note=f"{resource_type}/{target} was already deleted"), None
+    return EntryResult(204, stored=change.stored), change
+
+
+async def _create(
+    tx: WriteTransaction,
+    entry: EntryRequest,
+    plan: _Plan,
+    provenance: str | None,
+    pending: list[repo.NewResource] | None,
+) -> Change:
+    """A POST, or a PUT whose target does not exist yet (an update as create)."""
+    assert entry.resource is not None
+    if entry.method == "PUT" and entry.if_match is not None:
+        raise PreconditionFailed(
+            f"If-Match expected version {entry.if_match}, but nothing matches the criteria"
         )
-    changes.append(change)
-    return EntryResult(201 if change.created else 200, stored=change.stored)
+    command = CreateCommand(
+        entry.resource_type,
+        entry.resource,
+        resource_id=plan.targets[entry.index] if entry.index in plan.creates else None,
+        if_none_exist=entry.criteria if entry.method == "POST" else None,
+    )
+    change = await resources.create_in(tx, command, pending)
+    if entry.method == "PUT":
+        await resources.store_reason(tx, change, provenance)
+    return change
 
 
-async def _read(
-    ctx: ServiceContext, conn: AsyncConnection, entry: EntryRequest, principal: Principal
-) -> EntryResult:
-    kind = entry.resource_type
+async def _read(tx: WriteTransaction, entry: EntryRequest) -> EntryResult:
     if entry.search is not None:
-        found = await search.search(ctx, entry.search, principal, conn=conn)
+        found = await search.search(tx.ctx, entry.search, tx.principal, conn=tx.conn)
         return EntryResult(200, search=found)
     assert entry.resource_id is not None
-    current = await repo.get_current(conn, kind, entry.resource_id)
-    if current is None or not access_policy(principal).sees_site(current.site):
-        raise hidden(kind, entry.resource_id, current.site if current else None)
-    if entry.version_id is None:
-        ctx.audit.add(resources.audit_access("read", principal, current))
-        if current.deleted:
-            raise Gone(f"{kind}/{entry.resource_id} was deleted (version {current.version_id})")
-        return EntryResult(200, stored=Stored.of_current(current))
-    version = await repo.get_version(conn, kind, entry.resource_id, entry.version_id)
-    ctx.audit.add(resources.audit_access("vread", principal, current, version=entry.version_id))
-    if version is None:
-        raise NotFound(f"{kind}/{entry.resource_id}/_history/{entry.version_id} does not exist")
-    if version.content is None:
-        raise Gone(f"{kind}/{entry.resource_id}/_history/{entry.version_id} is a deletion")
-    stored = Stored.of_version(kind, entry.resource_id, version)
-    return EntryResult(200, stored=stored)
+    resource_type, resource_id = entry.resource_type, entry.resource_id
+    current = await resources.visible_current(tx.conn, resource_type, resource_id, tx.principal)
+    if entry.version_id is not None:
+        stored = await resources.read_version(
+            tx.ctx, tx.conn, tx.principal, current, entry.version_id
+        )
+        return EntryResult(200, stored=stored)
+    tx.ctx.audit.add(resources.audit_access("read", tx.principal, current))
+    if current.deleted:
+        raise Gone(f"{resource_type}/{resource_id} was deleted (version {current.version_id})")
+    return EntryResult(200, stored=Stored.of_current(current))

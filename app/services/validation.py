@@ -164,8 +164,10 @@ def load_json(data: bytes | str, root: str = "$") -> Any:
 
 
 def _root(value: Any, root: str) -> str:
-    kind = value.get("resourceType") if isinstance(value, dict) else None
-    return kind if isinstance(kind, str) and kind.isidentifier() else root
+    resource_type = value.get("resourceType") if isinstance(value, dict) else None
+    if isinstance(resource_type, str) and resource_type.isidentifier():
+        return resource_type
+    return root
 
 
 def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
@@ -377,7 +379,7 @@ def _check(
             _check_value(value, spec, model, here, issues)
 
 
-_INTEGER_KINDS = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
+_INTEGER_PRIMITIVES = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
 
 
 def _integral(value: Any, spec: _FieldSpec) -> Any:
@@ -385,7 +387,7 @@ def _integral(value: Any, spec: _FieldSpec) -> Any:
     integer it is, stored and answered so. JSON Schema's `integer` (the OpenAPI file's)
     takes it, and a client that serialises numbers as doubles sends it; any other fraction
     is still refused."""
-    if spec.primitive in _INTEGER_KINDS and isinstance(value, float) and value.is_integer():
+    if spec.primitive in _INTEGER_PRIMITIVES and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
 
@@ -432,40 +434,40 @@ def _check_value(
 
 
 def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:
-    kind = spec.primitive
-    if kind is None:
+    primitive = spec.primitive
+    if primitive is None:
         return None
-    if kind == "boolean":
+    if primitive == "boolean":
         return None if isinstance(value, bool) else "A boolean must be JSON true or false"
-    if kind in _INTEGER_KINDS:
+    if primitive in _INTEGER_PRIMITIVES:
         if isinstance(value, bool) or not isinstance(value, int):
-            return f"A FHIR {kind} must be a JSON integer"
-        if kind == "positiveInt" and value < 1:
+            return f"A FHIR {primitive} must be a JSON integer"
+        if primitive == "positiveInt" and value < 1:
             return "A positiveInt must be 1 or more"
-        if kind == "unsignedInt" and value < 0:
+        if primitive == "unsignedInt" and value < 0:
             return "An unsignedInt must be 0 or more"
         return None
-    if kind == "decimal":
+    if primitive == "decimal":
         if isinstance(value, bool) or not isinstance(value, int | float):
             return "A decimal must be a JSON number"
         return None
     if not isinstance(value, str):
-        return f"A FHIR {kind} must be a JSON string"
+        return f"A FHIR {primitive} must be a JSON string"
     if value == "":
         return "An empty string is not a FHIR value"
-    if kind == "date":
+    if primitive == "date":
         return date_problem(value, "date")
-    if kind == "dateTime":
+    if primitive == "dateTime":
         return date_problem(value, "dateTime")
-    if kind == "instant":
+    if primitive == "instant":
         return date_problem(value, "instant")
-    if kind in ("uri", "url", "canonical", "oid", "uuid") and any(c.isspace() for c in value):
-        return f"A FHIR {kind} must not contain white space"
-    if kind in ("string", "markdown") and not _STRING_RE.fullmatch(value):
-        return f"A FHIR {kind} has no white space but space, CR, LF and tab"
-    if kind == "code" and not _CODE_RE.fullmatch(value):
+    if primitive in ("uri", "url", "canonical", "oid", "uuid") and any(c.isspace() for c in value):
+        return f"A FHIR {primitive} must not contain white space"
+    if primitive in ("string", "markdown") and not _STRING_RE.fullmatch(value):
+        return f"A FHIR {primitive} has no white space but space, CR, LF and tab"
+    if primitive == "code" and not _CODE_RE.fullmatch(value):
         return "A code must not have leading, trailing or repeated white space"
-    if kind == "id" and not _ID_RE.fullmatch(value):
+    if primitive == "id" and not _ID_RE.fullmatch(value):
         return "An id is 1-64 of A-Z, a-z, 0-9, '-' and '.'"
     return None
 

@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.store.tables import hl7_message_table as M
+from app.store.tables import hl7_message_table
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,22 @@ class ReceivedMessage:
 
 def _where(key: MessageKey) -> tuple[ColumnElement[bool], ...]:
     return (
-        M.c.agent == key.agent,
-        M.c.sending_application == key.sending_application,
-        M.c.sending_facility == key.sending_facility,
-        M.c.control_id == key.control_id,
+        hl7_message_table.c.agent == key.agent,
+        hl7_message_table.c.sending_application == key.sending_application,
+        hl7_message_table.c.sending_facility == key.sending_facility,
+        hl7_message_table.c.control_id == key.control_id,
     )
 
 
 async def find(conn: AsyncConnection, key: MessageKey) -> ReceivedMessage | None:
     row = (
-        await conn.execute(select(M.c.received, M.c.content_hash, M.c.ack).where(*_where(key)))
+        await conn.execute(
+            select(
+                hl7_message_table.c.received,
+                hl7_message_table.c.content_hash,
+                hl7_message_table.c.ack,
+            ).where(*_where(key))
+        )
     ).first()
     return ReceivedMessage(*row) if row else None
 
@@ -52,7 +58,7 @@ async def remember(
 ) -> None:
     """Insert the message's row; the unique key refuses a second one for the same key."""
     await conn.execute(
-        insert(M).values(
+        insert(hl7_message_table).values(
             agent=key.agent,
             sending_application=key.sending_application,
             sending_facility=key.sending_facility,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,12 +40,14 @@ from app.store.criteria import (
     TokenMatch,
     site_condition,
 )
-from app.store.tables import assessment_table as A
-from app.store.tables import quantity_table as Q
-from app.store.tables import resource_table as R
-from app.store.tables import string_table as S
-from app.store.tables import token_table as T
-from app.store.tables import version_table as V
+from app.store.tables import (
+    assessment_table,
+    quantity_table,
+    resource_table,
+    string_table,
+    token_table,
+    version_table,
+)
 
 # Sentinel so that rows without a clinical date sort last and still have a total order.
 FAR_FUTURE = datetime(9999, 12, 31)
@@ -90,30 +92,15 @@ class IndexRow:
     subject: str | None = None  # a Patient's subject number (uq_resource_subject)
 
     def columns(self) -> dict[str, Any]:
-        return {
-            "patient_id": self.patient_id,
-            "effective_start": self.effective_start,
-            "effective_end": self.effective_end,
-            "value_norm": self.value_norm,
-            "kind": self.kind,
-            "status": self.status,
-            "site": self.site,
-            "subject": self.subject,
-        }
+        """The `resource` columns it fills (the search values go to their own tables)."""
+        return {name: getattr(self, name) for name in _INDEX_COLUMNS}
 
 
-_CURRENT_COLUMNS = (
-    R.c.pk,
-    R.c.resource_type,
-    R.c.id,
-    R.c.version_id,
-    R.c.last_updated,
-    R.c.deleted,
-    R.c.content,
-    R.c.patient_id,
-    R.c.kind,
-    R.c.site,
-)
+_SEARCH_VALUES = ("tokens", "strings", "quantities")
+_INDEX_COLUMNS = tuple(field.name for field in fields(IndexRow) if field.name not in _SEARCH_VALUES)
+# The columns a Current and a Version are read from, in their fields' order.
+_CURRENT_COLUMNS = tuple(resource_table.c[field.name] for field in fields(Current))
+_VERSION_COLUMNS = tuple(version_table.c[field.name] for field in fields(Version))
 
 
 # Kinds whose records have token search values and never string or quantity ones. The status
@@ -134,7 +121,8 @@ def _current(row: Sequence[Any]) -> Current:
 # times per write). Building `select(...)` per call cost a third of a read's CPU (issue 8,
 # py-spy profile in bench/README.md); executing a prebuilt one is the same SQL.
 _GET_CURRENT = select(*_CURRENT_COLUMNS).where(
-    R.c.resource_type == bindparam("resource_type"), R.c.id == bindparam("resource_id")
+    resource_table.c.resource_type == bindparam("resource_type"),
+    resource_table.c.id == bindparam("resource_id"),
 )
 _GET_CURRENT_FOR_UPDATE = _GET_CURRENT.with_for_update()
 
@@ -193,13 +181,18 @@ class NewResource:
 # Built once, like _GET_CURRENT. SQLAlchemy's "insertmanyvalues" sends many rows as a few
 # multi-row INSERTs. Each pk comes back with its id: asking for the rows in parameter order
 # instead makes SQLite fall back to one INSERT per row.
-_INSERT_RESOURCE = insert(R).returning(R.c.pk, R.c.resource_type, R.c.id)
-_INSERT_VERSION = insert(V)
-_INSERT_SEARCH = {table.name: insert(table) for table in (T, S, Q)}
-_DELETE_SEARCH = {
-    table.name: delete(table).where(table.c.resource_pk == bindparam("pk")) for table in (T, S, Q)
+_INSERT_RESOURCE = insert(resource_table).returning(
+    resource_table.c.pk, resource_table.c.resource_type, resource_table.c.id
+)
+_INSERT_VERSION = insert(version_table)
+_INSERT_SEARCH = {
+    table.name: insert(table) for table in (token_table, string_table, quantity_table)
 }
-_UPDATE_RESOURCE = update(R).where(R.c.pk == bindparam("current_pk"))
+_DELETE_SEARCH = {
+    table.name: delete(table).where(table.c.resource_pk == bindparam("pk"))
+    for table in (token_table, string_table, quantity_table)
+}
+_UPDATE_RESOURCE = update(resource_table).where(resource_table.c.pk == bindparam("current_pk"))
 
 
 class SubjectTaken(Exception):
@@ -227,7 +220,7 @@ async def _holding_subject(conn: AsyncConnection, index: IndexRow | None, write:
 
 
 _SUBJECT_HOLDER = select(*_CURRENT_COLUMNS).where(
-    R.c.resource_type == "Patient", R.c.subject == bindparam("subject")
+    resource_table.c.resource_type == "Patient", resource_table.c.subject == bindparam("subject")
 )
 
 
@@ -271,7 +264,7 @@ async def insert_resources(
             for row in rows
         ],
     )
-    pks = {(kind, resource_id): pk for pk, kind, resource_id in result.all()}
+    pks = {(resource_type, resource_id): pk for pk, resource_type, resource_id in result.all()}
     await conn.execute(
         _INSERT_VERSION,
         [
@@ -368,7 +361,11 @@ async def _insert_search_values(
             {**row, "param": p, "value": v, "system": s, "code": c, "value_norm": n}
             for p, v, s, c, n in index.quantities
         )
-    for table, values in ((T, tokens), (S, strings), (Q, quantities)):
+    for table, values in (
+        (token_table, tokens),
+        (string_table, strings),
+        (quantity_table, quantities),
+    ):
         if values:
             await conn.execute(_INSERT_SEARCH[table.name], values)
 
@@ -378,7 +375,7 @@ async def delete_search_values(
 ) -> None:
     """Delete a record's search values; `tokens_only` when its kind is in TOKEN_ONLY_KINDS,
     whose records never have string or quantity values (those DELETEs could not match)."""
-    for table in (T,) if tokens_only else (T, S, Q):
+    for table in (token_table,) if tokens_only else (token_table, string_table, quantity_table):
         await conn.execute(_DELETE_SEARCH[table.name], {"pk": pk})
 
 
@@ -387,12 +384,10 @@ async def get_version(
 ) -> Version | None:
     row = (
         await conn.execute(
-            select(
-                V.c.resource_type, V.c.id, V.c.version_id, V.c.last_updated, V.c.method, V.c.content
-            ).where(
-                V.c.resource_type == resource_type,
-                V.c.id == resource_id,
-                V.c.version_id == version_id,
+            select(*_VERSION_COLUMNS).where(
+                version_table.c.resource_type == resource_type,
+                version_table.c.id == resource_id,
+                version_table.c.version_id == version_id,
             )
         )
     ).first()
@@ -410,24 +405,31 @@ async def history(
     access: SiteAccess,
 ) -> list[Version]:
     """Versions newest first; `after` is the (last_updated, id, version) keyset cursor."""
-    query = select(
-        V.c.resource_type, V.c.id, V.c.version_id, V.c.last_updated, V.c.method, V.c.content
-    ).where(V.c.resource_type == resource_type)
+    query = select(*_VERSION_COLUMNS).where(version_table.c.resource_type == resource_type)
     if resource_id is not None:
-        query = query.where(V.c.id == resource_id)
-    at_sites = site_condition(R.c.site, access)
+        query = query.where(version_table.c.id == resource_id)
+    at_sites = site_condition(resource_table.c.site, access)
     if at_sites:
         # Versions follow their resource's current site (a moved patient's history moves).
         query = query.where(
-            exists().where(R.c.resource_type == V.c.resource_type, R.c.id == V.c.id, *at_sites)
+            exists().where(
+                resource_table.c.resource_type == version_table.c.resource_type,
+                resource_table.c.id == version_table.c.id,
+                *at_sites,
+            )
         )
     if since is not None:
-        query = query.where(V.c.last_updated >= since)
+        query = query.where(version_table.c.last_updated >= since)
     if after is not None:
         query = query.where(
-            tuple_(V.c.last_updated, V.c.id, V.c.version_id) < tuple_(*map(literal, after))
+            tuple_(version_table.c.last_updated, version_table.c.id, version_table.c.version_id)
+            < tuple_(*map(literal, after))
         )
-    query = query.order_by(V.c.last_updated.desc(), V.c.id.desc(), V.c.version_id.desc())
+    query = query.order_by(
+        version_table.c.last_updated.desc(),
+        version_table.c.id.desc(),
+        version_table.c.version_id.desc(),
+    )
     rows = (await conn.execute(query.limit(limit))).all()
     return [Version(*row) for row in rows]
 
@@ -436,10 +438,10 @@ async def has_live_references(conn: AsyncConnection, patient_id: str) -> bool:
     """Whether records other than the server's own response status point at the patient."""
     query = select(
         exists().where(
-            R.c.resource_type != "Patient",
-            R.c.patient_id == patient_id,
-            not_(R.c.deleted),
-            or_(R.c.kind.is_(None), R.c.kind != KIND_RESPONSE_STATUS),
+            resource_table.c.resource_type != "Patient",
+            resource_table.c.patient_id == patient_id,
+            not_(resource_table.c.deleted),
+            or_(resource_table.c.kind.is_(None), resource_table.c.kind != KIND_RESPONSE_STATUS),
         )
     )
     return bool((await conn.execute(query)).scalar())
@@ -448,8 +450,10 @@ async def has_live_references(conn: AsyncConnection, patient_id: str) -> bool:
 async def move_records(conn: AsyncConnection, patient_id: str, site: str | None) -> None:
     """A patient moved to another site takes its records along (they inherit its site)."""
     await conn.execute(
-        update(R)
-        .where(R.c.resource_type != "Patient", R.c.patient_id == patient_id)
+        update(resource_table)
+        .where(
+            resource_table.c.resource_type != "Patient", resource_table.c.patient_id == patient_id
+        )
         .values(site=site)
     )
 
@@ -469,12 +473,12 @@ _FACT_ROWS_SQL = (
 
 # A FactRow's columns, in its order (the SQLAlchemy reads; _FACT_ROWS_SQL is the same).
 _FACT_COLUMNS = (
-    R.c.kind,
-    R.c.id,
-    R.c.status,
-    R.c.effective_start,
-    R.c.value_norm,
-    R.c.effective_end,
+    resource_table.c.kind,
+    resource_table.c.id,
+    resource_table.c.status,
+    resource_table.c.effective_start,
+    resource_table.c.value_norm,
+    resource_table.c.effective_end,
 )
 
 
@@ -516,22 +520,26 @@ async def patient_fact_rows(
         return [row if _finite(row) else _at_utc(row) for row in rows]
     result = await conn.execute(
         select(*_FACT_COLUMNS).where(
-            R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
-            R.c.patient_id == patient_id,
-            R.c.kind.in_(kinds),
-            not_(R.c.deleted),
+            resource_table.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
+            resource_table.c.patient_id == patient_id,
+            resource_table.c.kind.in_(kinds),
+            not_(resource_table.c.deleted),
         )
     )
     # SQLite hands back naive datetimes, which the columns store as UTC.
     return [_at_utc(tuple(row)) for row in result]
 
 
-_FINGERPRINTS = select(A.c.fingerprint, A.c.decision_fingerprint, A.c.status).where(
-    A.c.patient_id == bindparam("patient_id")
-)
+_FINGERPRINTS = select(
+    assessment_table.c.fingerprint,
+    assessment_table.c.decision_fingerprint,
+    assessment_table.c.status,
+).where(assessment_table.c.patient_id == bindparam("patient_id"))
 # The SET clause comes from the parameters given; the WHERE names its own parameter.
-_UPDATE_ASSESSMENT = update(A).where(A.c.patient_id == bindparam("row_patient_id"))
-_INSERT_ASSESSMENT = insert(A)
+_UPDATE_ASSESSMENT = update(assessment_table).where(
+    assessment_table.c.patient_id == bindparam("row_patient_id")
+)
+_INSERT_ASSESSMENT = insert(assessment_table)
 
 
 @dataclass(frozen=True)
@@ -563,7 +571,11 @@ class AssessmentRow:
 
 
 async def get_assessment(conn: AsyncConnection, patient_id: str) -> AssessmentRow | None:
-    row = (await conn.execute(select(A).where(A.c.patient_id == patient_id))).first()
+    row = (
+        await conn.execute(
+            select(assessment_table).where(assessment_table.c.patient_id == patient_id)
+        )
+    ).first()
     return AssessmentRow(**row._mapping) if row else None
 
 
@@ -575,20 +587,24 @@ async def save_assessment(conn: AsyncConnection, row: AssessmentRow, *, exists_:
 
 
 async def delete_assessment(conn: AsyncConnection, patient_id: str) -> None:
-    await conn.execute(delete(A).where(A.c.patient_id == patient_id))
+    await conn.execute(delete(assessment_table).where(assessment_table.c.patient_id == patient_id))
 
 
 async def assessment_counts(
     conn: AsyncConnection, access: SiteAccess
 ) -> list[tuple[str, str | None, int]]:
     """(status, best response, patients) over the live patients `access` sees."""
-    conditions = [R.c.resource_type == "Patient", R.c.id == A.c.patient_id, not_(R.c.deleted)]
-    conditions.extend(site_condition(R.c.site, access))
+    conditions = [
+        resource_table.c.resource_type == "Patient",
+        resource_table.c.id == assessment_table.c.patient_id,
+        not_(resource_table.c.deleted),
+    ]
+    conditions.extend(site_condition(resource_table.c.site, access))
     live = exists().where(*conditions)
     rows = await conn.execute(
-        select(A.c.status, A.c.best_response, func.count())
+        select(assessment_table.c.status, assessment_table.c.best_response, func.count())
         .where(live)
-        .group_by(A.c.status, A.c.best_response)
+        .group_by(assessment_table.c.status, assessment_table.c.best_response)
     )
     return [(status, best, int(n)) for status, best, n in rows]
 
@@ -598,9 +614,9 @@ async def assessment_counts(
 
 def _live(access: SiteAccess, patient_id: str | None) -> list[ColumnElement[bool]]:
     """Live records `access` sees, of one patient when `patient_id` is given."""
-    conditions = [not_(R.c.deleted), *site_condition(R.c.site, access)]
+    conditions = [not_(resource_table.c.deleted), *site_condition(resource_table.c.site, access)]
     if patient_id is not None:
-        conditions.append(R.c.patient_id == patient_id)
+        conditions.append(resource_table.c.patient_id == patient_id)
     return conditions
 
 
@@ -608,12 +624,19 @@ async def live_patients(
     conn: AsyncConnection, access: SiteAccess, patient_id: str | None = None
 ) -> list[tuple[str, int, str | None, str | None]]:
     """(id, version, site, content) of the live Patients `access` sees, in enrolment order."""
-    conditions = [R.c.resource_type == "Patient", not_(R.c.deleted)]
-    conditions.extend(site_condition(R.c.site, access))
+    conditions = [resource_table.c.resource_type == "Patient", not_(resource_table.c.deleted)]
+    conditions.extend(site_condition(resource_table.c.site, access))
     if patient_id is not None:
-        conditions.append(R.c.id == patient_id)
+        conditions.append(resource_table.c.id == patient_id)
     rows = await conn.execute(
-        select(R.c.id, R.c.version_id, R.c.site, R.c.content).where(*conditions).order_by(R.c.pk)
+        select(
+            resource_table.c.id,
+            resource_table.c.version_id,
+            resource_table.c.site,
+            resource_table.c.content,
+        )
+        .where(*conditions)
+        .order_by(resource_table.c.pk)
     )
     return [(ident, version, site, content) for ident, version, site, content in rows]
 
@@ -627,9 +650,9 @@ async def fact_rows_by_patient(
     """What `patient_fact_rows` reads, for every patient `access` sees in one query (or one
     patient), keyed by patient id; times timezone-aware UTC."""
     rows = await conn.execute(
-        select(R.c.patient_id, *_FACT_COLUMNS).where(
-            R.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
-            R.c.kind.in_(kinds),
+        select(resource_table.c.patient_id, *_FACT_COLUMNS).where(
+            resource_table.c.resource_type.in_(ENGINE_RESOURCE_TYPES),
+            resource_table.c.kind.in_(kinds),
             *_live(access, patient_id),
         )
     )
@@ -644,9 +667,13 @@ async def adverse_event_rows(
 ) -> list[tuple[str, str, str | None, datetime | None, str]]:
     """(patient id, id, kind, time (aware UTC), content) of the live AdverseEvents."""
     rows = await conn.execute(
-        select(R.c.patient_id, R.c.id, R.c.kind, R.c.effective_start, R.c.content).where(
-            R.c.resource_type == "AdverseEvent", *_live(access, patient_id)
-        )
+        select(
+            resource_table.c.patient_id,
+            resource_table.c.id,
+            resource_table.c.kind,
+            resource_table.c.effective_start,
+            resource_table.c.content,
+        ).where(resource_table.c.resource_type == "AdverseEvent", *_live(access, patient_id))
     )
     return [
         (owner, ident, kind, start.replace(tzinfo=UTC) if start is not None else None, content)
@@ -657,46 +684,56 @@ async def adverse_event_rows(
 
 async def all_patient_ids(conn: AsyncConnection) -> list[str]:
     rows = await conn.execute(
-        select(R.c.id).where(R.c.resource_type == "Patient", not_(R.c.deleted)).order_by(R.c.pk)
+        select(resource_table.c.id)
+        .where(resource_table.c.resource_type == "Patient", not_(resource_table.c.deleted))
+        .order_by(resource_table.c.pk)
     )
     return [row[0] for row in rows]
 
 
 # --- search -----------------------------------------------------------------------------
-# `t` is the resource table, or an alias of it in a chained search's subquery.
+# `resources` is the resource table, or an alias of it in a chained search's subquery.
 
 
-def _token_clause(resource_type: str, t: Any, matches: list[TokenMatch]) -> ColumnElement[bool]:
+def _token_clause(
+    resource_type: str, resources: Any, matches: list[TokenMatch]
+) -> ColumnElement[bool]:
     alternatives = []
     for match in matches:
-        conditions = [T.c.param == match.param]
+        conditions = [token_table.c.param == match.param]
         if match.value is not None:
-            conditions.append(T.c.value == match.value)
+            conditions.append(token_table.c.value == match.value)
         if match.system is not None:
-            conditions.append(T.c.system == match.system)
+            conditions.append(token_table.c.system == match.system)
         alternatives.append(and_(*conditions))
     return exists().where(
-        T.c.resource_pk == t.c.pk, T.c.resource_type == resource_type, or_(*alternatives)
+        token_table.c.resource_pk == resources.c.pk,
+        token_table.c.resource_type == resource_type,
+        or_(*alternatives),
     )
 
 
-def _string_clause(resource_type: str, t: Any, matches: list[StringMatch]) -> ColumnElement[bool]:
+def _string_clause(
+    resource_type: str, resources: Any, matches: list[StringMatch]
+) -> ColumnElement[bool]:
     alternatives = []
     for match in matches:
         if match.mode == "exact":
-            condition = S.c.value == match.value
+            condition = string_table.c.value == match.value
         elif match.mode == "contains":
-            condition = S.c.normalised.contains(match.value, autoescape=True)
+            condition = string_table.c.normalised.contains(match.value, autoescape=True)
         else:
-            condition = S.c.normalised.startswith(match.value, autoescape=True)
-        alternatives.append(and_(S.c.param == match.param, condition))
+            condition = string_table.c.normalised.startswith(match.value, autoescape=True)
+        alternatives.append(and_(string_table.c.param == match.param, condition))
     return exists().where(
-        S.c.resource_pk == t.c.pk, S.c.resource_type == resource_type, or_(*alternatives)
+        string_table.c.resource_pk == resources.c.pk,
+        string_table.c.resource_type == resource_type,
+        or_(*alternatives),
     )
 
 
 def _number_condition(match: NumberMatch) -> ColumnElement[bool]:
-    column = Q.c.value_norm if match.normalised else Q.c.value
+    column = quantity_table.c.value_norm if match.normalised else quantity_table.c.value
     comparisons: dict[str, ColumnElement[bool]] = {
         "eq": and_(column >= match.low, column < match.high),
         "ne": or_(column < match.low, column >= match.high),
@@ -708,19 +745,21 @@ def _number_condition(match: NumberMatch) -> ColumnElement[bool]:
         "sa": column > match.value,
         "eb": column < match.value,
     }
-    conditions = [Q.c.param == match.param, comparisons[match.prefix]]
+    conditions = [quantity_table.c.param == match.param, comparisons[match.prefix]]
     if not match.normalised:
         if match.code is not None:
-            conditions.append(Q.c.code == match.code)
+            conditions.append(quantity_table.c.code == match.code)
         if match.system is not None:
-            conditions.append(Q.c.system == match.system)
+            conditions.append(quantity_table.c.system == match.system)
     return and_(*conditions)
 
 
-def _number_clause(resource_type: str, t: Any, matches: list[NumberMatch]) -> ColumnElement[bool]:
+def _number_clause(
+    resource_type: str, resources: Any, matches: list[NumberMatch]
+) -> ColumnElement[bool]:
     return exists().where(
-        Q.c.resource_pk == t.c.pk,
-        Q.c.resource_type == resource_type,
+        quantity_table.c.resource_pk == resources.c.pk,
+        quantity_table.c.resource_type == resource_type,
         or_(*(_number_condition(m) for m in matches)),
     )
 
@@ -750,69 +789,74 @@ def _date_clause(
     raise ValueError(f"unknown date prefix {match.prefix}")
 
 
-def _present(resource_type: str, t: Any, missing: Missing) -> ColumnElement[bool]:
+def _present(resource_type: str, resources: Any, missing: Missing) -> ColumnElement[bool]:
     """Whether the row has a value for the parameter (the opposite of `:missing=true`)."""
-    tables = {"token": T, "string": S, "number": Q}
+    tables = {"token": token_table, "string": string_table, "number": quantity_table}
     if missing.index in tables:
         table = tables[missing.index]
         return exists().where(
-            table.c.resource_pk == t.c.pk,
+            table.c.resource_pk == resources.c.pk,
             table.c.resource_type == resource_type,
             table.c.param == missing.param,
         )
     columns: dict[str, ColumnElement[Any]] = {
-        "effective": t.c.effective_start,
-        "last-updated": t.c.last_updated,
-        "patient": t.c.patient_id,
-        "site": t.c.site,
+        "effective": resources.c.effective_start,
+        "last-updated": resources.c.last_updated,
+        "patient": resources.c.patient_id,
+        "site": resources.c.site,
     }
     return columns[missing.index].is_not(None)
 
 
-def _where(criteria: SearchFilter, t: Any = R) -> list[ColumnElement[bool]]:
-    kind = criteria.resource_type
-    where: list[ColumnElement[bool]] = [t.c.resource_type == kind, not_(t.c.deleted)]
-    where.extend(site_condition(t.c.site, criteria.access))
+def _where(criteria: SearchFilter, resources: Any = resource_table) -> list[ColumnElement[bool]]:
+    resource_type = criteria.resource_type
+    where: list[ColumnElement[bool]] = [
+        resources.c.resource_type == resource_type,
+        not_(resources.c.deleted),
+    ]
+    where.extend(site_condition(resources.c.site, criteria.access))
     if criteria.ids is not None:
-        where.append(t.c.id.in_(criteria.ids))
+        where.append(resources.c.id.in_(criteria.ids))
     if criteria.patients is not None:
-        where.append(t.c.patient_id.in_(criteria.patients))
+        where.append(resources.c.patient_id.in_(criteria.patients))
     if criteria.organizations is not None:
-        where.append(t.c.site.in_(criteria.organizations))
+        where.append(resources.c.site.in_(criteria.organizations))
     for matches in criteria.tokens or ():
-        where.append(_token_clause(kind, t, matches))
+        where.append(_token_clause(resource_type, resources, matches))
     for matches in criteria.tokens_not or ():
         # FHIR `:not`: rows without any matching token, rows without the element included.
-        where.append(not_(_token_clause(kind, t, matches)))
+        where.append(not_(_token_clause(resource_type, resources, matches)))
     for string_matches in criteria.strings or ():
-        where.append(_string_clause(kind, t, string_matches))
+        where.append(_string_clause(resource_type, resources, string_matches))
     for number_matches in criteria.numbers or ():
-        where.append(_number_clause(kind, t, number_matches))
-    start, end = t.c.effective_start, t.c.effective_end
+        where.append(_number_clause(resource_type, resources, number_matches))
+    start, end = resources.c.effective_start, resources.c.effective_end
     for date_matches in criteria.dates or ():
         where.append(
             and_(start.is_not(None), or_(*(_date_clause(m, start, end) for m in date_matches)))
         )
     for date_matches in criteria.last_updated or ():
-        at = t.c.last_updated
+        at = resources.c.last_updated
         where.append(or_(*(_date_clause(m, at, at) for m in date_matches)))
     for missing in criteria.missing or ():
-        present = _present(kind, t, missing)
+        present = _present(resource_type, resources, missing)
         where.append(not_(present) if missing.missing else present)
     for chain in criteria.chains or ():
         # The record's Patient must match: a subquery on the Patients the caller may see.
-        patient = R.alias()
+        patient = resource_table.alias()
         visible = replace(chain, access=criteria.access)
-        where.append(t.c.patient_id.in_(select(patient.c.id).where(*_where(visible, patient))))
+        where.append(
+            resources.c.patient_id.in_(select(patient.c.id).where(*_where(visible, patient)))
+        )
     return where
 
 
 def _sort_column(key: SortKey) -> ColumnElement[Any]:
     columns: dict[str, ColumnElement[Any]] = {
-        "id": R.c.id,
-        "last-updated": R.c.last_updated,
+        "id": resource_table.c.id,
+        "last-updated": resource_table.c.last_updated,
         # Rows without a date sort as if dated at the end of time: a total order, for keysets.
-        "effective": func.coalesce(R.c.effective_start, literal(FAR_FUTURE)),
+        "effective": func.coalesce(resource_table.c.effective_start, literal(FAR_FUTURE)),
     }
     return columns[key.column]
 
@@ -845,7 +889,7 @@ async def search(
     either after its cursor or not, never seen twice and never shifting others.
     """
     order = [(_sort_column(key), key.descending) for key in sort]
-    order.append((R.c.pk, sort[-1].descending if sort else False))
+    order.append((resource_table.c.pk, sort[-1].descending if sort else False))
     values = [column.label(f"sort_{i}") for i, (column, _) in enumerate(order[:-1])]
     query = select(*_CURRENT_COLUMNS, *values).where(*_where(criteria))
     if after is not None:
@@ -857,14 +901,17 @@ async def search(
 
 
 async def count(conn: AsyncConnection, criteria: SearchFilter) -> int:
-    query = select(func.count()).select_from(R).where(*_where(criteria))
+    query = select(func.count()).select_from(resource_table).where(*_where(criteria))
     return int((await conn.execute(query)).scalar_one())
 
 
 async def first_matches(conn: AsyncConnection, criteria: SearchFilter, limit: int) -> list[Current]:
     rows = (
         await conn.execute(
-            select(*_CURRENT_COLUMNS).where(*_where(criteria)).order_by(R.c.pk).limit(limit)
+            select(*_CURRENT_COLUMNS)
+            .where(*_where(criteria))
+            .order_by(resource_table.c.pk)
+            .limit(limit)
         )
     ).all()
     return [_current(row) for row in rows]

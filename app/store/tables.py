@@ -162,52 +162,42 @@ class ResourceVersion(SQLModel, table=True):
     content: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
-class SearchToken(SQLModel, table=True):
+class SearchValue(SQLModel):
+    """What every search value row has: the resource whose current version it indexes (the
+    rows go with it) and the search parameter."""
+
+    pk: int | None = Field(default=None, primary_key=True, sa_type=BigIntPk)
+    resource_pk: int = Field(
+        sa_type=BigIntPk, foreign_key="resource.pk", ondelete="CASCADE", index=True
+    )
+    resource_type: str = Field(sa_type=String(40))
+    param: str = Field(sa_type=String(40))
+
+
+class SearchToken(SearchValue, table=True):
     """A token value of a current version; replaced whenever the resource changes."""
 
     __tablename__ = "search_token"
     __table_args__ = (Index("ix_search_token_lookup", "resource_type", "param", "value", "system"),)
 
-    pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
-    resource_pk: int = Field(
-        sa_column=Column(
-            BigIntPk,
-            ForeignKey("resource.pk", ondelete="CASCADE"),
-            nullable=False,
-            index=True,
-        )
-    )
-    resource_type: str = Field(sa_column=Column(String(40), nullable=False))
-    param: str = Field(sa_column=Column(String(40), nullable=False))
     # '' rather than NULL for "no system", so `system|code` lookups are one equality.
     system: str = Field(sa_column=Column(String(255), nullable=False))
     value: str = Field(sa_column=Column(String(255), nullable=False))
 
 
-class SearchString(SQLModel, table=True):
+class SearchString(SearchValue, table=True):
     """A string search value (Patient names) of a current version."""
 
     __tablename__ = "search_string"
     __table_args__ = (Index("ix_search_string_lookup", "resource_type", "param", "normalised"),)
 
-    pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
-    resource_pk: int = Field(
-        sa_column=Column(
-            BigIntPk,
-            ForeignKey("resource.pk", ondelete="CASCADE"),
-            nullable=False,
-            index=True,
-        )
-    )
-    resource_type: str = Field(sa_column=Column(String(40), nullable=False))
-    param: str = Field(sa_column=Column(String(40), nullable=False))
     # As sent (`:exact`), and without case or accents (FHIR's default starts-with match and
     # `:contains`). Text: a name has no length limit in FHIR.
     value: str = Field(sa_column=Column(Text, nullable=False))
     normalised: str = Field(sa_column=Column(Text, nullable=False))
 
 
-class SearchQuantity(SQLModel, table=True):
+class SearchQuantity(SearchValue, table=True):
     """A number or quantity search value of a current version (Observation value-quantity,
     AdverseEvent grade)."""
 
@@ -217,17 +207,6 @@ class SearchQuantity(SQLModel, table=True):
         Index("ix_search_quantity_value", "resource_type", "param", "code", "value"),
     )
 
-    pk: int | None = Field(default=None, sa_column=Column(BigIntPk, primary_key=True))
-    resource_pk: int = Field(
-        sa_column=Column(
-            BigIntPk,
-            ForeignKey("resource.pk", ondelete="CASCADE"),
-            nullable=False,
-            index=True,
-        )
-    )
-    resource_type: str = Field(sa_column=Column(String(40), nullable=False))
-    param: str = Field(sa_column=Column(String(40), nullable=False))
     value: float = Field(sa_column=Column(Float, nullable=False))
     # '' when absent, as in `search_token`; `code` is the unit's code, else its display text.
     system: str = Field(sa_column=Column(String(255), nullable=False))

@@ -38,14 +38,15 @@ from app.audit.trail import append as append_audit
 from app.auth.permissions import Action
 from app.auth.policy import access_policy
 from app.auth.principal import Principal
-from app.ingest import hl7v2
-from app.ingest import observations as mapping
-from app.ingest.hl7v2 import AckCode, Location, Problem, Rejected, Result
+from app.hl7 import hl7v2
+from app.hl7 import observations as mapping
+from app.hl7.hl7v2 import AckCode, Location, Problem, Rejected, Result
 from app.kit import codes
 from app.kit.dates import utc_now
 from app.kit.errors import BadRequest, FhirError, Forbidden, NotFound
 from app.services import resources, subjects
-from app.services.context import ServiceContext
+from app.services.context import ServiceContext, WriteTransaction
+from app.services.resources import CreateCommand, UpdateCommand
 from app.store import hl7_messages
 from app.store import repository as repo
 from app.store.criteria import SearchFilter, TokenMatch
@@ -67,6 +68,15 @@ class _Planned:
     patient_id: str
     document: dict[str, Any]
     key: tuple[str, str]  # the result identifier's (system, value)
+    source: str  # the message, for the audit trail and a correction's Provenance
+
+    @property
+    def order(self) -> str:
+        return f"order {self.result.order.filler_number!r} OBX-1 {self.result.set_id!r}"
+
+    @property
+    def description(self) -> str:
+        return f"{self.source}, {self.order}"
 
 
 @dataclass
@@ -77,6 +87,12 @@ class _Tally:
     skipped: int = 0  # OBX that are not platelet counts, or carry no result
     records: list[AuditRecord] = field(default_factory=list)
     changes: list[resources.Change] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.created} created, {self.updated} updated, {self.unchanged} unchanged, "
+            f"{self.skipped} OBX not stored (not a platelet count, or no result)"
+        )
 
 
 async def receive(
@@ -145,40 +161,41 @@ async def _store(
         patients = await _patients(ctx, conn, oru, principal)
         tally = _Tally()
         planned = _plan(ctx, oru, patients, local_codes, tally)
-        # Two messages about one result (a preliminary and its final, sent at once) are
-        # serialised on the result, so the second finds what the first stored.
-        for system, value in sorted({item.key for item in planned}):
-            await repo.lock(conn, f"hl7-result:{system}|{value}")
-        found = {item.key: await _stored_result(conn, item, principal) for item in planned}
-        locked = await resources.lock_for_writes(
-            conn,
-            "Observation",
-            [current.id for current in found.values() if current is not None],
-            patients.values(),
-        )
-        now = utc_now()
+        stored = await _lock_results(conn, planned, patients, principal)
+        tx = WriteTransaction(ctx, conn, principal, utc_now())
         for item in planned:
-            current = found[item.key]
-            await _apply(
-                ctx,
-                conn,
-                item,
-                locked.get(current.id) if current is not None else None,
-                oru,
-                principal,
-                now,
-                tally,
-            )
-        await resources.recompute_changes(ctx, conn, tally.changes, now)
+            await _apply(tx, item, stored[item.key], tally)
+        await resources.recompute_changes(tx, tally.changes)
         reply = Reply(hl7v2.ack(message, "AA"), "AA")
-        await hl7_messages.remember(conn, key, now, oru.content_hash, reply.ack)
-        summary = (
-            f"{tally.created} created, {tally.updated} updated, {tally.unchanged} unchanged, "
-            f"{tally.skipped} OBX not stored (not a platelet count, or no result)"
-        )
-        tally.records.append(_record(principal, message, "AA", [], summary=summary, now=now))
+        await hl7_messages.remember(conn, key, tx.now, oru.content_hash, reply.ack)
+        summary = tally.summary()
+        tally.records.append(_record(principal, message, "AA", [], summary=summary, now=tx.now))
         await append_audit(conn, tally.records)  # last: the audit chain's lock ends the write
     return reply
+
+
+async def _lock_results(
+    conn: AsyncConnection,
+    planned: list[_Planned],
+    patients: dict[int, str],
+    principal: Principal,
+) -> dict[tuple[str, str], repo.Current | None]:
+    """The stored Observation of each result (None: none yet), locked in the lock order of
+    a single write. Two messages about one result (a preliminary and its final, sent at
+    once) are serialised on the result, so the second finds what the first stored."""
+    for system, value in sorted({item.key for item in planned}):
+        await repo.lock(conn, f"hl7-result:{system}|{value}")
+    found = {item.key: await _stored_result(conn, item, principal) for item in planned}
+    locked = await resources.lock_for_writes(
+        conn,
+        "Observation",
+        [current.id for current in found.values() if current is not None],
+        patients.values(),
+    )
+    return {
+        key: locked.get(current.id) if current is not None else None
+        for key, current in found.items()
+    }
 
 
 def _replay(earlier: hl7_messages.ReceivedMessage, oru: hl7v2.OruMessage) -> Reply:
@@ -273,56 +290,66 @@ def _plan(
     planned: list[_Planned] = []
     problems: list[Problem] = []
     seen: dict[tuple[str, str], Result] = {}
+    source = f"HL7 v2 ORU^R01 {oru.header.control_id} from {oru.header.sending_application}"
     for result in oru.results:
         loinc = mapping.platelet_loinc(result, local_codes)
         if loinc is None or result.status in mapping.NO_RESULT_STATUSES:
             tally.skipped += 1
             continue
+        patient_id = patients[result.patient.location.sequence]
         try:
-            status = mapping.RESULT_STATUS.get(result.status)
-            if not result.status:
-                raise Rejected.one(
-                    "AE", "101", "OBX-11 (result status) is required", result.location.at(11)
-                )
-            if status is None:
-                raise Rejected.one(
-                    "AE",
-                    "103",
-                    f"OBX-11 {result.status!r}: results are received as F (final), "
-                    "C (correction) or P (preliminary)",
-                    result.location.at(11),
-                )
-            mapping.check_keys(result)
-            document = mapping.observation(
-                result,
-                patient_id=patients[result.patient.location.sequence],
-                loinc=loinc,
-                status=status,
-                header=oru.header,
-                trial_zone=ctx.criteria.zone,
-                code_systems=ctx.codes,
-                limits=ctx.limits,
-            )
+            document = _observation(ctx, oru, result, patient_id, loinc)
         except Rejected as rejected:
             problems.extend(rejected.problems)
             continue
         key = mapping.result_key(result, ctx.codes)
         if key in seen:
-            problems.append(
-                Problem(
-                    "205",
-                    f"{result.location} repeats order {result.order.filler_number!r} OBX-1 "
-                    f"{result.set_id!r} of {seen[key].location}: one result, one OBX",
-                    result.location.at(1),
-                )
-            )
+            problems.append(_repeated(result, seen[key]))
             continue
         seen[key] = result
-        patient_id = patients[result.patient.location.sequence]
-        planned.append(_Planned(result, patient_id, document, key))
+        planned.append(_Planned(result, patient_id, document, key, source))
     if problems:
         raise Rejected("AE", problems)
     return planned
+
+
+def _observation(
+    ctx: ServiceContext, oru: hl7v2.OruMessage, result: Result, patient_id: str, loinc: str
+) -> dict[str, Any]:
+    """The Observation of one platelet OBX; AE on a status the trial does not receive."""
+    status = mapping.RESULT_STATUS.get(result.status)
+    if not result.status:
+        raise Rejected.one(
+            "AE", "101", "OBX-11 (result status) is required", result.location.at(11)
+        )
+    if status is None:
+        raise Rejected.one(
+            "AE",
+            "103",
+            f"OBX-11 {result.status!r}: results are received as F (final), "
+            "C (correction) or P (preliminary)",
+            result.location.at(11),
+        )
+    mapping.check_keys(result)
+    return mapping.observation(
+        result,
+        patient_id=patient_id,
+        loinc=loinc,
+        status=status,
+        header=oru.header,
+        trial_zone=ctx.criteria.zone,
+        code_systems=ctx.codes,
+        limits=ctx.limits,
+    )
+
+
+def _repeated(result: Result, earlier: Result) -> Problem:
+    return Problem(
+        "205",
+        f"{result.location} repeats order {result.order.filler_number!r} OBX-1 "
+        f"{result.set_id!r} of {earlier.location}: one result, one OBX",
+        result.location.at(1),
+    )
 
 
 async def _stored_result(
@@ -357,111 +384,103 @@ def _comparable(document: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _apply(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
-    item: _Planned,
-    current: repo.Current | None,
-    oru: hl7v2.OruMessage,
-    principal: Principal,
-    now: datetime,
-    tally: _Tally,
+    tx: WriteTransaction, item: _Planned, current: repo.Current | None, tally: _Tally
 ) -> None:
     """Create, update or leave the result's Observation (the table in the module doc)."""
-    result, document = item.result, item.document
-    received = document["status"]
-    order = f"order {result.order.filler_number!r} OBX-1 {result.set_id!r}"
-    source = f"HL7 v2 ORU^R01 {oru.header.control_id} from {oru.header.sending_application}"
     if current is None:
-        if received == "corrected":
+        if item.document["status"] == "corrected":
             raise Rejected.one(
                 "AE",
                 "204",
-                f"A correction of {order}, which was never received: send the original "
+                f"A correction of {item.order}, which was never received: send the original "
                 "result first (OBX-11 F), or this one as F",
-                result.location.at(11),
+                item.result.location.at(11),
             )
-        await _write(ctx, conn, item, None, principal, now, tally, f"{source}, {order}", None)
+        await _write(tx, item, None, tally, None)
         return
+    reason = _update_reason(item, _stored_document(item, current))
+    if reason is None:
+        tally.unchanged += 1
+        return
+    await _write(tx, item, current, tally, reason)
+
+
+def _stored_document(item: _Planned, current: repo.Current) -> dict[str, Any]:
+    """The Observation stored for the result, when this message may change it."""
     if current.patient_id != item.patient_id:
         raise Rejected.one(
             "AE",
             "205",
-            f"The result of {order} is stored for another patient; "
+            f"The result of {item.order} is stored for another patient; "
             "a result cannot move between patients over HL7",
-            result.location,
+            item.result.location,
         )
     if current.deleted or current.content is None:
         raise Rejected.one(
             "AE",
             "205",
-            f"The result of {order} was deleted at the trial site while this message was "
-            "being stored; ask the site before sending it again",
-            result.location,
+            f"The result of {item.order} was deleted at the trial site while this message "
+            "was being stored; ask the site before sending it again",
+            item.result.location,
         )
-    stored = orjson.loads(current.content)
-    same = _comparable(stored) == _comparable(document)
+    stored: dict[str, Any] = orjson.loads(current.content)
+    return stored
+
+
+def _update_reason(item: _Planned, stored: dict[str, Any]) -> str | None:
+    """Why the received result changes the stored one; None when it does not."""
+    result, received = item.result, item.document["status"]
+    same = _comparable(stored) == _comparable(item.document)
     status = stored.get("status")
-    reason: str | None = None
     if received == "preliminary":
-        if status == "preliminary" and not same:
-            reason = "updated preliminary result from lab"
-    elif received == "final":
+        changed = status == "preliminary" and not same
+        return "updated preliminary result from lab" if changed else None
+    if received == "final":
         if status == "preliminary":
-            reason = "final result from lab replaces the preliminary one"
-        elif not same:
+            return "final result from lab replaces the preliminary one"
+        if not same:
             raise Rejected.one(
                 "AE",
                 "205",
-                f"The result of {order} is already final with another count, unit or time; "
-                "a change to a final result is sent as a correction (OBX-11 C) with an NTE "
-                "saying why",
+                f"The result of {item.order} is already final with another count, unit or "
+                "time; a change to a final result is sent as a correction (OBX-11 C) with an "
+                "NTE saying why",
                 result.location.at(11),
             )
-    elif not (same and status == "corrected"):
-        reason = "; ".join(result.notes or result.order.notes) or DEFAULT_CORRECTION_REASON
-    if reason is None:
-        tally.unchanged += 1
-        return
-    await _write(ctx, conn, item, current, principal, now, tally, f"{source}, {order}", reason)
+        return None
+    if same and status == "corrected":
+        return None
+    return "; ".join(result.notes or result.order.notes) or DEFAULT_CORRECTION_REASON
 
 
 async def _write(
-    ctx: ServiceContext,
-    conn: AsyncConnection,
+    tx: WriteTransaction,
     item: _Planned,
     current: repo.Current | None,
-    principal: Principal,
-    now: datetime,
     tally: _Tally,
-    description: str,
     reason: str | None,
 ) -> None:
     try:
         if current is None:
-            change = await resources.create_in(
-                ctx, conn, "Observation", item.document, principal, now, description=description
-            )
+            create = CreateCommand("Observation", item.document, description=item.description)
+            change = await resources.create_in(tx, create)
             tally.created += 1
         else:
             # A correction is an update: the token must allow updates, not only HL7 ingestion.
-            access_policy(principal).require("Observation", Action.UPDATE)
+            access_policy(tx.principal).require("Observation", Action.UPDATE)
             provenance = {
                 "resourceType": "Provenance",
                 "reason": [{"text": reason}],
-                "entity": [{"role": "source", "what": {"display": description}}],
+                "entity": [{"role": "source", "what": {"display": item.description}}],
             }
-            change = await resources.update_in(
-                ctx,
-                conn,
+            update = UpdateCommand(
                 "Observation",
                 current.id,
                 {**item.document, "id": current.id},
-                principal,
-                now,
-                current=current,
                 provenance=orjson.dumps(provenance).decode(),
-                description=description,
+                description=item.description,
             )
+            change = await resources.update_in(tx, update, current)
             tally.updated += 1
     except FhirError as exc:
         code = "207" if isinstance(exc, Forbidden | NotFound) else "102"

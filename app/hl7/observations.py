@@ -12,7 +12,7 @@ from datetime import tzinfo
 from typing import Any
 from urllib.parse import quote
 
-from app.ingest.hl7v2 import Header, Location, Rejected, Result, parse_timestamp
+from app.hl7.hl7v2 import Header, Location, Rejected, Result, parse_timestamp
 from app.kit import codes
 from app.kit.limits import InputLimits, platelet_problem
 
