@@ -97,22 +97,24 @@ def _audit(args: argparse.Namespace) -> int:
             await db.dispose()
 
     result = asyncio.run(run())
-    if result.broken_seq is None:
+    if result.broken is None:
         print(f"audit trail intact: {result.checked} records, hash chain verified")
         if result.unchained:
             print(f"records not chained yet, within the sequencer's delay: {result.unchained}")
         if anchors:
             print(f"anchors found with their hashes: {len(anchors)}")
-        if result.head_seq is not None:
+        if result.head is not None:
             # Kept outside the database, it lets a later run see a cut-off tail (--anchor).
             print(
                 f"head (keep it elsewhere; pass it back with --anchor): "
-                f"{result.head_seq}:{result.head_hash}"
+                f"{result.head[0]}:{result.head[1]}"
             )
         return 0
+    broken = result.broken
+    where = f" at record seq={broken.seq} id={broken.audit_id}" if broken.seq is not None else ""
     print(
-        f"audit trail BROKEN at record seq={result.broken_seq} id={result.broken_id}: "
-        f"{result.problem} ({result.checked} records before it verified)",
+        f"audit trail BROKEN{where}: {broken.problem} "
+        f"({result.checked} records before it verified)",
         file=sys.stderr,
     )
     return 1

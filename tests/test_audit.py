@@ -17,7 +17,14 @@ import sqlalchemy as sa
 from sqlalchemy import event, text
 
 from app.audit import trail
-from app.audit.chain import ChainSequencer, VerifyResult, chain_hash, parse_anchor, verify
+from app.audit.chain import (
+    Broken,
+    ChainSequencer,
+    VerifyResult,
+    chain_hash,
+    parse_anchor,
+    verify,
+)
 from app.audit.trail import AuditQueue, AuditRecord, read_spill, spill, to_fhir
 from app.fhir import schemas
 from app.kit.errors import ServiceUnavailable
@@ -416,13 +423,16 @@ def _head(verified: subprocess.CompletedProcess[str]) -> str:
 
 
 async def test_audit_verify_anchor_detects_a_cut_off_tail(app, client, database_url):
-    """The chain alone cannot show that its newest records were removed; a head printed by
-    an earlier run and kept elsewhere can."""
-    await create(client, builders.patient("S01-001"))
+    """A chain whose newest records were removed is still a valid chain; a head printed by
+    an earlier run and kept elsewhere shows the cut. (Write records cut off are also seen
+    without one: their versions are left unaudited. Read records are not.)"""
+    patient = (await create(client, builders.patient("S01-001"))).json()
+    await client.get(f"/fhir/Patient/{patient['id']}")
     await _chained(app)
     anchor = _head(_verify(database_url))
     seq, digest = anchor.split(":")
-    await create(client, builders.patient("S01-002"))
+    for _ in range(2):
+        await client.get(f"/fhir/Patient/{patient['id']}")
     await _chained(app)
     later = _head(_verify(database_url, anchor))
     assert int(later.split(":")[0]) > int(seq)
@@ -434,6 +444,7 @@ async def test_audit_verify_anchor_detects_a_cut_off_tail(app, client, database_
     tail = text("SELECT * FROM audit_event WHERE chain_seq >= :s ORDER BY chain_seq")
     async with app.state.services.db.write() as conn:
         removed = [dict(row) for row in (await conn.execute(tail, {"s": int(seq)})).mappings()]
+        assert {row["action"] for row in removed} == {"R"}  # the anchored read and later ones
         await _as_owner(conn, "DELETE FROM audit_event WHERE chain_seq >= :s", {"s": int(seq)})
     # What is left is a valid chain: without an anchor the cut goes unseen...
     assert _verify(database_url).returncode == 0
@@ -441,7 +452,7 @@ async def test_audit_verify_anchor_detects_a_cut_off_tail(app, client, database_
     cut = _verify(database_url, anchor)
     assert cut.returncode == 1
     assert f"seq={seq} is not in the chain" in cut.stderr
-    # Put the records back (every write keeps its AuditEvent: the teardown checks it).
+    # Put the records back (every read keeps its AuditEvent).
     columns = ", ".join(removed[0])
     values = ", ".join(f":{name}" for name in removed[0])
     async with app.state.services.db.write() as conn:
@@ -760,27 +771,27 @@ async def test_verify_walks_the_whole_chain_batch_by_batch(app, client):
             )
         ).all()
     assert len(rows) >= 4
-    intact = VerifyResult(len(rows), head_seq=rows[-1].chain_seq, head_hash=rows[-1].hash)
+    intact = VerifyResult(len(rows), head=(rows[-1].chain_seq, rows[-1].hash))
     for batch in (1, 3, 1000):
         assert await verify(db, batch=batch) == intact, batch
     anchors = {rows[1].chain_seq: rows[1].hash, rows[-1].chain_seq: rows[-1].hash}
     assert await verify(db, batch=2, anchors=anchors) == intact
     assert await verify(db, batch=2, anchors={rows[1].chain_seq: "f" * 64}) == VerifyResult(
-        1, rows[1].seq, rows[1].id, "its hash is not the anchored one (replaced)"
+        1, Broken("its hash is not the anchored one (replaced)", rows[1].seq, rows[1].id)
     )
     beyond = rows[-1].chain_seq + 5
     assert await verify(db, batch=2, anchors={beyond + 1: "a", beyond: "b"}) == VerifyResult(
         len(rows),
-        beyond,
-        None,
-        f"the anchored record seq={beyond} is not in the chain, which ends at "
-        f"seq={rows[-1].chain_seq} (records were cut off)",
+        Broken(
+            f"the anchored record seq={beyond} is not in the chain, which ends at "
+            f"seq={rows[-1].chain_seq} (records were cut off)"
+        ),
     )
     changed = "UPDATE audit_event SET content = :content WHERE seq = :seq"
     async with db.write() as conn:
         await _as_owner(conn, changed, {"content": rows[2].content + " ", "seq": rows[2].seq})
     assert await verify(db, batch=2) == VerifyResult(
-        2, rows[2].seq, rows[2].id, "its content does not match its hash (changed)"
+        2, Broken("its content does not match its hash (changed)", rows[2].seq, rows[2].id)
     )
     async with db.write() as conn:  # back as it was, for the teardown's check
         await _as_owner(conn, changed, {"content": rows[2].content, "seq": rows[2].seq})

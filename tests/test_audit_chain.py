@@ -68,7 +68,7 @@ async def test_a_write_stores_its_record_unchained_and_the_sequencer_chains_it(s
         assert [row.prev_hash for row in rows[1:]] == [row.hash for row in rows[:-1]]
         result = await verify(db, chain_delay_ms=AN_HOUR_MS)
         assert (result.problem, result.checked, result.unchained) == (None, 3, 0)
-        assert (result.head_seq, result.head_hash) == (3, rows[-1].hash)
+        assert result.head == (3, rows[-1].hash)
         assert await ChainSequencer(db).chain_all() == 0  # each record is chained once
 
 
@@ -83,8 +83,9 @@ async def test_a_record_changed_before_it_is_chained_is_detected(settings, caplo
             await _as_owner(conn, changed, {"content": target.content + " ", "seq": target.seq})
 
         result = await verify(db, chain_delay_ms=AN_HOUR_MS)
-        assert (result.broken_seq, result.broken_id) == (target.seq, target.id)
-        assert "does not match its digest" in (result.problem or "")
+        assert result.broken is not None
+        assert (result.broken.seq, result.broken.audit_id) == (target.seq, target.id)
+        assert "does not match its digest" in result.broken.problem
         # The sequencer chains what comes before it and stops there, saying why.
         assert await ChainSequencer(db).chain_all() == 1
         assert f"seq={target.seq}" in caplog.text and "digest" in caplog.text
@@ -282,8 +283,7 @@ async def test_the_migration_keeps_the_chain_and_its_anchors(empty_database):  #
     anchors = await _store_chain_as_revision_0009_did(url)
     _alembic(url, "upgrade", "head")
     result = await _verified(url, dict(anchors))
-    assert (result.problem, result.checked, result.head_seq) == (None, 3, 3)
-    assert result.head_hash == anchors[-1][1]
+    assert (result.problem, result.checked, result.head) == (None, 3, anchors[-1])
 
     db = Database.from_url(url)
     try:

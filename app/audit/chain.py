@@ -175,17 +175,29 @@ def _pass_failed(error: Exception) -> None:
         log.exception("audit chain pass failed; the next pass retries")
 
 
+@dataclass(frozen=True)
+class Broken:
+    """The first thing verify found wrong, and the record it is about (its `seq` and id in
+    the table) when there is one: a missing anchored record or version has none."""
+
+    problem: str
+    seq: int | None = None
+    audit_id: str | None = None
+
+
 @dataclass
 class VerifyResult:
     checked: int
-    broken_seq: int | None = None
-    broken_id: str | None = None
-    problem: str | None = None
-    # The newest record verified: an anchor to keep outside the database (see verify).
-    head_seq: int | None = None
-    head_hash: str | None = None
+    broken: Broken | None = None
+    # The newest record verified, (chain position, hash): an anchor to keep outside the
+    # database (see verify).
+    head: tuple[int, str] | None = None
     # Records not chained yet but within the sequencer's delay: not a problem, said.
     unchained: int = 0
+
+    @property
+    def problem(self) -> str | None:
+        return None if self.broken is None else self.broken.problem
 
 
 def parse_anchor(text: str) -> tuple[int, str]:
@@ -247,7 +259,7 @@ class _ChainWalk:
                     position, previous, audit_id, content, prev_hash, digest
                 )
                 if problem:
-                    return VerifyResult(checked, seq, audit_id, problem)
+                    return VerifyResult(checked, Broken(problem, seq, audit_id))
                 previous, checked, after = digest, checked + 1, position
 
     def _link_problem(
@@ -273,14 +285,12 @@ class _ChainWalk:
     def _end(self, checked: int, after: int, previous: str) -> VerifyResult:
         if self.anchors:
             position = min(self.anchors)
-            return VerifyResult(
-                checked,
-                position,
-                None,
+            problem = (
                 f"the anchored record seq={position} is not in the chain, which ends at "
-                f"seq={after} (records were cut off)",
+                f"seq={after} (records were cut off)"
             )
-        return VerifyResult(checked, head_seq=after or None, head_hash=previous)
+            return VerifyResult(checked, Broken(problem))
+        return VerifyResult(checked, head=(after, previous) if after else None)
 
     async def unchained(
         self, conn: AsyncConnection, result: VerifyResult, delay: timedelta
@@ -293,19 +303,19 @@ class _ChainWalk:
         )
         for seq, audit_id, content, digest, appended in rows:
             if digest != record_digest(audit_id, content):
-                result.broken_seq, result.broken_id = seq, audit_id
-                result.problem = (
+                problem = (
                     "it is not chained yet and its content does not match its digest "
                     "(changed after it was stored)"
                 )
+                result.broken = Broken(problem, seq, audit_id)
                 return result
             if appended is None or appended < overdue_before:
-                result.broken_seq, result.broken_id = seq, audit_id
-                result.problem = (
+                problem = (
                     f"it is still not chained {delay.total_seconds() * 1000:.0f} ms after it "
                     "was stored: the audit sequencer is not running or is behind (a server "
                     "chains records while it runs and at shutdown)"
                 )
+                result.broken = Broken(problem, seq, audit_id)
                 return result
             result.unchained += 1
         return result
@@ -328,7 +338,7 @@ class _ChainWalk:
             missing = sorted(stored - recorded)
             if missing:
                 reference = f"{resource[0]}/{resource[1]}/_history/{missing[0]}"
-                result.problem = (
+                result.broken = Broken(
                     f"{reference} has no write record: it was written without one, or its "
                     "record was removed"
                 )
