@@ -112,6 +112,20 @@ def test_imports_point_down() -> None:
     assert upward == []
 
 
+def test_the_wire_reaches_the_database_only_through_services() -> None:
+    """The wire builds no store objects (queries, criteria, rows): what it needs of the
+    database is a service's to ask for, so the rules of a search or a write live in one
+    layer."""
+    _, imports = _graph()
+    direct = [
+        f"{i.importer} imports {i.imported}, line {i.line}"
+        for i in imports
+        if layer_of(i.importer) == "wire"
+        and (i.imported == "app.store" or i.imported.startswith("app.store."))
+    ]
+    assert direct == []
+
+
 def test_no_import_cycle() -> None:
     modules, imports = _graph()
     edges: dict[str, set[str]] = {name: set() for name in modules}
