@@ -181,13 +181,12 @@ class WriteLimitMiddleware(HttpMiddleware):
     """At most `limit` write requests of this worker run at once; the others wait their turn
     (in arrival order) before anything of theirs starts.
 
-    Every write transaction ends by taking the audit chain's lock and holds it until its
-    commit. While it holds it, its worker's event loop also runs the other requests' CPU
-    work (validation, the response recompute), and every await of the lock holder waits
-    behind them: with 16 writes in flight per worker the chain stayed locked ~10x longer
-    than its three statements take, and writes ran one after the other at that pace
-    (bench/README.md). A few writes per worker keep the database busy and the lock short.
-    Reads and searches (also `POST .../_search`) are not limited.
+    It was made when every write transaction ended by taking the audit chain's lock and
+    held it until its commit: with 16 writes in flight per worker the chain stayed locked
+    ~10x longer than its three statements take (bench/README.md), and a few writes per
+    worker kept the lock short. The chain is now built after commit (`app.audit.chain`);
+    what a limit buys since is to be measured again (issue 20). Writes of one patient still
+    wait on its row lock. Reads and searches (also `POST .../_search`) are not limited.
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:

@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     db_pool_timeout: float = Field(default=30.0, gt=0)
     default_page_size: int = Field(default=50, ge=1)
     max_page_size: int = Field(default=1000, ge=1)
-    # Write requests a worker runs at once (the rest wait): keeps the audit chain's lock,
-    # held by every write until its commit, short (see WriteLimitMiddleware). 0: no limit.
+    # Write requests a worker runs at once (the rest wait; see WriteLimitMiddleware for why
+    # and what is still to measure). 0: no limit.
     max_concurrent_writes: int = Field(default=2, ge=0)
     # Move the objects a worker holds once started (modules, FHIR models, the app) out of the
     # garbage collector's sight (gc.freeze): a full collection walks ~180,000 of them, 40-50

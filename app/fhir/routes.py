@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, TypedDict
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from starlette.convertors import Convertor, register_url_convertor
@@ -142,22 +142,15 @@ def _caller(resource_type: str, action: Action) -> Callable[..., Awaitable[_Call
     return call
 
 
-class _Change(TypedDict):
-    """What an update, patch or delete states beside its body, as the keywords its service
-    takes: the version it applies to and the reason (Prefer is read where the answer is
-    shaped)."""
-
-    if_match: str | None
-    provenance: str
-
-
 async def _change(
     if_match: IfMatch = None, prefer: Prefer = None, *, provenance: XProvenance
-) -> _Change:
-    return _Change(if_match=if_match, provenance=provenance)
+) -> service.ChangeTerms:
+    """What an update, patch or delete states beside its body: the version it applies to
+    and the reason (Prefer is read where the answer is shaped)."""
+    return service.ChangeTerms(if_match, provenance)
 
 
-ChangeDep = Annotated[_Change, Depends(_change)]
+ChangeDep = Annotated[service.ChangeTerms, Depends(_change)]
 VersionPath = Annotated[int, Path(ge=1, le=2_147_483_647)]
 
 
@@ -232,9 +225,8 @@ def _conditional_update(resource_type: str) -> _Handler:
         body = await _json_body(call.request)
         query = call.request.query_params.multi_items()
         criteria, key = conditional.query_criteria(resource_type, query, call.principal)
-        result = await service.conditional_update(
-            call.ctx, resource_type, criteria, key, body, call.principal, **change
-        )
+        request = service.ConditionalChangeRequest(resource_type, criteria, key, change)
+        result = await service.conditional_update(call.ctx, request, body, call.principal)
         return _written(call.request, result)
 
     return conditional_update
@@ -246,9 +238,8 @@ def _conditional_delete(resource_type: str) -> _Handler:
     async def conditional_delete(*, call: _Call = caller, change: ChangeDep) -> Response:
         query = call.request.query_params.multi_items()
         criteria, key = conditional.query_criteria(resource_type, query, call.principal)
-        deletion = await service.conditional_delete(
-            call.ctx, resource_type, criteria, key, call.principal, **change
-        )
+        request = service.ConditionalChangeRequest(resource_type, criteria, key, change)
+        deletion = await service.conditional_delete(call.ctx, request, call.principal)
         done = f"Deleted {resource_type}/{deletion.id}" if deletion else ""
         nothing = f"No {resource_type} matched the criteria; nothing was deleted"
         return _deleted(call.request, deletion, done, nothing)
@@ -294,9 +285,8 @@ def _update(resource_type: str) -> _Handler:
 
     async def update(*, call: _Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
         body = await _json_body(call.request)
-        result = await service.update(
-            call.ctx, resource_type, resource_id, body, call.principal, **change
-        )
+        request = service.ChangeRequest(resource_type, resource_id, change)
+        result = await service.update(call.ctx, request, body, call.principal)
         return _written(call.request, result)
 
     return update
@@ -306,12 +296,11 @@ def _patch(resource_type: str) -> _Handler:
     caller = Depends(_caller(resource_type, Action.UPDATE))
 
     async def patch(*, call: _Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
-        request = call.request
-        document = parse_patch(await request.body(), request.headers.get("content-type"))
-        result = await service.patch(
-            call.ctx, resource_type, resource_id, document, call.principal, **change
-        )
-        return _resource_response(request, result.stored)
+        http = call.request
+        document = parse_patch(await http.body(), http.headers.get("content-type"))
+        request = service.ChangeRequest(resource_type, resource_id, change)
+        result = await service.patch(call.ctx, request, document, call.principal)
+        return _resource_response(http, result.stored)
 
     return patch
 
@@ -320,9 +309,8 @@ def _delete(resource_type: str) -> _Handler:
     caller = Depends(_caller(resource_type, Action.DELETE))
 
     async def delete(*, call: _Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
-        deletion = await service.delete(
-            call.ctx, resource_type, resource_id, call.principal, **change
-        )
+        request = service.ChangeRequest(resource_type, resource_id, change)
+        deletion = await service.delete(call.ctx, request, call.principal)
         done = f"Deleted {resource_type}/{resource_id}"
         nothing = f"{resource_type}/{resource_id} was already deleted"
         return _deleted(call.request, deletion, done, nothing)

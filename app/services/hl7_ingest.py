@@ -170,7 +170,7 @@ async def _store(
         await hl7_messages.remember(conn, key, tx.now, oru.content_hash, reply.ack)
         summary = tally.summary()
         tally.records.append(_record(principal, message, "AA", [], summary=summary, now=tx.now))
-        await append_audit(conn, tally.records)  # last: the audit chain's lock ends the write
+        await append_audit(conn, tally.records)
     return reply
 
 

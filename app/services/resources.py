@@ -155,6 +155,35 @@ class WriteTarget:
     provenance: str | None = None
 
 
+@dataclass(frozen=True)
+class ChangeTerms:
+    """What a client states beside the body of an update, patch or delete: `If-Match` as
+    sent (the service parses it, after the body) and `X-Provenance`, the reason."""
+
+    if_match: str | None = None
+    provenance: str | None = None
+
+
+@dataclass(frozen=True)
+class ChangeRequest:
+    """An update, patch or delete of `resource_type/resource_id` on the client's terms."""
+
+    resource_type: str
+    resource_id: str
+    terms: ChangeTerms
+
+
+@dataclass(frozen=True)
+class ConditionalChangeRequest:
+    """A conditional update or delete: of the one resource `criteria` match, locked under
+    `criteria_key`."""
+
+    resource_type: str
+    criteria: SearchFilter
+    criteria_key: str
+    terms: ChangeTerms
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -569,10 +598,16 @@ async def recompute_changes(tx: WriteTransaction, changes: Iterable[Change]) -> 
 
 
 async def finish(tx: WriteTransaction, changes: Sequence[Change]) -> None:
-    """Recompute, then append every audit record in one go: the audit chain's lock is the
-    last a write takes."""
+    """Recompute, then append every audit record in one go (unchained: the chain is built
+    after the commit, `app.audit.chain`)."""
     await recompute_changes(tx, changes)
     await append_audit(tx.conn, [c.record for c in changes if c.record is not None])
+
+
+async def finish_one(tx: WriteTransaction, change: Change) -> Change:
+    """`finish` for a request of one write; returns that write."""
+    await finish(tx, [change])
+    return change
 
 
 async def single_match(
@@ -594,8 +629,9 @@ async def single_match(
 #   1. the criteria of conditional interactions (`conditional_lock_key`), sorted;
 #   2. the ids updated, patched or deleted (`lock_id`), sorted;
 #   3. every Patient involved, by id (`lock_for_update`);
-#   4. the records' rows (`lock_for_update`);
-#   5. the audit chain's lock, last, held only until the commit (`audit.trail.append`).
+#   4. the records' rows (`lock_for_update`).
+# The audit records take no lock: they are appended unchained, and chained after the commit
+# (`app.audit.chain`).
 # SQLite needs none of them: its write transactions begin IMMEDIATE, one at a time.
 
 
@@ -666,26 +702,21 @@ async def _create_finished(
     change = await create_in(tx, command)
     if provenance is not None:
         await store_reason(tx, change, provenance)
-    await finish(tx, [change])
-    return change
+    return await finish_one(tx, change)
 
 
 async def update(
-    ctx: ServiceContext,
-    resource_type: str,
-    resource_id: str,
-    body: bytes,
-    principal: Principal,
-    *,
-    if_match: str | None,
-    provenance: str | None = None,
+    ctx: ServiceContext, request: ChangeRequest, body: bytes, principal: Principal
 ) -> WriteResult:
     raw = parse_json(body)
+    resource_type = request.resource_type
     if raw.get("id") is None:
         raise BadRequest(
             "An update must carry the resource id in the body", expression=[f"{resource_type}.id"]
         )
-    command = UpdateCommand(resource_type, resource_id, raw, parse_if_match(if_match), provenance)
+    terms = request.terms
+    expected = parse_if_match(terms.if_match)
+    command = UpdateCommand(resource_type, request.resource_id, raw, expected, terms.provenance)
     _check_body_id(command)
     new_patient = _new_patient(resource_type, raw)
     async with ctx.db.write() as conn:
@@ -708,22 +739,14 @@ async def _update_locked(
     """Lock (the lock order, from the id on), update, recompute and audit."""
     current = await _lock_current(conn, command.resource_type, command.resource_id, new_patient)
     tx = WriteTransaction(ctx, conn, principal, utc_now())
-    change = await update_in(tx, command, current)
-    await finish(tx, [change])
-    return change
+    return await finish_one(tx, await update_in(tx, command, current))
 
 
 async def patch(
-    ctx: ServiceContext,
-    resource_type: str,
-    resource_id: str,
-    document: Patch,
-    principal: Principal,
-    *,
-    if_match: str | None,
-    provenance: str | None = None,
+    ctx: ServiceContext, request: ChangeRequest, document: Patch, principal: Principal
 ) -> WriteResult:
-    command = WriteTarget(resource_type, resource_id, parse_if_match(if_match), provenance)
+    command = _write_target(request)
+    resource_type, resource_id = request.resource_type, request.resource_id
     if resource_id.startswith(RESERVED_ID_PREFIX):
         raise _server_owned()
     async with ctx.db.write() as conn:
@@ -737,22 +760,21 @@ async def patch(
                 new_patient = subject_patient_id(resource_type, raw)
         current = await lock_for_update(conn, resource_type, resource_id, current, new_patient)
         tx = WriteTransaction(ctx, conn, principal, utc_now())
-        change = await patch_in(tx, command, document, current)
-        await finish(tx, [change])
+        change = await finish_one(tx, await patch_in(tx, command, document, current))
     return WriteResult(change.stored, change.created)
 
 
+def _write_target(request: ChangeRequest) -> WriteTarget:
+    terms = request.terms
+    expected = parse_if_match(terms.if_match)
+    return WriteTarget(request.resource_type, request.resource_id, expected, terms.provenance)
+
+
 async def delete(
-    ctx: ServiceContext,
-    resource_type: str,
-    resource_id: str,
-    principal: Principal,
-    *,
-    if_match: str | None,
-    provenance: str | None = None,
+    ctx: ServiceContext, request: ChangeRequest, principal: Principal
 ) -> Stored | None:
     """Delete; returns the deletion version, or None when it was already deleted."""
-    command = WriteTarget(resource_type, resource_id, parse_if_match(if_match), provenance)
+    command = _write_target(request)
     async with ctx.db.write() as conn:
         return await _delete_locked(ctx, conn, principal, command)
 
@@ -767,8 +789,7 @@ async def _delete_locked(
     change = await delete_in(tx, command, current)
     if change is None:
         return None
-    await finish(tx, [change])
-    return change.stored
+    return (await finish_one(tx, change)).stored
 
 
 async def conditional_target(
@@ -806,23 +827,20 @@ async def conditional_target(
 
 
 async def conditional_update(
-    ctx: ServiceContext,
-    resource_type: str,
-    criteria: SearchFilter,
-    criteria_key: str,
-    body: bytes,
-    principal: Principal,
-    *,
-    if_match: str | None,
-    provenance: str | None = None,
+    ctx: ServiceContext, request: ConditionalChangeRequest, body: bytes, principal: Principal
 ) -> WriteResult:
     """`PUT /Type?criteria`: no match creates, one match is updated, several are 412.
     Race-free: identical conditional writes serialise on their criteria. The reason is
     required whichever happens, as for any update."""
+    resource_type, criteria_key, provenance = (
+        request.resource_type,
+        request.criteria_key,
+        request.terms.provenance,
+    )
     require_reason(provenance)
     raw = parse_json(body)
-    expected = parse_if_match(if_match)
-    criteria = subjects.normalise_criteria(criteria, ctx.codes)
+    expected = parse_if_match(request.terms.if_match)
+    criteria = subjects.normalise_criteria(request.criteria, ctx.codes)
     new_patient = _new_patient(resource_type, raw)
     async with ctx.db.write() as conn:
         await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
@@ -841,22 +859,16 @@ async def conditional_update(
 
 
 async def conditional_delete(
-    ctx: ServiceContext,
-    resource_type: str,
-    criteria: SearchFilter,
-    criteria_key: str,
-    principal: Principal,
-    *,
-    if_match: str | None,
-    provenance: str | None = None,
+    ctx: ServiceContext, request: ConditionalChangeRequest, principal: Principal
 ) -> Stored | None:
     """`DELETE /Type?criteria` (single): none matches, nothing to do (None); one is
     deleted; several are 412. The reason is required whichever happens, as for any delete."""
+    resource_type, provenance = request.resource_type, request.terms.provenance
     require_reason(provenance)
-    expected = parse_if_match(if_match)
-    criteria = subjects.normalise_criteria(criteria, ctx.codes)
+    expected = parse_if_match(request.terms.if_match)
+    criteria = subjects.normalise_criteria(request.criteria, ctx.codes)
     async with ctx.db.write() as conn:
-        await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
+        await repo.lock(conn, conditional_lock_key(resource_type, request.criteria_key))
         match = await single_match(conn, criteria, principal, "The conditional delete's criteria")
         if match is None:
             ctx.audit.add(
@@ -997,8 +1009,7 @@ async def history(
 # --- Several writes in one transaction (an HL7 v2 message) --------------------------------
 # The caller owns the transaction. It takes every lock with `lock_for_writes` before its
 # first write, writes with the primitives above, and ends with `finish` (or
-# `recompute_changes`, then its own rows, then the audit records): the audit chain's lock is
-# the last a write may take.
+# `recompute_changes`, then its own rows, then the audit records).
 
 
 async def lock_for_writes(

@@ -222,7 +222,7 @@ async def _run(
     plan = await _decide(tx, entries)
     await _lock_writes(tx, entries, plan)
     results, changes = await _process(tx, entries, plan, provenance)
-    # 5. The audit records, all at once: the chain's lock is the last one taken.
+    # The audit records, all at once (unchained: no lock; chained after the commit).
     await append_audit(tx.conn, [c.record for c in changes if c.record is not None])
     return [results[entry.index] for entry in entries]
 
