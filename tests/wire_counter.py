@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 _SSL_REQUEST = 80877103
@@ -28,7 +28,7 @@ class WireCounter:
     counting: bool = False
 
     @contextlib.contextmanager
-    def window(self) -> AsyncIterator[WireCounter]:  # type: ignore[misc]
+    def window(self) -> Iterator[WireCounter]:
         self.round_trips, self.messages, self.counting = 0, [], True
         try:
             yield self
