@@ -48,6 +48,21 @@ async def _rows(db) -> list:
         ).all()
 
 
+async def _remove(db, seq: int) -> dict:
+    """Record `seq` deleted as the table's owner could; returns the row, to put back."""
+    async with db.write() as conn:
+        query = text("SELECT * FROM audit_event WHERE seq = :s")
+        removed = dict((await conn.execute(query, {"s": seq})).mappings().one())
+        await _as_owner(conn, "DELETE FROM audit_event WHERE seq = :s", {"s": seq})
+    return removed
+
+
+async def _put_back(db, row: dict) -> None:
+    columns, values = ", ".join(row), ", ".join(f":{name}" for name in row)
+    async with db.write() as conn:
+        await conn.execute(text(f"INSERT INTO audit_event ({columns}) VALUES ({values})"), row)
+
+
 async def test_a_write_stores_its_record_unchained_and_the_sequencer_chains_it(settings):
     async with running_app(_held(settings)) as app, client_for(app) as client:
         db = app.state.services.db
@@ -105,28 +120,14 @@ async def test_a_write_record_removed_before_it_is_chained_is_detected(settings)
         patient = (await create(client, builders.patient("S01-001"))).json()
         await create(client, builders.patient("S01-002"))
         (row,) = [r for r in await _rows(db) if f"Patient/{patient['id']}/" in r.content]
-        async with db.write() as conn:
-            removed = dict(
-                (
-                    await conn.execute(
-                        text("SELECT * FROM audit_event WHERE seq = :s"), {"s": row.seq}
-                    )
-                )
-                .mappings()
-                .one()
-            )
-            await _as_owner(conn, "DELETE FROM audit_event WHERE seq = :s", {"s": row.seq})
+        removed = await _remove(db, row.seq)
         await ChainSequencer(db).chain_all()
         result = await verify(db)
         assert result.problem == (
             f"Patient/{patient['id']}/_history/1 has no write record: it was written without "
             "one, or its record was removed"
         )
-        columns, values = ", ".join(removed), ", ".join(f":{name}" for name in removed)
-        async with db.write() as conn:  # put back (unchained) for the teardown's check
-            await conn.execute(
-                text(f"INSERT INTO audit_event ({columns}) VALUES ({values})"), removed
-            )
+        await _put_back(db, removed)  # unchained, as it was, for the teardown's check
         await ChainSequencer(db).chain_all()
         assert (await verify(db)).problem is None
 
@@ -319,20 +320,9 @@ async def test_verify_matches_each_version_to_its_write_record(settings):
         assert (await verify(db, chain_delay_ms=AN_HOUR_MS)).problem is None
 
         (row,) = [r for r in await _rows(db) if '"Patient/ab/_history/2"' in r.content]
-        async with db.write() as conn:
-            removed = dict(
-                (
-                    await conn.execute(
-                        text("SELECT * FROM audit_event WHERE seq = :s"), {"s": row.seq}
-                    )
-                )
-                .mappings()
-                .one()
-            )
-            await _as_owner(conn, "DELETE FROM audit_event WHERE seq = :s", {"s": row.seq})
+        removed = await _remove(db, row.seq)
         problem = (await verify(db, chain_delay_ms=AN_HOUR_MS)).problem or ""
         assert problem.startswith("Patient/ab/_history/2 has no write record")
-        columns, values = ", ".join(removed), ", ".join(f":{name}" for name in removed)
-        async with db.write() as conn:  # back, for the teardown's check
-            await _as_owner(conn, f"INSERT INTO audit_event ({columns}) VALUES ({values})", removed)
+        await _put_back(db, removed)  # unchained, as it was, for the teardown's check
+        await ChainSequencer(db).chain_all()
         assert (await verify(db)).problem is None
