@@ -282,14 +282,20 @@ async def test_the_audit_chain_verifies_after_concurrent_writes_through_both(rep
             *(http.get(f"/fhir/Patient/{patient}") for http in (one, two) * 6),
         )
         assert all(a.status_code in (200, 201) for a in answers)
-    verified = replicas.cli("audit", "verify")
-    assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert "hash chain verified" in verified.stdout
-    # Every write of both instances is in the one chain.
     conn = await asyncpg.connect(
         make_url(POSTGRES_ADMIN_URL).set(database=replicas.database).render_as_string(False)
     )
     try:
+        # The records of the last requests are chained by the instances' sequencers a
+        # moment after commit; wait for them, so that the chain below holds every one.
+        deadline = asyncio.get_running_loop().time() + 20
+        while await conn.fetchval("SELECT count(*) FROM audit_event WHERE chain_seq IS NULL"):
+            assert asyncio.get_running_loop().time() < deadline, "the sequencers fell behind"
+            await asyncio.sleep(0.1)
+        verified = replicas.cli("audit", "verify")
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+        assert "hash chain verified" in verified.stdout
+        # Every write of both instances is in the one chain.
         chained = await conn.fetchval("SELECT count(*) FROM audit_event")
         writes = await conn.fetchval("SELECT count(*) FROM resource_version")
         backends = await conn.fetchval(
