@@ -363,20 +363,29 @@ def _check(
         if isinstance(value, list):
             if not spec.is_list:
                 continue  # fhir.resources reports the cardinality error
-            if not value:
-                issues.append(Issue("required", "An array must not be empty", [here]))
-            for index, item in enumerate(value):
-                item_path = f"{here}[{index}]"
-                if item is None:
-                    issues.append(
-                        Issue("required", "null is not allowed in FHIR JSON", [item_path])
-                    )
-                else:
-                    value[index] = item = _integral(item, spec)
-                    _check_value(item, spec, model, item_path, issues)
+            _check_items(value, spec, model, here, issues)
         else:
             node[key] = value = _integral(value, spec)
             _check_value(value, spec, model, here, issues)
+
+
+def _check_items(
+    items: list[Any],
+    spec: _FieldSpec,
+    model: type[FHIRAbstractModel],
+    path: str,
+    issues: list[Issue],
+) -> None:
+    """The items of an array element, each checked as `path[index]`."""
+    if not items:
+        issues.append(Issue("required", "An array must not be empty", [path]))
+    for index, item in enumerate(items):
+        item_path = f"{path}[{index}]"
+        if item is None:
+            issues.append(Issue("required", "null is not allowed in FHIR JSON", [item_path]))
+        else:
+            items[index] = item = _integral(item, spec)
+            _check_value(item, spec, model, item_path, issues)
 
 
 _INTEGER_PRIMITIVES = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
