@@ -449,28 +449,36 @@ def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:
     if primitive == "boolean":
         return None if isinstance(value, bool) else "A boolean must be JSON true or false"
     if primitive in _INTEGER_PRIMITIVES:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f"A FHIR {primitive} must be a JSON integer"
-        if primitive == "positiveInt" and value < 1:
-            return "A positiveInt must be 1 or more"
-        if primitive == "unsignedInt" and value < 0:
-            return "An unsignedInt must be 0 or more"
-        return None
+        return _integer_problem(value, primitive)
     if primitive == "decimal":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return "A decimal must be a JSON number"
-        return None
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if number else "A decimal must be a JSON number"
     if not isinstance(value, str):
         return f"A FHIR {primitive} must be a JSON string"
     if value == "":
         return "An empty string is not a FHIR value"
-    if primitive == "date":
-        return date_problem(value, "date")
-    if primitive == "dateTime":
-        return date_problem(value, "dateTime")
-    if primitive == "instant":
-        return date_problem(value, "instant")
-    if primitive in ("uri", "url", "canonical", "oid", "uuid") and any(c.isspace() for c in value):
+    return _string_problem(value, primitive)
+
+
+def _integer_problem(value: Any, primitive: str) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"A FHIR {primitive} must be a JSON integer"
+    if primitive == "positiveInt" and value < 1:
+        return "A positiveInt must be 1 or more"
+    if primitive == "unsignedInt" and value < 0:
+        return "An unsignedInt must be 0 or more"
+    return None
+
+
+_DATE_PRIMITIVES = frozenset({"date", "dateTime", "instant"})
+_URI_PRIMITIVES = frozenset({"uri", "url", "canonical", "oid", "uuid"})
+
+
+def _string_problem(value: str, primitive: str) -> str | None:
+    """What makes a non-empty string no value of the string-based `primitive`."""
+    if primitive in _DATE_PRIMITIVES:
+        return date_problem(value, primitive)
+    if primitive in _URI_PRIMITIVES and any(c.isspace() for c in value):
         return f"A FHIR {primitive} must not contain white space"
     if primitive in ("string", "markdown") and not _STRING_RE.fullmatch(value):
         return f"A FHIR {primitive} has no white space but space, CR, LF and tab"
