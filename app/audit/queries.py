@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, or_, select
@@ -41,50 +42,74 @@ def _conditions(params: list[tuple[str, str]]) -> list[ColumnElement[bool]]:
             raise BadRequest("Search parameters cannot contain NUL characters")
         if value == "":
             continue  # FHIR: a parameter without a value is ignored
-        values = [v for v in value.split(",") if v]
-        if name == "_id":
-            where.append(AE.c.id.in_(values))
-        elif name == "entity":
-            # The resource an event is about, or one a search showed (audit_disclosure).
-            alternatives = []
-            for reference in values:
-                kind, _, ident = reference.rpartition("/")
-                about = AE.c.entity_id == ident
-                shown = AD.c.entity_id == ident
-                if kind:
-                    about &= AE.c.entity_type == kind
-                    shown &= AD.c.entity_type == kind
-                alternatives.append(about)
-                alternatives.append(AE.c.id.in_(select(AD.c.audit_id).where(shown)))
-            where.append(or_(*alternatives))
-        elif name == "agent":
-            where.append(AE.c.agent.in_(values))
-        elif name == "action":
-            if not set(values) <= _ACTIONS:
-                raise BadRequest(f"action={value!r}: one of C, R, U, D, E")
-            where.append(AE.c.action.in_(values))
-        elif name == "date":
-            prefix, text = ("eq", value)
-            if value[:2] in _PREFIXES:
-                prefix, text = value[:2], value[2:]
-            bounds = fhir_range(text)
-            if bounds is None:
-                raise BadRequest(f"date={value!r} is not a FHIR date or dateTime")
-            start, end = bounds
-            where.append(
-                {
-                    "eq": (AE.c.recorded >= start) & (AE.c.recorded <= end),
-                    "lt": AE.c.recorded < start,
-                    "le": AE.c.recorded <= end,
-                    "gt": AE.c.recorded > end,
-                    "ge": AE.c.recorded >= start,
-                }[prefix]
-            )
-        elif name not in ("_count", "_cursor", "_format", "_pretty"):
+        condition = _CONDITIONS.get(name)
+        if condition is not None:
+            where.append(condition(value))
+        elif name not in _CONTROLS:
             raise BadRequest(
                 f"Unknown AuditEvent search parameter {name!r}; supported: " + ", ".join(PARAMETERS)
             )
     return where
+
+
+def _values(value: str) -> list[str]:
+    """A parameter's comma-separated values, OR-ed."""
+    return [v for v in value.split(",") if v]
+
+
+def _one_of(column: ColumnElement[str], value: str) -> ColumnElement[bool]:
+    return column.in_(_values(value))
+
+
+def _entity_condition(value: str) -> ColumnElement[bool]:
+    # The resource an event is about, or one a search showed (audit_disclosure).
+    alternatives = []
+    for reference in _values(value):
+        kind, _, ident = reference.rpartition("/")
+        about = AE.c.entity_id == ident
+        shown = AD.c.entity_id == ident
+        if kind:
+            about &= AE.c.entity_type == kind
+            shown &= AD.c.entity_type == kind
+        alternatives.append(about)
+        alternatives.append(AE.c.id.in_(select(AD.c.audit_id).where(shown)))
+    return or_(*alternatives)
+
+
+def _action_condition(value: str) -> ColumnElement[bool]:
+    if not set(_values(value)) <= _ACTIONS:
+        raise BadRequest(f"action={value!r}: one of C, R, U, D, E")
+    return _one_of(AE.c.action, value)
+
+
+def _date_condition(value: str) -> ColumnElement[bool]:
+    prefix, text = ("eq", value)
+    if value[:2] in _PREFIXES:
+        prefix, text = value[:2], value[2:]
+    bounds = fhir_range(text)
+    if bounds is None:
+        raise BadRequest(f"date={value!r} is not a FHIR date or dateTime")
+    start, end = bounds
+    comparisons: dict[str, ColumnElement[bool]] = {
+        "eq": (AE.c.recorded >= start) & (AE.c.recorded <= end),
+        "lt": AE.c.recorded < start,
+        "le": AE.c.recorded <= end,
+        "gt": AE.c.recorded > end,
+        "ge": AE.c.recorded >= start,
+    }
+    return comparisons[prefix]
+
+
+# One condition per parameter in PARAMETERS, from its (non-empty) value.
+_CONDITIONS: dict[str, Callable[[str], ColumnElement[bool]]] = {
+    "_id": lambda value: _one_of(AE.c.id, value),
+    "entity": _entity_condition,
+    "agent": lambda value: _one_of(AE.c.agent, value),
+    "date": _date_condition,
+    "action": _action_condition,
+}
+# Paging and formatting: the route's business, not a condition on the events.
+_CONTROLS = ("_count", "_cursor", "_format", "_pretty")
 
 
 async def search(

@@ -112,8 +112,8 @@ def _detail(kind: str, value: object) -> dict[str, Any]:
     return {"type": kind, "valueString": str(value)}
 
 
-def to_fhir(record: AuditRecord, audit_id: str) -> dict[str, Any]:
-    """The record as a FHIR R4B AuditEvent."""
+def _agent(record: AuditRecord) -> dict[str, Any]:
+    """AuditEvent.agent: who acted, in which role, from where."""
     agent: dict[str, Any] = {"requestor": True}
     if record.agent:
         agent["who"] = {"identifier": {"value": record.agent}}
@@ -121,6 +121,11 @@ def to_fhir(record: AuditRecord, audit_id: str) -> dict[str, Any]:
         agent["role"] = [{"text": record.role}]
     if record.client_address:
         agent["network"] = {"address": record.client_address, "type": "2"}
+    return agent
+
+
+def _entity(record: AuditRecord) -> dict[str, Any]:
+    """AuditEvent.entity of what the interaction was about (empty when nothing is said)."""
     entity: dict[str, Any] = {}
     if record.entity_type:
         reference = record.entity_type
@@ -144,6 +149,11 @@ def to_fhir(record: AuditRecord, audit_id: str) -> dict[str, Any]:
         entity["query"] = record.query
     if details:
         entity["detail"] = details
+    return entity
+
+
+def to_fhir(record: AuditRecord, audit_id: str) -> dict[str, Any]:
+    """The record as a FHIR R4B AuditEvent."""
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": audit_id,
@@ -158,11 +168,12 @@ def to_fhir(record: AuditRecord, audit_id: str) -> dict[str, Any]:
         "action": record.action,
         "recorded": format_instant(record.recorded),
         "outcome": record.outcome,
-        "agent": [agent],
+        "agent": [_agent(record)],
         "source": {"observer": {"display": "itp-trial-api"}},
     }
     if record.description:
         event["outcomeDesc"] = record.description
+    entity = _entity(record)
     entities = [entity] if entity else []
     entities.extend(
         {"what": {"reference": f"{kind}/{ident}/_history/{version}"}, "role": _RESULT_ROLE}

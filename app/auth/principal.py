@@ -135,38 +135,55 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     if _holds_nul(claims):
         # PostgreSQL cannot store or compare text with NUL: refused on both databases alike.
         raise BadRequest("A token claim contains the NUL character (\\u0000)")
+    sub = _subject(claims)
+    role = _role(claims)
+    token_id = claims.get("jti")
+    if token_id is not None and not isinstance(token_id, str):
+        raise Unauthorized("token id invalid")
+    sites = _granted_sites(claims, role)
+    scopes = _granted_scopes(claims, role)
+    return Principal(sub=sub, role=role, sites=sites, scopes=scopes, token_id=token_id)
+
+
+def _subject(claims: dict[str, Any]) -> str:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub.strip():
         raise Unauthorized("token lacks a subject")
     if len(sub) > MAX_SUBJECT_LENGTH:
         raise Unauthorized(f"token subject longer than {MAX_SUBJECT_LENGTH} characters")
+    return sub
+
+
+def _role(claims: dict[str, Any]) -> Role:
     role_claim = claims.get("role")
     if role_claim is None:
         raise Unauthorized("token lacks the role claim")
     if not isinstance(role_claim, str) or role_claim not in {r.value for r in Role}:
         raise Unauthorized("token role unknown")
-    role = Role(role_claim)
-    token_id = claims.get("jti")
-    if token_id is not None and not isinstance(token_id, str):
-        raise Unauthorized("token id invalid")
+    return Role(role_claim)
 
+
+def _granted_sites(claims: dict[str, Any], role: Role) -> frozenset[str]:
+    """The sites the token grants; an admin's token may list none (it needs none)."""
     sites_claim = claims.get("sites")
     if sites_claim is None and role is not Role.ADMIN:
         raise Unauthorized("token lacks the sites claim")
     sites = _parse_sites(sites_claim)
     if not sites and role is not Role.ADMIN:
         raise Forbidden(f"token of role {role} grants no site")
+    return sites
 
+
+def _granted_scopes(claims: dict[str, Any], role: Role) -> frozenset[Scope]:
+    """The token's scopes; without a `scope` claim, the role's defaults (which narrow nothing)."""
     scope_claim = claims.get("scope")
     if scope_claim is None:
-        scopes = parse_scopes(DEFAULT_SCOPES[role])
-    elif isinstance(scope_claim, str):
-        scopes = parse_scopes(scope_claim)
-    elif isinstance(scope_claim, list) and all(isinstance(s, str) for s in scope_claim):
-        scopes = parse_scopes(" ".join(scope_claim))  # some providers send a list
-    else:
-        raise Unauthorized("token scope claim malformed")
-    return Principal(sub=sub, role=role, sites=sites, scopes=scopes, token_id=token_id)
+        return parse_scopes(DEFAULT_SCOPES[role])
+    if isinstance(scope_claim, str):
+        return parse_scopes(scope_claim)
+    if isinstance(scope_claim, list) and all(isinstance(s, str) for s in scope_claim):
+        return parse_scopes(" ".join(scope_claim))  # some providers send a list
+    raise Unauthorized("token scope claim malformed")
 
 
 def _holds_nul(value: object) -> bool:

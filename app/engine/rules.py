@@ -15,9 +15,10 @@ evaluable even when every such count is under rescue.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
+from itertools import chain
 from operator import attrgetter
 from statistics import fmean
 from typing import NamedTuple, TypeVar
@@ -825,29 +826,42 @@ def _evidence(
     """
     evidence = _empty_evidence()
     evidence["baseline"] = list(baseline.observations)
+    found = chain(_decision_evidence(traces, counts), _bleeding_evidence(counts, bleeding))
+    for key, ident in found:
+        if ident not in evidence[key]:
+            evidence[key].append(ident)
+    return evidence
 
-    def add(key: str, pair: _Pair | None) -> None:
-        if pair is None:
-            return
-        for index in (pair.first, pair.second):
-            count = counts[index]
-            if count.is_count and count.id not in evidence[key]:
-                evidence[key].append(count.id)
 
+def _decision_evidence(
+    traces: Sequence[_EpisodeTrace], counts: Sequence[_Count]
+) -> Iterator[tuple[str, str]]:
+    """(key, id) of the counts each decision rests on (a bleeding occasion is no count)."""
     for trace in traces:
-        add("response", trace.onset)
-        add("loss", trace.loss)
-        for stretch in trace.cr:
-            add("complete_response", stretch.confirmed)
-            add("complete_response_loss", stretch.lost)
+        for key, pair in _decisions(trace):
+            if pair is None:
+                continue
+            for index in (pair.first, pair.second):
+                if counts[index].is_count:
+                    yield key, counts[index].id
+
+
+def _decisions(trace: _EpisodeTrace) -> Iterator[tuple[str, _Pair | None]]:
+    """An episode's decisions under their evidence keys, in clinical order."""
+    yield "response", trace.onset
+    yield "loss", trace.loss
+    for stretch in trace.cr:
+        yield "complete_response", stretch.confirmed
+        yield "complete_response_loss", stretch.lost
+
+
+def _bleeding_evidence(counts: Sequence[_Count], bleeding: _Bleeding) -> Iterator[tuple[str, str]]:
+    """(key, id) of what made each occasion one "with bleeding": the bleeds of a count's
+    day, or the bleed that was the occasion itself."""
     for count in counts:
         if not count.bleeding:
             continue
         if count.is_count:
-            found = [(key, ident) for key, ident, _ in bleeding[count.day]]
+            yield from ((key, ident) for key, ident, _ in bleeding[count.day])
         else:
-            found = [(count.source, count.id)]
-        for key, ident in found:
-            if ident not in evidence[key]:
-                evidence[key].append(ident)
-    return evidence
+            yield count.source, count.id

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import orjson
@@ -67,38 +67,50 @@ def parse_kick_off(request: Request) -> service.ExportRequest:
     for name in _UNSUPPORTED:
         if any(key == name for key, _ in params) and not lenient:
             raise BadRequest(f"{name} is not supported by this server; resend without it")
-    formats = _values(params, "_outputFormat")
-    for value in formats:
+    _check_output_format(params)
+    types = _export_types(params)
+    since = _since(params)
+    return service.ExportRequest(url=str(request.url), types=types, since=since)
+
+
+def _check_output_format(params: Sequence[tuple[str, str]]) -> None:
+    for value in _values(params, "_outputFormat"):
         if value not in service.OUTPUT_FORMATS:
             raise BadRequest(
                 f"_outputFormat {value!r} is not supported: this server writes "
                 "application/fhir+ndjson (also named application/ndjson or ndjson)",
                 expression=["_outputFormat"],
             )
-    types: tuple[str, ...] | None = None
-    if any(key == "_type" for key, _ in params):
-        requested = [t for t in _values(params, "_type") if t]
-        unknown = sorted(set(requested) - set(service.EXPORT_TYPES))
-        if unknown or not requested:
-            raise BadRequest(
-                f"_type {', '.join(unknown) or '(empty)'} cannot be exported; this server "
-                f"exports {', '.join(service.EXPORT_TYPES)}",
-                expression=["_type"],
-            )
-        types = tuple(dict.fromkeys(requested))
-    since = None
+
+
+def _export_types(params: Sequence[tuple[str, str]]) -> tuple[str, ...] | None:
+    """The `_type`s asked for, each once in the order given; None without `_type`."""
+    if not any(key == "_type" for key, _ in params):
+        return None
+    requested = [t for t in _values(params, "_type") if t]
+    unknown = sorted(set(requested) - set(service.EXPORT_TYPES))
+    if unknown or not requested:
+        raise BadRequest(
+            f"_type {', '.join(unknown) or '(empty)'} cannot be exported; this server "
+            f"exports {', '.join(service.EXPORT_TYPES)}",
+            expression=["_type"],
+        )
+    return tuple(dict.fromkeys(requested))
+
+
+def _since(params: Sequence[tuple[str, str]]) -> datetime | None:
     values = [value for key, value in params if key == "_since"]
     if len(values) > 1:
         raise BadRequest("_since may be given once", expression=["_since"])
-    if values:
-        bounds = fhir_range(values[0]) if _INSTANT.fullmatch(values[0]) else None
-        if bounds is None:
-            raise BadRequest(
-                f"_since {values[0]!r} is not a FHIR instant (e.g. 2025-03-10T08:00:00Z)",
-                expression=["_since"],
-            )
-        since = bounds[0]
-    return service.ExportRequest(url=str(request.url), types=types, since=since)
+    if not values:
+        return None
+    bounds = fhir_range(values[0]) if _INSTANT.fullmatch(values[0]) else None
+    if bounds is None:
+        raise BadRequest(
+            f"_since {values[0]!r} is not a FHIR instant (e.g. 2025-03-10T08:00:00Z)",
+            expression=["_since"],
+        )
+    return bounds[0]
 
 
 def _kick_off_doc(scope: str) -> dict[str, Any]:

@@ -321,10 +321,12 @@ def header(message: Any) -> Header:
         )
     if not control_id:
         problems.append(Problem("101", "MSH-10 (message control id) is required", where.at(10)))
-    elif len(control_id) > _MAX_CONTROL_ID:
-        problems.append(Problem("102", "MSH-10 is longer than HL7 allows", where.at(10)))
-    for number in (3, 4):
-        if len(field_text(msh, number)) > _MAX_HD:
+    for number, text, limit in (
+        (10, control_id, _MAX_CONTROL_ID),
+        (3, field_text(msh, 3), _MAX_HD),
+        (4, field_text(msh, 4), _MAX_HD),
+    ):
+        if len(text) > limit:
             problems.append(
                 Problem("102", f"MSH-{number} is longer than HL7 allows", where.at(number))
             )

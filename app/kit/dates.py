@@ -128,38 +128,44 @@ def fhir_range(value: str) -> tuple[datetime, datetime] | None:
     match = _PARTIAL_RE.fullmatch(value)
     if match is None:
         return None
-    year = int(match["y"])
     try:
-        if match["m"] is None:
-            return datetime(year, 1, 1), datetime(year, 12, 31, 23, 59, 59, 999999)
-        month = int(match["m"])
-        if match["d"] is None:
-            last = calendar.monthrange(year, month)[1]
-            return datetime(year, month, 1), datetime(year, month, last, 23, 59, 59, 999999)
-        day = int(match["d"])
-        if match["H"] is None:
-            return datetime(year, month, day), datetime(year, month, day, 23, 59, 59, 999999)
-        hour, minute = int(match["H"]), int(match["M"])
-        second = int(match["S"] or 0)
-        second = min(second, 59)  # a leap second is read as the last second of the minute
-        micro = int((match["f"] or ".0")[1:].ljust(6, "0")[:6])
-        start = datetime(year, month, day, hour, minute, second, micro)
+        return _whole_days(match) if match["H"] is None else _time_span(match)
     except ValueError:
         return None
-    tz = match["tz"]
-    try:
-        if tz is not None and tz != "Z":
-            sign = 1 if tz[0] == "+" else -1
-            start -= sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
-        if match["f"] is not None:
-            end = start
-        elif match["S"] is not None:
-            end = start + timedelta(seconds=1) - _ONE_US
-        else:
-            end = start + timedelta(minutes=1) - _ONE_US
     except OverflowError:  # 0001-01-01T00:30+01:00 is before the first representable instant
         return None
-    return start, end
+
+
+def _whole_days(match: re.Match[str]) -> tuple[datetime, datetime]:
+    """A year, a month or a day, from its first microsecond to its last."""
+    year = int(match["y"])
+    if match["m"] is None:
+        return datetime(year, 1, 1), datetime(year, 12, 31, 23, 59, 59, 999999)
+    month = int(match["m"])
+    if match["d"] is None:
+        last = calendar.monthrange(year, month)[1]
+        return datetime(year, month, 1), datetime(year, month, last, 23, 59, 59, 999999)
+    day = int(match["d"])
+    return datetime(year, month, day), datetime(year, month, day, 23, 59, 59, 999999)
+
+
+def _time_span(match: re.Match[str]) -> tuple[datetime, datetime]:
+    """A date with a time of day, in UTC: its minute or second, or the instant a fraction
+    gives."""
+    hour, minute = int(match["H"]), int(match["M"])
+    second = int(match["S"] or 0)
+    second = min(second, 59)  # a leap second is read as the last second of the minute
+    micro = int((match["f"] or ".0")[1:].ljust(6, "0")[:6])
+    start = datetime(int(match["y"]), int(match["m"]), int(match["d"]), hour, minute, second, micro)
+    tz = match["tz"]
+    if tz is not None and tz != "Z":
+        sign = 1 if tz[0] == "+" else -1
+        start -= sign * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
+    if match["f"] is not None:
+        return start, start
+    if match["S"] is not None:
+        return start, start + timedelta(seconds=1) - _ONE_US
+    return start, start + timedelta(minutes=1) - _ONE_US
 
 
 def parse_instant(value: str) -> datetime | None:

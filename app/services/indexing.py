@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -254,41 +255,59 @@ def record_kind(
     resource_type: str, raw: dict[str, Any], code_systems: codes.CodeSystems
 ) -> str | None:
     """The record's role in the trial, as the response engine reads it (fhir-profile.md)."""
-    if resource_type == "Observation":
-        kinds = set()
-        for coding in _codings(raw.get("code")):
-            system, code = coding.get("system"), coding.get("code")
-            if system == codes.LOINC and code in codes.PLATELET_CODES:
-                kinds.add(KIND_PLATELET)
-            elif code_systems.is_trial_codes(system) and code == codes.WHO_BLEEDING_GRADE:
-                kinds.add(KIND_BLEEDING_GRADE)
-            elif code_systems.is_trial_codes(system) and code == codes.ITP_RESPONSE_STATUS:
-                kinds.add(KIND_RESPONSE_STATUS)
-        # Any response-status coding makes it server-owned, whatever else it carries: a
-        # platelet coding beside it must not smuggle a forged status in.
-        if KIND_RESPONSE_STATUS in kinds:
-            return KIND_RESPONSE_STATUS
-        if len(kinds) > 1:
-            raise Unprocessable(
-                "Observation.code mixes a platelet count and a bleeding grade; send each as "
-                "its own Observation",
-                expression=["Observation.code"],
-            )
-        return kinds.pop() if kinds else None
-    if resource_type == "MedicationAdministration":
-        category = raw.get("category")
-        for coding in _codings(category):
-            if code_systems.is_medication_role(coding.get("system")) and (
-                coding.get("code") in codes.MEDICATION_ROLES
-            ):
-                return str(coding["code"])
-        return "concomitant"  # the profile: an administration with no role is concomitant
-    if resource_type == "AdverseEvent":
-        for coding in _codings(raw.get("event")):
-            if (coding.get("system"), coding.get("code")) in code_systems.bleeding_event_codes:
-                return KIND_BLEEDING_EVENT
-        return None
+    kind_of = _KIND_OF.get(resource_type)
+    return kind_of(raw, code_systems) if kind_of is not None else None
+
+
+def _observation_kind(raw: dict[str, Any], code_systems: codes.CodeSystems) -> str | None:
+    found = (_code_kind(coding, code_systems) for coding in _codings(raw.get("code")))
+    kinds = {kind for kind in found if kind is not None}
+    # Any response-status coding makes it server-owned, whatever else it carries: a
+    # platelet coding beside it must not smuggle a forged status in.
+    if KIND_RESPONSE_STATUS in kinds:
+        return KIND_RESPONSE_STATUS
+    if len(kinds) > 1:
+        raise Unprocessable(
+            "Observation.code mixes a platelet count and a bleeding grade; send each as "
+            "its own Observation",
+            expression=["Observation.code"],
+        )
+    return kinds.pop() if kinds else None
+
+
+def _code_kind(coding: dict[str, Any], code_systems: codes.CodeSystems) -> str | None:
+    """What one Observation.code coding makes the record, if anything."""
+    system, code = coding.get("system"), coding.get("code")
+    if system == codes.LOINC and code in codes.PLATELET_CODES:
+        return KIND_PLATELET
+    if code_systems.is_trial_codes(system) and code == codes.WHO_BLEEDING_GRADE:
+        return KIND_BLEEDING_GRADE
+    if code_systems.is_trial_codes(system) and code == codes.ITP_RESPONSE_STATUS:
+        return KIND_RESPONSE_STATUS
     return None
+
+
+def _medication_role(raw: dict[str, Any], code_systems: codes.CodeSystems) -> str:
+    for coding in _codings(raw.get("category")):
+        if code_systems.is_medication_role(coding.get("system")) and (
+            coding.get("code") in codes.MEDICATION_ROLES
+        ):
+            return str(coding["code"])
+    return "concomitant"  # the profile: an administration with no role is concomitant
+
+
+def _adverse_event_kind(raw: dict[str, Any], code_systems: codes.CodeSystems) -> str | None:
+    for coding in _codings(raw.get("event")):
+        if (coding.get("system"), coding.get("code")) in code_systems.bleeding_event_codes:
+            return KIND_BLEEDING_EVENT
+    return None
+
+
+_KIND_OF: dict[str, Callable[[dict[str, Any], codes.CodeSystems], str | None]] = {
+    "Observation": _observation_kind,
+    "MedicationAdministration": _medication_role,
+    "AdverseEvent": _adverse_event_kind,
+}
 
 
 _SITE_CODE = re.compile(codes.SITE_CODE_PATTERN)

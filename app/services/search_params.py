@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -379,32 +379,49 @@ def _resolve(
 def _control(
     parsed: ParsedSearch, resource_type: str, name: str, value: str, max_count: int
 ) -> None:
-    if name == "_count":
-        if not (value.isascii() and value.isdigit()):
-            raise BadRequest(f"_count={value!r} is not a whole number")
-        parsed.count = min(int(value), max_count)
-        parsed.applied.append((name, str(parsed.count)))
-        return
-    if name == "_sort":
-        _sort(parsed, resource_type, value)
-    elif name == "_total":
-        if value not in TOTAL_MODES:
-            raise BadRequest(f"_total={value!r}: use none, estimate or accurate")
-        parsed.total = value != "none"
-    elif name == "_summary":
-        if value not in SUMMARY_MODES:
-            raise BadRequest(f"_summary={value!r}: use true, text, data, count or false")
-        parsed.summary = None if value == "false" else value
-    elif name == "_elements":
-        names = [part.strip() for part in value.split(",")]
-        if not all(_ELEMENT_NAME.fullmatch(n) for n in names):
-            raise BadRequest(f"_elements={value!r} is not a comma-separated list of elements")
-        parsed.elements = tuple(dict.fromkeys(names))
-    elif name in ("_include", "_revinclude"):
-        _include(parsed, resource_type, name, value)
-    else:
-        return  # _format and _pretty shape the response, not the search
+    match name:
+        case "_count":
+            parsed.count = _count(value, max_count)
+            value = str(parsed.count)  # the next link asks for the count answered
+        case "_sort":
+            _sort(parsed, resource_type, value)
+        case "_total":
+            parsed.total = _total(value)
+        case "_summary":
+            parsed.summary = _summary(value)
+        case "_elements":
+            parsed.elements = _elements(value)
+        case "_include" | "_revinclude":
+            _include(parsed, resource_type, name, value)
+        case _:
+            return  # _format and _pretty shape the response, not the search
     parsed.applied.append((name, value))
+
+
+def _count(value: str, max_count: int) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise BadRequest(f"_count={value!r} is not a whole number")
+    return min(int(value), max_count)
+
+
+def _total(value: str) -> bool:
+    """Whether Bundle.total is counted (estimate is answered accurately)."""
+    if value not in TOTAL_MODES:
+        raise BadRequest(f"_total={value!r}: use none, estimate or accurate")
+    return value != "none"
+
+
+def _summary(value: str) -> str | None:
+    if value not in SUMMARY_MODES:
+        raise BadRequest(f"_summary={value!r}: use true, text, data, count or false")
+    return None if value == "false" else value
+
+
+def _elements(value: str) -> tuple[str, ...]:
+    names = [part.strip() for part in value.split(",")]
+    if not all(_ELEMENT_NAME.fullmatch(n) for n in names):
+        raise BadRequest(f"_elements={value!r} is not a comma-separated list of elements")
+    return tuple(dict.fromkeys(names))
 
 
 def _sort(parsed: ParsedSearch, resource_type: str, value: str) -> None:
@@ -484,47 +501,96 @@ def _apply(
         criteria.missing = [*(criteria.missing or []), missing]
         return
     values = _values(value)
-    match parameter.index:
-        case "id":
-            ids = [_unescape(v) for v in values]
-            for resource_id in ids:
-                if not _SEARCH_ID.fullmatch(resource_id):
-                    # No resource has such an id: a malformed request, not an empty match.
-                    raise BadRequest(
-                        f"_id={resource_id!r} is not a FHIR id (letters, digits, - and ., "
-                        "up to 64)",
-                        expression=["_id"],
-                    )
-            criteria.ids = _intersect(criteria.ids, ids)
-        case "patient":
-            patients = [_reference_id(parameter.name, _unescape(v)) for v in values]
-            criteria.patients = _intersect(criteria.patients, patients)
-        case "site" if modifier == "identifier":
-            matches = [_token("organization", v) for v in values]
-            criteria.tokens = [*(criteria.tokens or []), matches]
-        case "site":
-            sites = [_site(parameter.name, _unescape(v)) for v in values]
-            criteria.organizations = _intersect(criteria.organizations, sites)
-        case "token":
-            matches = [_token(parameter.name, v) for v in values]
-            if modifier == "not":
-                criteria.tokens_not = [*(criteria.tokens_not or []), matches]
-            else:
-                criteria.tokens = [*(criteria.tokens or []), matches]
-        case "string":
-            strings = [_string(parameter.name, modifier, _unescape(v)) for v in values]
-            criteria.strings = [*(criteria.strings or []), strings]
-        case "number":
-            numbers = [_number(parameter, v) for v in values]
-            criteria.numbers = [*(criteria.numbers or []), numbers]
-        case "effective":
-            dates = [_date_match(parameter.name, v) for v in values]
-            criteria.dates = [*(criteria.dates or []), dates]
-        case "last-updated":
-            dates = [_date_match(parameter.name, v) for v in values]
-            criteria.last_updated = [*(criteria.last_updated or []), dates]
-        case _:
-            raise ValueError(f"no index {parameter.index} for {parameter.name}")
+    apply = _APPLY_BY_INDEX.get(parameter.index)
+    if apply is None:
+        raise ValueError(f"no index {parameter.index} for {parameter.name}")
+    apply(criteria, parameter, modifier, values)
+
+
+def _apply_ids(
+    criteria: filters.SearchFilter, parameter: SearchParameter, modifier: str, values: list[str]
+) -> None:
+    ids = [_unescape(v) for v in values]
+    for resource_id in ids:
+        if not _SEARCH_ID.fullmatch(resource_id):
+            # No resource has such an id: a malformed request, not an empty match.
+            raise BadRequest(
+                f"_id={resource_id!r} is not a FHIR id (letters, digits, - and ., up to 64)",
+                expression=["_id"],
+            )
+    criteria.ids = _intersect(criteria.ids, ids)
+
+
+def _apply_patients(
+    criteria: filters.SearchFilter, parameter: SearchParameter, modifier: str, values: list[str]
+) -> None:
+    patients = [_reference_id(parameter.name, _unescape(v)) for v in values]
+    criteria.patients = _intersect(criteria.patients, patients)
+
+
+def _apply_sites(
+    criteria: filters.SearchFilter, parameter: SearchParameter, modifier: str, values: list[str]
+) -> None:
+    if modifier == "identifier":
+        matches = [_token("organization", v) for v in values]
+        criteria.tokens = [*(criteria.tokens or []), matches]
+    else:
+        sites = [_site(parameter.name, _unescape(v)) for v in values]
+        criteria.organizations = _intersect(criteria.organizations, sites)
+
+
+def _apply_tokens(
+    criteria: filters.SearchFilter, parameter: SearchParameter, modifier: str, values: list[str]
+) -> None:
+    matches = [_token(parameter.name, v) for v in values]
+    if modifier == "not":
+        criteria.tokens_not = [*(criteria.tokens_not or []), matches]
+    else:
+        criteria.tokens = [*(criteria.tokens or []), matches]
+
+
+def _apply_strings(
+    criteria: filters.SearchFilter, parameter: SearchParameter, modifier: str, values: list[str]
+) -> None:
+    strings = [_string(parameter.name, modifier, _unescape(v)) for v in values]
+    criteria.strings = [*(criteria.strings or []), strings]
+
+
+def _apply_numbers(
+    criteria: filters.SearchFilter, parameter: SearchParameter, modifier: str, values: list[str]
+) -> None:
+    numbers = [_number(parameter, v) for v in values]
+    criteria.numbers = [*(criteria.numbers or []), numbers]
+
+
+def _apply_dates(
+    criteria: filters.SearchFilter, parameter: SearchParameter, modifier: str, values: list[str]
+) -> None:
+    dates = [_date_match(parameter.name, v) for v in values]
+    criteria.dates = [*(criteria.dates or []), dates]
+
+
+def _apply_last_updated(
+    criteria: filters.SearchFilter, parameter: SearchParameter, modifier: str, values: list[str]
+) -> None:
+    dates = [_date_match(parameter.name, v) for v in values]
+    criteria.last_updated = [*(criteria.last_updated or []), dates]
+
+
+# What a parameter's comma-separated values (OR-ed) add to the criteria, by the index that
+# holds them; a repeated parameter is AND-ed with what the criteria hold already.
+_APPLY_BY_INDEX: dict[
+    str, Callable[[filters.SearchFilter, SearchParameter, str, list[str]], None]
+] = {
+    "id": _apply_ids,
+    "patient": _apply_patients,
+    "site": _apply_sites,
+    "token": _apply_tokens,
+    "string": _apply_strings,
+    "number": _apply_numbers,
+    "effective": _apply_dates,
+    "last-updated": _apply_last_updated,
+}
 
 
 def _intersect(existing: list[str] | None, new: list[str]) -> list[str]:

@@ -363,20 +363,29 @@ def _check(
         if isinstance(value, list):
             if not spec.is_list:
                 continue  # fhir.resources reports the cardinality error
-            if not value:
-                issues.append(Issue("required", "An array must not be empty", [here]))
-            for index, item in enumerate(value):
-                item_path = f"{here}[{index}]"
-                if item is None:
-                    issues.append(
-                        Issue("required", "null is not allowed in FHIR JSON", [item_path])
-                    )
-                else:
-                    value[index] = item = _integral(item, spec)
-                    _check_value(item, spec, model, item_path, issues)
+            _check_items(value, spec, model, here, issues)
         else:
             node[key] = value = _integral(value, spec)
             _check_value(value, spec, model, here, issues)
+
+
+def _check_items(
+    items: list[Any],
+    spec: _FieldSpec,
+    model: type[FHIRAbstractModel],
+    path: str,
+    issues: list[Issue],
+) -> None:
+    """The items of an array element, each checked as `path[index]`."""
+    if not items:
+        issues.append(Issue("required", "An array must not be empty", [path]))
+    for index, item in enumerate(items):
+        item_path = f"{path}[{index}]"
+        if item is None:
+            issues.append(Issue("required", "null is not allowed in FHIR JSON", [item_path]))
+        else:
+            items[index] = item = _integral(item, spec)
+            _check_value(item, spec, model, item_path, issues)
 
 
 _INTEGER_PRIMITIVES = frozenset({"integer", "positiveInt", "unsignedInt", "integer64"})
@@ -440,28 +449,36 @@ def _primitive_problem(value: Any, spec: _FieldSpec) -> str | None:
     if primitive == "boolean":
         return None if isinstance(value, bool) else "A boolean must be JSON true or false"
     if primitive in _INTEGER_PRIMITIVES:
-        if isinstance(value, bool) or not isinstance(value, int):
-            return f"A FHIR {primitive} must be a JSON integer"
-        if primitive == "positiveInt" and value < 1:
-            return "A positiveInt must be 1 or more"
-        if primitive == "unsignedInt" and value < 0:
-            return "An unsignedInt must be 0 or more"
-        return None
+        return _integer_problem(value, primitive)
     if primitive == "decimal":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return "A decimal must be a JSON number"
-        return None
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if number else "A decimal must be a JSON number"
     if not isinstance(value, str):
         return f"A FHIR {primitive} must be a JSON string"
     if value == "":
         return "An empty string is not a FHIR value"
-    if primitive == "date":
-        return date_problem(value, "date")
-    if primitive == "dateTime":
-        return date_problem(value, "dateTime")
-    if primitive == "instant":
-        return date_problem(value, "instant")
-    if primitive in ("uri", "url", "canonical", "oid", "uuid") and any(c.isspace() for c in value):
+    return _string_problem(value, primitive)
+
+
+def _integer_problem(value: Any, primitive: str) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"A FHIR {primitive} must be a JSON integer"
+    if primitive == "positiveInt" and value < 1:
+        return "A positiveInt must be 1 or more"
+    if primitive == "unsignedInt" and value < 0:
+        return "An unsignedInt must be 0 or more"
+    return None
+
+
+_DATE_PRIMITIVES = frozenset({"date", "dateTime", "instant"})
+_URI_PRIMITIVES = frozenset({"uri", "url", "canonical", "oid", "uuid"})
+
+
+def _string_problem(value: str, primitive: str) -> str | None:
+    """What makes a non-empty string no value of the string-based `primitive`."""
+    if primitive in _DATE_PRIMITIVES:
+        return date_problem(value, primitive)
+    if primitive in _URI_PRIMITIVES and any(c.isspace() for c in value):
         return f"A FHIR {primitive} must not contain white space"
     if primitive in ("string", "markdown") and not _STRING_RE.fullmatch(value):
         return f"A FHIR {primitive} has no white space but space, CR, LF and tab"

@@ -4,7 +4,7 @@ directly (measured: ORM objects cost about 3x on create)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -821,23 +821,8 @@ def _where(criteria: SearchFilter, resources: Any = resource_table) -> list[Colu
         where.append(resources.c.patient_id.in_(criteria.patients))
     if criteria.organizations is not None:
         where.append(resources.c.site.in_(criteria.organizations))
-    for matches in criteria.tokens or ():
-        where.append(_token_clause(resource_type, resources, matches))
-    for matches in criteria.tokens_not or ():
-        # FHIR `:not`: rows without any matching token, rows without the element included.
-        where.append(not_(_token_clause(resource_type, resources, matches)))
-    for string_matches in criteria.strings or ():
-        where.append(_string_clause(resource_type, resources, string_matches))
-    for number_matches in criteria.numbers or ():
-        where.append(_number_clause(resource_type, resources, number_matches))
-    start, end = resources.c.effective_start, resources.c.effective_end
-    for date_matches in criteria.dates or ():
-        where.append(
-            and_(start.is_not(None), or_(*(_date_clause(m, start, end) for m in date_matches)))
-        )
-    for date_matches in criteria.last_updated or ():
-        at = resources.c.last_updated
-        where.append(or_(*(_date_clause(m, at, at) for m in date_matches)))
+    where.extend(_index_conditions(criteria, resources))
+    where.extend(_date_conditions(criteria, resources))
     for missing in criteria.missing or ():
         present = _present(resource_type, resources, missing)
         where.append(not_(present) if missing.missing else present)
@@ -849,6 +834,30 @@ def _where(criteria: SearchFilter, resources: Any = resource_table) -> list[Colu
             resources.c.patient_id.in_(select(patient.c.id).where(*_where(visible, patient)))
         )
     return where
+
+
+def _index_conditions(criteria: SearchFilter, resources: Any) -> Iterator[ColumnElement[bool]]:
+    """The criteria the search index tables answer: tokens (and `:not`), strings, numbers."""
+    resource_type = criteria.resource_type
+    for matches in criteria.tokens or ():
+        yield _token_clause(resource_type, resources, matches)
+    for matches in criteria.tokens_not or ():
+        # FHIR `:not`: rows without any matching token, rows without the element included.
+        yield not_(_token_clause(resource_type, resources, matches))
+    for string_matches in criteria.strings or ():
+        yield _string_clause(resource_type, resources, string_matches)
+    for number_matches in criteria.numbers or ():
+        yield _number_clause(resource_type, resources, number_matches)
+
+
+def _date_conditions(criteria: SearchFilter, resources: Any) -> Iterator[ColumnElement[bool]]:
+    """Clinical time (rows without one never match) and the last update."""
+    start, end = resources.c.effective_start, resources.c.effective_end
+    for date_matches in criteria.dates or ():
+        yield and_(start.is_not(None), or_(*(_date_clause(m, start, end) for m in date_matches)))
+    for date_matches in criteria.last_updated or ():
+        at = resources.c.last_updated
+        yield or_(*(_date_clause(m, at, at) for m in date_matches))
 
 
 def _sort_column(key: SortKey) -> ColumnElement[Any]:
