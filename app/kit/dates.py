@@ -168,12 +168,6 @@ def _time_span(match: re.Match[str]) -> tuple[datetime, datetime]:
     return start, start + timedelta(minutes=1) - _ONE_US
 
 
-def parse_instant(value: str) -> datetime | None:
-    """The start of a FHIR date/dateTime as an aware UTC datetime (clinical time)."""
-    bounds = fhir_range(value)
-    return bounds[0].replace(tzinfo=UTC) if bounds else None
-
-
 def utc_now() -> datetime:
     """Now, as the database columns store it (naive UTC)."""
     return datetime.now(UTC).replace(tzinfo=None)

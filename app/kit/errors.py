@@ -139,11 +139,6 @@ class PayloadTooLarge(FhirError):
     issue_code = "too-costly"
 
 
-class MethodNotAllowed(FhirError):
-    status_code = 405
-    issue_code = "not-supported"
-
-
 # Seconds a client is asked to wait before retrying a request the database could not serve.
 RETRY_AFTER_SECONDS = 5
 
