@@ -296,13 +296,11 @@ def _write_criteria(result: EntryRequest, if_none_exist: Any, pairs: list[tuple[
             raise BadRequest("Conditional create criteria go in ifNoneExist or the url, not both")
         if not isinstance(if_none_exist, str):
             raise BadRequest("request.ifNoneExist must be a string")
-        result.criteria, result.criteria_key = conditional.from_header(resource_type, if_none_exist)
+        result.condition = conditional.from_header(resource_type, if_none_exist)
     elif pairs:
         if result.method == "PATCH":
             raise BadRequest("Conditional patch is not supported: PATCH Type/id")
-        result.criteria, result.criteria_key = conditional.criteria(
-            resource_type, pairs, "request.url"
-        )
+        result.condition = conditional.condition(resource_type, pairs, "request.url")
 
 
 def _entry_resource(result: EntryRequest, resource: Any) -> dict[str, Any]:
@@ -392,9 +390,9 @@ def _conditional_references(resource: dict[str, Any]) -> dict[str, Any]:
                     match = _CONDITIONAL_REFERENCE.fullmatch(item)
                     if match and item not in found:
                         pairs = parse_qsl(match.group(2), keep_blank_values=True)
-                        found[item] = conditional.criteria(
+                        found[item] = conditional.condition(
                             match.group(1), pairs, f"The conditional reference {item!r}"
-                        )[0]
+                        ).filter
                 else:
                     walk(item)
         elif isinstance(value, list):

@@ -202,17 +202,10 @@ def _create(resource_type: str) -> _Handler:
     ) -> Response:
         body = await _json_body(call.request)
         query = call.request.query_params.multi_items()
-        criteria, key = conditional.create_criteria(
+        condition = conditional.create_condition(
             resource_type, query, if_none_exist, call.principal
         )
-        result = await service.create(
-            call.ctx,
-            resource_type,
-            body,
-            call.principal,
-            if_none_exist=criteria,
-            if_none_exist_key=key,
-        )
+        result = await service.create(call.ctx, resource_type, body, call.principal, condition)
         return _written(call.request, result)
 
     return create
@@ -224,8 +217,8 @@ def _conditional_update(resource_type: str) -> _Handler:
     async def conditional_update(*, call: _Call = caller, change: ChangeDep) -> Response:
         body = await _json_body(call.request)
         query = call.request.query_params.multi_items()
-        criteria, key = conditional.query_criteria(resource_type, query, call.principal)
-        request = service.ConditionalChangeRequest(resource_type, criteria, key, change)
+        condition = conditional.query_condition(resource_type, query, call.principal)
+        request = service.ConditionalChangeRequest(resource_type, condition, change)
         result = await service.conditional_update(call.ctx, request, body, call.principal)
         return _written(call.request, result)
 
@@ -237,8 +230,8 @@ def _conditional_delete(resource_type: str) -> _Handler:
 
     async def conditional_delete(*, call: _Call = caller, change: ChangeDep) -> Response:
         query = call.request.query_params.multi_items()
-        criteria, key = conditional.query_criteria(resource_type, query, call.principal)
-        request = service.ConditionalChangeRequest(resource_type, criteria, key, change)
+        condition = conditional.query_condition(resource_type, query, call.principal)
+        request = service.ConditionalChangeRequest(resource_type, condition, change)
         deletion = await service.conditional_delete(call.ctx, request, call.principal)
         done = f"Deleted {resource_type}/{deletion.id}" if deletion else ""
         nothing = f"No {resource_type} matched the criteria; nothing was deleted"

@@ -174,24 +174,26 @@ class ChangeRequest:
 
 
 @dataclass(frozen=True)
+class Condition:
+    """The criteria of a conditional interaction (a create's `If-None-Exist`, an update's or
+    a delete's query, a Bundle entry's), and the advisory lock it is decided under
+    (`conditional:Type:...`, `app.services.conditional`): equal criteria, one lock."""
+
+    filter: SearchFilter
+    lock_key: str
+
+
+@dataclass(frozen=True)
 class ConditionalChangeRequest:
-    """A conditional update or delete: of the one resource `criteria` match, locked under
-    `criteria_key`."""
+    """A conditional update or delete: of the one resource `condition` matches."""
 
     resource_type: str
-    criteria: SearchFilter
-    criteria_key: str
+    condition: Condition
     terms: ChangeTerms
 
 
 def new_id() -> str:
     return str(uuid.uuid4())
-
-
-def conditional_lock_key(resource_type: str, criteria_key: str) -> str:
-    """One key for every conditional form (create, update, delete) of the same criteria, so
-    they serialise one another."""
-    return f"conditional:{resource_type}:{criteria_key}"
 
 
 def _render(
@@ -626,7 +628,7 @@ async def single_match(
 
 # The lock order, the one every write takes its locks in (a single write, and a transaction
 # Bundle for all its entries at once), so that no two writes can deadlock:
-#   1. the criteria of conditional interactions (`conditional_lock_key`), sorted;
+#   1. the criteria of conditional interactions (`Condition.lock_key`), sorted;
 #   2. the ids updated, patched or deleted (`lock_id`), sorted;
 #   3. every Patient involved, by id (`lock_for_update`);
 #   4. the records' rows (`lock_for_update`).
@@ -677,19 +679,19 @@ async def create(
     resource_type: str,
     body: bytes,
     principal: Principal,
-    *,
-    if_none_exist: SearchFilter | None = None,
-    if_none_exist_key: str | None = None,
+    if_none_exist: Condition | None = None,
 ) -> WriteResult:
+    """A create; with `if_none_exist`, a conditional one (its criteria's match, if any, is
+    returned instead)."""
     raw = parse_json(body)
+    criteria = None
     if if_none_exist is not None:
-        if_none_exist = subjects.normalise_criteria(if_none_exist, ctx.codes)
+        criteria = subjects.normalise_criteria(if_none_exist.filter, ctx.codes)
     async with ctx.db.write() as conn:
         if if_none_exist is not None:
-            assert if_none_exist_key is not None
-            await repo.lock(conn, conditional_lock_key(resource_type, if_none_exist_key))
+            await repo.lock(conn, if_none_exist.lock_key)
         tx = WriteTransaction(ctx, conn, principal, utc_now())
-        command = CreateCommand(resource_type, raw, if_none_exist=if_none_exist)
+        command = CreateCommand(resource_type, raw, if_none_exist=criteria)
         change = await _create_finished(tx, command)
     return WriteResult(change.stored, change.created)
 
@@ -832,18 +834,14 @@ async def conditional_update(
     """`PUT /Type?criteria`: no match creates, one match is updated, several are 412.
     Race-free: identical conditional writes serialise on their criteria. The reason is
     required whichever happens, as for any update."""
-    resource_type, criteria_key, provenance = (
-        request.resource_type,
-        request.criteria_key,
-        request.terms.provenance,
-    )
+    resource_type, provenance = request.resource_type, request.terms.provenance
     require_reason(provenance)
     raw = parse_json(body)
     expected = parse_if_match(request.terms.if_match)
-    criteria = subjects.normalise_criteria(request.criteria, ctx.codes)
+    criteria = subjects.normalise_criteria(request.condition.filter, ctx.codes)
     new_patient = _new_patient(resource_type, raw)
     async with ctx.db.write() as conn:
-        await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
+        await repo.lock(conn, request.condition.lock_key)
         target_id, _ = await conditional_target(conn, resource_type, criteria, raw, principal)
         if target_id is not None:
             if target_id.startswith(RESERVED_ID_PREFIX):
@@ -866,9 +864,9 @@ async def conditional_delete(
     resource_type, provenance = request.resource_type, request.terms.provenance
     require_reason(provenance)
     expected = parse_if_match(request.terms.if_match)
-    criteria = subjects.normalise_criteria(request.criteria, ctx.codes)
+    criteria = subjects.normalise_criteria(request.condition.filter, ctx.codes)
     async with ctx.db.write() as conn:
-        await repo.lock(conn, conditional_lock_key(resource_type, request.criteria_key))
+        await repo.lock(conn, request.condition.lock_key)
         match = await single_match(conn, criteria, principal, "The conditional delete's criteria")
         if match is None:
             ctx.audit.add(
