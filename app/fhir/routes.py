@@ -347,15 +347,14 @@ async def _history(
 ) -> Response:
     request = call.request
     limit = page.limit
-    versions = await service.history(
-        call.ctx,
+    asked = service.HistoryRequest(
         resource_type,
         resource_id,
-        call.principal,
         since=_since(page.since),
         after=_decode_history_cursor(page.cursor) if page.cursor else None,
         limit=limit + 1,
     )
+    versions = await service.history(call.ctx, asked, call.principal)
     shown = versions[:limit]
     base = fhir_base(request)
     path = f"{base}/{resource_type}" + (f"/{resource_id}" if resource_id else "") + "/_history"

@@ -64,7 +64,7 @@ from app.services.patching import Patch, apply_patch
 from app.services.provenance import require_reason, store_provenance
 from app.services.validation import parse_json, validate
 from app.store import repository as repo
-from app.store.criteria import SearchFilter
+from app.store.criteria import HistoryFilter, SearchFilter
 
 
 @dataclass(frozen=True)
@@ -971,16 +971,23 @@ async def read_version(
     return Stored.of_version(resource_type, resource_id, version)
 
 
+@dataclass(frozen=True)
+class HistoryRequest:
+    """A page of history: of a type, or of one resource (`resource_id`); the versions written
+    at or after `since`, after the (last_updated, id, version) cursor `after`, `limit` at
+    most, newest first."""
+
+    resource_type: str
+    resource_id: str | None
+    since: datetime | None
+    after: tuple[datetime, str, int] | None
+    limit: int
+
+
 async def history(
-    ctx: ServiceContext,
-    resource_type: str,
-    resource_id: str | None,
-    principal: Principal,
-    *,
-    since: datetime | None,
-    after: tuple[datetime, str, int] | None,
-    limit: int,
+    ctx: ServiceContext, request: HistoryRequest, principal: Principal
 ) -> list[repo.Version]:
+    resource_type, resource_id = request.resource_type, request.resource_id
     async with ctx.db.read() as conn:
         if resource_id is not None:
             current = await visible_current(conn, resource_type, resource_id, principal)
@@ -993,15 +1000,9 @@ async def history(
                     entity_type=resource_type,
                 )
             )
-        return await repo.history(
-            conn,
-            resource_type,
-            resource_id,
-            since=since,
-            after=after,
-            limit=limit,
-            access=access_policy(principal).sites,
-        )
+        versions = HistoryFilter(resource_type, resource_id, request.since)
+        access = access_policy(principal).sites
+        return await repo.history(conn, versions, access, after=request.after, limit=request.limit)
 
 
 # --- Several writes in one transaction (an HL7 v2 message) --------------------------------

@@ -32,6 +32,7 @@ from app.auth.policy import SiteAccess
 from app.kit.codes import ENGINE_RESOURCE_TYPES, KIND_RESPONSE_STATUS
 from app.store.criteria import (
     DateMatch,
+    HistoryFilter,
     Missing,
     NumberMatch,
     SearchFilter,
@@ -396,16 +397,16 @@ async def get_version(
 
 async def history(
     conn: AsyncConnection,
-    resource_type: str,
-    resource_id: str | None,
+    versions: HistoryFilter,
+    access: SiteAccess,
     *,
-    since: datetime | None,
     after: tuple[datetime, str, int] | None,
     limit: int,
-    access: SiteAccess,
 ) -> list[Version]:
-    """Versions newest first; `after` is the (last_updated, id, version) keyset cursor."""
-    query = select(*_VERSION_COLUMNS).where(version_table.c.resource_type == resource_type)
+    """Versions newest first, of resources `access` sees; `after` is the (last_updated, id,
+    version) keyset cursor."""
+    resource_id, since = versions.resource_id, versions.since
+    query = select(*_VERSION_COLUMNS).where(version_table.c.resource_type == versions.resource_type)
     if resource_id is not None:
         query = query.where(version_table.c.id == resource_id)
     at_sites = site_condition(resource_table.c.site, access)
