@@ -256,12 +256,13 @@ def _export_sdtm(args: argparse.Namespace) -> int:
         written = []
         for code in sdtm.DOMAINS:
             for fmt in formats:
-                with tqdm(total=patients, desc=f"{code}.{fmt}", unit="subject") as bar:
+                file = sdtm.DatasetFile(code, fmt, directory)
+                with tqdm(total=patients, desc=file.name, unit="subject") as bar:
                     path, rows = await sdtm.write_dataset(
-                        ctx, code, fmt, directory, SYSTEM_ACCESS, study_id, bar.update
+                        ctx, file, SYSTEM_ACCESS, study_id, bar.update
                     )
                 written.append(f"{path} ({rows} rows)")
-                ctx.audit.add(_cli_audit(f"SDTM {code}.{fmt}: {rows} rows to {path}"))
+                ctx.audit.add(_cli_audit(f"SDTM {file.name}: {rows} rows to {path}"))
         return written
 
     for line in asyncio.run(_with_services(run)):
