@@ -392,9 +392,7 @@ async def _insert_created(
     first (PostgreSQL) makes this a conflict, or, when its Patient meets the conditional
     create's criteria, the match returned instead (None: inserted)."""
     try:
-        await repo.insert_resource(
-            tx.conn, new.resource_type, new.resource_id, new.content, new.index, tx.now
-        )
+        await repo.insert_resource(tx.conn, new, tx.now)
     except repo.SubjectTaken as taken:
         match = None
         if command.if_none_exist is not None:
@@ -493,9 +491,10 @@ async def _store_version(
     version = 1 if current is None else current.version_id + 1
     content = _render(raw, resource_type, resource_id, version, tx.now)
     if current is None:
-        write = repo.insert_resource(tx.conn, resource_type, resource_id, content, index, tx.now)
+        new = repo.NewResource(resource_type, resource_id, content, index)
+        write = repo.insert_resource(tx.conn, new, tx.now)
     else:
-        write = repo.update_resource(tx.conn, current, version, content, index, tx.now, "update")
+        write = repo.update_resource(tx.conn, current, content, index, tx.now)
     try:
         await write
     except repo.SubjectTaken as taken:
@@ -573,7 +572,7 @@ async def delete_in(
     if resource_type == "Patient" and await repo.has_live_references(tx.conn, resource_id):
         raise Conflict(f"Patient/{resource_id} still has records; delete or move them first")
     version = current.version_id + 1
-    await repo.update_resource(tx.conn, current, version, None, None, tx.now, "delete")
+    await repo.delete_resource(tx.conn, current, tx.now)
     _wrote_patient(tx, resource_type, resource_id)
     patients, forgotten = _ids(current.patient_id), None
     if resource_type == "Patient":
