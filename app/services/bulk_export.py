@@ -396,9 +396,8 @@ class ExportRunner:
     async def _claim(self, job_id: str) -> store.Job | None:
         now = utc_now()
         async with self.ctx.db.write() as conn:
-            taken = await store.claim(
-                conn, job_id, self.worker, now, now + self.settings.lease, MAX_ATTEMPTS
-            )
+            lease = store.Lease(self.worker, now + self.settings.lease)
+            taken = await store.claim(conn, job_id, lease, now, MAX_ATTEMPTS)
             return await store.get_job(conn, job_id) if taken else None
 
     async def _write(
@@ -410,8 +409,8 @@ class ExportRunner:
         """One write transaction that first renews the job's lease: a write of a job this
         worker no longer holds (cancelled, or taken over) is never made."""
         async with self.ctx.db.write() as conn:
-            lease_until = utc_now() + self.settings.lease
-            if not await store.renew(conn, job.id, self.worker, lease_until, progress):
+            lease = store.Lease(self.worker, utc_now() + self.settings.lease)
+            if not await store.renew(conn, job.id, lease, progress):
                 raise LeaseLost(job.id)
             try:
                 return await work(conn)
