@@ -167,7 +167,7 @@ def _token(args: argparse.Namespace) -> int:
     import logging
 
     from app.auth.settings import AuthSettings, load_key_source
-    from app.auth.tokens import issue_token
+    from app.auth.tokens import TokenGrant, issue_token
     from app.kit.errors import ConfigurationError
     from app.settings import get_settings
 
@@ -175,14 +175,14 @@ def _token(args: argparse.Namespace) -> int:
     settings = AuthSettings(environment=get_settings().environment)
     try:
         key_source = load_key_source(settings)
-        token = issue_token(
-            key_source,
+        grant = TokenGrant(
+            sub=args.sub,
             role=args.role,
             sites=[site for site in args.sites.split(",") if site],
-            sub=args.sub,
             scope=args.scope,
-            minutes=args.minutes if args.minutes is not None else settings.token_minutes,
         )
+        minutes = args.minutes if args.minutes is not None else settings.token_minutes
+        token = issue_token(key_source, grant, minutes=minutes)
     except (ConfigurationError, ValueError) as exc:
         print(f"cannot issue a token: {exc}", file=sys.stderr)
         return 2
