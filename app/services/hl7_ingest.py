@@ -301,6 +301,7 @@ def _plan(
     problems: list[Problem] = []
     seen: dict[tuple[str, str], Result] = {}
     source = f"HL7 v2 ORU^R01 {oru.header.control_id} from {oru.header.sending_application}"
+    context = mapping.MessageContext(oru.header, ctx.criteria.zone, ctx.codes, ctx.limits)
     for result in oru.results:
         loinc = mapping.platelet_loinc(result, local_codes)
         if loinc is None or result.status in mapping.NO_RESULT_STATUSES:
@@ -308,7 +309,7 @@ def _plan(
             continue
         patient_id = patients[result.patient.location.sequence]
         try:
-            document = _observation(ctx, oru, result, patient_id, loinc)
+            document = _observation(context, result, patient_id, loinc)
         except Rejected as rejected:
             problems.extend(rejected.problems)
             continue
@@ -324,7 +325,7 @@ def _plan(
 
 
 def _observation(
-    ctx: ServiceContext, oru: hl7v2.OruMessage, result: Result, patient_id: str, loinc: str
+    context: mapping.MessageContext, result: Result, patient_id: str, loinc: str
 ) -> dict[str, Any]:
     """The Observation of one platelet OBX; AE on a status the trial does not receive."""
     status = mapping.RESULT_STATUS.get(result.status)
@@ -341,16 +342,7 @@ def _observation(
             result.location.at(11),
         )
     mapping.check_keys(result)
-    return mapping.observation(
-        result,
-        patient_id=patient_id,
-        loinc=loinc,
-        status=status,
-        header=oru.header,
-        trial_zone=ctx.criteria.zone,
-        code_systems=ctx.codes,
-        limits=ctx.limits,
-    )
+    return mapping.observation(result, context, patient_id=patient_id, loinc=loinc, status=status)
 
 
 def _repeated(result: Result, earlier: Result) -> Problem:
