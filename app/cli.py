@@ -167,7 +167,7 @@ def _token(args: argparse.Namespace) -> int:
     import logging
 
     from app.auth.settings import AuthSettings, load_key_source
-    from app.auth.tokens import issue_token
+    from app.auth.tokens import TokenGrant, issue_token
     from app.kit.errors import ConfigurationError
     from app.settings import get_settings
 
@@ -175,14 +175,14 @@ def _token(args: argparse.Namespace) -> int:
     settings = AuthSettings(environment=get_settings().environment)
     try:
         key_source = load_key_source(settings)
-        token = issue_token(
-            key_source,
+        grant = TokenGrant(
+            sub=args.sub,
             role=args.role,
             sites=[site for site in args.sites.split(",") if site],
-            sub=args.sub,
             scope=args.scope,
-            minutes=args.minutes if args.minutes is not None else settings.token_minutes,
         )
+        minutes = args.minutes if args.minutes is not None else settings.token_minutes
+        token = issue_token(key_source, grant, minutes=minutes)
     except (ConfigurationError, ValueError) as exc:
         print(f"cannot issue a token: {exc}", file=sys.stderr)
         return 2
@@ -256,12 +256,13 @@ def _export_sdtm(args: argparse.Namespace) -> int:
         written = []
         for code in sdtm.DOMAINS:
             for fmt in formats:
-                with tqdm(total=patients, desc=f"{code}.{fmt}", unit="subject") as bar:
+                file = sdtm.DatasetFile(code, fmt, directory)
+                with tqdm(total=patients, desc=file.name, unit="subject") as bar:
                     path, rows = await sdtm.write_dataset(
-                        ctx, code, fmt, directory, SYSTEM_ACCESS, study_id, bar.update
+                        ctx, file, SYSTEM_ACCESS, study_id, bar.update
                     )
                 written.append(f"{path} ({rows} rows)")
-                ctx.audit.add(_cli_audit(f"SDTM {code}.{fmt}: {rows} rows to {path}"))
+                ctx.audit.add(_cli_audit(f"SDTM {file.name}: {rows} rows to {path}"))
         return written
 
     for line in asyncio.run(_with_services(run)):

@@ -20,7 +20,7 @@ from app.fhir.http import (
 )
 from app.fhir.outcome import operation_outcome, resource_type_of
 from app.kit.asgi import HttpMiddleware, adding_headers
-from app.kit.errors import Issue
+from app.kit.errors import BadRequest, FhirError, PayloadTooLarge
 from app.kit.request_context import RequestContext, current_request
 
 
@@ -89,33 +89,29 @@ class BodyLimitMiddleware(HttpMiddleware):
         await refuse(
             scope,
             send,
-            413,
-            "too-costly",
-            f"The request body is larger than {limit} bytes",
+            PayloadTooLarge(f"The request body is larger than {limit} bytes"),
             "create" if scope["method"] == "POST" else "update",
         )
 
 
-async def refuse(
-    scope: Scope, send: Send, status: int, code: str, message: str, interaction: str
-) -> None:
-    """Answer an OperationOutcome before the app runs, audited as a refused attempt like
-    any other (who: not yet known)."""
+async def refuse(scope: Scope, send: Send, error: FhirError, interaction: str) -> None:
+    """Answer `error`'s OperationOutcome before the app runs, audited as a refused attempt
+    like any other (who: not yet known)."""
     services = getattr(getattr(scope.get("app"), "state", None), "services", None)
     if services is not None:
         services.audit.add(
             AuditRecord(
                 interaction,
                 outcome="4",
-                description=f"{status}: {message}",
+                description=f"{error.status_code}: {error.diagnostics}",
                 entity_type=resource_type_of(scope["path"]),
             )
         )
-    body = orjson.dumps(operation_outcome([Issue(code, message)]))
+    body = orjson.dumps(operation_outcome(error.issues))
     await send(
         {
             "type": "http.response.start",
-            "status": status,
+            "status": error.status_code,
             "headers": [
                 (b"content-type", b"application/fhir+json"),
                 (b"content-length", str(len(body)).encode()),
@@ -143,9 +139,7 @@ class NulRefusalMiddleware(HttpMiddleware):
         await refuse(
             scope,
             send,
-            400,
-            "invalid",
-            f"NUL (U+0000, %00) is not allowed in {where}; remove it",
+            BadRequest(f"NUL (U+0000, %00) is not allowed in {where}; remove it"),
             _INTERACTIONS.get(scope["method"], "delete"),
         )
 

@@ -475,12 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         f"heavy patients {len(loaded.heavy_patients)}"
     )
     secret = "bench-only-" + secrets.token_urlsafe(32)
-    from app.auth.tokens import SecretKeySource, issue_token
+    from app.auth.tokens import SecretKeySource, TokenGrant, issue_token
 
     keys = SecretKeySource(secret, issuer="itp-trial-api", audience="itp-trial-api")
     sites = loaded.sites or ["S01"]
-    lab = issue_token(keys, role="lab", sites=sites, sub="bench-lab", minutes=180)
-    admin = issue_token(keys, role="admin", sites=sites, sub="bench-admin", minutes=180)
+    lab = issue_token(keys, TokenGrant("bench-lab", "lab", sites), minutes=180)
+    admin = issue_token(keys, TokenGrant("bench-admin", "admin", sites), minutes=180)
     requests = build_requests(loaded)
     results: dict[str, list[load.Result]] = {}
     extra: dict[str, Any] = {}

@@ -27,7 +27,7 @@ from bench import datagen
 async def _drive(args: argparse.Namespace) -> None:
     from pyinstrument import Profiler
 
-    from app.auth.tokens import SecretKeySource, issue_token
+    from app.auth.tokens import SecretKeySource, TokenGrant, issue_token
     from app.main import create_app
     from app.settings import Settings
 
@@ -37,7 +37,7 @@ async def _drive(args: argparse.Namespace) -> None:
         "bench-only-" + secrets.token_urlsafe(32), issuer="itp-trial-api", audience="itp-trial-api"
     )
     role = "lab" if args.scenario == "create" else "admin"
-    token = issue_token(keys, role=role, sites=loaded.sites, sub="bench", minutes=60)
+    token = issue_token(keys, TokenGrant("bench", role, loaded.sites), minutes=60)
     app = create_app(Settings(database_url=dsn, environment="test"), key_source=keys)
     if args.scenario == "bundle":
         rng = random.Random()

@@ -30,7 +30,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from app.auth.tokens import SecretKeySource, issue_token
+from app.auth.tokens import SecretKeySource, TokenGrant, issue_token
 from app.main import create_app
 from app.services.response import response_observation_id
 from app.settings import Settings
@@ -70,7 +70,7 @@ def token(
     sub: str = "tester",
     scope: str | None = None,
 ) -> str:
-    return issue_token(KEY, role=role, sites=list(sites), sub=sub, scope=scope, minutes=60)
+    return issue_token(KEY, TokenGrant(sub, role, list(sites), scope), minutes=60)
 
 
 def bearer(role: str = "admin", sites: tuple[str, ...] = ("S01",), **kwargs: Any) -> dict[str, str]:

@@ -416,15 +416,10 @@ def test_any_message_is_read_or_refused_never_crashes(header, segments):
         for result in oru_message.results:
             try:
                 mapping.check_keys(result)
-                mapping.observation(
-                    result,
-                    patient_id="p",
-                    loinc="777-3",
-                    status="final",
-                    header=oru_message.header,
-                    trial_zone=ZoneInfo("Europe/Paris"),
-                    code_systems=CodeSystems(),
+                context = mapping.MessageContext(
+                    oru_message.header, ZoneInfo("Europe/Paris"), CodeSystems(), InputLimits()
                 )
+                mapping.observation(result, context, patient_id="p", loinc="777-3", status="final")
             except hl7v2.Rejected:
                 pass
         ack = hl7v2.ack(message, "AA")
@@ -821,15 +816,10 @@ def test_a_result_without_its_keys_is_refused_at_the_missing_field():
 
 
 def _observation(result: Any, zone: Any = None) -> dict[str, Any]:
+    header = hl7v2.Header("LIS", "LAB", "LAB", "M", "2.5", zone)
+    context = mapping.MessageContext(header, ZoneInfo("Europe/Paris"), CodeSystems(), InputLimits())
     return mapping.observation(
-        result,
-        patient_id="p-1",
-        loinc="777-3",
-        status="preliminary",
-        header=hl7v2.Header("LIS", "LAB", "LAB", "M", "2.5", zone),
-        trial_zone=ZoneInfo("Europe/Paris"),
-        code_systems=CodeSystems(),
-        limits=InputLimits(),
+        result, context, patient_id="p-1", loinc="777-3", status="preliminary"
     )
 
 

@@ -28,7 +28,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import Select, bindparam, select, update
@@ -236,6 +236,18 @@ async def verify(
     return result
 
 
+class _Link(NamedTuple):
+    """A chained record as `chained` reads it: its chain position, its seq and id, its
+    content, the hash it links to and its own hash."""
+
+    position: int
+    seq: int
+    audit_id: str
+    content: str
+    prev_hash: str
+    digest: str
+
+
 class _ChainWalk:
     def __init__(self, anchors: dict[int, str]) -> None:
         self.anchors = anchors
@@ -254,31 +266,23 @@ class _ChainWalk:
             ).all()
             if not rows:
                 return self._end(checked, after, previous)
-            for position, seq, audit_id, content, prev_hash, digest in rows:
-                problem = self._link_problem(
-                    position, previous, audit_id, content, prev_hash, digest
-                )
+            for row in rows:
+                link = _Link(*row)
+                problem = self._link_problem(link, previous)
                 if problem:
-                    return VerifyResult(checked, Broken(problem, seq, audit_id))
-                previous, checked, after = digest, checked + 1, position
+                    return VerifyResult(checked, Broken(problem, link.seq, link.audit_id))
+                previous, checked, after = link.digest, checked + 1, link.position
 
-    def _link_problem(
-        self,
-        position: int,
-        previous: str,
-        audit_id: str,
-        content: str,
-        prev_hash: str,
-        digest: str,
-    ) -> str | None:
-        if prev_hash != previous:
+    def _link_problem(self, link: _Link, previous: str) -> str | None:
+        """What is wrong with a chained record, whose predecessor's hash is `previous`."""
+        if link.prev_hash != previous:
             return (
                 "its prev_hash is not the previous record's hash "
                 "(a record before it was removed or changed)"
             )
-        if chain_hash(prev_hash, audit_id, content) != digest:
+        if chain_hash(link.prev_hash, link.audit_id, link.content) != link.digest:
             return "its content does not match its hash (changed)"
-        if self.anchors.pop(position, digest) != digest:
+        if self.anchors.pop(link.position, link.digest) != link.digest:
             return "its hash is not the anchored one (replaced)"
         return None
 

@@ -30,6 +30,7 @@ from app.auth.tokens import (
     JwksKeySource,
     KeySource,
     SecretKeySource,
+    TokenGrant,
     issue_token,
 )
 from app.kit.errors import Unauthorized
@@ -46,6 +47,7 @@ __all__ = [
     "Role",
     "Scope",
     "SecretKeySource",
+    "TokenGrant",
     "Unauthorized",
     "allowed_actions",
     "authorize",

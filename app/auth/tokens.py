@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -181,37 +182,38 @@ class JwksKeySource(KeySource):
         return f"JwksKeySource(url={self.url!r}, algorithms={self.algorithms})"
 
 
-def issue_token(
-    key_source: KeySource,
-    *,
-    role: str,
-    sites: Iterable[str],
-    sub: str,
-    scope: str | None = None,
-    minutes: int = 60,
-    issuer: str | None = None,
-    audience: str | None = None,
-    now: datetime | None = None,
-) -> str:
-    """A signed token for `python -m app token` and tests, with `iat`, `nbf`, `exp` and a
-    random `jti`. `scope` defaults to the role's scopes.
+@dataclass(frozen=True)
+class TokenGrant:
+    """Whom a token is for and what it lets them do: its subject, role and sites, and its
+    SMART scopes (None: the role's default scopes)."""
+
+    sub: str
+    role: str
+    sites: Sequence[str]
+    scope: str | None = None
+
+
+def issue_token(key_source: KeySource, grant: TokenGrant, *, minutes: int = 60) -> str:
+    """A signed token for `python -m app token` and tests, valid for `minutes`, with the
+    key source's issuer and audience, `iat`, `nbf`, `exp` and a random `jti`.
 
     The claims go through the same checks as an incoming token's before signing, so the
     command never hands out a token the server would then refuse; a bad argument is a
     `ValueError` whose message says which.
     """
+    role = grant.role
     if minutes < 1:
         raise ValueError("minutes must be at least 1")
     if role not in {r.value for r in Role}:
         raise ValueError(f"unknown role {role!r}; one of {', '.join(r.value for r in Role)}")
-    issued = (now or datetime.now(UTC)).replace(microsecond=0)
+    issued = datetime.now(UTC).replace(microsecond=0)
     claims: dict[str, Any] = {
-        "iss": issuer or key_source.issuer,
-        "aud": audience or key_source.audience,
-        "sub": sub,
+        "iss": key_source.issuer,
+        "aud": key_source.audience,
+        "sub": grant.sub,
         "role": role,
-        "sites": list(sites),
-        "scope": DEFAULT_SCOPES[Role(role)] if scope is None else scope,
+        "sites": list(grant.sites),
+        "scope": DEFAULT_SCOPES[Role(role)] if grant.scope is None else grant.scope,
         "iat": int(issued.timestamp()),
         "nbf": int(issued.timestamp()),
         "exp": int((issued + timedelta(minutes=minutes)).timestamp()),

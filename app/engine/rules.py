@@ -205,12 +205,24 @@ def _covering_rescue(
 
 class _Course(NamedTuple):
     """What every step after the treatment start judges a record against: the start, the
-    rescues (time, id) in order, the confirm clock and the criteria."""
+    rescues (time, id) in order, the qualifying bleeds by day, the confirm clock and the
+    criteria."""
 
     start: datetime
     rescues: Sequence[_Rescue]
+    bleeding: _Bleeding
     clock: _Clock
     criteria: Criteria
+
+
+class _Progress(NamedTuple):
+    """How far the assessment of a patient got: the treatment start, the baseline, and how
+    each record was classified on the way. A patient who is not evaluable keeps it, so a
+    reviewer sees where the assessment stopped."""
+
+    start: datetime | None = None
+    baseline: Baseline | None = None
+    classified: Sequence[Classification] = ()
 
 
 # Clinical-time order, ties broken by id, then value and status (a C-level key: 1,000 counts
@@ -226,34 +238,34 @@ def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessm
     start = _treatment_start(timeline.administrations, version_1)
     if start is None:
         reason = "no study-drug administration" if version_1 else NO_TREATMENT_START
-        return _not_evaluable(patient, criteria, reason, None, None, [])
+        return _not_evaluable(patient, criteria, reason, _Progress())
     counts = sorted(
         (count for count in timeline.counts if count.status in VALID_OBSERVATION_STATUSES),
         key=_COUNT_ORDER,
     )
     rescues = _rescues(timeline.administrations, version_1)
-    course = _Course(start, rescues, _Clock(criteria), criteria)
+    clock = _Clock(criteria)
+    bleeding = _bleeding_by_day(
+        timeline.bleeding_assessments, timeline.bleeding_events, clock, criteria
+    )
+    course = _Course(start, rescues, bleeding, clock, criteria)
     pre_start = [count for count in counts if count.time <= start]
     baseline, window, classified = _baseline(pre_start, course)
     if baseline is None:
         reason = _no_baseline_reason(criteria, window)
-        return _not_evaluable(patient, criteria, reason, start, None, classified)
+        return _not_evaluable(patient, criteria, reason, _Progress(start, None, classified))
     post_start = counts[len(pre_start) :]
+    progress = _Progress(start, baseline, classified)
     if version_1 and not post_start:
         reason = "no platelet count after the treatment start"
-        return _not_evaluable(patient, criteria, reason, start, baseline, classified)
-    bleeding = _bleeding_by_day(
-        timeline.bleeding_assessments, timeline.bleeding_events, course.clock, criteria
-    )
-    evaluable = _classify(post_start, baseline.value, bleeding, course, classified)
+        return _not_evaluable(patient, criteria, reason, progress)
+    evaluable = _classify(post_start, baseline.value, course, classified)
     if not version_1:
         any_count = bool(evaluable)  # bleeding occasions alone make no response
-        evaluable = _with_bleeding_occasions(evaluable, bleeding, course, classified)
+        evaluable = _with_bleeding_occasions(evaluable, course, classified)
         if not any_count:
-            return _not_evaluable(
-                patient, criteria, NO_EVALUABLE_COUNT, start, baseline, classified
-            )
-    return _evaluated(patient, course, baseline, evaluable, bleeding, classified)
+            return _not_evaluable(patient, criteria, NO_EVALUABLE_COUNT, progress)
+    return _evaluated(patient, course, baseline, evaluable, classified)
 
 
 def _no_baseline_reason(criteria: Criteria, window: bool) -> str:
@@ -271,11 +283,10 @@ def _evaluated(
     course: _Course,
     baseline: Baseline,
     evaluable: list[_Count],
-    bleeding: _Bleeding,
     classified: list[Classification],
 ) -> Assessment:
     """The assessment of an evaluable patient, from its evaluated occasions."""
-    criteria = course.criteria
+    criteria, bleeding = course.criteria, course.bleeding
     traces = _trace_episodes(evaluable, course.clock, criteria)
     episodes = tuple(_episode(trace, evaluable, criteria) for trace in traces)
     start_day = local_day(course.start, criteria.zone)
@@ -329,14 +340,10 @@ def _utc(item: _Timed) -> _Timed:
 
 
 def _not_evaluable(
-    patient: str,
-    criteria: Criteria,
-    reason: str,
-    start: datetime | None,
-    baseline: Baseline | None,
-    classified: list[Classification],
+    patient: str, criteria: Criteria, reason: str, progress: _Progress
 ) -> Assessment:
     """NE keeps whatever was already known, so a reviewer sees how far the patient got."""
+    start, baseline, classified = progress
     evidence = _empty_evidence()
     if baseline is not None:
         evidence["baseline"] = list(baseline.observations)
@@ -403,18 +410,10 @@ def _count_entry(
     classification: ClassificationCode,
     detail: str | None = None,
     rescue: str | None = None,
-    bleeding: tuple[str, ...] = (),
 ) -> Classification:
+    """The entry of a count at or before the start (no bleeding is judged there)."""
     return Classification(
-        "Observation",
-        count.id,
-        count.time,
-        day,
-        count.value,
-        classification,
-        detail,
-        rescue,
-        bleeding,
+        "Observation", count.id, count.time, day, count.value, classification, detail, rescue
     )
 
 
@@ -428,7 +427,7 @@ def _baseline(
     count within `baseline_rescue_exclusion_days` after a rescue is no candidate (0: none
     is excluded).
     """
-    start, rescues, clock, criteria = course
+    start, rescues, _, clock, criteria = course
     lookback = criteria.baseline_lookback_days
     exclusion = criteria.baseline_rescue_exclusion_days
     in_window = False
@@ -537,7 +536,6 @@ def _levels(criteria: Criteria, baseline: float) -> _Levels:
 def _classify(
     post_start: Sequence[PlateletCount],
     baseline: float,
-    bleeding: _Bleeding,
     course: _Course,
     classified: list[Classification],
 ) -> list[_Count]:
@@ -546,7 +544,7 @@ def _classify(
     A count on a day that is not evaluable yet, or under rescue, is neither qualifying nor
     failing: it is left out of the evaluation (and said so in `classified`).
     """
-    start, rescues, clock, criteria = course
+    start, rescues, bleeding, clock, criteria = course
     first_day, window = criteria.first_evaluable_day, criteria.rescue_window_days
     start_day = clock.day(start)
     # The `instant` clock's first evaluable time, as a distance from the start: start + N days
@@ -596,10 +594,7 @@ _Entry = Classification
 
 
 def _with_bleeding_occasions(
-    evaluable: list[_Count],
-    bleeding: _Bleeding,
-    course: _Course,
-    classified: list[Classification],
+    evaluable: list[_Count], course: _Course, classified: list[Classification]
 ) -> list[_Count]:
     """Add each qualifying bleed after the start on a day without any count: a failing
     occasion at the bleed's time, unless under rescue or on a day that is not evaluable.
@@ -607,7 +602,7 @@ def _with_bleeding_occasions(
     The classifications are merged in clinical order too: no count shares an occasion's day,
     so no count shares its time.
     """
-    start, rescues, clock, criteria = course
+    start, rescues, bleeding, clock, criteria = course
     first_day, window = criteria.first_evaluable_day, criteria.rescue_window_days
     occasions: list[_Count] = []
     entries: list[Classification] = []
@@ -641,19 +636,24 @@ def _with_bleeding_occasions(
     return sorted([*evaluable, *occasions], key=attrgetter("time"))
 
 
-def _first_confirmed(
-    counts: Sequence[_Count],
-    lo: int,
-    hi: int,
-    endpoint: _Predicate,
-    breaks: _Predicate,
-    gap: int,
-) -> _Pair | None:
-    """The first count A in counts[lo:hi] that a later count B confirms.
+class _Confirmation(NamedTuple):
+    """A level confirmed by two occasions: both reach it (`endpoint`), and none between
+    them `breaks` the chain. The R rule and the CR rule share this shape."""
 
-    A and B satisfy `endpoint`, B is at least `gap` after A, and no occasion between them
-    `breaks` the chain. The R rule and the CR rule share this shape.
-    """
+    endpoint: _Predicate
+    breaks: _Predicate
+
+
+_R_RULE = _Confirmation(_is_r, _is_failing)
+_CR_RULE = _Confirmation(_is_cr, _is_below_cr)
+
+
+def _first_confirmed(
+    counts: Sequence[_Count], lo: int, hi: int, rule: _Confirmation, gap: int
+) -> _Pair | None:
+    """The first count A in counts[lo:hi] that a later count B confirms under `rule`, B at
+    least `gap` after A."""
+    endpoint, breaks = rule
     for a in range(lo, hi):
         if not endpoint(counts[a]):
             continue
@@ -693,8 +693,8 @@ def _onset(counts: Sequence[_Count], lo: int, gap: int) -> _Pair | None:
     candidates = [
         pair
         for pair in (
-            _first_confirmed(counts, lo, len(counts), _is_r, _is_failing, gap),
-            _first_confirmed(counts, lo, len(counts), _is_cr, _is_below_cr, gap),
+            _first_confirmed(counts, lo, len(counts), _R_RULE, gap),
+            _first_confirmed(counts, lo, len(counts), _CR_RULE, gap),
         )
         if pair is not None
     ]
@@ -733,7 +733,7 @@ def _cr_stretches(
     loss of CR, so the CR loss is found at or before the episode's loss.
     """
     stretches: list[_CrTrace] = []
-    while (confirmed := _first_confirmed(counts, lo, hi, _is_cr, _is_below_cr, gap)) is not None:
+    while (confirmed := _first_confirmed(counts, lo, hi, _CR_RULE, gap)) is not None:
         lost = _first_loss(counts, confirmed.first, _is_cr, loss_gap)
         stretches.append(_CrTrace(confirmed, lost))
         if lost is None:

@@ -73,7 +73,11 @@ async def search_audit(
         next_params = [*criteria, ("_count", str(count)), ("_cursor", str(page[-1].seq))]
     entries = [bundles.Unversioned("AuditEvent", hit.id, hit.content) for hit in page]
     text = bundles.searchset(
-        fhir_base(request), "AuditEvent", entries, self_params=params, next_params=next_params
+        fhir_base(request),
+        "AuditEvent",
+        bundles.SearchPage(entries),
+        self_params=params,
+        next_params=next_params,
     )
     return pretty(request, text)
 

@@ -15,23 +15,24 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 import orjson
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 
 from app.auth.deps import current_principal
-from app.auth.principal import Principal
 from app.fhir import schemas
 from app.fhir.deps import (
     ID_PATTERN,
     RESOURCE_TYPES,
+    Call,
     OptionalXProvenance,
     Prefer,
-    ServicesDep,
     SettingsDep,
+    call_of,
     fhir_base,
 )
 from app.fhir.http import (
@@ -56,6 +57,8 @@ from app.services.validation import parse_json
 from app.settings import Settings
 
 router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
+# Any authenticated caller: each entry is authorised on its own (services.transactions).
+_CallerDep = Annotated[Call, Depends(call_of(current_principal))]
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 _ID = re.compile(ID_PATTERN)
@@ -123,38 +126,54 @@ def _process_doc() -> dict[str, Any]:
 )
 async def process_bundle(
     *,
-    request: Request,
-    ctx: ServicesDep,
+    call: _CallerDep,
     settings: SettingsDep,
-    principal: Principal = Depends(current_principal),
     prefer: Prefer = None,
     provenance: OptionalXProvenance = None,
 ) -> Response:
+    request, ctx, principal = call.request, call.ctx, call.principal
     require_json_body(request)
     bundle_type, entries = _bundle_entries(parse_json(await request.body()), settings)
-    base = fhir_base(request)
-    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]] = {}
-    parsed = _entries(bundle_type, entries, base, settings, prefer_strict(request), searches)
+    bundle = _Processing(
+        bundle_type, fhir_base(request), settings, prefer_strict(request), prefer_return(request)
+    )
+    parsed = _entries(entries, bundle)
     if bundle_type == "transaction":
         requests = [entry for entry in parsed if isinstance(entry, EntryRequest)]
         results = await transactions.transaction(ctx, requests, principal, provenance)
     else:
         results = await transactions.batch(ctx, parsed, principal, provenance)
     methods = [entry.method if isinstance(entry, EntryRequest) else None for entry in parsed]
-    answer = _response_bundle(
-        f"{bundle_type}-response",
-        results,
-        methods,
-        base,
-        prefer_return(request),
-        searches,
-        settings,
-    )
-    return FhirResponse(answer)
+    return FhirResponse(_response_bundle(results, methods, bundle))
 
 
 # The same handler at the base URL with a trailing slash, left out of the OpenAPI file.
 router.add_api_route("/", process_bundle, methods=["POST"], include_in_schema=False)
+
+
+@dataclass(frozen=True)
+class _Processing:
+    """A Bundle being processed, as the wire sees it: its type (transaction or batch), the
+    base URL its entries and the answer's links are relative to, the settings, Prefer's
+    handling (strict) and return (the answer's shape), and the search of each GET entry
+    that is one (by entry), as parsed and as asked, which its response entry renders."""
+
+    type: str
+    base: str
+    settings: Settings
+    strict: bool
+    prefer: str
+    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Url:
+    """An entry's request.url, relative to the base: as written, its path's segments (a
+    resource type, then an id, ...), and its query's name=value pairs."""
+
+    text: str
+    parts: list[str]
+    pairs: list[tuple[str, str]]
 
 
 def _bundle_entries(bundle: dict[str, Any], settings: Settings) -> tuple[str, list[Any]]:
@@ -180,56 +199,41 @@ def _bundle_entries(bundle: dict[str, Any], settings: Settings) -> tuple[str, li
     return bundle_type, entries
 
 
-def _entries(
-    bundle_type: str,
-    entries: list[Any],
-    base: str,
-    settings: Settings,
-    strict: bool,
-    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]],
-) -> list[EntryRequest | FhirError]:
+def _entries(entries: list[Any], bundle: _Processing) -> list[EntryRequest | FhirError]:
     """Each entry's request; in a batch, an entry that cannot be parsed is its own error,
     while in a transaction it fails the whole Bundle."""
     parsed: list[EntryRequest | FhirError] = []
     for index, entry in enumerate(entries):
         try:
-            parsed.append(_entry(index, entry, base, settings, strict, searches))
+            parsed.append(_entry(index, entry, bundle))
         except FhirError as error:
-            if bundle_type == "transaction":
+            if bundle.type == "transaction":
                 raise transactions.located(error, index) from None
             parsed.append(transactions.located(error, index))
     return parsed
 
 
-def _entry(
-    index: int,
-    entry: Any,
-    base: str,
-    settings: Settings,
-    strict: bool,
-    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]],
-) -> EntryRequest:
+def _entry(index: int, entry: Any, bundle: _Processing) -> EntryRequest:
     if not isinstance(entry, dict):
         raise BadRequest("An entry must be an object")
     request = entry.get("request")
     if not isinstance(request, dict):
         raise BadRequest("An entry of a transaction or batch needs a request")
-    method, url = _method_and_url(request, base)
-    path, _, query = url.partition("?")
-    parts = _path_parts(path, url)
-    pairs = parse_qsl(query, keep_blank_values=True)
+    method, text = _method_and_url(request, bundle.base)
+    path, _, query = text.partition("?")
+    url = _Url(text, _path_parts(path, text), parse_qsl(query, keep_blank_values=True))
     full_url = entry.get("fullUrl")
     result = EntryRequest(
         index,
         method,
-        parts[0],
+        url.parts[0],
         full_url=full_url if isinstance(full_url, str) and full_url else None,
         if_match=_if_match(request.get("ifMatch")),
     )
     if method == "GET":
-        _get(result, parts, pairs, url, settings, strict, searches)
+        _get(result, url, bundle)
     else:
-        _write(result, entry, request, parts, pairs, url)
+        _write(result, entry, request, url)
     return result
 
 
@@ -258,16 +262,9 @@ def _path_parts(path: str, url: str) -> list[str]:
     return parts
 
 
-def _write(
-    result: EntryRequest,
-    entry: dict[str, Any],
-    request: dict[str, Any],
-    parts: list[str],
-    pairs: list[tuple[str, str]],
-    url: str,
-) -> None:
+def _write(result: EntryRequest, entry: dict[str, Any], request: dict[str, Any], url: _Url) -> None:
     """A POST, PUT, PATCH or DELETE entry: its target, criteria, and resource or patch."""
-    method = result.method
+    method, parts, pairs = result.method, url.parts, url.pairs
     bare = len(parts) == 1 and not pairs
     if (
         len(parts) > 2
@@ -275,7 +272,7 @@ def _write(
         or (method != "POST" and bare)
     ):
         raise BadRequest(
-            f"request.url {url!r}: {method} takes "
+            f"request.url {url.text!r}: {method} takes "
             + ("Type" if method == "POST" else "Type/id or Type?criteria")
         )
     if len(parts) == 2:
@@ -296,13 +293,11 @@ def _write_criteria(result: EntryRequest, if_none_exist: Any, pairs: list[tuple[
             raise BadRequest("Conditional create criteria go in ifNoneExist or the url, not both")
         if not isinstance(if_none_exist, str):
             raise BadRequest("request.ifNoneExist must be a string")
-        result.criteria, result.criteria_key = conditional.from_header(resource_type, if_none_exist)
+        result.condition = conditional.from_header(resource_type, if_none_exist)
     elif pairs:
         if result.method == "PATCH":
             raise BadRequest("Conditional patch is not supported: PATCH Type/id")
-        result.criteria, result.criteria_key = conditional.criteria(
-            resource_type, pairs, "request.url"
-        )
+        result.condition = conditional.condition(resource_type, pairs, "request.url")
 
 
 def _entry_resource(result: EntryRequest, resource: Any) -> dict[str, Any]:
@@ -331,28 +326,21 @@ def _if_match(value: Any) -> int | None:
     return parse_if_match(value)
 
 
-def _get(
-    result: EntryRequest,
-    parts: list[str],
-    pairs: list[tuple[str, str]],
-    url: str,
-    settings: Settings,
-    strict: bool,
-    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]],
-) -> None:
+def _get(result: EntryRequest, url: _Url, bundle: _Processing) -> None:
+    parts, pairs, settings = url.parts, url.pairs, bundle.settings
     if len(parts) == 1:
         parsed = parse_search(
             result.resource_type,
             pairs,
             default_count=settings.default_page_size,
             max_count=settings.max_page_size,
-            strict=strict,
+            strict=bundle.strict,
         )
         result.search = search_request(parsed, pairs, settings.max_page_size)
-        searches[result.index] = (parsed, pairs)
+        bundle.searches[result.index] = (parsed, pairs)
         return
     if pairs:
-        raise BadRequest(f"request.url {url!r}: a read takes no parameters")
+        raise BadRequest(f"request.url {url.text!r}: a read takes no parameters")
     result.resource_id = parts[1]
     if len(parts) == 2:
         return
@@ -360,7 +348,7 @@ def _get(
         result.version_id = int(parts[3])
         if 1 <= result.version_id <= 2_147_483_647:
             return
-    raise BadRequest(f"request.url {url!r}: GET takes Type, Type/id or Type/id/_history/n")
+    raise BadRequest(f"request.url {url.text!r}: GET takes Type, Type/id or Type/id/_history/n")
 
 
 def _patch(resource: Any) -> Any:
@@ -392,9 +380,9 @@ def _conditional_references(resource: dict[str, Any]) -> dict[str, Any]:
                     match = _CONDITIONAL_REFERENCE.fullmatch(item)
                     if match and item not in found:
                         pairs = parse_qsl(match.group(2), keep_blank_values=True)
-                        found[item] = conditional.criteria(
+                        found[item] = conditional.condition(
                             match.group(1), pairs, f"The conditional reference {item!r}"
-                        )[0]
+                        ).filter
                 else:
                     walk(item)
         elif isinstance(value, list):
@@ -410,14 +398,10 @@ def _status(code: int) -> str:
 
 
 def _response_bundle(
-    bundle_type: str,
-    results: list[EntryResult],
-    methods: list[str | None],
-    base: str,
-    prefer: str,
-    searches: dict[int, tuple[ParsedSearch, list[tuple[str, str]]]],
-    settings: Settings,
+    results: list[EntryResult], methods: list[str | None], bundle: _Processing
 ) -> bytes:
+    """The transaction-response or batch-response: each entry's status, and what it wrote
+    or read, as Prefer: return= asks."""
     entries = []
     for index, (result, method) in enumerate(zip(results, methods, strict=True)):
         response: dict[str, Any] = {"status": _status(result.status)}
@@ -425,26 +409,24 @@ def _response_bundle(
         if result.error is not None:
             response["outcome"] = operation_outcome(result.error.issues)
         elif result.stored is not None:
-            _stored_entry(entry, response, result, method, base, prefer)
+            _stored_entry(entry, response, result, method, bundle)
         elif result.search is not None:
-            parsed, params = searches[index]
-            resource_type = parsed.criteria.resource_type
-            text = render_searchset(
-                base, resource_type, parsed, params, result.search, settings.max_page_size
-            )
+            parsed, params = bundle.searches[index]
+            max_page_size = bundle.settings.max_page_size
+            text = render_searchset(bundle.base, parsed, params, result.search, max_page_size)
             entry["resource"] = orjson.Fragment(text)
         if result.note is not None:
             response["outcome"] = operation_outcome([_information(result.note)])
         entry["response"] = response
         entries.append(entry)
-    bundle: dict[str, Any] = {
+    answer: dict[str, Any] = {
         "resourceType": "Bundle",
-        "type": bundle_type,
+        "type": f"{bundle.type}-response",
         "timestamp": format_instant(utc_now()),
     }
     if entries:
-        bundle["entry"] = entries
-    return orjson.dumps(bundle)
+        answer["entry"] = entries
+    return orjson.dumps(answer)
 
 
 def _stored_entry(
@@ -452,8 +434,7 @@ def _stored_entry(
     response: dict[str, Any],
     result: EntryResult,
     method: str | None,
-    base: str,
-    prefer: str,
+    bundle: _Processing,
 ) -> None:
     """The entry of a version written or read: where it is, its version, and the resource
     or an outcome as Prefer: return= asks."""
@@ -461,14 +442,14 @@ def _stored_entry(
     assert stored is not None
     reference = f"{stored.resource_type}/{stored.id}"
     if stored.content is not None:
-        entry["fullUrl"] = f"{base}/{reference}"
+        entry["fullUrl"] = f"{bundle.base}/{reference}"
         if method != "GET":
             response["location"] = f"{reference}/_history/{stored.version_id}"
     response["etag"] = stored.etag
     response["lastModified"] = format_instant(stored.last_updated)
-    if stored.content is not None and prefer == "representation":
+    if stored.content is not None and bundle.prefer == "representation":
         entry["resource"] = orjson.Fragment(stored.content)
-    if prefer == "OperationOutcome" and result.note is None:
+    if bundle.prefer == "OperationOutcome" and result.note is None:
         done = f"{_status(result.status)}: {reference} version {stored.version_id}"
         response["outcome"] = operation_outcome([_information(done)])
 

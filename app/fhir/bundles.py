@@ -71,28 +71,36 @@ def page_url(base: str, params: Sequence[tuple[str, str]]) -> str:
     return f"{base}?{urlencode(params)}" if params else base
 
 
+@dataclass(frozen=True)
+class SearchPage:
+    """What one page of a searchset holds: the matches, what `_include`/`_revinclude`
+    added to them, the warnings about the search (an outcome entry), and the total when it
+    was asked for."""
+
+    matches: Sequence[SearchEntry]
+    included: Sequence[SearchEntry] = ()
+    warnings: Sequence[Issue] = ()
+    total: int | None = None
+
+
 def searchset(
     base_url: str,
     resource_type: str,
-    page: Sequence[SearchEntry],
+    page: SearchPage,
     *,
     self_params: Sequence[tuple[str, str]],
     next_params: Sequence[tuple[str, str]] | None = None,
-    warnings: Sequence[Issue] = (),
-    total: int | None = None,
-    included: Sequence[SearchEntry] = (),
 ) -> str:
-    """`page` are the matches; `included` what `_include`/`_revinclude` added to them."""
     search_url = f"{base_url}/{resource_type}"
     links = [{"relation": "self", "url": page_url(search_url, self_params)}]
     if next_params is not None:
         links.append({"relation": "next", "url": page_url(search_url, next_params)})
-    entries = [_search_entry(base_url, entry, "match") for entry in page]
-    entries += [_search_entry(base_url, entry, "include") for entry in included]
-    if warnings:
-        outcome = _dumps(operation_outcome(warnings))
+    entries = [_search_entry(base_url, entry, "match") for entry in page.matches]
+    entries += [_search_entry(base_url, entry, "include") for entry in page.included]
+    if page.warnings:
+        outcome = _dumps(operation_outcome(page.warnings))
         entries.append(f'{{"resource":{outcome},"search":{{"mode":"outcome"}}}}')
-    return _bundle("searchset", links, entries, total)
+    return _bundle("searchset", links, entries, page.total)
 
 
 def _search_entry(base_url: str, entry: SearchEntry, mode: str) -> str:

@@ -100,7 +100,8 @@ async def search_code_systems(request: Request, ctx: ServicesDep) -> Response:
         for system in found
     ]
     self_params = request.query_params.multi_items()
-    text = bundles.searchset(fhir_base(request), "CodeSystem", entries, self_params=self_params)
+    page = bundles.SearchPage(entries)
+    text = bundles.searchset(fhir_base(request), "CodeSystem", page, self_params=self_params)
     return pretty(request, text)
 
 

@@ -1,13 +1,16 @@
 """What the FHIR and HL7 routes share: the services and settings built at start-up (the
-only place a handler reads `app.state`), and the path, query and header parameters several
-routes declare alike."""
+only place a handler reads `app.state`), the `Call` a handler serves, and the path, query
+and header parameters several routes declare alike."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Query, Request
 
+from app.auth.principal import Principal
 from app.fhir.openapi_docs import PROVENANCE_HEADER_SCHEMA_NAME
 from app.kit.codes import CLINICAL_RESOURCE_TYPES
 from app.kit.dates import DATE_TIME_PATTERN
@@ -40,6 +43,30 @@ ServicesDep = Annotated[ServiceContext, Depends(request_services)]
 SettingsDep = Annotated[Settings, Depends(request_settings)]
 # The export runner of this worker, told when a job is queued.
 ExportsDep = Annotated[ExportRunner, Depends(request_exports)]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request, the services, and the caller, whose role and scopes allow what it
+    asks."""
+
+    request: Request
+    ctx: ServiceContext
+    principal: Principal
+
+
+def call_of(caller: Callable[..., Awaitable[Principal]]) -> Callable[..., Awaitable[Call]]:
+    """The dependency giving a handler its `Call`; `caller` is the dependency that finds
+    the caller and checks what it may do (`Require(...)`, or `current_principal`)."""
+
+    async def call(
+        request: Request, ctx: ServicesDep, principal: Principal = Depends(caller)
+    ) -> Call:
+        return Call(request, ctx, principal)
+
+    return call
+
+
 IdPath = Annotated[str, Path(pattern=ID_PATTERN, description="Logical id")]
 IfMatch = Annotated[
     str | None,

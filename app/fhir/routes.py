@@ -18,19 +18,19 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from app.auth.deps import Require
 from app.auth.permissions import Action
-from app.auth.principal import Principal
 from app.fhir import bundles
 from app.fhir.deps import (
     ID_PATTERN,
     RESOURCE_TYPES,
+    Call,
     HistoryCursor,
     IdPath,
     IfMatch,
     Prefer,
-    ServicesDep,
     SettingsDep,
     Since,
     XProvenance,
+    call_of,
     fhir_base,
 )
 from app.fhir.http import (
@@ -47,7 +47,6 @@ from app.kit.dates import fhir_range
 from app.kit.errors import BadRequest
 from app.services import conditional
 from app.services import resources as service
-from app.services.context import ServiceContext
 from app.services.patching import parse_patch
 from app.services.resources import Stored, WriteResult
 
@@ -119,29 +118,6 @@ def _deleted(request: Request, deletion: Stored | None, done: str, nothing: str)
 _Handler = Callable[..., Awaitable[Response]]
 
 
-@dataclass(frozen=True)
-class _Call:
-    """One interaction's request, the services, and the caller, whose role and scopes allow
-    the interaction."""
-
-    request: Request
-    ctx: ServiceContext
-    principal: Principal
-
-
-def _caller(resource_type: str, action: Action) -> Callable[..., Awaitable[_Call]]:
-    """The dependency giving a handler its `_Call`."""
-
-    async def call(
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, action)),
-    ) -> _Call:
-        return _Call(request, ctx, principal)
-
-    return call
-
-
 async def _change(
     if_match: IfMatch = None, prefer: Prefer = None, *, provenance: XProvenance
 ) -> service.ChangeTerms:
@@ -178,11 +154,11 @@ HistoryPageDep = Annotated[_HistoryPage, Depends(_history_page)]
 
 
 def _create(resource_type: str) -> _Handler:
-    caller = Depends(_caller(resource_type, Action.CREATE))
+    caller = Depends(call_of(Require(resource_type, Action.CREATE)))
 
     async def create(
         *,
-        call: _Call = caller,
+        call: Call = caller,
         # Header() as the default, not in Annotated: the text depends on resource_type,
         # which a postponed annotation cannot see. The pattern is documented only:
         # conditional.from_header applies it, with a message that names the parameters.
@@ -202,30 +178,23 @@ def _create(resource_type: str) -> _Handler:
     ) -> Response:
         body = await _json_body(call.request)
         query = call.request.query_params.multi_items()
-        criteria, key = conditional.create_criteria(
+        condition = conditional.create_condition(
             resource_type, query, if_none_exist, call.principal
         )
-        result = await service.create(
-            call.ctx,
-            resource_type,
-            body,
-            call.principal,
-            if_none_exist=criteria,
-            if_none_exist_key=key,
-        )
+        result = await service.create(call.ctx, resource_type, body, call.principal, condition)
         return _written(call.request, result)
 
     return create
 
 
 def _conditional_update(resource_type: str) -> _Handler:
-    caller = Depends(_caller(resource_type, Action.UPDATE))
+    caller = Depends(call_of(Require(resource_type, Action.UPDATE)))
 
-    async def conditional_update(*, call: _Call = caller, change: ChangeDep) -> Response:
+    async def conditional_update(*, call: Call = caller, change: ChangeDep) -> Response:
         body = await _json_body(call.request)
         query = call.request.query_params.multi_items()
-        criteria, key = conditional.query_criteria(resource_type, query, call.principal)
-        request = service.ConditionalChangeRequest(resource_type, criteria, key, change)
+        condition = conditional.query_condition(resource_type, query, call.principal)
+        request = service.ConditionalChangeRequest(resource_type, condition, change)
         result = await service.conditional_update(call.ctx, request, body, call.principal)
         return _written(call.request, result)
 
@@ -233,12 +202,12 @@ def _conditional_update(resource_type: str) -> _Handler:
 
 
 def _conditional_delete(resource_type: str) -> _Handler:
-    caller = Depends(_caller(resource_type, Action.DELETE))
+    caller = Depends(call_of(Require(resource_type, Action.DELETE)))
 
-    async def conditional_delete(*, call: _Call = caller, change: ChangeDep) -> Response:
+    async def conditional_delete(*, call: Call = caller, change: ChangeDep) -> Response:
         query = call.request.query_params.multi_items()
-        criteria, key = conditional.query_criteria(resource_type, query, call.principal)
-        request = service.ConditionalChangeRequest(resource_type, criteria, key, change)
+        condition = conditional.query_condition(resource_type, query, call.principal)
+        request = service.ConditionalChangeRequest(resource_type, condition, change)
         deletion = await service.conditional_delete(call.ctx, request, call.principal)
         done = f"Deleted {resource_type}/{deletion.id}" if deletion else ""
         nothing = f"No {resource_type} matched the criteria; nothing was deleted"
@@ -248,18 +217,18 @@ def _conditional_delete(resource_type: str) -> _Handler:
 
 
 def _type_history(resource_type: str) -> _Handler:
-    caller = Depends(_caller(resource_type, Action.HISTORY))
+    caller = Depends(call_of(Require(resource_type, Action.HISTORY)))
 
-    async def type_history(*, call: _Call = caller, page: HistoryPageDep) -> Response:
+    async def type_history(*, call: Call = caller, page: HistoryPageDep) -> Response:
         return await _history(call, resource_type, None, page)
 
     return type_history
 
 
 def _read(resource_type: str) -> _Handler:
-    caller = Depends(_caller(resource_type, Action.READ))
+    caller = Depends(call_of(Require(resource_type, Action.READ)))
 
-    async def read(*, call: _Call = caller, resource_id: IdPath) -> Response:
+    async def read(*, call: Call = caller, resource_id: IdPath) -> Response:
         stored = await service.read(call.ctx, resource_type, resource_id, call.principal)
         return _resource_response(call.request, stored)
 
@@ -267,10 +236,10 @@ def _read(resource_type: str) -> _Handler:
 
 
 def _vread(resource_type: str) -> _Handler:
-    caller = Depends(_caller(resource_type, Action.HISTORY))
+    caller = Depends(call_of(Require(resource_type, Action.HISTORY)))
 
     async def vread(
-        *, call: _Call = caller, resource_id: IdPath, version_id: VersionPath
+        *, call: Call = caller, resource_id: IdPath, version_id: VersionPath
     ) -> Response:
         stored = await service.vread(
             call.ctx, resource_type, resource_id, version_id, call.principal
@@ -281,9 +250,9 @@ def _vread(resource_type: str) -> _Handler:
 
 
 def _update(resource_type: str) -> _Handler:
-    caller = Depends(_caller(resource_type, Action.UPDATE))
+    caller = Depends(call_of(Require(resource_type, Action.UPDATE)))
 
-    async def update(*, call: _Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
+    async def update(*, call: Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
         body = await _json_body(call.request)
         request = service.ChangeRequest(resource_type, resource_id, change)
         result = await service.update(call.ctx, request, body, call.principal)
@@ -293,9 +262,9 @@ def _update(resource_type: str) -> _Handler:
 
 
 def _patch(resource_type: str) -> _Handler:
-    caller = Depends(_caller(resource_type, Action.UPDATE))
+    caller = Depends(call_of(Require(resource_type, Action.UPDATE)))
 
-    async def patch(*, call: _Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
+    async def patch(*, call: Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
         http = call.request
         document = parse_patch(await http.body(), http.headers.get("content-type"))
         request = service.ChangeRequest(resource_type, resource_id, change)
@@ -306,9 +275,9 @@ def _patch(resource_type: str) -> _Handler:
 
 
 def _delete(resource_type: str) -> _Handler:
-    caller = Depends(_caller(resource_type, Action.DELETE))
+    caller = Depends(call_of(Require(resource_type, Action.DELETE)))
 
-    async def delete(*, call: _Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
+    async def delete(*, call: Call = caller, resource_id: IdPath, change: ChangeDep) -> Response:
         request = service.ChangeRequest(resource_type, resource_id, change)
         deletion = await service.delete(call.ctx, request, call.principal)
         done = f"Deleted {resource_type}/{resource_id}"
@@ -319,10 +288,10 @@ def _delete(resource_type: str) -> _Handler:
 
 
 def _instance_history(resource_type: str) -> _Handler:
-    caller = Depends(_caller(resource_type, Action.HISTORY))
+    caller = Depends(call_of(Require(resource_type, Action.HISTORY)))
 
     async def instance_history(
-        *, call: _Call = caller, resource_id: IdPath, page: HistoryPageDep
+        *, call: Call = caller, resource_id: IdPath, page: HistoryPageDep
     ) -> Response:
         return await _history(call, resource_type, resource_id, page)
 
@@ -350,19 +319,18 @@ def _register(resource_type: str) -> None:
 
 
 async def _history(
-    call: _Call, resource_type: str, resource_id: str | None, page: _HistoryPage
+    call: Call, resource_type: str, resource_id: str | None, page: _HistoryPage
 ) -> Response:
     request = call.request
     limit = page.limit
-    versions = await service.history(
-        call.ctx,
+    asked = service.HistoryRequest(
         resource_type,
         resource_id,
-        call.principal,
         since=_since(page.since),
         after=_decode_history_cursor(page.cursor) if page.cursor else None,
         limit=limit + 1,
     )
+    versions = await service.history(call.ctx, asked, call.principal)
     shown = versions[:limit]
     base = fhir_base(request)
     path = f"{base}/{resource_type}" + (f"/{resource_id}" if resource_id else "") + "/_history"

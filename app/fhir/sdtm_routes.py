@@ -56,9 +56,8 @@ async def sdtm_dataset(
 ) -> FileResponse:
     directory = Path(tempfile.mkdtemp(prefix="sdtm-"))
     try:
-        path, count = await sdtm.dataset_file(
-            ctx, principal, domain, fmt, directory, settings.study_id
-        )
+        file = sdtm.DatasetFile(domain, fmt, directory)
+        path, count = await sdtm.dataset_file(ctx, principal, file, settings.study_id)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise

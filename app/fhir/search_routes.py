@@ -20,16 +20,14 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from app.auth.deps import Require
 from app.auth.permissions import Action
-from app.auth.principal import Principal
 from app.fhir import bundles
-from app.fhir.deps import RESOURCE_TYPES, ServicesDep, SettingsDep, fhir_base
+from app.fhir.deps import RESOURCE_TYPES, Call, SettingsDep, call_of, fhir_base
 from app.fhir.elements import subset
 from app.fhir.http import FhirResponse, media_type, negotiate, prefer_strict, pretty
 from app.fhir.openapi_docs import ERRORS, bundle_doc, outcome_doc
 from app.fhir.search_schema import NO_NUL, value_schema
 from app.kit.errors import BadRequest, Issue, UnsupportedMediaType
 from app.services import search as service
-from app.services.context import ServiceContext
 from app.services.search_params import (
     INCLUDES,
     REVINCLUDES,
@@ -52,13 +50,9 @@ router = APIRouter(prefix="/fhir", dependencies=[Depends(negotiate)])
 
 
 async def _run_search(
-    request: Request,
-    ctx: ServiceContext,
-    principal: Principal,
-    settings: Settings,
-    resource_type: str,
-    params: Sequence[tuple[str, str]],
+    call: Call, settings: Settings, resource_type: str, params: Sequence[tuple[str, str]]
 ) -> Response:
+    request = call.request
     parsed = parse_search(
         resource_type,
         params,
@@ -67,23 +61,22 @@ async def _run_search(
         strict=prefer_strict(request),
     )
     result = await service.search(
-        ctx, search_request(parsed, params, settings.max_page_size), principal
+        call.ctx, search_request(parsed, params, settings.max_page_size), call.principal
     )
-    text = render_searchset(
-        fhir_base(request), resource_type, parsed, params, result, settings.max_page_size
-    )
+    text = render_searchset(fhir_base(request), parsed, params, result, settings.max_page_size)
     return pretty(request, text)
 
 
 def render_searchset(
     base: str,
-    resource_type: str,
     parsed: ParsedSearch,
     params: Sequence[tuple[str, str]],
     result: service.SearchResult,
     max_page_size: int,
 ) -> str:
-    """The searchset Bundle of one page (also an entry of a Bundle's response)."""
+    """The searchset Bundle of one page (also an entry of a Bundle's response), of the
+    search `params` asked for, as parsed."""
+    resource_type = parsed.criteria.resource_type
     next_params = None
     if result.more and result.hits:
         next_params = [*parsed.applied, ("_cursor", encode_cursor(*result.hits[-1].key))]
@@ -111,17 +104,10 @@ def render_searchset(
         )
         for hit in result.hits
     ]
-    text = bundles.searchset(
-        base,
-        resource_type,
-        page,
-        self_params=params,
-        next_params=next_params,
-        warnings=warnings,
-        total=result.total,
-        included=result.included,
+    contents = bundles.SearchPage(page, result.included, warnings, result.total)
+    return bundles.searchset(
+        base, resource_type, contents, self_params=params, next_params=next_params
     )
-    return text
 
 
 async def _form_parameters(request: Request) -> list[tuple[str, str]]:
@@ -290,6 +276,7 @@ def _register(resource_type: str) -> None:
         **ERRORS,
     }
     summary = f"Search {resource_type} resources (keyset-paged searchset Bundle)"
+    caller = Depends(call_of(Require(resource_type, Action.SEARCH)))
 
     @router.get(
         f"/{resource_type}",
@@ -301,15 +288,9 @@ def _register(resource_type: str) -> None:
         openapi_extra={"parameters": query_parameters(resource_type)},
         responses=responses,
     )
-    async def search(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.SEARCH)),
-        settings: SettingsDep,
-    ) -> Response:
-        params = request.query_params.multi_items()
-        return await _run_search(request, ctx, principal, settings, resource_type, params)
+    async def search(*, call: Call = caller, settings: SettingsDep) -> Response:
+        params = call.request.query_params.multi_items()
+        return await _run_search(call, settings, resource_type, params)
 
     @router.post(
         f"/{resource_type}/_search",
@@ -322,15 +303,10 @@ def _register(resource_type: str) -> None:
         openapi_extra=form_body(resource_type),
         responses={**responses, 415: outcome_doc(f"The body is not {FORM}")},
     )
-    async def search_post(
-        *,
-        request: Request,
-        ctx: ServicesDep,
-        principal: Principal = Depends(Require(resource_type, Action.SEARCH)),
-        settings: SettingsDep,
-    ) -> Response:
+    async def search_post(*, call: Call = caller, settings: SettingsDep) -> Response:
+        request = call.request
         params = [*request.query_params.multi_items(), *await _form_parameters(request)]
-        return await _run_search(request, ctx, principal, settings, resource_type, params)
+        return await _run_search(call, settings, resource_type, params)
 
 
 for _resource_type in RESOURCE_TYPES:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import tzinfo
 from typing import Any
 from urllib.parse import quote
@@ -107,19 +108,24 @@ def check_keys(result: Result) -> None:
         )
 
 
+@dataclass(frozen=True)
+class MessageContext:
+    """What every OBX of one message is mapped with: the message's header, whose MSH-7
+    zone a time without an offset is in (else the trial's zone), and the server's code
+    systems and input limits."""
+
+    header: Header
+    trial_zone: tzinfo
+    code_systems: codes.CodeSystems
+    limits: InputLimits
+
+
 def observation(
-    result: Result,
-    *,
-    patient_id: str,
-    loinc: str,
-    status: str,
-    header: Header,
-    trial_zone: tzinfo,
-    code_systems: codes.CodeSystems,
-    limits: InputLimits,
+    result: Result, context: MessageContext, *, patient_id: str, loinc: str, status: str
 ) -> dict[str, Any]:
-    """The Observation this OBX becomes, with `status` (final, preliminary, corrected)."""
-    order_system, result_system = identifier_systems(result, code_systems)
+    """The Observation this OBX becomes, for the Patient `patient_id`, coded `loinc`, with
+    `status` (final, preliminary, corrected)."""
+    order_system, result_system = identifier_systems(result, context.code_systems)
     code: dict[str, Any] = {
         "coding": [{"system": codes.LOINC, "code": loinc, "display": PLATELET_DISPLAY[loinc]}]
     }
@@ -136,8 +142,8 @@ def observation(
         "category": LABORATORY,
         "code": code,
         "subject": {"reference": f"Patient/{patient_id}"},
-        "effectiveDateTime": clinical_time(result, header.zone or trial_zone),
-        "valueQuantity": quantity(result, limits),
+        "effectiveDateTime": clinical_time(result, context.header.zone or context.trial_zone),
+        "valueQuantity": quantity(result, context.limits),
     }
     if result.reference_range:
         document["referenceRange"] = [{"text": result.reference_range}]

@@ -214,23 +214,27 @@ async def _chunks(db: Database, file_pk: int) -> AsyncIterator[bytes]:
 # --- generation ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExportSelection:
+    """What an export takes of each type: the resources as they stood at `moment` (the
+    kick-off's transactionTime), changed after `since`, at `sites` (None: every site)."""
+
+    moment: datetime
+    since: datetime | None = None
+    sites: frozenset[str] | None = None
+
+
 async def resource_lines(
-    db: Database,
-    resource_type: str,
-    moment: datetime,
-    since: datetime | None,
-    sites: frozenset[str] | None,
-    after_pk: int = 0,
-    batch: int = BATCH_ROWS,
+    db: Database, resource_type: str, selection: ExportSelection, after_pk: int = 0
 ) -> AsyncIterator[list[tuple[int, bytes]]]:
-    """Batches of (key, NDJSON line) of the type as it stood at `moment`, changed after
-    `since`, at `sites`, after the key `after_pk`. Each batch is read in one short
-    transaction: nothing is held open while the caller writes."""
+    """Batches of (key, NDJSON line) of the type's selected resources after the key
+    `after_pk`. Each batch is read in one short transaction: nothing is held open while the
+    caller writes."""
+    moment, since = selection.moment, selection.since
+    access = SiteAccess.recorded(selection.sites)
     while True:
         async with db.read() as conn:
-            rows = await store.resource_batch(
-                conn, resource_type, after_pk, SiteAccess.recorded(sites), batch
-            )
+            rows = await store.resource_batch(conn, resource_type, after_pk, access, BATCH_ROWS)
             changed = [row.id for row in rows if row.last_updated > moment]
             older = await store.versions_at(conn, resource_type, changed, moment) if changed else {}
         if not rows:
@@ -392,9 +396,8 @@ class ExportRunner:
     async def _claim(self, job_id: str) -> store.Job | None:
         now = utc_now()
         async with self.ctx.db.write() as conn:
-            taken = await store.claim(
-                conn, job_id, self.worker, now, now + self.settings.lease, MAX_ATTEMPTS
-            )
+            lease = store.Lease(self.worker, now + self.settings.lease)
+            taken = await store.claim(conn, job_id, lease, now, MAX_ATTEMPTS)
             return await store.get_job(conn, job_id) if taken else None
 
     async def _write(
@@ -406,8 +409,8 @@ class ExportRunner:
         """One write transaction that first renews the job's lease: a write of a job this
         worker no longer holds (cancelled, or taken over) is never made."""
         async with self.ctx.db.write() as conn:
-            lease_until = utc_now() + self.settings.lease
-            if not await store.renew(conn, job.id, self.worker, lease_until, progress):
+            lease = store.Lease(self.worker, utc_now() + self.settings.lease)
+            if not await store.renew(conn, job.id, lease, progress):
                 raise LeaseLost(job.id)
             try:
                 return await work(conn)
@@ -452,6 +455,7 @@ class ExportRunner:
     async def _generate(self, job: store.Job) -> int:
         await self._settle(job.transaction_time)
         sites = frozenset(orjson.loads(job.sites)) if job.sites is not None else None
+        selection = ExportSelection(job.transaction_time, job.since, sites)
         await self._write(job, lambda conn: store.delete_incomplete_files(conn, job.id))
         async with self.ctx.db.read() as conn:
             done = await store.files(conn, job.id)
@@ -463,9 +467,7 @@ class ExportRunner:
                 (f.last_pk or 0 for f in done if f.resource_type == resource_type), default=0
             )
             first = after
-            async for lines in resource_lines(
-                self.ctx.db, resource_type, job.transaction_time, job.since, sites, after
-            ):
+            async for lines in resource_lines(self.ctx.db, resource_type, selection, after):
                 for pk, line in lines:
                     await writer.add(resource_type, pk, line, first)
                     if not writer.is_open:  # the file just closed: the next starts after it
@@ -544,7 +546,7 @@ async def write_ndjson(
     output: list[dict[str, Any]] = []
     for resource_type in EXPORT_TYPES:
         files = _LocalFiles(directory, resource_type, file_resources)
-        async for lines in resource_lines(ctx.db, resource_type, moment, None, None):
+        async for lines in resource_lines(ctx.db, resource_type, ExportSelection(moment)):
             for _, line in lines:
                 files.write(line)
             if progress is not None:

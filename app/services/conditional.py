@@ -17,6 +17,7 @@ from app.auth.permissions import Action
 from app.auth.policy import access_policy
 from app.auth.principal import Principal
 from app.kit.errors import BadRequest
+from app.services.resources import Condition
 from app.services.search_params import (
     SEARCH_ID,
     SEARCH_PARAMETERS,
@@ -25,7 +26,6 @@ from app.services.search_params import (
     reference_value_pattern,
     search_parameter,
 )
-from app.store.criteria import SearchFilter
 
 # Parameters that shape the answer, not the match: allowed beside the criteria in a URL.
 FORMAT_PARAMETERS = frozenset({"_format", "_pretty"})
@@ -68,10 +68,10 @@ def header_pattern(resource_type: str) -> str:
     return f"^({pairs})(&({pairs}))*$"
 
 
-def criteria(
-    resource_type: str, pairs: Sequence[tuple[str, str]], source: str
-) -> tuple[SearchFilter, str]:
-    """SearchFilter from name=value pairs, and the key that makes equal criteria share a lock."""
+def condition(resource_type: str, pairs: Sequence[tuple[str, str]], source: str) -> Condition:
+    """The criteria of name=value pairs, and the key that makes equal criteria share a lock:
+    one key for every conditional form (create, update, delete) of the same criteria, so
+    they serialise one another."""
     allowed = conditional_parameters(resource_type)
     for name, value in pairs:
         if name not in allowed:
@@ -87,10 +87,11 @@ def criteria(
             f"{source} has no search criteria: a conditional {resource_type} interaction "
             f"needs at least one of {', '.join(allowed)}"
         )
-    return parsed.criteria, criteria_key(parsed.criteria)
+    lock_key = f"conditional:{resource_type}:{criteria_key(parsed.criteria)}"
+    return Condition(parsed.criteria, lock_key)
 
 
-def from_header(resource_type: str, header: str) -> tuple[SearchFilter, str]:
+def from_header(resource_type: str, header: str) -> Condition:
     """If-None-Exist holds token or patient criteria: name=value pairs joined by &."""
     if not re.fullmatch(header_pattern(resource_type), header):
         raise BadRequest(
@@ -98,7 +99,7 @@ def from_header(resource_type: str, header: str) -> tuple[SearchFilter, str]:
             f"joined by &, names among {', '.join(conditional_parameters(resource_type))}",
             expression=["header.If-None-Exist"],
         )
-    return criteria(resource_type, parse_qsl(header, keep_blank_values=True), "If-None-Exist")
+    return condition(resource_type, parse_qsl(header, keep_blank_values=True), "If-None-Exist")
 
 
 def from_query(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -106,17 +107,17 @@ def from_query(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(name, value) for name, value in pairs if name not in FORMAT_PARAMETERS]
 
 
-def create_criteria(
+def create_condition(
     resource_type: str,
     query: Sequence[tuple[str, str]],
     if_none_exist: str | None,
     principal: Principal,
-) -> tuple[SearchFilter, str] | tuple[None, None]:
-    """A conditional create's criteria and their lock key, from If-None-Exist or the query
-    (not both); (None, None) for a plain create."""
+) -> Condition | None:
+    """A conditional create's condition, from If-None-Exist or the query (not both); None for
+    a plain create."""
     in_query = from_query(query)
     if if_none_exist is None and not in_query:
-        return None, None
+        return None
     access_policy(principal).require(resource_type, Action.CONDITIONAL_CREATE)
     # A match is answered with the resource: the criteria are a search.
     access_policy(principal).require(resource_type, Action.SEARCH)
@@ -126,12 +127,12 @@ def create_criteria(
         )
     if if_none_exist is not None:
         return from_header(resource_type, if_none_exist)
-    return criteria(resource_type, in_query, "The query")
+    return condition(resource_type, in_query, "The query")
 
 
-def query_criteria(
+def query_condition(
     resource_type: str, query: Sequence[tuple[str, str]], principal: Principal
-) -> tuple[SearchFilter, str]:
-    """The criteria of a conditional update or delete, which are a search too."""
+) -> Condition:
+    """The condition of a conditional update or delete, whose criteria are a search too."""
     access_policy(principal).require(resource_type, Action.SEARCH)
-    return criteria(resource_type, from_query(query), "The query")
+    return condition(resource_type, from_query(query), "The query")

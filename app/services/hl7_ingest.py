@@ -62,6 +62,16 @@ class Reply:
     replayed: bool = False  # the ACK of an earlier delivery of the same message
 
 
+@dataclass(frozen=True)
+class _Delivery:
+    """One delivery of a message: as read (python-hl7), as parsed, and the key that names
+    the message across deliveries."""
+
+    message: Any
+    oru: hl7v2.OruMessage
+    key: MessageKey
+
+
 @dataclass
 class _Planned:
     result: Result
@@ -112,7 +122,7 @@ async def receive(
     except hl7v2.Garbled as garbled:
         stand_in, garbled_reply = hl7v2.garbled_ack(garbled)
         problem = hl7v2.Problem("102", str(garbled))
-        ctx.audit.add(_record(principal, stand_in, "AR", [problem]))
+        ctx.audit.add(_record(principal, stand_in, "AR", _refusal([problem])))
         return Reply(garbled_reply, "AR")
     try:
         oru = hl7v2.parse_oru(message)
@@ -123,7 +133,7 @@ async def receive(
             oru.header.control_id,
         )
         try:
-            reply = await _store(ctx, message, oru, key, principal, local_codes or {})
+            reply = await _store(ctx, _Delivery(message, oru, key), principal, local_codes or {})
         except IntegrityError:
             # The unique key refused a second row for this message: a concurrent delivery
             # committed first. Its ACK is the answer; this transaction left nothing.
@@ -132,10 +142,11 @@ async def receive(
                 raise
             reply = earlier
     except Rejected as rejected:
-        ctx.audit.add(_record(principal, message, rejected.ack_code, rejected.problems))
+        refusal = _refusal(rejected.problems)
+        ctx.audit.add(_record(principal, message, rejected.ack_code, refusal))
         return Reply(hl7v2.ack(message, rejected.ack_code, rejected.problems), rejected.ack_code)
     if reply.replayed:
-        ctx.audit.add(_record(principal, message, reply.code, [], replayed=True))
+        ctx.audit.add(_record(principal, message, reply.code, _REDELIVERY))
     return reply
 
 
@@ -147,12 +158,11 @@ async def serialise_deliveries(conn: AsyncConnection, key: MessageKey) -> None:
 
 async def _store(
     ctx: ServiceContext,
-    message: Any,
-    oru: hl7v2.OruMessage,
-    key: MessageKey,
+    delivery: _Delivery,
     principal: Principal,
     local_codes: Mapping[str, str],
 ) -> Reply:
+    message, oru, key = delivery.message, delivery.oru, delivery.key
     async with ctx.db.write() as conn:
         await serialise_deliveries(conn, key)
         earlier = await hl7_messages.find(conn, key)
@@ -168,8 +178,8 @@ async def _store(
         await resources.recompute_changes(tx, tally.changes)
         reply = Reply(hl7v2.ack(message, "AA"), "AA")
         await hl7_messages.remember(conn, key, tx.now, oru.content_hash, reply.ack)
-        summary = tally.summary()
-        tally.records.append(_record(principal, message, "AA", [], summary=summary, now=tx.now))
+        summary = f", {tally.summary()}"
+        tally.records.append(_record(principal, message, "AA", summary, now=tx.now))
         await append_audit(conn, tally.records)
     return reply
 
@@ -291,6 +301,7 @@ def _plan(
     problems: list[Problem] = []
     seen: dict[tuple[str, str], Result] = {}
     source = f"HL7 v2 ORU^R01 {oru.header.control_id} from {oru.header.sending_application}"
+    context = mapping.MessageContext(oru.header, ctx.criteria.zone, ctx.codes, ctx.limits)
     for result in oru.results:
         loinc = mapping.platelet_loinc(result, local_codes)
         if loinc is None or result.status in mapping.NO_RESULT_STATUSES:
@@ -298,7 +309,7 @@ def _plan(
             continue
         patient_id = patients[result.patient.location.sequence]
         try:
-            document = _observation(ctx, oru, result, patient_id, loinc)
+            document = _observation(context, result, patient_id, loinc)
         except Rejected as rejected:
             problems.extend(rejected.problems)
             continue
@@ -314,7 +325,7 @@ def _plan(
 
 
 def _observation(
-    ctx: ServiceContext, oru: hl7v2.OruMessage, result: Result, patient_id: str, loinc: str
+    context: mapping.MessageContext, result: Result, patient_id: str, loinc: str
 ) -> dict[str, Any]:
     """The Observation of one platelet OBX; AE on a status the trial does not receive."""
     status = mapping.RESULT_STATUS.get(result.status)
@@ -331,16 +342,7 @@ def _observation(
             result.location.at(11),
         )
     mapping.check_keys(result)
-    return mapping.observation(
-        result,
-        patient_id=patient_id,
-        loinc=loinc,
-        status=status,
-        header=oru.header,
-        trial_zone=ctx.criteria.zone,
-        code_systems=ctx.codes,
-        limits=ctx.limits,
-    )
+    return mapping.observation(result, context, patient_id=patient_id, loinc=loinc, status=status)
 
 
 def _repeated(result: Result, earlier: Result) -> Problem:
@@ -492,27 +494,29 @@ async def _write(
     tally.changes.append(change)
 
 
+_REDELIVERY = ", a redelivery: the first ACK was returned and nothing stored"
+
+
+def _refusal(problems: list[Problem]) -> str:
+    """What an AE or AR found, for the message's audit record."""
+    return ": " + "; ".join(problem.text for problem in problems) if problems else ""
+
+
 def _record(
     principal: Principal,
     message: Any,
     code: AckCode,
-    problems: list[Problem],
+    detail: str,
     *,
-    summary: str | None = None,
-    replayed: bool = False,
     now: datetime | None = None,
 ) -> AuditRecord:
-    """The audit record of the message itself (each write has its own as well)."""
+    """The audit record of the message itself (each write has its own as well): the
+    message, its ACK code, and `detail`, what came of it (the tally, a redelivery, the
+    problems)."""
     msh = message[0]
     control_id = hl7v2.field_text(msh, 10)
     sender = hl7v2.field_text(msh, 3)
-    text = f"HL7 v2 {hl7v2.field_text(msh, 9)} {control_id!r} from {sender!r}: {code}"
-    if replayed:
-        text += ", a redelivery: the first ACK was returned and nothing stored"
-    if summary:
-        text += f", {summary}"
-    if problems:
-        text += ": " + "; ".join(problem.text for problem in problems)
+    text = f"HL7 v2 {hl7v2.field_text(msh, 9)} {control_id!r} from {sender!r}: {code}{detail}"
     extra = {"recorded": now} if now is not None else {}
     return AuditRecord.of(
         principal,

@@ -64,7 +64,7 @@ from app.services.patching import Patch, apply_patch
 from app.services.provenance import require_reason, store_provenance
 from app.services.validation import parse_json, validate
 from app.store import repository as repo
-from app.store.criteria import SearchFilter
+from app.store.criteria import HistoryFilter, SearchFilter
 
 
 @dataclass(frozen=True)
@@ -174,24 +174,26 @@ class ChangeRequest:
 
 
 @dataclass(frozen=True)
+class Condition:
+    """The criteria of a conditional interaction (a create's `If-None-Exist`, an update's or
+    a delete's query, a Bundle entry's), and the advisory lock it is decided under
+    (`conditional:Type:...`, `app.services.conditional`): equal criteria, one lock."""
+
+    filter: SearchFilter
+    lock_key: str
+
+
+@dataclass(frozen=True)
 class ConditionalChangeRequest:
-    """A conditional update or delete: of the one resource `criteria` match, locked under
-    `criteria_key`."""
+    """A conditional update or delete: of the one resource `condition` matches."""
 
     resource_type: str
-    criteria: SearchFilter
-    criteria_key: str
+    condition: Condition
     terms: ChangeTerms
 
 
 def new_id() -> str:
     return str(uuid.uuid4())
-
-
-def conditional_lock_key(resource_type: str, criteria_key: str) -> str:
-    """One key for every conditional form (create, update, delete) of the same criteria, so
-    they serialise one another."""
-    return f"conditional:{resource_type}:{criteria_key}"
 
 
 def _render(
@@ -390,9 +392,7 @@ async def _insert_created(
     first (PostgreSQL) makes this a conflict, or, when its Patient meets the conditional
     create's criteria, the match returned instead (None: inserted)."""
     try:
-        await repo.insert_resource(
-            tx.conn, new.resource_type, new.resource_id, new.content, new.index, tx.now
-        )
+        await repo.insert_resource(tx.conn, new, tx.now)
     except repo.SubjectTaken as taken:
         match = None
         if command.if_none_exist is not None:
@@ -491,9 +491,10 @@ async def _store_version(
     version = 1 if current is None else current.version_id + 1
     content = _render(raw, resource_type, resource_id, version, tx.now)
     if current is None:
-        write = repo.insert_resource(tx.conn, resource_type, resource_id, content, index, tx.now)
+        new = repo.NewResource(resource_type, resource_id, content, index)
+        write = repo.insert_resource(tx.conn, new, tx.now)
     else:
-        write = repo.update_resource(tx.conn, current, version, content, index, tx.now, "update")
+        write = repo.update_resource(tx.conn, current, content, index, tx.now)
     try:
         await write
     except repo.SubjectTaken as taken:
@@ -571,7 +572,7 @@ async def delete_in(
     if resource_type == "Patient" and await repo.has_live_references(tx.conn, resource_id):
         raise Conflict(f"Patient/{resource_id} still has records; delete or move them first")
     version = current.version_id + 1
-    await repo.update_resource(tx.conn, current, version, None, None, tx.now, "delete")
+    await repo.delete_resource(tx.conn, current, tx.now)
     _wrote_patient(tx, resource_type, resource_id)
     patients, forgotten = _ids(current.patient_id), None
     if resource_type == "Patient":
@@ -626,7 +627,7 @@ async def single_match(
 
 # The lock order, the one every write takes its locks in (a single write, and a transaction
 # Bundle for all its entries at once), so that no two writes can deadlock:
-#   1. the criteria of conditional interactions (`conditional_lock_key`), sorted;
+#   1. the criteria of conditional interactions (`Condition.lock_key`), sorted;
 #   2. the ids updated, patched or deleted (`lock_id`), sorted;
 #   3. every Patient involved, by id (`lock_for_update`);
 #   4. the records' rows (`lock_for_update`).
@@ -677,19 +678,19 @@ async def create(
     resource_type: str,
     body: bytes,
     principal: Principal,
-    *,
-    if_none_exist: SearchFilter | None = None,
-    if_none_exist_key: str | None = None,
+    if_none_exist: Condition | None = None,
 ) -> WriteResult:
+    """A create; with `if_none_exist`, a conditional one (its criteria's match, if any, is
+    returned instead)."""
     raw = parse_json(body)
+    criteria = None
     if if_none_exist is not None:
-        if_none_exist = subjects.normalise_criteria(if_none_exist, ctx.codes)
+        criteria = subjects.normalise_criteria(if_none_exist.filter, ctx.codes)
     async with ctx.db.write() as conn:
         if if_none_exist is not None:
-            assert if_none_exist_key is not None
-            await repo.lock(conn, conditional_lock_key(resource_type, if_none_exist_key))
+            await repo.lock(conn, if_none_exist.lock_key)
         tx = WriteTransaction(ctx, conn, principal, utc_now())
-        command = CreateCommand(resource_type, raw, if_none_exist=if_none_exist)
+        command = CreateCommand(resource_type, raw, if_none_exist=criteria)
         change = await _create_finished(tx, command)
     return WriteResult(change.stored, change.created)
 
@@ -832,18 +833,14 @@ async def conditional_update(
     """`PUT /Type?criteria`: no match creates, one match is updated, several are 412.
     Race-free: identical conditional writes serialise on their criteria. The reason is
     required whichever happens, as for any update."""
-    resource_type, criteria_key, provenance = (
-        request.resource_type,
-        request.criteria_key,
-        request.terms.provenance,
-    )
+    resource_type, provenance = request.resource_type, request.terms.provenance
     require_reason(provenance)
     raw = parse_json(body)
     expected = parse_if_match(request.terms.if_match)
-    criteria = subjects.normalise_criteria(request.criteria, ctx.codes)
+    criteria = subjects.normalise_criteria(request.condition.filter, ctx.codes)
     new_patient = _new_patient(resource_type, raw)
     async with ctx.db.write() as conn:
-        await repo.lock(conn, conditional_lock_key(resource_type, criteria_key))
+        await repo.lock(conn, request.condition.lock_key)
         target_id, _ = await conditional_target(conn, resource_type, criteria, raw, principal)
         if target_id is not None:
             if target_id.startswith(RESERVED_ID_PREFIX):
@@ -866,9 +863,9 @@ async def conditional_delete(
     resource_type, provenance = request.resource_type, request.terms.provenance
     require_reason(provenance)
     expected = parse_if_match(request.terms.if_match)
-    criteria = subjects.normalise_criteria(request.criteria, ctx.codes)
+    criteria = subjects.normalise_criteria(request.condition.filter, ctx.codes)
     async with ctx.db.write() as conn:
-        await repo.lock(conn, conditional_lock_key(resource_type, request.criteria_key))
+        await repo.lock(conn, request.condition.lock_key)
         match = await single_match(conn, criteria, principal, "The conditional delete's criteria")
         if match is None:
             ctx.audit.add(
@@ -973,16 +970,23 @@ async def read_version(
     return Stored.of_version(resource_type, resource_id, version)
 
 
+@dataclass(frozen=True)
+class HistoryRequest:
+    """A page of history: of a type, or of one resource (`resource_id`); the versions written
+    at or after `since`, after the (last_updated, id, version) cursor `after`, `limit` at
+    most, newest first."""
+
+    resource_type: str
+    resource_id: str | None
+    since: datetime | None
+    after: tuple[datetime, str, int] | None
+    limit: int
+
+
 async def history(
-    ctx: ServiceContext,
-    resource_type: str,
-    resource_id: str | None,
-    principal: Principal,
-    *,
-    since: datetime | None,
-    after: tuple[datetime, str, int] | None,
-    limit: int,
+    ctx: ServiceContext, request: HistoryRequest, principal: Principal
 ) -> list[repo.Version]:
+    resource_type, resource_id = request.resource_type, request.resource_id
     async with ctx.db.read() as conn:
         if resource_id is not None:
             current = await visible_current(conn, resource_type, resource_id, principal)
@@ -995,15 +999,9 @@ async def history(
                     entity_type=resource_type,
                 )
             )
-        return await repo.history(
-            conn,
-            resource_type,
-            resource_id,
-            since=since,
-            after=after,
-            limit=limit,
-            access=access_policy(principal).sites,
-        )
+        versions = HistoryFilter(resource_type, resource_id, request.since)
+        access = access_policy(principal).sites
+        return await repo.history(conn, versions, access, after=request.after, limit=request.limit)
 
 
 # --- Several writes in one transaction (an HL7 v2 message) --------------------------------

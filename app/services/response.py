@@ -203,7 +203,7 @@ async def forget(conn: AsyncConnection, patient_id: str, now: datetime) -> None:
     """A deleted Patient takes its response status with it (the history stays readable)."""
     current = await repo.get_current(conn, "Observation", response_observation_id(patient_id))
     if current is not None and not current.deleted:
-        await repo.update_resource(conn, current, current.version_id + 1, None, None, now, "delete")
+        await repo.delete_resource(conn, current, now)
     await repo.delete_assessment(conn, patient_id)
 
 
@@ -242,9 +242,10 @@ async def _write_observation(
         quantities=search.quantities,
     )
     if current is None:
-        await repo.insert_resource(conn, "Observation", observation_id, content, index, now)
+        new = repo.NewResource("Observation", observation_id, content, index)
+        await repo.insert_resource(conn, new, now)
     else:
-        await repo.update_resource(conn, current, version, content, index, now, "update")
+        await repo.update_resource(conn, current, content, index, now)
 
 
 def _concept(system: str, code: str, display: str | None = None) -> dict[str, Any]:

@@ -835,20 +835,31 @@ class DatasetWriter:
         self._temporary.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class DatasetFile:
+    """A domain to write as a file: `<directory>/<code>.<fmt>`."""
+
+    code: str
+    fmt: Format
+    directory: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.code}.{self.fmt}"
+
+
 async def write_dataset(
     ctx: ServiceContext,
-    code: str,
-    fmt: Format,
-    directory: Path,
+    file: DatasetFile,
     access: SiteAccess,
     study_id: str,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Path, int]:
-    """Write the domain into `directory` as `<code>.<fmt>`; returns the path and row count."""
-    dataset = domain(code)
-    writer = DatasetWriter(dataset, directory / f"{code}.{fmt}", fmt)
+    """Write the domain's file; returns its path and row count."""
+    dataset = domain(file.code)
+    writer = DatasetWriter(dataset, file.directory / file.name, file.fmt)
     try:
-        async for batch in domain_rows(ctx, code, access, study_id, progress):
+        async for batch in domain_rows(ctx, file.code, access, study_id, progress):
             writer.add(batch)
     except BaseException:
         writer.discard()
@@ -858,25 +869,18 @@ async def write_dataset(
 
 
 async def dataset_file(
-    ctx: ServiceContext,
-    principal: Principal,
-    code: str,
-    fmt: Format,
-    directory: Path,
-    study_id: str,
+    ctx: ServiceContext, principal: Principal, file: DatasetFile, study_id: str
 ) -> tuple[Path, int]:
-    """`GET /sdtm/{code}.{fmt}`: the domain at the caller's sites, written into
-    `directory` (the caller streams it, then removes it); audited like a read."""
-    dataset = domain(code)
+    """`GET /sdtm/{code}.{fmt}`: the domain at the caller's sites, written into the file's
+    directory (the caller streams it, then removes it); audited like a read."""
+    dataset = domain(file.code)
     authorize_domain(principal, dataset)
-    path, count = await write_dataset(
-        ctx, code, fmt, directory, access_policy(principal).sites, study_id
-    )
+    path, count = await write_dataset(ctx, file, access_policy(principal).sites, study_id)
     ctx.audit.add(
         AuditRecord.of(
             principal,
             "operation",
-            description=f"SDTM {code}.{fmt}: {count} rows",
+            description=f"SDTM {file.name}: {count} rows",
         )
     )
     return path, count

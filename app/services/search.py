@@ -84,12 +84,7 @@ async def search(
         )
         page = rows[: request.count]
         included, truncated = await _included(
-            conn,
-            [current for current, _ in page],
-            criteria.access,
-            includes,
-            revincludes,
-            request.include_limit,
+            conn, [current for current, _ in page], criteria.access, request
         )
     hits = [SearchHit(Stored.of_current(current), key) for current, key in page]
     shown = [hit.stored for hit in hits] + included
@@ -132,19 +127,18 @@ async def _included(
     conn: AsyncConnection,
     page: list[repo.Current],
     access: SiteAccess | None,
-    includes: Sequence[Include],
-    revincludes: Sequence[Include],
-    limit: int,
+    request: SearchRequest,
 ) -> tuple[list[Stored], bool]:
     """The page's subjects (`_include`) and the records of the page's Patients
-    (`_revinclude`), each once, at the caller's sites, `limit` at most."""
+    (`_revinclude`), each once, at the caller's sites, `include_limit` at most."""
+    limit = request.include_limit
     wanted: list[SearchFilter] = []
-    if includes:
+    if request.includes:
         subjects = sorted({c.patient_id for c in page if c.patient_id is not None})
         wanted.append(SearchFilter("Patient", ids=subjects, access=access))
     patients = [c.id for c in page]
     # Observation:subject and Observation:patient follow the same reference: one query.
-    for source in dict.fromkeys(include.source for include in revincludes):
+    for source in dict.fromkeys(include.source for include in request.revincludes):
         wanted.append(SearchFilter(source, patients=patients, access=access))
     found: dict[tuple[str, str], Stored] = {}
     for criteria in wanted:

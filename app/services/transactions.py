@@ -51,6 +51,7 @@ from app.services.patching import Patch
 from app.services.provenance import require_reason
 from app.services.resources import (
     Change,
+    Condition,
     CreateCommand,
     Stored,
     UpdateCommand,
@@ -74,8 +75,7 @@ class EntryRequest:
     resource_type: str
     resource_id: str | None = None  # Type/id
     version_id: int | None = None  # Type/id/_history/version (GET)
-    criteria: SearchFilter | None = None  # ifNoneExist, or Type?criteria
-    criteria_key: str | None = None
+    condition: Condition | None = None  # ifNoneExist, or Type?criteria
     full_url: str | None = None
     resource: dict[str, Any] | None = None  # POST, PUT
     patch: Patch | None = None  # PATCH
@@ -170,11 +170,11 @@ def _authorize(principal: Principal, entry: EntryRequest) -> None:
         "DELETE": Action.DELETE,
     }[entry.method]
     access_policy(principal).require(resource_type, action)
-    if entry.criteria is not None:
+    if entry.condition is not None:
         if entry.method == "POST":
             access_policy(principal).require(resource_type, Action.CONDITIONAL_CREATE)
         access_policy(principal).require(resource_type, Action.SEARCH)
-        search.authorize_criteria(principal, entry.criteria)
+        search.authorize_criteria(principal, entry.condition.filter)
     for criteria in entry.references.values():
         access_policy(principal).require(criteria.resource_type, Action.SEARCH)
         search.authorize_criteria(principal, criteria)
@@ -213,8 +213,9 @@ async def _run(
     tx: WriteTransaction, entries: Sequence[EntryRequest], provenance: str | None
 ) -> list[EntryResult]:
     for entry in entries:  # subject numbers as stored (services/subjects.py)
-        if entry.criteria is not None:
-            entry.criteria = subjects.normalise_criteria(entry.criteria, tx.ctx.codes)
+        if entry.condition is not None:
+            criteria = subjects.normalise_criteria(entry.condition.filter, tx.ctx.codes)
+            entry.condition = replace(entry.condition, filter=criteria)
         entry.references = {
             reference: subjects.normalise_criteria(criteria, tx.ctx.codes)
             for reference, criteria in entry.references.items()
@@ -231,11 +232,7 @@ async def _decide(tx: WriteTransaction, entries: Sequence[EntryRequest]) -> _Pla
     """Steps 1 and 2: the criteria locks, what the conditional entries and references
     mean, then references to other entries and conditional references as Type/id."""
     plan = _Plan()
-    keys = {
-        resources.conditional_lock_key(e.resource_type, e.criteria_key)
-        for e in entries
-        if e.criteria is not None and e.criteria_key is not None and e.method != "GET"
-    }
+    keys = {e.condition.lock_key for e in entries if e.condition is not None and e.method != "GET"}
     for key in sorted(keys):
         await repo.lock(tx.conn, key)
     for entry in entries:
@@ -316,7 +313,7 @@ async def _process(
 def _deferrable(entry: EntryRequest) -> bool:
     """A create whose processing reads nothing that earlier creates of its type write: not a
     Patient (records read their Patient's row), not conditional (its criteria search)."""
-    return entry.method == "POST" and entry.criteria is None and entry.resource_type != "Patient"
+    return entry.method == "POST" and entry.condition is None and entry.resource_type != "Patient"
 
 
 def _processing_order(entry: EntryRequest) -> tuple[int, int, int]:
@@ -333,26 +330,28 @@ async def _target(tx: WriteTransaction, entry: EntryRequest, plan: _Plan) -> Non
     conn, principal = tx.conn, tx.principal
     if entry.method == "POST":
         target = None
-        if entry.criteria is not None:
-            match = await resources.single_match(conn, entry.criteria, principal, "ifNoneExist")
+        if entry.condition is not None:
+            criteria = entry.condition.filter
+            match = await resources.single_match(conn, criteria, principal, "ifNoneExist")
             target = match.id if match is not None else None
         if target is None:
             target = resources.new_id()
             plan.creates.add(entry.index)
     elif entry.method == "GET":
         return
-    elif entry.criteria is None:
+    elif entry.condition is None:
         target = entry.resource_id
     elif entry.method == "PUT":
         assert entry.resource is not None
         target, _ = await resources.conditional_target(
-            conn, entry.resource_type, entry.criteria, entry.resource, principal
+            conn, entry.resource_type, entry.condition.filter, entry.resource, principal
         )
         if target is None:
             target = resources.new_id()
             plan.creates.add(entry.index)
     else:  # DELETE
-        match = await resources.single_match(conn, entry.criteria, principal, "The criteria")
+        criteria = entry.condition.filter
+        match = await resources.single_match(conn, criteria, principal, "The criteria")
         target = match.id if match is not None else None
     plan.targets[entry.index] = target
     if entry.full_url and target is not None:
@@ -511,7 +510,9 @@ async def _create(
         entry.resource_type,
         entry.resource,
         resource_id=plan.targets[entry.index] if entry.index in plan.creates else None,
-        if_none_exist=entry.criteria if entry.method == "POST" else None,
+        if_none_exist=(
+            entry.condition.filter if entry.method == "POST" and entry.condition else None
+        ),
     )
     change = await resources.create_in(tx, command, pending)
     if entry.method == "PUT":

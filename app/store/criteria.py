@@ -102,6 +102,16 @@ class SearchFilter:
     chains: list[SearchFilter] | None = None
 
 
+@dataclass(frozen=True)
+class HistoryFilter:
+    """Which versions a history shows: of a type, or of one resource of it (`resource_id`),
+    written at or after `since`."""
+
+    resource_type: str
+    resource_id: str | None = None
+    since: datetime | None = None
+
+
 class MissingSiteAccess(RuntimeError):
     """A query of clinical data built without saying whose sites it may return: a bug."""
 

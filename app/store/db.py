@@ -89,14 +89,26 @@ def _sqlite_on_connect() -> Any:
     return on_connect
 
 
+@dataclass(frozen=True)
+class PoolLimits:
+    """An engine's connection pool: the connections it keeps, those it may open beyond them
+    under load, and how many seconds a request waits for one."""
+
+    size: int
+    max_overflow: int
+    timeout: float
+
+    def arguments(self) -> dict[str, Any]:
+        """As `create_async_engine` takes them."""
+        return {
+            "pool_size": self.size,
+            "max_overflow": self.max_overflow,
+            "pool_timeout": self.timeout,
+        }
+
+
 def _make_engine(
-    url: URL,
-    *,
-    immediate: bool,
-    pool_size: int,
-    max_overflow: int,
-    pool_timeout: float,
-    connect_args: dict[str, Any],
+    url: URL, pool: PoolLimits, *, immediate: bool, connect_args: dict[str, Any]
 ) -> AsyncEngine:
     # An error's message never carries the statement's parameters (resource bodies, subject
     # numbers): error logs hold no clinical data.
@@ -106,11 +118,7 @@ def _make_engine(
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
             # A file has a queue pool like PostgreSQL's (an in-memory database has none).
-            common |= {
-                "pool_size": pool_size,
-                "max_overflow": max_overflow,
-                "pool_timeout": pool_timeout,
-            }
+            common |= pool.arguments()
         engine = create_async_engine(
             url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, pool_pre_ping=False, **common
         )
@@ -125,9 +133,7 @@ def _make_engine(
         return engine
     engine = create_async_engine(
         url,
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        pool_timeout=pool_timeout,
+        **pool.arguments(),
         # No ping: it cost three round trips (BEGIN, `;`, ROLLBACK) on every checkout.
         pool_pre_ping=False,
         connect_args=connect_args,
@@ -171,9 +177,7 @@ class Database:
         engine = partial(
             _make_engine,
             url,
-            pool_size=pool_size,
-            max_overflow=max_overflow,
-            pool_timeout=pool_timeout,
+            PoolLimits(pool_size, max_overflow, pool_timeout),
             connect_args=driver_arguments(database_url),
         )
         writer = engine(immediate=True)

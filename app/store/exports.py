@@ -104,13 +104,16 @@ async def takeable_jobs(conn: AsyncConnection, now: datetime, limit: int = 10) -
     return [row[0] for row in rows]
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A worker's hold on a job, until it runs out (renewed with every chunk it writes)."""
+
+    worker: str
+    until: datetime
+
+
 async def claim(
-    conn: AsyncConnection,
-    job_id: str,
-    worker: str,
-    now: datetime,
-    lease_until: datetime,
-    max_attempts: int,
+    conn: AsyncConnection, job_id: str, lease: Lease, now: datetime, max_attempts: int
 ) -> bool:
     """Take the job if nobody holds it and it has attempts left (compare-and-set)."""
     result = await conn.execute(
@@ -122,8 +125,8 @@ async def claim(
         )
         .values(
             status=RUNNING,
-            lease_owner=worker,
-            lease_expires=lease_until,
+            lease_owner=lease.worker,
+            lease_expires=lease.until,
             attempts=export_job_table.c.attempts + 1,
         )
     )
@@ -152,18 +155,15 @@ async def fail_exhausted(
 
 
 async def renew(
-    conn: AsyncConnection,
-    job_id: str,
-    worker: str,
-    lease_until: datetime,
-    progress: str | None = None,
+    conn: AsyncConnection, job_id: str, lease: Lease, progress: str | None = None
 ) -> bool:
-    """Extend the lease; False when the job was cancelled or another worker holds it."""
-    values: dict[str, Any] = {"lease_expires": lease_until}
+    """Extend the worker's lease; False when the job was cancelled or another worker holds
+    it."""
+    values: dict[str, Any] = {"lease_expires": lease.until}
     if progress is not None:
         values["progress"] = progress[:100]
     result = await conn.execute(
-        update(export_job_table).where(*_held(job_id, worker)).values(**values)
+        update(export_job_table).where(*_held(job_id, lease.worker)).values(**values)
     )
     return bool(result.rowcount)
 

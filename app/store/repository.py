@@ -32,6 +32,7 @@ from app.auth.policy import SiteAccess
 from app.kit.codes import ENGINE_RESOURCE_TYPES, KIND_RESPONSE_STATUS
 from app.store.criteria import (
     DateMatch,
+    HistoryFilter,
     Missing,
     NumberMatch,
     SearchFilter,
@@ -230,16 +231,8 @@ async def subject_holder(conn: AsyncConnection, subject: str) -> Current | None:
     return _current(row) if row else None
 
 
-async def insert_resource(
-    conn: AsyncConnection,
-    resource_type: str,
-    resource_id: str,
-    content: str,
-    index: IndexRow,
-    now: datetime,
-) -> None:
-    new = [NewResource(resource_type, resource_id, content, index)]
-    await _holding_subject(conn, index, lambda: insert_resources(conn, new, now))
+async def insert_resource(conn: AsyncConnection, new: NewResource, now: datetime) -> None:
+    await _holding_subject(conn, new.index, lambda: insert_resources(conn, [new], now))
 
 
 async def insert_resources(
@@ -286,20 +279,32 @@ async def insert_resources(
 
 
 async def update_resource(
-    conn: AsyncConnection,
-    current: Current,
-    version_id: int,
-    content: str | None,
-    index: IndexRow | None,
-    now: datetime,
-    method: str,
+    conn: AsyncConnection, current: Current, content: str, index: IndexRow, now: datetime
 ) -> None:
-    """Write a new current version (or a deletion when `content` is None)."""
+    """Write the next version of `current`."""
+    version = Version(
+        current.resource_type, current.id, current.version_id + 1, now, "update", content
+    )
+    await _write_version(conn, current, version, index)
+
+
+async def delete_resource(conn: AsyncConnection, current: Current, now: datetime) -> None:
+    """Write the next version of `current` as a deletion."""
+    version = Version(
+        current.resource_type, current.id, current.version_id + 1, now, "delete", None
+    )
+    await _write_version(conn, current, version, None)
+
+
+async def _write_version(
+    conn: AsyncConnection, current: Current, version: Version, index: IndexRow | None
+) -> None:
+    """Make `version` the current one: a deletion when its content is None (no `index`)."""
     values: dict[str, Any] = {
-        "version_id": version_id,
-        "last_updated": now,
-        "deleted": content is None,
-        "content": content,
+        "version_id": version.version_id,
+        "last_updated": version.last_updated,
+        "deleted": version.content is None,
+        "content": version.content,
     }
     if index is not None:
         values.update(index.columns())
@@ -311,27 +316,15 @@ async def update_resource(
     await delete_search_values(conn, current.pk, tokens_only=current.kind in TOKEN_ONLY_KINDS)
     if index is not None:
         await insert_search_values(conn, current.pk, current.resource_type, index)
-    await _insert_version(conn, current.resource_type, current.id, version_id, now, method, content)
-
-
-async def _insert_version(
-    conn: AsyncConnection,
-    resource_type: str,
-    resource_id: str,
-    version_id: int,
-    now: datetime,
-    method: str,
-    content: str | None,
-) -> None:
     await conn.execute(
         _INSERT_VERSION,
         {
-            "resource_type": resource_type,
-            "id": resource_id,
-            "version_id": version_id,
-            "last_updated": now,
-            "method": method,
-            "content": content,
+            "resource_type": version.resource_type,
+            "id": version.id,
+            "version_id": version.version_id,
+            "last_updated": version.last_updated,
+            "method": version.method,
+            "content": version.content,
         },
     )
 
@@ -396,16 +389,16 @@ async def get_version(
 
 async def history(
     conn: AsyncConnection,
-    resource_type: str,
-    resource_id: str | None,
+    versions: HistoryFilter,
+    access: SiteAccess,
     *,
-    since: datetime | None,
     after: tuple[datetime, str, int] | None,
     limit: int,
-    access: SiteAccess,
 ) -> list[Version]:
-    """Versions newest first; `after` is the (last_updated, id, version) keyset cursor."""
-    query = select(*_VERSION_COLUMNS).where(version_table.c.resource_type == resource_type)
+    """Versions newest first, of resources `access` sees; `after` is the (last_updated, id,
+    version) keyset cursor."""
+    resource_id, since = versions.resource_id, versions.since
+    query = select(*_VERSION_COLUMNS).where(version_table.c.resource_type == versions.resource_type)
     if resource_id is not None:
         query = query.where(version_table.c.id == resource_id)
     at_sites = site_condition(resource_table.c.site, access)

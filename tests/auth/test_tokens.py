@@ -30,6 +30,7 @@ from app.auth import (
     AuthSettings,
     JwksKeySource,
     SecretKeySource,
+    TokenGrant,
     Unauthorized,
     issue_token,
     load_key_source,
@@ -467,7 +468,7 @@ def test_plain_http_jwks_is_refused_in_production(tmp_path: Path) -> None:
 
 
 def test_issue_token_round_trip(source: SecretKeySource) -> None:
-    token = issue_token(source, role="lab", sites=["S01", "S02"], sub="lab-system", minutes=15)
+    token = issue_token(source, TokenGrant("lab-system", "lab", ["S01", "S02"]), minutes=15)
     decoded = source.decode(token)
     assert decoded["iss"] == ISSUER and decoded["aud"] == AUDIENCE
     assert decoded["exp"] - decoded["iat"] == 15 * 60
@@ -476,12 +477,12 @@ def test_issue_token_round_trip(source: SecretKeySource) -> None:
     principal = principal_from_claims(decoded)
     assert principal.sites == frozenset({"S01", "S02"})
     assert principal.token_id == decoded["jti"]
-    other = source.decode(issue_token(source, role="lab", sites=["S01"], sub="lab-system"))
+    other = source.decode(issue_token(source, TokenGrant("lab-system", "lab", ["S01"])))
     assert other["jti"] != decoded["jti"]
 
 
 def test_issue_token_with_explicit_scope(source: SecretKeySource) -> None:
-    token = issue_token(source, role="monitor", sites=["S01"], sub="m", scope="user/Observation.rs")
+    token = issue_token(source, TokenGrant("m", "monitor", ["S01"], "user/Observation.rs"))
     assert source.decode(token)["scope"] == "user/Observation.rs"
 
 
@@ -493,9 +494,9 @@ def test_issue_token_refuses_bad_arguments(
     source: SecretKeySource, role: str, sites: list[str], minutes: int
 ) -> None:
     with pytest.raises(ValueError):
-        issue_token(source, role=role, sites=sites, sub="x", minutes=minutes)
+        issue_token(source, TokenGrant("x", role, sites), minutes=minutes)
 
 
 def test_issue_token_needs_a_secret(jwks: JwksKeySource) -> None:
     with pytest.raises(ConfigurationError):
-        issue_token(jwks, role="admin", sites=[], sub="root")
+        issue_token(jwks, TokenGrant("root", "admin", []))

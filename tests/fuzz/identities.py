@@ -47,13 +47,12 @@ def write_document(path: Path, mint: Mint) -> None:
 
 def _mint_with_server_key(role: str, sites: tuple[str, ...], sub: str) -> str:
     from app.auth.settings import AuthSettings, load_key_source
-    from app.auth.tokens import issue_token
+    from app.auth.tokens import TokenGrant, issue_token
     from app.settings import get_settings
 
     settings = AuthSettings(environment=get_settings().environment)
-    return issue_token(
-        load_key_source(settings), role=role, sites=list(sites), sub=sub, scope=None, minutes=240
-    )
+    grant = TokenGrant(sub, role, list(sites))
+    return issue_token(load_key_source(settings), grant, minutes=240)
 
 
 if __name__ == "__main__":
