@@ -110,14 +110,14 @@ def _recompute_seconds() -> tuple[float, int]:
 
 
 async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    from app.auth.tokens import SecretKeySource, issue_token
+    from app.auth.tokens import SecretKeySource, TokenGrant, issue_token
     from app.main import create_app
     from app.settings import Settings
 
     keys = SecretKeySource(
         "bench-only-" + secrets.token_urlsafe(32), issuer="itp-trial-api", audience="itp-trial-api"
     )
-    token = issue_token(keys, role="admin", sites=["S01"], sub="bench", minutes=120)
+    token = issue_token(keys, TokenGrant("bench", "admin", ["S01"]), minutes=120)
     app = create_app(Settings(database_url=url, environment="test"), key_source=keys)
     rng = random.Random(11)
     profiler = None

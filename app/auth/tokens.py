@@ -121,10 +121,6 @@ class KeySource(ABC):
             "this server can only sign with a shared secret (APP_AUTH_JWT_SECRET)"
         )
 
-    @property
-    def can_sign(self) -> bool:
-        return False
-
 
 class SecretKeySource(KeySource):
     """A shared secret, HS256 only: for development, tests and the token command."""
@@ -145,10 +141,6 @@ class SecretKeySource(KeySource):
 
     def sign(self, claims: Mapping[str, Any]) -> str:
         return jwt.encode(dict(claims), self._secret, algorithm=SYMMETRIC_ALGORITHMS[0])
-
-    @property
-    def can_sign(self) -> bool:
-        return True
 
     def __repr__(self) -> str:  # never the secret
         return f"SecretKeySource(algorithms={self.algorithms}, issuer={self.issuer!r})"
