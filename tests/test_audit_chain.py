@@ -18,9 +18,17 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app.audit import trail
-from app.audit.chain import GENESIS, ChainSequencer, VerifyResult, chain_hash, verify
+from app.audit.chain import (
+    CHAIN_LOCK,
+    GENESIS,
+    ChainSequencer,
+    VerifyResult,
+    chain_hash,
+    verify,
+)
 from app.audit.trail import AuditRecord
 from app.settings import Settings
+from app.store import repository as repo
 from app.store.db import Database, async_url
 from tests import builders
 from tests.conftest import PROJECT_ROOT, client_for, running_app
@@ -187,6 +195,25 @@ async def test_sequencers_racing_chain_each_record_once(settings):
         await ChainSequencer(db).chain_all()
         rows = await _rows(db)
         assert sorted(row.chain_seq for row in rows) == list(range(1, len(rows) + 1))
+        assert (await verify(db)).problem is None
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_chaining_everything_waits_out_another_sequencers_pass(settings):
+    """`chain_all` (a test's, the CLI's, the shutdown's) must leave nothing unchained that was
+    committed before it: when another sequencer's pass holds the chain, possibly with a
+    batch read before the last commit, it waits for that pass and chains the rest. It once
+    returned at once, and a test's verify found records of its own writes unchained."""
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        await create(client, builders.patient("S01-001"))
+        async with db.write() as holder:
+            assert await repo.try_lock(holder, CHAIN_LOCK)  # another sequencer's pass
+            chaining = asyncio.create_task(ChainSequencer(db).chain_all())
+            await asyncio.sleep(0.3)
+            assert not chaining.done()
+        assert await asyncio.wait_for(chaining, 10) == 1
+        assert [row.chain_seq for row in await _rows(db)] == [1]
         assert (await verify(db)).problem is None
 
 

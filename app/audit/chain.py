@@ -23,6 +23,7 @@ write record. Anchors kept outside the database (`--anchor`) catch a cut-off tai
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -47,7 +48,10 @@ log = logging.getLogger("app.audit")
 
 GENESIS = "0" * 64
 DEFAULT_CHAIN_DELAY_MS = 1000
-_CHAIN_LOCK = "audit-chain"
+CHAIN_LOCK = "audit-chain"
+# How long `chain_all` waits before trying again while another sequencer's pass (a short
+# transaction) holds the chain.
+_BUSY_RETRY_SECONDS = 0.01
 _WRITE_ACTIONS = ("C", "U", "D")
 
 
@@ -93,22 +97,29 @@ class ChainSequencer:
         # Records refused for a wrong digest: reported once each, not once a pass.
         self._refused: set[int] = set()
 
-    async def chain_pending(self) -> int:
+    async def chain_pending(self) -> int | None:
         """One pass: chain what is committed and unchained (up to `batch_size` records);
-        returns how many were chained. 0 also when another sequencer holds the chain."""
+        returns how many were chained, or None when another sequencer holds the chain."""
         async with self.db.read_statement() as conn:
             if (await conn.execute(_ANY_UNCHAINED)).first() is None:
                 return 0
         async with self.db.write() as conn:
-            if not await repo.try_lock(conn, _CHAIN_LOCK):
-                return 0
+            if not await repo.try_lock(conn, CHAIN_LOCK):
+                return None
             return await self._link(conn)
 
     async def chain_all(self) -> int:
-        """Chain until nothing is left (or what is left is refused); returns how many."""
+        """Chain until nothing is left (or what is left is refused); returns how many.
+
+        Another sequencer's pass (this worker's own loop, another worker's) may hold the
+        chain, and it may have read its batch before the last records committed: wait for
+        it to end and go on, so that nothing committed before this call is left unchained."""
         total = 0
-        while chained := await self.chain_pending():
-            total += chained
+        while (chained := await self.chain_pending()) != 0:
+            if chained is None:
+                await asyncio.sleep(_BUSY_RETRY_SECONDS)
+            else:
+                total += chained
         return total
 
     async def _link(self, conn: AsyncConnection) -> int:
