@@ -1,4 +1,4 @@
-"""Schemathesis hooks: eight runtime rules that a JSON Schema cannot state, or that
+"""Schemathesis hooks: ten runtime rules that a JSON Schema cannot state, or that
 schemathesis cannot generate, taught to the generator so that its schema-valid requests are
 also valid for the server.
 
@@ -43,6 +43,15 @@ also valid for the server.
    run; every other parameter stays as generated, and the other reads keep their generated
    ids (schemathesis draws them from ids it has seen).
 
+10. A date names a day its month has. FHIR's date grammar (the schema's pattern) allows
+   any day up to 31 in any month, so 2024-11-31 and 2023-02-29 are schema-valid; the server
+   refuses them (422 in a body, 400 in a search: tests/test_schemas.py,
+   test_validation.py, test_search_parameters.py). A regular expression that knew every
+   month's length and the leap years would be too long to be the documented pattern, so a
+   positive case has each such day, in its body and its query, replaced with its month's
+   last day; the rest of the value (time, offset, a search prefix) stays as generated. A
+   120 s run found one (an AdverseEvent detected 5470-11-31) on a loaded machine.
+
 It also adds one check, `deleted_resource_history_kept`: use_after_free as FHIR defines it
 for a versioned resource. The built-in use_after_free expects every GET under a deleted
 resource's URL to fail, and is off for the two history reads only (schemathesis.toml); FHIR
@@ -66,6 +75,7 @@ operation's path, then `stateful` when the stateful phase deleted the resource i
 
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import re
@@ -215,6 +225,9 @@ def map_case(context: Any, case: Any) -> Any:
     case.headers = headers
     if method == "PATCH" and isinstance(case.body, list):
         case.body = [_without_nul(operation) for operation in case.body]
+    case.body = _real_days(case.body)
+    if case.query:
+        case.query = _real_days(case.query)
     history = HISTORY_OPERATION.match(path)
     if history is not None and meta.phase.name == "fuzzing" and _takes_turn(path):
         case.path_parameters["resource_id"] = _deleted_fixture(history["type"])
@@ -238,6 +251,28 @@ def map_case(context: Any, case: Any) -> Any:
         if isinstance(reference, str) and _PATIENT_REFERENCE.fullmatch(reference):
             subject["reference"] = _fuzz_patient()
     return case
+
+
+# A date's year, month and a day that some months lack (rule 10), not inside a longer number.
+_LATE_DAY = re.compile(r"(?<![0-9])([0-9]{4})-(0[1-9]|1[0-2])-(29|30|31)(?![0-9])")
+
+
+def _real_day(match: re.Match[str]) -> str:
+    year, month, day = int(match[1]), int(match[2]), int(match[3])
+    last = calendar.monthrange(year, month)[1]
+    return f"{match[1]}-{match[2]}-{min(day, last):02d}"
+
+
+def _real_days(value: Any) -> Any:
+    """`value` with every impossible day of a date in its strings made its month's last day
+    (rule 10); lists and objects walked, member names kept."""
+    if isinstance(value, str):
+        return _LATE_DAY.sub(_real_day, value)
+    if isinstance(value, list):
+        return [_real_days(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _real_days(item) for key, item in value.items()}
+    return value
 
 
 def _without_nul(value: Any) -> Any:
