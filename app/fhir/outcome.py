@@ -25,27 +25,11 @@ from starlette.types import Receive, Scope, Send
 from app.audit.trail import AuditRecord
 from app.fhir.http import FhirResponse, api_security_headers, call_catching
 from app.kit.asgi import HttpMiddleware
-from app.kit.errors import FhirError, Issue, database_unavailable
+from app.kit.errors import STATUS_ISSUE_CODES, FhirError, Issue, database_unavailable
 from app.kit.failures import is_transient
 from app.services.provenance import header_problem
 
 log = logging.getLogger("app.errors")
-
-_STATUS_ISSUE_CODES = {
-    400: "invalid",
-    401: "login",
-    403: "forbidden",
-    404: "not-found",
-    405: "not-supported",
-    406: "not-supported",
-    409: "conflict",
-    410: "deleted",
-    412: "conflict",
-    413: "too-costly",
-    415: "not-supported",
-    422: "invalid",
-    429: "throttled",
-}
 
 
 def operation_outcome(issues: Sequence[Issue]) -> dict[str, Any]:
@@ -129,7 +113,7 @@ def _api_routes(routes: Sequence[Any]) -> Iterator[APIRoute]:
 
 async def _http_error(request: Request, exc: Exception) -> FhirResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = _STATUS_ISSUE_CODES.get(exc.status_code, "processing")
+    code = STATUS_ISSUE_CODES.get(exc.status_code, "processing")
     if exc.status_code == 404:
         message = f"No such resource type or route: {request.method} {request.url.path}"
     elif exc.status_code == 405:

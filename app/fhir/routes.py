@@ -187,14 +187,22 @@ def _create(resource_type: str) -> _Handler:
     return create
 
 
+def _conditional_request(
+    call: Call, resource_type: str, change: service.ChangeTerms
+) -> service.ConditionalChangeRequest:
+    """A conditional update's or delete's target: the criteria in the query, which are a
+    search the caller must be allowed."""
+    query = call.request.query_params.multi_items()
+    condition = conditional.query_condition(resource_type, query, call.principal)
+    return service.ConditionalChangeRequest(resource_type, condition, change)
+
+
 def _conditional_update(resource_type: str) -> _Handler:
     caller = Depends(call_of(Require(resource_type, Action.UPDATE)))
 
     async def conditional_update(*, call: Call = caller, change: ChangeDep) -> Response:
         body = await _json_body(call.request)
-        query = call.request.query_params.multi_items()
-        condition = conditional.query_condition(resource_type, query, call.principal)
-        request = service.ConditionalChangeRequest(resource_type, condition, change)
+        request = _conditional_request(call, resource_type, change)
         result = await service.conditional_update(call.ctx, request, body, call.principal)
         return _written(call.request, result)
 
@@ -205,9 +213,7 @@ def _conditional_delete(resource_type: str) -> _Handler:
     caller = Depends(call_of(Require(resource_type, Action.DELETE)))
 
     async def conditional_delete(*, call: Call = caller, change: ChangeDep) -> Response:
-        query = call.request.query_params.multi_items()
-        condition = conditional.query_condition(resource_type, query, call.principal)
-        request = service.ConditionalChangeRequest(resource_type, condition, change)
+        request = _conditional_request(call, resource_type, change)
         deletion = await service.conditional_delete(call.ctx, request, call.principal)
         done = f"Deleted {resource_type}/{deletion.id}" if deletion else ""
         nothing = f"No {resource_type} matched the criteria; nothing was deleted"

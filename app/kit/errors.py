@@ -33,9 +33,38 @@ class Issue:
         self.expression = [fhir_string(path) for path in self.expression]
 
 
+# The FHIR issue type (IssueType) each HTTP status is answered with: a FhirError's by
+# default, and one Starlette raises itself (an unknown route, a method the route lacks).
+STATUS_ISSUE_CODES = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    410: "deleted",
+    412: "conflict",
+    413: "too-costly",
+    415: "not-supported",
+    422: "invalid",
+    429: "throttled",
+    500: "processing",
+    503: "transient",
+}
+
+
 class FhirError(Exception):
+    """An error answered to the client. A subclass that states a `status_code` answers with
+    that status's issue code in STATUS_ISSUE_CODES, unless it states its own `issue_code`."""
+
     status_code = 400
     issue_code = "invalid"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "status_code" in cls.__dict__ and "issue_code" not in cls.__dict__:
+            cls.issue_code = STATUS_ISSUE_CODES[cls.status_code]
 
     def __init__(
         self,
@@ -68,7 +97,6 @@ class Unauthorized(FhirError):
     """
 
     status_code = 401
-    issue_code = "login"
 
     def __init__(self, description: str, *, error: str | None = "invalid_token") -> None:
         challenge = f'Bearer realm="{REALM}"'
@@ -88,55 +116,66 @@ def _header_safe(text: str) -> str:
 
 
 class BadRequest(FhirError):
+    """A request the server cannot read: bad JSON, an unknown search parameter, a malformed
+    header or value."""
+
     status_code = 400
-    issue_code = "invalid"
 
 
 class Unprocessable(FhirError):
     """Well-formed JSON that is not an acceptable resource of this profile."""
 
     status_code = 422
-    issue_code = "invalid"
 
 
 class NotFound(FhirError):
+    """No such resource or version; also what a caller is told of one at a site it may not
+    see, so that the answer does not reveal that it exists."""
+
     status_code = 404
-    issue_code = "not-found"
 
 
 class Gone(FhirError):
+    """A deleted resource, or a deletion version, asked for."""
+
     status_code = 410
-    issue_code = "deleted"
 
 
 class Conflict(FhirError):
+    """A write that contradicts what is stored: a subject number enrolled twice, a Patient
+    deleted while records still point to it, a conditional update onto another id."""
+
     status_code = 409
-    issue_code = "conflict"
 
 
 class PreconditionFailed(FhirError):
+    """`If-Match` names a version that is no longer the current one."""
+
     status_code = 412
-    issue_code = "conflict"
 
 
 class Forbidden(FhirError):
+    """A role, scope or site that does not allow what was asked."""
+
     status_code = 403
-    issue_code = "forbidden"
 
 
 class NotAcceptable(FhirError):
+    """`Accept` (or `_format`) asks for a format the server does not produce."""
+
     status_code = 406
-    issue_code = "not-supported"
 
 
 class UnsupportedMediaType(FhirError):
+    """A body in a content type the interaction does not take."""
+
     status_code = 415
-    issue_code = "not-supported"
 
 
 class PayloadTooLarge(FhirError):
+    """A request body over `APP_MAX_BODY_BYTES`."""
+
     status_code = 413
-    issue_code = "too-costly"
 
 
 # Seconds a client is asked to wait before retrying a request the database could not serve.
@@ -148,7 +187,6 @@ class ServiceUnavailable(FhirError):
     request is worth retrying after `Retry-After` seconds."""
 
     status_code = 503
-    issue_code = "transient"
 
     def __init__(self, diagnostics: str) -> None:
         super().__init__(diagnostics, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -177,7 +215,6 @@ class ExportFailed(FhirError):
     """A Bulk Data export job that failed: its status URL answers with this (IG: 5XX)."""
 
     status_code = 500
-    issue_code = "processing"
 
 
 class ConfigurationError(RuntimeError):
