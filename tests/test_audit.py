@@ -1003,3 +1003,23 @@ async def test_an_audit_date_search_covers_its_days_last_microsecond(app, client
         assert response.status_code == 200, response.text
         found = [names[e["resource"]["id"]] for e in response.json().get("entry", [])]
         assert found == expected, value
+
+
+async def test_an_audit_record_names_the_request_and_the_callers_address(app, client):
+    """What the middleware learned of the request goes into each record made while serving
+    it: its request id and the caller's network address."""
+    patient_id = (await create(client, builders.patient("S01-42"))).json()["id"]
+    await client.get(f"/fhir/Patient/{patient_id}", headers={"X-Request-ID": "probe-42"})
+    [event] = [e for e in await _events(client, app) if _details(e).get("request-id") == "probe-42"]
+    assert event["subtype"][0]["code"] == "read"
+    assert event["agent"][0]["network"] == {"address": "127.0.0.1", "type": "2"}  # httpx's
+
+
+def test_an_audit_event_about_nothing_has_no_entity():
+    """A failed login is about no resource: no empty entity (FHIR allows no empty object),
+    and a search that showed resources lists only those."""
+    assert "entity" not in to_fhir(AuditRecord("login", outcome="4"), "audit-1")
+    shown = to_fhir(AuditRecord("search-type", disclosed=(("Patient", "p-1", 2),)), "audit-2")
+    assert [entity["what"] for entity in shown["entity"]] == [
+        {"reference": "Patient/p-1/_history/2"}
+    ]
