@@ -446,9 +446,27 @@ async def test_the_sequencer_logs_a_failed_pass_but_not_an_outage(app, caplog, e
     if not logged:
         assert failing.passes >= 3
         assert errors == []
+        warnings = [r.getMessage() for r in caplog.records if r.name == "app.audit"]
+        assert warnings == ["database unavailable at shutdown: the next start chains the rest"]
         return
     *passes, shutdown = errors
     assert len(passes) >= 2
     assert {r.getMessage() for r in passes} == {"audit chain pass failed; the next pass retries"}
     assert all(r.exc_info and r.exc_info[1] is error for r in passes)
     assert shutdown.getMessage() == "audit chain pass at shutdown failed; the next start chains"
+
+
+async def test_chaining_everything_counts_the_records_of_every_pass(settings):
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        for number in range(5):
+            await create(client, builders.patient(f"S01-00{number}"))
+        assert await ChainSequencer(db, batch_size=2).chain_all() == 5
+        assert [row.chain_seq for row in await _rows(db)] == [1, 2, 3, 4, 5]
+
+
+async def test_a_trail_with_nothing_chained_has_no_head_to_anchor(settings):
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        await create(client, builders.patient("S01-001"))
+        result = await verify(app.state.services.db, chain_delay_ms=AN_HOUR_MS)
+        assert result == VerifyResult(0, head=None, unchained=1)
