@@ -456,13 +456,17 @@ async def test_the_sequencer_logs_a_failed_pass_but_not_an_outage(app, caplog, e
     assert shutdown.getMessage() == "audit chain pass at shutdown failed; the next start chains"
 
 
-async def test_chaining_everything_counts_the_records_of_every_pass(settings):
+async def test_a_pass_chains_one_batch_and_chaining_everything_counts_every_pass(settings):
+    """A pass is one short transaction of at most `batch_size` records; `chain_all` makes
+    passes until nothing is left and counts what each chained."""
     async with running_app(_held(settings)) as app, client_for(app) as client:
         db = app.state.services.db
-        for number in range(5):
+        for number in range(6):
             await create(client, builders.patient(f"S01-00{number}"))
-        assert await ChainSequencer(db, batch_size=2).chain_all() == 5
-        assert [row.chain_seq for row in await _rows(db)] == [1, 2, 3, 4, 5]
+        sequencer = ChainSequencer(db, batch_size=2)
+        assert await sequencer.chain_pending() == 2
+        assert await sequencer.chain_all() == 4
+        assert [row.chain_seq for row in await _rows(db)] == [1, 2, 3, 4, 5, 6]
 
 
 async def test_a_trail_with_nothing_chained_has_no_head_to_anchor(settings):
