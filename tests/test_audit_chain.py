@@ -474,3 +474,45 @@ async def test_a_trail_with_nothing_chained_has_no_head_to_anchor(settings):
         await create(client, builders.patient("S01-001"))
         result = await verify(app.state.services.db, chain_delay_ms=AN_HOUR_MS)
         assert result == VerifyResult(0, head=None, unchained=1)
+
+
+async def test_verify_names_an_unchained_record_changed_after_it_was_stored(settings):
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        for number in range(2):
+            await create(client, builders.patient(f"S01-00{number}"))
+        _, target = await _rows(db)
+        changed = "UPDATE audit_event SET content = :content WHERE seq = :seq"
+        async with db.write() as conn:
+            await _as_owner(conn, changed, {"content": target.content + " ", "seq": target.seq})
+        assert await verify(db, chain_delay_ms=AN_HOUR_MS) == VerifyResult(
+            0,
+            Broken(
+                "it is not chained yet and its content does not match its digest (changed "
+                "after it was stored)",
+                target.seq,
+                target.id,
+            ),
+            unchained=1,
+        )
+        async with db.write() as conn:  # back as it was, for the teardown's check
+            await _as_owner(conn, changed, {"content": target.content, "seq": target.seq})
+
+
+async def test_verify_says_how_long_a_record_has_waited_unchained(settings):
+    """The first record still unchained past the delay is named, with the delay in ms."""
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        await create(client, builders.patient("S01-001"))
+        [row] = await _rows(db)
+        await asyncio.sleep(0.65)
+        assert await verify(db, chain_delay_ms=600) == VerifyResult(
+            0,
+            Broken(
+                "it is still not chained 600 ms after it was stored: the audit sequencer is "
+                "not running or is behind (a server chains records while it runs and at "
+                "shutdown)",
+                row.seq,
+                row.id,
+            ),
+        )
