@@ -31,7 +31,7 @@ from app.fhir import schemas
 from app.kit.errors import BadRequest, ServiceUnavailable
 from tests import builders
 from tests.conftest import PROJECT_ROOT, bearer
-from tests.test_audit_outage import Flaky
+from tests.test_audit_outage import Flaky, _until_written
 from tests.test_crud import create
 
 
@@ -844,15 +844,7 @@ async def test_the_flush_loop_reports_an_outage_once_and_its_end(app, caplog):
     queue.add(AuditRecord("read", agent="loop", entity_type="Patient", entity_id="1"))
     flaky.refuse = 3
     caplog.set_level(logging.WARNING, logger="app.audit")
-    queue.start()
-    try:
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if not len(queue):
-                break
-    finally:
-        await queue.stop()
-    assert len(queue) == 0
+    await _until_written(queue)
     messages = [r.getMessage() for r in caplog.records if r.name == "app.audit"]
     assert len(messages) == 2, messages
     assert messages[0].startswith(

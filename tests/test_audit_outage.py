@@ -270,18 +270,22 @@ async def test_a_write_about_another_sites_patient_is_recorded_at_its_site(app, 
     assert {d["type"]: d["valueString"] for d in event["entity"][0]["detail"]}["site"] == "S02"
 
 
-class _DownAfter(Flaky):
-    """A database that takes `writes` write transactions, then is away."""
+class _Failing(Flaky):
+    """A database that takes `writes` write transactions, then raises `error` for the next
+    `refuse` ones, then takes them again."""
 
-    def __init__(self, db: Any, writes: int) -> None:
+    def __init__(self, db: Any, error: Exception, *, writes: int = 0) -> None:
         super().__init__(db)
+        self.error = error
         self.writes = writes
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Any]:
-        if not self.writes:
-            raise starting_up()
-        self.writes -= 1
+        if self.writes:
+            self.writes -= 1
+        elif self.refuse:
+            self.refuse -= 1
+            raise self.error
         async with self.db.write() as conn:
             yield conn
 
@@ -290,7 +294,9 @@ async def test_a_long_queue_is_written_in_batches_so_an_outage_keeps_only_the_re
     """One transaction per batch, not one for the whole queue: the batches written before
     the database went away leave the queue, the rest stays, in order."""
     db = app.state.services.db
-    queue = AuditQueue(_DownAfter(db, writes=1))  # type: ignore[arg-type]
+    failing = _Failing(db, starting_up(), writes=1)
+    failing.refuse = 10**6
+    queue = AuditQueue(failing)  # type: ignore[arg-type]
     for record in _records(0, 1001):
         queue.add(record)
     with pytest.raises(sa.DBAPIError):
@@ -383,22 +389,6 @@ async def test_a_start_without_spilled_records_replays_none(app, tmp_path):
         assert await AuditQueue(db, spill_dir=spill_dir).replay() == 0, spill_dir
 
 
-class _Raising(Flaky):
-    """A database whose next `refuse` write transactions raise `error`."""
-
-    def __init__(self, db: Any, error: Exception) -> None:
-        super().__init__(db)
-        self.error = error
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[Any]:
-        if self.refuse:
-            self.refuse -= 1
-            raise self.error
-        async with self.db.write() as conn:
-            yield conn
-
-
 async def _until_written(queue: AuditQueue) -> None:
     """Run the flush loop until the queue is empty (or five seconds have passed)."""
     queue.start()
@@ -440,7 +430,7 @@ async def test_the_flush_loop_reports_each_outage_and_when_it_began(app, caplog)
 async def test_an_outage_whose_error_has_no_text_is_reported_and_outlived(app, caplog):
     """A connect that timed out says nothing (`str(TimeoutError())` is empty): the report
     says so, and the loop goes on to write the records once the database is back."""
-    raising = _Raising(app.state.services.db, TimeoutError())
+    raising = _Failing(app.state.services.db, TimeoutError())
     queue = AuditQueue(raising, interval_seconds=0.01)  # type: ignore[arg-type]
     queue.add(AuditRecord("read", agent="queue-test", entity_id="1"))
     raising.refuse = 3
