@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event, text
 
-from app.audit import trail
+from app.audit import queries, trail
 from app.audit.chain import (
     Broken,
     ChainSequencer,
@@ -26,11 +26,12 @@ from app.audit.chain import (
     verify,
 )
 from app.audit.trail import AuditQueue, AuditRecord, read_spill, spill, to_fhir
+from app.auth.principal import Principal, Role
 from app.fhir import schemas
-from app.kit.errors import ServiceUnavailable
+from app.kit.errors import BadRequest, ServiceUnavailable
 from tests import builders
 from tests.conftest import PROJECT_ROOT, bearer
-from tests.test_audit_outage import Flaky
+from tests.test_audit_outage import Flaky, _until_written
 from tests.test_crud import create
 
 
@@ -843,15 +844,7 @@ async def test_the_flush_loop_reports_an_outage_once_and_its_end(app, caplog):
     queue.add(AuditRecord("read", agent="loop", entity_type="Patient", entity_id="1"))
     flaky.refuse = 3
     caplog.set_level(logging.WARNING, logger="app.audit")
-    queue.start()
-    try:
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if not len(queue):
-                break
-    finally:
-        await queue.stop()
-    assert len(queue) == 0
+    await _until_written(queue)
     messages = [r.getMessage() for r in caplog.records if r.name == "app.audit"]
     assert len(messages) == 2, messages
     assert messages[0].startswith(
@@ -1003,3 +996,66 @@ async def test_an_audit_date_search_covers_its_days_last_microsecond(app, client
         assert response.status_code == 200, response.text
         found = [names[e["resource"]["id"]] for e in response.json().get("entry", [])]
         assert found == expected, value
+
+
+async def test_an_audit_record_names_the_request_and_the_callers_address(app, client):
+    """What the middleware learned of the request goes into each record made while serving
+    it: its request id and the caller's network address."""
+    patient_id = (await create(client, builders.patient("S01-42"))).json()["id"]
+    await client.get(f"/fhir/Patient/{patient_id}", headers={"X-Request-ID": "probe-42"})
+    [event] = [e for e in await _events(client, app) if _details(e).get("request-id") == "probe-42"]
+    assert event["subtype"][0]["code"] == "read"
+    assert event["agent"][0]["network"] == {"address": "127.0.0.1", "type": "2"}  # httpx's
+
+
+def test_an_audit_event_about_nothing_has_no_entity():
+    """A failed login is about no resource: no empty entity (FHIR allows no empty object),
+    and a search that showed resources lists only those."""
+    assert "entity" not in to_fhir(AuditRecord("login", outcome="4"), "audit-1")
+    shown = to_fhir(AuditRecord("search-type", disclosed=(("Patient", "p-1", 2),)), "audit-2")
+    assert [entity["what"] for entity in shown["entity"]] == [
+        {"reference": "Patient/p-1/_history/2"}
+    ]
+
+
+async def test_an_audit_search_entry_has_the_full_url_of_its_event(app, client):
+    await create(client, builders.patient("S01-43"))
+    bundle = (await client.get("/fhir/AuditEvent", params={"action": "C"})).json()
+    assert bundle["entry"]
+    for entry in bundle["entry"]:
+        assert entry["fullUrl"] == f"http://testserver/fhir/AuditEvent/{entry['resource']['id']}"
+
+
+async def test_audit_search_results_follow_the_trail_not_their_recorded_times(app, client):
+    """A record can be recorded before one stored ahead of it (a request that took longer,
+    a spilled record replayed): results come in the trail's order all the same."""
+    queue = AuditQueue(app.state.services.db)
+    late = AuditRecord("read", agent="order", entity_id="1", recorded=datetime(2020, 1, 2))
+    early = AuditRecord("read", agent="order", entity_id="2", recorded=datetime(2020, 1, 1))
+    for record in (late, early):
+        queue.add(record)
+    await queue.flush()
+    for params in ({"agent": "order"}, {"_id": f"{early.audit_id},{late.audit_id}"}):
+        bundle = (await client.get("/fhir/AuditEvent", params=params)).json()
+        found = [entry["resource"]["id"] for entry in bundle["entry"]]
+        assert found == [late.audit_id, early.audit_id], params
+
+
+async def test_an_audit_event_read_by_id_is_the_hit_a_search_finds(app, client):
+    await create(client, builders.patient("S01-44"))
+    admin = Principal(sub="admin", role=Role.ADMIN, sites=frozenset(), scopes=frozenset())
+    db = app.state.services.db
+    hits = await queries.search(db, admin, [("action", "C")], after=None, limit=10)
+    assert hits
+    for hit in hits:
+        assert await queries.read(db, admin, hit.id) == hit
+
+
+@pytest.mark.parametrize(("name", "value"), [("agent\x00", "x"), ("agent", "a\x00b")])
+async def test_the_audit_query_refuses_a_nul_whoever_calls_it(app, name, value):
+    """The API refuses a NUL in any query string before it gets here (the middleware); the
+    query refuses one itself too, since PostgreSQL text cannot hold it."""
+    admin = Principal(sub="admin", role=Role.ADMIN, sites=frozenset(), scopes=frozenset())
+    with pytest.raises(BadRequest) as refused:
+        await queries.search(app.state.services.db, admin, [(name, value)], after=None, limit=1)
+    assert refused.value.diagnostics == "Search parameters cannot contain NUL characters"

@@ -8,9 +8,13 @@ themselves (`ChainSequencer.chain_all`)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import orjson
 import pytest
@@ -21,6 +25,7 @@ from app.audit import trail
 from app.audit.chain import (
     CHAIN_LOCK,
     GENESIS,
+    Broken,
     ChainSequencer,
     VerifyResult,
     chain_hash,
@@ -33,6 +38,7 @@ from app.store.db import Database, async_url
 from tests import builders
 from tests.conftest import PROJECT_ROOT, client_for, running_app
 from tests.test_audit import _as_owner
+from tests.test_audit_outage import starting_up
 from tests.test_crud import create
 from tests.test_search_migration import _alembic, empty_database  # noqa: F401 (a fixture)
 
@@ -353,3 +359,160 @@ async def test_verify_matches_each_version_to_its_write_record(settings):
         await _put_back(db, removed)  # unchained, as it was, for the teardown's check
         await ChainSequencer(db).chain_all()
         assert (await verify(db)).problem is None
+
+
+async def test_a_changed_record_is_reported_once_by_its_seq_and_id(settings, caplog):
+    """The sequencer stops before a record that no longer matches its digest at every pass,
+    but says so once: the error log names the record, it does not repeat every pass."""
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        await create(client, builders.patient("S01-001"))
+        [target] = await _rows(db)
+        changed = "UPDATE audit_event SET content = :content WHERE seq = :seq"
+        async with db.write() as conn:
+            await _as_owner(conn, changed, {"content": target.content + " ", "seq": target.seq})
+        sequencer = ChainSequencer(db)
+        for _ in range(3):
+            assert await sequencer.chain_pending() == 0
+        logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert logged == [
+            f"audit record seq={target.seq} id={target.id} does not match the digest it was "
+            "stored with (changed after its commit): the chain stops before it; `audit "
+            "verify` names it"
+        ]
+        async with db.write() as conn:  # back as it was, for the teardown's check
+            await _as_owner(conn, changed, {"content": target.content, "seq": target.seq})
+
+
+async def test_verify_in_process_names_the_record_after_a_removed_one(settings):
+    """A chained record removed from the middle: the next one's link no longer holds, and
+    verify names that one (the `audit verify` tests see it through the command)."""
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        for number in range(3):
+            await create(client, builders.patient(f"S01-00{number}"))
+        await ChainSequencer(db).chain_all()
+        first, middle, last = await _rows(db)
+        removed = await _remove(db, middle.seq)
+        assert await verify(db) == VerifyResult(
+            1,
+            Broken(
+                "its prev_hash is not the previous record's hash (a record before it was "
+                "removed or changed)",
+                last.seq,
+                last.id,
+            ),
+        )
+        await _put_back(db, removed)
+        assert (await verify(db)).problem is None
+
+
+class _FailingReads:
+    """A database whose one-statement reads raise `error`: a sequencer's pass fails."""
+
+    def __init__(self, db: Database, error: Exception) -> None:
+        self.db = db
+        self.error = error
+        self.passes = 0
+
+    @asynccontextmanager
+    async def read_statement(self) -> AsyncIterator[Any]:
+        self.passes += 1
+        raise self.error
+        yield  # an async generator, as the context manager needs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize(
+    ("error", "logged"),
+    [(RuntimeError("a bug"), True), (starting_up(), False)],
+)
+async def test_the_sequencer_logs_a_failed_pass_but_not_an_outage(app, caplog, error, logged):
+    """A pass that fails for a bug is logged, with its traceback, at each pass; an outage is
+    not (the requests and the audit queue report it), and the loop goes on either way."""
+    failing = _FailingReads(app.state.services.db, error)
+    sequencer = ChainSequencer(failing, delay_ms=40)  # type: ignore[arg-type]
+    sequencer.start()
+    try:
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if failing.passes >= 2:
+                break
+    finally:
+        await sequencer.stop()  # its last pass fails too, and says so as the shutdown's
+    errors = [r for r in caplog.records if r.name == "app.audit" and r.levelno >= logging.ERROR]
+    if not logged:
+        assert failing.passes >= 3
+        assert errors == []
+        warnings = [r.getMessage() for r in caplog.records if r.name == "app.audit"]
+        assert warnings == ["database unavailable at shutdown: the next start chains the rest"]
+        return
+    *passes, shutdown = errors
+    assert len(passes) >= 2
+    assert {r.getMessage() for r in passes} == {"audit chain pass failed; the next pass retries"}
+    assert all(r.exc_info and r.exc_info[1] is error for r in passes)
+    assert shutdown.getMessage() == "audit chain pass at shutdown failed; the next start chains"
+
+
+async def test_a_pass_chains_one_batch_and_chaining_everything_counts_every_pass(settings):
+    """A pass is one short transaction of at most `batch_size` records; `chain_all` makes
+    passes until nothing is left and counts what each chained."""
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        for number in range(6):
+            await create(client, builders.patient(f"S01-00{number}"))
+        sequencer = ChainSequencer(db, batch_size=2)
+        assert await sequencer.chain_pending() == 2
+        assert await sequencer.chain_all() == 4
+        assert [row.chain_seq for row in await _rows(db)] == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_trail_with_nothing_chained_has_no_head_to_anchor(settings):
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        await create(client, builders.patient("S01-001"))
+        result = await verify(app.state.services.db, chain_delay_ms=AN_HOUR_MS)
+        assert result == VerifyResult(0, head=None, unchained=1)
+
+
+async def test_verify_names_an_unchained_record_changed_after_it_was_stored(settings):
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        for number in range(2):
+            await create(client, builders.patient(f"S01-00{number}"))
+        _, target = await _rows(db)
+        changed = "UPDATE audit_event SET content = :content WHERE seq = :seq"
+        async with db.write() as conn:
+            await _as_owner(conn, changed, {"content": target.content + " ", "seq": target.seq})
+        assert await verify(db, chain_delay_ms=AN_HOUR_MS) == VerifyResult(
+            0,
+            Broken(
+                "it is not chained yet and its content does not match its digest (changed "
+                "after it was stored)",
+                target.seq,
+                target.id,
+            ),
+            unchained=1,
+        )
+        async with db.write() as conn:  # back as it was, for the teardown's check
+            await _as_owner(conn, changed, {"content": target.content, "seq": target.seq})
+
+
+async def test_verify_says_how_long_a_record_has_waited_unchained(settings):
+    """The first record still unchained past the delay is named, with the delay in ms."""
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        await create(client, builders.patient("S01-001"))
+        [row] = await _rows(db)
+        await asyncio.sleep(0.65)
+        assert await verify(db, chain_delay_ms=600) == VerifyResult(
+            0,
+            Broken(
+                "it is still not chained 600 ms after it was stored: the audit sequencer is "
+                "not running or is behind (a server chains records while it runs and at "
+                "shutdown)",
+                row.seq,
+                row.id,
+            ),
+        )

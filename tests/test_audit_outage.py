@@ -6,6 +6,8 @@ is recorded at that site."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,8 +19,10 @@ import pytest
 from sqlalchemy import exc as sa
 from sqlalchemy import text
 
+from app.audit import trail
 from app.audit.chain import verify
-from app.audit.trail import AuditQueue, AuditRecord, read_spill
+from app.audit.trail import AuditQueue, AuditRecord, read_spill, spill
+from app.kit.dates import format_instant, utc_now
 from app.kit.failures import is_transient
 from app.main import create_app
 from tests import builders
@@ -264,3 +268,231 @@ async def test_a_write_about_another_sites_patient_is_recorded_at_its_site(app, 
     )
     [event] = [e["resource"] for e in seen.json().get("entry", [])]
     assert {d["type"]: d["valueString"] for d in event["entity"][0]["detail"]}["site"] == "S02"
+
+
+class _Failing(Flaky):
+    """A database that takes `writes` write transactions, then raises `error` for the next
+    `refuse` ones, then takes them again."""
+
+    def __init__(self, db: Any, error: Exception, *, writes: int = 0) -> None:
+        super().__init__(db)
+        self.error = error
+        self.writes = writes
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Any]:
+        if self.writes:
+            self.writes -= 1
+        elif self.refuse:
+            self.refuse -= 1
+            raise self.error
+        async with self.db.write() as conn:
+            yield conn
+
+
+async def test_a_long_queue_is_written_in_batches_so_an_outage_keeps_only_the_rest(app):
+    """One transaction per batch, not one for the whole queue: the batches written before
+    the database went away leave the queue, the rest stays, in order."""
+    db = app.state.services.db
+    failing = _Failing(db, starting_up(), writes=1)
+    failing.refuse = 10**6
+    queue = AuditQueue(failing)  # type: ignore[arg-type]
+    for record in _records(0, 1001):
+        queue.add(record)
+    with pytest.raises(sa.DBAPIError):
+        await queue.flush()
+    assert 0 < len(queue) < 1001
+    assert await _trail(db) == [str(n) for n in range(1001 - len(queue))]
+
+
+async def test_a_full_queue_stays_within_its_bound_through_an_outage(app):
+    """The record summing up the refusals waits for room: a flush that fails while the queue
+    is full does not add it beyond `max_records`."""
+    db = app.state.services.db
+    flaky = Flaky(db)
+    queue = AuditQueue(flaky, max_records=2)  # type: ignore[arg-type]
+    for record in _records(0, 2):
+        queue.add(record)
+    queue.add(AuditRecord("read", outcome="4", agent="queue-test", entity_id="refused"))
+    flaky.refuse = 1
+    with pytest.raises(sa.DBAPIError):
+        await queue.flush()
+    assert len(queue) == 2
+    await queue.flush()
+    assert await _trail(db) == ["0", "1"]
+    assert len(queue) == 0
+
+
+async def _summaries(db) -> list[dict[str, Any]]:
+    async with db.read() as conn:
+        rows = await conn.execute(text("SELECT content FROM audit_event WHERE outcome = '8'"))
+        return [orjson.loads(content) for content in rows.scalars()]
+
+
+async def test_each_spell_of_a_full_queue_is_summed_up_on_its_own(app):
+    """The summary of refusals is an operation record (the refused requests were of any
+    kind), and counts only the refusals since the last summary."""
+    db = app.state.services.db
+    queue = AuditQueue(db, max_records=1)
+    for spell in (2, 1):
+        queue.add(AuditRecord("read", agent="queue-test"))
+        for _ in range(spell):
+            queue.add(AuditRecord("read", outcome="4", agent="queue-test"))
+        await queue.flush()
+    summaries = await _summaries(db)
+    assert [s["outcomeDesc"].split(" between ")[0] for s in summaries] == [
+        "503: 2 requests refused",
+        "503: 1 requests refused",
+    ]
+    for summary in summaries:
+        assert summary["subtype"][0]["code"] == "operation"
+        assert summary["action"] == "E"
+
+
+async def test_refusals_counted_while_the_queue_was_full_are_spilled_at_shutdown(
+    app, tmp_path, caplog
+):
+    """The summary goes into the spill file even though the queue is full, and the log says
+    how many records went where."""
+    flaky = Flaky(app.state.services.db)
+    queue = AuditQueue(flaky, max_records=1, spill_dir=tmp_path)  # type: ignore[arg-type]
+    queue.add(AuditRecord("read", agent="queue-test", entity_type="Patient", entity_id="1"))
+    queue.add(AuditRecord("read", outcome="4", agent="queue-test"))
+    flaky.refuse = 10**6
+    await queue.stop()
+    [path] = tmp_path.glob("*.jsonl")
+    spilled = read_spill(path)
+    assert [(r.interaction, r.outcome) for r in spilled] == [("read", "0"), ("operation", "8")]
+    assert spilled[1].description is not None
+    assert spilled[1].description.startswith("503: 1 requests refused between ")
+    [message] = [r.getMessage() for r in caplog.records if r.name == "app.audit"]
+    assert message == (
+        f"database unavailable at shutdown: 2 audit records spilled to {path}; the next start "
+        "writes them before serving"
+    )
+
+
+async def test_a_replay_writes_the_spilled_records_before_the_queued_ones(app, tmp_path, caplog):
+    db = app.state.services.db
+    spill(tmp_path, _records(0, 2))
+    queue = AuditQueue(db, spill_dir=tmp_path)
+    queue.add(_records(2, 3)[0])
+    assert await queue.replay() == 2
+    assert await _trail(db) == ["0", "1", "2"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.audit"]
+    assert messages == ["2 audit records spilled by an earlier run written to the trail"]
+
+
+async def test_a_start_without_spilled_records_replays_none(app, tmp_path):
+    db = app.state.services.db
+    for spill_dir in (None, tmp_path / "absent", tmp_path):
+        assert await AuditQueue(db, spill_dir=spill_dir).replay() == 0, spill_dir
+
+
+async def _until_written(queue: AuditQueue) -> None:
+    """Run the flush loop until the queue is empty (or five seconds have passed)."""
+    queue.start()
+    try:
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if not len(queue):
+                break
+    finally:
+        await queue.stop()
+    assert len(queue) == 0
+
+
+def _audit_log(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "app.audit"]
+
+
+async def test_the_flush_loop_reports_each_outage_and_when_it_began(app, caplog):
+    flaky = Flaky(app.state.services.db)
+    queue = AuditQueue(flaky, interval_seconds=0.01)  # type: ignore[arg-type]
+    caplog.set_level(logging.WARNING, logger="app.audit")
+    began = []
+    for outage in range(2):
+        queue.add(AuditRecord("read", agent="queue-test", entity_id=str(outage)))
+        flaky.refuse = 3
+        began.append(utc_now())
+        await _until_written(queue)
+    messages = [record.getMessage() for record in _audit_log(caplog)]
+    assert [message.split(" (")[0].split(";")[0] for message in messages] == [
+        "audit trail unreachable",
+        "audit trail reachable again",
+    ] * 2, messages
+    for began_at, back in zip(began, messages[1::2], strict=True):
+        since = back.removeprefix("audit trail reachable again; the records queued since ")
+        since = since.removesuffix(" are written")
+        assert format_instant(began_at) <= since <= format_instant(utc_now()), back
+
+
+async def test_an_outage_whose_error_has_no_text_is_reported_and_outlived(app, caplog):
+    """A connect that timed out says nothing (`str(TimeoutError())` is empty): the report
+    says so, and the loop goes on to write the records once the database is back."""
+    raising = _Failing(app.state.services.db, TimeoutError())
+    queue = AuditQueue(raising, interval_seconds=0.01)  # type: ignore[arg-type]
+    queue.add(AuditRecord("read", agent="queue-test", entity_id="1"))
+    raising.refuse = 3
+    caplog.set_level(logging.WARNING, logger="app.audit")
+    await _until_written(queue)
+    assert _audit_log(caplog)[0].getMessage() == (
+        "audit trail unreachable (TimeoutError: ); 1 records kept in order, retried every 0.01s"
+    )
+    assert await _trail(app.state.services.db) == ["1"]
+
+
+async def test_an_unexpected_flush_error_is_logged_with_its_traceback_each_time(
+    app, caplog, monkeypatch
+):
+    """A bug, not an outage: each failed flush is logged with its traceback (not once per
+    outage), and the loop goes on."""
+    queue = AuditQueue(app.state.services.db, interval_seconds=0.01)
+    queue.add(AuditRecord("read", agent="queue-test", entity_id="1"))
+    flush, failures = queue.flush, [RuntimeError("a bug"), RuntimeError("a bug again")]
+
+    async def failing_twice() -> None:
+        if failures:
+            raise failures.pop(0)
+        await flush()
+
+    monkeypatch.setattr(queue, "flush", failing_twice)
+    await _until_written(queue)
+    logged = _audit_log(caplog)
+    assert [record.getMessage() for record in logged] == [
+        "audit flush failed; retrying in 0.01s"
+    ] * 2
+    assert [str(record.exc_info[1]) for record in logged if record.exc_info] == [
+        "a bug",
+        "a bug again",
+    ]
+    assert await _trail(app.state.services.db) == ["1"]
+
+
+async def test_an_outage_while_writing_one_by_one_keeps_the_rest_queued(app, caplog, monkeypatch):
+    """After a batch the database refused for good, the records go one at a time; when the
+    database goes away meanwhile, the records not written yet stay queued, in order, and are
+    not logged as refused: only the one the database refused is."""
+    db = app.state.services.db
+    original = trail.append
+    outage = [starting_up()]
+
+    async def refusing(conn, records):
+        if any(record.agent == "refused" for record in records):
+            raise sa.IntegrityError("INSERT", None, Exception("a lasting refusal"))
+        if len(records) == 1 and records[0].entity_id == "2" and outage:
+            raise outage.pop()
+        await original(conn, records)
+
+    monkeypatch.setattr(trail, "append", refusing)
+    queue = AuditQueue(db)
+    for record in (*_records(0, 1), AuditRecord("read", agent="refused"), *_records(2, 4)):
+        queue.add(record)
+    with pytest.raises(sa.DBAPIError):
+        await queue.flush()
+    assert len(queue) == 2
+    await queue.flush()
+    assert await _trail(db) == ["0", "2", "3"]
+    refused = [r.getMessage() for r in _audit_log(caplog) if r.levelno >= logging.ERROR]
+    assert len(refused) == 1
+    assert refused[0].startswith("audit record refused by the database, logged instead: ")
