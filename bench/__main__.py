@@ -81,6 +81,17 @@ def _dsn(admin_dsn: str, database: str) -> str:
     return f"{base}/{database}"
 
 
+def migrate(url: str) -> None:
+    """The app's migrations applied to the database at `url`."""
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": url},
+        check=True,
+        capture_output=True,
+    )
+
+
 async def _prepare_database(args: argparse.Namespace, scale: datagen.Scale) -> str:
     dsn = _dsn(args.admin_dsn, args.database)
     admin = await asyncpg.connect(args.admin_dsn)
@@ -105,13 +116,7 @@ async def _prepare_database(args: argparse.Namespace, scale: datagen.Scale) -> s
     finally:
         await admin.close()
     _say(f"database {args.database}: migrating")
-    subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": dsn},
-        check=True,
-        capture_output=True,
-    )
+    migrate(dsn)
     _say(f"generating {scale.patients:,} patients and {scale.counts:,} platelet counts")
     await datagen.generate(dsn, scale, _say)
     conn = await asyncpg.connect(dsn)

@@ -43,7 +43,6 @@ import orjson
 from bench import __main__ as harness
 from bench import datagen
 
-ROOT = Path(__file__).resolve().parent.parent
 _HEADERS = {"Content-Type": "application/fhir+json", "X-Provenance": "bench: history cost"}
 
 
@@ -68,16 +67,6 @@ async def _drop_postgres(admin_dsn: str, database: str) -> None:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     finally:
         await admin.close()
-
-
-def _migrate(url: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": url},
-        check=True,
-        capture_output=True,
-    )
 
 
 async def _load(client: httpx.AsyncClient, counts: int, rng: random.Random) -> tuple[str, int]:
@@ -184,7 +173,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _commit() -> str:
     described = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
+        ["git", "describe", "--always", "--dirty"], cwd=harness.ROOT, capture_output=True, text=True
     )
     return described.stdout.strip() or "unknown"
 
@@ -193,11 +182,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.sqlite:
         with tempfile.TemporaryDirectory() as folder:
             url = f"sqlite:///{folder}/history.db"
-            _migrate(url)
+            harness.migrate(url)
             return await measure(url, args)
     url = await _fresh_postgres(args.admin_dsn, args.database)
     try:
-        _migrate(url)
+        harness.migrate(url)
         return await measure(url, args)
     finally:
         if args.drop:
