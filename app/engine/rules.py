@@ -15,7 +15,7 @@ evaluable even when every such count is under rescue.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from itertools import chain
@@ -40,6 +40,7 @@ from .model import (
     Status,
     Timeline,
 )
+from .tracing import EpisodeTrace, EpisodeTracer, Occasion, Pair
 
 VALID_OBSERVATION_STATUSES = frozenset({"final", "amended", "corrected"})
 # Administrations that exposed the patient, study drug and rescue alike: an infusion
@@ -71,79 +72,6 @@ EVIDENCE_RESOURCE_TYPES = {
 _MICROSECONDS_PER_DAY = 86_400_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-
-
-class _Count(NamedTuple):
-    """An evaluated occasion after the start: a count that is neither under rescue nor on a
-    day that is not evaluable, or a bleed on a day without a count (`is_count` False).
-
-    `position` is where the occasion sits on the confirm clock (a day number, or
-    microseconds), so both clocks compare distances with one subtraction.
-    A tuple, not a frozen dataclass: a patient with 1,000 counts makes 1,000 of them per
-    recompute, and a tuple is built several times faster (measured in bench/README.md)."""
-
-    id: str
-    time: datetime
-    day: date
-    position: int
-    bleeding: bool
-    r_qualifying: bool
-    cr_qualifying: bool
-    # "count", or for a bleeding occasion the evidence key of its bleed
-    source: str = "count"
-
-    @property
-    def is_count(self) -> bool:
-        return self.source == "count"
-
-    @property
-    def qualifying(self) -> bool:
-        """Not failing: a CR-qualifying count that misses the doubling rule still counts (spec)."""
-        return self.r_qualifying or self.cr_qualifying
-
-
-_Predicate = Callable[[_Count], bool]
-
-
-def _is_r(count: _Count) -> bool:
-    return count.r_qualifying
-
-
-def _is_cr(count: _Count) -> bool:
-    return count.cr_qualifying
-
-
-def _is_qualifying(count: _Count) -> bool:
-    return count.qualifying
-
-
-def _is_failing(count: _Count) -> bool:
-    return not count.qualifying
-
-
-def _is_below_cr(count: _Count) -> bool:
-    return not count.cr_qualifying
-
-
-class _Pair(NamedTuple):
-    """Indices of a decision's two occasions (equal for a loss by a single bleeding one).
-
-    Tuples, this and the traces below, like `_Count`: plain records of where decisions fell.
-    """
-
-    first: int
-    second: int
-
-
-class _CrTrace(NamedTuple):
-    confirmed: _Pair
-    lost: _Pair | None
-
-
-class _EpisodeTrace(NamedTuple):
-    onset: _Pair
-    loss: _Pair | None
-    cr: tuple[_CrTrace, ...]
 
 
 class _Clock:
@@ -282,13 +210,14 @@ def _evaluated(
     patient: str,
     course: _Course,
     baseline: Baseline,
-    evaluable: list[_Count],
+    evaluable: list[Occasion],
     classified: list[Classification],
 ) -> Assessment:
     """The assessment of an evaluable patient, from its evaluated occasions."""
     criteria, bleeding = course.criteria, course.bleeding
-    traces = _trace_episodes(evaluable, course.clock, criteria)
-    episodes = tuple(_episode(trace, evaluable, criteria) for trace in traces)
+    tracer = _trace(evaluable, course.clock, criteria)
+    latest_count = tracer.latest_count
+    episodes = tuple(_episode(item, latest_count, criteria) for item in tracer.episodes)
     start_day = local_day(course.start, criteria.zone)
     response_date = episodes[0].start if episodes else None
     complete_response_date = next(
@@ -299,7 +228,7 @@ def _evaluated(
         status=_status(episodes),
         status_reason=None,
         best_response=_best_response(episodes),
-        pending_confirmation=_pending(evaluable, episodes),
+        pending_confirmation=_pending(tracer.latest, episodes),
         baseline=baseline,
         treatment_start=course.start,
         response_date=response_date,
@@ -307,7 +236,7 @@ def _evaluated(
         time_to_response_days=_days_between(start_day, response_date),
         time_to_complete_response_days=_days_between(start_day, complete_response_date),
         episodes=episodes,
-        evidence=_evidence(baseline, traces, evaluable, bleeding),
+        evidence=_evidence(baseline, tracer, bleeding),
         criteria=criteria,
         classifications=tuple(classified),
     )
@@ -538,7 +467,7 @@ def _classify(
     baseline: float,
     course: _Course,
     classified: list[Classification],
-) -> list[_Count]:
+) -> list[Occasion]:
     """Classify each count after the start; return the evaluable ones.
 
     A count on a day that is not evaluable yet, or under rescue, is neither qualifying nor
@@ -553,7 +482,7 @@ def _classify(
     not_evaluable, under_rescue = _before_day(first_day), _after_rescue(window)
     r_floor, r_threshold, cr_threshold, below_r, below_doubling = _levels(criteria, baseline)
     calendar, zone, in_utc = clock.calendar, clock.zone, clock.in_utc
-    evaluable: list[_Count] = []
+    evaluable: list[Occasion] = []
     append, entry = evaluable.append, classified.append
     # The hot loop (1,000 counts on every recompute): entries built as plain tuples, days
     # and positions inline rather than through `clock`.
@@ -576,11 +505,11 @@ def _classify(
         position = day.toordinal() if calendar else (time - _EPOCH) // _MICROSECOND
         bleeds = bleeding.get(day)
         if bleeds:
-            append(_Count(ident, time, day, position, True, False, False))
+            append(Occasion(ident, time, day, position, True, False, False))
             entry(new(_Entry, (*head, "failing", "with bleeding", None, _references(bleeds))))
             continue
         r, cr = value >= r_floor, value >= cr_threshold
-        append(_Count(ident, time, day, position, False, r, cr))
+        append(Occasion(ident, time, day, position, False, r, cr))
         if r:
             code, detail = ("qualifying-cr" if cr else "qualifying-r"), None
         else:  # why it misses the R rule
@@ -594,8 +523,8 @@ _Entry = Classification
 
 
 def _with_bleeding_occasions(
-    evaluable: list[_Count], course: _Course, classified: list[Classification]
-) -> list[_Count]:
+    evaluable: list[Occasion], course: _Course, classified: list[Classification]
+) -> list[Occasion]:
     """Add each qualifying bleed after the start on a day without any count: a failing
     occasion at the bleed's time, unless under rescue or on a day that is not evaluable.
 
@@ -604,7 +533,7 @@ def _with_bleeding_occasions(
     """
     start, rescues, bleeding, clock, criteria = course
     first_day, window = criteria.first_evaluable_day, criteria.rescue_window_days
-    occasions: list[_Count] = []
+    occasions: list[Occasion] = []
     entries: list[Classification] = []
     after_start = sorted(day for day, bleeds in bleeding.items() if bleeds[-1][2] > start)
     if not after_start:
@@ -627,7 +556,7 @@ def _with_bleeding_occasions(
                 continue
             entries.append(Classification(*head, "failing", "bleeding without a count"))
             position = clock.position(time, day)
-            occasions.append(_Count(ident, time, day, position, True, False, False, key))
+            occasions.append(Occasion(ident, time, day, position, True, False, False, key))
     if entries:
         # A stable sort: the counts keep their order, and no count shares an entry's time.
         classified[:] = sorted([*classified, *entries], key=attrgetter("time"))
@@ -636,143 +565,42 @@ def _with_bleeding_occasions(
     return sorted([*evaluable, *occasions], key=attrgetter("time"))
 
 
-class _Confirmation(NamedTuple):
-    """A level confirmed by two occasions: both reach it (`endpoint`), and none between
-    them `breaks` the chain. The R rule and the CR rule share this shape."""
-
-    endpoint: _Predicate
-    breaks: _Predicate
-
-
-_R_RULE = _Confirmation(_is_r, _is_failing)
-_CR_RULE = _Confirmation(_is_cr, _is_below_cr)
+def _trace(occasions: Iterable[Occasion], clock: _Clock, criteria: Criteria) -> EpisodeTracer:
+    """The episodes of the evaluated occasions (`tracing`), walked once in clinical order."""
+    tracer = EpisodeTracer(clock.gap(criteria.confirm_days), clock.gap(criteria.loss_confirm_days))
+    for occasion in occasions:
+        tracer.push(occasion)
+    return tracer
 
 
-def _first_confirmed(
-    counts: Sequence[_Count], lo: int, hi: int, rule: _Confirmation, gap: int
-) -> _Pair | None:
-    """The first count A in counts[lo:hi] that a later count B confirms under `rule`, B at
-    least `gap` after A."""
-    endpoint, breaks = rule
-    for a in range(lo, hi):
-        if not endpoint(counts[a]):
-            continue
-        for b in range(a + 1, hi):
-            if breaks(counts[b]):
-                break
-            if endpoint(counts[b]) and counts[b].position - counts[a].position >= gap:
-                return _Pair(a, b)
-    return None
+def _anchor_day(pair: Pair, criteria: Criteria) -> date:
+    occasion = pair.first if criteria.response_date_anchor == "first" else pair.second
+    return occasion.day
 
 
-def _first_loss(counts: Sequence[_Count], lo: int, holds: _Predicate, gap: int) -> _Pair | None:
-    """The first loss of a level from counts[lo] on.
-
-    Either one bleeding occasion, or an occasion that does not `hold` the level confirmed by
-    a later one at least `gap` after it with none holding the level in between. The loss
-    date is the first occasion of the pair, so the earliest such first occasion wins.
-    """
-    for f in range(lo, len(counts)):
-        if counts[f].bleeding:
-            return _Pair(f, f)
-        if holds(counts[f]):
-            continue
-        for g in range(f + 1, len(counts)):
-            if holds(counts[g]):
-                break
-            if counts[g].position - counts[f].position >= gap:
-                return _Pair(f, g)
-    return None
-
-
-def _onset(counts: Sequence[_Count], lo: int, gap: int) -> _Pair | None:
-    """The next response from counts[lo] on.
-
-    Usually an R pair; a CR pair alone when its counts miss the doubling rule (baseline > 50).
-    """
-    candidates = [
-        pair
-        for pair in (
-            _first_confirmed(counts, lo, len(counts), _R_RULE, gap),
-            _first_confirmed(counts, lo, len(counts), _CR_RULE, gap),
-        )
-        if pair is not None
-    ]
-    return min(candidates, default=None)  # the earlier first occasion, then second
-
-
-def _trace_episodes(
-    counts: Sequence[_Count], clock: _Clock, criteria: Criteria
-) -> list[_EpisodeTrace]:
-    """Walk the occasions: response, CR stretches inside it, loss; then the next response.
-
-    A confirming pair never straddles a loss (no failing occasion lies between its two
-    counts), so the episodes can be found one after the other without overlap.
-    """
-    gap = clock.gap(criteria.confirm_days)
-    loss_gap = clock.gap(criteria.loss_confirm_days)
-    traces: list[_EpisodeTrace] = []
-    lo = 0
-    while (onset := _onset(counts, lo, gap)) is not None:
-        loss = _first_loss(counts, onset.first, _is_qualifying, loss_gap)
-        end = loss.first if loss is not None else len(counts)
-        cr = _cr_stretches(counts, onset.first, end, gap, loss_gap)
-        traces.append(_EpisodeTrace(onset, loss, cr))
-        if loss is None:
-            break
-        lo = loss.second + 1
-    return traces
-
-
-def _cr_stretches(
-    counts: Sequence[_Count], lo: int, hi: int, gap: int, loss_gap: int
-) -> tuple[_CrTrace, ...]:
-    """CR stretches of one episode (counts[lo:hi]); CR lost with R still holding can come back.
-
-    The CR loss is searched without the episode's bound: a loss of response is always also a
-    loss of CR, so the CR loss is found at or before the episode's loss.
-    """
-    stretches: list[_CrTrace] = []
-    while (confirmed := _first_confirmed(counts, lo, hi, _CR_RULE, gap)) is not None:
-        lost = _first_loss(counts, confirmed.first, _is_cr, loss_gap)
-        stretches.append(_CrTrace(confirmed, lost))
-        if lost is None:
-            break
-        lo = lost.second + 1
-    return tuple(stretches)
-
-
-def _anchor_day(pair: _Pair, counts: Sequence[_Count], criteria: Criteria) -> date:
-    index = pair.first if criteria.response_date_anchor == "first" else pair.second
-    return counts[index].day
-
-
-def _episode(trace: _EpisodeTrace, counts: Sequence[_Count], criteria: Criteria) -> Episode:
-    cr_periods = tuple(
-        CrPeriod(
-            start=_anchor_day(stretch.confirmed, counts, criteria),
-            end=counts[stretch.lost.first].day if stretch.lost is not None else None,
-        )
-        for stretch in trace.cr
-    )
+def _episode(trace: EpisodeTrace, latest_count: Occasion | None, criteria: Criteria) -> Episode:
+    cr_periods = []
+    for stretch in trace.stretches:
+        lost = stretch.lost.result
+        start = _anchor_day(stretch.confirmed, criteria)
+        cr_periods.append(CrPeriod(start=start, end=lost.first.day if lost else None))
     # With the `confirming` anchor a CR pair may be confirmed before an R pair that started
     # earlier (only under unusual thresholds); the episode never starts after its first CR.
-    start = min([_anchor_day(trace.onset, counts, criteria)] + [p.start for p in cr_periods[:1]])
-    end = counts[trace.loss.first].day if trace.loss is not None else None
+    start = min([_anchor_day(trace.onset, criteria)] + [p.start for p in cr_periods[:1]])
+    loss = trace.loss.result
+    end = loss.first.day if loss is not None else None
     # An ongoing episode runs to the latest evaluable count (a bleeding occasion after its
     # start would have ended it, so the latest occasion is a count; said here all the same).
-    last_day = end if end is not None else _latest_count(counts).day
+    # Its response pair is two counts, so there is a latest count.
+    latest = latest_count if latest_count is not None else trace.onset.second
+    last_day = end if end is not None else latest.day
     return Episode(
         start=start,
         level="CR" if cr_periods else "R",
         end=end,
         duration_of_response_days=(last_day - start).days,
-        cr_periods=cr_periods,
+        cr_periods=tuple(cr_periods),
     )
-
-
-def _latest_count(counts: Sequence[_Count]) -> _Count:
-    return next(count for count in reversed(counts) if count.is_count)
 
 
 def _status(episodes: Sequence[Episode]) -> Status:
@@ -790,7 +618,7 @@ def _best_response(episodes: Sequence[Episode]) -> BestResponse:
     return "R" if episodes else "NR"
 
 
-def _pending(counts: Sequence[_Count], episodes: Sequence[Episode]) -> bool:
+def _pending(latest: Occasion | None, episodes: Sequence[Episode]) -> bool:
     """Whether a qualifying count that would raise the status awaits its confirming count.
 
     That is the case exactly when the latest evaluated occasion qualifies beyond the current
@@ -798,9 +626,8 @@ def _pending(counts: Sequence[_Count], episodes: Sequence[Episode]) -> bool:
     occasion qualify too (for CR: none below the CR threshold, which would break its
     confirmation for good), and a confirmed one would already have raised the level.
     """
-    if not counts:
+    if latest is None:
         return False
-    latest = counts[-1]
     if not episodes or episodes[-1].end is not None:
         return latest.qualifying
     if episodes[-1].in_complete_response:
@@ -813,10 +640,7 @@ def _empty_evidence() -> dict[str, list[str]]:
 
 
 def _evidence(
-    baseline: Baseline,
-    traces: Sequence[_EpisodeTrace],
-    counts: Sequence[_Count],
-    bleeding: _Bleeding,
+    baseline: Baseline, tracer: EpisodeTracer, bleeding: _Bleeding
 ) -> dict[str, list[str]]:
     """Ids per decision, in clinical order, each id once per decision.
 
@@ -826,42 +650,42 @@ def _evidence(
     """
     evidence = _empty_evidence()
     evidence["baseline"] = list(baseline.observations)
-    found = chain(_decision_evidence(traces, counts), _bleeding_evidence(counts, bleeding))
+    found = chain(
+        _decision_evidence(tracer.episodes), _bleeding_evidence(tracer.bleeding, bleeding)
+    )
     for key, ident in found:
         if ident not in evidence[key]:
             evidence[key].append(ident)
     return evidence
 
 
-def _decision_evidence(
-    traces: Sequence[_EpisodeTrace], counts: Sequence[_Count]
-) -> Iterator[tuple[str, str]]:
+def _decision_evidence(traces: Sequence[EpisodeTrace]) -> Iterator[tuple[str, str]]:
     """(key, id) of the counts each decision rests on (a bleeding occasion is no count)."""
     for trace in traces:
         for key, pair in _decisions(trace):
             if pair is None:
                 continue
-            for index in (pair.first, pair.second):
-                if counts[index].is_count:
-                    yield key, counts[index].id
+            for occasion in (pair.first, pair.second):
+                if occasion.is_count:
+                    yield key, occasion.id
 
 
-def _decisions(trace: _EpisodeTrace) -> Iterator[tuple[str, _Pair | None]]:
+def _decisions(trace: EpisodeTrace) -> Iterator[tuple[str, Pair | None]]:
     """An episode's decisions under their evidence keys, in clinical order."""
     yield "response", trace.onset
-    yield "loss", trace.loss
-    for stretch in trace.cr:
+    yield "loss", trace.loss.result
+    for stretch in trace.stretches:
         yield "complete_response", stretch.confirmed
-        yield "complete_response_loss", stretch.lost
+        yield "complete_response_loss", stretch.lost.result
 
 
-def _bleeding_evidence(counts: Sequence[_Count], bleeding: _Bleeding) -> Iterator[tuple[str, str]]:
-    """(key, id) of what made each occasion one "with bleeding": the bleeds of a count's
-    day, or the bleed that was the occasion itself."""
-    for count in counts:
-        if not count.bleeding:
-            continue
-        if count.is_count:
-            yield from ((key, ident) for key, ident, _ in bleeding[count.day])
+def _bleeding_evidence(
+    occasions: Iterable[Occasion], bleeding: _Bleeding
+) -> Iterator[tuple[str, str]]:
+    """(key, id) of what made each bleeding occasion one: the bleeds of a count's day, or
+    the bleed that was the occasion itself."""
+    for occasion in occasions:
+        if occasion.is_count:
+            yield from ((key, ident) for key, ident, _ in bleeding[occasion.day])
         else:
-            yield count.source, count.id
+            yield occasion.source, occasion.id
