@@ -16,7 +16,7 @@ evaluable even when every such count is under rescue.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from itertools import chain
 from operator import attrgetter
@@ -160,13 +160,49 @@ _COUNT_ORDER = attrgetter("time", "id", "value", "status")
 
 def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessment:
     """Classify one patient's response from the whole timeline (recomputed, never patched)."""
+    return assess_folded(timeline, criteria).assessment
+
+
+@dataclass
+class _Fold:
+    """What an assessment under rules version 2 was made from that a later count needs:
+    the course (start, rescues, bleeds), the baseline, the episodes traced so far, every
+    classification, and the time of the latest record of any kind on the timeline."""
+
+    patient: str
+    course: _Course
+    baseline: Baseline
+    tracer: EpisodeTracer
+    classified: list[Classification]
+    latest: datetime
+    any_count: bool  # whether any count was evaluated (bleeding occasions alone are not)
+
+    def assessment(self) -> Assessment:
+        if not self.any_count:
+            progress = _Progress(self.course.start, self.baseline, self.classified)
+            criteria = self.course.criteria
+            return _not_evaluable(self.patient, criteria, NO_EVALUABLE_COUNT, progress)
+        return _evaluated(self.patient, self.course, self.baseline, self.tracer, self.classified)
+
+
+@dataclass(frozen=True)
+class Folded:
+    """An assessment, and the state `extend` appends a later count to (None: it cannot;
+    the patient is not evaluable before the episodes are traced, or rules version 1)."""
+
+    assessment: Assessment
+    state: _Fold | None = None
+
+
+def assess_folded(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Folded:
+    """`assess`, keeping the state that `extend` takes."""
     timeline = _in_utc(timeline)
     version_1 = criteria.rules_version == 1
     patient = timeline.patient
     start = _treatment_start(timeline.administrations, version_1)
     if start is None:
         reason = "no study-drug administration" if version_1 else NO_TREATMENT_START
-        return _not_evaluable(patient, criteria, reason, _Progress())
+        return Folded(_not_evaluable(patient, criteria, reason, _Progress()))
     counts = sorted(
         (count for count in timeline.counts if count.status in VALID_OBSERVATION_STATUSES),
         key=_COUNT_ORDER,
@@ -181,19 +217,60 @@ def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessm
     baseline, window, classified = _baseline(pre_start, course)
     if baseline is None:
         reason = _no_baseline_reason(criteria, window)
-        return _not_evaluable(patient, criteria, reason, _Progress(start, None, classified))
+        return Folded(_not_evaluable(patient, criteria, reason, _Progress(start, None, classified)))
     post_start = counts[len(pre_start) :]
-    progress = _Progress(start, baseline, classified)
-    if version_1 and not post_start:
-        reason = "no platelet count after the treatment start"
-        return _not_evaluable(patient, criteria, reason, progress)
     evaluable = _classify(post_start, baseline.value, course, classified)
-    if not version_1:
-        any_count = bool(evaluable)  # bleeding occasions alone make no response
-        evaluable = _with_bleeding_occasions(evaluable, course, classified)
-        if not any_count:
-            return _not_evaluable(patient, criteria, NO_EVALUABLE_COUNT, progress)
-    return _evaluated(patient, course, baseline, evaluable, classified)
+    if version_1:
+        if not post_start:
+            reason = "no platelet count after the treatment start"
+            progress = _Progress(start, baseline, classified)
+            return Folded(_not_evaluable(patient, criteria, reason, progress))
+        tracer = _trace(evaluable, clock, criteria)
+        return Folded(_evaluated(patient, course, baseline, tracer, classified))
+    any_count = bool(evaluable)  # bleeding occasions alone make no response
+    evaluable = _with_bleeding_occasions(evaluable, course, classified)
+    tracer = _trace(evaluable, clock, criteria)
+    fold = _Fold(patient, course, baseline, tracer, classified, _latest_time(timeline), any_count)
+    return Folded(fold.assessment(), fold)
+
+
+def _latest_time(timeline: Timeline) -> datetime:
+    """The time of the latest record on the timeline, whatever its kind or status."""
+    records = chain(
+        timeline.counts,
+        timeline.bleeding_assessments,
+        timeline.bleeding_events,
+        timeline.administrations,
+    )
+    return max(record.time for record in records)
+
+
+def extend(folded: Folded, count: PlateletCount) -> Folded | None:
+    """The assessment with one more count, in steps that do not grow with the history;
+    None when the count cannot simply be appended (then `assess` the whole timeline).
+
+    It can when the count is later than every record on the timeline and no qualifying
+    bleed shares its trial day (the count would take over the bleed's occasion), and the
+    patient's episodes were traced (rules version 2, a treatment start and a baseline).
+    `folded` is taken over: its state becomes the result's, and it must not be used again.
+    Tests hold `extend` equal to `assess` (tests/engine/test_extend.py).
+    """
+    fold = folded.state
+    if fold is None:
+        return None
+    count = _utc(count)
+    if count.time <= fold.latest:
+        return None
+    fold.latest = count.time
+    if count.status not in VALID_OBSERVATION_STATUSES:
+        return Folded(folded.assessment, fold)  # the engine reads no such count
+    course = fold.course
+    if course.clock.day(count.time) in course.bleeding:
+        return None
+    for occasion in _classify([count], fold.baseline.value, course, fold.classified):
+        fold.any_count = True
+        fold.tracer.push(occasion)
+    return Folded(fold.assessment(), fold)
 
 
 def _no_baseline_reason(criteria: Criteria, window: bool) -> str:
@@ -210,12 +287,11 @@ def _evaluated(
     patient: str,
     course: _Course,
     baseline: Baseline,
-    evaluable: list[Occasion],
+    tracer: EpisodeTracer,
     classified: list[Classification],
 ) -> Assessment:
-    """The assessment of an evaluable patient, from its evaluated occasions."""
+    """The assessment of an evaluable patient, from the episodes of its occasions."""
     criteria, bleeding = course.criteria, course.bleeding
-    tracer = _trace(evaluable, course.clock, criteria)
     latest_count = tracer.latest_count
     episodes = tuple(_episode(item, latest_count, criteria) for item in tracer.episodes)
     start_day = local_day(course.start, criteria.zone)
