@@ -164,10 +164,15 @@ def assess(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Assessm
 
 
 @dataclass
-class _Fold:
+class FoldState:
     """What an assessment under rules version 2 was made from that a later count needs:
-    the course (start, rescues, bleeds), the baseline, the episodes traced so far, every
-    classification, and the time of the latest record of any kind on the timeline."""
+    the course (start, rescues, bleeds), the baseline, the episodes traced so far, the
+    classifications, and the time of the latest record of any kind on the timeline.
+
+    `classified` may hold only the classifications made since the state was stored (a
+    caller that keeps them elsewhere restores the state with none, `app.engine.stored`);
+    `assessment()` then carries only those.
+    """
 
     patient: str
     course: _Course
@@ -191,7 +196,7 @@ class Folded:
     the patient is not evaluable before the episodes are traced, or rules version 1)."""
 
     assessment: Assessment
-    state: _Fold | None = None
+    state: FoldState | None = None
 
 
 def assess_folded(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> Folded:
@@ -230,7 +235,9 @@ def assess_folded(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> 
     any_count = bool(evaluable)  # bleeding occasions alone make no response
     evaluable = _with_bleeding_occasions(evaluable, course, classified)
     tracer = _trace(evaluable, clock, criteria)
-    fold = _Fold(patient, course, baseline, tracer, classified, _latest_time(timeline), any_count)
+    fold = FoldState(
+        patient, course, baseline, tracer, classified, _latest_time(timeline), any_count
+    )
     return Folded(fold.assessment(), fold)
 
 
@@ -245,32 +252,29 @@ def _latest_time(timeline: Timeline) -> datetime:
     return max(record.time for record in records)
 
 
-def extend(folded: Folded, count: PlateletCount) -> Folded | None:
-    """The assessment with one more count, in steps that do not grow with the history;
-    None when the count cannot simply be appended (then `assess` the whole timeline).
+def extend(state: FoldState, count: PlateletCount) -> bool:
+    """Append one more count to `state`, in steps that do not grow with the history; then
+    `state.assessment()` is what `assess` gives for the whole timeline with that count.
+    False when the count cannot simply be appended (`state` is left as it was; `assess`
+    the whole timeline instead).
 
-    It can when the count is later than every record on the timeline and no qualifying
-    bleed shares its trial day (the count would take over the bleed's occasion), and the
-    patient's episodes were traced (rules version 2, a treatment start and a baseline).
-    `folded` is taken over: its state becomes the result's, and it must not be used again.
-    Tests hold `extend` equal to `assess` (tests/engine/test_extend.py).
+    It can when the count is later than every record on the timeline, of a status the
+    engine reads, and no qualifying bleed shares its trial day (the count would take over
+    the bleed's occasion). Tests hold `extend` equal to `assess` (tests/engine/test_extend.py).
     """
-    fold = folded.state
-    if fold is None:
-        return None
     count = _utc(count)
-    if count.time <= fold.latest:
-        return None
-    fold.latest = count.time
-    if count.status not in VALID_OBSERVATION_STATUSES:
-        return Folded(folded.assessment, fold)  # the engine reads no such count
-    course = fold.course
-    if course.clock.day(count.time) in course.bleeding:
-        return None
-    for occasion in _classify([count], fold.baseline.value, course, fold.classified):
-        fold.any_count = True
-        fold.tracer.push(occasion)
-    return Folded(fold.assessment(), fold)
+    course = state.course
+    if (
+        count.time <= state.latest
+        or count.status not in VALID_OBSERVATION_STATUSES
+        or course.clock.day(count.time) in course.bleeding
+    ):
+        return False
+    state.latest = count.time
+    for occasion in _classify([count], state.baseline.value, course, state.classified):
+        state.any_count = True
+        state.tracer.push(occasion)
+    return True
 
 
 def _no_baseline_reason(criteria: Criteria, window: bool) -> str:

@@ -68,7 +68,7 @@ class Pair(NamedTuple):
     second: Occasion
 
 
-class _Seen(NamedTuple):
+class Seen(NamedTuple):
     at: int
     occasion: Occasion
 
@@ -85,7 +85,7 @@ def _holds(occasion: Occasion, cr_level: bool) -> bool:
     return occasion[_CR] if cr_level else occasion[_R] or occasion[_CR]
 
 
-class _Confirming:
+class Confirming:
     """The first occasion A that a later one B confirms, B at least `gap` after A, with no
     occasion between them breaking the chain (`found`), over the occasions given so far.
 
@@ -96,7 +96,7 @@ class _Confirming:
 
     def __init__(self, cr_level: bool, gap: int) -> None:
         self.cr_level, self.gap = cr_level, gap
-        self.alive: _Seen | None = None  # the earliest endpoint since the last break
+        self.alive: Seen | None = None  # the earliest endpoint since the last break
         self.found: Pair | None = None
 
     def push(self, at: int, occasion: Occasion) -> None:
@@ -106,12 +106,12 @@ class _Confirming:
         elif occasion[_CR] if self.cr_level else occasion[_R]:
             alive = self.alive
             if alive is None:
-                self.alive = _Seen(at, occasion)
+                self.alive = Seen(at, occasion)
             elif occasion.position - alive.occasion.position >= self.gap:
                 self.found = Pair(alive.at, at, alive.occasion, occasion)
 
 
-class _Losing:
+class Losing:
     """The first loss of a level (CR when `cr_level`, else a response) over the occasions
     given so far (`result`).
 
@@ -126,8 +126,8 @@ class _Losing:
 
     def __init__(self, cr_level: bool, gap: int) -> None:
         self.cr_level, self.gap = cr_level, gap
-        self.run: _Seen | None = None  # the first occasion since the last one holding
-        self.bleed: _Seen | None = None
+        self.run: Seen | None = None  # the first occasion since the last one holding
+        self.bleed: Seen | None = None
         self.found: Pair | None = None
 
     @property
@@ -148,7 +148,7 @@ class _Losing:
             return False
         run = self.run
         if run is None:
-            self.run = _Seen(at, occasion)
+            self.run = Seen(at, occasion)
             if occasion.bleeding:
                 self.found = Pair(at, at, occasion, occasion)
                 return True
@@ -157,7 +157,7 @@ class _Losing:
             self.found = Pair(run.at, at, run.occasion, occasion)
             return True
         if occasion.bleeding and self.bleed is None:
-            self.bleed = _Seen(at, occasion)
+            self.bleed = Seen(at, occasion)
             return True
         return False
 
@@ -169,7 +169,7 @@ class CrStretch:
 
     def __init__(self, confirmed: Pair, loss_gap: int) -> None:
         self.confirmed = confirmed
-        self.lost = _Losing(True, loss_gap)
+        self.lost = Losing(True, loss_gap)
 
 
 class EpisodeTrace:
@@ -182,9 +182,9 @@ class EpisodeTrace:
 
     def __init__(self, onset: Pair, gap: int, loss_gap: int) -> None:
         self.onset, self.gap = onset, gap
-        self.loss = _Losing(False, loss_gap)
+        self.loss = Losing(False, loss_gap)
         self.stretches: list[CrStretch] = []
-        self.cr_search: _Confirming | None = _Confirming(True, gap)
+        self.cr_search: Confirming | None = Confirming(True, gap)
 
     @property
     def lost(self) -> bool:
@@ -201,7 +201,7 @@ class EpisodeTrace:
             return moved
         if cr_lost_moved:
             # CR lost (or its loss moved): the next stretch is searched after the loss.
-            self.cr_search = _Confirming(True, self.gap)
+            self.cr_search = Confirming(True, self.gap)
         elif self.cr_search is not None:
             self.cr_search.push(at, occasion)
             if self.cr_search.found is not None:
@@ -210,7 +210,7 @@ class EpisodeTrace:
         return False
 
 
-class _Onset:
+class OnsetSearch:
     """The next response: the earlier of the first R pair and the first CR pair (a CR pair
     alone when its counts miss the doubling rule), and the occasions since the earliest
     endpoint either search still holds, which the episode it starts is given again."""
@@ -218,14 +218,14 @@ class _Onset:
     __slots__ = ("cr", "r", "recent")
 
     def __init__(self, gap: int) -> None:
-        self.r = _Confirming(False, gap)
-        self.cr = _Confirming(True, gap)
-        self.recent: deque[_Seen] = deque()
+        self.r = Confirming(False, gap)
+        self.cr = Confirming(True, gap)
+        self.recent: deque[Seen] = deque()
 
     def push(self, at: int, occasion: Occasion) -> Pair | None:
         self.r.push(at, occasion)
         self.cr.push(at, occasion)
-        self.recent.append(_Seen(at, occasion))
+        self.recent.append(Seen(at, occasion))
         found = [pair for pair in (self.r.found, self.cr.found) if pair is not None]
         if found:
             return min(found)
@@ -253,46 +253,46 @@ class EpisodeTracer:
         self.latest: Occasion | None = None
         self.latest_count: Occasion | None = None
         self.bleeding: list[Occasion] = []  # every bleeding occasion, in order
-        self._seen = 0
-        self._onset: _Onset | None = _Onset(gap)
+        self.seen = 0
+        self.onset_search: OnsetSearch | None = OnsetSearch(gap)
         # CR losses of episodes before the current one that can still move.
-        self._trailing: list[_Losing] = []
+        self.trailing: list[Losing] = []
 
     def push(self, occasion: Occasion) -> None:
-        at = self._seen
-        self._seen += 1
+        at = self.seen
+        self.seen += 1
         self.latest = occasion
         if occasion[_SOURCE] == "count":
             self.latest_count = occasion
         if occasion.bleeding:
             self.bleeding.append(occasion)
-        if self._trailing:
-            for lost in self._trailing:
+        if self.trailing:
+            for lost in self.trailing:
                 lost.push(at, occasion)
-            self._trailing = [lost for lost in self._trailing if lost.found is None]
+            self.trailing = [lost for lost in self.trailing if lost.found is None]
         current = self.episodes[-1] if self.episodes else None
         if current is not None:
             moved = current.push(at, occasion)
             if not current.lost:
                 return
             if moved:  # the next response is searched after the loss, from the next occasion
-                self._onset = _Onset(self.gap)
+                self.onset_search = OnsetSearch(self.gap)
                 return
-        assert self._onset is not None
-        onset = self._onset.push(at, occasion)
+        assert self.onset_search is not None
+        onset = self.onset_search.push(at, occasion)
         if onset is not None:
             self._start_episode(onset, current)
 
     def _start_episode(self, onset: Pair, previous: EpisodeTrace | None) -> None:
-        assert self._onset is not None
+        assert self.onset_search is not None
         episode = EpisodeTrace(onset, self.gap, self.loss_gap)
         # The episode's own searches begin at the response's first occasion.
-        for seen in self._onset.recent:
+        for seen in self.onset_search.recent:
             if seen.at >= onset.first_at:
                 episode.push(seen.at, seen.occasion)
         if previous is not None:
-            self._trailing += [
+            self.trailing += [
                 stretch.lost for stretch in previous.stretches if stretch.lost.found is None
             ]
         self.episodes.append(episode)
-        self._onset = None
+        self.onset_search = None

@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.engine import Criteria, PlateletCount, Timeline, assess
-from app.engine.rules import NO_EVALUABLE_COUNT, assess_folded, extend, local_day
+from app.engine import Classification, Criteria, PlateletCount, Timeline, assess
+from app.engine.rules import NO_EVALUABLE_COUNT, FoldState, assess_folded, extend, local_day
+from app.engine.stored import dump_state, load_state
 from bench.recompute import synthetic_timeline
 
 from .test_examples import count, story
@@ -45,51 +47,76 @@ def _bleeding_days(timeline: Timeline, criteria: Criteria) -> set:  # type: igno
     return {local_day(time, criteria.zone) for time in grades + events}
 
 
+def _stored_and_restored(state: FoldState, criteria: Criteria) -> FoldState:
+    """The state through JSON text and back, as the service stores it."""
+    restored = load_state(orjson.loads(orjson.dumps(dump_state(state))), criteria)
+    assert restored is not None
+    return restored
+
+
 @settings(max_examples=400, deadline=None)
-@given(timelines(), CRITERIA, STEPS)
+@given(timelines(), CRITERIA, STEPS, st.lists(st.booleans(), min_size=12, max_size=12))
 def test_extend_equals_assess_of_the_whole_timeline(
-    timeline: Timeline, criteria: Criteria, steps: list[tuple[int, float, str]]
+    timeline: Timeline,
+    criteria: Criteria,
+    steps: list[tuple[int, float, str]],
+    restore: list[bool],
 ) -> None:
+    """Each later count appended to the state, the state sometimes stored and restored in
+    between (then it holds only the classifications made since, as in the service)."""
     folded = assess_folded(timeline, criteria)
     assert folded.assessment == assess(timeline, criteria)
+    state = folded.state
+    kept: list[Classification] = []  # the classifications stored apart from the state
     time = max(record.time for record in _records(timeline))
     for n, (step, value, status) in enumerate(steps):
         later = time + timedelta(hours=6 * step)
         count = PlateletCount(f"x{n}", later, value, status)
-        latest = max(record.time for record in _records(timeline))
         timeline = _with(timeline, count)
         expected = assess(timeline, criteria)
-        extended = extend(folded, count)
-        if extended is None:
-            traced = folded.state is not None
-            assert (
-                not traced
-                or later <= latest
-                or local_day(later, criteria.zone) in _bleeding_days(timeline, criteria)
-            ), "declined a count it can append"
-            folded = assess_folded(timeline, criteria)
+        if state is not None and restore[n]:
+            kept += state.classified
+            state = _stored_and_restored(state, criteria)
+        if state is not None and extend(state, count):
+            made = state.assessment()
+            whole = (*kept, *made.classifications)
+            assert replace(made, classifications=whole) == expected, f"after {n + 1} counts"
         else:
-            assert extended.assessment == expected, f"after {n + 1} later counts"
-            folded = extended
+            assert state is None or not _appendable(timeline, count, criteria), (
+                "declined a count it can append"
+            )
+            folded = assess_folded(timeline, criteria)
+            state, kept = folded.state, []
         time = later
+
+
+def _appendable(timeline: Timeline, count: PlateletCount, criteria: Criteria) -> bool:
+    """Later than every other record, a status the engine reads, no qualifying bleed that day."""
+    others = [record for record in _records(timeline) if record is not count]
+    return (
+        count.time > max(record.time for record in others)
+        and count.status in ("final", "amended", "corrected")
+        and local_day(count.time, criteria.zone) not in _bleeding_days(timeline, criteria)
+    )
 
 
 def test_extend_declines_a_count_that_is_not_the_latest_record() -> None:
     timeline = synthetic_timeline(20)
-    folded = assess_folded(timeline, Criteria())
+    state = assess_folded(timeline, Criteria()).state
+    assert state is not None
     last = max(count.time for count in timeline.counts)
-    assert extend(folded, PlateletCount("same", last, 150.0)) is None
-    assert extend(folded, PlateletCount("earlier", last - timedelta(days=1), 150.0)) is None
+    before = dump_state(state)
+    assert not extend(state, PlateletCount("same", last, 150.0))
+    assert not extend(state, PlateletCount("earlier", last - timedelta(days=1), 150.0))
+    assert not extend(state, PlateletCount("void", last + timedelta(days=1), 150.0, "cancelled"))
+    assert dump_state(state) == before  # a declined count leaves the state as it was
 
 
 def test_rules_version_1_is_never_extended() -> None:
     criteria = Criteria.from_stored({})  # every setting at version 1's value
     assert criteria.rules_version == 1
     timeline = synthetic_timeline(20)
-    folded = assess_folded(timeline, criteria)
-    last = max(count.time for count in timeline.counts)
-    assert folded.state is None
-    assert extend(folded, PlateletCount("later", last + timedelta(days=1), 150.0)) is None
+    assert assess_folded(timeline, criteria).state is None
 
 
 def test_a_long_history_is_extended_count_by_count() -> None:
@@ -97,16 +124,16 @@ def test_a_long_history_is_extended_count_by_count() -> None:
     appended, and the result is the whole timeline's."""
     criteria = Criteria()
     timeline = synthetic_timeline(1_000)
-    folded = assess_folded(timeline, criteria)
+    state = assess_folded(timeline, criteria).state
+    assert state is not None
     last = max(record.time for record in _records(timeline))
     values = [20.0, 150.0, 160.0, 140.0, 25.0, 10.0]
     for n in range(60):
-        count = PlateletCount(f"later{n}", last + timedelta(days=n + 1), values[n % len(values)])
+        value = values[n % len(values)]
+        count = PlateletCount(f"later{n}", last + timedelta(days=n + 1), value)
         timeline = _with(timeline, count)
-        extended = extend(folded, count)
-        assert extended is not None, f"count {n} declined"
-        folded = extended
-    assert folded.assessment == assess(timeline, criteria)
+        assert extend(state, count), f"count {n} declined"
+    assert state.assessment() == assess(timeline, criteria)
 
 
 def test_a_patient_without_an_evaluable_count_becomes_evaluable() -> None:
@@ -116,11 +143,21 @@ def test_a_patient_without_an_evaluable_count_becomes_evaluable() -> None:
     criteria = Criteria()
     folded = assess_folded(timeline, criteria)
     assert folded.assessment.status_reason == NO_EVALUABLE_COUNT
+    state = folded.state
+    assert state is not None
     for n, when in enumerate(["03-05", "03-12"]):
         later = count(when, 150.0)
         timeline = _with(timeline, later)
-        extended = extend(folded, later)
-        assert extended is not None, f"count {n} declined"
-        assert extended.assessment == assess(timeline, criteria)
-        folded = extended
-    assert folded.assessment.status == "CR"
+        assert extend(state, later), f"count {n} declined"
+        assert state.assessment() == assess(timeline, criteria)
+    assert state.assessment().status == "CR"
+
+
+def test_a_state_is_restored_only_under_its_own_criteria_and_format() -> None:
+    criteria = Criteria()
+    state = assess_folded(synthetic_timeline(20), criteria).state
+    assert state is not None
+    data = orjson.loads(orjson.dumps(dump_state(state)))
+    assert load_state(data, criteria) is not None
+    assert load_state(data, Criteria(confirm_days=14)) is None
+    assert load_state({**data, "format": -1}, criteria) is None
