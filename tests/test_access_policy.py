@@ -96,7 +96,7 @@ _READS_BY_KEY = {
     "subject_holder",  # the Patient holding a subject number (uniqueness, then site check)
     "has_live_references",  # whether a Patient is referenced (delete), after its site check
     "patient_fact_rows",  # one visible patient's facts (the response engine)
-    "assessment_fingerprints",  # the server's own recomputation of responses
+    "stored_assessment",  # the server's own recomputation of responses
     "get_assessment",  # one visible patient's assessment
     "all_patient_ids",  # the CLI's recomputation of every response (the server's own work)
     "lock",

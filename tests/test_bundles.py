@@ -270,9 +270,9 @@ async def test_each_patient_is_recomputed_once_per_transaction(client, monkeypat
     calls: Counter[str] = Counter()
     original = response.recompute
 
-    async def counting(ctx, conn, patient_id, now):
+    async def counting(ctx, conn, patient_id, now, appended=None):
         calls[patient_id] += 1
-        return await original(ctx, conn, patient_id, now)
+        return await original(ctx, conn, patient_id, now, appended)
 
     status_path = f"/fhir/Observation/{response_observation_id(first)}"
     before = int((await client.get(status_path)).json()["meta"]["versionId"])

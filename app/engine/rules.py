@@ -74,7 +74,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
-class _Clock:
+class Clock:
     """Distances in days on the confirm clock, and the windows "N days after an event".
 
     `calendar`: the difference of two trial-zone dates; a window holds what is taken at or
@@ -120,7 +120,7 @@ _Rescue = tuple[datetime, str]
 
 
 def _covering_rescue(
-    rescues: Sequence[_Rescue], time: datetime, days: int, clock: _Clock
+    rescues: Sequence[_Rescue], time: datetime, days: int, clock: Clock
 ) -> str | None:
     """The rescue whose window of `days` holds `time`: the latest one at or before it (ties:
     the highest id). Windows end in the order their rescues were given, so if the latest
@@ -131,7 +131,7 @@ def _covering_rescue(
     return None
 
 
-class _Course(NamedTuple):
+class Course(NamedTuple):
     """What every step after the treatment start judges a record against: the start, the
     rescues (time, id) in order, the qualifying bleeds by day, the confirm clock and the
     criteria."""
@@ -139,7 +139,7 @@ class _Course(NamedTuple):
     start: datetime
     rescues: Sequence[_Rescue]
     bleeding: _Bleeding
-    clock: _Clock
+    clock: Clock
     criteria: Criteria
 
 
@@ -175,7 +175,7 @@ class FoldState:
     """
 
     patient: str
-    course: _Course
+    course: Course
     baseline: Baseline
     tracer: EpisodeTracer
     classified: list[Classification]
@@ -213,11 +213,11 @@ def assess_folded(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> 
         key=_COUNT_ORDER,
     )
     rescues = _rescues(timeline.administrations, version_1)
-    clock = _Clock(criteria)
+    clock = Clock(criteria)
     bleeding = _bleeding_by_day(
         timeline.bleeding_assessments, timeline.bleeding_events, clock, criteria
     )
-    course = _Course(start, rescues, bleeding, clock, criteria)
+    course = Course(start, rescues, bleeding, clock, criteria)
     pre_start = [count for count in counts if count.time <= start]
     baseline, window, classified = _baseline(pre_start, course)
     if baseline is None:
@@ -289,7 +289,7 @@ def _no_baseline_reason(criteria: Criteria, window: bool) -> str:
 
 def _evaluated(
     patient: str,
-    course: _Course,
+    course: Course,
     baseline: Baseline,
     tracer: EpisodeTracer,
     classified: list[Classification],
@@ -427,7 +427,7 @@ def _count_entry(
 
 
 def _baseline(
-    pre_start: Sequence[PlateletCount], course: _Course
+    pre_start: Sequence[PlateletCount], course: Course
 ) -> tuple[Baseline | None, bool, list[Classification]]:
     """The baseline, whether the lookback window held any count, and how each count at or
     before the start was classified.
@@ -480,7 +480,7 @@ def _after_rescue(days: int) -> str:
     return f"within {days} days after a rescue"
 
 
-def _in_lookback(clock: _Clock, time: datetime, start: datetime, lookback: int) -> bool:
+def _in_lookback(clock: Clock, time: datetime, start: datetime, lookback: int) -> bool:
     """Whether a count at or before the start is no more than `lookback` days before it."""
     if clock.calendar:
         return (clock.day(start) - clock.day(time)).days <= lookback
@@ -495,7 +495,7 @@ _BLEEDING_TYPES = {"bleeding": "Observation", "bleeding_events": "AdverseEvent"}
 def _bleeding_by_day(
     assessments: Iterable[BleedingAssessment],
     events: Iterable[BleedingEvent],
-    clock: _Clock,
+    clock: Clock,
     criteria: Criteria,
 ) -> _Bleeding:
     """Qualifying bleeds: a grade of at least `bleeding_min_grade`, or a bleeding event."""
@@ -545,7 +545,7 @@ def _levels(criteria: Criteria, baseline: float) -> _Levels:
 def _classify(
     post_start: Sequence[PlateletCount],
     baseline: float,
-    course: _Course,
+    course: Course,
     classified: list[Classification],
 ) -> list[Occasion]:
     """Classify each count after the start; return the evaluable ones.
@@ -603,7 +603,7 @@ _Entry = Classification
 
 
 def _with_bleeding_occasions(
-    evaluable: list[Occasion], course: _Course, classified: list[Classification]
+    evaluable: list[Occasion], course: Course, classified: list[Classification]
 ) -> list[Occasion]:
     """Add each qualifying bleed after the start on a day without any count: a failing
     occasion at the bleed's time, unless under rescue or on a day that is not evaluable.
@@ -645,7 +645,7 @@ def _with_bleeding_occasions(
     return sorted([*evaluable, *occasions], key=attrgetter("time"))
 
 
-def _trace(occasions: Iterable[Occasion], clock: _Clock, criteria: Criteria) -> EpisodeTracer:
+def _trace(occasions: Iterable[Occasion], clock: Clock, criteria: Criteria) -> EpisodeTracer:
     """The episodes of the evaluated occasions (`tracing`), walked once in clinical order."""
     tracer = EpisodeTracer(clock.gap(criteria.confirm_days), clock.gap(criteria.loss_confirm_days))
     for occasion in occasions:

@@ -13,7 +13,7 @@ from datetime import date, datetime
 from typing import Any
 
 from .model import Baseline, Criteria
-from .rules import FoldState, _Clock, _Course
+from .rules import Clock, Course, FoldState
 from .tracing import (
     Confirming,
     CrStretch,
@@ -62,8 +62,8 @@ def load_state(data: dict[str, Json], criteria: Criteria) -> FoldState | None:
     other criteria or in another format."""
     if data.get("format") != FORMAT or data.get("criteria") != criteria.as_dict():
         return None
-    clock = _Clock(criteria)
-    course = _Course(
+    clock = Clock(criteria)
+    course = Course(
         start=_time(data["start"]),
         rescues=[(_time(time), ident) for time, ident in data["rescues"]],
         bleeding={
@@ -201,7 +201,7 @@ def _dump_tracer(tracer: EpisodeTracer) -> dict[str, Json]:
 
 
 def _load_tracer(
-    data: dict[str, Json], gap: int, clock: _Clock, criteria: Criteria
+    data: dict[str, Json], gap: int, clock: Clock, criteria: Criteria
 ) -> EpisodeTracer:
     loss_gap = clock.gap(criteria.loss_confirm_days)
     tracer = EpisodeTracer(gap, loss_gap)

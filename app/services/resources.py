@@ -115,6 +115,9 @@ class Change:
     record: AuditRecord | None  # None: nothing was written (a conditional create matched)
     patients: frozenset[str] = frozenset()  # whose response the write may change
     forgotten: str | None = None  # a deleted Patient: its response status went with it
+    # A create: the record as the response engine reads it, so that a count later than
+    # everything else of its patient is appended, not the whole history re-assessed.
+    appended: repo.FactRow | None = None
 
 
 @dataclass(frozen=True)
@@ -366,7 +369,8 @@ async def create_in(
     _wrote_patient(tx, resource_type, resource_id)
     stored = Stored(resource_type, resource_id, 1, tx.now, content)
     record = _record(tx, "create", index.site, stored, description=command.description)
-    return Change(stored, True, record, _ids(index.patient_id))
+    fact = repo.created_fact(resource_id, index)
+    return Change(stored, True, record, _ids(index.patient_id), appended=fact)
 
 
 def _record(
@@ -595,7 +599,10 @@ async def recompute_changes(tx: WriteTransaction, changes: Iterable[Change]) -> 
     forgotten = {c.forgotten for c in changes if c.forgotten is not None}
     patients = set().union(*(c.patients for c in changes)) - forgotten
     for patient_id in sorted(patients):
-        await response.recompute(tx.ctx, tx.conn, patient_id, tx.now)
+        touching = [c for c in changes if patient_id in c.patients]
+        # One create and nothing else of the patient's: what it added can be appended.
+        appended = touching[0].appended if len(touching) == 1 else None
+        await response.recompute(tx.ctx, tx.conn, patient_id, tx.now, appended)
 
 
 async def finish(tx: WriteTransaction, changes: Sequence[Change]) -> None:

@@ -496,6 +496,13 @@ def _at_utc(row: FactRow) -> FactRow:
     )
 
 
+def created_fact(resource_id: str, index: IndexRow) -> FactRow:
+    """The row `patient_fact_rows` reads back for a record created with `index` (its times
+    naive UTC, as the columns store them), without reading it."""
+    start, end = index.effective_start, index.effective_end
+    return _at_utc((index.kind or "", resource_id, index.status, start, index.value_norm, end))
+
+
 async def patient_fact_rows(
     conn: AsyncConnection, patient_id: str, kinds: Sequence[str]
 ) -> list[FactRow]:
@@ -523,11 +530,15 @@ async def patient_fact_rows(
     return [_at_utc(tuple(row)) for row in result]
 
 
-_FINGERPRINTS = select(
+_STORED_COLUMNS = (
     assessment_table.c.fingerprint,
     assessment_table.c.decision_fingerprint,
     assessment_table.c.status,
-).where(assessment_table.c.patient_id == bindparam("patient_id"))
+    assessment_table.c.fold_state,
+)
+_PATIENT = assessment_table.c.patient_id == bindparam("patient_id")
+_STORED = select(*_STORED_COLUMNS).where(_PATIENT)
+_STORED_WITH_CONTENT = select(*_STORED_COLUMNS, assessment_table.c.content).where(_PATIENT)
 # The SET clause comes from the parameters given; the WHERE names its own parameter.
 _UPDATE_ASSESSMENT = update(assessment_table).where(
     assessment_table.c.patient_id == bindparam("row_patient_id")
@@ -536,19 +547,26 @@ _INSERT_ASSESSMENT = insert(assessment_table)
 
 
 @dataclass(frozen=True)
-class StoredFingerprints:
+class StoredAssessment:
+    """What a recompute compares with and builds on: the fingerprints, the status, the
+    engine's fold state, and the stored JSON when asked for."""
+
     fingerprint: str
     decision_fingerprint: str | None  # None: stored before rules version 2
     status: str
+    fold_state: str | None  # None: no state kept (`app.engine.stored`)
+    content: str | None = None  # None unless asked for
 
 
-async def assessment_fingerprints(
-    conn: AsyncConnection, patient_id: str
-) -> StoredFingerprints | None:
-    """The stored assessment's fingerprints and status alone (not its JSON): whether a
-    recompute changed anything. None when the patient has no assessment yet."""
-    row = (await conn.execute(_FINGERPRINTS, {"patient_id": patient_id})).first()
-    return StoredFingerprints(*row) if row is not None else None
+async def stored_assessment(
+    conn: AsyncConnection, patient_id: str, *, content: bool = False
+) -> StoredAssessment | None:
+    """The stored assessment's fingerprints, status and fold state, with its JSON when
+    `content` (which holds every classification: read only when a count is appended to it).
+    None when the patient has no assessment yet."""
+    query = _STORED_WITH_CONTENT if content else _STORED
+    row = (await conn.execute(query, {"patient_id": patient_id})).first()
+    return StoredAssessment(*row) if row is not None else None
 
 
 @dataclass
@@ -561,6 +579,7 @@ class AssessmentRow:
     observation_id: str
     content: str
     decision_fingerprint: str | None = None
+    fold_state: str | None = None
 
 
 async def get_assessment(conn: AsyncConnection, patient_id: str) -> AssessmentRow | None:

@@ -130,7 +130,8 @@ class ResponseAssessmentRow(SQLModel, table=True):
     the row only when it differs. `decision_fingerprint` hashes the result alone (without the
     criteria and the classifications it rests on): the response-status Observation gets a
     new version only when that differs. NULL in a row written before it existed (rules
-    version 1): the recompute then derives it from `content`.
+    version 1): the recompute then derives it from `content`. `fold_state` is what a later
+    count is appended to.
     """
 
     __tablename__ = "response_assessment"
@@ -146,6 +147,9 @@ class ResponseAssessmentRow(SQLModel, table=True):
     decision_fingerprint: str | None = Field(
         default=None, sa_column=Column(String(64), nullable=True)
     )
+    # The engine's state after this assessment (`app.engine.stored`, JSON): a later count is
+    # appended to it instead of re-assessing the whole history. NULL: none kept.
+    fold_state: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class ResourceVersion(SQLModel, table=True):

@@ -1,0 +1,33 @@
+"""assessment fold state: a later count appended without the patient's whole history
+
+The recompute after a platelet count dated after every other record of its patient no
+longer reads and re-assesses the patient's whole timeline: it appends the count to the
+state the engine kept after the previous recompute (`app.engine.stored`), stored here as
+JSON beside the assessment it was made with, in the same write. NULL: no state (a row
+stored before this revision, a patient not yet evaluable, or rules version 1); the next
+recompute of that patient is a full one and stores a state when it can.
+
+Revision ID: 0011
+Revises: 0010
+Create Date: 2026-12-08
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0011"
+down_revision: str | None = "0010"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("response_assessment", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("fold_state", sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("response_assessment", schema=None) as batch_op:
+        batch_op.drop_column("fold_state")

@@ -1,0 +1,146 @@
+"""A count appended to the stored fold state (issue 20, part 4) stores exactly what a full
+recompute of the patient's whole history stores, whatever came before it: drawn histories
+of later, earlier and simultaneous counts, amendments, deletions, bleeds, rescues and
+counts of statuses the engine does not read, through the API, on both databases.
+
+After every request the stored assessment (its JSON but the computation time, both
+fingerprints, the status and the fold state) is compared with what a full recompute makes
+from the database at that moment.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+from app.services import response
+from app.store import repository as repo
+from tests import builders
+from tests.test_crud import FHIR, create
+
+DOSE = datetime(2025, 3, 10, 8, tzinfo=UTC)
+VALUES = [5.0, 25.0, 35.0, 60.0, 99.0, 110.0, 150.0]
+OPERATIONS = {
+    "later": 45,
+    "earlier": 8,
+    "same instant": 5,
+    "later, not read": 4,
+    "amend": 10,
+    "delete": 8,
+    "bleed": 8,
+    "rescue": 4,
+    "later, a bleed's day": 8,
+}
+
+
+def _instant(time: datetime) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def _assert_stored_is_a_full_recompute(app: Any, patient_id: str, step: str) -> None:
+    services = app.state.services
+    async with services.db.read() as conn:
+        stored = await repo.get_assessment(conn, patient_id)
+        made = await response._assessed(services, conn, patient_id)
+    assert stored is not None
+    document = orjson.loads(stored.content)
+    expected = orjson.loads(made.document(stored.computed_at))
+    document.pop("computed_at"), expected.pop("computed_at")
+    assert document == expected, step
+    assert (stored.fingerprint, stored.decision_fingerprint) == (made.fingerprint, made.result)
+    assert stored.status == made.assessment.status, step
+    assert stored.fold_state == made.fold_state, step
+
+
+class _Story:
+    """One patient's drawn history: what exists, and what to send next."""
+
+    def __init__(self, client: Any, patient_id: str, rng: random.Random) -> None:
+        self.client, self.patient_id, self.rng = client, patient_id, rng
+        self.latest = DOSE
+        self.counts: dict[str, tuple[datetime, float]] = {}
+        self.bleed_days: list[datetime] = []
+
+    async def count(self, time: datetime, **extra: Any) -> None:
+        value = self.rng.choice(VALUES)
+        body = builders.platelet_count(self.patient_id, _instant(time), value, **extra)
+        made = (await create(self.client, body)).json()
+        if extra.get("status", "final") == "final":
+            self.counts[made["id"]] = (time, value)
+        self.latest = max(self.latest, time)
+
+    async def step(self, operation: str) -> None:
+        rng, later = self.rng, self.latest + timedelta(hours=6 * self.rng.randint(1, 12))
+        if operation == "later":
+            await self.count(later)
+        elif operation == "earlier":
+            await self.count(DOSE + (self.latest - DOSE) * rng.random())
+        elif operation == "same instant":
+            await self.count(self.latest)
+        elif operation == "later, not read":
+            await self.count(later, status=rng.choice(["preliminary", "entered-in-error"]))
+        elif operation == "later, a bleed's day" and self.bleed_days:
+            await self.count(self.bleed_days[-1] + timedelta(hours=1))
+        elif operation in ("amend", "delete") and self.counts:
+            await self._change(operation, rng.choice(sorted(self.counts)))
+        elif operation == "bleed":
+            self.bleed_days.append(later)
+            body = builders.bleeding_grade(self.patient_id, _instant(later), rng.randint(0, 4))
+            await create(self.client, body)
+            self.latest = later
+        elif operation == "rescue":
+            body = builders.administration(self.patient_id, _instant(later), role="rescue")
+            await create(self.client, body)
+            self.latest = later
+        else:
+            await self.count(later)
+
+    async def _change(self, operation: str, ident: str) -> None:
+        path = f"/fhir/Observation/{ident}"
+        if operation == "delete":
+            assert (await self.client.delete(path)).status_code in (200, 204)
+            del self.counts[ident]
+            return
+        time, _ = self.counts[ident]
+        value = self.rng.choice(VALUES)
+        body = {
+            **builders.platelet_count(self.patient_id, _instant(time), value, status="amended"),
+            "id": ident,
+        }
+        answer = await self.client.put(path, json=body, headers={"Content-Type": FHIR})
+        assert answer.status_code == 200, answer.text
+        self.counts[ident] = (time, value)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_appended_counts_store_what_a_full_recompute_stores(
+    app: Any, client: Any, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    appended: list[bool] = []
+    original = response._appended
+
+    def counted(*args: Any) -> Any:
+        made = original(*args)
+        appended.append(made is not None)
+        return made
+
+    monkeypatch.setattr(response, "_appended", counted)
+    rng = random.Random(seed)
+    patient_id = (await create(client, builders.patient(f"S01-{seed:03d}"))).json()["id"]
+    story = _Story(client, patient_id, rng)
+    for hours in (-30, -6):
+        await story.count(DOSE + timedelta(hours=hours))
+    await create(client, builders.administration(patient_id, _instant(DOSE)))
+    await _assert_stored_is_a_full_recompute(app, patient_id, "after the dose")
+    operations, weights = zip(*OPERATIONS.items(), strict=True)
+    for n in range(30):
+        operation = rng.choices(operations, weights)[0]
+        await story.step(operation)
+        await _assert_stored_is_a_full_recompute(app, patient_id, f"step {n}: {operation}")
+    # The story must have taken the fast path, and declined it too.
+    assert appended.count(True) >= 8, appended
+    assert appended.count(False) >= 1, appended
