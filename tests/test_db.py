@@ -74,3 +74,46 @@ def test_a_migrated_sqlite_database_is_in_wal_mode_before_the_server_opens_it(
     header = sqlite_template.read_bytes()[:100]
     assert header[:16] == b"SQLite format 3\x00"
     assert (header[18], header[19]) == (2, 2)
+
+
+def test_a_sqlite_connection_opened_while_another_one_checkpoints_waits(tmp_path) -> None:
+    """The connect pragmas wait for a busy database instead of failing: another connection
+    that writes and closes (a checkpoint that removes the WAL) makes a newcomer's journal-mode
+    read busy for a moment. Before the busy timeout came first, about one connect in eight
+    failed here with "database is locked" (a CLI command beside a running server)."""
+    import sqlite3
+    import threading
+
+    from app.store.db import _sqlite_on_connect
+
+    path = str(tmp_path / "busy.db")
+    setup = sqlite3.connect(path)
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.execute("CREATE TABLE t (x)")
+    setup.commit()
+    setup.close()
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            writer = sqlite3.connect(path, isolation_level=None, timeout=30)
+            writer.execute("INSERT INTO t VALUES (1)")
+            writer.close()
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    on_connect, failures = _sqlite_on_connect(), []
+    try:
+        for _ in range(1500):
+            connection = sqlite3.connect(path, timeout=0)  # the driver waits for nothing itself
+            try:
+                on_connect(connection, None)
+                connection.execute("SELECT count(*) FROM t").fetchone()
+            except sqlite3.OperationalError as error:
+                failures.append(str(error))
+            finally:
+                connection.close()
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == []

@@ -80,9 +80,12 @@ def _sqlite_on_connect() -> Any:
         # Let SQLAlchemy's `begin` event, not the driver, decide how a transaction starts.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
+        # The busy timeout first: setting the journal mode reads the database, and while
+        # another process writes it that read is refused at once ("database is locked")
+        # unless the connection already waits.
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
