@@ -97,6 +97,7 @@ _READS_BY_KEY = {
     "has_live_references",  # whether a Patient is referenced (delete), after its site check
     "patient_fact_rows",  # one visible patient's facts (the response engine)
     "stored_assessment",  # the server's own recomputation of responses
+    "classification_contents",  # one visible patient's classifications
     "get_assessment",  # one visible patient's assessment
     "all_patient_ids",  # the CLI's recomputation of every response (the server's own work)
     "lock",

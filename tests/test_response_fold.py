@@ -3,9 +3,9 @@ recompute of the patient's whole history stores, whatever came before it: drawn 
 of later, earlier and simultaneous counts, amendments, deletions, bleeds, rescues and
 counts of statuses the engine does not read, through the API, on both databases.
 
-After every request the stored assessment (its JSON but the computation time, both
-fingerprints, the status and the fold state) is compared with what a full recompute makes
-from the database at that moment.
+After every request the stored assessment (its JSON but the computation time, its
+classification rows, both fingerprints, the status and the fold state) is compared with
+what a full recompute makes from the database at that moment.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import text
 
 from app.services import response
 from app.store import repository as repo
@@ -45,15 +46,21 @@ async def _assert_stored_is_a_full_recompute(app: Any, patient_id: str, step: st
     services = app.state.services
     async with services.db.read() as conn:
         stored = await repo.get_assessment(conn, patient_id)
+        rows = await repo.classification_contents(conn, patient_id)
         made = await response._assessed(services, conn, patient_id)
     assert stored is not None
     document = orjson.loads(stored.content)
-    expected = orjson.loads(made.document(stored.computed_at))
+    expected = orjson.loads(response._document(made.assessment, stored.computed_at))
     document.pop("computed_at"), expected.pop("computed_at")
     assert document == expected, step
+    assert rows == response._classification_rows(made.assessment.classifications), step
     assert (stored.fingerprint, stored.decision_fingerprint) == (made.fingerprint, made.result)
     assert stored.status == made.assessment.status, step
     assert stored.fold_state == made.fold_state, step
+    assert (stored.classification_count, stored.classification_digest) == (
+        made.classification_count,
+        made.classification_digest,
+    ), step
 
 
 class _Story:
@@ -144,3 +151,44 @@ async def test_appended_counts_store_what_a_full_recompute_stores(
     # The story must have taken the fast path, and declined it too.
     assert appended.count(True) >= 8, appended
     assert appended.count(False) >= 1, appended
+
+
+async def test_an_assessment_stored_before_classification_rows_is_served_then_moved(
+    app: Any, client: Any
+) -> None:
+    """A row written before the classifications had rows of their own holds them in its
+    JSON, and has no fold state: `$response-status` serves them from there, and the next
+    count recomputes the patient in full and moves them into rows."""
+    patient_id = (await create(client, builders.patient("S01-100"))).json()["id"]
+    story = _Story(client, patient_id, random.Random(7))
+    for hours in (-30, -6):
+        await story.count(DOSE + timedelta(hours=hours))
+    await create(client, builders.administration(patient_id, _instant(DOSE)))
+    for _ in range(3):
+        await story.count(story.latest + timedelta(days=2))
+    path = f"/fhir/Patient/{patient_id}/$response-status"
+    served = (await client.get(path)).json()
+    assert len(served["classifications"]) == 5
+    services = app.state.services
+    async with services.db.write() as conn:
+        stored = await repo.get_assessment(conn, patient_id)
+        assert stored is not None
+        document = orjson.loads(stored.content)
+        old = {key: value for key, value in served.items() if key != "criteria"}
+        old["criteria"] = served["criteria"]  # the order the older code wrote
+        old["computed_at"], old["observation"] = document["computed_at"], document["observation"]
+        await conn.execute(
+            text(
+                "UPDATE response_assessment SET content = :content, fold_state = NULL, "
+                "classification_count = NULL, classification_digest = NULL "
+                "WHERE patient_id = :patient_id"
+            ),
+            {"content": orjson.dumps(old).decode(), "patient_id": patient_id},
+        )
+        await conn.execute(text("DELETE FROM response_classification"))
+    assert (await client.get(path)).json() == served
+    await story.count(story.latest + timedelta(days=2))
+    await _assert_stored_is_a_full_recompute(app, patient_id, "after the older row")
+    again = (await client.get(path)).json()
+    assert again["classifications"][:5] == served["classifications"]
+    assert len(again["classifications"]) == 6

@@ -57,14 +57,16 @@ async def _trial(client) -> dict[str, str]:
 async def _stored_by_version_1(services: ServiceContext) -> None:
     """Assess everyone under version 1, then store each assessment as version 1 wrote it:
     criteria without the version-2 keys, no classifications, no result fingerprint, and a
-    fingerprint of the whole document."""
+    fingerprint of the whole document (nor any of what came later: a fold state, rows of
+    classifications)."""
     version_1 = dataclasses.replace(services, criteria=Criteria.from_stored({}))
     await response.recompute_all(version_1, reason="test: back to version 1")
     async with services.db.write() as conn:
+        await conn.execute(text("DELETE FROM response_classification"))
         rows = await conn.execute(text("SELECT patient_id, content FROM response_assessment"))
         for patient_id, content in rows.all():
             document = orjson.loads(content)
-            del document["classifications"]
+            document.pop("classifications", None)
             document["criteria"] = {
                 k: v for k, v in document["criteria"].items() if k not in VERSION_1_CRITERIA
             }
@@ -73,8 +75,9 @@ async def _stored_by_version_1(services: ServiceContext) -> None:
             await conn.execute(
                 text(
                     "UPDATE response_assessment SET content = :content, "
-                    "fingerprint = :fingerprint, decision_fingerprint = NULL "
-                    "WHERE patient_id = :patient_id"
+                    "fingerprint = :fingerprint, decision_fingerprint = NULL, "
+                    "fold_state = NULL, classification_count = NULL, "
+                    "classification_digest = NULL WHERE patient_id = :patient_id"
                 ),
                 {
                     "content": orjson.dumps(document).decode(),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -123,38 +123,42 @@ def _result_fingerprint(document: Mapping[str, Any]) -> str:
     return _fingerprint(result)
 
 
-def _fingerprints(
-    assessment: Assessment, classifications: Iterable[Iterable[Any]]
-) -> tuple[str, str]:
-    """(whole, result) fingerprints of an assessment with `classifications`, each as its
-    values in field order (a Classification, or its JSON object's values: orjson writes the
-    times of the one as the strings of the other, so both hash alike).
+def _chained(digest: str, classifications: Iterable[Classification]) -> str:
+    """The hash chain of the classifications, continued from `digest` ("" to start): each
+    link hashes the one before and a classification's values, so that a count appended
+    extends the digest of those stored without reading them."""
+    for item in classifications:
+        # orjson writes a tuple, not a NamedTuple: the fields as an array.
+        digest = hashlib.sha256(digest.encode() + orjson.dumps(tuple(item))).hexdigest()
+    return digest
 
-    Hashed as arrays, not as the JSON objects the document stores, so that a recompute that
-    changed nothing builds no objects.
-    """
+
+def _fingerprints(assessment: Assessment, classifications_digest: str) -> tuple[str, str]:
+    """(whole, result) fingerprints of an assessment whose classifications hash to
+    `classifications_digest` (`_chained`)."""
     result = _result_fingerprint(replace(assessment, classifications=()).as_dict())
-    rest = orjson.dumps(
-        [assessment.criteria.as_dict(), [list(item) for item in classifications]],
-        option=orjson.OPT_SORT_KEYS,
-    )
-    return hashlib.sha256(result.encode() + rest).hexdigest(), result
+    criteria = orjson.dumps(assessment.criteria.as_dict(), option=orjson.OPT_SORT_KEYS)
+    whole = hashlib.sha256(result.encode() + criteria + classifications_digest.encode())
+    return whole.hexdigest(), result
 
 
 _CLASSIFICATION_FIELDS = Classification._fields
 
 
-def _classification_objects(items: Iterable[Classification]) -> list[dict[str, Any]]:
-    """The classifications' JSON objects, times and dates left to orjson: the bytes of
-    `Classification.as_dict`, in half the time (1,000 of them on every full recompute)."""
-    return [dict(zip(_CLASSIFICATION_FIELDS, item, strict=True)) for item in items]
+def _classification_rows(items: Iterable[Classification]) -> list[str]:
+    """Each classification's stored JSON: `Classification.as_dict`'s bytes, in half the time
+    (the times and dates left to orjson; 1,000 of them on every full recompute)."""
+    return [
+        orjson.dumps(dict(zip(_CLASSIFICATION_FIELDS, item, strict=True))).decode()
+        for item in items
+    ]
 
 
-def _document(assessment: Assessment, classifications: list[dict[str, Any]], now: datetime) -> str:
-    """The stored JSON: `Assessment.as_dict` with `classifications`, the criteria last."""
+def _document(assessment: Assessment, now: datetime) -> str:
+    """The stored JSON: `Assessment.as_dict` without the classifications (rows of their own,
+    put back in their place by `as_served`)."""
     document = replace(assessment, classifications=()).as_dict()
-    document["classifications"] = classifications
-    document["criteria"] = document.pop("criteria")
+    del document["classifications"]
     document["computed_at"] = format_instant(now)
     document["observation"] = f"Observation/{response_observation_id(assessment.patient)}"
     return orjson.dumps(document).decode()
@@ -162,14 +166,19 @@ def _document(assessment: Assessment, classifications: list[dict[str, Any]], now
 
 @dataclass(frozen=True)
 class _Made:
-    """A recompute's outcome before it is stored: the assessment, its stored JSON (made only
-    when stored), both fingerprints, and the engine's state as stored JSON (None: none)."""
+    """A recompute's outcome before it is stored: the assessment, both fingerprints, the
+    engine's state as stored JSON (None: none), and the classifications: their count and
+    digest, and `new`, those to store from place `first` on (0: all of them, replacing
+    whatever is stored)."""
 
     assessment: Assessment
-    document: Callable[[datetime], str]
     fingerprint: str
     result: str
     fold_state: str | None
+    classification_count: int
+    classification_digest: str
+    first: int
+    new: tuple[Classification, ...]
 
 
 @dataclass(frozen=True)
@@ -196,13 +205,13 @@ async def recompute(
     Patient row: the result commits with the data or not at all. `appended`: the write was
     the create of this one record and nothing else of the patient's; a platelet count later
     than every other record is then appended to the engine's stored state
-    (`app.engine.rules.extend`) instead of re-assessing the whole history.
+    (`app.engine.rules.extend`) instead of re-assessing the whole history, and its
+    classification added to those stored.
     """
     started = time.perf_counter()
-    appending = appended is not None and appended[0] == KIND_PLATELET
-    stored = await repo.stored_assessment(conn, patient_id, content=appending)
+    stored = await repo.stored_assessment(conn, patient_id)
     made = None
-    if appended is not None and appending and stored is not None:
+    if appended is not None and appended[0] == KIND_PLATELET and stored is not None:
         made = _appended(ctx, patient_id, stored, appended)
     if made is None:
         made = await _assessed(ctx, conn, patient_id)
@@ -217,22 +226,36 @@ async def recompute(
     observation_id = response_observation_id(patient_id)
     if versioned:
         await _write_observation(ctx, conn, observation_id, assessment, now)
-    await repo.save_assessment(
-        conn,
-        repo.AssessmentRow(
-            patient_id,
-            assessment.status,
-            assessment.best_response,
-            made.fingerprint,
-            now,
-            observation_id,
-            made.document(now),
-            made.result,
-            made.fold_state,
-        ),
-        exists_=stored is not None,
-    )
+    await _save(conn, made, stored, now)
     return Recomputed(stored.status if stored else None, assessment.status, versioned)
+
+
+async def _save(
+    conn: AsyncConnection, made: _Made, stored: repo.StoredAssessment | None, now: datetime
+) -> None:
+    """Store the assessment, and the classifications that changed: the new ones after those
+    stored, or all of them when any other changed."""
+    assessment = made.assessment
+    patient_id = assessment.patient
+    row = repo.AssessmentRow(
+        patient_id,
+        assessment.status,
+        assessment.best_response,
+        made.fingerprint,
+        now,
+        response_observation_id(patient_id),
+        _document(assessment, now),
+        made.result,
+        made.fold_state,
+        made.classification_count,
+        made.classification_digest,
+    )
+    await repo.save_assessment(conn, row, exists_=stored is not None)
+    rows = _classification_rows(made.new)
+    if made.first:
+        await repo.insert_classifications(conn, patient_id, made.first, rows)
+    elif stored is None or stored.classification_digest != made.classification_digest:
+        await repo.save_classifications(conn, patient_id, rows)
 
 
 async def _assessed(ctx: ServiceContext, conn: AsyncConnection, patient_id: str) -> _Made:
@@ -241,13 +264,19 @@ async def _assessed(ctx: ServiceContext, conn: AsyncConnection, patient_id: str)
     timeline = timeline_from_rows(patient_id, rows, ctx.criteria.zone)
     folded = assess_folded(timeline, ctx.criteria)
     assessment, state = folded.assessment, folded.state
-    fingerprint, result = _fingerprints(assessment, assessment.classifications)
+    digest = _chained("", assessment.classifications)
+    fingerprint, result = _fingerprints(assessment, digest)
+    fold_state = orjson.dumps(dump_state(state)).decode() if state is not None else None
+    classifications = assessment.classifications
     return _Made(
         assessment,
-        lambda now: _document(assessment, _classification_objects(assessment.classifications), now),
         fingerprint,
         result,
-        orjson.dumps(dump_state(state)).decode() if state is not None else None,
+        fold_state,
+        len(classifications),
+        digest,
+        0,
+        classifications,
     )
 
 
@@ -256,7 +285,8 @@ def _appended(
 ) -> _Made | None:
     """The stored assessment with one more count appended to the stored state; None when
     there is no state for these criteria or the count cannot simply be appended."""
-    if stored.fold_state is None or stored.content is None:
+    count, digest = stored.classification_count, stored.classification_digest
+    if stored.fold_state is None or count is None or digest is None:
         return None
     state = load_state(orjson.loads(stored.fold_state), ctx.criteria)
     counts = timeline_from_rows(patient_id, [fact], ctx.criteria.zone).counts
@@ -265,16 +295,11 @@ def _appended(
     if not extend(state, counts[0]):
         return None
     assessment = state.assessment()  # its classifications: the new count's, if any
-    classifications = orjson.loads(stored.content)["classifications"]
-    classifications += _classification_objects(assessment.classifications)
-    fingerprint, result = _fingerprints(assessment, [c.values() for c in classifications])
-    return _Made(
-        assessment,
-        lambda now: _document(assessment, classifications, now),
-        fingerprint,
-        result,
-        orjson.dumps(dump_state(state)).decode(),
-    )
+    new = assessment.classifications
+    digest = _chained(digest, new)
+    fingerprint, result = _fingerprints(assessment, digest)
+    fold_state = orjson.dumps(dump_state(state)).decode()
+    return _Made(assessment, fingerprint, result, fold_state, count + len(new), digest, count, new)
 
 
 async def _stored_result(
@@ -453,20 +478,32 @@ async def response_status(ctx: ServiceContext, patient_id: str, principal: Princ
     async with ctx.db.read() as conn:
         patient = await visible_patient(conn, principal, patient_id)
         row = await repo.get_assessment(conn, patient_id)
+        rows = None
+        if row is not None and row.classification_digest is not None:
+            rows = await repo.classification_contents(conn, patient_id)
     ctx.audit.add(patient_operation(principal, patient, "$response-status"))
     if row is None:  # written with the Patient; only a database edited by hand lacks it
         raise NotFound(f"Patient/{patient_id} has no assessment; run `python -m app recompute`")
-    return as_served(row.content)
+    return as_served(row.content, rows)
 
 
-def as_served(content: str) -> str:
+def as_served(content: str, classifications: Sequence[str] | None = None) -> str:
     """A stored assessment as `$response-status` serves it.
 
+    `classifications`: its classification rows (JSON), put back in their place, before the
+    criteria. None: a row stored before they were rows of their own, which holds them.
     One stored before rules version 2 (until `python -m app recompute` reassesses it) says
     so: its criteria lacked the version-2 settings, which are version 1's values
     (`Criteria.from_stored`, `rules_version` 1), and it classified nothing (`null`).
     """
     document = orjson.loads(content)
+    if classifications is not None:
+        served: dict[str, Any] = {}
+        for key, value in document.items():
+            if key == "criteria":
+                served["classifications"] = [orjson.Fragment(item) for item in classifications]
+            served[key] = value
+        return orjson.dumps(served).decode()
     stored_criteria = document.get("criteria") or {}
     if "rules_version" in stored_criteria:
         return content

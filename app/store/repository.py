@@ -43,6 +43,7 @@ from app.store.criteria import (
 )
 from app.store.tables import (
     assessment_table,
+    classification_table,
     quantity_table,
     resource_table,
     string_table,
@@ -530,15 +531,14 @@ async def patient_fact_rows(
     return [_at_utc(tuple(row)) for row in result]
 
 
-_STORED_COLUMNS = (
+_STORED = select(
     assessment_table.c.fingerprint,
     assessment_table.c.decision_fingerprint,
     assessment_table.c.status,
     assessment_table.c.fold_state,
-)
-_PATIENT = assessment_table.c.patient_id == bindparam("patient_id")
-_STORED = select(*_STORED_COLUMNS).where(_PATIENT)
-_STORED_WITH_CONTENT = select(*_STORED_COLUMNS, assessment_table.c.content).where(_PATIENT)
+    assessment_table.c.classification_count,
+    assessment_table.c.classification_digest,
+).where(assessment_table.c.patient_id == bindparam("patient_id"))
 # The SET clause comes from the parameters given; the WHERE names its own parameter.
 _UPDATE_ASSESSMENT = update(assessment_table).where(
     assessment_table.c.patient_id == bindparam("row_patient_id")
@@ -549,23 +549,20 @@ _INSERT_ASSESSMENT = insert(assessment_table)
 @dataclass(frozen=True)
 class StoredAssessment:
     """What a recompute compares with and builds on: the fingerprints, the status, the
-    engine's fold state, and the stored JSON when asked for."""
+    engine's fold state, and what the classification rows hold (not the JSON)."""
 
     fingerprint: str
     decision_fingerprint: str | None  # None: stored before rules version 2
     status: str
     fold_state: str | None  # None: no state kept (`app.engine.stored`)
-    content: str | None = None  # None unless asked for
+    classification_count: int | None  # None: the classifications are in the JSON
+    classification_digest: str | None
 
 
-async def stored_assessment(
-    conn: AsyncConnection, patient_id: str, *, content: bool = False
-) -> StoredAssessment | None:
-    """The stored assessment's fingerprints, status and fold state, with its JSON when
-    `content` (which holds every classification: read only when a count is appended to it).
-    None when the patient has no assessment yet."""
-    query = _STORED_WITH_CONTENT if content else _STORED
-    row = (await conn.execute(query, {"patient_id": patient_id})).first()
+async def stored_assessment(conn: AsyncConnection, patient_id: str) -> StoredAssessment | None:
+    """The stored assessment's fingerprints, status, fold state and classification rows'
+    count and digest. None when the patient has no assessment yet."""
+    row = (await conn.execute(_STORED, {"patient_id": patient_id})).first()
     return StoredAssessment(*row) if row is not None else None
 
 
@@ -580,6 +577,8 @@ class AssessmentRow:
     content: str
     decision_fingerprint: str | None = None
     fold_state: str | None = None
+    classification_count: int | None = None
+    classification_digest: str | None = None
 
 
 async def get_assessment(conn: AsyncConnection, patient_id: str) -> AssessmentRow | None:
@@ -600,6 +599,43 @@ async def save_assessment(conn: AsyncConnection, row: AssessmentRow, *, exists_:
 
 async def delete_assessment(conn: AsyncConnection, patient_id: str) -> None:
     await conn.execute(delete(assessment_table).where(assessment_table.c.patient_id == patient_id))
+    await conn.execute(_DELETE_CLASSIFICATIONS, {"patient_id": patient_id})
+
+
+_DELETE_CLASSIFICATIONS = delete(classification_table).where(
+    classification_table.c.patient_id == bindparam("patient_id")
+)
+_INSERT_CLASSIFICATION = insert(classification_table)
+
+
+async def insert_classifications(
+    conn: AsyncConnection, patient_id: str, first_seq: int, contents: Sequence[str]
+) -> None:
+    """Store classifications (JSON) at `first_seq` and after, in one statement."""
+    if contents:
+        rows = [
+            {"patient_id": patient_id, "seq": first_seq + n, "content": content}
+            for n, content in enumerate(contents)
+        ]
+        await conn.execute(_INSERT_CLASSIFICATION, rows)
+
+
+async def save_classifications(
+    conn: AsyncConnection, patient_id: str, contents: Sequence[str]
+) -> None:
+    """The patient's classifications are `contents` (JSON), in that order, and no other."""
+    await conn.execute(_DELETE_CLASSIFICATIONS, {"patient_id": patient_id})
+    await insert_classifications(conn, patient_id, 0, contents)
+
+
+async def classification_contents(conn: AsyncConnection, patient_id: str) -> list[str]:
+    """The patient's stored classifications (JSON), in clinical order."""
+    result = await conn.execute(
+        select(classification_table.c.content)
+        .where(classification_table.c.patient_id == patient_id)
+        .order_by(classification_table.c.seq)
+    )
+    return list(result.scalars())
 
 
 async def assessment_counts(

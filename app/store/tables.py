@@ -131,7 +131,7 @@ class ResponseAssessmentRow(SQLModel, table=True):
     criteria and the classifications it rests on): the response-status Observation gets a
     new version only when that differs. NULL in a row written before it existed (rules
     version 1): the recompute then derives it from `content`. `fold_state` is what a later
-    count is appended to.
+    count is appended to; the classifications are rows of their own.
     """
 
     __tablename__ = "response_assessment"
@@ -150,6 +150,24 @@ class ResponseAssessmentRow(SQLModel, table=True):
     # The engine's state after this assessment (`app.engine.stored`, JSON): a later count is
     # appended to it instead of re-assessing the whole history. NULL: none kept.
     fold_state: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # The classifications are rows of `response_classification` (so a later count adds one,
+    # and the document is not rewritten whole): how many, and their hash chain. NULL: a row
+    # written before them, whose classifications are in `content`.
+    classification_count: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    classification_digest: str | None = Field(
+        default=None, sa_column=Column(String(64), nullable=True)
+    )
+
+
+class ResponseClassificationRow(SQLModel, table=True):
+    """One classification of a patient's stored assessment (`Classification.as_dict`, JSON),
+    `seq` its place in clinical order from 0."""
+
+    __tablename__ = "response_classification"
+
+    patient_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    seq: int = Field(sa_column=Column(Integer, primary_key=True))
+    content: str = Field(sa_column=Column(Text, nullable=False))
 
 
 class ResourceVersion(SQLModel, table=True):
@@ -412,6 +430,7 @@ token_table = SearchToken.__table__  # type: ignore[attr-defined]
 string_table = SearchString.__table__  # type: ignore[attr-defined]
 quantity_table = SearchQuantity.__table__  # type: ignore[attr-defined]
 assessment_table = ResponseAssessmentRow.__table__  # type: ignore[attr-defined]
+classification_table = ResponseClassificationRow.__table__  # type: ignore[attr-defined]
 audit_table = AuditEventRow.__table__  # type: ignore[attr-defined]
 disclosure_table = AuditDisclosureRow.__table__  # type: ignore[attr-defined]
 provenance_table = ProvenanceRow.__table__  # type: ignore[attr-defined]
