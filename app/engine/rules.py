@@ -16,7 +16,7 @@ evaluable even when every such count is under rescue.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from itertools import chain
 from operator import attrgetter
@@ -181,13 +181,47 @@ class FoldState:
     classified: list[Classification]
     latest: datetime
     any_count: bool  # whether any count was evaluated (bleeding occasions alone are not)
+    # The first episodes, once nothing can change them (`settle`): their results only.
+    settled: list[Settled] = field(default_factory=list)
 
     def assessment(self) -> Assessment:
         if not self.any_count:
             progress = _Progress(self.course.start, self.baseline, self.classified)
             criteria = self.course.criteria
             return _not_evaluable(self.patient, criteria, NO_EVALUABLE_COUNT, progress)
-        return _evaluated(self.patient, self.course, self.baseline, self.tracer, self.classified)
+        traced = _Traced(self.tracer, self.settled)
+        return _evaluated(self.patient, self.course, self.baseline, traced, self.classified)
+
+    def settle(self) -> None:
+        """Keep only the results of the first episodes whose losses, of response and of
+        every CR stretch, are final: no later occasion can change them, so the state (and
+        its stored form) does not grow with the patient's past episodes."""
+        episodes, criteria = self.tracer.episodes, self.course.criteria
+        while episodes and _is_settled(episodes[0]):
+            trace = episodes.pop(0)
+            episode = _episode(trace, self.tracer.latest_count, criteria)
+            self.settled.append(Settled(episode, tuple(_decision_evidence([trace]))))
+
+
+class Settled(NamedTuple):
+    """An episode nothing can change any more, as its result and the (key, id) of the
+    counts its decisions rest on."""
+
+    episode: Episode
+    evidence: tuple[tuple[str, str], ...]
+
+
+def _is_settled(trace: EpisodeTrace) -> bool:
+    return trace.loss.found is not None and all(
+        stretch.lost.found is not None for stretch in trace.stretches
+    )
+
+
+class _Traced(NamedTuple):
+    """The episodes of an assessment: those settled, then those the tracer still holds."""
+
+    tracer: EpisodeTracer
+    settled: Sequence[Settled] = ()
 
 
 @dataclass(frozen=True)
@@ -231,13 +265,14 @@ def assess_folded(timeline: Timeline, criteria: Criteria = DEFAULT_CRITERIA) -> 
             progress = _Progress(start, baseline, classified)
             return Folded(_not_evaluable(patient, criteria, reason, progress))
         tracer = _trace(evaluable, clock, criteria)
-        return Folded(_evaluated(patient, course, baseline, tracer, classified))
+        return Folded(_evaluated(patient, course, baseline, _Traced(tracer), classified))
     any_count = bool(evaluable)  # bleeding occasions alone make no response
     evaluable = _with_bleeding_occasions(evaluable, course, classified)
     tracer = _trace(evaluable, clock, criteria)
     fold = FoldState(
         patient, course, baseline, tracer, classified, _latest_time(timeline), any_count
     )
+    fold.settle()
     return Folded(fold.assessment(), fold)
 
 
@@ -274,6 +309,7 @@ def extend(state: FoldState, count: PlateletCount) -> bool:
     for occasion in _classify([count], state.baseline.value, course, state.classified):
         state.any_count = True
         state.tracer.push(occasion)
+    state.settle()
     return True
 
 
@@ -291,13 +327,16 @@ def _evaluated(
     patient: str,
     course: Course,
     baseline: Baseline,
-    tracer: EpisodeTracer,
+    traced: _Traced,
     classified: list[Classification],
 ) -> Assessment:
     """The assessment of an evaluable patient, from the episodes of its occasions."""
     criteria, bleeding = course.criteria, course.bleeding
+    tracer, settled = traced
     latest_count = tracer.latest_count
-    episodes = tuple(_episode(item, latest_count, criteria) for item in tracer.episodes)
+    episodes = tuple(item.episode for item in settled) + tuple(
+        _episode(item, latest_count, criteria) for item in tracer.episodes
+    )
     start_day = local_day(course.start, criteria.zone)
     response_date = episodes[0].start if episodes else None
     complete_response_date = next(
@@ -316,7 +355,7 @@ def _evaluated(
         time_to_response_days=_days_between(start_day, response_date),
         time_to_complete_response_days=_days_between(start_day, complete_response_date),
         episodes=episodes,
-        evidence=_evidence(baseline, tracer, bleeding),
+        evidence=_evidence(baseline, traced, bleeding),
         criteria=criteria,
         classifications=tuple(classified),
     )
@@ -719,9 +758,7 @@ def _empty_evidence() -> dict[str, list[str]]:
     return {key: [] for key in EVIDENCE_RESOURCE_TYPES}
 
 
-def _evidence(
-    baseline: Baseline, tracer: EpisodeTracer, bleeding: _Bleeding
-) -> dict[str, list[str]]:
+def _evidence(baseline: Baseline, traced: _Traced, bleeding: _Bleeding) -> dict[str, list[str]]:
     """Ids per decision, in clinical order, each id once per decision.
 
     The decision keys name counts only. Bleeding evidence is what marked an evaluated count
@@ -730,8 +767,11 @@ def _evidence(
     """
     evidence = _empty_evidence()
     evidence["baseline"] = list(baseline.observations)
+    tracer, settled = traced
     found = chain(
-        _decision_evidence(tracer.episodes), _bleeding_evidence(tracer.bleeding, bleeding)
+        (pair for item in settled for pair in item.evidence),
+        _decision_evidence(tracer.episodes),
+        _bleeding_evidence(tracer.bleeding, bleeding),
     )
     for key, ident in found:
         if ident not in evidence[key]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from .model import Baseline, Criteria
-from .rules import Clock, Course, FoldState
+from .model import Baseline, Criteria, CrPeriod, Episode
+from .rules import Clock, Course, FoldState, Settled
 from .tracing import (
     Confirming,
     CrStretch,
@@ -53,6 +53,7 @@ def dump_state(state: FoldState) -> dict[str, Json]:
         ],
         "latest": state.latest.isoformat(),
         "any_count": state.any_count,
+        "settled": [_settled(item) for item in state.settled],
         "tracer": _dump_tracer(state.tracer),
     }
 
@@ -82,11 +83,45 @@ def load_state(data: dict[str, Json], criteria: Criteria) -> FoldState | None:
         classified=[],
         latest=_time(data["latest"]),
         any_count=data["any_count"],
+        settled=[_settled_of(item) for item in data["settled"]],
     )
 
 
 def _time(text: str) -> datetime:
     return datetime.fromisoformat(text)
+
+
+def _day(text: str | None) -> date | None:
+    return None if text is None else date.fromisoformat(text)
+
+
+def _iso(day: date | None) -> str | None:
+    return None if day is None else day.isoformat()
+
+
+def _settled(item: Settled) -> list[Json]:
+    episode = item.episode
+    periods = [[period.start.isoformat(), _iso(period.end)] for period in episode.cr_periods]
+    result = [
+        episode.start.isoformat(),
+        episode.level,
+        _iso(episode.end),
+        episode.duration_of_response_days,
+        periods,
+    ]
+    return [result, [list(pair) for pair in item.evidence]]
+
+
+def _settled_of(data: list[Json]) -> Settled:
+    (start, level, end, duration, periods), evidence = data
+    episode = Episode(
+        start=date.fromisoformat(start),
+        level=level,
+        end=_day(end),
+        duration_of_response_days=duration,
+        cr_periods=tuple(CrPeriod(date.fromisoformat(a), _day(b)) for a, b in periods),
+    )
+    return Settled(episode, tuple((key, ident) for key, ident in evidence))
 
 
 # -- the tracer ----------------------------------------------------------------------------

@@ -161,3 +161,26 @@ def test_a_state_is_restored_only_under_its_own_criteria_and_format() -> None:
     assert load_state(data, criteria) is not None
     assert load_state(data, Criteria(confirm_days=14)) is None
     assert load_state({**data, "format": -1}, criteria) is None
+
+
+def test_settled_episodes_are_kept_as_results_and_restored() -> None:
+    """The 1,000-count history's first episodes are settled (their losses final): the state
+    keeps their results only, and a state restored from its stored form goes on giving what
+    `assess` gives."""
+    criteria = Criteria()
+    timeline = synthetic_timeline(1_000)
+    state = assess_folded(timeline, criteria).state
+    assert state is not None and state.settled, "no settled episode"
+    assert all(episode.end is not None for episode, _ in state.settled)
+    kept: list[Classification] = []
+    last = max(record.time for record in _records(timeline))
+    for n in range(30):
+        kept += state.classified
+        state = _stored_and_restored(state, criteria)
+        value = [20.0, 150.0, 160.0, 10.0, 12.0][n % 5]
+        count = PlateletCount(f"later{n}", last + timedelta(days=n + 1), value)
+        timeline = _with(timeline, count)
+        assert extend(state, count)
+        made = state.assessment()
+        whole = (*kept, *made.classifications)
+        assert replace(made, classifications=whole) == assess(timeline, criteria), n
