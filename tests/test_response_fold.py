@@ -50,7 +50,9 @@ async def _assert_stored_is_a_full_recompute(app: Any, patient_id: str, step: st
         made = await response._assessed(services, conn, patient_id)
     assert stored is not None
     document = orjson.loads(stored.content)
-    expected = orjson.loads(response._document(made.assessment, stored.computed_at))
+    expected = orjson.loads(
+        response._document(made.assessment, made.result_document, stored.computed_at)
+    )
     document.pop("computed_at"), expected.pop("computed_at")
     assert document == expected, step
     assert rows == response._classification_rows(made.assessment.classifications), step

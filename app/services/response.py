@@ -133,13 +133,21 @@ def _chained(digest: str, classifications: Iterable[Classification]) -> str:
     return digest
 
 
-def _fingerprints(assessment: Assessment, classifications_digest: str) -> tuple[str, str]:
-    """(whole, result) fingerprints of an assessment whose classifications hash to
-    `classifications_digest` (`_chained`)."""
-    result = _result_fingerprint(replace(assessment, classifications=()).as_dict())
-    criteria = orjson.dumps(assessment.criteria.as_dict(), option=orjson.OPT_SORT_KEYS)
+def _fingerprints(result_document: dict[str, Any], classifications_digest: str) -> tuple[str, str]:
+    """(whole, result) fingerprints of an assessment given as its JSON without the
+    classifications (`_result_document`) and the digest of those (`_chained`)."""
+    result = _result_fingerprint(result_document)
+    criteria = orjson.dumps(result_document["criteria"], option=orjson.OPT_SORT_KEYS)
     whole = hashlib.sha256(result.encode() + criteria + classifications_digest.encode())
     return whole.hexdigest(), result
+
+
+def _result_document(assessment: Assessment) -> dict[str, Any]:
+    """`Assessment.as_dict` without the classifications: built once per recompute, for the
+    fingerprints and then for the stored JSON."""
+    document = replace(assessment, classifications=()).as_dict()
+    del document["classifications"]
+    return document
 
 
 _CLASSIFICATION_FIELDS = Classification._fields
@@ -154,13 +162,14 @@ def _classification_rows(items: Iterable[Classification]) -> list[str]:
     ]
 
 
-def _document(assessment: Assessment, now: datetime) -> str:
+def _document(assessment: Assessment, result_document: dict[str, Any], now: datetime) -> str:
     """The stored JSON: `Assessment.as_dict` without the classifications (rows of their own,
-    put back in their place by `as_served`)."""
-    document = replace(assessment, classifications=()).as_dict()
-    del document["classifications"]
-    document["computed_at"] = format_instant(now)
-    document["observation"] = f"Observation/{response_observation_id(assessment.patient)}"
+    put back in their place by `as_served`), with when and for which Observation."""
+    document = {
+        **result_document,
+        "computed_at": format_instant(now),
+        "observation": f"Observation/{response_observation_id(assessment.patient)}",
+    }
     return orjson.dumps(document).decode()
 
 
@@ -172,6 +181,7 @@ class _Made:
     whatever is stored)."""
 
     assessment: Assessment
+    result_document: dict[str, Any]  # `_result_document`
     fingerprint: str
     result: str
     fold_state: str | None
@@ -244,7 +254,7 @@ async def _save(
         made.fingerprint,
         now,
         response_observation_id(patient_id),
-        _document(assessment, now),
+        _document(assessment, made.result_document, now),
         made.result,
         made.fold_state,
         made.classification_count,
@@ -265,11 +275,13 @@ async def _assessed(ctx: ServiceContext, conn: AsyncConnection, patient_id: str)
     folded = assess_folded(timeline, ctx.criteria)
     assessment, state = folded.assessment, folded.state
     digest = _chained("", assessment.classifications)
-    fingerprint, result = _fingerprints(assessment, digest)
+    document = _result_document(assessment)
+    fingerprint, result = _fingerprints(document, digest)
     fold_state = orjson.dumps(dump_state(state)).decode() if state is not None else None
     classifications = assessment.classifications
     return _Made(
         assessment,
+        document,
         fingerprint,
         result,
         fold_state,
@@ -297,9 +309,11 @@ def _appended(
     assessment = state.assessment()  # its classifications: the new count's, if any
     new = assessment.classifications
     digest = _chained(digest, new)
-    fingerprint, result = _fingerprints(assessment, digest)
+    document = _result_document(assessment)
+    fingerprint, result = _fingerprints(document, digest)
     fold_state = orjson.dumps(dump_state(state)).decode()
-    return _Made(assessment, fingerprint, result, fold_state, count + len(new), digest, count, new)
+    total = count + len(new)
+    return _Made(assessment, document, fingerprint, result, fold_state, total, digest, count, new)
 
 
 async def _stored_result(
