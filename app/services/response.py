@@ -2,10 +2,15 @@
 
 The engine (`app.engine`) is pure; this module feeds it the patient's timeline from index
 columns (one indexed query, never JSON parsing, never other patients) and stores what it
-says twice: the assessment row `$response-status` serves (rewritten whenever anything in it
-changes, the classification of a new count included), and the server-owned response-status
-Observation, which gets a new version only when the result changes (not its criteria nor
-its classifications), so its `_history` is the patient's response history.
+says twice: the assessment row `$response-status` serves, and the server-owned
+response-status Observation, which gets a new version only when the result changes (not its
+criteria nor its classifications), so its `_history` is the patient's response history.
+
+The assessment row is rewritten whenever anything in it changes; its classifications are
+rows of their own (a new count adds one), and it keeps the engine's fold state. A create
+of a count dated after the patient's other records is appended to that state
+(`_appended`), without reading the history; any other write recomputes it whole
+(`_assessed`). Both store the same (tests/test_response_fold.py).
 """
 
 from __future__ import annotations
