@@ -7,7 +7,8 @@ response-status Observation, which gets a new version only when the result chang
 criteria nor its classifications), so its `_history` is the patient's response history.
 
 The assessment row is rewritten whenever anything in it changes; its classifications are
-rows of their own (a new count adds one), and it keeps the engine's fold state. A create
+rows of their own (a new count adds one, a full recompute writes runs of 256), and it keeps
+the engine's fold state. A create
 of a count dated after the patient's other records is appended to that state
 (`_appended`), without reading the history; any other write recomputes it whole
 (`_assessed`). Both store the same (tests/test_response_fold.py).
@@ -158,13 +159,27 @@ def _result_document(assessment: Assessment) -> dict[str, Any]:
 _CLASSIFICATION_FIELDS = Classification._fields
 
 
-def _classification_rows(items: Iterable[Classification]) -> list[str]:
-    """Each classification's stored JSON: `Classification.as_dict`'s bytes, in half the time
-    (the times and dates left to orjson; 1,000 of them on every full recompute)."""
+# Classifications per stored row when a full recompute writes them all: a handful of rows
+# for a long history (each count's own row would make a full recompute, which any write
+# but a later count makes, delete and insert as many rows as the patient has counts).
+CLASSIFICATIONS_PER_ROW = 256
+
+
+def _classification_rows(items: Sequence[Classification], first: int = 0) -> list[tuple[int, str]]:
+    """The rows that store `items` from place `first` on: (the place of a row's first
+    classification, a JSON array of `Classification.as_dict` objects), in runs of
+    `CLASSIFICATIONS_PER_ROW`. The objects are `as_dict`'s bytes in half the time (the
+    times and dates left to orjson)."""
+    size = CLASSIFICATIONS_PER_ROW
     return [
-        orjson.dumps(dict(zip(_CLASSIFICATION_FIELDS, item, strict=True))).decode()
-        for item in items
+        (first + start, _classification_array(items[start : start + size]))
+        for start in range(0, len(items), size)
     ]
+
+
+def _classification_array(items: Iterable[Classification]) -> str:
+    fields = _CLASSIFICATION_FIELDS
+    return orjson.dumps([dict(zip(fields, item, strict=True)) for item in items]).decode()
 
 
 def _document(assessment: Assessment, result_document: dict[str, Any], now: datetime) -> str:
@@ -266,9 +281,9 @@ async def _save(
         made.classification_digest,
     )
     await repo.save_assessment(conn, row, exists_=stored is not None)
-    rows = _classification_rows(made.new)
+    rows = _classification_rows(made.new, made.first)
     if made.first:
-        await repo.insert_classifications(conn, patient_id, made.first, rows)
+        await repo.insert_classifications(conn, patient_id, rows)
     elif stored is None or stored.classification_digest != made.classification_digest:
         await repo.save_classifications(conn, patient_id, rows)
 
@@ -509,18 +524,21 @@ async def response_status(ctx: ServiceContext, patient_id: str, principal: Princ
 def as_served(content: str, classifications: Sequence[str] | None = None) -> str:
     """A stored assessment as `$response-status` serves it.
 
-    `classifications`: its classification rows (JSON), put back in their place, before the
-    criteria. None: a row stored before they were rows of their own, which holds them.
+    `classifications`: its classification rows (each a JSON array, in order), put back in
+    their place, before the criteria. None: a row stored before they were rows of their
+    own, which holds them.
     One stored before rules version 2 (until `python -m app recompute` reassesses it) says
     so: its criteria lacked the version-2 settings, which are version 1's values
     (`Criteria.from_stored`, `rules_version` 1), and it classified nothing (`null`).
     """
     document = orjson.loads(content)
     if classifications is not None:
+        # Each row a JSON array: their items, joined, are the classifications in order.
+        items = ",".join(row[1:-1] for row in classifications if row != "[]")
         served: dict[str, Any] = {}
         for key, value in document.items():
             if key == "criteria":
-                served["classifications"] = [orjson.Fragment(item) for item in classifications]
+                served["classifications"] = orjson.Fragment(f"[{items}]")
             served[key] = value
         return orjson.dumps(served).decode()
     stored_criteria = document.get("criteria") or {}

@@ -609,27 +609,26 @@ _INSERT_CLASSIFICATION = insert(classification_table)
 
 
 async def insert_classifications(
-    conn: AsyncConnection, patient_id: str, first_seq: int, contents: Sequence[str]
+    conn: AsyncConnection, patient_id: str, rows: Sequence[tuple[int, str]]
 ) -> None:
-    """Store classifications (JSON) at `first_seq` and after, in one statement."""
-    if contents:
-        rows = [
-            {"patient_id": patient_id, "seq": first_seq + n, "content": content}
-            for n, content in enumerate(contents)
+    """Store rows of classifications: (the place of the first, a JSON array), one statement."""
+    if rows:
+        values = [
+            {"patient_id": patient_id, "seq": seq, "content": content} for seq, content in rows
         ]
-        await conn.execute(_INSERT_CLASSIFICATION, rows)
+        await conn.execute(_INSERT_CLASSIFICATION, values)
 
 
 async def save_classifications(
-    conn: AsyncConnection, patient_id: str, contents: Sequence[str]
+    conn: AsyncConnection, patient_id: str, rows: Sequence[tuple[int, str]]
 ) -> None:
-    """The patient's classifications are `contents` (JSON), in that order, and no other."""
+    """The patient's classifications are `rows` (`insert_classifications`), and no others."""
     await conn.execute(_DELETE_CLASSIFICATIONS, {"patient_id": patient_id})
-    await insert_classifications(conn, patient_id, 0, contents)
+    await insert_classifications(conn, patient_id, rows)
 
 
 async def classification_contents(conn: AsyncConnection, patient_id: str) -> list[str]:
-    """The patient's stored classifications (JSON), in clinical order."""
+    """The patient's stored classification rows (each a JSON array), in clinical order."""
     result = await conn.execute(
         select(classification_table.c.content)
         .where(classification_table.c.patient_id == patient_id)

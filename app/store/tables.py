@@ -160,8 +160,9 @@ class ResponseAssessmentRow(SQLModel, table=True):
 
 
 class ResponseClassificationRow(SQLModel, table=True):
-    """One classification of a patient's stored assessment (`Classification.as_dict`, JSON),
-    `seq` its place in clinical order from 0."""
+    """A run of classifications of a patient's stored assessment: a JSON array of
+    `Classification.as_dict` objects, `seq` the place of its first in clinical order (from
+    0). A count appended adds a row of one; a full recompute writes runs of 256."""
 
     __tablename__ = "response_classification"
 

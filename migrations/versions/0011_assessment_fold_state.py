@@ -8,8 +8,9 @@ JSON beside the assessment it was made with, in the same write. NULL: no state (
 stored before this revision, a patient not yet evaluable, or rules version 1); the next
 recompute of that patient is a full one and stores a state when it can.
 
-The classifications leave the assessment's JSON for rows of their own, so that such a
-count adds one row instead of rewriting every classification: `classification_count` and
+The classifications leave the assessment's JSON for rows of their own, each a JSON array
+of a run of them: such a count adds a row of one, where it rewrote every classification,
+and a full recompute writes runs of 256. `classification_count` and
 `classification_digest` (their hash chain) say what the rows hold. NULL in a row stored
 before this revision, whose classifications are still in its JSON until its next recompute
 (`$response-status` serves either).
