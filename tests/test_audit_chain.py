@@ -516,3 +516,22 @@ async def test_verify_says_how_long_a_record_has_waited_unchained(settings):
                 row.id,
             ),
         )
+
+
+async def test_a_refused_write_is_no_write_record_for_the_check(settings):
+    """Only a write that succeeded vouches for a version: the records of a refused create
+    and a refused update name no version, and the check passes them by rather than count
+    them (or read a version out of them)."""
+    async with running_app(_held(settings)) as app, client_for(app) as client:
+        db = app.state.services.db
+        answer = await client.put("/fhir/Patient/ab", json={**builders.patient(), "id": "ab"})
+        assert answer.status_code == 201, answer.text
+        refused_update = {**builders.patient(), "id": "ab", "birthDate": "not a date"}
+        assert (await client.put("/fhir/Patient/ab", json=refused_update)).status_code == 422
+        refused_create = {**builders.patient("S01-002"), "birthDate": "not a date"}
+        assert (await client.post("/fhir/Patient", json=refused_create)).status_code == 422
+        await app.state.services.audit.flush()  # refusals are queued, writes are not
+        rows = await _rows(db)
+        refused = [orjson.loads(row.content) for row in rows[1:]]
+        assert [(e["action"], e["outcome"]) for e in refused] == [("U", "4"), ("C", "4")]
+        assert (await verify(db, chain_delay_ms=AN_HOUR_MS)).problem is None

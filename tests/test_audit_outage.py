@@ -372,6 +372,35 @@ async def test_refusals_counted_while_the_queue_was_full_are_spilled_at_shutdown
     )
 
 
+async def test_only_an_outage_at_shutdown_is_spilled_and_only_where_it_can_be(
+    app, tmp_path, caplog, monkeypatch
+):
+    """A final flush that fails for a bug raises it: the records are not spilled as if the
+    database were away. Without a spill directory an outage raises too, its own error."""
+    spill_dir = tmp_path / "spill"
+    queue = AuditQueue(app.state.services.db, spill_dir=spill_dir)
+    queue.add(AuditRecord("read", agent="queue-test", entity_id="1"))
+
+    async def failing() -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(queue, "flush", failing)
+    with pytest.raises(RuntimeError, match="a bug"):
+        await queue.stop()
+    assert not spill_dir.exists()
+    assert len(queue) == 1
+    assert _audit_log(caplog) == []
+
+    flaky = Flaky(app.state.services.db)
+    queue = AuditQueue(flaky)  # type: ignore[arg-type]
+    queue.add(AuditRecord("read", agent="queue-test", entity_id="2"))
+    flaky.refuse = 10**6
+    with pytest.raises(sa.DBAPIError, match="starting up"):
+        await queue.stop()
+    assert len(queue) == 1
+    assert _audit_log(caplog) == []
+
+
 async def test_a_replay_writes_the_spilled_records_before_the_queued_ones(app, tmp_path, caplog):
     db = app.state.services.db
     spill(tmp_path, _records(0, 2))
