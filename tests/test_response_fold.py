@@ -101,7 +101,8 @@ class _Story:
         elif operation == "later, a bleed's day" and self.bleed_days:
             await self.count(self.bleed_days[-1] + timedelta(hours=1))
         elif operation in ("amend", "delete") and self.counts:
-            await self._change(operation, rng.choice(sorted(self.counts)))
+            # In the order they were made: ids are random, the story must not be.
+            await self._change(operation, rng.choice(list(self.counts)))
         elif operation == "bleed":
             self.bleed_days.append(later)
             body = builders.bleeding_grade(self.patient_id, _instant(later), rng.randint(0, 4))
@@ -203,3 +204,38 @@ async def test_an_assessment_stored_before_classification_rows_is_served_then_mo
     again = (await client.get(path)).json()
     assert again["classifications"][:5] == served["classifications"]
     assert len(again["classifications"]) == 6
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["not json", "[]", "without its tracer"],
+)
+async def test_a_state_that_cannot_be_read_means_a_full_recompute(
+    app: Any, client: Any, damage: str
+) -> None:
+    """The fold state is a short cut, never the truth: one that is not JSON, not an object,
+    or lacks a part is passed over, the patient is recomputed in full, and a good state is
+    stored again."""
+    patient_id = (await create(client, builders.patient("S01-200"))).json()["id"]
+    story = _Story(client, patient_id, random.Random(3))
+    for hours in (-30, -6):
+        await story.count(DOSE + timedelta(hours=hours))
+    await create(client, builders.administration(patient_id, _instant(DOSE)))
+    await story.count(story.latest + timedelta(days=2))
+    services = app.state.services
+    async with services.db.write() as conn:
+        stored = await repo.get_assessment(conn, patient_id)
+        assert stored is not None and stored.fold_state is not None
+        state = orjson.loads(stored.fold_state)
+        del state["tracer"]
+        damaged = {
+            "not json": "{not json",
+            "[]": "[]",
+            "without its tracer": orjson.dumps(state).decode(),
+        }[damage]
+        await conn.execute(
+            text("UPDATE response_assessment SET fold_state = :state WHERE patient_id = :id"),
+            {"state": damaged, "id": patient_id},
+        )
+    await story.count(story.latest + timedelta(days=2))
+    await _assert_stored_is_a_full_recompute(app, patient_id, damage)

@@ -58,11 +58,21 @@ def dump_state(state: FoldState) -> dict[str, Json]:
     }
 
 
-def load_state(data: dict[str, Json], criteria: Criteria) -> FoldState | None:
+def load_state(data: Json, criteria: Criteria) -> FoldState | None:
     """The state `dump_state` gave, with no classifications; None when it was made under
-    other criteria or in another format."""
+    other criteria or in another format, or cannot be read (a state is only ever a short
+    cut: the caller then assesses the whole history, which stores a good one)."""
+    if not isinstance(data, dict):
+        return None
     if data.get("format") != FORMAT or data.get("criteria") != criteria.as_dict():
         return None
+    try:
+        return _state_of(data, criteria)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _state_of(data: dict[str, Json], criteria: Criteria) -> FoldState:
     clock = Clock(criteria)
     course = Course(
         start=_time(data["start"]),

@@ -320,7 +320,11 @@ def _appended(
     count, digest = stored.classification_count, stored.classification_digest
     if stored.fold_state is None or count is None or digest is None:
         return None
-    state = load_state(orjson.loads(stored.fold_state), ctx.criteria)
+    try:
+        data = orjson.loads(stored.fold_state)
+    except orjson.JSONDecodeError:
+        return None  # not a state at all: the whole history, which stores a good one
+    state = load_state(data, ctx.criteria)
     counts = timeline_from_rows(patient_id, [fact], ctx.criteria.zone).counts
     if state is None or state.patient != patient_id or len(counts) != 1:
         return None
