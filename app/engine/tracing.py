@@ -18,7 +18,9 @@ Two facts make a fold exact where a search would look ahead:
   final. Searches that begin after a loss which can still move are begun again when it
   moves; until then they have seen only occasions that do not hold the level, which leave
   them as they began.
-`tests/engine/test_equivalence.py` holds this against the search-based reference engine.
+`tests/engine/test_tracing.py` holds the fold against the search-based tracer it replaced,
+after every occasion of dense drawn sequences; `tests/engine/test_equivalence.py` holds the
+whole engine against the reference engine.
 """
 
 from __future__ import annotations
