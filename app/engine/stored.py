@@ -180,16 +180,16 @@ def _losing_of(data: dict[str, Json], cr_level: bool, gap: int) -> Losing:
 
 
 def _confirming(search: Confirming | None) -> dict[str, Json] | None:
-    if search is None:
-        return None
-    return {"alive": _seen(search.alive), "found": _pair(search.found)}
+    # A search that found its pair is never kept (its owner starts the stretch or the
+    # episode at once), so only the endpoint it holds is stored.
+    return None if search is None else {"alive": _seen(search.alive)}
 
 
 def _confirming_of(data: dict[str, Json] | None, cr_level: bool, gap: int) -> Confirming | None:
     if data is None:
         return None
     search = Confirming(cr_level, gap)
-    search.alive, search.found = _seen_of(data["alive"]), _pair_of(data["found"])
+    search.alive = _seen_of(data["alive"])
     return search
 
 
@@ -212,9 +212,7 @@ def _episode_of(data: dict[str, Json], gap: int, loss_gap: int) -> EpisodeTrace:
     for item in data["stretches"]:
         confirmed = _pair_of(item["confirmed"])
         assert confirmed is not None
-        stretch = CrStretch(confirmed, loss_gap)
-        stretch.lost = _losing_of(item["lost"], True, loss_gap)
-        episode.stretches.append(stretch)
+        episode.stretches.append(CrStretch(confirmed, _losing_of(item["lost"], True, loss_gap)))
     episode.cr_search = _confirming_of(data["cr_search"], True, gap)
     return episode
 
@@ -237,8 +235,8 @@ def _dump_tracer(tracer: EpisodeTracer) -> dict[str, Json]:
         "onset": None
         if onset is None
         else {
-            "r": _confirming(onset.r),
-            "cr": _confirming(onset.cr),
+            "r": _seen(onset.r.alive),
+            "cr": _seen(onset.cr.alive),
             "recent": [_seen(seen) for seen in onset.recent],
         },
         "trailing": [where[id(lost)] for lost in tracer.trailing],
@@ -260,11 +258,8 @@ def _load_tracer(
     if onset is None:
         tracer.onset_search = None
     else:
-        tracer.onset_search = OnsetSearch(gap)
-        tracer.onset_search.r = _confirming_of(onset["r"], False, gap) or tracer.onset_search.r
-        tracer.onset_search.cr = _confirming_of(onset["cr"], True, gap) or tracer.onset_search.cr
-        tracer.onset_search.recent.extend(
-            s for s in map(_seen_of, onset["recent"]) if s is not None
-        )
+        search = tracer.onset_search = OnsetSearch(gap)
+        search.r.alive, search.cr.alive = _seen_of(onset["r"]), _seen_of(onset["cr"])
+        search.recent.extend(s for s in map(_seen_of, onset["recent"]) if s is not None)
     tracer.trailing = [tracer.episodes[e].stretches[s].lost for e, s in data["trailing"]]
     return tracer

@@ -169,9 +169,8 @@ class CrStretch:
 
     __slots__ = ("confirmed", "lost")
 
-    def __init__(self, confirmed: Pair, loss_gap: int) -> None:
-        self.confirmed = confirmed
-        self.lost = Losing(True, loss_gap)
+    def __init__(self, confirmed: Pair, lost: Losing) -> None:
+        self.confirmed, self.lost = confirmed, lost
 
 
 class EpisodeTrace:
@@ -207,7 +206,8 @@ class EpisodeTrace:
         elif self.cr_search is not None:
             self.cr_search.push(at, occasion)
             if self.cr_search.found is not None:
-                stretches.append(CrStretch(self.cr_search.found, self.loss.gap))
+                lost = Losing(True, self.loss.gap)  # searched after the stretch's pair
+                stretches.append(CrStretch(self.cr_search.found, lost))
                 self.cr_search = None
         return False
 

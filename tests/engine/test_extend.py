@@ -7,10 +7,18 @@ from dataclasses import replace
 from datetime import timedelta
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.engine import Classification, Criteria, PlateletCount, Timeline, assess
+from app.engine import (
+    BleedingAssessment,
+    Classification,
+    Criteria,
+    PlateletCount,
+    Timeline,
+    assess,
+)
 from app.engine.rules import NO_EVALUABLE_COUNT, FoldState, assess_folded, extend, local_day
 from app.engine.stored import dump_state, load_state
 from bench.recompute import synthetic_timeline
@@ -48,9 +56,12 @@ def _bleeding_days(timeline: Timeline, criteria: Criteria) -> set:  # type: igno
 
 
 def _stored_and_restored(state: FoldState, criteria: Criteria) -> FoldState:
-    """The state through JSON text and back, as the service stores it."""
-    restored = load_state(orjson.loads(orjson.dumps(dump_state(state))), criteria)
+    """The state through JSON text and back, as the service stores it; restored, it is
+    stored exactly as it was (nothing lost or changed on the way)."""
+    stored = orjson.loads(orjson.dumps(dump_state(state)))
+    restored = load_state(stored, criteria)
     assert restored is not None
+    assert orjson.loads(orjson.dumps(dump_state(restored))) == stored
     return restored
 
 
@@ -181,6 +192,67 @@ def test_settled_episodes_are_kept_as_results_and_restored() -> None:
         count = PlateletCount(f"later{n}", last + timedelta(days=n + 1), value)
         timeline = _with(timeline, count)
         assert extend(state, count)
+        made = state.assessment()
+        whole = (*kept, *made.classifications)
+        assert replace(made, classifications=whole) == assess(timeline, criteria), n
+
+
+@pytest.mark.parametrize("every", [3, 1_000], ids=["restored every third count", "once"])
+def test_episodes_begin_end_and_regain_cr_after_a_restore(every: int) -> None:
+    """Restored every third count, or once before them all, the state starts new episodes,
+    loses them, loses CR while R holds and regains it, as `assess` of the whole timeline
+    does: what a restored state builds afresh (new searches, new losses) gets the
+    criteria's gaps."""
+    criteria = Criteria()
+    timeline = synthetic_timeline(200)  # ends in an ongoing episode, in CR
+    state = assess_folded(timeline, criteria).state
+    assert state is not None and state.assessment().status == "CR"
+    kept: list[Classification] = []
+    last = max(record.time for record in _records(timeline))
+    # CR for 8 days, R only for 3 (CR lost, R holds), CR again for 8, then 3 failing days.
+    values = ([150.0] * 8 + [60.0] * 3 + [150.0] * 8 + [10.0] * 3) * 3
+    statuses = set()
+    for n, value in enumerate(values):
+        if n % every == 0:
+            kept += state.classified
+            state = _stored_and_restored(state, criteria)  # with no classifications
+        count = PlateletCount(f"later{n}", last + timedelta(days=n + 1), value)
+        timeline = _with(timeline, count)
+        assert extend(state, count), n
+        made = state.assessment()
+        whole = (*kept, *made.classifications)
+        assert replace(made, classifications=whole) == assess(timeline, criteria), n
+        statuses.add(made.status)
+    assert {"CR", "LOR"} <= statuses
+    assert len(made.episodes) >= 3
+    assert any(len(episode.cr_periods) >= 2 for episode in made.episodes)
+
+
+def test_a_bleed_that_is_the_loss_so_far_is_stored_and_restored() -> None:
+    """A response, then a failing count and a bleed the next day without a count: with
+    losses confirmed over two days, the bleed is the loss only until a later count decides
+    (the run is open). Stored and restored, the state keeps it, and goes on as `assess`."""
+    criteria = Criteria(loss_confirm_days=2)
+    base = synthetic_timeline(20)
+    last = max(record.time for record in _records(base))
+    counts = [PlateletCount(f"r{n}", last + timedelta(days=n + 1), 150.0) for n in range(8)]
+    failing = PlateletCount("f", last + timedelta(days=10), 10.0)
+    bleed = BleedingAssessment("b", last + timedelta(days=11), 3)
+    timeline = replace(
+        base,
+        counts=(*base.counts, *counts, failing),
+        bleeding_assessments=(*base.bleeding_assessments, bleed),
+    )
+    state = assess_folded(timeline, criteria).state
+    assert state is not None
+    assert state.tracer.episodes and state.tracer.episodes[-1].loss.bleed is not None
+    kept = list(state.classified)
+    state = _stored_and_restored(state, criteria)
+    assert state.tracer.episodes[-1].loss.bleed is not None
+    for n, value in enumerate([12.0, 150.0, 160.0]):
+        count = PlateletCount(f"after{n}", last + timedelta(days=12 + n), value)
+        timeline = _with(timeline, count)
+        assert extend(state, count), n
         made = state.assessment()
         whole = (*kept, *made.classifications)
         assert replace(made, classifications=whole) == assess(timeline, criteria), n
