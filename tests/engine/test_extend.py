@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.engine import (
+    Administration,
     BleedingAssessment,
+    BleedingEvent,
     Classification,
     Criteria,
     PlateletCount,
@@ -23,7 +25,7 @@ from app.engine.rules import NO_EVALUABLE_COUNT, FoldState, assess_folded, exten
 from app.engine.stored import dump_state, load_state
 from bench.recompute import synthetic_timeline
 
-from .test_examples import count, story
+from .test_examples import DOSE, count, story
 from .test_properties import COUNT_STATUSES, CRITERIA, VALUES, timelines
 
 # Later counts, each 0 to 3 days after the one before (0: the same instant, which must
@@ -256,3 +258,51 @@ def test_a_bleed_that_is_the_loss_so_far_is_stored_and_restored() -> None:
         made = state.assessment()
         whole = (*kept, *made.classifications)
         assert replace(made, classifications=whole) == assess(timeline, criteria), n
+
+
+def test_a_count_before_a_later_bleed_is_not_appended() -> None:
+    """A bleed on a day after the last count is the latest record: a count between them
+    would come after it in the episodes' order, so it is declined, for a graded bleed and
+    for a bleeding event alike."""
+    criteria = Criteria()
+    base = synthetic_timeline(20)
+    last = max(record.time for record in _records(base))
+    between = PlateletCount("between", last + timedelta(days=1), 150.0)
+    later = last + timedelta(days=3)
+    graded = replace(
+        base, bleeding_assessments=(*base.bleeding_assessments, BleedingAssessment("b", later, 3))
+    )
+    event = replace(base, bleeding_events=(BleedingEvent("e", later),))
+    for timeline in (graded, event):
+        state = assess_folded(timeline, criteria).state
+        assert state is not None
+        assert not extend(state, between)
+
+
+def test_an_episode_whose_cr_loss_can_still_move_is_not_settled() -> None:
+    """CR on days 1-2; day 3 is R only, day 4 R only with a bleed (the response lost that
+    day; CR lost so far on the bleed); days 5-6 R only confirm the next response. CR's run
+    below its threshold is still open, so the first episode is not settled: a count on
+    day 10, seven days after day 3, moves its CR loss to day 3, as `assess` says."""
+    criteria = Criteria(confirm_days=1, loss_confirm_days=7)
+    start = DOSE
+    day = [start + timedelta(days=n, hours=2) for n in range(12)]
+    counts = [PlateletCount("base", start - timedelta(hours=1), 15.0)]
+    counts += [PlateletCount(f"d{n}", day[n], v) for n, v in [(1, 150.0), (2, 150.0)]]
+    counts += [PlateletCount(f"d{n}", day[n], 60.0) for n in (3, 4, 5, 6)]
+    timeline = Timeline(
+        "p",
+        tuple(counts),
+        (BleedingAssessment("bleed", day[4] - timedelta(hours=1), 3),),
+        (),
+        (Administration("dose", start, "study-drug"),),
+    )
+    state = assess_folded(timeline, criteria).state
+    assert state is not None
+    assert len(state.assessment().episodes) == 2 and not state.settled
+    count = PlateletCount("d10", day[10], 60.0)
+    assert extend(state, count)
+    expected = assess(_with(timeline, count), criteria)
+    made = state.assessment()
+    assert made.episodes == expected.episodes
+    assert made.episodes[0].cr_periods[0].end == day[3].date()
