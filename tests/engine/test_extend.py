@@ -300,6 +300,8 @@ def test_an_episode_whose_cr_loss_can_still_move_is_not_settled() -> None:
     state = assess_folded(timeline, criteria).state
     assert state is not None
     assert len(state.assessment().episodes) == 2 and not state.settled
+    assert state.tracer.trailing  # the first episode's CR loss, fed past its end
+    state = _stored_and_restored(state, criteria)  # the trailing loss stays that stretch's
     count = PlateletCount("d10", day[10], 60.0)
     assert extend(state, count)
     expected = assess(_with(timeline, count), criteria)
