@@ -308,3 +308,25 @@ def test_an_episode_whose_cr_loss_can_still_move_is_not_settled() -> None:
     made = state.assessment()
     assert made.episodes == expected.episodes
     assert made.episodes[0].cr_periods[0].end == day[3].date()
+
+
+def test_a_restored_state_keeps_the_latest_count_for_an_ongoing_episode() -> None:
+    """An ongoing episode runs to the latest evaluated count. After a restore, a count
+    under rescue adds no occasion, so the duration still comes from the restored latest
+    count, as `assess` says."""
+    criteria = Criteria()
+    base = synthetic_timeline(200)  # ends in an ongoing episode
+    last = max(record.time for record in _records(base))
+    rescue = Administration("rescue", last + timedelta(days=1), "rescue")
+    timeline = replace(base, administrations=(*base.administrations, rescue))
+    state = assess_folded(timeline, criteria).state
+    assert state is not None and state.assessment().episodes[-1].end is None
+    kept = list(state.classified)
+    state = _stored_and_restored(state, criteria)
+    count = PlateletCount("under-rescue", last + timedelta(days=2), 150.0)
+    timeline = _with(timeline, count)
+    assert extend(state, count)
+    made = state.assessment()
+    assert made.classifications[-1].classification == "under-rescue"
+    whole = (*kept, *made.classifications)
+    assert replace(made, classifications=whole) == assess(timeline, criteria)
